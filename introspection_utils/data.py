@@ -1,0 +1,98 @@
+"""Word lists, prompts and chat templates from the repository's ``data/`` folder, loaded and validated.
+
+Every file there starts with ``# Source: ...`` lines; the words and prompts are verbatim from that source.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# Duplicates that are the source's own, kept verbatim (documented in the files' headers).
+KNOWN_DUPLICATES = {"baseline_words": {"Butterflies"}}
+WORD_LISTS = ("concept_words", "baseline_words", "control_questions", "writeup_concepts", "sentences",
+              "godet_localization_sentences", "godet_localization_contrastive_pairs")
+
+
+def data_dir() -> Path:
+    """The ``data/`` folder beside the package (``$INTROSPECTION_DATA`` overrides)."""
+    path = Path(os.environ.get("INTROSPECTION_DATA") or Path(__file__).resolve().parent.parent / "data")
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {path} not found; install the package from its repository "
+                                f"(pip install -e .) or set INTROSPECTION_DATA")
+    return path
+
+
+@dataclass(frozen=True)
+class WordList:
+    """Lines of one data file, in the source's order, with the source line(s) from its header."""
+
+    name: str
+    items: tuple[str, ...]
+    source: str
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@functools.cache
+def load_list(name: str) -> WordList:
+    """Load ``data/<name>.txt``: ``#`` header lines are the source, every other line is one item.
+
+    Raises ``ValueError`` on an empty line, surrounding whitespace, a missing source, or a duplicate that the
+    source itself doesn't have (see ``KNOWN_DUPLICATES``).
+    """
+    if name not in WORD_LISTS:
+        raise ValueError(f"unknown word list {name!r}; available: {', '.join(WORD_LISTS)}")
+    path = data_dir() / f"{name}.txt"
+    header, items = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.startswith("#"):
+            header.append(line.lstrip("# ").rstrip())
+            continue
+        if not line.strip() or line != line.strip():
+            raise ValueError(f"{path}:{number}: empty line or surrounding whitespace: {line!r}")
+        items.append(line)
+    if not header or not header[0].startswith("Source:"):
+        raise ValueError(f"{path} must start with a '# Source: ...' line")
+    seen: set[str] = set()
+    for item in items:
+        if item in seen and item not in KNOWN_DUPLICATES.get(name, set()):
+            raise ValueError(f"{path}: duplicate item {item!r} not in the source's own duplicates")
+        seen.add(item)
+    return WordList(name, tuple(items), " ".join(header))
+
+
+@functools.cache
+def load_prompts() -> dict[str, Any]:
+    """``data/prompts.toml`` as a dict of sections, each with a ``source``."""
+    prompts = tomllib.loads((data_dir() / "prompts.toml").read_text(encoding="utf-8"))
+    for section, fields in prompts.items():
+        if not fields.get("source"):
+            raise ValueError(f"data/prompts.toml: section [{section}] has no source")
+        empty = [k for k, v in fields.items() if isinstance(v, str) and not v.strip() and k != "separator"]
+        if empty:
+            raise ValueError(f"data/prompts.toml: [{section}] has empty fields {empty}")
+    return prompts
+
+
+def chat_template(name: str) -> str:
+    """A Jinja chat template from ``data/chat_templates/<name>.jinja`` (for models whose files carry none)."""
+    path = data_dir() / "chat_templates" / f"{name}.jinja"
+    if not path.is_file():
+        raise ValueError(f"no chat template {name!r} in {path.parent}")
+    return path.read_text(encoding="utf-8")

