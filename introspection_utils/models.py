@@ -116,7 +116,7 @@ class ModelHandle:
     @property
     def torch_model(self) -> torch.nn.Module:
         """The underlying plain PyTorch module (for hooks, state dicts, parameter counts)."""
-        return self.model._model
+        return self.model._module
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,283 @@
+"""The measurement engine: trials of (prompt, vector, scale, layer, window) → yes−no logit differences, the logit
+lens, attention to the injected positions, and generation under injection.
+
+Injection adds ``scale × vector`` to the residual stream (decoder-layer ``layer``'s output) at the window's
+positions. Two levers make a batch of trials on one prompt cheap, both exact:
+
+* **prefix cache**: tokens before the window are the same in every trial and untouched by the injection, so
+  they run once (KV cache) and each trial runs only the suffix;
+* **layer skip**: the suffix's hidden states below the injection layer are the same in every trial too, so they
+  are computed once and layers ``< layer`` are skipped (``Envoy.skip``) in the batched trace.
+
+``strategy="full"`` recomputes the whole prompt per batch instead (the reference the levers are tested against,
+and the only form that runs on NDIF).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Sequence, Union
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+from introspection_utils.prompts import Prompt, yes_no_ids
+from introspection_utils.vectors import ConceptVector
+
+if TYPE_CHECKING:
+    from introspection_utils.models import ModelHandle
+
+# "suffix": from the prompt's injection start to the end, generated tokens included (the paper's window);
+# "last": the last prompt token only; "all": every token; (start, end): positions start <= t < end (end None = on).
+Window = Union[Literal["suffix", "last", "all"], tuple[int, Union[int, None]]]
+Strategy = Literal["cached", "full"]
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measurement: ``prompt`` with ``scale × vector`` added at ``layer`` over ``window``.
+
+    ``vector=None`` or ``scale=0`` is the no-injection baseline. ``layer=None`` takes the vector's own layer.
+    """
+
+    prompt: Prompt
+    vector: ConceptVector | None = None
+    scale: float = 0.0
+    layer: int | None = None
+    window: Window = "suffix"
+    label: dict = field(default_factory=dict, compare=False, repr=False)  # free metadata carried to results
+
+    @property
+    def injection_layer(self) -> int | None:
+        if self.layer is not None:
+            return self.layer
+        return self.vector.layer if self.vector is not None else None
+
+    @property
+    def injected(self) -> bool:
+        return self.vector is not None and self.scale != 0
+
+    def span(self) -> tuple[int, int | None]:
+        """The window as ``(start, end)`` token positions; ``end=None`` runs on through generated tokens."""
+        n = len(self.prompt)
+        if self.window == "suffix":
+            return self.prompt.injection_start, None
+        if self.window == "last":
+            return n - 1, n
+        if self.window == "all":
+            return 0, None
+        start, end = self.window
+        return start, end
+
+
+def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
+    """Validate ``trials`` before any compute: one ``ValueError`` naming the first bad value."""
+    if not trials:
+        raise ValueError("no trials given")
+    for trial in trials:
+        scale = trial.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale {scale!r} must be a finite number")
+        if trial.vector is not None:
+            v = trial.vector.vector
+            if v.ndim != 1 or v.shape[0] != handle.arch.d_model:
+                raise ValueError(f"vector {trial.vector!r} has shape {tuple(v.shape)}; {handle.name} needs "
+                                 f"[{handle.arch.d_model}]")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"vector {trial.vector!r} has non-finite values")
+            handle.check_layer(trial.injection_layer)
+        elif trial.layer is not None:
+            handle.check_layer(trial.layer)
+        start, end = trial.span()
+        n = len(trial.prompt)
+        if not (0 <= start < n and (end is None or start < end <= n)):
+            raise ValueError(f"window {trial.window!r} is outside the prompt (0..{n}) or empty")
+
+
+@dataclass
+class Readout:
+    """What one batch of trials measured. ``logit_diff [n]``; optional ``lens [n, n_layers]``,
+    ``attention_sum``/``attention_max [n, n_layers, n_heads]`` and ``baseline [n]`` (the trial's prompt uninjected)."""
+
+    logit_diff: torch.Tensor
+    baseline: torch.Tensor
+    lens: torch.Tensor | None = None
+    attention_sum: torch.Tensor | None = None
+    attention_max: torch.Tensor | None = None
+
+
+class _PromptRun:
+    """Everything shared by the trials of one prompt and window start: computed once per call.
+
+    ``cache``: KV cache of the tokens before the window; ``hidden[i]``: layer i's output over the suffix
+    ``[1, S, D]`` without injection; ``lens``/``attention``: the uninjected readouts.
+    """
+
+    def __init__(self, handle: ModelHandle, prompt: Prompt, start: int, answer_ids: torch.Tensor,
+                 *, attention_keys: torch.Tensor | None, strategy: Strategy) -> None:
+        self.handle, self.prompt, self.start = handle, prompt, start
+        ids = torch.tensor([prompt.input_ids], device=handle.device)
+        self.full_ids = ids
+        if strategy == "full":
+            self.start = start = 0  # recompute every position, no cache
+        self.suffix = ids[:, start:]
+        self.cache = None
+        if start > 0:
+            with torch.no_grad():
+                out = handle.torch_model(ids[:, :start], use_cache=True)
+            self.cache = out.cache
+        readout = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
+                         lens=True, attention_keys=attention_keys, keep_hidden=True)
+        self.baseline = readout
+
+    def cache_for(self, rows: int):
+        if self.cache is None:
+            return None
+        cache = copy.deepcopy(self.cache)  # the forward appends the suffix in place
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache
+
+
+def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | None, add: torch.Tensor | None,
+           mask: torch.Tensor | None, answer_ids: torch.Tensor, lens: bool, attention_keys: torch.Tensor | None,
+           keep_hidden: bool = False, skip: bool = False) -> dict:
+    """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [S]`` at ``layer``.
+
+    Reads, in forward order: attention rows of the last query (if ``attention_keys``), layer outputs at the
+    last position (if ``lens``), and the final logits of the two answer tokens.
+    """
+    n_layers, total = handle.arch.n_layers, run.full_ids.shape[1]
+    suffix = run.suffix.expand(batch, -1)
+    kwargs = {"attention_mask": torch.ones(batch, total, dtype=torch.long, device=suffix.device),
+              "position_ids": torch.arange(run.start, total, device=suffix.device)[None].expand(batch, -1)}
+    cache = run.cache_for(batch)
+    if cache is not None:
+        kwargs["cache"] = cache
+    first = layer if (skip and layer is not None) else 0
+    with torch.no_grad(), handle.model.trace(suffix, use_cache=cache is not None, logits_to_keep=1, **kwargs):
+        for i in range(first):  # identical in every trial: served from the uninjected pass
+            handle.layers[i].skip(run.baseline["hidden"][i].expand(batch, -1, -1))
+        attention = nnsight.save([])
+        hidden = nnsight.save([])
+        last = nnsight.save([])
+        for i in range(first, n_layers):
+            if attention_keys is not None:
+                attention.append(handle.attention(i).output[1][:, :, -1, :])
+            if i == layer:
+                handle.layers[i].output += add[:, None, :] * mask[None, :, None]
+            if keep_hidden:
+                hidden.append(handle.layers[i].output)
+            if lens:
+                last.append(handle.layers[i].output[:, -1, :])
+        logits = handle.model.output.logits[:, -1, :][:, answer_ids].save()
+    result = {"logit_diff": (logits[:, 0] - logits[:, 1]).float().cpu(), "hidden": hidden}
+    if lens:
+        lens_rows = run.baseline["lens_rows"][:first] if first else []
+        result["lens_rows"] = [*(r.expand(batch, -1) for r in lens_rows), *last]
+    if attention_keys is not None:
+        # Sliding-window layers keep only the window's keys; they are the last ones, the rest get zero weight.
+        rows = torch.stack([torch.nn.functional.pad(a.float(), (total - a.shape[-1], 0)) for a in attention], dim=1)
+        if first:
+            rows = torch.cat([run.baseline["attention_rows"][:, :first].expand(batch, -1, -1, -1), rows], dim=1)
+        result["attention_rows"] = rows
+    return result
+
+
+def _lens_diff(handle: ModelHandle, rows: list[torch.Tensor], answer_ids: torch.Tensor) -> torch.Tensor:
+    """Yes−no of the logit lens: final norm, then only the two answer rows of the unembedding. ``[B, n_layers]``."""
+    hidden = torch.stack(rows, dim=1)  # [B, n_layers, D]
+    with torch.no_grad():
+        normed = handle.final_norm._module(hidden)
+        logits = normed @ handle.lm_head._module.weight[answer_ids].T  # [B, n_layers, 2]
+        cap = handle.arch.final_logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+    return (logits[..., 0] - logits[..., 1]).float().cpu()
+
+
+def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
+            lens: bool = False, attention: bool = False, strategy: Strategy = "cached",
+            batch_size: int | None = None, progress: bool = False) -> Readout:
+    """Run ``trials`` and return their :class:`Readout` (rows in the order of ``trials``).
+
+    ``answers``: the (yes, no) answer words (default the paper's "Yes"/"No"). ``lens``: also the yes−no logit lens
+    ``[n, n_layers]``. ``attention``: also the last position's attention to each trial's injected positions,
+    summed and maxed over them, ``[n, n_layers, n_heads]`` (no layer skip then, all layers run).
+    """
+    check_trials(handle, trials)
+    answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
+    batch_size = batch_size or DEFAULT_BATCH
+    n = len(trials)
+    logit_diff, baseline = torch.empty(n), torch.empty(n)
+    lens_out = torch.empty(n, handle.arch.n_layers) if lens else None
+    att_sum = torch.empty(n, handle.arch.n_layers, handle.arch.n_heads) if attention else None
+    att_max = torch.empty_like(att_sum) if attention else None
+
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, trial in enumerate(trials):
+        groups[(trial.prompt, trial.span())].append(index)
+    bar = tqdm(total=n, desc="trials", disable=not progress)
+    for (prompt, (start, end)), indices in groups.items():
+        total = len(prompt)
+        keys = torch.zeros(total, dtype=torch.bool)
+        keys[start:end] = True
+        run = _PromptRun(handle, prompt, start, answer_ids, attention_keys=keys if attention else None,
+                         strategy=strategy)
+        suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
+        base = run.baseline
+        by_layer: dict[int | None, list[int]] = defaultdict(list)
+        for index in indices:
+            by_layer[trials[index].injection_layer if trials[index].injected else None].append(index)
+        for layer, members in by_layer.items():
+            for chunk_start in range(0, len(members), batch_size):
+                chunk = members[chunk_start:chunk_start + batch_size]
+                if layer is None:  # no injection: the shared pass already measured it
+                    out = {"logit_diff": base["logit_diff"].expand(len(chunk)),
+                           "lens_rows": [r.expand(len(chunk), -1) for r in base["lens_rows"]],
+                           "attention_rows": base.get("attention_rows")}
+                else:
+                    add = torch.stack([trials[i].scale * trials[i].vector.vector for i in chunk])
+                    out = _trace(handle, run, batch=len(chunk), layer=layer,
+                                 add=add.to(handle.device, handle.dtype), mask=suffix_mask, answer_ids=answer_ids,
+                                 lens=lens, attention_keys=keys if attention else None,
+                                 skip=strategy == "cached" and not attention)
+                rows = torch.tensor(chunk)
+                logit_diff[rows] = out["logit_diff"]
+                baseline[rows] = base["logit_diff"].expand(len(chunk))
+                if lens:
+                    lens_out[rows] = _lens_diff(handle, out["lens_rows"], answer_ids)
+                if attention:
+                    weights = out["attention_rows"][..., keys.to(out["attention_rows"].device)]
+                    att_sum[rows] = weights.sum(-1).cpu()
+                    att_max[rows] = weights.amax(-1).cpu()
+                bar.update(len(chunk))
+    bar.close()
+    return Readout(logit_diff, baseline, lens_out, att_sum, att_max)
+
+
+def yes_no_logit_diff(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
+                      strategy: Strategy = "cached", batch_size: int | None = None) -> torch.Tensor:
+    """logit(yes) − logit(no) at the first answer position for each trial: ``[n_trials]``."""
+    return measure(handle, trials, answers=answers, strategy=strategy, batch_size=batch_size).logit_diff
+
+
+def logit_lens(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
+               batch_size: int | None = None) -> torch.Tensor:
+    """The yes−no logit lens: each layer's residual through the final norm (and softcap) onto the two answer
+    rows of the unembedding, at the answer position. ``[n_trials, n_layers]``; the last column is the real
+    yes−no logit difference."""
+    return measure(handle, trials, answers=answers, lens=True, batch_size=batch_size).lens
+
+
+def attention_to_injection(handle: ModelHandle, trials: Sequence[Trial], *, batch_size: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention weight from the last position (prefill the answer to read the answer token) to each trial's
+    injected positions, per layer and head: ``(sum, max)``, each ``[n_trials, n_layers, n_heads]``."""
+    readout = measure(handle, trials, attention=True, batch_size=batch_size)
+    return readout.attention_sum, readout.attention_max

@@ -1,0 +1,254 @@
+"""Concept vectors: activation(word) − mean activation over the baseline words, at every layer, cached on disk.
+
+The activation is the residual stream (decoder-layer output) at the last token of the chat-templated
+"Tell me about {word}" prompt, i.e. the token just before the assistant's answer, as in the paper.
+All layers come from one forward pass per batch of words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+from introspection_utils.data import load_list
+from introspection_utils.models import cache_dir
+from introspection_utils.prompts import Prompt, chat_prompt, extraction_prompt
+
+if TYPE_CHECKING:
+    from introspection_utils.models import ModelHandle
+
+
+@dataclass(frozen=True, eq=False)
+class ConceptVector:
+    """One steering vector ``[d_model]`` for one layer, with where it came from.
+
+    ``kind``: "concept" (word − baseline mean), "random" (norm-matched Gaussian direction, ``seed``),
+    "contrastive" (text − paired text) or "file". Compares by value (metadata and tensor).
+    """
+
+    concept: str
+    layer: int
+    vector: torch.Tensor = field(repr=False)
+    kind: str = "concept"
+    seed: int | None = None
+    model: str = ""
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def _key(self) -> tuple:
+        return (self.concept, self.layer, self.kind, self.seed, self.model)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, ConceptVector) and self._key() == other._key()
+                and torch.equal(self.vector, other.vector))
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        seed = f", seed={self.seed}" if self.seed is not None else ""
+        return f"ConceptVector({self.concept!r}, layer={self.layer}, kind={self.kind!r}{seed}, norm={self.norm:.3g})"
+
+
+def random_vector(like: ConceptVector, seed: int) -> ConceptVector:
+    """A Gaussian direction (seeded by ``seed`` alone, so the same for every concept) with ``like``'s norm."""
+    generator = torch.Generator().manual_seed(int(seed))
+    direction = torch.randn(like.vector.shape[-1], generator=generator, dtype=torch.float32)
+    vector = (direction / direction.norm() * like.vector.float().norm()).to(like.vector.dtype)
+    return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model)
+
+
+@dataclass(frozen=True, eq=False)
+class VectorBank:
+    """Concept vectors of several words at every layer: ``vectors[word_index, layer]`` is ``[d_model]``."""
+
+    words: tuple[str, ...]
+    vectors: torch.Tensor = field(repr=False)  # [n_words, n_layers, d_model]
+    model: str = ""
+    kind: str = "concept"
+
+    def get(self, word: str, layer: int) -> ConceptVector:
+        """The vector of ``word`` at ``layer``; an unknown word or layer is a ``ValueError``."""
+        if word not in self.words:
+            raise ValueError(f"concept {word!r} is not in this bank ({', '.join(self.words)})")
+        if not 0 <= layer < self.vectors.shape[1]:
+            raise ValueError(f"layer {layer} is out of range for {self.model} (0..{self.vectors.shape[1] - 1})")
+        return ConceptVector(word, layer, self.vectors[self.words.index(word), layer], kind=self.kind,
+                             model=self.model)
+
+    def norms(self) -> torch.Tensor:
+        """``[n_words, n_layers]`` L2 norms."""
+        return self.vectors.float().norm(dim=-1)
+
+
+def validate_concept(word: str) -> str:
+    """A concept is a word from the data lists, or any single word; anything else is a ``ValueError``."""
+    known = {w for name in ("concept_words", "baseline_words", "writeup_concepts") for w in load_list(name)}
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"concept {word!r} is empty or not a string")
+    if word not in known and (len(word.split()) != 1 or not any(c.isalpha() for c in word)):
+        raise ValueError(f"unknown concept {word!r}: not in data/concept_words.txt, baseline_words.txt or "
+                         f"writeup_concepts.txt, and not a single word")
+    return word
+
+
+def last_token_activations(handle: ModelHandle, prompts: Sequence[Prompt], *, batch_size: int = 16,
+                           progress: bool = False) -> torch.Tensor:
+    """Residual stream at each prompt's last token after every decoder layer: ``[n_prompts, n_layers, d_model]``.
+
+    Prompts of different lengths are left-padded into one batch (the last position is every row's real last
+    token; position ids follow the attention mask).
+    """
+    pad = handle.tokenizer.pad_token_id
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="activations", disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p.input_ids) for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad(), handle.model.trace({"input_ids": ids.to(handle.device),
+                                                  "attention_mask": mask.to(handle.device)}):
+            acts = nnsight.save([layer.output[:, -1, :] for layer in handle.layers])
+        out.append(torch.stack([a.float().cpu() for a in acts], dim=1))
+    return torch.cat(out)
+
+
+class ActivationCache:
+    """Per-word activations ``[n_layers, d_model]`` on disk, one file per word, keyed by everything they depend on.
+
+    Key: model name, revision, dtype, the rendered extraction template (chat template and system turn included)
+    and the token position. Files are written atomically (temp file, then rename) and checked on read: an entry
+    that fails to load or whose key, shape or checksum disagrees is rebuilt, never used.
+    """
+
+    def __init__(self, handle: ModelHandle, *, root: Path | None = None, position: str = "last") -> None:
+        template = extraction_prompt(handle, "{word}").text
+        self.key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype),
+                    "template": template, "position": position,
+                    "shape": [handle.arch.n_layers, handle.arch.d_model]}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder = (root or cache_dir() / "activations") / handle.name / digest
+
+    def _path(self, word: str) -> Path:
+        safe = "".join(c if c.isalnum() else "_" for c in word)
+        return self.folder / f"{safe}-{hashlib.sha256(word.encode()).hexdigest()[:8]}.pt"
+
+    def get(self, word: str) -> torch.Tensor | None:
+        path = self._path(word)
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, weights_only=True)
+            ok = (entry["key"] == json.dumps(self.key, sort_keys=True) and entry["word"] == word
+                  and list(entry["activation"].shape) == self.key["shape"]
+                  and entry["checksum"] == _checksum(entry["activation"]))
+        except Exception:
+            ok = False
+        if not ok:
+            path.unlink(missing_ok=True)  # corrupted or stale: rebuild
+            return None
+        return entry["activation"]
+
+    def put(self, word: str, activation: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = {"key": json.dumps(self.key, sort_keys=True), "word": word, "activation": activation.clone(),
+                 "checksum": _checksum(activation)}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        torch.save(entry, tmp)
+        os.replace(tmp, self._path(word))
+
+
+def _checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().float().numpy().tobytes()).hexdigest()
+
+
+def word_activations(handle: ModelHandle, words: Iterable[str], *, cache: bool = True, batch_size: int = 16,
+                     progress: bool = True) -> torch.Tensor:
+    """Extraction-prompt activations of ``words``: ``[n_words, n_layers, d_model]`` (float32, CPU), cached."""
+    words = list(words)
+    store = ActivationCache(handle) if cache else None
+    found = {w: store.get(w) for w in words} if store else {}
+    missing = [w for w in dict.fromkeys(words) if found.get(w) is None]
+    if missing:
+        acts = last_token_activations(handle, [extraction_prompt(handle, w) for w in missing],
+                                      batch_size=batch_size, progress=progress)
+        for w, a in zip(missing, acts):
+            found[w] = a
+            if store:
+                store.put(w, a)
+    return torch.stack([found[w] for w in words])
+
+
+def concept_vectors(handle: ModelHandle, words: Iterable[str], *, baseline_words: Iterable[str] | None = None,
+                    cache: bool = True, batch_size: int = 16, progress: bool = True) -> VectorBank:
+    """Concept vectors for ``words`` at every layer: activation(word) − mean over ``baseline_words``.
+
+    ``baseline_words`` defaults to the paper's 100 (``data/baseline_words.txt``). Returns a :class:`VectorBank`
+    with ``vectors [n_words, n_layers, d_model]``.
+    """
+    words = tuple(validate_concept(w) for w in words)
+    if not words:
+        raise ValueError("no concept words given")
+    baseline = list(baseline_words) if baseline_words is not None else list(load_list("baseline_words"))
+    acts = word_activations(handle, list(words) + baseline, cache=cache, batch_size=batch_size, progress=progress)
+    mean = acts[len(words):].mean(dim=0)
+    return VectorBank(words, acts[: len(words)] - mean, model=handle.name)
+
+
+def contrastive_vectors(handle: ModelHandle, pairs: Sequence[tuple[str, str]], *, chat: bool = True,
+                        labels: Sequence[str] | None = None, batch_size: int = 16) -> VectorBank:
+    """Vectors from contrastive prompt pairs ``(a, b)``: activation(b) − activation(a) at the last token.
+
+    E.g. ``("Hi! How are you?", "HI! HOW ARE YOU?")`` (Godet's ALL-CAPS vector) or the localization pairs
+    (specific → generic). ``chat=True`` wraps each text as a user turn with the generation prompt.
+    """
+    if not pairs:
+        raise ValueError("no contrastive pairs given")
+
+    def prompt(text: str) -> Prompt:
+        if chat:
+            return chat_prompt(handle, [{"role": "user", "content": text}], kind="contrastive", question=text)
+        ids = tuple(handle.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return Prompt(text, ids, len(ids) - 1, "contrastive", text, "none (raw text)")
+
+    prompts = [prompt(t) for pair in pairs for t in pair]
+    acts = last_token_activations(handle, prompts, batch_size=batch_size)
+    labels = tuple(labels) if labels is not None else tuple(f"{a} -> {b}" for a, b in pairs)
+    return VectorBank(labels, acts[1::2] - acts[0::2], model=handle.name, kind="contrastive")
+
+
+def load_vector(handle: ModelHandle, path: str | Path, *, layer: int, name: str | None = None) -> ConceptVector:
+    """A vector saved with ``torch.save`` (a ``[d_model]`` tensor) or ``numpy.save``; size and values checked."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        import numpy as np
+
+        tensor = torch.from_numpy(np.load(path))
+    else:
+        tensor = torch.load(path, weights_only=True)
+    handle.check_layer(layer)
+    if tensor.ndim != 1 or tensor.shape[0] != handle.arch.d_model:
+        raise ValueError(f"vector in {path} has shape {tuple(tensor.shape)}; {handle.name} needs "
+                         f"[{handle.arch.d_model}]")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"vector in {path} has non-finite values")
+    return ConceptVector(name or path.stem, layer, tensor.float(), kind="file", model=handle.name)
+
+
+def cosine_similarity_matrix(bank: VectorBank, layer: int) -> torch.Tensor:
+    """``[n_words, n_words]`` cosine similarities between the bank's vectors at ``layer``."""
+    v = torch.nn.functional.normalize(bank.vectors[:, layer].float(), dim=-1)
+    return v @ v.T
+
