@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence, Union
 
 import nnsight
@@ -50,7 +50,6 @@ class Trial:
     scale: float = 0.0
     layer: int | None = None
     window: Window = "suffix"
-    label: dict = field(default_factory=dict, compare=False, repr=False)  # free metadata carried to results
 
     @property
     def injection_layer(self) -> int | None:

@@ -1,0 +1,213 @@
+"""Sweeps over concepts × scales × layers × questions × vector kinds → tidy DataFrames with metadata, resumable.
+
+One row per trial: ``model, concept, vector_kind, vector_seed, vector_norm, layer, scale, question_kind, question,
+logit_diff, baseline_logit_diff, delta`` (``delta = logit_diff − baseline_logit_diff``, the question's own
+no-injection baseline). Work is done one question at a time and each finished question is written to disk, so an
+interrupted sweep picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from introspection_utils.inject import Trial, measure
+from introspection_utils.models import package_version
+from introspection_utils.prompts import control_questions, introspection_prompt
+from introspection_utils.vectors import VectorBank, concept_vectors, random_vector
+
+if TYPE_CHECKING:
+    from introspection_utils.models import ModelHandle
+
+COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "vector_norm", "layer", "scale", "question_kind",
+           "question", "logit_diff", "baseline_logit_diff", "delta"]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep measures. ``questions``: the introspection question (``None`` = the paper's trial line)
+    followed by control questions; ``n_random`` norm-matched random vectors per concept (seeds ``seed..seed+k-1``)."""
+
+    concepts: tuple[str, ...]
+    scales: tuple[float, ...]
+    layers: tuple[int, ...]
+    controls: tuple[str, ...]
+    n_random: int = 1
+    seed: int = 0
+    frame: str = "paper"
+    answers: tuple[str, str] | None = None
+    introspection: str | None = None
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def questions(self) -> list[tuple[str, str | None]]:
+        """``(question_kind, question)`` pairs, the introspection question first."""
+        return [("introspection", self.introspection), *(("control", q) for q in self.controls)]
+
+
+@dataclass
+class SweepResult:
+    """A sweep's tidy table and the metadata that says exactly how it was made."""
+
+    df: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.csv`` and ``<path>.meta.json`` (atomically); returns the CSV path."""
+        path = Path(path).with_suffix(".csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, self.df.to_csv(index=False))
+        _atomic_write(path.with_suffix(".meta.json"), json.dumps(self.meta, indent=1, default=str))
+        return path
+
+
+def load_result(path: str | Path) -> SweepResult:
+    """Read a :class:`SweepResult` saved with :meth:`SweepResult.save`."""
+    path = Path(path).with_suffix(".csv")
+    return SweepResult(pd.read_csv(path), json.loads(path.with_suffix(".meta.json").read_text()))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
+    if not spec.concepts:
+        raise ValueError("no concepts given")
+    if not spec.scales:
+        raise ValueError("no scales given")
+    for scale in spec.scales:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(
+                torch.tensor(float(scale))):
+            raise ValueError(f"scale {scale!r} must be a finite number")
+    for layer in spec.layers:
+        handle.check_layer(layer)
+    if not spec.layers:
+        raise ValueError("no layers given")
+    if spec.n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {spec.n_random}")
+
+
+def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None = None,
+              results_dir: str | Path | None = None, name: str = "sweep", batch_size: int | None = None,
+              progress: bool = True) -> SweepResult:
+    """Measure every (concept vector and random vectors) × scale × layer × question of ``spec``.
+
+    With ``results_dir``, each finished question is written to ``<results_dir>/.chunks/<name>-<spec hash>/`` and
+    reused on the next call with the same spec (resume), and the final table goes to ``<results_dir>/<name>.csv``
+    with ``<name>.meta.json``.
+    """
+    _check_spec(handle, spec)
+    bank = bank or concept_vectors(handle, spec.concepts, progress=progress)
+    vectors = []
+    for concept in spec.concepts:
+        for layer in spec.layers:
+            vector = bank.get(concept, layer)
+            vectors.append(vector)
+            vectors.extend(random_vector(vector, spec.seed + k) for k in range(spec.n_random))
+    chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{spec.hash}" if results_dir is not None else None
+    if chunk_dir is not None:
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+    frames, prompt_hashes = [], []
+    questions = spec.questions()
+    for index, (kind, question) in enumerate(tqdm(questions, desc=f"{name}: questions", disable=not progress)):
+        prompt = introspection_prompt(handle, question, frame=spec.frame, kind=kind)
+        prompt_hashes.append(prompt.hash)
+        chunk_path = chunk_dir / f"{index:03d}-{prompt.hash}.csv" if chunk_dir is not None else None
+        if chunk_path is not None and chunk_path.is_file():
+            frames.append(pd.read_csv(chunk_path))
+            continue
+        trials = [Trial(prompt, v, float(s)) for v in vectors for s in spec.scales]
+        readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size)
+        frame = pd.DataFrame({
+            "model": handle.name,
+            "concept": [t.vector.concept for t in trials],
+            "vector_kind": [t.vector.kind for t in trials],
+            "vector_seed": pd.array([t.vector.seed for t in trials], dtype="Int64"),
+            "vector_norm": [t.vector.norm for t in trials],
+            "layer": [t.vector.layer for t in trials],
+            "scale": [t.scale for t in trials],
+            "question_kind": kind,
+            "question": prompt.question,
+            "logit_diff": readout.logit_diff.double().numpy(),
+            "baseline_logit_diff": readout.baseline.double().numpy(),
+        })
+        frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
+        if chunk_path is not None:
+            _atomic_write(chunk_path, frame.to_csv(index=False))
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)[COLUMNS]
+    df["vector_seed"] = df["vector_seed"].astype("Int64")
+    result = SweepResult(df, metadata(handle, spec, prompt_hashes))
+    if results_dir is not None:
+        result.save(Path(results_dir) / name)
+    return result
+
+
+def metadata(handle: ModelHandle, spec: SweepSpec, prompt_hashes: Sequence[str]) -> dict:
+    """Everything needed to say how a result was made: model, revision, dtype, prompts, seed, versions."""
+    import nnsight
+    import transformers
+
+    return {
+        "model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype).removeprefix("torch."),
+        "family": handle.arch.family, "prompt_hash": hashlib.sha256("".join(prompt_hashes).encode()).hexdigest()[:16],
+        "seed": spec.seed, "spec": asdict(spec), "spec_hash": spec.hash,
+        "package_version": package_version(), "torch": torch.__version__, "nnsight": nnsight.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,
+          n_controls: int | None, controls: Sequence[str] | None, **kwargs) -> SweepSpec:
+    if controls is None:
+        controls = control_questions(n_controls) if n_controls != 0 else []
+    return SweepSpec(concepts=tuple(concepts), scales=tuple(scales), layers=tuple(layers), controls=tuple(controls),
+                     **kwargs)
+
+
+def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int,
+                n_controls: int | None = 10, controls: Sequence[str] | None = None, n_random: int = 1,
+                seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
+                results_dir: str | Path | None = None, name: str = "scale_sweep",
+                bank: VectorBank | None = None, progress: bool = True) -> SweepResult:
+    """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
+    ``n_controls`` control questions (or the given ``controls``), concept vectors and ``n_random`` random ones."""
+    spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls, n_random=n_random,
+                 seed=seed, frame=frame, answers=answers)
+    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress)
+
+
+def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[int], *, scale: float,
+                n_controls: int | None = 10, controls: Sequence[str] | None = None, n_random: int = 1,
+                seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
+                results_dir: str | Path | None = None, name: str = "layer_sweep",
+                bank: VectorBank | None = None, progress: bool = True) -> SweepResult:
+    """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
+    :func:`scale_sweep`)."""
+    spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls, n_random=n_random,
+                 seed=seed, frame=frame, answers=answers)
+    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean delta per (concept, vector kind, layer, scale, question kind), with the control spread (std, n)."""
+    keys = ["concept", "vector_kind", "layer", "scale", "question_kind"]
+    return df.groupby(keys, as_index=False)["delta"].agg(mean="mean", std="std", n="count")
