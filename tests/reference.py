@@ -1,0 +1,415 @@
+"""Independent reference implementation of concept-vector injection and read-outs.
+
+This module is the *independent check* that the project's nnsight-based engine is
+tested against. It deliberately uses nothing but ``torch`` and ``transformers``
+(plain PyTorch forward hooks) and imports nothing from ``introspection_utils``.
+Everything here favours being obviously correct over being fast.
+
+Model assumptions (plain Hugging Face causal LMs such as ``LlamaForCausalLM``,
+``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Qwen2ForCausalLM``):
+
+* decoder layers at ``model.model.layers``; in transformers 5.x each layer's
+  forward returns a plain ``Tensor [B, T, D]`` (a tuple whose first element is the
+  hidden state is handled too, for older versions);
+* final norm at ``model.model.norm`` and unembedding at ``model.lm_head``;
+* optional ``model.config.final_logit_softcapping`` (Gemma-2):
+  ``logits = cap * tanh(logits / cap)``; ``None`` or absent means no cap.
+
+Conventions:
+
+* ``B`` batch, ``T`` sequence length, ``D`` hidden size, ``V`` vocabulary size,
+  ``H`` attention heads, ``L`` number of decoder layers.
+* Batches must be LEFT padded (``attention_mask[:, -1]`` all ones) so position
+  ``-1`` is every row's real last token. Position ids are computed from the mask
+  exactly as ``GenerationMixin._prepare_position_ids_for_generation`` does:
+  ``cumsum(mask) - 1`` with padding positions set to 0 (equivalently clamped at 0
+  for left padding), which makes a padded row reproduce that prompt run alone.
+* "Layer ``l`` output" means the residual stream right after decoder layer ``l``
+  (before the final norm), i.e. what a forward hook on ``model.model.layers[l]``
+  sees. Injection adds ``scales[b] * vectors[b]`` to that output at the positions
+  where ``positions_mask[b, t]`` is True, so every later layer sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "attention_to_positions",
+    "greedy_generate_injected",
+    "injected_logits",
+    "last_token_activations",
+    "logit_lens_yes_no",
+    "position_ids_from_mask",
+    "yes_no_logit_diff",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers ``model.model.layers`` (length ``L``)."""
+    return model.model.layers
+
+
+def _hidden_of(output: Any) -> Tensor:
+    """The hidden state ``[B, T, D]`` from a decoder layer's output (tensor or tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden(output: Any, hidden: Tensor) -> Any:
+    """Rebuild a decoder layer's output with ``hidden`` replacing its hidden state."""
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [hidden] + list(output[1:])
+    return hidden
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids ``[B, T]`` (long) for a left-padded ``attention_mask [B, T]``.
+
+    Same rule as ``generate``: ``cumsum(mask) - 1``, and 0 at padding positions.
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _check_left_padded(attention_mask: Tensor) -> None:
+    """Raise unless every row's last position is a real token (left padding)."""
+    if not bool(attention_mask[:, -1].bool().all()):
+        raise ValueError("reference expects LEFT padding: attention_mask[:, -1] must be all ones")
+
+
+def _default_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """``attention_mask`` or all-ones ``[B, T]`` when it is None."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.long)
+    return attention_mask
+
+
+@contextmanager
+def _injection(
+    model: nn.Module,
+    layer: int | None,
+    vectors: Tensor | None,
+    scales: Tensor | float | None,
+    positions_mask: Tensor | None,
+) -> Iterator[None]:
+    """Context manager: while active, layer ``layer``'s output gets the injection.
+
+    Args:
+        layer: decoder layer index, or None for no injection.
+        vectors: ``[B, D]`` (or ``[D]``, broadcast over the batch).
+        scales: ``[B]`` (or a scalar, broadcast over the batch).
+        positions_mask: ``[B, T]`` bool; True where the vector is added.
+
+    The hook adds ``scales[b] * vectors[b]`` to ``output[b, t]`` for every
+    ``(b, t)`` with ``positions_mask[b, t]``; other positions are untouched.
+    """
+    if layer is None:
+        yield
+        return
+    if vectors is None or scales is None or positions_mask is None:
+        raise ValueError("layer given: vectors, scales and positions_mask are all required")
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = _hidden_of(output)  # [B, T, D]
+        B, T, D = hidden.shape
+        vec = vectors.to(device=hidden.device, dtype=hidden.dtype)
+        vec = vec.expand(B, D) if vec.dim() == 1 else vec  # [B, D]
+        sc = torch.as_tensor(scales, device=hidden.device, dtype=hidden.dtype)
+        sc = sc.expand(B) if sc.dim() == 0 else sc  # [B]
+        pm = positions_mask.to(device=hidden.device, dtype=torch.bool)  # [B, T]
+        if pm.shape != (B, T) or vec.shape != (B, D) or sc.shape != (B,):
+            raise ValueError(
+                f"shape mismatch: hidden {tuple(hidden.shape)}, positions_mask {tuple(pm.shape)}, "
+                f"vectors {tuple(vec.shape)}, scales {tuple(sc.shape)}"
+            )
+        delta = (sc[:, None] * vec)[:, None, :] * pm[:, :, None].to(hidden.dtype)  # [B, T, D]
+        return _with_hidden(output, hidden + delta)
+
+    handle = _layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _capture_layer_outputs(model: nn.Module, store: list[Tensor | None]) -> Iterator[None]:
+    """Context manager: ``store[l]`` receives layer ``l``'s output ``[B, T, D]``.
+
+    Must be entered AFTER ``_injection`` so that (forward hooks run in registration
+    order) the captured output of the injected layer includes the injection.
+    """
+    handles = []
+    for idx, lyr in enumerate(_layers(model)):
+
+        def hook(module: nn.Module, args: Any, output: Any, idx: int = idx) -> None:
+            store[idx] = _hidden_of(output).detach()
+
+        handles.append(lyr.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _softcap(model: nn.Module, logits: Tensor) -> Tensor:
+    """Apply Gemma-2 style ``cap * tanh(logits / cap)`` if the config has a cap."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def _forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+    """Plain forward with position ids from the mask and no KV cache."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- API
+
+
+@torch.no_grad()
+def injected_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    layer: int | None,
+    vectors: Tensor | None,
+    scales: Tensor | float | None,
+    positions_mask: Tensor | None,
+) -> Tensor:
+    """Full-sequence logits with a concept vector injected after one decoder layer.
+
+    Args:
+        input_ids: ``[B, T]`` long, left padded.
+        attention_mask: ``[B, T]`` (1 = real token, 0 = pad), or None for all ones.
+        layer: decoder layer whose OUTPUT is modified; None = no injection.
+        vectors: ``[B, D]`` concept vectors (or ``[D]``).
+        scales: ``[B]`` per-row scales (or a scalar); 0 = no effect.
+        positions_mask: ``[B, T]`` bool, True where ``scales[b] * vectors[b]`` is added.
+
+    Returns:
+        ``[B, T, V]`` logits (float, softcap included as the model applies it).
+    """
+    attention_mask = _default_mask(input_ids, attention_mask)
+    with _injection(model, layer, vectors, scales, positions_mask):
+        return _forward(model, input_ids, attention_mask).logits
+
+
+@torch.no_grad()
+def yes_no_logit_diff(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    yes_id: int,
+    no_id: int,
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> Tensor:
+    """``logits[:, -1, yes_id] - logits[:, -1, no_id]`` with optional injection.
+
+    Args: as :func:`injected_logits` (batch must be left padded).
+
+    Returns:
+        ``[B]`` yes-minus-no logit difference at each row's last (real) token.
+    """
+    attention_mask = _default_mask(input_ids, attention_mask)
+    _check_left_padded(attention_mask)
+    logits = injected_logits(
+        model,
+        input_ids,
+        attention_mask,
+        layer=layer,
+        vectors=vectors,
+        scales=scales,
+        positions_mask=positions_mask,
+    )
+    last = logits[:, -1, :]  # [B, V]
+    return last[:, yes_id] - last[:, no_id]
+
+
+@torch.no_grad()
+def logit_lens_yes_no(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    yes_id: int,
+    no_id: int,
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> Tensor:
+    """Logit-lens yes-minus-no difference after every decoder layer.
+
+    For each layer ``l``: take its output at the last position (including the
+    injection if ``l == layer``), apply ``model.model.norm``, ``model.lm_head`` and
+    the final-logit softcap if configured, and return ``yes - no``.
+
+    Args: as :func:`yes_no_logit_diff`.
+
+    Returns:
+        ``[B, L]``; column ``L - 1`` equals :func:`yes_no_logit_diff`.
+    """
+    attention_mask = _default_mask(input_ids, attention_mask)
+    _check_left_padded(attention_mask)
+    n_layers = len(_layers(model))
+    store: list[Tensor | None] = [None] * n_layers
+    with _injection(model, layer, vectors, scales, positions_mask), _capture_layer_outputs(model, store):
+        _forward(model, input_ids, attention_mask)
+    resid = torch.stack([s[:, -1, :] for s in store], dim=1)  # [B, L, D]
+    logits = _softcap(model, model.lm_head(model.model.norm(resid)))  # [B, L, V]
+    return logits[..., yes_id] - logits[..., no_id]
+
+
+@torch.no_grad()
+def attention_to_positions(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    key_mask: Tensor,
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> dict[str, Any]:
+    """Attention paid by the LAST query position to a set of key positions.
+
+    Requires eager attention (``attn_implementation="eager"``) so that
+    ``output_attentions=True`` returns the post-softmax weights.
+
+    Args:
+        key_mask: ``[B, T]`` bool, True at the key positions of interest.
+        others: as :func:`yes_no_logit_diff` (left padded; optional injection).
+
+    Returns:
+        dict with
+          ``"sum"``: ``[B, L, H]`` sum over selected keys of ``weights[b, h, -1, k]``;
+          ``"max"``: ``[B, L, H]`` max over selected keys (0 for a row with no key);
+          ``"weights"``: list of ``L`` tensors ``[B, H, T, T]`` (query, key).
+    """
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "eager":
+        raise ValueError(f"attention_to_positions needs eager attention, model uses {impl!r}")
+    attention_mask = _default_mask(input_ids, attention_mask)
+    _check_left_padded(attention_mask)
+    with _injection(model, layer, vectors, scales, positions_mask):
+        out = _forward(model, input_ids, attention_mask, output_attentions=True)
+    weights = [w.detach() for w in out.attentions]  # L x [B, H, T, T]
+    if len(weights) != len(_layers(model)) or any(w is None for w in weights):
+        raise RuntimeError("model did not return one attention tensor per layer")
+    last_q = torch.stack([w[:, :, -1, :] for w in weights], dim=1)  # [B, L, H, T]
+    km = key_mask.to(device=last_q.device, dtype=torch.bool)[:, None, None, :]  # [B, 1, 1, T]
+    total = (last_q * km.to(last_q.dtype)).sum(-1)  # [B, L, H]
+    mx = last_q.masked_fill(~km, float("-inf")).amax(-1)  # [B, L, H]
+    mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    return {"sum": total, "max": mx, "weights": weights}
+
+
+@torch.no_grad()
+def last_token_activations(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """Every decoder layer's output at the last (real) position, no injection.
+
+    This is what concept vectors are built from:
+    ``activation(word) - mean(activation(baseline words))``.
+
+    Args:
+        input_ids: ``[B, T]`` left padded; attention_mask ``[B, T]`` or None.
+
+    Returns:
+        ``[B, L, D]`` residual stream after each layer (before the final norm).
+    """
+    attention_mask = _default_mask(input_ids, attention_mask)
+    _check_left_padded(attention_mask)
+    n_layers = len(_layers(model))
+    store: list[Tensor | None] = [None] * n_layers
+    with _capture_layer_outputs(model, store):
+        _forward(model, input_ids, attention_mask)
+    return torch.stack([s[:, -1, :] for s in store], dim=1)
+
+
+@torch.no_grad()
+def greedy_generate_injected(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    layer: int | None,
+    vector: Tensor | None,
+    scale: float,
+    start: int,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy decoding with injection, recomputing the whole sequence every step.
+
+    No KV cache: at step ``i`` the model runs on prompt + the ``i`` tokens generated
+    so far, with ``scale * vector`` added to layer ``layer``'s output at every
+    position ``>= start`` (prompt positions from ``start`` on AND all generated
+    tokens; the Anthropic introspection protocol), and takes the argmax of the last
+    position's logits.
+
+    Args:
+        input_ids: ``[1, T]`` or ``[T]`` single prompt, no padding.
+        layer: injection layer (None = plain greedy decoding).
+        vector: ``[D]`` concept vector.
+        scale: injection strength.
+        start: first injected position (0-based index into the full sequence).
+        max_new_tokens: number of tokens to generate.
+        eos_token_id: if given, stop after producing this token (it is included).
+
+    Returns:
+        The NEW token ids only (length ``<= max_new_tokens``), as Python ints.
+    """
+    ids = input_ids.reshape(1, -1).clone()
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        T = ids.shape[1]
+        mask = torch.ones_like(ids)
+        if layer is None:
+            logits = injected_logits(
+                model, ids, mask, layer=None, vectors=None, scales=None, positions_mask=None
+            )
+        else:
+            pos = (torch.arange(T, device=ids.device) >= start)[None, :]  # [1, T]
+            logits = injected_logits(
+                model,
+                ids,
+                mask,
+                layer=layer,
+                vectors=vector.reshape(1, -1),
+                scales=torch.tensor([float(scale)]),
+                positions_mask=pos,
+            )
+        nxt = int(logits[0, -1].argmax())
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device, dtype=ids.dtype)], dim=1)
+        if eos_token_id is not None and nxt == eos_token_id:
+            break
+    return new
