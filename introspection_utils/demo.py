@@ -21,7 +21,7 @@ def main(concept: str = "Sandwich", scale: float = 4.0) -> None:
     readout = measure(handle, [Trial(question, vector, scale), Trial(control, vector, scale)])
     print(f"{handle!r}\n{vector!r} injected at layer {layer}, scale {scale}")
     for name, prompt, diff, base in zip(("introspection", "control"), (question, control), readout.logit_diff,
-                                        readout.baseline):
+                                        readout.baseline, strict=True):
         print(f"  {name:13s} yes−no logit difference {diff:+.3f} (no injection {base:+.3f}, delta {diff - base:+.3f})"
               f"  [{prompt.question}]")
 

@@ -7,7 +7,8 @@ block as the readouts' and sampling is seeded by a ``torch.Generator`` of our ow
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ def generate(handle: ModelHandle, trials: Sequence[Trial], *, max_new_tokens: in
             chunk = indices[chunk_start:chunk_start + batch_size]
             tokens = _generate_batch(handle, [trials[i] for i in chunk], prompt.input_ids, start, end, layer,
                                      max_new_tokens, temperature, generator, stops)
-            for i, row in zip(chunk, tokens):
+            for i, row in zip(chunk, tokens, strict=True):
                 texts[i] = handle.tokenizer.decode(row, skip_special_tokens=True)
             bar.update(len(chunk))
     bar.close()

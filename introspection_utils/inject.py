@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Literal
 
 import nnsight
 import torch
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 # "suffix": from the prompt's injection start to the end, generated tokens included (the paper's window);
 # "last": the last prompt token only; "all": every token; (start, end): positions start <= t < end (end None = on).
-Window = Union[Literal["suffix", "last", "all"], tuple[int, Union[int, None]]]
+Window = Literal["suffix", "last", "all"] | tuple[int, int | None]
 Strategy = Literal["cached", "full"]
 DEFAULT_BATCH = 32
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import nnsight
 import torch
@@ -185,7 +186,7 @@ def word_activations(handle: ModelHandle, words: Iterable[str], *, cache: bool =
     if missing:
         acts = last_token_activations(handle, [extraction_prompt(handle, w) for w in missing],
                                       batch_size=batch_size, progress=progress)
-        for w, a in zip(missing, acts):
+        for w, a in zip(missing, acts, strict=True):
             found[w] = a
             if store:
                 store.put(w, a)
