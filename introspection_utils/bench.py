@@ -1,6 +1,7 @@
 """Benchmark: the standard sweep measured the naive way and with the engine, side by side in one run.
 
     python -m introspection_utils.bench [--model NAME] [--layer L] [--naive-trials N]
+    python -m introspection_utils.bench --model random:gemma-2-9b-it --naive-trials 88   # GPU: Gemma-2-9B's shape, bf16
 
 Standard sweep: concepts sandwich, water, bomb, confusion, logic × scales 0,1,2,3,4,6,8,12 × (the introspection
 question + the first 10 control questions) × (concept vector + 1 random vector) at one middle layer = 880 trials.
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args(argv)
 
+    if args.model.startswith("random:") and not torch.cuda.is_available():
+        print(f"skipped: {args.model} is a full-size randomly initialised model for the GPU benchmark and needs a "
+              f"CUDA device; none is present here")
+        return
     handle = load_model(args.model)
     layer = handle.check_layer(args.layer if args.layer is not None else handle.arch.n_layers // 2)
     trials = standard_trials(handle, layer)
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     _sync(handle.device)
     engine_s = time.perf_counter() - t
 
-    peak = matmul_peak_gflops(handle.dtype, handle.device)
+    peak = matmul_peak_gflops(handle.dtype, handle.device, n=8192 if handle.device.type == "cuda" else 1024)
     flops = useful_flops(handle, trials)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     extrapolated = f" (timed {len(naive_sample)}, extrapolated)" if step > 1 else ""

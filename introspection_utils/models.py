@@ -304,6 +304,28 @@ def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, st
     return model, tokenizer, f"random-init-seed0-{family}"
 
 
+def _load_random(config_name: str, dtype: torch.dtype, attn: str, device: str) -> tuple[Any, Any, str]:
+    """A randomly initialised model with a real model's exact shape (``data/model_configs/<name>.json``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from introspection_utils.memory import check_fits
+
+    path = data.data_dir() / "model_configs" / f"{config_name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise ValueError(f"no model config {config_name!r}; available: {', '.join(known)}")
+    fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    config = AutoConfig.for_model(**fields)
+    check_fits(config, dtype, torch.device(device), name=f"random:{config_name}")
+    tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
+    if config.model_type.startswith("gemma"):
+        tokenizer.chat_template = data.chat_template("gemma3" if config.model_type.startswith("gemma3") else "gemma")
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise in place: a 9B model never passes through CPU memory
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, tokenizer, f"random-init-seed0-{config_name}"
+
+
 def _supports_system_role(tokenizer: Any) -> bool:
     """Whether the template gives a system message a turn of its own.
 
@@ -344,14 +366,18 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
-               attn: str = "eager", remote: bool = False) -> ModelHandle:
+               attn: str = "eager", remote: bool = False, device_map: str | dict | None = None) -> ModelHandle:
     """Load ``name`` (the embedded default, a ``tiny-*`` test model, a hub id or a local folder) as a handle.
 
     ``attn="eager"`` is the default because attention weights (and Gemma-2's softcapping) need it.
-    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``device_map="auto"`` shards a hub or local model
+    over the visible GPUs (accelerate); without it, a model whose weights cannot fit on ``device`` is refused
+    before loading, with the sizes in the message.
     """
     from nnsight import TransformersModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from introspection_utils.memory import check_fits
 
     if remote:
         raise NotImplementedError("remote=True (NDIF) is not available in this version; run locally")
@@ -366,9 +392,14 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
         base_model = EMBEDDED[name].base_model
     elif name.startswith("tiny-"):
         hf_model, tokenizer, revision = _load_tiny(name.removeprefix("tiny-"), torch_dtype, attn)
+    elif name.startswith("random:"):
+        hf_model, tokenizer, revision = _load_random(name.removeprefix("random:"), torch_dtype, attn, device)
     elif Path(name).is_dir() or "/" in name:
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn)
+            if device_map is None:
+                check_fits(AutoConfig.from_pretrained(name), torch_dtype, torch.device(device), name=name)
+            hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn,
+                                                            device_map=device_map)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:
             raise ValueError(f"could not load model {name!r}: not a local folder with a model, and not "
@@ -386,7 +417,9 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     tokenizer.padding_side = "left"  # the last position is every row's real last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    hf_model.to(device).eval()
+    if device_map is None:
+        hf_model.to(device)
+    hf_model.eval()
     model = TransformersModel(hf_model, tokenizer=tokenizer)
     short = name.rstrip("/").split("/")[-1].lower()
     return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model)
