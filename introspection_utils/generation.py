@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -47,16 +48,17 @@ def generate(handle: ModelHandle, trials: Sequence[Trial], *, max_new_tokens: in
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     stops = torch.tensor(sorted(stop_token_ids(handle)))
     texts: list[str] = [""] * len(trials)
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    groups: dict[int | None, list[int]] = defaultdict(list)  # one injection layer per batch; prompts may differ
     for index, trial in enumerate(trials):
-        groups[(trial.prompt, trial.span(), trial.injection_layer if trial.injected else None)].append(index)
+        groups[trial.injection_layer if trial.injected else None].append(index)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=len(trials), desc="generating", disable=not progress)
-    for (prompt, (start, end), layer), indices in groups.items():
+    for layer, indices in groups.items():
+        indices = sorted(indices, key=lambda i: len(trials[i].prompt))  # similar lengths, little padding
         for chunk_start in range(0, len(indices), batch_size):
             chunk = indices[chunk_start:chunk_start + batch_size]
-            tokens = _generate_batch(handle, [trials[i] for i in chunk], prompt.input_ids, start, end, layer,
-                                     max_new_tokens, temperature, generator, stops)
+            tokens = _generate_batch(handle, [trials[i] for i in chunk], layer, max_new_tokens, temperature,
+                                     generator, stops)
             for i, row in zip(chunk, tokens, strict=True):
                 texts[i] = handle.tokenizer.decode(row, skip_special_tokens=True)
             bar.update(len(chunk))
@@ -64,28 +66,37 @@ def generate(handle: ModelHandle, trials: Sequence[Trial], *, max_new_tokens: in
     return texts
 
 
-def _generate_batch(handle: ModelHandle, trials: list[Trial], prompt_ids: tuple[int, ...], start: int,
-                    end: int | None, layer: int | None, max_new_tokens: int, temperature: float,
-                    generator: torch.Generator, stops: torch.Tensor) -> list[list[int]]:
-    """Token ids generated for a batch of trials on one prompt: ``max_new_tokens`` steps, cut at a stop token."""
+def _generate_batch(handle: ModelHandle, trials: list[Trial], layer: int | None, max_new_tokens: int,
+                    temperature: float, generator: torch.Generator, stops: torch.Tensor) -> list[list[int]]:
+    """Token ids generated for a batch of trials (prompts left-padded to one width): ``max_new_tokens`` steps,
+    each row cut at its first stop token."""
     rows, device = len(trials), handle.device
+    lengths = torch.tensor([len(t.prompt) for t in trials])
+    width = int(lengths.max())
+    pads = width - lengths  # [B]
+    pad_id = handle.tokenizer.pad_token_id
+    ids = torch.tensor([[pad_id] * int(p) + list(t.prompt.input_ids) for p, t in zip(pads, trials, strict=True)])
+    attention = (torch.arange(width)[None] >= pads[:, None]).long()  # [B, W]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
+    spans = [t.span() for t in trials]
+    window_start = torch.tensor([s for s, _ in spans])
+    window_end = torch.tensor([e if e is not None else 1 << 40 for _, e in spans])
     add = None
     if layer is not None:
         add = torch.stack([t.scale * t.vector.vector for t in trials]).to(device, handle.dtype)  # [B, D]
-    ids = torch.tensor([prompt_ids], device=device).expand(rows, -1)
     cache = DynamicCache(config=handle.torch_model.config)
     generated: list[torch.Tensor] = []
-    length, done = 0, torch.zeros(rows, dtype=torch.bool)
+    done = torch.zeros(rows, dtype=torch.bool)
     for _ in range(max_new_tokens):
-        positions = torch.arange(length, length + ids.shape[1], device=device)
-        in_window = (positions >= start) & (positions < (end if end is not None else 1 << 62))
-        mask = in_window.to(handle.dtype)
-        length += ids.shape[1]
+        token_pos = positions if not generated else positions[:, -1:]  # each row's own token positions
+        in_window = (token_pos >= window_start[:, None]) & (token_pos < window_end[:, None])
+        if not generated:
+            in_window &= attention.bool()  # never inject into padding
         with torch.no_grad(), handle.model.trace(
-                ids, attention_mask=torch.ones(rows, length, dtype=torch.long, device=device),
-                position_ids=positions[None].expand(rows, -1), cache=cache, use_cache=True, logits_to_keep=1):
+                ids.to(device), attention_mask=attention.to(device), position_ids=token_pos.to(device), cache=cache,
+                use_cache=True, logits_to_keep=1):
             if add is not None:
-                handle.layers[layer].output += add[:, None, :] * mask[None, :, None]
+                handle.layers[layer].output += add[:, None, :] * in_window.to(device, handle.dtype)[:, :, None]
             logits = handle.model.output.logits[:, -1, :].save()
         logits = logits.float().cpu()
         if temperature == 0:
@@ -96,9 +107,42 @@ def _generate_batch(handle: ModelHandle, trials: list[Trial], prompt_ids: tuple[
         done |= torch.isin(next_ids, stops)
         if done.all():
             break
-        ids = next_ids[:, None].to(device)
+        ids = next_ids[:, None]
+        attention = torch.cat([attention, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
     out = []
+    stop_set = set(stops.tolist())
     for row in torch.stack(generated, dim=1).tolist():
-        cut = next((k for k, token in enumerate(row) if token in set(stops.tolist())), len(row))
+        cut = next((k for k, token in enumerate(row) if token in stop_set), len(row))
         out.append(row[:cut])
     return out
+
+
+def response_table(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int,
+                   samples: int = 1, max_new_tokens: int = 100, temperature: float = 0.0, seed: int = 0,
+                   question: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Free-text answers to the injected-thought prompt for every concept × scale × sample.
+
+    Scale 0 rows are the no-injection controls (the same prompt, nothing injected; their ``concept`` is the word a
+    false positive would be graded against). Columns: ``model, concept, layer, scale, sample, injected, question,
+    response``; ``temperature`` and ``seed`` make sampling reproducible.
+    """
+    from introspection_utils.prompts import introspection_prompt
+    from introspection_utils.vectors import concept_vectors
+
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    handle.check_layer(layer)
+    bank = concept_vectors(handle, concepts, progress=progress)
+    prompt = introspection_prompt(handle, question)
+    rows, trials = [], []
+    for concept in concepts:
+        vector = bank.get(concept, layer)
+        for scale in scales:
+            for sample in range(samples):
+                trials.append(Trial(prompt, vector, float(scale)))
+                rows.append({"model": handle.name, "concept": concept, "layer": layer, "scale": float(scale),
+                             "sample": sample, "injected": float(scale) != 0.0, "question": prompt.question})
+    texts = generate(handle, trials, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     progress=progress)
+    return pd.DataFrame(rows).assign(response=texts)
