@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,9 @@ def converted_dir(name: str = DEFAULT_MODEL) -> Path:
             pass  # no manifest (e.g. a rebuild's rmtree killed half-way) or an unreadable one
         shutil.rmtree(target)  # incomplete or tampered: rebuild
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(target.name + ".tmp-*"):  # left by a conversion killed over an hour ago
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp, embedded.chat_template)
@@ -401,10 +405,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
             hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn,
                                                             device_map=device_map)
             tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise ValueError(f"could not load model {name!r}: not a local folder with a model, and not "
-                             f"downloadable here ({err.__class__.__name__}). Check the id, or download the weights "
-                             f"and pass their folder.") from err
+                             f"downloadable here ({err.__class__.__name__}: {str(err)[:300]}). Check the id, or "
+                             f"download the weights and pass their folder.") from err
         revision = getattr(hf_model.config, "_commit_hash", None) or _folder_revision(Path(name))
     else:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(map(repr, EMBEDDED))} (embedded), "

@@ -78,7 +78,8 @@ class SweepResult:
 def load_result(path: str | Path) -> SweepResult:
     """Read a :class:`SweepResult` saved with :meth:`SweepResult.save`."""
     path = Path(path).with_suffix(".csv")
-    return SweepResult(pd.read_csv(path), json.loads(path.with_suffix(".meta.json").read_text()))
+    df = pd.read_csv(path, dtype={"vector_seed": "Int64"})
+    return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -132,7 +133,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
         prompt_hashes.append(prompt.hash)
         chunk_path = chunk_dir / f"{index:03d}-{prompt.hash}.csv" if chunk_dir is not None else None
         if chunk_path is not None and chunk_path.is_file():
-            frames.append(pd.read_csv(chunk_path))
+            frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64"}))
             continue
         trials = [Trial(prompt, v, float(s)) for v in vectors for s in spec.scales]
         readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size)

@@ -1,10 +1,28 @@
-"""Shared fixtures: models load once per session (tiny random families and the embedded SmolLM2)."""
+"""Shared fixtures: models load once per session (tiny random families and the embedded SmolLM2).
+
+Besides the models, three helpers for the package's tests:
+
+* ``tiny_perturbed``: each tiny family with randomised norm weights (fresh norms are 1, or 0 used as 1 + w for
+  Gemma, which hides double-norm bugs), an untied random unembedding and, for Gemma-2, a large final-norm gain that
+  pushes the logits into the softcap's non-linear range; the numeric tests run the engine against
+  ``tests/reference.py`` on these.
+* ``oracle``: ``tests/reference.py`` driven from the package's records (prompts, trials), with positions masks
+  built here by hand from the window rule (not from ``Trial.span``).
+* ``isolated_cache``: ``$INTROSPECTION_CACHE`` pointed at a temporary folder (models are loaded before it is set).
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 from introspection_utils import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference  # noqa: E402  (the independent plain-PyTorch implementation)
 
 TINY = ["tiny-llama", "tiny-gemma2", "tiny-gemma3", "tiny-qwen2"]
 
@@ -24,3 +42,140 @@ def tiny_llama():
 def smollm():
     """The embedded SmolLM2-135M-Instruct (converted once into the cache directory)."""
     return load_model()
+
+
+@pytest.fixture(scope="session", params=TINY)
+def tiny_perturbed(request):
+    """Each tiny family with randomised norm weights and an untied random unembedding (seeded); Gemma-2's logits
+    reach the softcap's curved range.
+
+    Its revision is renamed so that no cache keyed by revision can confuse it with the plain tiny model.
+    """
+    handle = load_model(request.param)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in handle.torch_model.named_parameters():
+            if "norm" in name.split(".")[-2]:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        if handle.arch.final_logit_softcap:
+            handle.torch_model.model.norm.weight.add_(30.0)
+        # An unembedding of its own: with tied embeddings a random model's greedy text repeats one token forever,
+        # which would hide whether an injection reaches the generated tokens.
+        head = handle.torch_model.lm_head
+        head.weight = torch.nn.Parameter(0.02 * torch.randn(head.weight.shape, generator=generator))
+    handle.revision += "-perturbed"
+    return handle
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """One torch thread: on a shared 2-core box two threads contend and a forward can take ~15x longer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A fresh, empty ``$INTROSPECTION_CACHE`` for this test (request model fixtures before this one)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("INTROSPECTION_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def forbid_compute(monkeypatch):
+    """``forbid_compute(handle)``: any forward of the model from now on fails the test (validation must come first)."""
+    hooks = []
+
+    def forbid(handle):
+        def fail(*args, **kwargs):
+            raise AssertionError("the model was run before the input was validated")
+
+        monkeypatch.setattr(handle.model, "trace", fail)
+        hooks.append(handle.torch_model.register_forward_pre_hook(fail))
+
+    yield forbid
+    for hook in hooks:
+        hook.remove()
+
+
+class Oracle:
+    """``tests/reference.py`` applied to the package's prompts and trials, one trial at a time, no shared code."""
+
+    ref = reference
+
+    @staticmethod
+    def ids(prompt) -> torch.Tensor:
+        return torch.tensor([list(prompt.input_ids)])
+
+    @staticmethod
+    def window_mask(trial, length: int | None = None) -> torch.Tensor:
+        """``[1, length]`` bool: True where the trial's window injects (hand-written rule, generated tokens on)."""
+        n = len(trial.prompt)
+        length = n if length is None else length
+        positions = torch.arange(length)
+        window = trial.window
+        if window == "suffix":
+            mask = positions >= trial.prompt.injection_start
+        elif window == "last":
+            mask = positions == n - 1
+        elif window == "all":
+            mask = torch.ones(length, dtype=torch.bool)
+        else:
+            start, end = window
+            mask = (positions >= start) & (positions < (length if end is None else end))
+        return mask[None]
+
+    def _injection(self, trial, length: int | None = None) -> dict:
+        if trial.vector is None or trial.scale == 0:
+            return {"layer": None, "vectors": None, "scales": None, "positions_mask": None}
+        layer = trial.layer if trial.layer is not None else trial.vector.layer
+        return {"layer": layer, "vectors": trial.vector.vector[None].float(),
+                "scales": torch.tensor([float(trial.scale)]), "positions_mask": self.window_mask(trial, length)}
+
+    @staticmethod
+    def yes_no(handle, answers=("Yes", "No")) -> dict:
+        """Answer ids found independently: the word's tokens right after the rendered generation prompt."""
+        tok = handle.tokenizer
+        context = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                          add_generation_prompt=True)
+        base = len(tok(context, add_special_tokens=False)["input_ids"])
+        yes, no = (tok(context + word, add_special_tokens=False)["input_ids"][base] for word in answers)
+        return {"yes_id": yes, "no_id": no}
+
+    def logit_diff(self, handle, trials, answers=("Yes", "No")) -> torch.Tensor:
+        """``[n]`` yes−no at the last position with each trial's injection."""
+        ids = self.yes_no(handle, answers)
+        return torch.cat([self.ref.yes_no_logit_diff(handle.torch_model, self.ids(t.prompt), None, **ids,
+                                                     **self._injection(t)) for t in trials])
+
+    def lens(self, handle, trials) -> torch.Tensor:
+        """``[n, n_layers]`` yes−no logit lens."""
+        ids = self.yes_no(handle)
+        return torch.cat([self.ref.logit_lens_yes_no(handle.torch_model, self.ids(t.prompt), None, **ids,
+                                                     **self._injection(t)) for t in trials])
+
+    def attention(self, handle, trial) -> dict:
+        """Attention from the last position to the trial's window positions (sum, max, full weights)."""
+        return self.ref.attention_to_positions(handle.torch_model, self.ids(trial.prompt), None,
+                                               key_mask=self.window_mask(trial), **self._injection(trial))
+
+    def logits(self, handle, trial) -> torch.Tensor:
+        """``[T, V]`` logits at every position with the trial's injection."""
+        return self.ref.injected_logits(handle.torch_model, self.ids(trial.prompt), None,
+                                        **self._injection(trial))[0]
+
+    @staticmethod
+    def assert_close(actual, expected, tol: float = 1e-4) -> None:
+        """``atol = tol × max(1, max|expected|)``: float32 rounding grows with magnitude (Gemma-2's logits ~30),
+        as in the reference's own tests."""
+        actual, expected = torch.as_tensor(actual).float(), torch.as_tensor(expected).float()
+        scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+        torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol)
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    return Oracle()

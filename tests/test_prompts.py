@@ -1,0 +1,181 @@
+"""Prompts: the chat template's own rendering, the injection start by character offsets, system turns, answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from introspection_utils.data import load_prompts
+from introspection_utils.prompts import (
+    Prompt,
+    answer_token_id,
+    chat_prompt,
+    control_questions,
+    extraction_prompt,
+    introspection_prompt,
+    yes_no_ids,
+)
+
+PAPER = load_prompts()["injected_thought"]
+TRIAL = PAPER["question"]
+
+
+def _offsets(handle, prompt: Prompt) -> list[tuple[int, int]]:
+    encoded = handle.tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
+    assert tuple(encoded["input_ids"]) == prompt.input_ids
+    return encoded["offset_mapping"]
+
+
+def assert_window_starts_at_char(handle, prompt: Prompt, char: int) -> None:
+    """The offset rule: the token at ``injection_start`` covers ``char``; the token before it ends before it."""
+    offsets = _offsets(handle, prompt)
+    start = prompt.injection_start
+    assert offsets[start][0] <= char < offsets[start][1], (offsets[start], char)
+    assert offsets[start - 1][1] <= char
+
+
+def test_injection_starts_on_the_blank_line_before_trial_1(tiny):
+    prompt = introspection_prompt(tiny)
+    newline = prompt.text.index("\n\n" + TRIAL)
+    assert_window_starts_at_char(tiny, prompt, newline)
+    assert tiny.tokenizer.decode([prompt.input_ids[prompt.injection_start]]) == "\n"  # this tokenizer: "\n", "\n"
+    assert tiny.tokenizer.decode(list(prompt.input_ids[prompt.injection_start:])).startswith("\n\n" + TRIAL)
+    assert prompt.kind == "introspection" and prompt.question == TRIAL
+
+
+def test_paper_frame_renders_the_papers_turns_with_the_template(tiny):
+    prompt = introspection_prompt(tiny)
+    expected = tiny.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PAPER["preamble"]}, {"role": "assistant", "content": "Ok."},
+         {"role": "user", "content": "Ok, let's get started.\n\n" + TRIAL}], tokenize=False, add_generation_prompt=True)
+    assert prompt.text == expected
+    assert prompt.text.index(PAPER["preamble"]) < prompt.text.index("Ok.") < prompt.text.index(TRIAL)
+
+
+def test_control_question_in_the_paper_frame_starts_on_its_blank_line(tiny):
+    question = control_questions(1)[0]
+    prompt = introspection_prompt(tiny, question)
+    assert prompt.kind == "control" and prompt.question == question
+    assert_window_starts_at_char(tiny, prompt, prompt.text.index("\n\n" + question))
+    assert TRIAL not in prompt.text
+
+
+def test_control_question_bare_is_one_user_turn_injected_from_its_first_token(tiny):
+    question = control_questions(2)[1]
+    prompt = introspection_prompt(tiny, question, frame="bare")
+    assert PAPER["preamble"] not in prompt.text
+    assert_window_starts_at_char(tiny, prompt, prompt.text.index(question))
+    assert tiny.tokenizer.decode(list(prompt.input_ids[prompt.injection_start:])).startswith(question)
+
+
+@pytest.mark.parametrize("lead, rest, merged", [
+    ("Ok, let's get started. ", "\n\nIs the sky green?", " \n"),  # SmolLM2 merges " \n"
+    ("Ok, let's get started.", "\n\n\nIs the sky green?", "\n\n"),  # ... and "\n\n" before a third "\n"
+    ("Hello", "\n\n Is the sky green?", "\n\n"),  # ... and "\n\n" before a space
+])
+def test_injection_start_follows_the_offset_rule_when_the_tokenizer_merges_newlines(tiny, lead, rest, merged):
+    prompt = chat_prompt(tiny, [{"role": "user", "content": lead + rest}], injection_from=len(lead))
+    char = prompt.text.index(lead + rest) + len(lead)
+    assert_window_starts_at_char(tiny, prompt, char)
+    token = tiny.tokenizer.decode([prompt.input_ids[prompt.injection_start]])
+    assert token == merged and "\n" in token
+
+
+def test_injection_offset_survives_templates_that_trim_the_content(tiny):
+    content = "  Hello.\n\nIs the sky green?  "  # Gemma's template trims; ChatML keeps the spaces
+    prompt = chat_prompt(tiny, [{"role": "user", "content": content}], injection_from=content.index("\n"))
+    assert_window_starts_at_char(tiny, prompt, prompt.text.index("Hello.") + len("Hello."))
+
+
+def test_no_injection_offset_means_the_last_token(tiny_llama):
+    prompt = chat_prompt(tiny_llama, [{"role": "user", "content": "Hi"}], prefill="Sure")
+    assert prompt.injection_start == len(prompt) - 1
+    assert prompt.text.endswith("assistant\nSure")
+
+
+def test_prefill_is_appended_after_the_generation_prompt(tiny):
+    plain = introspection_prompt(tiny)
+    prefilled = introspection_prompt(tiny, prefill="Yes")
+    assert prefilled.text == plain.text + "Yes"
+    assert prefilled.injection_start == plain.injection_start
+    assert prefilled.input_ids[: len(plain)] == plain.input_ids
+
+
+def test_system_turn_is_refused_only_by_templates_without_a_system_role(tiny):
+    if tiny.arch.supports_system_role:  # ChatML (SmolLM2's template, used by tiny llama and qwen2)
+        assert introspection_prompt(tiny, system="You are a test.").system == "given: You are a test."
+        return
+    with pytest.raises(ValueError, match="has no system role"):
+        introspection_prompt(tiny, system="You are a test.")
+    prompt = introspection_prompt(tiny)
+    assert prompt.system == "none" and "system" not in prompt.text.lower()
+
+
+def test_smollm2_template_default_system_turn_is_recorded(tiny_llama):
+    prompt = introspection_prompt(tiny_llama)
+    assert prompt.system == "template default"
+    assert prompt.text.startswith("<|im_start|>system\n")
+    given = introspection_prompt(tiny_llama, system="You are a test.")
+    assert given.system == "given: You are a test."
+    assert given.text.startswith("<|im_start|>system\nYou are a test.<|im_end|>")
+    assert_window_starts_at_char(tiny_llama, given, given.text.index("\n\n" + TRIAL))
+
+
+def test_extraction_prompt_lowercases_the_word_and_reads_the_last_token(tiny):
+    prompt = extraction_prompt(tiny, "Dust")
+    assert prompt.question == "Tell me about dust" and prompt.kind == "extraction"
+    assert prompt.injection_start == len(prompt) - 1
+    assert prompt.text == tiny.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me about dust"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_yes_and_no_are_single_tokens_emitted_after_the_generation_prompt(tiny):
+    yes, no = yes_no_ids(tiny)
+    assert tiny.tokenizer.decode([yes]) == "Yes" and tiny.tokenizer.decode([no]) == "No"
+    assert yes != no
+    spaced = answer_token_id(tiny, " Yes")
+    assert spaced != yes and tiny.tokenizer.decode([spaced]) == " Yes"
+    assert yes_no_ids(tiny, " Yes", " No") == (spaced, answer_token_id(tiny, " No"))
+
+
+def test_multi_token_answer_word_raises_unless_first_token_allowed(tiny_llama):
+    word = "Supercalifragilistic"
+    with pytest.raises(ValueError, match=r"'Supercalifragilistic' is \d+ tokens for tiny-llama"):
+        answer_token_id(tiny_llama, word)
+    first = answer_token_id(tiny_llama, word, allow_first_token=True)
+    assert word.startswith(tiny_llama.tokenizer.decode([first]))
+    with pytest.raises(ValueError, match="cannot be tokenised"):
+        answer_token_id(tiny_llama, "")
+
+
+def test_control_questions_count_and_bounds():
+    assert len(control_questions()) == 20
+    assert control_questions(3) == control_questions()[:3]
+    for bad in (0, -1, 21):
+        with pytest.raises(ValueError, match=f"n={bad} control questions requested; there are 20"):
+            control_questions(bad)
+
+
+def test_bad_question_or_frame_raises(tiny_llama):
+    with pytest.raises(ValueError, match="question is empty"):
+        introspection_prompt(tiny_llama, "  ")
+    with pytest.raises(ValueError, match="unknown frame 'chat'"):
+        introspection_prompt(tiny_llama, frame="chat")
+
+
+def test_prompts_compare_by_value_and_hash_names_the_exact_prompt(tiny_llama):
+    a, b = introspection_prompt(tiny_llama), introspection_prompt(tiny_llama)
+    assert a == b and a.hash == b.hash and len(a.hash) == 16
+    control = introspection_prompt(tiny_llama, control_questions(1)[0])
+    assert control.hash != a.hash
+    assert "input_ids" not in repr(a)
+
+
+@pytest.mark.integration
+def test_embedded_model_injection_starts_on_the_newline_token(smollm):
+    assert smollm.tokenizer.chat_template
+    prompt = introspection_prompt(smollm)
+    assert_window_starts_at_char(smollm, prompt, prompt.text.index("\n\n" + TRIAL))
+    assert smollm.tokenizer.decode([prompt.input_ids[prompt.injection_start]]) == "\n"
+    assert prompt.system == "template default"
+    yes, no = yes_no_ids(smollm)
+    assert smollm.tokenizer.decode([yes]) == "Yes" and smollm.tokenizer.decode([no]) == "No"

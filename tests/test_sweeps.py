@@ -1,0 +1,206 @@
+"""Sweeps: tidy tables with the expected rows and metadata, seeded, resumable one question at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from introspection_utils import sweeps
+from introspection_utils.inject import Trial
+from introspection_utils.models import package_version
+from introspection_utils.prompts import control_questions, introspection_prompt
+from introspection_utils.sweeps import COLUMNS, layer_sweep, load_result, scale_sweep, summarize
+from introspection_utils.vectors import concept_vectors, random_vector
+
+CONCEPTS = ["Dust", "Satellites"]
+SCALES = [0.0, 2.0, -4.0]
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_llama):
+    """Concept vectors for the sweeps (three baseline words keep it fast; no disk cache)."""
+    return concept_vectors(tiny_llama, CONCEPTS, baseline_words=["Desks", "Jackets", "Gondolas"], cache=False,
+                           progress=False)
+
+
+def run_scale_sweep(handle, bank, **kwargs):
+    options = dict(layer=1, n_controls=2, n_random=2, bank=bank, progress=False)
+    return scale_sweep(handle, CONCEPTS, SCALES, **{**options, **kwargs})
+
+
+@pytest.fixture
+def count_measure(monkeypatch):
+    """Count (and optionally fail) the sweeps' calls of ``measure``: ``calls`` lists the questions measured."""
+    calls, real = [], sweeps.measure
+    state = {"fail_on": None}
+
+    def counted(handle, trials, **kwargs):
+        calls.append(trials[0].prompt.question)
+        if state["fail_on"] == len(calls):
+            raise KeyboardInterrupt("interrupted")
+        return real(handle, trials, **kwargs)
+
+    monkeypatch.setattr(sweeps, "measure", counted)
+    counted.calls, counted.state = calls, state
+    return counted
+
+
+def test_scale_sweep_gives_one_tidy_row_per_trial(tiny_llama, bank):
+    result = run_scale_sweep(tiny_llama, bank)
+    df = result.df
+    assert list(df.columns) == COLUMNS
+    assert len(df) == 3 * 2 * (1 + 2) * 3  # questions × concepts × (concept + 2 random) × scales
+    assert df["question_kind"].value_counts().to_dict() == {"control": 36, "introspection": 18}
+    assert df["vector_kind"].value_counts().to_dict() == {"random": 36, "concept": 18}
+    assert df.groupby("question").size().to_dict() == dict.fromkeys(
+        [introspection_prompt(tiny_llama).question, *control_questions(2)], 18)
+    assert set(df["layer"]) == {1} and sorted(set(df["scale"])) == sorted(SCALES)
+    assert (df["model"] == "tiny-llama").all()
+    assert df.loc[df["vector_kind"] == "concept", "vector_seed"].isna().all()
+    assert sorted(df.loc[df["vector_kind"] == "random", "vector_seed"].unique()) == [0, 1]
+    for concept in CONCEPTS:  # random vectors are norm-matched to their concept's
+        norms = df.loc[df["concept"] == concept, "vector_norm"]
+        assert norms.to_numpy() == pytest.approx(bank.get(concept, 1).norm, rel=1e-5)
+    pd.testing.assert_series_equal(df["delta"], df["logit_diff"] - df["baseline_logit_diff"], check_names=False)
+    assert (df.loc[df["scale"] == 0, "delta"] == 0).all()
+    assert (df.loc[df["scale"] != 0, "delta"].abs() > 0).all()
+
+
+def test_sweep_values_equal_the_reference(tiny_llama, bank, oracle):
+    df = run_scale_sweep(tiny_llama, bank, n_random=1).df
+    for kind, question in [("introspection", None), *(("control", q) for q in control_questions(2))]:
+        prompt = introspection_prompt(tiny_llama, question)
+        rows = df[df["question"] == prompt.question]
+        assert (rows["question_kind"] == kind).all()
+        oracle.assert_close(torch.tensor(rows["baseline_logit_diff"].to_numpy()),
+                            oracle.logit_diff(tiny_llama, [Trial(prompt)]).expand(len(rows)))
+        dust = bank.get("Dust", 1)
+        for vector in (dust, random_vector(dust, 0)):
+            row = rows[(rows["concept"] == "Dust") & (rows["vector_kind"] == vector.kind) & (rows["scale"] == -4.0)]
+            assert len(row) == 1
+            expected = oracle.logit_diff(tiny_llama, [Trial(prompt, vector, -4.0)])
+            oracle.assert_close(torch.tensor(row["logit_diff"].to_numpy()), expected)
+
+
+def test_layer_sweep_gives_one_row_per_layer_and_trial(tiny_llama, bank):
+    result = layer_sweep(tiny_llama, ["Dust"], [0, 1], scale=3.0, n_controls=1, n_random=1, bank=bank,
+                         progress=False)
+    df = result.df
+    assert list(df.columns) == COLUMNS and len(df) == 2 * 2 * 2  # questions × layers × (concept + random)
+    assert df.groupby(["layer", "vector_kind"]).size().to_dict() == {
+        (0, "concept"): 2, (0, "random"): 2, (1, "concept"): 2, (1, "random"): 2}
+    assert set(df["scale"]) == {3.0}
+    layer0 = df[(df["layer"] == 0) & (df["vector_kind"] == "concept")]
+    assert layer0["vector_norm"].to_numpy() == pytest.approx(bank.get("Dust", 0).norm, rel=1e-5)
+    assert list(result.meta["spec"]["layers"]) == [0, 1]
+
+
+def test_no_controls_leaves_only_the_introspection_question(tiny_llama, bank):
+    df = run_scale_sweep(tiny_llama, bank, n_controls=0, n_random=0).df
+    assert set(df["question_kind"]) == {"introspection"} and len(df) == 2 * 3
+
+
+def test_metadata_says_how_the_table_was_made(tiny_llama, bank):
+    meta = run_scale_sweep(tiny_llama, bank, seed=7).meta
+    assert meta["model"] == "tiny-llama" and meta["revision"] == tiny_llama.revision
+    assert meta["dtype"] == "float32" and meta["seed"] == 7 and meta["spec"]["seed"] == 7
+    assert meta["package_version"] == package_version() != "unknown"
+    assert len(meta["prompt_hash"]) == 16 and len(meta["spec_hash"]) == 16
+    for key in ("family", "torch", "nnsight", "transformers", "python", "created"):
+        assert meta[key], key
+    other = run_scale_sweep(tiny_llama, bank, seed=7, n_controls=1).meta
+    assert other["prompt_hash"] != meta["prompt_hash"] and other["spec_hash"] != meta["spec_hash"]
+
+
+def test_same_seed_gives_identical_tables(tiny_llama, bank):
+    a = run_scale_sweep(tiny_llama, bank, seed=3).df
+    b = run_scale_sweep(tiny_llama, bank, seed=3).df
+    pd.testing.assert_frame_equal(a, b)
+    c = run_scale_sweep(tiny_llama, bank, seed=4).df
+    concept = a["vector_kind"] == "concept"
+    pd.testing.assert_frame_equal(a[concept], c[concept])
+    assert not a.loc[~concept, "logit_diff"].equals(c.loc[~concept, "logit_diff"])
+    assert sorted(c.loc[~concept, "vector_seed"].unique()) == [4, 5]
+
+
+def test_results_are_saved_and_load_back(tiny_llama, bank, tmp_path):
+    result = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="scales")
+    assert (tmp_path / "scales.csv").is_file() and (tmp_path / "scales.meta.json").is_file()
+    loaded = load_result(tmp_path / "scales")
+    pd.testing.assert_frame_equal(loaded.df, result.df, check_dtype=False)
+    assert loaded.meta["spec_hash"] == result.meta["spec_hash"]
+
+
+def test_resume_recomputes_only_the_missing_question(tiny_llama, bank, tmp_path, count_measure):
+    first = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
+    chunks = sorted((tmp_path / ".chunks").glob("resume-*/*.csv"))
+    assert len(chunks) == 3 and len(count_measure.calls) == 3
+    chunks[1].unlink()
+    count_measure.calls.clear()
+    again = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
+    assert count_measure.calls == [control_questions(1)[0]]
+    pd.testing.assert_frame_equal(again.df, first.df)
+    count_measure.calls.clear()
+    run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
+    assert count_measure.calls == []  # everything on disk now
+
+
+def test_interrupted_sweep_keeps_finished_questions_and_the_rerun_completes(tiny_llama, bank, tmp_path,
+                                                                           count_measure):
+    count_measure.state["fail_on"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="stop")
+    assert len(list((tmp_path / ".chunks").glob("stop-*/*.csv"))) == 2
+    assert not (tmp_path / "stop.csv").exists()
+    count_measure.state["fail_on"] = None
+    count_measure.calls.clear()
+    finished = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="stop")
+    assert count_measure.calls == [control_questions(2)[1]]
+    pd.testing.assert_frame_equal(finished.df, run_scale_sweep(tiny_llama, bank).df)
+    assert (tmp_path / "stop.csv").is_file()
+
+
+def test_summary_averages_delta_per_condition(tiny_llama, bank):
+    df = run_scale_sweep(tiny_llama, bank, n_random=1).df
+    summary = summarize(df)
+    row = summary[(summary["concept"] == "Dust") & (summary["vector_kind"] == "concept") & (summary["scale"] == 2.0)
+                  & (summary["question_kind"] == "control")]
+    expected = df[(df["concept"] == "Dust") & (df["vector_kind"] == "concept") & (df["scale"] == 2.0)
+                  & (df["question_kind"] == "control")]["delta"]
+    assert len(row) == 1 and int(row["n"].iloc[0]) == 2
+    assert float(row["mean"].iloc[0]) == pytest.approx(expected.mean())
+    assert float(row["std"].iloc[0]) == pytest.approx(expected.std())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_controls": -1}, "n=-1 control questions requested"),
+    ({"n_controls": 21}, "n=21 control questions requested; there are 20"),
+    ({"concepts": []}, "no concepts given"),
+    ({"scales": []}, "no scales given"),
+    ({"scales": [1.0, math.nan]}, "scale nan must be a finite number"),
+    ({"scales": ["3"]}, "scale '3' must be a finite number"),
+    ({"layer": 2}, r"layer 2 is out of range for tiny-llama \(0\.\.1\)"),
+    ({"n_random": -1}, "n_random must be >= 0"),
+    ({"concepts": ["Dust", "two words"], "bank": None}, "unknown concept 'two words'"),
+    ({"concepts": ["Trumpets"]}, "concept 'Trumpets' is not in this bank"),
+])
+def test_bad_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, forbid_compute, tmp_path, kwargs,
+                                                        message):
+    forbid_compute(tiny_llama)
+    options = dict(concepts=CONCEPTS, scales=SCALES, layer=1, n_controls=2, bank=bank, progress=False,
+                   results_dir=tmp_path)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        scale_sweep(tiny_llama, options.pop("concepts"), options.pop("scales"), **options)
+    assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_bad_layer_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, forbid_compute):
+    forbid_compute(tiny_llama)
+    with pytest.raises(ValueError, match="no layers given"):
+        layer_sweep(tiny_llama, CONCEPTS, [], scale=1.0, bank=bank, progress=False)
+    with pytest.raises(ValueError, match="scale inf must be a finite number"):
+        layer_sweep(tiny_llama, CONCEPTS, [0], scale=math.inf, bank=bank, progress=False)
