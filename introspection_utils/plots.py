@@ -1,0 +1,432 @@
+"""Figures for the notebook series: one palette for the conditions, labelled axes with units, a legend, a title that
+names the model, the concept and the layer, and :func:`save_figure` writing PNGs under ``figures/<model>/``.
+
+Conditions and their colours (the same in every figure of the series):
+
+* ``introspection`` — the injected-thought question ("Do you detect an injected thought?"), concept vector;
+* ``control``       — the paper's control questions (answer always "no"), each thin, their mean thick with ±1 std;
+* ``baseline``      — the same questions with no injection (horizontal reference lines);
+* ``random``        — norm-matched random vectors, translucent (introspection solid, control mean dashed).
+
+The scale multiplies the *raw* concept vector (activation(word) − baseline mean), not a unit vector: scale 4 adds
+4 × v, whose norm is 4 × ‖v‖. The x labels say so and give ‖v‖.
+
+Inputs are the tidy tables of :mod:`introspection_utils.sweeps` and :mod:`introspection_utils.probes`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from introspection_utils.probes import AttentionMaps
+    from introspection_utils.vectors import VectorBank
+
+# Okabe–Ito colours (colour-blind safe), one per condition, for the whole series.
+PALETTE: dict[str, str] = {
+    "introspection": "#0072B2",  # blue
+    "control": "#E69F00",  # orange
+    "baseline": "#555555",  # grey
+    "random": "#CC79A7",  # purple
+}
+RANDOM_ALPHA = 0.35
+YLABEL = "yes − no logit difference (logits)"
+
+
+def condition_color(condition: str) -> str:
+    """The series colour of ``condition`` (introspection, control, baseline, random)."""
+    if condition not in PALETTE:
+        raise ValueError(f"unknown condition {condition!r}; use one of {', '.join(PALETTE)}")
+    return PALETTE[condition]
+
+
+def project_root() -> Path:
+    """The repository folder holding ``figures/`` and ``data/`` (beside the package)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def figures_dir(model: Any, folder: str | Path | None = None) -> Path:
+    """Where figures of ``model`` (a handle or a name) go: ``folder`` if given, else ``$INTROSPECTION_FIGURES``
+    or ``<repo>/figures``, plus ``<model>/``. A given ``folder`` is used as is (no model sub-folder added)."""
+    if folder is not None:
+        return Path(folder)
+    root = Path(os.environ.get("INTROSPECTION_FIGURES") or project_root() / "figures")
+    return root / model_name(model)
+
+
+def results_dir(model: Any, folder: str | Path | None = None) -> Path:
+    """Where sweep tables of ``model`` go: ``folder`` if given, else ``<repo>/data/results/<model>/``."""
+    if folder is not None:
+        return Path(folder)
+    return project_root() / "data" / "results" / model_name(model)
+
+
+def model_name(model: Any) -> str:
+    """The short id of a handle or a model name, as ``load_model`` names it: ``"google/gemma-2-9b-it"`` →
+    ``"gemma-2-9b-it"`` (the folder name under ``figures/`` and ``runs/``)."""
+    return model.name if hasattr(model, "name") else str(model).rstrip("/").split("/")[-1].lower()
+
+
+def save_figure(fig: plt.Figure, model: Any, name: str, *, folder: str | Path | None = None,
+                dpi: int = 110) -> Path:
+    """Write ``fig`` as ``<figures dir>/<name>.png`` (see :func:`figures_dir`); returns the path."""
+    if not name or any(c in name for c in "/\\"):
+        raise ValueError(f"figure name {name!r} must be a plain file name (no folders)")
+    path = figures_dir(model, folder) / (name if name.endswith(".png") else f"{name}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- sweeps
+
+def _only(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.DataFrame, Any]:
+    """Filter ``df`` on ``column == value``; ``value=None`` requires the column to hold a single value."""
+    values = sorted(df[column].unique())
+    if value is None:
+        if len(values) != 1:
+            raise ValueError(f"the table has several {what}s ({values}); pass {column}=")
+        value = values[0]
+    elif value not in values:
+        raise ValueError(f"{what} {value!r} is not in the table ({values})")
+    return df[df[column] == value], value
+
+
+def _select(df: pd.DataFrame, concept: str) -> pd.DataFrame:
+    if df.empty:
+        raise ValueError("the sweep table is empty")
+    if concept not in set(df["concept"]):
+        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
+    return df[df["concept"] == concept]
+
+
+def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: bool, show_random: bool,
+                     show_baselines: bool, y: str = "logit_diff", baseline: str = "baseline_logit_diff") -> None:
+    """Introspection, control questions (each + mean ± std), random vectors and baselines of ``df`` against ``x``."""
+    concept = df[df["vector_kind"] == "concept"]
+    intro = concept[concept["question_kind"] == "introspection"].groupby(x)[y].mean()
+    controls = concept[concept["question_kind"] == "control"].pivot_table(index=x, columns="question", values=y)
+    if show_random:
+        rand = df[df["vector_kind"] == "random"]
+        for k, (_, group) in enumerate(rand.groupby("vector_seed")):
+            gi = group[group["question_kind"] == "introspection"].groupby(x)[y].mean()
+            gc = group[group["question_kind"] == "control"].groupby(x)[y].mean()
+            ax.plot(gi.index, gi.values, color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6,
+                    label="random vector: introspection" if k == 0 else None)
+            if len(gc):
+                ax.plot(gc.index, gc.values, color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6, ls="--",
+                        label="random vector: control mean" if k == 0 else None)
+    if show_controls and controls.shape[1]:
+        for k, question in enumerate(controls.columns):
+            ax.plot(controls.index, controls[question].values, color=PALETTE["control"], lw=0.7, alpha=0.45,
+                    label="control questions (each)" if k == 0 else None)
+    if controls.shape[1]:
+        mean, std = controls.mean(axis=1), controls.std(axis=1, ddof=0)
+        ax.fill_between(mean.index, mean - std, mean + std, color=PALETTE["control"], alpha=0.18, lw=0,
+                        label="control ±1 std")
+        ax.plot(mean.index, mean.values, color=PALETTE["control"], lw=2.2, marker="s", ms=4,
+                label=f"control mean (n={controls.shape[1]})")
+    ax.plot(intro.index, intro.values, color=PALETTE["introspection"], lw=2.4, marker="o", ms=5,
+            label="introspection question")
+    if show_baselines:
+        b = concept.groupby("question_kind")[baseline].mean()
+        if "introspection" in b:
+            ax.axhline(b["introspection"], color=PALETTE["baseline"], ls="--", lw=1.2,
+                       label="no injection: introspection")
+        if "control" in b:
+            ax.axhline(b["control"], color=PALETTE["baseline"], ls=":", lw=1.4, label="no injection: control mean")
+    ax.axhline(0.0, color="black", lw=0.6, alpha=0.6)
+
+
+def _finish(ax: plt.Axes, title: str, xlabel: str, ylabel: str = YLABEL, legend_loc: str = "best") -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, loc=legend_loc, framealpha=0.85)
+
+
+def scale_label(norm: float | None) -> str:
+    """The x label of a scale axis: the scale multiplies the raw concept vector (whose norm is given)."""
+    suffix = f", ‖v‖ = {norm:.3g}" if norm is not None else ""
+    return f"scale (× raw concept vector v{suffix})"
+
+
+def plot_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None, ax: plt.Axes | None = None,
+                     show_controls: bool = True, show_random: bool = True, mark: tuple[float, float] | None = None,
+                     mark_label: str = "current trial") -> plt.Figure:
+    """Yes−no logit difference vs scale for ``concept`` at ``layer`` (a :func:`sweeps.scale_sweep` table).
+
+    Introspection solid; each control question thin; control mean with a ±1 std band; no-injection baselines as
+    horizontal lines; random vectors translucent. ``mark=(scale, value)`` marks one point (the explorer's).
+    """
+    sub, layer = _only(_select(df, concept), "layer", layer, "layer")
+    fig, ax = _axes(ax)
+    _draw_conditions(ax, sub, "scale", show_controls=show_controls, show_random=show_random, show_baselines=True)
+    if mark is not None:
+        ax.plot([mark[0]], [mark[1]], marker="*", ms=16, color="black", ls="none", label=mark_label, zorder=5)
+    norm = float(sub.loc[sub["vector_kind"] == "concept", "vector_norm"].iloc[0])
+    _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep", scale_label(norm))
+    return fig
+
+
+def plot_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None, ax: plt.Axes | None = None,
+                     show_controls: bool = True, show_random: bool = True) -> plt.Figure:
+    """Yes−no logit difference vs injection layer at one ``scale`` (a :func:`sweeps.layer_sweep` table)."""
+    sub, scale = _only(_select(df, concept), "scale", scale, "scale")
+    fig, ax = _axes(ax)
+    _draw_conditions(ax, sub, "layer", show_controls=show_controls, show_random=show_random, show_baselines=True)
+    layers = sorted(sub["layer"].unique())
+    _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · layers {layers[0]}–{layers[-1]}\n"
+                f"layer sweep at scale {scale:g} (× each layer's raw concept vector)",
+            "injection layer (decoder-layer index)")
+    return fig
+
+
+def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = None,
+                    show_random: bool = True) -> plt.Figure:
+    """Yes−no logit difference read at every layer (logit lens) for ``concept``, introspection vs control (mean ±1
+    std), concept vs random vectors (translucent), with the no-injection lens of each question kind dashed.
+
+    ``lens``: a :func:`probes.lens_profile` table (one injection layer and scale per concept).
+    """
+    sub = _select(lens, concept)
+    layer, scale = int(sub["layer"].iloc[0]), float(sub["scale"].iloc[0])
+    fig, ax = _axes(ax)
+    _draw_conditions(ax, sub, "lens_layer", show_controls=False, show_random=show_random, show_baselines=False,
+                     y="lens_diff")
+    concept_rows = sub[sub["vector_kind"] == "concept"]
+    for kind, ls in (("introspection", "--"), ("control", ":")):
+        base = concept_rows[concept_rows["question_kind"] == kind].groupby("lens_layer")["baseline_lens_diff"].mean()
+        if len(base):
+            label = "no injection: introspection" if kind == "introspection" else "no injection: control mean"
+            ax.plot(base.index, base.values, color=PALETTE["baseline"], ls=ls, lw=1.3, label=label)
+    ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
+    _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}\n"
+                f"logit lens at the answer position, scale {scale:g} (× raw concept vector)",
+            "read-out layer i (residual after layer i → final norm → unembedding)",
+            ylabel="yes − no logit difference at that layer (logits)")
+    return fig
+
+
+def _axes(ax: plt.Axes | None, size: tuple[float, float] = (7.5, 4.6)) -> tuple[plt.Figure, plt.Axes]:
+    if ax is None:
+        fig, ax = plt.subplots(figsize=size)
+        return fig, ax
+    return ax.figure, ax
+
+
+# ------------------------------------------------------------------------------------------------------- attention
+
+def plot_attention_maps(maps: AttentionMaps, *, vmax: float | None = None) -> plt.Figure:
+    """Layer × head maps of attention from the (prefilled) answer token to the injected positions: one per
+    condition, then the difference maps (:attr:`AttentionMaps.differences`). A dashed line marks the injection:
+    it is added to layer L's output, so attention can change only from layer L + 1 (the difference maps are zero
+    up to L)."""
+    conditions, diffs = list(maps.maps.items()), list(maps.differences().items())
+    ncols = max(len(conditions), len(diffs))
+    fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 8.2), squeeze=False)
+    top = vmax if vmax is not None else max(float(np.nanmax(m)) for _, m in conditions)
+    for ax, (name, m) in zip(axes[0], conditions, strict=False):
+        im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=top)
+        _attention_axes(ax, maps, name, color=PALETTE[maps.condition_kind(name)])
+        fig.colorbar(im, ax=ax, label=f"attention weight ({maps.stat} over injected positions)")
+    span = max((float(np.nanmax(np.abs(m))) for _, m in diffs), default=1.0) or 1.0
+    for ax, (name, m) in zip(axes[1], diffs, strict=False):
+        im = ax.imshow(m, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-span, vmax=span)
+        _attention_axes(ax, maps, name, color="black")
+        fig.colorbar(im, ax=ax, label="difference in attention weight")
+    for ax in list(axes[0][len(conditions):]) + list(axes[1][len(diffs):]):
+        ax.axis("off")
+    fig.suptitle(f"{maps.model} · concept '{maps.concept}' · injected at layer {maps.layer}, scale {maps.scale:g} "
+                 f"(× raw concept vector) · answer prefilled {maps.prefill!r}\nattention from the answer token to "
+                 f"the injected positions, per layer and head", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _attention_axes(ax: plt.Axes, maps: AttentionMaps, name: str, color: str) -> None:
+    ax.axhline(maps.layer + 0.5, color="white" if color != "black" else "black", ls="--", lw=1,
+               label=f"injected after layer {maps.layer}")
+    ax.set_title(name, fontsize=9, color=color)
+    ax.set_xlabel("attention head")
+    ax.set_ylabel("layer")
+    ax.legend(fontsize=7, loc="upper right")
+
+
+# --------------------------------------------------------------------------------------------------------- vectors
+
+def plot_vector_norms(bank: VectorBank, *, ax: plt.Axes | None = None) -> plt.Figure:
+    """L2 norm of each concept vector at every layer (the scale of a sweep multiplies these raw vectors)."""
+    norms = bank.norms().numpy()
+    fig, ax = _axes(ax)
+    for word, row in zip(bank.words, norms, strict=True):
+        ax.plot(np.arange(len(row)), row, marker="o", ms=3, lw=1.5, label=word)
+    _finish(ax, f"{bank.model} · concepts {', '.join(bank.words)} · all layers\nconcept-vector norms "
+                f"(word − mean of baseline words)", "layer (decoder-layer index)",
+            ylabel="‖v‖ (L2 norm, residual-stream units)")
+    return fig
+
+
+def plot_cosine_matrix(bank: VectorBank, layer: int, *, ax: plt.Axes | None = None) -> plt.Figure:
+    """Cosine similarity between the bank's concept vectors at ``layer`` (a heatmap, values written in)."""
+    from introspection_utils.vectors import cosine_similarity_matrix
+
+    sim = cosine_similarity_matrix(bank, layer).numpy()
+    n = len(bank.words)
+    fig, ax = _axes(ax, size=(1.0 + 0.55 * n + 2, 0.55 * n + 2))
+    im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(n), bank.words, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), bank.words, fontsize=8)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(sim[i, j]) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="cosine similarity (−1 … 1)")
+    ax.set_title(f"{bank.model} · concepts {n} · layer {layer}\ncosine similarity of concept vectors", fontsize=10)
+    ax.set_xlabel("concept")
+    ax.set_ylabel("concept")
+    return fig
+
+
+def plot_grid(plot: Any, items: Sequence[Any], *, ncols: int = 2, size: tuple[float, float] = (7.2, 4.4),
+              **kwargs: Any) -> plt.Figure:
+    """Several panels of one plot function side by side: ``plot(item, ax=ax, **kwargs)`` for each item."""
+    nrows = -(-len(items) // ncols)
+    fig, axes = plt.subplots(nrows, min(ncols, len(items)), figsize=(size[0] * min(ncols, len(items)),
+                                                                     size[1] * nrows), squeeze=False)
+    for ax, item in zip(axes.flat, items, strict=False):
+        plot(item, ax=ax, **kwargs)
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_panels(df: pd.DataFrame, concepts: Sequence[str], *, kind: str = "scale",
+                 **kwargs: Any) -> plt.Figure:
+    """One scale-sweep (``kind="scale"``) or layer-sweep (``kind="layer"``) panel per concept, side by side."""
+    plot = {"scale": plot_scale_sweep, "layer": plot_layer_sweep}[kind]
+    return plot_grid(lambda concept, ax, **kw: plot(df, concept, ax=ax, **kw), list(concepts), **kwargs)
+
+
+def lens_panels(lens: pd.DataFrame, concepts: Sequence[str], **kwargs: Any) -> plt.Figure:
+    """One logit-lens panel per concept, side by side."""
+    return plot_grid(lambda concept, ax, **kw: plot_logit_lens(lens, concept, ax=ax, **kw), list(concepts),
+                     **kwargs)
+
+
+def legend_labels(fig: plt.Figure) -> list[str]:
+    """Every legend entry of ``fig`` (for checks)."""
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+__all__ = ["PALETTE", "condition_color", "figures_dir", "results_dir", "save_figure", "plot_scale_sweep",
+           "plot_layer_sweep", "plot_logit_lens", "plot_attention_maps", "plot_vector_norms", "plot_cosine_matrix",
+           "sweep_panels", "lens_panels", "plot_grid", "legend_labels", "scale_label"]
+
+
+
+# ---------------------------------------------------------------------------------------------- localization, atlas
+# (10_localization, 11_atlas) Colours for the conditions that only these figures have, from the same Okabe–Ito set.
+LOCALIZATION_COLORS: dict[str, str] = {
+    "introspection": PALETTE["introspection"],
+    "random": PALETTE["random"],
+    "abstract": "#009E73",  # green
+    "concrete": "#D55E00",  # vermillion
+    "shuffled": "#56B4E9",  # sky blue
+}
+CLASS_COLORS: dict[str, str] = {
+    "separated": PALETTE["introspection"],
+    "bias shift": PALETTE["control"],
+    "no effect": PALETTE["baseline"],
+    "interference": "#D55E00",
+}
+
+
+def plot_localization(result: Any) -> plt.Figure:
+    """Localization accuracy vs scale (at the run's layer) and vs layer (at its scale), one line per condition
+    (Wilson 95% intervals as bars), chance (1/N) dashed. ``result``: a :func:`localization.run_localization` result."""
+    from introspection_utils.localization import accuracy_lines
+
+    spec = result.meta["spec"]
+    vs_scale, vs_layer = accuracy_lines(result)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    chance = 1.0 / spec["n_sentences"]
+    for ax, table, x in ((axes[0], vs_scale, "scale"), (axes[1], vs_layer, "layer")):
+        for k, (condition, group) in enumerate(table.groupby("condition", sort=False)):
+            group = group.sort_values(x)
+            xs = group[x].astype(float).to_numpy() + (k - 2) * (0.012 * (group[x].max() - group[x].min() or 1))
+            err = np.vstack([group["accuracy"] - group["ci_low"], group["ci_high"] - group["accuracy"]])
+            label = {"introspection": "introspection question, concept vector", "random": "random vector (same norm)",
+                     "abstract": "'most abstract?' (same injection)", "concrete": "'most concrete?' (same injection)",
+                     "shuffled": "shuffled sentence order"}.get(condition, condition)
+            ax.errorbar(xs, group["accuracy"], yerr=err, marker="o", ms=5, capsize=3,
+                        lw=2.4 if condition == "introspection" else 1.4,
+                        color=LOCALIZATION_COLORS.get(condition, "black"), label=label)
+        ax.axhline(chance, color=PALETTE["baseline"], ls="--", lw=1.2, label=f"chance (1/{spec['n_sentences']})")
+        ax.set_ylim(-0.02, 1.02)
+    n = int(result.df.groupby(["condition", "layer", "scale"]).size().max())
+    _finish(axes[0], f"{result.meta['model']} · {spec['vectors']} vectors · layer {spec['layer']}\n"
+                     f"localization accuracy vs scale ({spec['n_sentences']} sentences, n≤{n} per point)",
+            "scale (× raw vector of that layer)", ylabel="accuracy (fraction of trials)")
+    _finish(axes[1], f"{result.meta['model']} · {spec['vectors']} vectors · scale {spec['scale']:g}\n"
+                     f"localization accuracy vs injection layer", "injection layer (decoder-layer index)",
+            ylabel="accuracy (fraction of trials)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_atlas(table: pd.DataFrame, sweep: pd.DataFrame | None = None) -> plt.Figure:
+    """The atlas: every concept's separation score (introspection delta − mean control delta at the scale where
+    the introspection answer flips) with its bootstrap interval, ranked and coloured by class; beside it, the random
+    vectors' scores (the null) against the concepts'. ``table``: :func:`metrics.atlas`; ``sweep``: its sweep table."""
+    from introspection_utils.metrics import CONFIDENCE, vector_scores
+
+    ranked = table.sort_values("separation", ascending=True, ignore_index=True)
+    height = max(3.5, 0.32 * len(ranked) + 1.5)
+    fig, (ax, ax_null) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [2.2, 1]})
+    y = np.arange(len(ranked))
+    for cls, color in CLASS_COLORS.items():
+        rows = ranked[ranked["class"] == cls]
+        if len(rows):
+            err = np.vstack([rows["separation"] - rows["ci_low"], rows["ci_high"] - rows["separation"]])
+            ax.errorbar(rows["separation"], rows.index, xerr=err, fmt="o", ms=6, capsize=3, color=color,
+                        label=f"{cls} ({len(rows)})")
+    null = None
+    if sweep is not None:
+        scores = vector_scores(sweep)
+        null = scores.loc[scores["vector_kind"] == "random", "separation"]
+        if len(null):
+            lo, hi = np.quantile(null, [0.025, 0.975])
+            ax.axvspan(lo, hi, color=PALETTE["random"], alpha=0.15, label="random vectors, central 95%")
+    ax.axvline(0, color="black", lw=0.7)
+    ax.set_yticks(y, ranked["concept"], fontsize=8)
+    layers = sorted(table["layer"].unique())
+    model = table["model"].iloc[0] if len(table) else ""
+    _finish(ax, f"{model} · {len(table)} concepts · layer {', '.join(map(str, layers))}\nseparation score with "
+                f"{CONFIDENCE:.0%} bootstrap interval (control questions × random vectors)",
+            "separation: introspection Δ − mean control Δ at the introspection flip scale (logits)", ylabel="concept")
+    bins = np.histogram_bin_edges(np.concatenate([table["separation"].to_numpy(),
+                                                  null.to_numpy() if null is not None else []]), bins=15)
+    ax_null.hist(table["separation"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
+    if null is not None and len(null):
+        ax_null.hist(null, bins=bins, color=PALETTE["random"], alpha=0.5, label=f"random vectors ({len(null)})")
+    ax_null.axvline(0, color="black", lw=0.7)
+    _finish(ax_null, "the null: random vectors of the same norm", "separation score (logits)",
+            ylabel="number of vectors")
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["plot_localization", "plot_atlas", "LOCALIZATION_COLORS", "CLASS_COLORS"]

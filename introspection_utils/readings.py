@@ -1,0 +1,319 @@
+"""Computed readings of the series' results: numbers (a flip scale, a correlation, a table of heads) and sentences
+built from them — never a sentence that would read the same whatever the numbers were.
+
+Inputs are the tidy tables of :mod:`introspection_utils.sweeps` (scale and layer sweeps) and
+:mod:`introspection_utils.probes` (logit lens, attention maps). Conventions: ``logit_diff`` > 0 means the model
+prefers "Yes"; a question's *baseline* is its logit difference without injection; *delta* = logit_diff − baseline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from introspection_utils.probes import AttentionMaps
+
+
+def _concept_rows(df: pd.DataFrame, concept: str, *, layer: int | None = None, scale: float | None = None
+                  ) -> pd.DataFrame:
+    if concept not in set(df["concept"]):
+        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
+    sub = df[df["concept"] == concept]
+    for column, value in (("layer", layer), ("scale", scale)):
+        if value is not None:
+            if value not in set(sub[column]):
+                raise ValueError(f"{column} {value!r} is not in the table ({sorted(sub[column].unique())})")
+            sub = sub[sub[column] == value]
+    return sub
+
+
+def curves(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int | None = None,
+           scale: float | None = None) -> pd.DataFrame:
+    """Per value of ``x``: ``introspection``, ``control_mean``, ``control_std`` (concept vector),
+    ``random_introspection`` and ``random_control`` (mean over random seeds; NaN without random vectors), and the
+    no-injection baselines ``introspection_baseline`` and ``control_baseline`` (control mean). ``x`` is "scale" or
+    "layer"; when the table holds several values of the other one, pass ``layer=`` or ``scale=``."""
+    sub = _concept_rows(df, concept, layer=layer, scale=scale)
+    other = "layer" if x == "scale" else "scale"
+    if sub[other].nunique() > 1:
+        raise ValueError(f"the table holds several {other}s ({sorted(sub[other].unique())}); pass {other}=")
+    out = pd.DataFrame(index=pd.Index(sorted(sub[x].unique()), name=x))
+    for kind, prefix in (("concept", ""), ("random", "random_")):
+        rows = sub[sub["vector_kind"] == kind]
+        intro = rows[rows["question_kind"] == "introspection"]
+        control = rows[rows["question_kind"] == "control"].groupby([x, "question"])["logit_diff"].mean()
+        out[prefix + "introspection"] = intro.groupby(x)["logit_diff"].mean()
+        out[prefix + ("control_mean" if kind == "concept" else "control")] = control.groupby(level=0).mean()
+        if kind == "concept":
+            out["control_std"] = control.groupby(level=0).std(ddof=0)
+            out["n_controls"] = control.groupby(level=0).size()
+    concept_rows = sub[sub["vector_kind"] == "concept"]
+    base = concept_rows.groupby("question_kind")["baseline_logit_diff"].mean()
+    out["introspection_baseline"] = base.get("introspection", np.nan)
+    out["control_baseline"] = base.get("control", np.nan)
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def first_yes(series: pd.Series) -> float | None:
+    """The smallest index (scale or layer) where ``series`` > 0 (the model prefers "Yes"), else ``None``."""
+    hits = series[series > 0]
+    return float(hits.index[0]) if len(hits) else None
+
+
+def flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> float | None:
+    """The smallest scale > 0 at which the introspection answer flips from its no-injection sign ("No",
+    logit_diff < 0) to "Yes" (logit_diff > 0) while the control mean stays < 0. ``None`` if there is none —
+    including when the introspection question already leans "Yes" without injection (nothing to flip)."""
+    c = curves(df, concept, layer=layer)
+    if not c["introspection_baseline"].iloc[0] < 0:
+        return None
+    ok = c[(c.index > 0) & (c["introspection"] > 0) & (c["control_mean"] < 0)]
+    return float(ok.index[0]) if len(ok) else None
+
+
+def separation_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> float:
+    """The scale > 0 with the largest separation: introspection delta − control-mean delta (each against its own
+    no-injection baseline). The stated fallback when :func:`flip_scale` finds nothing."""
+    c = _separation(curves(df, concept, layer=layer))
+    c = c[c.index > 0] if (c.index > 0).any() else c
+    return float(c.idxmax())
+
+
+def _separation(c: pd.DataFrame) -> pd.Series:
+    return (c["introspection"] - c["introspection_baseline"]) - (c["control_mean"] - c["control_baseline"])
+
+
+def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
+    """The scale to probe ``concept`` at, and a sentence saying how it was chosen: the :func:`flip_scale` if there
+    is one, else the :func:`separation_scale` (the stated fallback)."""
+    flip = flip_scale(df, concept, layer=layer)
+    c = curves(df, concept, layer=layer)
+    if flip is not None:
+        row = c.loc[flip]
+        return flip, (f"{concept}: the introspection answer flips to yes at scale {_fmt(flip)} "
+                      f"({row['introspection']:+.2f}) while the control mean stays no ({row['control_mean']:+.2f}); "
+                      f"using scale {_fmt(flip)}.")
+    scale = separation_scale(df, concept, layer=layer)
+    base = c["introspection_baseline"].iloc[0]
+    why = ("the introspection question already leans yes without injection "
+           f"({base:+.2f}), so there is nothing to flip" if base >= 0 else
+           "no scale flips the introspection answer to yes while the control mean stays no")
+    return scale, (f"{concept}: {why}; fallback: the scale with the largest introspection-minus-control separation "
+                   f"(in deltas from each baseline), {_fmt(scale)} (separation {_separation(c).loc[scale]:+.2f}).")
+
+
+def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> str:
+    """Sentences on one concept's scale sweep: baselines, where each curve crosses to yes, the largest separation,
+    and the concept vector against the random ones."""
+    c = curves(df, concept, layer=layer)
+    layer = int(_concept_rows(df, concept)["layer"].iloc[0]) if layer is None else layer
+    ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
+    parts = [f"{concept} (layer {layer}): without injection, introspection {ib:+.2f} and control mean {cb:+.2f}."]
+
+    def crossing(name: str, series: pd.Series, base: float) -> str:
+        at = first_yes(series[series.index > 0])
+        if base > 0:
+            return f"the {name} already leans yes without injection"
+        if at is None:
+            return f"the {name} never crosses to yes (max {series.max():+.2f} at scale {_fmt(series.idxmax())})"
+        return f"the {name} crosses zero to yes at scale {_fmt(at)}"
+
+    parts.append(f"{crossing('introspection curve', c['introspection'], ib).capitalize()}; "
+                 f"{crossing('control mean', c['control_mean'], cb)}.")
+    sep = _separation(c)
+    sep = sep[sep.index > 0] if (sep.index > 0).any() else sep  # at scale 0 it is 0 by definition
+    parts.append(f"Largest separation (introspection delta minus control-mean delta) over injected scales: "
+                 f"{sep.max():+.2f} at scale {_fmt(float(sep.idxmax()))}; smallest: {sep.min():+.2f} at scale "
+                 f"{_fmt(float(sep.idxmin()))}.")
+    if c["random_introspection"].notna().any():
+        top = float(c.index.max())
+        mc = abs(c.loc[top, "introspection"] - ib)
+        mr = abs(c.loc[top, "random_introspection"] - ib)
+        rel = "more" if mc > mr else "less"
+        parts.append(f"At scale {_fmt(top)} the concept vector moves the introspection answer by {mc:.2f}, a random "
+                     f"vector of the same norm by {mr:.2f} (the concept vector moves it {rel}).")
+    return " ".join(parts)
+
+
+def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None) -> str:
+    """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, the separation."""
+    c = curves(df, concept, x="layer", scale=scale)
+    scale = float(_concept_rows(df, concept)["scale"].iloc[0]) if scale is None else scale
+    sep = _separation(c)
+    intro_yes = [int(i) for i in c.index[c["introspection"] > 0]]
+    control_yes = [int(i) for i in c.index[c["control_mean"] > 0]]
+    return (f"{concept} (scale {_fmt(scale)}): the introspection answer peaks at layer "
+            f"{int(c['introspection'].idxmax())} "
+            f"({c['introspection'].max():+.2f}), the control mean at layer {int(c['control_mean'].idxmax())} "
+            f"({c['control_mean'].max():+.2f}). Layers where introspection leans yes: {intro_yes or 'none'}; "
+            f"control mean: {control_yes or 'none'}. Largest separation {sep.max():+.2f} at layer {int(sep.idxmax())}.")
+
+
+def describe_lens(lens: pd.DataFrame, concept: str) -> str:
+    """Sentences on one concept's logit lens: the final-layer shift of introspection and control (concept vs random)
+    and the read-out layer where the introspection−control gap is largest."""
+    sub = _concept_rows(lens, concept)
+    sub = sub.assign(shift=sub["lens_diff"] - sub["baseline_lens_diff"])
+    last = int(sub["lens_layer"].max())
+    inj = int(sub["layer"].iloc[0])
+    shift = sub.groupby(["vector_kind", "question_kind", "lens_layer"])["shift"].mean()
+    intro, control = shift.loc[("concept", "introspection")], shift.loc[("concept", "control")]
+    gap = (intro - control).loc[inj:]
+    text = (f"{concept} (injected at layer {inj}, scale {_fmt(float(sub['scale'].iloc[0]))}): at the last layer the "
+            f"injection shifts introspection by {intro.loc[last]:+.2f} and the control mean by "
+            f"{control.loc[last]:+.2f}; the introspection−control gap is largest at read-out layer "
+            f"{int(gap.idxmax())} ({gap.max():+.2f}).")
+    if ("random", "introspection") in shift.index.droplevel(2):
+        r_intro = shift.loc[("random", "introspection")]
+        ratio = abs(intro.loc[last]) / max(abs(r_intro.loc[last]), 1e-9)
+        text += (f" A random vector of the same norm shifts introspection by {r_intro.loc[last]:+.2f} at the last "
+                 f"layer: the concept vector's effect is {ratio:.2g}× the random one's.")
+    return text
+
+
+def lens_similarity(lens: pd.DataFrame, concept: str) -> float:
+    """Pearson correlation between the introspection and control-mean lens shifts (injected − uninjected) across
+    read-out layers from the injection layer on: near 1 = the two questions move alike layer by layer."""
+    sub = _concept_rows(lens, concept)
+    sub = sub[(sub["vector_kind"] == "concept") & (sub["lens_layer"] >= sub["layer"])]
+    shift = (sub["lens_diff"] - sub["baseline_lens_diff"]).groupby([sub["question_kind"], sub["lens_layer"]]).mean()
+    return float(np.corrcoef(shift.loc["introspection"], shift.loc["control"])[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------------- attention
+
+def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
+    """The ``k`` (layer, head) pairs whose attention to the injected positions rises most from the uninjected to the
+    injected introspection trial, with every condition's value and the introspection−control difference."""
+    from introspection_utils.probes import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
+
+    n_layers, n_heads = maps.maps[INTRO_INJ].shape
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    effects = maps.injection_effects()
+    table = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(),
+                          "introspection_injected": maps.maps[INTRO_INJ].ravel(),
+                          "introspection_no_injection": maps.maps[INTRO_NOINJ].ravel(),
+                          "control_injected": maps.maps[CONTROL_INJ].ravel(),
+                          "control_no_injection": maps.control_no_injection.ravel(),
+                          "rise_vs_no_injection": effects["introspection"].ravel(),
+                          "control_rise": effects["control"].ravel()})
+    table["introspection_minus_control"] = table["rise_vs_no_injection"] - table["control_rise"]
+    return table.sort_values("rise_vs_no_injection", ascending=False).head(k).reset_index(drop=True)
+
+
+def describe_attention(maps: AttentionMaps, k: int = 3) -> str:
+    """Sentences on the attention maps: the heads that rise most with injection, and whether they rise as much on
+    the control questions (the write-up found the pattern similar in both)."""
+    top = top_heads(maps, k)
+    heads = ", ".join(f"L{r.layer}H{r.head} (+{r.rise_vs_no_injection:.3f})" for r in top.itertuples())
+    similar = int((top["control_rise"] >= 0.5 * top["rise_vs_no_injection"]).sum())
+    effect = maps.injection_effects()["introspection"]
+    below = float(np.abs(effect[: maps.layer + 1]).max())  # added to layer L's output: attention moves from L + 1
+    return (f"{maps.concept} at scale {_fmt(maps.scale)}: the heads whose attention from the answer to the injected "
+            f"positions rises most with injection are {heads}. On the control questions the same injection raises "
+            f"{similar} of these {k} heads by at least half as much (shared), {k - similar} by less (specific to the "
+            f"introspection question). "
+            f"Largest change at or below the injection layer {maps.layer}: {below:.1e} (the vector is added to its "
+            f"output, so no attention there can see it).")
+
+
+# ----------------------------------------------------------------------------------------- semantic interference
+
+def below_baseline(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int | None = None,
+                   scale: float | None = None) -> dict:
+    """How far the injected introspection answer sits below its no-injection baseline across ``x`` (injected points
+    only): ``fraction`` of points below, ``mean_delta``, ``min_delta`` and where, and the same for the random
+    vectors (``random_fraction``, ``random_mean_delta``)."""
+    c = curves(df, concept, x=x, layer=layer, scale=scale)
+    if x == "scale":
+        c = c[c.index > 0]
+    delta = c["introspection"] - c["introspection_baseline"]
+    r = c["random_introspection"] - c["introspection_baseline"]
+    return {"fraction": float((delta < 0).mean()), "mean_delta": float(delta.mean()),
+            "min_delta": float(delta.min()), "argmin": float(delta.idxmin()),
+            "random_fraction": float((r < 0).mean()) if r.notna().any() else float("nan"),
+            "random_mean_delta": float(r.mean()) if r.notna().any() else float("nan"), "n": int(len(delta))}
+
+
+def describe_below_baseline(df: pd.DataFrame, concept: str, *, x: str = "scale", **kwargs) -> str:
+    """The write-up's "bomb" reading checked: is the introspection answer below its baseline under injection?"""
+    b = below_baseline(df, concept, x=x, **kwargs)
+    verdict = ("below its baseline at most points" if b["fraction"] > 0.5 else
+               "not below its baseline at most points")
+    text = (f"{concept} ({x} sweep): the introspection answer is below its no-injection baseline at "
+            f"{b['fraction']:.0%} of {b['n']} injected {x}s (mean delta {b['mean_delta']:+.2f}, lowest "
+            f"{b['min_delta']:+.2f} at {x} {_fmt(b['argmin'])}) — {verdict}")
+    if not np.isnan(b["random_fraction"]):
+        text += (f"; random vectors of the same norm: {b['random_fraction']:.0%} below, mean delta "
+                 f"{b['random_mean_delta']:+.2f}")
+    return text + "."
+
+
+def curve_correlation(df: pd.DataFrame, concept: str, *, x: str = "scale", **kwargs) -> float:
+    """Pearson correlation between the introspection curve and the control-mean curve across ``x`` (concept
+    vector): near 1 = the two move together (the write-up's "confusion" reading)."""
+    c = curves(df, concept, x=x, **kwargs)
+    if len(c) < 3:
+        raise ValueError(f"a correlation needs at least 3 {x}s, got {len(c)}")
+    return float(np.corrcoef(c["introspection"], c["control_mean"])[0, 1])
+
+
+def describe_comovement(df: pd.DataFrame, concept: str, *, x: str = "scale", **kwargs) -> str:
+    """The write-up's "confusion" reading checked: do introspection and control move together?"""
+    r = curve_correlation(df, concept, x=x, **kwargs)
+    c = curves(df, concept, x=x, **kwargs)
+    di = c["introspection"].iloc[-1] - c["introspection"].iloc[0]
+    dc = c["control_mean"].iloc[-1] - c["control_mean"].iloc[0]
+    together = "move together" if r > 0.7 and np.sign(di) == np.sign(dc) else "do not clearly move together"
+    return (f"{concept} ({x} sweep): correlation of the introspection and control-mean curves r = {r:+.2f}; from the "
+            f"first to the last {x} introspection changes by {di:+.2f} and the control mean by {dc:+.2f} — the two "
+            f"{together} (threshold r > 0.7 and same direction).")
+
+
+# ------------------------------------------------------------------------------------------------ single trials
+
+def describe_readout(readout, labels: list[str]) -> str:
+    """One line per trial of an :class:`inject.Readout`: yes−no, the no-injection baseline, the delta."""
+    lines = []
+    for label, diff, base in zip(labels, readout.logit_diff.tolist(), readout.baseline.tolist(), strict=True):
+        answer = "yes" if diff > 0 else "no"
+        lines.append(f"{label}: yes−no {diff:+.2f} (leans {answer}); without injection {base:+.2f}; "
+                     f"delta {diff - base:+.2f}")
+    return "\n".join(lines)
+
+
+def describe_vectors(bank, layer: int) -> str:
+    """Sentences on a concept-vector bank: how the norms grow with depth, and the most and least similar pairs at
+    ``layer`` (cosine similarity)."""
+    from introspection_utils.vectors import cosine_similarity_matrix
+
+    norms = bank.norms().numpy()
+    mean = norms.mean(axis=0)
+    text = (f"Mean concept-vector norm {mean[0]:.3g} at layer 0, {mean[layer]:.3g} at layer {layer}, "
+            f"{mean[-1]:.3g} at layer {len(mean) - 1} (largest at layer {int(mean.argmax())}); at layer {layer} the "
+            f"largest is {bank.words[int(norms[:, layer].argmax())]} ({norms[:, layer].max():.3g}), the smallest "
+            f"{bank.words[int(norms[:, layer].argmin())]} ({norms[:, layer].min():.3g}).")
+    if len(bank.words) > 1:
+        sim = cosine_similarity_matrix(bank, layer).numpy()
+        i, j = np.triu_indices(len(bank.words), k=1)
+        hi, lo = int(sim[i, j].argmax()), int(sim[i, j].argmin())
+        text += (f" Most similar pair at layer {layer}: {bank.words[i[hi]]}–{bank.words[j[hi]]} "
+                 f"(cosine {sim[i[hi], j[hi]]:+.2f}); least similar: {bank.words[i[lo]]}–{bank.words[j[lo]]} "
+                 f"({sim[i[lo], j[lo]]:+.2f}); mean off-diagonal {sim[i, j].mean():+.2f}.")
+    return text
+
+
+def time_call(fn, *args, **kwargs) -> tuple[object, float]:
+    """``(fn(*args, **kwargs), seconds)`` — for the notebooks' cache-reuse timing."""
+    import time
+
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

@@ -1,0 +1,157 @@
+"""The explorer as a web page, in a real browser.
+
+``python -m introspection_utils.explore --model tiny-llama`` serves ``notebooks/explorer.ipynb`` with Voilà on a free
+loopback port; Playwright drives Debian's Chromium headless (the system binary, no browser download), moves the scale
+slider with the keyboard, changes the concept, and each time the numbers on the page must equal
+``ExplorerState.values(...)`` computed here for the same settings, to the printed precision. The page as the test left
+it is saved to ``test-artifacts/explorer_web.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from introspection_utils import explore
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = explore.CHROMIUM  # /usr/bin/chromium
+ARTIFACTS = ROOT / "test-artifacts"
+MODEL = "tiny-llama"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.is_file(),
+    reason=f"Debian's Chromium is not installed at {CHROMIUM}: `make test` installs it (apt-get install chromium "
+           "chromium-driver); Playwright is used with the system browser and never downloads one")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """``(url, log)``: the explorer served on a free loopback port; always stopped (process group killed)."""
+    port = explore.free_port()
+    process = subprocess.Popen([sys.executable, "-m", "introspection_utils.explore", "--model", MODEL,
+                                "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    log: list[str] = []
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        url, deadline = None, time.monotonic() + 90
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            log.append(line)
+            if "is served at http://127.0.0.1:" in line:
+                url = line.split(" is served at ")[1].split()[0]
+        assert url == f"http://127.0.0.1:{port}/", "the server did not report its address:\n" + "".join(log)
+        yield url, log
+    finally:
+        _kill(process)
+        while not lines.empty():
+            log.append(lines.get())
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGTERM to the wrapper's process group (it stops Voilà and the kernel), SIGKILL after 15 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The explorer's computing part in this process, with the notebook's own defaults (its parameters cell)."""
+    from introspection_utils import load_model, probes
+    from introspection_utils.widgets import ExplorerState
+
+    p = explore.notebook_defaults()
+    handle = load_model(MODEL)
+    state = ExplorerState(handle, p["concepts"], scales=p["scales"], n_controls=p["n_controls"], seed=p["seed"])
+    return state, probes.default_layer(handle, p["layer"])
+
+
+def _printed(state, concept: str, layer: int, scale: float) -> tuple[str, str]:
+    v = state.values(concept, layer, scale)
+    return f"{v['introspection']:+.2f}", f"{v['control_mean']:+.2f}"
+
+
+def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
+    url, log = server
+    state, layer = reference
+    first, second = state.concepts[:2]
+    start = len(state.scales) // 2  # the scale slider's initial position (Explorer)
+    assert start + 2 < len(state.scales), "the test moves the scale slider two steps right"
+    ARTIFACTS.mkdir(exist_ok=True)
+    timeout_ms = 45_000
+
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
+            args=list(explore.CHROMIUM_FLAGS), viewport={"width": 1200, "height": 1500})
+        # Nothing leaves the machine: the page's requests to other hosts (Voilà's CDN MathJax) fail at once.
+        context.route(re.compile(r"^(?!http://127\.0\.0\.1:)"), lambda route: route.abort())
+        page = context.pages[0] if context.pages else context.new_page()
+        try:
+            page.goto(url, wait_until="commit", timeout=90_000)  # Voilà streams the page while the notebook runs
+            intro, control = page.locator(".iu-introspection"), page.locator(".iu-control-mean")
+            status, figure = page.locator(".iu-status"), page.locator(".iu-figure img")
+
+            def expect_numbers(concept: str, scale: float) -> None:
+                want = _printed(state, concept, layer, scale)
+                sync_api.expect(intro).to_have_text(want[0], timeout=timeout_ms)
+                sync_api.expect(control).to_have_text(want[1], timeout=timeout_ms)
+
+            # The initial state: the first concept at the middle of the scale grid.
+            intro.wait_for(timeout=90_000)
+            expect_numbers(first, state.scales[start])
+            sync_api.expect(status).to_contain_text("1 (concept, layer) sweep(s) cached", timeout=timeout_ms)
+
+            def wait_for_new_figure(old: str | None) -> str:
+                page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel); "
+                                       "return img !== null && img.getAttribute('src') !== old; }",
+                                       arg=[".iu-figure img", old], timeout=timeout_ms)
+                return figure.first.get_attribute("src")
+
+            shown = wait_for_new_figure(None)
+
+            # Two steps right on the focused scale handle: the numbers and the figure follow, from the cache.
+            handle = page.locator(".iu-scale .noUi-handle")
+            handle.focus()
+            handle.press("ArrowRight")
+            handle.press("ArrowRight")
+            moved = state.scales[start + 2]
+            sync_api.expect(page.locator(".iu-scale")).to_contain_text(f"{moved}", timeout=timeout_ms)
+            expect_numbers(first, moved)
+            assert _printed(state, first, layer, moved) != _printed(state, first, layer, state.scales[start])
+            sync_api.expect(status).to_contain_text("1 (concept, layer) sweep(s) cached")
+            shown = wait_for_new_figure(shown)
+
+            # Another concept: one new sweep, its numbers.
+            page.locator(".iu-concept select").select_option(second)
+            expect_numbers(second, moved)
+            assert _printed(state, second, layer, moved) != _printed(state, first, layer, moved)
+            sync_api.expect(status).to_contain_text("2 (concept, layer) sweep(s) cached", timeout=timeout_ms)
+            wait_for_new_figure(shown)
+        except Exception:
+            print("server log:\n" + "".join(log))
+            raise
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "explorer_web.png"))
+            context.close()
+    assert (ARTIFACTS / "explorer_web.png").stat().st_size > 10_000

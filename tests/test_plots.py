@@ -1,0 +1,223 @@
+"""Figures: labelled axes with units, a legend, a title naming model, concept and layer, one palette, files under
+``figures/<model>/``; readings computed from the numbers. Sweeps run on tiny-llama (fast, random weights)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from introspection_utils import plots, probes, readings, sweeps  # noqa: E402
+from introspection_utils.vectors import concept_vectors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scale_df(tiny_llama):
+    return sweeps.scale_sweep(tiny_llama, ["Sandwich", "Water"], [0, 1, 2, 4], layer=1, n_controls=3, n_random=2,
+                              progress=False).df
+
+
+@pytest.fixture(scope="module")
+def layer_df(tiny_llama):
+    return sweeps.layer_sweep(tiny_llama, ["Bomb"], [0, 1], scale=4.0, n_controls=2, n_random=1, progress=False).df
+
+
+def _check_axes(ax, *, title_has=(), legend=True):
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    for word in title_has:
+        assert word in ax.get_title(), (word, ax.get_title())
+    if legend:
+        assert ax.get_legend() is not None and ax.get_legend().get_texts()
+
+
+def test_scale_sweep_figure_is_labelled(scale_df):
+    fig = plots.plot_scale_sweep(scale_df, "Sandwich")
+    ax = fig.axes[0]
+    _check_axes(ax, title_has=("tiny-llama", "Sandwich", "layer 1"))
+    assert "yes − no logit difference" in ax.get_ylabel()
+    assert "scale" in ax.get_xlabel() and "raw concept vector" in ax.get_xlabel() and "‖v‖" in ax.get_xlabel()
+    labels = plots.legend_labels(fig)
+    for label in ("introspection question", "control mean (n=3)", "control questions (each)", "control ±1 std",
+                  "no injection: introspection", "no injection: control mean", "random vector: introspection"):
+        assert label in labels
+    plt.close(fig)
+
+
+def test_conditions_use_the_series_palette(scale_df):
+    fig = plots.plot_scale_sweep(scale_df, "Water")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert matplotlib.colors.same_color(lines["introspection question"].get_color(), plots.PALETTE["introspection"])
+    assert matplotlib.colors.same_color(lines["control mean (n=3)"].get_color(), plots.PALETTE["control"])
+    random = lines["random vector: introspection"]
+    assert matplotlib.colors.same_color(random.get_color(), plots.PALETTE["random"]) and random.get_alpha() < 1
+    assert matplotlib.colors.same_color(lines["no injection: introspection"].get_color(), plots.PALETTE["baseline"])
+    plt.close(fig)
+
+
+def test_introspection_line_is_the_data(scale_df):
+    fig = plots.plot_scale_sweep(scale_df, "Sandwich")
+    line = next(x for x in fig.axes[0].get_lines() if x.get_label() == "introspection question")
+    rows = scale_df[(scale_df.concept == "Sandwich") & (scale_df.vector_kind == "concept")
+                    & (scale_df.question_kind == "introspection")].sort_values("scale")
+    np.testing.assert_allclose(line.get_ydata(), rows["logit_diff"].to_numpy())
+    plt.close(fig)
+
+
+def test_layer_sweep_figure_is_labelled(layer_df):
+    fig = plots.plot_layer_sweep(layer_df, "Bomb")
+    _check_axes(fig.axes[0], title_has=("tiny-llama", "Bomb", "layers 0–1", "scale 4"))
+    assert "layer" in fig.axes[0].get_xlabel()
+    plt.close(fig)
+
+
+def test_unknown_concept_or_ambiguous_layer_is_a_clear_error(scale_df, layer_df):
+    with pytest.raises(ValueError, match="concept 'Dust' is not in the table"):
+        plots.plot_scale_sweep(scale_df, "Dust")
+    with pytest.raises(ValueError, match="several scales"):
+        plots.plot_layer_sweep(pd.concat([layer_df, layer_df.assign(scale=8.0)]), "Bomb")
+
+
+def test_save_figure_writes_png_under_figures_model(tmp_path, monkeypatch, scale_df, tiny_llama):
+    monkeypatch.setenv("INTROSPECTION_FIGURES", str(tmp_path))
+    fig = plots.plot_scale_sweep(scale_df, "Sandwich")
+    path = plots.save_figure(fig, tiny_llama, "sweep")
+    assert path == tmp_path / "tiny-llama" / "sweep.png" and path.stat().st_size > 1000
+    assert plots.save_figure(fig, "google/gemma-2-9b-it", "x") == tmp_path / "gemma-2-9b-it" / "x.png"
+    assert plots.save_figure(fig, tiny_llama, "y", folder=tmp_path / "own") == tmp_path / "own" / "y.png"
+    with pytest.raises(ValueError, match="plain file name"):
+        plots.save_figure(fig, tiny_llama, "a/b")
+    plt.close(fig)
+
+
+def test_default_figures_dir_is_repo_figures_model(monkeypatch, tiny_llama):
+    monkeypatch.delenv("INTROSPECTION_FIGURES", raising=False)
+    assert plots.figures_dir(tiny_llama) == plots.project_root() / "figures" / "tiny-llama"
+    assert plots.results_dir(tiny_llama) == plots.project_root() / "data" / "results" / "tiny-llama"
+
+
+def test_vector_figures_are_labelled(tiny_llama):
+    bank = concept_vectors(tiny_llama, ["Sandwich", "Water", "Bomb"], progress=False)
+    fig = plots.plot_vector_norms(bank)
+    _check_axes(fig.axes[0], title_has=("tiny-llama", "Sandwich"))
+    plt.close(fig)
+    fig = plots.plot_cosine_matrix(bank, 1)
+    _check_axes(fig.axes[0], title_has=("tiny-llama", "layer 1"), legend=False)
+    assert fig.axes[1].get_ylabel().startswith("cosine similarity")  # the colour bar is the legend
+    plt.close(fig)
+    text = readings.describe_vectors(bank, 1)
+    assert "layer 1" in text and "Most similar pair" in text
+
+
+@pytest.fixture(scope="module")
+def lens(tiny_llama):
+    return probes.lens_profile(tiny_llama, ["Sandwich"], 4.0, layer=1, n_controls=2, n_random=1)
+
+
+def test_lens_profile_is_tidy_and_equals_the_real_answer_at_the_last_layer(tiny_llama, lens):
+    assert list(lens.columns) == probes.LENS_COLUMNS
+    assert len(lens) == (1 + 1) * (1 + 2) * tiny_llama.arch.n_layers
+    from introspection_utils.inject import Trial, measure
+    from introspection_utils.prompts import introspection_prompt
+
+    vector = concept_vectors(tiny_llama, ["Sandwich"], progress=False).get("Sandwich", 1)
+    real = measure(tiny_llama, [Trial(introspection_prompt(tiny_llama), vector, 4.0)]).logit_diff[0]
+    last = lens[(lens.vector_kind == "concept") & (lens.question_kind == "introspection")
+                & (lens.lens_layer == tiny_llama.arch.n_layers - 1)]["lens_diff"].iloc[0]
+    assert abs(last - float(real)) < 1e-4
+    before = lens[lens.lens_layer < 1]
+    np.testing.assert_allclose(before["lens_diff"], before["baseline_lens_diff"], atol=1e-5)
+
+
+def test_logit_lens_figure_is_labelled(lens):
+    fig = plots.plot_logit_lens(lens, "Sandwich")
+    _check_axes(fig.axes[0], title_has=("tiny-llama", "Sandwich", "layer 1"))
+    assert "injection layer 1" in plots.legend_labels(fig)
+    plt.close(fig)
+    assert "Sandwich (injected at layer 1" in readings.describe_lens(lens, "Sandwich")
+
+
+@pytest.fixture(scope="module")
+def maps(tiny_llama):
+    return probes.attention_maps(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2)
+
+
+def test_attention_maps_cover_three_conditions_and_injection_cannot_act_below_its_layer(tiny_llama, maps):
+    assert list(maps.maps) == [probes.CONTROL_INJ, probes.INTRO_INJ, probes.INTRO_NOINJ]
+    for m in maps.maps.values():
+        assert m.shape == (tiny_llama.arch.n_layers, tiny_llama.arch.n_heads)
+        assert (m >= 0).all() and (m <= 1 + 1e-6).all()  # a sum of softmax weights over a subset of keys
+    # added to layer 0's output: layer 0's attention cannot see it, layer 1's does
+    np.testing.assert_allclose(maps.maps[probes.INTRO_INJ][:1], maps.maps[probes.INTRO_NOINJ][:1], atol=1e-6)
+    assert np.abs(maps.maps[probes.INTRO_INJ][1] - maps.maps[probes.INTRO_NOINJ][1]).max() > 1e-4
+
+
+def test_attention_figure_and_top_heads(maps):
+    fig = plots.plot_attention_maps(maps)
+    assert "tiny-llama" in fig._suptitle.get_text() and "Sandwich" in fig._suptitle.get_text()
+    shown = [ax for ax in fig.axes if ax.get_title()]
+    assert len(shown) == 6  # three conditions, three difference maps
+    for ax in shown:
+        _check_axes(ax)
+    plt.close(fig)
+    top = readings.top_heads(maps, 3)
+    assert len(top) == 3 and top["rise_vs_no_injection"].is_monotonic_decreasing
+    row = top.iloc[0]
+    rise = row["introspection_injected"] - row["introspection_no_injection"]
+    assert row["rise_vs_no_injection"] == pytest.approx(rise)
+    assert row["introspection_minus_control"] == pytest.approx(row["rise_vs_no_injection"] - row["control_rise"])
+    assert "L" in readings.describe_attention(maps, k=2)
+
+
+def test_prefill_must_end_as_the_answer_token(tiny_llama):
+    with pytest.raises(ValueError, match="prefill is empty"):
+        probes.attention_maps(tiny_llama, "Sandwich", 4.0, layer=1, prefill="")
+
+
+def _frame(intro, control, baseline_intro, baseline_control, scales=(0, 1, 2, 4)):
+    rows = []
+    for s, i, c in zip(scales, intro, control, strict=True):
+        rows.append(dict(model="m", concept="X", vector_kind="concept", vector_seed=pd.NA, vector_norm=1.0, layer=3,
+                         scale=s, question_kind="introspection", question="q", logit_diff=i,
+                         baseline_logit_diff=baseline_intro))
+        for k, offset in enumerate((-0.1, 0.1)):
+            rows.append(dict(model="m", concept="X", vector_kind="concept", vector_seed=pd.NA, vector_norm=1.0,
+                             layer=3, scale=s, question_kind="control", question=f"c{k}", logit_diff=c + offset,
+                             baseline_logit_diff=baseline_control))
+    df = pd.DataFrame(rows)
+    df["delta"] = df.logit_diff - df.baseline_logit_diff
+    return df
+
+
+def test_flip_scale_is_where_introspection_turns_yes_while_the_control_stays_no():
+    df = _frame([-1, -0.5, 0.5, 2], [-2, -2, -1.5, 0.5], -1, -2)
+    assert readings.flip_scale(df, "X") == 2
+    assert "crosses zero to yes at scale 2" in readings.describe_scale_sweep(df, "X")
+    scale, why = readings.choose_scale(df, "X")
+    assert scale == 2 and "flips to yes at scale 2" in why
+
+
+def test_flip_scale_is_none_when_the_control_flips_too_or_the_baseline_is_yes():
+    both = _frame([-1, -0.5, 0.5, 2], [-2, -1, 0.5, 1], -1, -2)
+    assert readings.flip_scale(both, "X") is None
+    scale, why = readings.choose_scale(both, "X")
+    assert "fallback" in why and scale == readings.separation_scale(both, "X")
+    already = _frame([0.5, 1, 2, 3], [-2, -2, -2, -2], 0.5, -2)
+    assert readings.flip_scale(already, "X") is None
+    assert "already leans yes" in readings.choose_scale(already, "X")[1]
+
+
+def test_interference_readings_follow_the_numbers():
+    below = _frame([-1, -2, -3, -4], [-2, -2, -2, -2], -1, -2)
+    b = readings.below_baseline(below, "X")
+    assert b["fraction"] == 1.0 and b["min_delta"] == -3 and b["argmin"] == 4
+    assert "below its baseline at most points" in readings.describe_below_baseline(below, "X")
+    together = _frame([-1, 0, 1, 2], [-2, -1, 0, 1], -1, -2)
+    assert readings.curve_correlation(together, "X") == pytest.approx(1.0)
+    assert "move together" in readings.describe_comovement(together, "X")
+    apart = _frame([-1, 0, 1, 2], [1, 0, -1, -2], -1, -2)
+    assert "do not clearly move together" in readings.describe_comovement(apart, "X")

@@ -1,0 +1,74 @@
+"""The explorer's computing part, driven without a browser (tiny-llama)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from introspection_utils.widgets import Explorer, ExplorerState  # noqa: E402
+
+
+@pytest.fixture
+def state(tiny_llama):
+    return ExplorerState(tiny_llama, ["Sandwich", "Water"], scales=(0, 2, 8), n_controls=2)
+
+
+def test_values_change_with_scale(state):
+    at0, at8 = state.values("Sandwich", 1, 0), state.values("Sandwich", 1, 8)
+    assert at0["value"] == pytest.approx(at0["baseline"])  # no injection at scale 0
+    assert at8["value"] != pytest.approx(at0["value"])
+    assert at8["control_mean"] != pytest.approx(at0["control_mean"])
+
+
+def test_repeat_is_a_cache_hit_and_other_settings_reuse_the_sweep(state):
+    state.values("Sandwich", 1, 2)
+    assert (state.misses, state.hits) == (1, 0)
+    first = state.values("Sandwich", 1, 2)
+    again = state.values("Sandwich", 1, 2)
+    state.values("Sandwich", 1, 8, question=state.controls[0], random=True)
+    assert first == again and (state.misses, state.hits) == (1, 3)
+    state.values("Sandwich", 0, 2)
+    assert state.misses == 2 and set(state.cache) == {("Sandwich", 1), ("Sandwich", 0)}
+
+
+def test_random_toggle_and_question_select_other_numbers(state):
+    concept = state.values("Water", 1, 8)
+    random = state.values("Water", 1, 8, random=True)
+    control = state.values("Water", 1, 8, question=state.controls[1])
+    assert random["introspection"] != pytest.approx(concept["introspection"])
+    assert control["value"] != pytest.approx(concept["value"])
+    assert control["introspection"] == pytest.approx(concept["introspection"])
+
+
+def test_bad_inputs_are_clear_errors(state):
+    with pytest.raises(ValueError, match="not on the explorer's grid"):
+        state.values("Sandwich", 1, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        state.values("Sandwich", 5, 2)
+    with pytest.raises(ValueError, match="not one of the explorer's"):
+        state.values("Dust", 1, 2)
+
+
+def test_figure_marks_the_current_trial(state):
+    fig = state.figure("Sandwich", 1, 8, random=True)
+    marks = [line for line in fig.axes[0].get_lines() if line.get_marker() == "*"]
+    v = state.values("Sandwich", 1, 8, random=True)
+    assert len(marks) == 1 and marks[0].get_ydata()[0] == pytest.approx(v["value"])
+    plt.close(fig)
+
+
+def test_widget_callbacks_redraw_from_the_cache(state):
+    ui = Explorer(state, layer=1)
+    ui.render()
+    misses = state.misses
+    ui.scale.value = 8.0
+    ui.random.value = True
+    assert state.misses == misses
+    v = state.values("Sandwich", 1, 8.0, random=True)
+    assert "random vector" in ui.numbers.value and f"{v['introspection']:+.2f}" in ui.numbers.value
+    ui.layer.value = 0
+    assert state.misses == misses + 1
