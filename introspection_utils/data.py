@@ -19,7 +19,8 @@ except ModuleNotFoundError:  # Python 3.10
 # Duplicates that are the source's own, kept verbatim (documented in the files' headers).
 KNOWN_DUPLICATES = {"baseline_words": {"Butterflies"}}
 WORD_LISTS = ("concept_words", "baseline_words", "control_questions", "writeup_concepts", "sentences",
-              "godet_localization_sentences", "godet_localization_contrastive_pairs")
+              "godet_localization_sentences", "godet_localization_contrastive_pairs", "refusal_harmful",
+              "refusal_harmless")
 
 
 def data_dir() -> Path:

@@ -93,22 +93,37 @@ def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
             handle.check_layer(trial.injection_layer)
         elif trial.layer is not None:
             handle.check_layer(trial.layer)
+        window = trial.window
+        if not (window in ("suffix", "last", "all") or (
+                isinstance(window, tuple) and len(window) == 2 and _is_index(window[0])
+                and (window[1] is None or _is_index(window[1])))):
+            raise ValueError(f"window {window!r} must be 'suffix', 'last', 'all' or a (start, end) tuple of "
+                             f"token positions (end None = on through generated tokens)")
         start, end = trial.span()
         n = len(trial.prompt)
         if not (0 <= start < n and (end is None or start < end <= n)):
             raise ValueError(f"window {trial.window!r} is outside the prompt (0..{n}) or empty")
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class Readout:
     """What one batch of trials measured. ``logit_diff [n]``; optional ``lens [n, n_layers]``,
-    ``attention_sum``/``attention_max [n, n_layers, n_heads]`` and ``baseline [n]`` (the trial's prompt uninjected)."""
+    ``attention_sum``/``attention_max [n, n_layers, n_heads]`` and ``baseline [n]`` (the trial's prompt uninjected).
+    ``logits [n, k]``: the raw logits of the k answer tokens read (``k = 2``, yes then no, for :func:`measure`).
+    ``residuals [n, len(layers), D]``: the residual stream (decoder-layer outputs) at the last position, for
+    :func:`residuals`."""
 
     logit_diff: torch.Tensor
     baseline: torch.Tensor
     lens: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
     attention_max: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    residuals: torch.Tensor | None = None
 
 
 class _PromptRun:
@@ -150,7 +165,8 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
     """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [S]`` at ``layer``.
 
     Reads, in forward order: attention rows of the last query (if ``attention_keys``), layer outputs at the
-    last position (if ``lens``), and the final logits of the two answer tokens.
+    last position (if ``lens``), and the final logits of the answer tokens (``answer_ids [k]``; the first two are
+    yes and no for the logit difference).
     """
     n_layers, total = handle.arch.n_layers, run.full_ids.shape[1]
     suffix = run.suffix.expand(batch, -1)
@@ -176,7 +192,9 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
             if lens:
                 last.append(handle.layers[i].output[:, -1, :])
         logits = handle.model.output.logits[:, -1, :][:, answer_ids].save()
-    result = {"logit_diff": (logits[:, 0] - logits[:, 1]).float().cpu(), "hidden": hidden}
+    logits = logits.float().cpu()
+    diff = logits[:, 0] - logits[:, 1] if logits.shape[1] > 1 else torch.full_like(logits[:, 0], float("nan"))
+    result = {"logit_diff": diff, "logits": logits, "hidden": hidden}
     if lens:
         lens_rows = run.baseline["lens_rows"][:first] if first else []
         result["lens_rows"] = [*(r.expand(batch, -1) for r in lens_rows), *last]
@@ -212,12 +230,42 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
     """
     check_trials(handle, trials)
     answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
+    return _run(handle, trials, answer_ids, lens=lens, attention=attention, strategy=strategy,
+                batch_size=batch_size, progress=progress)
+
+
+def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Sequence[int], *,
+                  strategy: Strategy = "cached", batch_size: int | None = None, progress: bool = False
+                  ) -> torch.Tensor:
+    """Logits of the tokens ``token_ids`` at the last position of each trial: ``[n_trials, k]`` (float32, CPU).
+
+    The general readout behind multiple-choice answers (e.g. the digits "1".."N" of the localization experiment);
+    the same batched engine as :func:`measure` (prefix cache, layer skip), rows in the order of ``trials``.
+    """
+    check_trials(handle, trials)
+    ids = list(token_ids)
+    vocab = handle.torch_model.get_output_embeddings().weight.shape[0]
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+        raise ValueError(f"token_ids must be a non-empty list of token ids in 0..{vocab - 1}, got {ids!r}")
+    readout = _run(handle, trials, torch.tensor(ids, device=handle.device), lens=False, attention=False,
+                   strategy=strategy, batch_size=batch_size, progress=progress)
+    return readout.logits
+
+
+def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor, *, lens: bool, attention: bool,
+         strategy: Strategy, batch_size: int | None, progress: bool,
+         residual_layers: Sequence[int] | None = None) -> Readout:
+    """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
+    validated)."""
+    read_rows = lens or residual_layers is not None  # the last position's layer outputs are read in the trace
     batch_size = batch_size or DEFAULT_BATCH
     n = len(trials)
     logit_diff, baseline = torch.empty(n), torch.empty(n)
+    logits_out = torch.empty(n, len(answer_ids))
     lens_out = torch.empty(n, handle.arch.n_layers) if lens else None
     att_sum = torch.empty(n, handle.arch.n_layers, handle.arch.n_heads) if attention else None
     att_max = torch.empty_like(att_sum) if attention else None
+    res_out = torch.empty(n, len(residual_layers), handle.arch.d_model) if residual_layers is not None else None
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, trial in enumerate(trials):
@@ -239,26 +287,30 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
                 chunk = members[chunk_start:chunk_start + batch_size]
                 if layer is None:  # no injection: the shared pass already measured it
                     out = {"logit_diff": base["logit_diff"].expand(len(chunk)),
+                           "logits": base["logits"].expand(len(chunk), -1),
                            "lens_rows": [r.expand(len(chunk), -1) for r in base["lens_rows"]],
                            "attention_rows": base.get("attention_rows")}
                 else:
                     add = torch.stack([trials[i].scale * trials[i].vector.vector for i in chunk])
                     out = _trace(handle, run, batch=len(chunk), layer=layer,
                                  add=add.to(handle.device, handle.dtype), mask=suffix_mask, answer_ids=answer_ids,
-                                 lens=lens, attention_keys=keys if attention else None,
+                                 lens=read_rows, attention_keys=keys if attention else None,
                                  skip=strategy == "cached" and not attention)
                 rows = torch.tensor(chunk)
                 logit_diff[rows] = out["logit_diff"]
+                logits_out[rows] = out["logits"]
                 baseline[rows] = base["logit_diff"].expand(len(chunk))
                 if lens:
                     lens_out[rows] = _lens_diff(handle, out["lens_rows"], answer_ids)
+                if res_out is not None:
+                    res_out[rows] = torch.stack([out["lens_rows"][i] for i in residual_layers], 1).float().cpu()
                 if attention:
                     weights = out["attention_rows"][..., keys.to(out["attention_rows"].device)]
                     att_sum[rows] = weights.sum(-1).cpu()
                     att_max[rows] = weights.amax(-1).cpu()
                 bar.update(len(chunk))
     bar.close()
-    return Readout(logit_diff, baseline, lens_out, att_sum, att_max)
+    return Readout(logit_diff, baseline, lens_out, att_sum, att_max, logits_out, res_out)
 
 
 def yes_no_logit_diff(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
@@ -281,3 +333,20 @@ def attention_to_injection(handle: ModelHandle, trials: Sequence[Trial], *, batc
     injected positions, per layer and head: ``(sum, max)``, each ``[n_trials, n_layers, n_heads]``."""
     readout = measure(handle, trials, attention=True, batch_size=batch_size)
     return readout.attention_sum, readout.attention_max
+
+
+def residuals(handle: ModelHandle, trials: Sequence[Trial], layers: Sequence[int], *, strategy: Strategy = "cached",
+              batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    """The residual stream (output of decoder layer ``l`` for each ``l`` in ``layers``) at the last position of each
+    trial, with its injection: ``[n_trials, len(layers), d_model]`` (float32, CPU; rows in the order of ``trials``).
+
+    What an SAE at those layers encodes. The same batched engine as :func:`measure`; a layer below the injection
+    layer reads the uninjected value (the injection cannot reach it).
+    """
+    check_trials(handle, trials)
+    layers = [handle.check_layer(layer) for layer in layers]
+    if not layers:
+        raise ValueError("no layers given")
+    answer_ids = torch.tensor(yes_no_ids(handle), device=handle.device)
+    return _run(handle, trials, answer_ids, lens=False, attention=False, strategy=strategy, batch_size=batch_size,
+                progress=progress, residual_layers=layers).residuals

@@ -63,8 +63,11 @@ class ConceptVector:
 
 
 def random_vector(like: ConceptVector, seed: int) -> ConceptVector:
-    """A Gaussian direction (seeded by ``seed`` alone, so the same for every concept) with ``like``'s norm."""
-    generator = torch.Generator().manual_seed(int(seed))
+    """A Gaussian direction with ``like``'s norm, seeded by ``(seed, concept)``: reproducible, the same direction at
+    every layer of a concept, and independent across concepts (so k random vectors per concept give a null of
+    k × n_concepts directions, not k)."""
+    key = hashlib.sha256(f"{int(seed)}|{like.concept}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
     direction = torch.randn(like.vector.shape[-1], generator=generator, dtype=torch.float32)
     vector = (direction / direction.norm() * like.vector.float().norm()).to(like.vector.dtype)
     return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model)
