@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import nnsight
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from introspection_utils.prompts import Prompt, yes_no_ids
 from introspection_utils.vectors import ConceptVector
@@ -134,8 +135,8 @@ class _PromptRun:
     """
 
     def __init__(self, handle: ModelHandle, prompt: Prompt, start: int, answer_ids: torch.Tensor,
-                 *, attention_keys: torch.Tensor | None, strategy: Strategy) -> None:
-        self.handle, self.prompt, self.start = handle, prompt, start
+                 *, attention_keys: torch.Tensor | None, strategy: Strategy, ablate: torch.Tensor | None) -> None:
+        self.handle, self.prompt, self.start, self.ablate = handle, prompt, start, ablate
         ids = torch.tensor([prompt.input_ids], device=handle.device)
         self.full_ids = ids
         if strategy == "full":
@@ -143,9 +144,10 @@ class _PromptRun:
         self.suffix = ids[:, start:]
         self.cache = None
         if start > 0:
-            with torch.no_grad():
-                out = handle.torch_model(ids[:, :start], use_cache=True)
-            self.cache = out.cache
+            self.cache = DynamicCache(config=handle.torch_model.config)  # filled in place by the forward
+            with torch.no_grad(), handle.model.trace(ids[:, :start], cache=self.cache, use_cache=True,
+                                                     logits_to_keep=1):
+                _ablate(handle, range(handle.arch.n_layers), ablate)
         readout = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
                          lens=True, attention_keys=attention_keys, keep_hidden=True)
         self.baseline = readout
@@ -157,6 +159,15 @@ class _PromptRun:
         if rows > 1:
             cache.batch_repeat_interleave(rows)
         return cache
+
+
+def _ablate(handle: ModelHandle, layers: range, direction: torch.Tensor | None) -> None:
+    """Inside a trace: project ``direction`` (unit ``[D]``) out of the embeddings and the given layers' outputs."""
+    if direction is None:
+        return
+    handle.embeddings.output -= (handle.embeddings.output @ direction)[..., None] * direction
+    for i in layers:
+        handle.layers[i].output -= (handle.layers[i].output @ direction)[..., None] * direction
 
 
 def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | None, add: torch.Tensor | None,
@@ -176,7 +187,10 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
     if cache is not None:
         kwargs["cache"] = cache
     first = layer if (skip and layer is not None) else 0
+    ablate = run.ablate
     with torch.no_grad(), handle.model.trace(suffix, use_cache=cache is not None, logits_to_keep=1, **kwargs):
+        if first == 0 and ablate is not None:
+            handle.embeddings.output -= (handle.embeddings.output @ ablate)[..., None] * ablate
         for i in range(first):  # identical in every trial: served from the uninjected pass
             handle.layers[i].skip(run.baseline["hidden"][i].expand(batch, -1, -1))
         attention = nnsight.save([])
@@ -187,6 +201,8 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
                 attention.append(handle.attention(i).output[1][:, :, -1, :])
             if i == layer:
                 handle.layers[i].output += add[:, None, :] * mask[None, :, None]
+            if ablate is not None:  # after the injection: the residual stream never carries the direction
+                handle.layers[i].output -= (handle.layers[i].output @ ablate)[..., None] * ablate
             if keep_hidden:
                 hidden.append(handle.layers[i].output)
             if lens:
@@ -221,17 +237,26 @@ def _lens_diff(handle: ModelHandle, rows: list[torch.Tensor], answer_ids: torch.
 
 def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
             lens: bool = False, attention: bool = False, strategy: Strategy = "cached",
-            batch_size: int | None = None, progress: bool = False) -> Readout:
+            batch_size: int | None = None, progress: bool = False, ablate: torch.Tensor | None = None) -> Readout:
     """Run ``trials`` and return their :class:`Readout` (rows in the order of ``trials``).
 
     ``answers``: the (yes, no) answer words (default the paper's "Yes"/"No"). ``lens``: also the yes−no logit lens
     ``[n, n_layers]``. ``attention``: also the last position's attention to each trial's injected positions,
     summed and maxed over them, ``[n, n_layers, n_heads]`` (no layer skip then, all layers run).
+    ``ablate``: a direction ``[d_model]`` projected out of the residual stream (embeddings and every layer's
+    output, at every position, after the injection) in every pass, baselines included — e.g. the refusal
+    direction of :mod:`introspection_utils.refusal`. It is normalised here.
     """
     check_trials(handle, trials)
+    if ablate is not None:
+        ablate = torch.as_tensor(ablate).float()
+        if ablate.shape != (handle.arch.d_model,) or not torch.isfinite(ablate).all() or ablate.norm() == 0:
+            raise ValueError(f"ablate must be a finite non-zero [{handle.arch.d_model}] direction, got shape "
+                             f"{tuple(ablate.shape)}")
+        ablate = (ablate / ablate.norm()).to(handle.device, handle.dtype)
     answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
     return _run(handle, trials, answer_ids, lens=lens, attention=attention, strategy=strategy,
-                batch_size=batch_size, progress=progress)
+                batch_size=batch_size, progress=progress, ablate=ablate)
 
 
 def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Sequence[int], *,
@@ -254,7 +279,7 @@ def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Seque
 
 def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor, *, lens: bool, attention: bool,
          strategy: Strategy, batch_size: int | None, progress: bool,
-         residual_layers: Sequence[int] | None = None) -> Readout:
+         residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None) -> Readout:
     """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
     validated)."""
     read_rows = lens or residual_layers is not None  # the last position's layer outputs are read in the trace
@@ -276,7 +301,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
         keys = torch.zeros(total, dtype=torch.bool)
         keys[start:end] = True
         run = _PromptRun(handle, prompt, start, answer_ids, attention_keys=keys if attention else None,
-                         strategy=strategy)
+                         strategy=strategy, ablate=ablate)
         suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
         base = run.baseline
         by_layer: dict[int | None, list[int]] = defaultdict(list)

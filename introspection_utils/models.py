@@ -51,6 +51,7 @@ class Family:
     layers: str
     final_norm: str
     lm_head: str = "lm_head"
+    embeddings: str = "model.embed_tokens"
 
 
 # One entry per supported architecture; adding a family = one line here plus a tiny-config test.
@@ -62,7 +63,8 @@ FAMILIES: dict[str, Family] = {
     "GemmaForCausalLM": Family("model.layers", "model.norm"),
     "Gemma2ForCausalLM": Family("model.layers", "model.norm"),
     "Gemma3ForCausalLM": Family("model.layers", "model.norm"),
-    "Gemma3ForConditionalGeneration": Family("model.language_model.layers", "model.language_model.norm"),
+    "Gemma3ForConditionalGeneration": Family("model.language_model.layers", "model.language_model.norm",
+                                             embeddings="model.language_model.embed_tokens"),
 }
 
 
@@ -108,6 +110,11 @@ class ModelHandle:
     def layers(self) -> Any:
         """The decoder layers (nnsight envoys); ``layers[i].output`` is the residual stream ``[B, T, D]``."""
         return _get_path(self.model, self._family.layers)
+
+    @property
+    def embeddings(self) -> Any:
+        """The token-embedding module; its output is the residual stream before layer 0, ``[B, T, D]``."""
+        return _get_path(self.model, self._family.embeddings)
 
     @property
     def final_norm(self) -> Any:

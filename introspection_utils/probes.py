@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 
 from introspection_utils.inject import Trial, measure
 from introspection_utils.prompts import answer_token_id, control_questions, introspection_prompt
@@ -40,12 +41,13 @@ def default_layers(handle: ModelHandle, layers: Sequence[int] | None = None, *, 
 
 
 def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | dict[str, float], *, layer: int,
-                 n_controls: int = 10, n_random: int = 1, seed: int = 0, bank: VectorBank | None = None
-                 ) -> pd.DataFrame:
+                 n_controls: int = 10, n_random: int = 1, seed: int = 0, bank: VectorBank | None = None,
+                 ablate: torch.Tensor | None = None) -> pd.DataFrame:
     """Yes−no logit lens at every layer for each concept injected at ``layer`` with its scale (one number for all
     concepts or ``{concept: scale}``), on the introspection question and ``n_controls`` control questions, with the
     concept vector and ``n_random`` norm-matched random vectors; each row also carries the same question's lens
-    without injection. Columns: :data:`LENS_COLUMNS` (one row per trial × read-out layer).
+    without injection. Columns: :data:`LENS_COLUMNS` (one row per trial × read-out layer). ``ablate``: a direction
+    projected out of the residual stream in every pass (see :func:`introspection_utils.inject.measure`).
     """
     handle.check_layer(layer)
     per_concept = scales if isinstance(scales, dict) else {c: float(scales) for c in concepts}
@@ -62,7 +64,7 @@ def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | d
                 trials.append(Trial(prompt, v, float(per_concept[concept])))
                 rows.append((concept, v.kind, v.seed, prompt.kind, prompt.question))
     baselines = [Trial(p) for p in prompts]
-    readout = measure(handle, trials + baselines, lens=True)
+    readout = measure(handle, trials + baselines, lens=True, ablate=ablate)
     lens, base = readout.lens[: len(trials)].numpy(), readout.lens[len(trials):].numpy()
     base_of = {p.question: base[i] for i, p in enumerate(prompts)}
     frames = []

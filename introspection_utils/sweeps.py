@@ -49,6 +49,7 @@ class SweepSpec:
     frame: str = "paper"
     answers: tuple[str, str] | None = None
     introspection: str | None = None
+    ablation: str | None = None  # sha256 prefix of the ablated direction, if any (see ``direction_id``)
 
     @property
     def hash(self) -> str:
@@ -106,9 +107,17 @@ def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
         raise ValueError(f"n_random must be >= 0, got {spec.n_random}")
 
 
+def direction_id(direction: torch.Tensor | None) -> str | None:
+    """A short content hash naming an ablated direction in a spec (so resumed chunks match the direction)."""
+    if direction is None:
+        return None
+    data = torch.nn.functional.normalize(torch.as_tensor(direction).float(), dim=-1).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None = None,
               results_dir: str | Path | None = None, name: str = "sweep", batch_size: int | None = None,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, ablate: torch.Tensor | None = None) -> SweepResult:
     """Measure every (concept vector and random vectors) × scale × layer × question of ``spec``.
 
     With ``results_dir``, each finished question is written to ``<results_dir>/.chunks/<name>-<spec hash>/`` and
@@ -116,6 +125,8 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     with ``<name>.meta.json``.
     """
     _check_spec(handle, spec)
+    if direction_id(ablate) != spec.ablation:
+        raise ValueError("spec.ablation must be direction_id(ablate): the spec names what the sweep ablates")
     bank = bank or concept_vectors(handle, spec.concepts, progress=progress)
     vectors = []
     for concept in spec.concepts:
@@ -136,7 +147,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
             frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64"}))
             continue
         trials = [Trial(prompt, v, float(s)) for v in vectors for s in spec.scales]
-        readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size)
+        readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size, ablate=ablate)
         frame = pd.DataFrame({
             "model": handle.name,
             "concept": [t.vector.concept for t in trials],
@@ -189,24 +200,29 @@ def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
                 n_controls: int | None = 10, controls: Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 results_dir: str | Path | None = None, name: str = "scale_sweep",
-                bank: VectorBank | None = None, progress: bool = True) -> SweepResult:
+                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
+                ) -> SweepResult:
     """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
-    ``n_controls`` control questions (or the given ``controls``), concept vectors and ``n_random`` random ones."""
+    ``n_controls`` control questions (or the given ``controls``), concept vectors and ``n_random`` random ones.
+    ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction)."""
     spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers)
-    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress)
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
+    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
+                     ablate=ablate)
 
 
 def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[int], *, scale: float,
                 n_controls: int | None = 10, controls: Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 results_dir: str | Path | None = None, name: str = "layer_sweep",
-                bank: VectorBank | None = None, progress: bool = True) -> SweepResult:
+                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
+                ) -> SweepResult:
     """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
     :func:`scale_sweep`)."""
     spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers)
-    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress)
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
+    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
+                     ablate=ablate)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

@@ -413,3 +413,43 @@ def greedy_generate_injected(
         if eos_token_id is not None and nxt == eos_token_id:
             break
     return new
+
+
+@contextmanager
+def directional_ablation(model: nn.Module, direction: Tensor) -> Iterator[None]:
+    """Context manager: project the unit ``direction [D]`` out of the token embeddings and of every decoder
+    layer's output (all positions). Enter it AFTER ``_injection`` so the projection follows the injection."""
+    unit = direction / direction.norm()
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = _hidden_of(output)
+        u = unit.to(hidden.device, hidden.dtype)
+        return _with_hidden(output, hidden - (hidden @ u)[..., None] * u)
+
+    modules = [model.get_input_embeddings(), *_layers(model)]
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def ablated_yes_no_logit_diff(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    yes_id: int,
+    no_id: int,
+    direction: Tensor,
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> Tensor:
+    """``[B]`` yes−no logit difference with the injection and then the directional ablation (unpadded batch)."""
+    mask = torch.ones_like(input_ids)
+    with _injection(model, layer, vectors, scales, positions_mask), directional_ablation(model, direction):
+        logits = _forward(model, input_ids, mask).logits
+    return logits[:, -1, yes_id] - logits[:, -1, no_id]
