@@ -111,7 +111,8 @@ def direction_id(direction: torch.Tensor | None) -> str | None:
     """A short content hash naming an ablated direction in a spec (so resumed chunks match the direction)."""
     if direction is None:
         return None
-    data = torch.nn.functional.normalize(torch.as_tensor(direction).float(), dim=-1).numpy().tobytes()
+    unit = torch.nn.functional.normalize(torch.as_tensor(direction).double(), dim=-1)
+    data = unit.numpy().round(6).tobytes()  # rounded: the same direction at any scale gets the same name
     return hashlib.sha256(data).hexdigest()[:16]
 
 
