@@ -42,6 +42,9 @@ def generate(handle: ModelHandle, trials: Sequence[Trial], *, max_new_tokens: in
     the trial's window runs to the end (``"suffix"``, ``"all"`` or ``(start, None)``).
     """
     check_trials(handle, trials)
+    if handle.remote is True:
+        raise ValueError("generation keeps a KV cache here between steps, which NDIF cannot hold: generate with a "
+                         "local model (measure, lenses and sweeps do run remotely)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:

@@ -135,7 +135,8 @@ class _PromptRun:
     """
 
     def __init__(self, handle: ModelHandle, prompt: Prompt, start: int, answer_ids: torch.Tensor,
-                 *, attention_keys: torch.Tensor | None, strategy: Strategy, ablate: torch.Tensor | None) -> None:
+                 *, attention_keys: torch.Tensor | None, strategy: Strategy, ablate: torch.Tensor | None,
+                 lens: bool, rows: bool) -> None:
         self.handle, self.prompt, self.start, self.ablate = handle, prompt, start, ablate
         ids = torch.tensor([prompt.input_ids], device=handle.device)
         self.full_ids = ids
@@ -149,7 +150,7 @@ class _PromptRun:
                                                      logits_to_keep=1):
                 _ablate(handle, range(handle.arch.n_layers), ablate)
         readout = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
-                         lens=True, attention_keys=attention_keys, keep_hidden=True)
+                         lens=lens, rows=rows, attention_keys=attention_keys, keep_hidden=strategy == "cached")
         self.baseline = readout
 
     def cache_for(self, rows: int):
@@ -172,12 +173,13 @@ def _ablate(handle: ModelHandle, layers: range, direction: torch.Tensor | None) 
 
 def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | None, add: torch.Tensor | None,
            mask: torch.Tensor | None, answer_ids: torch.Tensor, lens: bool, attention_keys: torch.Tensor | None,
-           keep_hidden: bool = False, skip: bool = False) -> dict:
+           rows: bool = False, keep_hidden: bool = False, skip: bool = False) -> dict:
     """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [S]`` at ``layer``.
 
-    Reads, in forward order: attention rows of the last query (if ``attention_keys``), layer outputs at the
-    last position (if ``lens``), and the final logits of the answer tokens (``answer_ids [k]``; the first two are
-    yes and no for the logit difference).
+    Reads, in forward order: attention rows of the last query (if ``attention_keys``), the layer outputs at the
+    last position (if ``rows``), the yes−no logit lens (if ``lens``: final norm, the two answer rows of the
+    unembedding, the softcap — computed inside the trace, so it also runs remotely) and the final logits of the
+    answer tokens (``answer_ids [k]``; the first two are yes and no for the logit difference).
     """
     n_layers, total = handle.arch.n_layers, run.full_ids.shape[1]
     suffix = run.suffix.expand(batch, -1)
@@ -188,6 +190,9 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
         kwargs["cache"] = cache
     first = layer if (skip and layer is not None) else 0
     ablate = run.ablate
+    if handle.remote:
+        kwargs["remote"] = handle.remote
+    cap = handle.arch.final_logit_softcap
     with torch.no_grad(), handle.model.trace(suffix, use_cache=cache is not None, logits_to_keep=1, **kwargs):
         if first == 0 and ablate is not None:
             handle.embeddings.output -= (handle.embeddings.output @ ablate)[..., None] * ablate
@@ -205,15 +210,24 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
                 handle.layers[i].output -= (handle.layers[i].output @ ablate)[..., None] * ablate
             if keep_hidden:
                 hidden.append(handle.layers[i].output)
-            if lens:
+            if lens or rows:
                 last.append(handle.layers[i].output[:, -1, :])
+        if lens:  # [B, n_layers - first]
+            lens_logits = handle.final_norm(torch.stack(last, dim=1)) @ handle.lm_head.weight[answer_ids[:2]].T
+            if cap:
+                lens_logits = cap * torch.tanh(lens_logits / cap)
+            lens_diff = (lens_logits[..., 0] - lens_logits[..., 1]).save()
         logits = handle.model.output.logits[:, -1, :][:, answer_ids].save()
     logits = logits.float().cpu()
     diff = logits[:, 0] - logits[:, 1] if logits.shape[1] > 1 else torch.full_like(logits[:, 0], float("nan"))
     result = {"logit_diff": diff, "logits": logits, "hidden": hidden}
+    if rows:
+        below = run.baseline["rows"][:first] if first else []
+        result["rows"] = [*(r.expand(batch, -1) for r in below), *last]
     if lens:
-        lens_rows = run.baseline["lens_rows"][:first] if first else []
-        result["lens_rows"] = [*(r.expand(batch, -1) for r in lens_rows), *last]
+        result["lens"] = lens_diff.float().cpu()
+        if first:
+            result["lens"] = torch.cat([run.baseline["lens"][:, :first].expand(batch, -1), result["lens"]], dim=1)
     if attention_keys is not None:
         # Sliding-window layers keep only the window's keys; they are the last ones, the rest get zero weight.
         rows = torch.stack([torch.nn.functional.pad(a.float(), (total - a.shape[-1], 0)) for a in attention], dim=1)
@@ -221,18 +235,6 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
             rows = torch.cat([run.baseline["attention_rows"][:, :first].expand(batch, -1, -1, -1), rows], dim=1)
         result["attention_rows"] = rows
     return result
-
-
-def _lens_diff(handle: ModelHandle, rows: list[torch.Tensor], answer_ids: torch.Tensor) -> torch.Tensor:
-    """Yes−no of the logit lens: final norm, then only the two answer rows of the unembedding. ``[B, n_layers]``."""
-    hidden = torch.stack(rows, dim=1)  # [B, n_layers, D]
-    with torch.no_grad():
-        normed = handle.final_norm._module(hidden)
-        logits = normed @ handle.lm_head._module.weight[answer_ids].T  # [B, n_layers, 2]
-        cap = handle.arch.final_logit_softcap
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-    return (logits[..., 0] - logits[..., 1]).float().cpu()
 
 
 def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
@@ -282,8 +284,10 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
          residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None) -> Readout:
     """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
     validated)."""
-    read_rows = lens or residual_layers is not None  # the last position's layer outputs are read in the trace
+    read_rows = residual_layers is not None  # the last position's layer outputs leave the trace
     batch_size = batch_size or DEFAULT_BATCH
+    if handle.remote:
+        strategy = "full"  # NDIF runs traces, not local caches: recompute the whole prompt per batch
     n = len(trials)
     logit_diff, baseline = torch.empty(n), torch.empty(n)
     logits_out = torch.empty(n, len(answer_ids))
@@ -301,7 +305,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
         keys = torch.zeros(total, dtype=torch.bool)
         keys[start:end] = True
         run = _PromptRun(handle, prompt, start, answer_ids, attention_keys=keys if attention else None,
-                         strategy=strategy, ablate=ablate)
+                         strategy=strategy, ablate=ablate, lens=lens, rows=read_rows)
         suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
         base = run.baseline
         by_layer: dict[int | None, list[int]] = defaultdict(list)
@@ -313,22 +317,23 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
                 if layer is None:  # no injection: the shared pass already measured it
                     out = {"logit_diff": base["logit_diff"].expand(len(chunk)),
                            "logits": base["logits"].expand(len(chunk), -1),
-                           "lens_rows": [r.expand(len(chunk), -1) for r in base["lens_rows"]],
+                           "rows": [r.expand(len(chunk), -1) for r in base.get("rows", [])],
+                           "lens": base["lens"].expand(len(chunk), -1) if lens else None,
                            "attention_rows": base.get("attention_rows")}
                 else:
                     add = torch.stack([trials[i].scale * trials[i].vector.vector for i in chunk])
                     out = _trace(handle, run, batch=len(chunk), layer=layer,
                                  add=add.to(handle.device, handle.dtype), mask=suffix_mask, answer_ids=answer_ids,
-                                 lens=read_rows, attention_keys=keys if attention else None,
+                                 lens=lens, rows=read_rows, attention_keys=keys if attention else None,
                                  skip=strategy == "cached" and not attention)
                 rows = torch.tensor(chunk)
                 logit_diff[rows] = out["logit_diff"]
                 logits_out[rows] = out["logits"]
                 baseline[rows] = base["logit_diff"].expand(len(chunk))
                 if lens:
-                    lens_out[rows] = _lens_diff(handle, out["lens_rows"], answer_ids)
+                    lens_out[rows] = out["lens"]
                 if res_out is not None:
-                    res_out[rows] = torch.stack([out["lens_rows"][i] for i in residual_layers], 1).float().cpu()
+                    res_out[rows] = torch.stack([out["rows"][i] for i in residual_layers], 1).float().cpu()
                 if attention:
                     weights = out["attention_rows"][..., keys.to(out["attention_rows"].device)]
                     att_sum[rows] = weights.sum(-1).cpu()

@@ -90,7 +90,7 @@ class ModelHandle:
     """
 
     def __init__(self, name: str, model: Any, tokenizer: Any, arch: Architecture, *, revision: str,
-                 dtype: torch.dtype, remote: bool = False, base_model: bool = False) -> None:
+                 dtype: torch.dtype, remote: bool | str = False, base_model: bool = False) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -377,10 +377,14 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
-               attn: str = "eager", remote: bool = False, device_map: str | dict | None = None) -> ModelHandle:
+               attn: str = "eager", remote: bool | str = False, device_map: str | dict | None = None
+               ) -> ModelHandle:
     """Load ``name`` (the embedded default, a ``tiny-*`` test model, a hub id or a local folder) as a handle.
 
     ``attn="eager"`` is the default because attention weights (and Gemma-2's softcapping) need it.
+    ``remote=True`` runs every trace on NDIF (a hub id; ``NDIF_API_KEY`` in the environment); ``remote="local"``
+    loads the model here but sends each trace through nnsight's serialization with local modules hidden — a dry
+    run proving the experiment's trace code would run remotely.
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``device_map="auto"`` shards a hub or local model
     over the visible GPUs (accelerate); without it, a model whose weights cannot fit on ``device`` is refused
     before loading, with the sizes in the message.
@@ -390,8 +394,10 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
 
     from introspection_utils.memory import check_fits
 
-    if remote:
-        raise NotImplementedError("remote=True (NDIF) is not available in this version; run locally")
+    if remote not in (False, True, "local"):
+        raise ValueError(f"remote must be False, True (NDIF) or 'local' (a dry run of the remote path), got {remote!r}")
+    if remote is True:
+        return _load_remote(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
     base_model = False
@@ -433,7 +439,44 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     hf_model.eval()
     model = TransformersModel(hf_model, tokenizer=tokenizer)
     short = name.rstrip("/").split("/")[-1].lower()
-    return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model)
+    return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model,
+                       remote=remote)
+
+
+def _load_remote(name: str) -> ModelHandle:
+    """A model hosted on NDIF: weights stay on the server, traces ship there (``NDIF_API_KEY`` from the env).
+
+    Fails fast, with what to do, when the name is not a hub id, the key is missing or NDIF is unreachable.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from nnsight import CONFIG, TransformersModel
+
+    if name in EMBEDDED or name.startswith(("tiny-", "random:")) or Path(name).is_dir():
+        raise ValueError(f"remote=True needs a Hugging Face hub id hosted on NDIF (e.g. "
+                         f"'meta-llama/Llama-3.1-70B-Instruct'), not {name!r}; remote='local' dry-runs the remote "
+                         f"path on a local model")
+    key = os.environ.get("NDIF_API_KEY")
+    if not key:
+        raise ValueError("remote=True needs an NDIF API key in the environment variable NDIF_API_KEY "
+                         "(sign up at https://login.ndif.us)")
+    CONFIG.API.APIKEY = key
+    host = urlparse(CONFIG.API.HOST)
+    try:
+        socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https" else 80)),
+                                 timeout=5).close()
+    except OSError as err:
+        raise ConnectionError(f"NDIF at {CONFIG.API.HOST} is unreachable from here ({err}); remote runs need "
+                              f"network access to it and to the Hugging Face hub") from err
+    model = TransformersModel(name)  # config and tokenizer from the hub; weights stay meta, on the server
+    arch = architecture_of(model._module, model.tokenizer)
+    model.tokenizer.padding_side = "left"
+    if model.tokenizer.pad_token is None:
+        model.tokenizer.pad_token = model.tokenizer.eos_token
+    revision = getattr(model._module.config, "_commit_hash", None) or "ndif"
+    return ModelHandle(name.rstrip("/").split("/")[-1].lower(), model, model.tokenizer, arch, revision=revision,
+                       dtype=torch.bfloat16, remote=True)
 
 
 def _folder_revision(folder: Path) -> str:

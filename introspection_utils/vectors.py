@@ -122,8 +122,9 @@ def last_token_activations(handle: ModelHandle, prompts: Sequence[Prompt], *, ba
         ids = torch.tensor([[pad] * (width - len(p)) + list(p.input_ids) for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does; forward alone would use arange
+        remote = {"remote": handle.remote} if handle.remote else {}
         with torch.no_grad(), handle.model.trace(ids.to(handle.device), attention_mask=mask.to(handle.device),
-                                                 position_ids=positions.to(handle.device)):
+                                                 position_ids=positions.to(handle.device), **remote):
             acts = nnsight.save([layer.output[:, -1, :] for layer in handle.layers])
         out.append(torch.stack([a.float().cpu() for a in acts], dim=1))
     return torch.cat(out)

@@ -38,7 +38,8 @@ def _conda_pip_list() -> list[str]:
 
 def test_environment_yml_and_pyproject_list_the_same_requirements():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pyproject = _requirements([*project["dependencies"], *project["optional-dependencies"]["test"]])
+    extras = project["optional-dependencies"]
+    pyproject = _requirements([*project["dependencies"], *extras["test"], *extras["sae"]])
     conda = _requirements(_conda_pip_list())
     only_pyproject = {n: s for n, s in pyproject.items() if n not in conda}
     only_conda = {n: s for n, s in conda.items() if n not in pyproject}
