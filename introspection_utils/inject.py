@@ -279,13 +279,25 @@ def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Seque
     return readout.logits
 
 
+def _auto_batch_size(handle: ModelHandle, trials: Sequence[Trial]) -> int:
+    """On a GPU, the largest batch the memory estimate allows (refusing when one trial can't fit); on a CPU,
+    ``DEFAULT_BATCH`` (larger batches buy nothing there and only cost memory)."""
+    if handle.remote or handle.device.type != "cuda":
+        return DEFAULT_BATCH
+    from introspection_utils.memory import choose_batch_size
+
+    longest = max(trials, key=lambda t: len(t.prompt))
+    return choose_batch_size(handle, prompt_tokens=len(longest.prompt),
+                             suffix_tokens=len(longest.prompt) - longest.span()[0])
+
+
 def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor, *, lens: bool, attention: bool,
          strategy: Strategy, batch_size: int | None, progress: bool,
          residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None) -> Readout:
     """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
     validated)."""
     read_rows = residual_layers is not None  # the last position's layer outputs leave the trace
-    batch_size = batch_size or DEFAULT_BATCH
+    batch_size = batch_size or _auto_batch_size(handle, trials)
     if handle.remote:
         strategy = "full"  # NDIF runs traces, not local caches: recompute the whole prompt per batch
     n = len(trials)
