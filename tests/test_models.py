@@ -78,8 +78,8 @@ def test_unknown_tiny_family_lists_the_families():
         load_model("tiny-gpt2")
 
 
-def test_remote_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="remote=True"):
+def test_remote_on_a_local_only_model_is_refused_clearly():
+    with pytest.raises(ValueError, match="remote=True needs a Hugging Face hub id"):
         load_model("tiny-llama", remote=True)
 
 
