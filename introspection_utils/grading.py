@@ -143,13 +143,16 @@ def grade(responses: pd.DataFrame, judge: Judge, *, criteria: Sequence[str] = CR
 
     Adds per criterion a verdict column (YES / NO / unparseable) and ``<criterion>_raw`` with the judge's text,
     the pre-grade columns, and ``success`` (coherence AND affirmative_correct_identification, the paper's
-    criterion, when both were graded; NaN when either is unparseable).
+    criterion, when both were graded; NaN when either is unparseable). Identical grader prompts are sent to the
+    judge once and share its verdict (greedy answers to the same uninjected prompt are identical).
     """
     graded = responses.copy()
     for criterion in tqdm(criteria, desc=f"grading ({judge.name})", disable=not progress):
         prompts = [grader_prompt(criterion, question=q, response=r, word=str(w))
                    for q, r, w in zip(graded["question"], graded["response"], graded["concept"], strict=True)]
-        raw = judge(prompts)
+        unique = list(dict.fromkeys(prompts))  # identical prompts (e.g. greedy controls) are asked once
+        answers = dict(zip(unique, judge(unique), strict=True))
+        raw = [answers[p] for p in prompts]
         graded[f"{criterion}_raw"] = raw
         graded[criterion] = [parse_verdict(t) for t in raw]
     pre = pd.DataFrame([pregrade(r, str(w)) for r, w in zip(graded["response"], graded["concept"], strict=True)],
@@ -184,3 +187,154 @@ def rates(graded: pd.DataFrame, column: str, by: Sequence[str]) -> pd.DataFrame:
         rows.append({**dict(zip(by, key, strict=True)), "rate": hits / len(valid) if len(valid) else math.nan,
                      "lo": lo, "hi": hi, "n": len(valid), "unparseable": int(len(values) - len(valid))})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ the grading experiment (07_generation_and_grading)
+
+def make_judge(kind: str, handle: ModelHandle | None = None, *, model: str | None = None, url: str | None = None,
+               api_key_env: str = "OPENAI_API_KEY", max_new_tokens: int = 200) -> Judge:
+    """The judge a notebook names: ``"local"`` — ``model`` loaded with ``load_model`` (``None``: ``handle``, the
+    model that answered); ``"http"`` — :class:`HTTPJudge` at ``url`` (e.g. ``"https://api.openai.com/v1"``) serving
+    ``model``, the key read from the environment variable ``api_key_env``. ``max_new_tokens`` bounds the judge's
+    text (a judge that thinks out loud needs a few hundred tokens, or its last line is cut and unparseable)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if kind == "local":
+        if model is None:
+            if handle is None:
+                raise ValueError("judge 'local' with model=None judges with the handle given; pass one")
+            return LocalJudge(handle, max_new_tokens=max_new_tokens)
+        from introspection_utils.models import load_model
+
+        return LocalJudge(load_model(model), max_new_tokens=max_new_tokens)
+    if kind == "http":
+        if not url or not model:
+            raise ValueError("judge 'http' needs url (an OpenAI-compatible base URL, e.g. "
+                             "'https://api.openai.com/v1') and model (the name the endpoint serves)")
+        return HTTPJudge(url, model, api_key_env=api_key_env, max_tokens=max_new_tokens)
+    raise ValueError(f"unknown judge {kind!r}; use 'local' or 'http'")
+
+
+def run_grading(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int, judge: Judge,
+                criteria: Sequence[str] = CRITERIA, samples: int = 1, max_new_tokens: int = 100,
+                temperature: float = 0.0, seed: int = 0, question: str | None = None,
+                results_dir: str | os.PathLike | None = None, name: str = "graded_responses", progress: bool = True):
+    """Free-text answers under injection (:func:`generation.response_table`: every concept × scale × sample, scale 0
+    = no injection) graded by ``judge`` on ``criteria`` (:func:`grade`). Returns a :class:`sweeps.SweepResult`
+    (the graded table and how it was made: model, prompt hash, generation settings, judge, criteria, versions);
+    with ``results_dir`` saved as ``<results_dir>/<name>.csv`` and ``.meta.json``."""
+    from pathlib import Path
+
+    from introspection_utils.generation import response_table
+    from introspection_utils.prompts import introspection_prompt
+    from introspection_utils.sweeps import SweepResult, SweepSpec, metadata
+
+    unknown = [c for c in criteria if c not in CRITERIA]
+    if unknown or not criteria:
+        raise ValueError(f"criteria {list(criteria)}: choose one or more of {', '.join(CRITERIA)}")
+    responses = response_table(handle, concepts, scales, layer=layer, samples=samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed, question=question, progress=progress)
+    graded = grade(responses, judge, criteria=criteria, progress=progress)
+    spec = SweepSpec(concepts=tuple(concepts), scales=tuple(float(s) for s in scales), layers=(layer,), controls=(),
+                     n_random=0, seed=seed, introspection=question)
+    meta = metadata(handle, spec, [introspection_prompt(handle, question).hash])
+    meta.update(experiment="generation_grading", judge=judge.name, criteria=list(criteria),
+                generation={"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature})
+    result = SweepResult(graded, meta)
+    if results_dir is not None:
+        result.save(Path(results_dir) / name)
+    return result
+
+
+def _pregrade_detects(graded: pd.DataFrame) -> pd.Series:
+    """The pre-grade's analogue of the paper's success: affirms, names the concept, and does not start with it."""
+    return graded["affirms"] & graded["names_concept"] & ~graded["starts_with_concept"]
+
+
+def detection_rates(graded: pd.DataFrame) -> pd.DataFrame:
+    """Detection and false-positive rates by scale, from the judge and from the pre-grade, with Wilson 95% CIs.
+
+    * detection, judge: ``success`` (coherence AND affirmative_correct_identification) on injected rows;
+    * false positive, judge: ``affirmative`` (claims an injected thought) on the no-injection rows (scale 0);
+    * the same two from the pre-grade: affirms AND names the concept AND does not start with it (injected rows);
+      affirms (no-injection rows).
+
+    A judge rate whose criteria were not graded is left out. Columns: ``measure, source, scale, rate, lo, hi, n,
+    unparseable`` (unparseable rows are excluded from ``n`` and counted).
+    """
+    pre = graded.assign(pregrade_detects=_pregrade_detects(graded))
+    parts = []
+    for measure, source, rows, column in (
+            ("detection", "judge", graded[graded["injected"]], "success"),
+            ("false positive", "judge", graded[~graded["injected"]], "affirmative"),
+            ("detection", "pre-grade", pre[pre["injected"]], "pregrade_detects"),
+            ("false positive", "pre-grade", pre[~pre["injected"]], "affirms")):
+        if column in rows and len(rows):
+            parts.append(rates(rows, column, ["scale"]).assign(measure=measure, source=source))
+    columns = ["measure", "source", "scale", "rate", "lo", "hi", "n", "unparseable"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)[columns]
+
+
+def side_by_side(graded: pd.DataFrame, *, width: int = 90) -> pd.DataFrame:
+    """One row per answer: the (shortened, one-line) response, the pre-grade beside the judge's verdicts."""
+    verdicts = [c for c in CRITERIA if c in graded]
+    shown = graded["response"].str.replace(r"\s+", " ", regex=True).str.strip()
+    shown = shown.where(shown.str.len() <= width, shown.str.slice(0, width - 1) + "…")
+    table = graded[["concept", "scale", "sample"]].assign(response=shown)
+    table = pd.concat([table, graded[["names_concept", "starts_with_concept", "affirms"]]], axis=1)
+    table["pregrade_detects"] = _pregrade_detects(graded)
+    table = pd.concat([table, graded[verdicts]], axis=1)
+    if "success" in graded:
+        table["success"] = graded["success"]
+    return table.reset_index(drop=True)
+
+
+def _count(hits: int, n: int) -> str:
+    if n == 0:
+        return "none gradable"
+    lo, hi = wilson_interval(hits, n)
+    return f"{hits} of {n} ({hits / n:.0%}, 95% CI {lo:.0%}–{hi:.0%})"
+
+
+def describe_grading(graded: pd.DataFrame) -> str:
+    """Sentences computed from a graded table: unparseable verdicts, detection and false-positive rates (judge and
+    pre-grade), where the two agree, and how many distinct answers the no-injection rows hold."""
+    verdicts = [c for c in CRITERIA if c in graded]
+    total = len(graded) * len(verdicts)
+    bad = {c: int(graded[c].eq(UNPARSEABLE).sum()) for c in verdicts}
+    n_bad = sum(bad.values())
+    parts = [f"Judge {graded['judge'].iloc[0]}: {n_bad} of {total} verdicts unparseable ({n_bad / max(total, 1):.0%}; "
+             + ", ".join(f"{c} {k}" for c, k in bad.items()) + ")."]
+    injected, control = graded[graded["injected"]], graded[~graded["injected"]]
+    pre = _pregrade_detects(graded)
+    if "success" in graded and len(injected):
+        valid = injected["success"].dropna()
+        by_scale = injected.groupby("scale")["success"].agg(["sum", "count"])
+        parts.append(f"Detection (coherent AND affirmative with correct identification) on the {len(injected)} "
+                     f"injected answers: {_count(int(valid.sum()), len(valid))}, {len(injected) - len(valid)} "
+                     f"unparseable; by scale: " + ", ".join(f"{s:g}: {int(r['sum'])}/{int(r['count'])}"
+                                                           for s, r in by_scale.iterrows()) + ".")
+    elif len(injected):
+        parts.append("Detection by the judge needs both coherence and affirmative_correct_identification graded.")
+    if len(control):
+        distinct = control["response"].nunique()
+        if "affirmative" in graded:
+            valid = control["affirmative"][control["affirmative"] != UNPARSEABLE]
+            parts.append(f"False positives (the judge says the answer claims an injected thought) on the "
+                         f"{len(control)} no-injection answers: {_count(int(valid.eq('YES').sum()), len(valid))}.")
+        else:
+            parts.append("False positives by the judge need the 'affirmative' criterion graded.")
+        parts.append(f"The no-injection rows hold {distinct} distinct answer(s) of {len(control)}"
+                     + (" (greedy decoding: the same prompt gives the same answer)." if distinct < len(control)
+                        else "."))
+    parts.append(f"Pre-grade (affirms, names the concept, does not start with it): detection "
+                 f"{_count(int(pre[graded['injected']].sum()), len(injected))}; false positives (affirms) "
+                 f"{_count(int(graded.loc[~graded['injected'], 'affirms'].sum()), len(control))}.")
+    if "affirmative" in graded:
+        both = graded[graded["affirmative"] != UNPARSEABLE]
+        agree = int((both["affirmative"].eq("YES") == both["affirms"]).sum())
+        parts.append(f"The judge's 'affirmative' verdict and the pre-grade's 'affirms' agree on {agree} of "
+                     f"{len(both)} parseable answers.")
+    return " ".join(parts)

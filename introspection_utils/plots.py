@@ -430,3 +430,121 @@ def plot_atlas(table: pd.DataFrame, sweep: pd.DataFrame | None = None) -> plt.Fi
 
 
 __all__ += ["plot_localization", "plot_atlas", "LOCALIZATION_COLORS", "CLASS_COLORS"]
+
+
+# ------------------------------------------------------------------------------------- grading, refusal ablation
+# (07_generation_and_grading, 08_refusal_ablation) Judge solid, pre-grade open markers dashed; detection in the
+# introspection colour, false positives (no-injection answers) in the baseline colour. Ablation: the same colours,
+# solid without it and dashed with the refusal direction projected out.
+
+def plot_detection_rates(graded: pd.DataFrame, *, ax: plt.Axes | None = None) -> plt.Figure:
+    """Detection rate (injected answers) and false-positive rate (no-injection answers, scale 0) vs scale, from the
+    judge and from the pre-grade, with Wilson 95% intervals. ``graded``: a :func:`grading.grade` table."""
+    from introspection_utils.grading import detection_rates
+
+    table = detection_rates(graded)
+    fig, ax = _axes(ax)
+    span = float(graded["scale"].max() - graded["scale"].min()) or 1.0
+    labels = {("detection", "judge"): "detection, judge (coherent AND correct identification)",
+              ("false positive", "judge"): "false positive, judge (claims a thought, no injection)",
+              ("detection", "pre-grade"): "detection, pre-grade (affirms + names concept, not first)",
+              ("false positive", "pre-grade"): "false positive, pre-grade (affirms, no injection)"}
+    for (measure, source), group in table.groupby(["measure", "source"], sort=False):
+        judge = source == "judge"
+        group = group.sort_values("scale").dropna(subset=["rate"])
+        if group.empty:  # every verdict unparseable: said in the legend, not drawn
+            ax.plot([], [], ls="none", label=f"{labels[(measure, source)]}: no parseable verdict")
+            continue
+        xs = group["scale"].to_numpy(float) + (0 if judge else 0.012 * span)
+        err = np.vstack([group["rate"] - group["lo"], group["hi"] - group["rate"]])
+        color = PALETTE["introspection"] if measure == "detection" else PALETTE["baseline"]
+        ax.errorbar(xs, group["rate"], yerr=err, marker="o" if judge else "s", ms=6, capsize=3, color=color,
+                    ls="-" if judge else "--", lw=2.2 if judge else 1.2, mfc=color if judge else "white",
+                    label=f"{labels[(measure, source)]}, n≤{int(group['n'].max())}")
+    ax.set_ylim(-0.03, 1.03)
+    concepts = ", ".join(str(c) for c in dict.fromkeys(graded["concept"]))
+    _finish(ax, f"{graded['model'].iloc[0]} · concepts {concepts} · layer {int(graded['layer'].iloc[0])}\n"
+                f"free-text answers graded by {graded['judge'].iloc[0]} (Wilson 95% intervals)",
+            "scale (× raw concept vector; 0 = no injection)", ylabel="rate (fraction of gradable answers)")
+    return fig
+
+
+def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.Axes | None = None) -> plt.Figure:
+    """Held-out separation (Cohen's d) of the refusal direction at every layer, the eligible depth window shaded and
+    the chosen layer marked. ``table``: :func:`refusal.refusal_directions`' table."""
+    fig, ax = _axes(ax)
+    eligible = table[table["eligible"]]
+    if len(eligible):
+        ax.axvspan(eligible["layer"].min() - 0.5, eligible["layer"].max() + 0.5, color=PALETTE["baseline"],
+                   alpha=0.12, lw=0, label="eligible layers (depth window)")
+    ax.plot(table["layer"], table["heldout_d"], color="black", marker="o", ms=4, lw=1.6,
+            label="held-out Cohen's d (harmful vs harmless projections)")
+    d = float(table.loc[table["layer"] == best, "heldout_d"].iloc[0])
+    ax.plot([best], [d], marker="*", ms=18, color="#D55E00", ls="none", zorder=5,
+            label=f"chosen: layer {best} (d = {d:.2f})")
+    _finish(ax, f"{model_name(model)} · refusal direction (mean harmful − mean harmless) · layers "
+                f"0–{int(table['layer'].max())}\nheld-out separation by layer; chosen = largest d among eligible "
+                f"layers",
+            "layer (decoder-layer index)", ylabel="held-out Cohen's d (projection separation)")
+    return fig
+
+
+def _ablation_lines(df: pd.DataFrame, x: str) -> dict[str, pd.Series]:
+    """Introspection, control mean and the introspection no-injection baseline of a scale sweep (``x="scale"``) or
+    of a logit-lens table (``x="lens_layer"``), concept vector only."""
+    y, base = ("logit_diff", "baseline_logit_diff") if x == "scale" else ("lens_diff", "baseline_lens_diff")
+    rows = df[df["vector_kind"] == "concept"]
+    intro, control = rows[rows["question_kind"] == "introspection"], rows[rows["question_kind"] == "control"]
+    return {"introspection": intro.groupby(x)[y].mean(),
+            "control": control.groupby([x, "question"])[y].mean().groupby(level=0).mean(),
+            "baseline": intro.groupby(x)[base].mean()}
+
+
+def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, x: str = "scale",
+                             mark: float | None = None, ax: plt.Axes | None = None) -> plt.Figure:
+    """Introspection and control mean without (solid) and with (dashed) the refusal direction ablated, with the
+    introspection no-injection baseline (grey) of each. ``x="scale"``: two :func:`sweeps.scale_sweep` tables (one
+    layer); ``x="lens_layer"``: two :func:`probes.lens_profile` tables (one scale per concept). ``mark``: a scale
+    to mark with a vertical line (e.g. where the answer switches back to no)."""
+    if x not in ("scale", "lens_layer"):
+        raise ValueError(f"x {x!r}: use 'scale' (sweep tables) or 'lens_layer' (logit-lens tables)")
+    a, b = _select(plain, concept), _select(ablated, concept)
+    if x == "scale":
+        a, layer = _only(a, "layer", None, "layer")
+        b, _ = _only(b, "layer", layer, "layer")
+    fig, ax = _axes(ax)
+    for df, ls, suffix in ((a, "-", ""), (b, "--", ", refusal direction ablated")):
+        lines = _ablation_lines(df, x)
+        ax.plot(lines["control"].index, lines["control"].values, color=PALETTE["control"], lw=2.0, ls=ls,
+                marker="s", ms=4, label=f"control mean{suffix}")
+        ax.plot(lines["introspection"].index, lines["introspection"].values, color=PALETTE["introspection"], lw=2.4,
+                ls=ls, marker="o", ms=5, label=f"introspection question{suffix}")
+        ax.plot(lines["baseline"].index, lines["baseline"].values, color=PALETTE["baseline"], lw=1.2, ls=ls,
+                label=f"no injection: introspection{suffix}")
+    ax.axhline(0.0, color="black", lw=0.6, alpha=0.6)
+    layer = int(a["layer"].iloc[0])
+    if mark is not None:
+        ax.axvline(mark, color="#D55E00", ls=":", lw=1.4, label=f"switch-back scale {mark:g}")
+    if x == "scale":
+        norm = float(a.loc[a["vector_kind"] == "concept", "vector_norm"].iloc[0])
+        _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep with and without "
+                    f"refusal-direction ablation", scale_label(norm))
+    else:
+        ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
+        _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}, scale "
+                    f"{float(a['scale'].iloc[0]):g}\nlogit lens with and without refusal-direction ablation",
+                "read-out layer i (residual after layer i → final norm → unembedding)",
+                ylabel="yes − no logit difference at that layer (logits)")
+    return fig
+
+
+def ablation_panels(plain: pd.DataFrame, ablated: pd.DataFrame, concepts: Sequence[str], *, x: str = "scale",
+                    marks: dict[str, float] | None = None, **kwargs: Any) -> plt.Figure:
+    """One :func:`plot_ablation_comparison` panel per concept, side by side (``marks``: a scale per concept)."""
+    marks = marks or {}
+    return plot_grid(lambda concept, ax, **kw: plot_ablation_comparison(
+        plain, ablated, concept, x=x, mark=marks.get(concept) if x == "scale" else None, ax=ax, **kw),
+        list(concepts), **kwargs)
+
+
+__all__ += ["plot_detection_rates", "plot_refusal_layers", "plot_ablation_comparison", "ablation_panels"]

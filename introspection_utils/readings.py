@@ -317,3 +317,141 @@ def time_call(fn, *args, **kwargs) -> tuple[object, float]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ refusal ablation
+
+def switch_back_scale(curve: pd.Series, baseline: float) -> float | None:
+    """Where the introspection answer switches back at high scale: after the curve's maximum over injected scales
+    (> 0), the first larger scale at which it drops below zero ("no") — when the maximum leaned "yes" (> 0) — or
+    else below its no-injection ``baseline`` (when the maximum rose above the baseline without reaching "yes").
+    ``None`` when the curve never rose above that threshold, or never drops back below it after its maximum.
+
+    ``curve``: the introspection logit difference indexed by scale (e.g. ``curves(df, c)["introspection"]``)."""
+    injected = curve[curve.index > 0].sort_index()
+    if injected.empty:
+        return None
+    peak, top = injected.idxmax(), float(injected.max())
+    threshold = 0.0 if top > 0 else float(baseline)
+    if not top > threshold:
+        return None
+    after = injected[(injected.index > peak) & (injected < threshold)]
+    return float(after.index[0]) if len(after) else None
+
+
+def choose_switch_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
+    """The scale at which to read the logit lens where the introspection answer switches back (see
+    :func:`switch_back_scale`), and a sentence saying how it was chosen. Stated fallback when it never switches
+    back: the scale after the maximum with the lowest introspection value (the largest drop), or the largest scale
+    when the maximum is at the largest scale."""
+    c = curves(df, concept, layer=layer)
+    intro, base = c["introspection"], float(c["introspection_baseline"].iloc[0])
+    injected = intro[intro.index > 0]
+    peak, top = float(injected.idxmax()), float(injected.max())
+    switch = switch_back_scale(intro, base)
+    head = f"{concept}: the introspection curve peaks at scale {_fmt(peak)} ({top:+.2f}; no injection {base:+.2f})"
+    if switch is not None:
+        target = "zero (the answer switches back to no)" if top > 0 else f"its no-injection baseline ({base:+.2f})"
+        return switch, f"{head} and drops below {target} at scale {_fmt(switch)} ({intro.loc[switch]:+.2f}); " \
+                       f"using scale {_fmt(switch)}."
+    after = injected[injected.index > peak]
+    if top <= 0 and top <= base:
+        why = "it never rises above zero or its no-injection baseline, so nothing switches back"
+    else:
+        why = (f"it never drops back below {'zero' if top > 0 else 'its baseline'} after the peak"
+               if len(after) else "the peak is at the largest scale")
+    fallback = float(after.idxmin()) if len(after) else float(injected.index.max())
+    rule = ("the scale after the peak with the lowest introspection value" if len(after) else "the largest scale")
+    return fallback, f"{head}; {why}; fallback: {rule}, {_fmt(fallback)} ({intro.loc[fallback]:+.2f})."
+
+
+def ablation_effect(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, from_scale: float = 0.0,
+                    layer: int | None = None) -> dict:
+    """What ablating a direction does to one concept's scale sweep, averaged over scales ≥ ``from_scale`` (and
+    > 0): ``introspection`` and ``control`` (mean of ablated − plain logit differences), ``baseline`` (the change of
+    the introspection no-injection baseline), ``introspection_delta`` (the change measured from each run's own
+    baseline), ``n`` (scales averaged), and the switch-back scale of each run (``switch_plain``,
+    ``switch_ablated``; ``None`` = none)."""
+    p, a = curves(plain, concept, layer=layer), curves(ablated, concept, layer=layer)
+    if list(p.index) != list(a.index):
+        raise ValueError(f"the two sweeps have different scales ({list(p.index)} vs {list(a.index)})")
+    keep = (p.index >= from_scale) & (p.index > 0)
+    if not keep.any():
+        raise ValueError(f"no injected scale >= {from_scale:g} in the sweeps ({list(p.index)})")
+    di = float((a["introspection"] - p["introspection"])[keep].mean())
+    db = float(a["introspection_baseline"].iloc[0] - p["introspection_baseline"].iloc[0])
+    return {"introspection": di, "control": float((a["control_mean"] - p["control_mean"])[keep].mean()),
+            "baseline": db, "introspection_delta": di - db, "n": int(keep.sum()),
+            "switch_plain": switch_back_scale(p["introspection"], p["introspection_baseline"].iloc[0]),
+            "switch_ablated": switch_back_scale(a["introspection"], a["introspection_baseline"].iloc[0])}
+
+
+def describe_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, from_scale: float = 0.0,
+                      layer: int | None = None) -> str:
+    """Sentences on :func:`ablation_effect`: how ablating the refusal direction moves the introspection curve and
+    the control mean at high scales, and whether the answer still switches back to no."""
+    e = ablation_effect(plain, ablated, concept, from_scale=from_scale, layer=layer)
+    verb = "raises" if e["introspection"] > 0 else "lowers"
+    text = (f"{concept}: ablating the refusal direction {verb} the introspection curve at scales ≥ {_fmt(from_scale)} "
+            f"by {abs(e['introspection']):.2f} logits on average ({e['n']} scale(s)); the control mean moves by "
+            f"{e['control']:+.2f}. Without injection the ablation moves the introspection answer by "
+            f"{e['baseline']:+.2f}, so measured from each run's own baseline the change is "
+            f"{e['introspection_delta']:+.2f}.")
+    def switch_text(df: pd.DataFrame, at: float | None) -> str:
+        if at is not None:
+            return f"switches back at scale {_fmt(at)}"
+        c = curves(df, concept, layer=layer)
+        top, base = c.loc[c.index > 0, "introspection"].max(), c["introspection_baseline"].iloc[0]
+        if top <= 0 and top <= base:
+            return "never rises above zero or its baseline (nothing to switch back from)"
+        return "does not drop back after its peak"
+
+    return text + (f" Without ablation the introspection answer {switch_text(plain, e['switch_plain'])}; with "
+                   f"ablation it {switch_text(ablated, e['switch_ablated'])}.")
+
+
+def describe_lens_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str) -> str:
+    """Sentences comparing two logit-lens tables (:func:`probes.lens_profile`, without and with ablation) of one
+    concept: the last-layer read-outs and the read-out layer where the ablation changes the introspection answer
+    most."""
+    def lines(lens):
+        sub = _concept_rows(lens, concept)
+        sub = sub[sub["vector_kind"] == "concept"]
+        mean = sub.groupby(["question_kind", "lens_layer"])["lens_diff"].mean()
+        return mean.loc["introspection"], mean.loc["control"], sub
+
+    def baseline(sub):
+        rows = sub[sub["question_kind"] == "introspection"]
+        return rows.groupby("lens_layer")["baseline_lens_diff"].mean()
+
+    pi, pc, sub = lines(plain)
+    ai, ac, sub_ablated = lines(ablated)
+    last, inj = int(pi.index.max()), int(sub["layer"].iloc[0])
+    change = (ai - pi).loc[inj:]  # from the injection layer on, where the injected and plain lenses differ
+    base_change = (baseline(sub_ablated) - baseline(sub)).loc[inj:]
+    k = int(change.abs().idxmax())
+    return (f"{concept} (injected at layer {inj}, scale {_fmt(float(sub['scale'].iloc[0]))}): at the last layer the "
+            f"introspection lens reads {pi.loc[last]:+.2f} without ablation and {ai.loc[last]:+.2f} with it; the "
+            f"control mean {pc.loc[last]:+.2f} → {ac.loc[last]:+.2f}. From the injection layer on, the ablation "
+            f"changes the injected introspection read-out most at layer {k} ({change.loc[k]:+.2f}); at that layer it "
+            f"changes the same question without injection by {base_change.loc[k]:+.2f}.")
+
+
+def describe_refusal_layers(table: pd.DataFrame, best: int) -> str:
+    """Sentences on the refusal direction's layer table: the layer used, its held-out d, the best eligible layer
+    and the overall maximum."""
+    rows = table.set_index("layer")
+    eligible = table[table["eligible"]]
+    chosen = int(eligible.loc[eligible["heldout_d"].idxmax(), "layer"])
+    top = int(table.loc[table["heldout_d"].idxmax(), "layer"])
+    d, norm = rows.loc[best, "heldout_d"], rows.loc[best, "norm"]
+    if best == chosen:
+        text = (f"Refusal direction: among the eligible layers {int(eligible['layer'].min())}–"
+                f"{int(eligible['layer'].max())} the largest held-out separation is at layer {best} (Cohen's d = "
+                f"{d:.2f}, direction norm {norm:.3g}); ")
+    else:
+        text = (f"Refusal direction: layer {best} was given (Cohen's d = {d:.2f}, norm {norm:.3g}); the criterion "
+                f"would choose layer {chosen} (d = {rows.loc[chosen, 'heldout_d']:.2f}); ")
+    if top == chosen:
+        return text + "it is also the largest over all layers."
+    return text + f"over all layers the largest is at layer {top} (d = {rows.loc[top, 'heldout_d']:.2f})."
