@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from introspection_utils.vectors import VectorBank
 
 # Okabe–Ito colours (colour-blind safe), one per condition, for the whole series.
+LENS_XLABEL = "read-out layer i (residual after layer i → final norm → unembedding)"
+LENS_YLABEL = "yes − no logit difference at that layer (logits)"
 PALETTE: dict[str, str] = {
     "introspection": "#0072B2",  # blue
     "control": "#E69F00",  # orange
@@ -213,8 +215,7 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
     ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
     _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}\n"
                 f"logit lens at the answer position, scale {scale:g} (× raw concept vector)",
-            "read-out layer i (residual after layer i → final norm → unembedding)",
-            ylabel="yes − no logit difference at that layer (logits)")
+            LENS_XLABEL, ylabel=LENS_YLABEL)
     return fig
 
 
@@ -533,8 +534,7 @@ def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept
         ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
         _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}, scale "
                     f"{float(a['scale'].iloc[0]):g}\nlogit lens with and without refusal-direction ablation",
-                "read-out layer i (residual after layer i → final norm → unembedding)",
-                ylabel="yes − no logit difference at that layer (logits)")
+                LENS_XLABEL, ylabel=LENS_YLABEL)
     return fig
 
 
