@@ -21,8 +21,8 @@ import torch
 
 from introspection_utils.inject import Trial, measure
 from introspection_utils.models import DEFAULT_MODEL, ModelHandle, load_model
-from introspection_utils.prompts import control_questions, introspection_prompt, yes_no_ids
-from introspection_utils.vectors import concept_vectors, random_vector
+from introspection_utils.prompts import question_prompts, yes_no_ids
+from introspection_utils.vectors import concept_vectors, with_random
 
 CONCEPTS = ("Sandwich", "Water", "Bomb", "Confusion", "Logic")
 SCALES = (0, 1, 2, 3, 4, 6, 8, 12)
@@ -32,11 +32,8 @@ N_CONTROLS = 10
 def standard_trials(handle: ModelHandle, layer: int) -> list[Trial]:
     """The 880 trials of the standard sweep (fewer only if the model has fewer control questions)."""
     bank = concept_vectors(handle, CONCEPTS, progress=False)
-    vectors = []
-    for concept in CONCEPTS:
-        vector = bank.get(concept, layer)
-        vectors += [vector, random_vector(vector, seed=0)]
-    prompts = [introspection_prompt(handle)] + [introspection_prompt(handle, q) for q in control_questions(N_CONTROLS)]
+    vectors = [v for concept in CONCEPTS for v in with_random(bank.get(concept, layer), 1)]
+    prompts = question_prompts(handle, N_CONTROLS)
     return [Trial(p, v, float(s)) for p in prompts for v in vectors for s in SCALES]
 
 

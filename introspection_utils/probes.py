@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import answer_token_id, control_questions, introspection_prompt
-from introspection_utils.vectors import VectorBank, concept_vectors, random_vector
+from introspection_utils.prompts import answer_token_id, control_questions, introspection_prompt, question_prompts
+from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -55,11 +55,10 @@ def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | d
     if missing:
         raise ValueError(f"no scale given for concept(s) {missing}")
     bank = bank or concept_vectors(handle, concepts, progress=False)
-    prompts = [introspection_prompt(handle)] + [introspection_prompt(handle, q) for q in control_questions(n_controls)]
+    prompts = question_prompts(handle, n_controls)
     trials, rows = [], []
     for concept in concepts:
-        vector = bank.get(concept, layer)
-        for v in [vector, *(random_vector(vector, seed + k) for k in range(n_random))]:
+        for v in with_random(bank.get(concept, layer), n_random, seed):
             for prompt in prompts:
                 trials.append(Trial(prompt, v, float(per_concept[concept])))
                 rows.append((concept, v.kind, v.seed, prompt.kind, prompt.question))

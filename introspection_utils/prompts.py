@@ -124,6 +124,13 @@ def control_questions(n: int | None = None) -> list[str]:
     return questions[:n]
 
 
+def question_prompts(handle: ModelHandle, n_controls: int | None = None, *, frame: Frame = "paper") -> list[Prompt]:
+    """The introspection prompt followed by the first ``n_controls`` control questions in the same frame."""
+    controls = control_questions(n_controls) if n_controls != 0 else []
+    return [introspection_prompt(handle, frame=frame)] + [introspection_prompt(handle, q, frame=frame)
+                                                          for q in controls]
+
+
 def extraction_prompt(handle: ModelHandle, word: str, *, system: str | None = None) -> Prompt:
     """"Tell me about {word}" (word lowercased, as in the paper), read at the last token before the answer."""
     user = load_prompts()["concept_extraction"]["user"].format(word=word.lower())

@@ -52,7 +52,13 @@ from tqdm.auto import tqdm
 from introspection_utils.data import load_list, load_prompts
 from introspection_utils.inject import Trial, residuals
 from introspection_utils.models import cache_dir
-from introspection_utils.prompts import chat_prompt, control_questions, introspection_prompt, yes_no_ids
+from introspection_utils.prompts import (
+    chat_prompt,
+    control_questions,
+    introspection_prompt,
+    question_prompts,
+    yes_no_ids,
+)
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
@@ -547,7 +553,7 @@ def sae_features(handle: ModelHandle, saes: Any, concepts: Sequence[str], *, lay
     A tidy table (:data:`FEATURE_COLUMNS`), one row per trial × SAE layer × feature *active with or without the
     injection* (an absent feature is 0 in both): ``act_without``/``act_with`` and their difference ``gain``.
     """
-    from introspection_utils.vectors import concept_vectors, random_vector
+    from introspection_utils.vectors import concept_vectors, with_random
 
     handle.check_layer(layer)
     saes = _as_layer_map(handle, saes)
@@ -556,11 +562,10 @@ def sae_features(handle: ModelHandle, saes: Any, concepts: Sequence[str], *, lay
         raise ValueError(f"SAE layer(s) {early} are below the injection layer {layer}: the injection cannot reach "
                          f"them")
     bank = bank or concept_vectors(handle, concepts, progress=False)
-    prompts = [introspection_prompt(handle)] + [introspection_prompt(handle, q) for q in control_questions(n_controls)]
+    prompts = question_prompts(handle, n_controls)
     trials, info = [], []
     for concept in concepts:
-        vector = bank.get(concept, layer)
-        for v in [vector, *(random_vector(vector, seed + j) for j in range(n_random))]:
+        for v in with_random(bank.get(concept, layer), n_random, seed):
             for prompt in prompts:
                 trials.append(Trial(prompt, v, float(scale)))
                 info.append({"model": handle.name, "concept": concept, "vector_kind": v.kind, "vector_seed": v.seed,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from introspection_utils.inject import Trial, measure
 from introspection_utils.models import package_version
 from introspection_utils.prompts import control_questions, introspection_prompt
-from introspection_utils.vectors import VectorBank, concept_vectors, random_vector
+from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -132,9 +132,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     vectors = []
     for concept in spec.concepts:
         for layer in spec.layers:
-            vector = bank.get(concept, layer)
-            vectors.append(vector)
-            vectors.extend(random_vector(vector, spec.seed + k) for k in range(spec.n_random))
+            vectors.extend(with_random(bank.get(concept, layer), spec.n_random, spec.seed))
     chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{spec.hash}" if results_dir is not None else None
     if chunk_dir is not None:
         chunk_dir.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,11 @@ def random_vector(like: ConceptVector, seed: int) -> ConceptVector:
     return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model)
 
 
+def with_random(vector: ConceptVector, n_random: int, seed: int = 0) -> list[ConceptVector]:
+    """``vector`` followed by ``n_random`` norm-matched random vectors (seeds ``seed .. seed + n_random − 1``)."""
+    return [vector, *(random_vector(vector, seed + k) for k in range(n_random))]
+
+
 @dataclass(frozen=True, eq=False)
 class VectorBank:
     """Concept vectors of several words at every layer: ``vectors[word_index, layer]`` is ``[d_model]``."""

@@ -179,3 +179,12 @@ def test_embedded_model_injection_starts_on_the_newline_token(smollm):
     assert prompt.system == "template default"
     yes, no = yes_no_ids(smollm)
     assert smollm.tokenizer.decode([yes]) == "Yes" and smollm.tokenizer.decode([no]) == "No"
+
+
+def test_question_prompts_are_the_introspection_question_then_the_controls(tiny_llama):
+    from introspection_utils.prompts import question_prompts
+
+    prompts = question_prompts(tiny_llama, 3)
+    assert [p.kind for p in prompts] == ["introspection", "control", "control", "control"]
+    assert [p.question for p in prompts[1:]] == control_questions(3)
+    assert [p.kind for p in question_prompts(tiny_llama, 0)] == ["introspection"]

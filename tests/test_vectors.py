@@ -276,3 +276,12 @@ def test_embedded_model_concept_vectors_match_the_reference(smollm, oracle):
     bank = concept_vectors(smollm, ["Dust"], baseline_words=BASELINE[:2], cache=False, progress=False)
     assert bank.vectors.shape == (1, 30, 576)
     oracle.assert_close(bank.vectors, reference_concept_vectors(oracle, smollm, ["Dust"], BASELINE[:2]))
+
+
+def test_with_random_puts_the_concept_vector_first_then_seeded_randoms(tiny_llama):
+    from introspection_utils.vectors import with_random
+
+    dust = concept_vectors(tiny_llama, WORDS, baseline_words=BASELINE, cache=False, progress=False).get("Dust", 1)
+    vectors = with_random(dust, 2, seed=5)
+    assert vectors[0] is dust and [v.seed for v in vectors[1:]] == [5, 6]
+    assert all(v.kind == "random" and v.norm == pytest.approx(dust.norm, rel=1e-5) for v in vectors[1:])
