@@ -116,10 +116,14 @@ class Readout:
     ``attention_sum``/``attention_max [n, n_layers, n_heads]`` and ``baseline [n]`` (the trial's prompt uninjected).
     ``logits [n, k]``: the raw logits of the k answer tokens read (``k = 2``, yes then no, for :func:`measure`).
     ``residuals [n, len(layers), D]``: the residual stream (decoder-layer outputs) at the last position, for
-    :func:`residuals`."""
+    :func:`residuals`. ``answer_mass [n]`` / ``baseline_answer_mass [n]``: P(yes) + P(no) under the full softmax at
+    the answer position, injected and uninjected — how much of the model's next-token probability the two answers
+    hold (a yes−no difference read where this is small says little about what the model would answer)."""
 
     logit_diff: torch.Tensor
     baseline: torch.Tensor
+    answer_mass: torch.Tensor
+    baseline_answer_mass: torch.Tensor
     lens: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
     attention_max: torch.Tensor | None = None
@@ -217,10 +221,13 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
             if cap:
                 lens_logits = cap * torch.tanh(lens_logits / cap)
             lens_diff = (lens_logits[..., 0] - lens_logits[..., 1]).save()
-        logits = handle.model.output.logits[:, -1, :][:, answer_ids].save()
+        final = handle.model.output.logits[:, -1, :]
+        logits = final[:, answer_ids].save()
+        log_partition = final.float().logsumexp(-1).save()  # [B]: normalises the answer logits to probabilities
     logits = logits.float().cpu()
     diff = logits[:, 0] - logits[:, 1] if logits.shape[1] > 1 else torch.full_like(logits[:, 0], float("nan"))
-    result = {"logit_diff": diff, "logits": logits, "hidden": hidden}
+    mass = (logits[:, :2] - log_partition.float().cpu()[:, None]).exp().sum(-1)
+    result = {"logit_diff": diff, "logits": logits, "hidden": hidden, "answer_mass": mass}
     if rows:
         below = run.baseline["rows"][:first] if first else []
         result["rows"] = [*(r.expand(batch, -1) for r in below), *last]
@@ -302,6 +309,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
         strategy = "full"  # NDIF runs traces, not local caches: recompute the whole prompt per batch
     n = len(trials)
     logit_diff, baseline = torch.empty(n), torch.empty(n)
+    mass, baseline_mass = torch.empty(n), torch.empty(n)
     logits_out = torch.empty(n, len(answer_ids))
     lens_out = torch.empty(n, handle.arch.n_layers) if lens else None
     att_sum = torch.empty(n, handle.arch.n_layers, handle.arch.n_heads) if attention else None
@@ -328,6 +336,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
                 chunk = members[chunk_start:chunk_start + batch_size]
                 if layer is None:  # no injection: the shared pass already measured it
                     out = {"logit_diff": base["logit_diff"].expand(len(chunk)),
+                           "answer_mass": base["answer_mass"].expand(len(chunk)),
                            "logits": base["logits"].expand(len(chunk), -1),
                            "rows": [r.expand(len(chunk), -1) for r in base.get("rows", [])],
                            "lens": base["lens"].expand(len(chunk), -1) if lens else None,
@@ -342,6 +351,8 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
                 logit_diff[rows] = out["logit_diff"]
                 logits_out[rows] = out["logits"]
                 baseline[rows] = base["logit_diff"].expand(len(chunk))
+                mass[rows] = out["answer_mass"]
+                baseline_mass[rows] = base["answer_mass"].expand(len(chunk))
                 if lens:
                     lens_out[rows] = out["lens"]
                 if res_out is not None:
@@ -352,7 +363,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
                     att_max[rows] = weights.amax(-1).cpu()
                 bar.update(len(chunk))
     bar.close()
-    return Readout(logit_diff, baseline, lens_out, att_sum, att_max, logits_out, res_out)
+    return Readout(logit_diff, baseline, mass, baseline_mass, lens_out, att_sum, att_max, logits_out, res_out)
 
 
 def yes_no_logit_diff(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,

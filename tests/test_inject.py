@@ -64,6 +64,20 @@ def test_injected_logit_diff_matches_reference_for_mixed_scales_and_two_layers(t
         assert (abs(float(value - plain[0])) > 1e-3) == trial.injected
 
 
+def test_answer_mass_is_the_softmax_probability_of_yes_plus_no(tiny_perturbed, oracle, paper_prompts):
+    handle = tiny_perturbed
+    prompt = paper_prompts(handle)[0]
+    v = make_vector(handle, 3, layer=0, norm=8.0)
+    trials = [Trial(prompt, v, 4.0), Trial(prompt), Trial(prompt, v, -2.0)]
+    readout = measure(handle, trials)
+    ids = oracle.yes_no(handle)
+    expected = torch.stack([oracle.logits(handle, t)[-1].softmax(-1)[[ids["yes_id"], ids["no_id"]]].sum()
+                            for t in trials])
+    oracle.assert_close(readout.answer_mass, expected, tol=1e-5)
+    oracle.assert_close(readout.baseline_answer_mass, expected[1].expand(3), tol=1e-5)
+    assert ((readout.answer_mass > 0) & (readout.answer_mass <= 1)).all()
+
+
 def test_trials_from_several_prompts_come_back_in_input_order(tiny_perturbed, oracle, paper_prompts):
     handle = tiny_perturbed
     intro, control, bare = paper_prompts(handle)
