@@ -16,7 +16,6 @@ Inputs are the tidy tables of :mod:`introspection_utils.sweeps` and :mod:`intros
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +24,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from introspection_utils.paths import atomic_write, figures_dir, model_name, project_root, results_dir
+
 if TYPE_CHECKING:
     from introspection_utils.probes import AttentionMaps
     from introspection_utils.vectors import VectorBank
+
+__all__ = ["PALETTE", "LOCALIZATION_COLORS", "CLASS_COLORS", "project_root", "figures_dir", "results_dir",
+           "save_figure",
+           "plot_scale_sweep", "plot_layer_sweep", "plot_logit_lens", "plot_attention_maps", "plot_vector_norms",
+           "plot_cosine_matrix", "sweep_panels", "lens_panels", "plot_grid", "legend_labels", "scale_label",
+           "plot_localization", "plot_atlas", "plot_detection_rates", "plot_refusal_layers",
+           "plot_ablation_comparison", "ablation_panels"]
 
 # Okabe–Ito colours (colour-blind safe), one per condition, for the whole series.
 LENS_XLABEL = "read-out layer i (residual after layer i → final norm → unembedding)"
@@ -42,51 +50,13 @@ RANDOM_ALPHA = 0.35
 YLABEL = "yes − no logit difference (logits)"
 
 
-def condition_color(condition: str) -> str:
-    """The series colour of ``condition`` (introspection, control, baseline, random)."""
-    if condition not in PALETTE:
-        raise ValueError(f"unknown condition {condition!r}; use one of {', '.join(PALETTE)}")
-    return PALETTE[condition]
-
-
-def project_root() -> Path:
-    """The repository folder holding ``figures/`` and ``data/`` (beside the package)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def figures_dir(model: Any, folder: str | Path | None = None) -> Path:
-    """Where figures of ``model`` (a handle or a name) go: ``folder`` if given, else ``$INTROSPECTION_FIGURES``
-    or ``<repo>/figures``, plus ``<model>/``. A given ``folder`` is used as is (no model sub-folder added)."""
-    if folder is not None:
-        return Path(folder)
-    root = Path(os.environ.get("INTROSPECTION_FIGURES") or project_root() / "figures")
-    return root / model_name(model)
-
-
-def results_dir(model: Any, folder: str | Path | None = None) -> Path:
-    """Where sweep tables of ``model`` go: ``folder`` if given, else ``<repo>/data/results/<model>/``."""
-    if folder is not None:
-        return Path(folder)
-    return project_root() / "data" / "results" / model_name(model)
-
-
-def model_name(model: Any) -> str:
-    """The short id of a handle or a model name, as ``load_model`` names it: ``"google/gemma-2-9b-it"`` →
-    ``"gemma-2-9b-it"`` (the folder name under ``figures/`` and ``runs/``)."""
-    return model.name if hasattr(model, "name") else str(model).rstrip("/").split("/")[-1].lower()
-
-
 def save_figure(fig: plt.Figure, model: Any, name: str, *, folder: str | Path | None = None,
                 dpi: int = 110) -> Path:
     """Write ``fig`` as ``<figures dir>/<name>.png`` (see :func:`figures_dir`); returns the path."""
     if not name or any(c in name for c in "/\\"):
         raise ValueError(f"figure name {name!r} must be a plain file name (no folders)")
     path = figures_dir(model, folder) / (name if name.endswith(".png") else f"{name}.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------------------------------------------------- sweeps
@@ -332,9 +302,6 @@ def legend_labels(fig: plt.Figure) -> list[str]:
     return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
 
 
-__all__ = ["PALETTE", "condition_color", "figures_dir", "results_dir", "save_figure", "plot_scale_sweep",
-           "plot_layer_sweep", "plot_logit_lens", "plot_attention_maps", "plot_vector_norms", "plot_cosine_matrix",
-           "sweep_panels", "lens_panels", "plot_grid", "legend_labels", "scale_label"]
 
 
 
@@ -430,7 +397,6 @@ def plot_atlas(table: pd.DataFrame, sweep: pd.DataFrame | None = None) -> plt.Fi
     return fig
 
 
-__all__ += ["plot_localization", "plot_atlas", "LOCALIZATION_COLORS", "CLASS_COLORS"]
 
 
 # ------------------------------------------------------------------------------------- grading, refusal ablation
@@ -545,6 +511,3 @@ def ablation_panels(plain: pd.DataFrame, ablated: pd.DataFrame, concepts: Sequen
     return plot_grid(lambda concept, ax, **kw: plot_ablation_comparison(
         plain, ablated, concept, x=x, mark=marks.get(concept) if x == "scale" else None, ax=ax, **kw),
         list(concepts), **kwargs)
-
-
-__all__ += ["plot_detection_rates", "plot_refusal_layers", "plot_ablation_comparison", "ablation_panels"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from introspection_utils.models import DEFAULT_MODEL
+from introspection_utils.paths import model_name
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -44,11 +45,6 @@ class RunRecord:
     notebook: str
     output: Path
     seconds: float
-
-
-def model_dir_name(model: str) -> str:
-    """The folder name of ``model`` under ``runs/`` (the same short id ``load_model`` gives the handle)."""
-    return model.rstrip("/").split("/")[-1].lower()
 
 
 def parse_value(text: str) -> Any:
@@ -140,7 +136,7 @@ def run_series(selection: Sequence[str] | None, *, model: str = DEFAULT_MODEL, p
         if unknown:
             raise NotebookError(path.name, None, f"unknown parameter(s) {unknown}; it declares "
                                                  f"{sorted(declared_parameters(path))}")
-    out = output / model_dir_name(model)
+    out = output / model_name(model)
     records = []
     for path in paths:
         print(f"running {path.name} on {model} ...", flush=True)

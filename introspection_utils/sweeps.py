@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 
 from introspection_utils.inject import Trial, measure
 from introspection_utils.models import package_version
+from introspection_utils.paths import atomic_write
 from introspection_utils.prompts import control_questions, introspection_prompt
 from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
@@ -70,9 +69,8 @@ class SweepResult:
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.csv`` and ``<path>.meta.json`` (atomically); returns the CSV path."""
         path = Path(path).with_suffix(".csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, self.df.to_csv(index=False))
-        _atomic_write(path.with_suffix(".meta.json"), json.dumps(self.meta, indent=1, default=str))
+        atomic_write(path, self.df.to_csv(index=False))
+        atomic_write(path.with_suffix(".meta.json"), json.dumps(self.meta, indent=1, default=str))
         return path
 
 
@@ -81,13 +79,6 @@ def load_result(path: str | Path) -> SweepResult:
     path = Path(path).with_suffix(".csv")
     df = pd.read_csv(path, dtype={"vector_seed": "Int64"})
     return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
@@ -162,7 +153,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
         })
         frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
         if chunk_path is not None:
-            _atomic_write(chunk_path, frame.to_csv(index=False))
+            atomic_write(chunk_path, frame.to_csv(index=False))
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True)[COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")

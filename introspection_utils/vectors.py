@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from introspection_utils.data import load_list
 from introspection_utils.models import cache_dir
+from introspection_utils.paths import atomic_write
 from introspection_utils.prompts import Prompt, chat_prompt, extraction_prompt
 
 if TYPE_CHECKING:
@@ -172,13 +171,9 @@ class ActivationCache:
         return entry["activation"]
 
     def put(self, word: str, activation: torch.Tensor) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         entry = {"key": json.dumps(self.key, sort_keys=True), "word": word, "activation": activation.clone(),
                  "checksum": _checksum(activation)}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        torch.save(entry, tmp)
-        os.replace(tmp, self._path(word))
+        atomic_write(self._path(word), lambda tmp: torch.save(entry, tmp))
 
 
 def _checksum(t: torch.Tensor) -> str:

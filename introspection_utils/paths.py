@@ -1,0 +1,61 @@
+"""Where things go and what they are called: the repository root, the figures and results folders of a model, the
+model's short name, and one atomic write (temp file beside the target, then rename) for every file the package saves.
+
+The bottom layer of the package: it imports nothing from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def project_root() -> Path:
+    """The repository folder holding ``figures/`` and ``data/`` (beside the package)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def model_name(model: Any) -> str:
+    """The short id of a handle or a model name, as ``load_model`` names it: ``"google/gemma-2-9b-it"`` →
+    ``"gemma-2-9b-it"`` (the folder name under ``figures/``, ``data/results/`` and ``runs/``)."""
+    return model.name if hasattr(model, "name") else str(model).rstrip("/").split("/")[-1].lower()
+
+
+def figures_dir(model: Any, folder: str | Path | None = None) -> Path:
+    """Where figures of ``model`` (a handle or a name) go: ``folder`` if given, else ``$INTROSPECTION_FIGURES``
+    or ``<repo>/figures``, plus ``<model>/``. A given ``folder`` is used as is (no model sub-folder added)."""
+    if folder is not None:
+        return Path(folder)
+    root = Path(os.environ.get("INTROSPECTION_FIGURES") or project_root() / "figures")
+    return root / model_name(model)
+
+
+def results_dir(model: Any, folder: str | Path | None = None) -> Path:
+    """Where sweep tables of ``model`` go: ``folder`` if given, else ``<repo>/data/results/<model>/``."""
+    if folder is not None:
+        return Path(folder)
+    return project_root() / "data" / "results" / model_name(model)
+
+
+def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], Any]) -> Path:
+    """Write ``path`` all at once or not at all: ``content`` (text, bytes, or a function that writes the file
+    whose path it is given) goes to a temporary file in the same folder, which is then renamed over ``path``.
+    A reader never sees half a file, and an interrupted write leaves no temporary file behind. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if callable(content):
+            content(Path(tmp))
+        elif isinstance(content, bytes):
+            Path(tmp).write_bytes(content)
+        else:
+            Path(tmp).write_text(content, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
