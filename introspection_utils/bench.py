@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from introspection_utils.inject import Trial, measure
+from introspection_utils.inject import Trial, measure, trial_grid
 from introspection_utils.models import DEFAULT_MODEL, ModelHandle, load_model
 from introspection_utils.prompts import question_prompts, yes_no_ids
 from introspection_utils.vectors import concept_vectors, with_random
@@ -34,7 +34,7 @@ def standard_trials(handle: ModelHandle, layer: int) -> list[Trial]:
     bank = concept_vectors(handle, CONCEPTS, progress=False)
     vectors = [v for concept in CONCEPTS for v in with_random(bank.get(concept, layer), 1)]
     prompts = question_prompts(handle, N_CONTROLS)
-    return [Trial(p, v, float(s)) for p in prompts for v in vectors for s in SCALES]
+    return trial_grid(vectors, prompts, SCALES)
 
 
 def naive_logit_diff(handle: ModelHandle, trial: Trial, answer_ids: torch.Tensor) -> float:

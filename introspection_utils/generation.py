@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from introspection_utils.inject import Trial, check_trials
+from introspection_utils.vectors import left_pad
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -74,13 +75,7 @@ def _generate_batch(handle: ModelHandle, trials: list[Trial], layer: int | None,
     """Token ids generated for a batch of trials (prompts left-padded to one width): ``max_new_tokens`` steps,
     each row cut at its first stop token."""
     rows, device = len(trials), handle.device
-    lengths = torch.tensor([len(t.prompt) for t in trials])
-    width = int(lengths.max())
-    pads = width - lengths  # [B]
-    pad_id = handle.tokenizer.pad_token_id
-    ids = torch.tensor([[pad_id] * int(p) + list(t.prompt.input_ids) for p, t in zip(pads, trials, strict=True)])
-    attention = (torch.arange(width)[None] >= pads[:, None]).long()  # [B, W]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
+    ids, attention, positions = left_pad([t.prompt.input_ids for t in trials], handle.tokenizer.pad_token_id)
     spans = [t.span() for t in trials]
     window_start = torch.tensor([s for s, _ in spans])
     window_end = torch.tensor([e if e is not None else 1 << 40 for _, e in spans])

@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from introspection_utils.data import data_dir, tomllib
+from introspection_utils.intervals import wilson_interval
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -163,16 +164,6 @@ def grade(responses: pd.DataFrame, judge: Judge, *, criteria: Sequence[str] = CR
         graded["success"] = both.eq("YES").all(axis=1).astype(float).where(~both.eq(UNPARSEABLE).any(axis=1))
     graded["judge"] = judge.name
     return graded
-
-
-def wilson_interval(successes: int, n: int, *, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial rate (well-behaved at 0 and n)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def rates(graded: pd.DataFrame, column: str, by: Sequence[str]) -> pd.DataFrame:

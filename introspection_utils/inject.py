@@ -76,6 +76,12 @@ class Trial:
         return start, end
 
 
+def trial_grid(vectors: Sequence[ConceptVector], prompts: Sequence[Prompt], scales: Sequence[float]) -> list[Trial]:
+    """Every vector × prompt × scale, in that order, injected at each vector's own layer over the suffix: the
+    trials of a sweep (``len(vectors) * len(prompts) * len(scales)`` of them)."""
+    return [Trial(prompt, vector, float(scale)) for vector in vectors for prompt in prompts for scale in scales]
+
+
 def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
     """Validate ``trials`` before any compute: one ``ValueError`` naming the first bad value."""
     if not trials:

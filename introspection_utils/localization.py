@@ -24,8 +24,6 @@ at ``scale``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,8 @@ import torch
 
 from introspection_utils.data import load_list, load_prompts
 from introspection_utils.inject import Trial, answer_logits
+from introspection_utils.intervals import wilson_interval, z_score
+from introspection_utils.paths import content_hash
 from introspection_utils.probes import default_layers
 from introspection_utils.prompts import Prompt, answer_token_id, chat_prompt
 from introspection_utils.sweeps import SweepResult, metadata
@@ -181,9 +181,7 @@ class LocalizationSpec:
 
     @property
     def hash(self) -> str:
-        from dataclasses import asdict
-
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(self)
 
     def grid(self) -> list[tuple[int, float]]:
         """The (layer, scale) points measured: the scale line at ``layer`` then the layer line at ``scale``."""
@@ -326,20 +324,9 @@ def accuracy(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     out = grouped.agg(n=("correct", "size"), correct=("correct", "sum"),
                       chance=("n_sentences", lambda n: float(np.mean(1.0 / n)))).reset_index()
     out["accuracy"] = out["correct"] / out["n"]
-    out["ci_low"], out["ci_high"] = wilson_interval(out["correct"].to_numpy(), out["n"].to_numpy(), level=level)
+    out["ci_low"], out["ci_high"] = wilson_interval(out["correct"].to_numpy(), out["n"].to_numpy(),
+                                                    z=z_score(level))
     return out[[*keys, "n", "correct", "accuracy", "chance", "ci_low", "ci_high"]]
-
-
-def wilson_interval(successes: np.ndarray, n: np.ndarray, *, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a binomial proportion (``successes / n``), elementwise."""
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    k, n = np.asarray(successes, dtype=float), np.asarray(n, dtype=float)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def accuracy_lines(result: SweepResult) -> tuple[pd.DataFrame, pd.DataFrame]:

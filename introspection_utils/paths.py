@@ -6,9 +6,12 @@ The bottom layer of the package: it imports nothing from it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,14 @@ def results_dir(model: Any, folder: str | Path | None = None) -> Path:
     if folder is not None:
         return Path(folder)
     return project_root() / "data" / "results" / model_name(model)
+
+
+def content_hash(value: Any) -> str:
+    """A short (16 hex digits) sha256 of ``value`` as sorted JSON (a dataclass by its fields): the name of a spec
+    or a cache key, equal exactly when the content is."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], Any]) -> Path:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.paths import atomic_write, figures_dir, model_name, project_root, results_dir
+from introspection_utils.sweeps import concept_rows
 
 if TYPE_CHECKING:
     from introspection_utils.probes import AttentionMaps
@@ -71,14 +72,6 @@ def _only(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.Data
     elif value not in values:
         raise ValueError(f"{what} {value!r} is not in the table ({values})")
     return df[df[column] == value], value
-
-
-def _select(df: pd.DataFrame, concept: str) -> pd.DataFrame:
-    if df.empty:
-        raise ValueError("the sweep table is empty")
-    if concept not in set(df["concept"]):
-        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
-    return df[df["concept"] == concept]
 
 
 def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: bool, show_random: bool,
@@ -141,7 +134,7 @@ def plot_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None
     Introspection solid; each control question thin; control mean with a ±1 std band; no-injection baselines as
     horizontal lines; random vectors translucent. ``mark=(scale, value)`` marks one point (the explorer's).
     """
-    sub, layer = _only(_select(df, concept), "layer", layer, "layer")
+    sub, layer = _only(concept_rows(df, concept), "layer", layer, "layer")
     fig, ax = _axes(ax)
     _draw_conditions(ax, sub, "scale", show_controls=show_controls, show_random=show_random, show_baselines=True)
     if mark is not None:
@@ -154,7 +147,7 @@ def plot_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None
 def plot_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None, ax: plt.Axes | None = None,
                      show_controls: bool = True, show_random: bool = True) -> plt.Figure:
     """Yes−no logit difference vs injection layer at one ``scale`` (a :func:`sweeps.layer_sweep` table)."""
-    sub, scale = _only(_select(df, concept), "scale", scale, "scale")
+    sub, scale = _only(concept_rows(df, concept), "scale", scale, "scale")
     fig, ax = _axes(ax)
     _draw_conditions(ax, sub, "layer", show_controls=show_controls, show_random=show_random, show_baselines=True)
     layers = sorted(sub["layer"].unique())
@@ -171,14 +164,14 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
 
     ``lens``: a :func:`probes.lens_profile` table (one injection layer and scale per concept).
     """
-    sub = _select(lens, concept)
+    sub = concept_rows(lens, concept)
     layer, scale = int(sub["layer"].iloc[0]), float(sub["scale"].iloc[0])
     fig, ax = _axes(ax)
     _draw_conditions(ax, sub, "lens_layer", show_controls=False, show_random=show_random, show_baselines=False,
                      y="lens_diff")
-    concept_rows = sub[sub["vector_kind"] == "concept"]
+    own = sub[sub["vector_kind"] == "concept"]
     for kind, ls in (("introspection", "--"), ("control", ":")):
-        base = concept_rows[concept_rows["question_kind"] == kind].groupby("lens_layer")["baseline_lens_diff"].mean()
+        base = own[own["question_kind"] == kind].groupby("lens_layer")["baseline_lens_diff"].mean()
         if len(base):
             label = "no injection: introspection" if kind == "introspection" else "no injection: control mean"
             ax.plot(base.index, base.values, color=PALETTE["baseline"], ls=ls, lw=1.3, label=label)
@@ -475,7 +468,7 @@ def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept
     to mark with a vertical line (e.g. where the answer switches back to no)."""
     if x not in ("scale", "lens_layer"):
         raise ValueError(f"x {x!r}: use 'scale' (sweep tables) or 'lens_layer' (logit-lens tables)")
-    a, b = _select(plain, concept), _select(ablated, concept)
+    a, b = concept_rows(plain, concept), concept_rows(ablated, concept)
     if x == "scale":
         a, layer = _only(a, "layer", None, "layer")
         b, _ = _only(b, "layer", layer, "layer")

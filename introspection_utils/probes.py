@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from introspection_utils.inject import Trial, measure
+from introspection_utils.inject import Trial, measure, trial_grid
 from introspection_utils.prompts import answer_token_id, control_questions, introspection_prompt, question_prompts
 from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
@@ -56,12 +56,9 @@ def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | d
         raise ValueError(f"no scale given for concept(s) {missing}")
     bank = bank or concept_vectors(handle, concepts, progress=False)
     prompts = question_prompts(handle, n_controls)
-    trials, rows = [], []
-    for concept in concepts:
-        for v in with_random(bank.get(concept, layer), n_random, seed):
-            for prompt in prompts:
-                trials.append(Trial(prompt, v, float(per_concept[concept])))
-                rows.append((concept, v.kind, v.seed, prompt.kind, prompt.question))
+    trials = [t for c in concepts for t in trial_grid(with_random(bank.get(c, layer), n_random, seed), prompts,
+                                                      [per_concept[c]])]
+    rows = [(t.vector.concept, t.vector.kind, t.vector.seed, t.prompt.kind, t.prompt.question) for t in trials]
     baselines = [Trial(p) for p in prompts]
     readout = measure(handle, trials + baselines, lens=True, ablate=ablate)
     lens, base = readout.lens[: len(trials)].numpy(), readout.lens[len(trials):].numpy()

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from introspection_utils.sweeps import concept_rows
+
 if TYPE_CHECKING:
     from introspection_utils.probes import AttentionMaps
 
 
 def _concept_rows(df: pd.DataFrame, concept: str, *, layer: int | None = None, scale: float | None = None
                   ) -> pd.DataFrame:
-    if concept not in set(df["concept"]):
-        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
-    sub = df[df["concept"] == concept]
+    sub = concept_rows(df, concept)
     for column, value in (("layer", layer), ("scale", scale)):
         if value is not None:
             if value not in set(sub[column]):

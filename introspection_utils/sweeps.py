@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from introspection_utils.inject import Trial, measure
+from introspection_utils.inject import measure, trial_grid
 from introspection_utils.models import package_version
-from introspection_utils.paths import atomic_write
+from introspection_utils.paths import atomic_write, content_hash
 from introspection_utils.prompts import control_questions, introspection_prompt
 from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
@@ -52,7 +52,7 @@ class SweepSpec:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(self)
 
     def questions(self) -> list[tuple[str, str | None]]:
         """``(question_kind, question)`` pairs, the introspection question first."""
@@ -136,7 +136,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
         if chunk_path is not None and chunk_path.is_file():
             frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64"}))
             continue
-        trials = [Trial(prompt, v, float(s)) for v in vectors for s in spec.scales]
+        trials = trial_grid(vectors, [prompt], spec.scales)
         readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size, ablate=ablate)
         frame = pd.DataFrame({
             "model": handle.name,
@@ -213,6 +213,16 @@ def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[i
                  seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)
+
+
+def concept_rows(df: pd.DataFrame, concept: str) -> pd.DataFrame:
+    """The rows of ``concept`` in a tidy table (sweep, lens, ...); an empty table or an absent concept is a
+    ``ValueError`` that lists the concepts the table has."""
+    if df.empty:
+        raise ValueError("the sweep table is empty")
+    if concept not in set(df["concept"]):
+        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
+    return df[df["concept"] == concept]
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

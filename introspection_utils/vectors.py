@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from introspection_utils.data import load_list
 from introspection_utils.models import cache_dir
-from introspection_utils.paths import atomic_write
+from introspection_utils.paths import atomic_write, content_hash
 from introspection_utils.prompts import Prompt, chat_prompt, extraction_prompt
 
 if TYPE_CHECKING:
@@ -111,6 +111,17 @@ def validate_concept(word: str) -> str:
     return word
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id lists left-padded into one batch: ``(ids, attention_mask, position_ids)``, each ``[B, W]`` with
+    ``W`` the longest length. The mask is 0 on padding; positions count from each row's first real token, as
+    ``generate()`` does under left padding (a plain forward would use ``arange``), so every row's last position is
+    its real last token at its real position."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def last_token_activations(handle: ModelHandle, prompts: Sequence[Prompt], *, batch_size: int = 16,
                            progress: bool = False) -> torch.Tensor:
     """Residual stream at each prompt's last token after every decoder layer: ``[n_prompts, n_layers, d_model]``.
@@ -118,14 +129,10 @@ def last_token_activations(handle: ModelHandle, prompts: Sequence[Prompt], *, ba
     Prompts of different lengths are left-padded into one batch (the last position is every row's real last
     token; position ids follow the attention mask).
     """
-    pad = handle.tokenizer.pad_token_id
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="activations", disable=not progress):
         chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p.input_ids) for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does; forward alone would use arange
+        ids, mask, positions = left_pad([p.input_ids for p in chunk], handle.tokenizer.pad_token_id)
         remote = {"remote": handle.remote} if handle.remote else {}
         with torch.no_grad(), handle.model.trace(ids.to(handle.device), attention_mask=mask.to(handle.device),
                                                  position_ids=positions.to(handle.device), **remote):
@@ -147,8 +154,7 @@ class ActivationCache:
         self.key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype),
                     "template": template, "position": position,
                     "shape": [handle.arch.n_layers, handle.arch.d_model]}
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        self.folder = (root or cache_dir() / "activations") / handle.name / digest
+        self.folder = (root or cache_dir() / "activations") / handle.name / content_hash(self.key)
 
     def _path(self, word: str) -> Path:
         safe = "".join(c if c.isalnum() else "_" for c in word)

@@ -89,15 +89,6 @@ def _build(arch: str) -> transformers.PreTrainedModel:
 ARCHS = ["llama", "gemma2", "gemma3", "qwen2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Any:
-    """Tiny models run far faster single-threaded on a shared 2-core box (~4x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request: Any) -> transformers.PreTrainedModel:
     return _build(request.param)
