@@ -18,7 +18,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 # Duplicates that are the source's own, kept verbatim (documented in the files' headers).
 KNOWN_DUPLICATES = {"baseline_words": {"Butterflies"}}
-WORD_LISTS = ("concept_words", "baseline_words", "control_questions", "writeup_concepts", "sentences",
+WORD_LISTS = ("concept_words", "baseline_words", "control_questions", "control_questions_extra", "writeup_concepts",
+              "sentences",
               "godet_localization_sentences", "godet_localization_contrastive_pairs", "refusal_harmful",
               "refusal_harmless")
 
@@ -89,6 +90,50 @@ def load_prompts() -> dict[str, Any]:
         if empty:
             raise ValueError(f"data/prompts.toml: [{section}] has empty fields {empty}")
     return prompts
+
+
+QUESTION_TOPICS = ("self", "world")  # what a control question is about: the model itself, or facts
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of the designed set: ``kind`` "introspection" or "control"; ``about`` "self" or "world"
+    (introspection wordings are about the self); ``id`` names an introspection wording; ``source`` where it is from."""
+
+    text: str
+    kind: str
+    about: str
+    source: str
+    id: str = ""
+
+
+@functools.cache
+def load_questions() -> tuple[tuple[Question, ...], tuple[Question, ...]]:
+    """``data/questions.toml``: ``(introspection wordings, control questions)``, each in file order.
+
+    Validated: every wording has an id, a text and a source (ids unique); every control set names a word list whose
+    length matches its ``about`` tags, each tag one of :data:`QUESTION_TOPICS`; no question appears twice.
+    """
+    path = data_dir() / "questions.toml"
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    wordings = []
+    for entry in raw.get("introspection", []):
+        if not all(entry.get(k, "").strip() for k in ("id", "text", "source")):
+            raise ValueError(f"{path}: an [[introspection]] entry lacks id, text or source: {entry}")
+        wordings.append(Question(entry["text"], "introspection", "self", entry["source"], entry["id"]))
+    if not wordings or len({w.id for w in wordings}) != len(wordings):
+        raise ValueError(f"{path}: needs at least one introspection wording, with unique ids")
+    controls = []
+    for entry in raw.get("control_set", []):
+        questions, about = load_list(entry["list"]), entry.get("about", [])
+        if len(about) != len(questions) or not set(about) <= set(QUESTION_TOPICS) or not entry.get("source"):
+            raise ValueError(f"{path}: control set {entry['list']!r} needs a source and one 'about' tag per question "
+                             f"({len(questions)}), each one of {QUESTION_TOPICS}")
+        controls += [Question(q, "control", a, entry["source"]) for q, a in zip(questions, about, strict=True)]
+    texts = [q.text for q in (*wordings, *controls)]
+    if len(set(texts)) != len(texts):
+        raise ValueError(f"{path}: a question appears twice")
+    return tuple(wordings), tuple(controls)
 
 
 def chat_template(name: str) -> str:

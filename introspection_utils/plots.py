@@ -308,10 +308,12 @@ LOCALIZATION_COLORS: dict[str, str] = {
     "shuffled": "#56B4E9",  # sky blue
 }
 CLASS_COLORS: dict[str, str] = {
-    "separated": PALETTE["introspection"],
-    "bias shift": PALETTE["control"],
+    "introspection-specific": PALETTE["introspection"],
+    "shared yes-shift": PALETTE["control"],
+    "shared suppression": "#D55E00",  # vermillion
+    "opposite": "#009E73",  # bluish green
+    "one-sided": "#56B4E9",  # sky blue
     "no effect": PALETTE["baseline"],
-    "interference": "#D55E00",
 }
 
 
@@ -348,48 +350,43 @@ def plot_localization(result: Any) -> plt.Figure:
     return fig
 
 
-def plot_atlas(table: pd.DataFrame, sweep: pd.DataFrame | None = None) -> plt.Figure:
-    """The atlas: every concept's separation score (introspection delta − mean control delta at the scale where
-    the introspection answer flips) with its bootstrap interval, ranked and coloured by class; beside it, the random
-    vectors' scores (the null) against the concepts'. ``table``: :func:`metrics.atlas`; ``sweep``: its sweep table."""
-    from introspection_utils.metrics import CONFIDENCE, vector_scores
-
-    ranked = table.sort_values("separation", ascending=True, ignore_index=True)
+def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Figure:
+    """The atlas: every concept's largest introspection-specific shift S (at its peak scale) with its bootstrap
+    interval, ranked and coloured by its verdict class, the q-value beside each; and the concepts' S against the
+    random vectors' (the null). ``table``: :func:`verdicts.verdicts`; ``null``: :func:`verdicts.random_null`."""
+    ranked = table.sort_values("shift", ascending=True, ignore_index=True)
     height = max(3.5, 0.32 * len(ranked) + 1.5)
     fig, (ax, ax_null) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [2.2, 1]})
-    y = np.arange(len(ranked))
     for cls, color in CLASS_COLORS.items():
         rows = ranked[ranked["class"] == cls]
         if len(rows):
-            err = np.vstack([rows["separation"] - rows["ci_low"], rows["ci_high"] - rows["separation"]])
-            ax.errorbar(rows["separation"], rows.index, xerr=err, fmt="o", ms=6, capsize=3, color=color,
+            err = np.vstack([rows["shift"] - rows["shift_ci_low"], rows["shift_ci_high"] - rows["shift"]])
+            ax.errorbar(rows["shift"], rows.index, xerr=err, fmt="o", ms=6, capsize=3, color=color,
                         label=f"{cls} ({len(rows)})")
-    null = None
-    if sweep is not None:
-        scores = vector_scores(sweep)
-        null = scores.loc[scores["vector_kind"] == "random", "separation"]
-        if len(null):
-            lo, hi = np.quantile(null, [0.025, 0.975])
-            ax.axvspan(lo, hi, color=PALETTE["random"], alpha=0.15, label="random vectors, central 95%")
+    for i, r in ranked.iterrows():
+        ax.annotate(f"q={r['q_value']:.2g}", (r["shift_ci_high"], i), xytext=(4, -3), textcoords="offset points",
+                    fontsize=6, color="#333333")
+    randoms = null.loc[null["vector_kind"] == "random", "statistic"] if null is not None else pd.Series(dtype=float)
+    if len(randoms):
+        lo, hi = np.quantile(randoms, [0.025, 0.975])
+        ax.axvspan(lo, hi, color=PALETTE["random"], alpha=0.15, label="random vectors, central 95%")
     ax.axvline(0, color="black", lw=0.7)
-    ax.set_yticks(y, ranked["concept"], fontsize=8)
-    layers = sorted(table["layer"].unique())
+    ax.set_yticks(np.arange(len(ranked)), ranked["concept"], fontsize=8)
+    layers = ", ".join(map(str, sorted(table["layer"].unique())))
     model = table["model"].iloc[0] if len(table) else ""
-    _finish(ax, f"{model} · {len(table)} concepts · layer {', '.join(map(str, layers))}\nseparation score with "
-                f"{CONFIDENCE:.0%} bootstrap interval (control questions × random vectors)",
-            "separation: introspection Δ − mean control Δ at the introspection flip scale (logits)", ylabel="concept")
-    bins = np.histogram_bin_edges(np.concatenate([table["separation"].to_numpy(),
-                                                  null.to_numpy() if null is not None else []]), bins=15)
-    ax_null.hist(table["separation"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
-    if null is not None and len(null):
-        ax_null.hist(null, bins=bins, color=PALETTE["random"], alpha=0.5, label=f"random vectors ({len(null)})")
+    _finish(ax, f"{model} · {len(table)} concepts · layer {layers}\nintrospection-specific shift at its peak scale, "
+                f"95% bootstrap interval (wordings × controls); colour = verdict",
+            "S = mean introspection Δ − mean control Δ (logits)", ylabel="concept")
+    values = [table["shift"].to_numpy(), randoms.to_numpy()]
+    bins = np.histogram_bin_edges(np.concatenate(values), bins=15)
+    ax_null.hist(table["shift"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
+    if len(randoms):
+        ax_null.hist(randoms, bins=bins, color=PALETTE["random"], alpha=0.5, label=f"random vectors ({len(randoms)})")
     ax_null.axvline(0, color="black", lw=0.7)
-    _finish(ax_null, "the null: random vectors of the same norm", "separation score (logits)",
+    _finish(ax_null, "the null: random vectors of the same norm", "largest shift S over scales (logits)",
             ylabel="number of vectors")
     fig.tight_layout()
     return fig
-
-
 
 
 # ------------------------------------------------------------------------------------- grading, refusal ablation

@@ -8,10 +8,11 @@ character offsets so it is right whether the tokenizer merges newlines with neig
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from introspection_utils.data import load_list, load_prompts
+from introspection_utils.data import load_prompts, load_questions
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -100,7 +101,7 @@ def introspection_prompt(handle: ModelHandle, question: str | None = None, *, fr
     p = load_prompts()["injected_thought"]
     trial = p["question"]
     question = trial if question is None else question
-    kind = kind or ("introspection" if question == trial else "control")
+    kind = kind or ("introspection" if question in introspection_questions() else "control")
     if not question.strip():
         raise ValueError("question is empty")
     if frame == "paper":
@@ -116,12 +117,56 @@ def introspection_prompt(handle: ModelHandle, question: str | None = None, *, fr
                        question=question, system=system)
 
 
-def control_questions(n: int | None = None) -> list[str]:
-    """The paper's 20 control questions (answer always "no"), the first ``n`` of them if given."""
-    questions = list(load_list("control_questions"))
+def _alternate(questions) -> list:
+    """World, self, world, self, …: every prefix holds both kinds, half each when its length is even."""
+    world = [q for q in questions if q.about == "world"]
+    self_ = [q for q in questions if q.about == "self"]
+    out = []
+    for pair in zip(world, self_, strict=False):
+        out += pair
+    longer = world if len(world) > len(self_) else self_
+    return out + longer[len(out) // 2:]
+
+
+def _control_set(extended: bool) -> list:
+    _, controls = load_questions()
+    paper = [q for q in controls if q.source.startswith("Lindsey")]
+    extra = [q for q in controls if not q.source.startswith("Lindsey")]
+    return _alternate(paper) + (_alternate(extra) if extended else [])
+
+
+def control_questions(n: int | None = None, *, extended: bool = False) -> list[str]:
+    """Control questions (true answer always "no"), balanced by topic: the paper's 20, alternating a question about
+    the world with one about the model ("self"), so the first ``n`` keep the balance for any ``n``.
+
+    ``extended=True`` appends the 20 written for this toolkit (same rule, also alternating): 40 in all. The topic of
+    each is :func:`question_about`; the sets and their sources are in ``data/questions.toml``.
+    """
+    questions = [q.text for q in _control_set(extended)]
     if n is not None and not 1 <= n <= len(questions):
         raise ValueError(f"n={n} control questions requested; there are {len(questions)}")
     return questions[:n]
+
+
+def introspection_questions(ids: Sequence[str] | None = None) -> list[str]:
+    """The introspection wordings of ``data/questions.toml`` (all of them, or those named by ``ids``), the paper's
+    trial line first. Several wordings let a statistic ask whether the introspection question is special."""
+    wordings, _ = load_questions()
+    by_id = {w.id: w.text for w in wordings}
+    if ids is None:
+        return list(by_id.values())
+    unknown = [i for i in ids if i not in by_id]
+    if unknown or not ids:
+        raise ValueError(f"unknown introspection wording(s) {unknown}; available: {', '.join(by_id)}")
+    return [by_id[i] for i in ids]
+
+
+def question_about(question: str) -> str:
+    """What ``question`` is about: "self" (the model; every introspection wording) or "world"; "unknown" for a
+    question outside the designed set (a caller's own)."""
+    wordings, controls = load_questions()
+    topics = {q.text: q.about for q in (*wordings, *controls)}
+    return topics.get(question, "unknown")
 
 
 def question_prompts(handle: ModelHandle, n_controls: int | None = None, *, frame: Frame = "paper") -> list[Prompt]:

@@ -13,48 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from introspection_utils.sweeps import concept_rows
+from introspection_utils import verdicts
 
 if TYPE_CHECKING:
     from introspection_utils.probes import AttentionMaps
 
 
-def _concept_rows(df: pd.DataFrame, concept: str, *, layer: int | None = None, scale: float | None = None
-                  ) -> pd.DataFrame:
-    sub = concept_rows(df, concept)
-    for column, value in (("layer", layer), ("scale", scale)):
-        if value is not None:
-            if value not in set(sub[column]):
-                raise ValueError(f"{column} {value!r} is not in the table ({sorted(sub[column].unique())})")
-            sub = sub[sub[column] == value]
-    return sub
-
-
-def curves(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int | None = None,
-           scale: float | None = None) -> pd.DataFrame:
-    """Per value of ``x``: ``introspection``, ``control_mean``, ``control_std`` (concept vector),
-    ``random_introspection`` and ``random_control`` (mean over random seeds; NaN without random vectors), and the
-    no-injection baselines ``introspection_baseline`` and ``control_baseline`` (control mean). ``x`` is "scale" or
-    "layer"; when the table holds several values of the other one, pass ``layer=`` or ``scale=``."""
-    sub = _concept_rows(df, concept, layer=layer, scale=scale)
-    other = "layer" if x == "scale" else "scale"
-    if sub[other].nunique() > 1:
-        raise ValueError(f"the table holds several {other}s ({sorted(sub[other].unique())}); pass {other}=")
-    out = pd.DataFrame(index=pd.Index(sorted(sub[x].unique()), name=x))
-    for kind, prefix in (("concept", ""), ("random", "random_")):
-        rows = sub[sub["vector_kind"] == kind]
-        intro = rows[rows["question_kind"] == "introspection"]
-        control = rows[rows["question_kind"] == "control"].groupby([x, "question"])["logit_diff"].mean()
-        out[prefix + "introspection"] = intro.groupby(x)["logit_diff"].mean()
-        out[prefix + ("control_mean" if kind == "concept" else "control")] = control.groupby(level=0).mean()
-        if kind == "concept":
-            out["control_std"] = control.groupby(level=0).std(ddof=0)
-            out["n_controls"] = control.groupby(level=0).size()
-    concept_rows = sub[sub["vector_kind"] == "concept"]
-    base = concept_rows.groupby("question_kind")["baseline_logit_diff"].mean()
-    out["introspection_baseline"] = base.get("introspection", np.nan)
-    out["control_baseline"] = base.get("control", np.nan)
-    return out
+def curves(df: pd.DataFrame, concept: str, **kwargs) -> pd.DataFrame:
+    """The introspection and control curves of one concept: :func:`verdicts.curve_table`."""
+    return verdicts.curve_table(df, concept, **kwargs)
 
 
 def _fmt(x: float) -> str:
@@ -67,71 +34,66 @@ def first_yes(series: pd.Series) -> float | None:
     return float(hits.index[0]) if len(hits) else None
 
 
-def flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> float | None:
-    """The smallest scale > 0 at which the introspection answer flips from its no-injection sign ("No",
-    logit_diff < 0) to "Yes" (logit_diff > 0) while the control mean stays < 0. ``None`` if there is none —
-    including when the introspection question already leans "Yes" without injection (nothing to flip)."""
+def _none_if_nan(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+def flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None,
+               question_kind: str = "introspection") -> float | None:
+    """The :func:`verdicts.flip_scale` of the introspection curve (or ``question_kind="control"``: the control
+    mean) of ``concept``; ``None`` when it never flips or already leans "yes" without injection."""
     c = curves(df, concept, layer=layer)
-    if not c["introspection_baseline"].iloc[0] < 0:
-        return None
-    ok = c[(c.index > 0) & (c["introspection"] > 0) & (c["control_mean"] < 0)]
-    return float(ok.index[0]) if len(ok) else None
-
-
-def separation_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> float:
-    """The scale > 0 with the largest separation: introspection delta − control-mean delta (each against its own
-    no-injection baseline). The stated fallback when :func:`flip_scale` finds nothing."""
-    c = _separation(curves(df, concept, layer=layer))
-    c = c[c.index > 0] if (c.index > 0).any() else c
-    return float(c.idxmax())
-
-
-def _separation(c: pd.DataFrame) -> pd.Series:
-    return (c["introspection"] - c["introspection_baseline"]) - (c["control_mean"] - c["control_baseline"])
+    column, base = (("introspection", "introspection_baseline") if question_kind == "introspection" else
+                    ("control_mean", "control_baseline"))
+    return _none_if_nan(verdicts.flip_scale(c.index, c[column], float(c[base].iloc[0])))
 
 
 def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
-    """The scale to probe ``concept`` at, and a sentence saying how it was chosen: the :func:`flip_scale` if there
-    is one, else the :func:`separation_scale` (the stated fallback)."""
-    flip = flip_scale(df, concept, layer=layer)
+    """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the
+    introspection-specific shift is largest, the scale the verdict's test picks) — and a sentence saying what
+    happens there: the shift, whether each curve has flipped to "yes", and the answer mass."""
     c = curves(df, concept, layer=layer)
-    if flip is not None:
-        row = c.loc[flip]
-        return flip, (f"{concept}: the introspection answer flips to yes at scale {_fmt(flip)} "
-                      f"({row['introspection']:+.2f}) while the control mean stays no ({row['control_mean']:+.2f}); "
-                      f"using scale {_fmt(flip)}.")
-    scale = separation_scale(df, concept, layer=layer)
-    base = c["introspection_baseline"].iloc[0]
-    why = ("the introspection question already leans yes without injection "
-           f"({base:+.2f}), so there is nothing to flip" if base >= 0 else
-           "no scale flips the introspection answer to yes while the control mean stays no")
-    return scale, (f"{concept}: {why}; fallback: the scale with the largest introspection-minus-control separation "
-                   f"(in deltas from each baseline), {_fmt(scale)} (separation {_separation(c).loc[scale]:+.2f}).")
+    scale = verdicts.peak_scale(df, concept, layer=layer)
+    row = c.loc[scale]
+    flips = []
+    for name, column, base in (("introspection answer", "introspection", "introspection_baseline"),
+                               ("control mean", "control_mean", "control_baseline")):
+        at = verdicts.flip_scale(c.index, c[column], float(c[base].iloc[0]))
+        if c[base].iloc[0] > 0:
+            flips.append(f"the {name} already leans yes without injection ({c[base].iloc[0]:+.2f})")
+        elif np.isnan(at):
+            flips.append(f"the {name} never flips to yes")
+        else:
+            flips.append(f"the {name} flips to yes at scale {_fmt(at)}")
+    return scale, (f"{concept}: the introspection-specific shift is largest at scale {_fmt(scale)} (S = "
+                   f"{row['shift']:+.2f}: introspection {row['introspection']:+.2f}, control mean "
+                   f"{row['control_mean']:+.2f}); {flips[0]}, {flips[1]}{verdicts.mass_note(row['introspection_mass'])}"
+                   f"; using scale {_fmt(scale)}.")
 
 
 def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> str:
-    """Sentences on one concept's scale sweep: baselines, where each curve crosses to yes, the largest separation,
-    and the concept vector against the random ones."""
+    """Sentences on one concept's scale sweep: baselines and answer mass, where each curve flips to yes, the largest
+    introspection-specific shift, the concept vector against the random ones, and the question-null p-value."""
     c = curves(df, concept, layer=layer)
-    layer = int(_concept_rows(df, concept)["layer"].iloc[0]) if layer is None else layer
+    layer = int(verdicts.select(df, concept)["layer"].iloc[0]) if layer is None else layer
     ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
     parts = [f"{concept} (layer {layer}): without injection, introspection {ib:+.2f} and control mean {cb:+.2f}."]
 
-    def crossing(name: str, series: pd.Series, base: float) -> str:
-        at = first_yes(series[series.index > 0])
+    def crossing(name: str, column: str, base: float) -> str:
+        at = verdicts.flip_scale(c.index, c[column], base)
         if base > 0:
             return f"the {name} already leans yes without injection"
-        if at is None:
+        if np.isnan(at):
+            series = c.loc[c.index > 0, column]
             return f"the {name} never crosses to yes (max {series.max():+.2f} at scale {_fmt(series.idxmax())})"
         return f"the {name} crosses zero to yes at scale {_fmt(at)}"
 
-    parts.append(f"{crossing('introspection curve', c['introspection'], ib).capitalize()}; "
-                 f"{crossing('control mean', c['control_mean'], cb)}.")
-    sep = _separation(c)
-    sep = sep[sep.index > 0] if (sep.index > 0).any() else sep  # at scale 0 it is 0 by definition
-    parts.append(f"Largest separation (introspection delta minus control-mean delta) over injected scales: "
-                 f"{sep.max():+.2f} at scale {_fmt(float(sep.idxmax()))}; smallest: {sep.min():+.2f} at scale "
-                 f"{_fmt(float(sep.idxmin()))}.")
+    parts.append(f"{crossing('introspection curve', 'introspection', ib).capitalize()}; "
+                 f"{crossing('control mean', 'control_mean', cb)}.")
+    peak = verdicts.peak_scale(df, concept, layer=layer)
+    parts.append(f"Largest introspection-specific shift (introspection Δ minus control-mean Δ) over injected scales: "
+                 f"{c.loc[peak, 'shift']:+.2f} at scale {_fmt(peak)}"
+                 f"{verdicts.mass_note(c.loc[peak, 'introspection_mass'])}.")
     if c["random_introspection"].notna().any():
         top = float(c.index.max())
         mc = abs(c.loc[top, "introspection"] - ib)
@@ -139,27 +101,33 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
         rel = "more" if mc > mr else "less"
         parts.append(f"At scale {_fmt(top)} the concept vector moves the introspection answer by {mc:.2f}, a random "
                      f"vector of the same norm by {mr:.2f} (the concept vector moves it {rel}).")
+    test = verdicts.concept_test(df, concept, layer=layer)
+    parts.append(f"Question null: p = {test['p_questions']:.3g} over {test['n_relabelings']:.0f} relabelings of "
+                 f"{int(c['n_wordings'].max())} wording(s) and {int(c['n_controls'].max())} controls"
+                 + (" (one wording: p cannot go below 1/(n+1); ask several)" if c["n_wordings"].max() == 1 else "")
+                 + ".")
     return " ".join(parts)
 
 
 def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None) -> str:
     """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, the separation."""
     c = curves(df, concept, x="layer", scale=scale)
-    scale = float(_concept_rows(df, concept)["scale"].iloc[0]) if scale is None else scale
-    sep = _separation(c)
+    scale = float(verdicts.select(df, concept)["scale"].iloc[0]) if scale is None else scale
+    sep = c["shift"]
     intro_yes = [int(i) for i in c.index[c["introspection"] > 0]]
     control_yes = [int(i) for i in c.index[c["control_mean"] > 0]]
     return (f"{concept} (scale {_fmt(scale)}): the introspection answer peaks at layer "
             f"{int(c['introspection'].idxmax())} "
             f"({c['introspection'].max():+.2f}), the control mean at layer {int(c['control_mean'].idxmax())} "
             f"({c['control_mean'].max():+.2f}). Layers where introspection leans yes: {intro_yes or 'none'}; "
-            f"control mean: {control_yes or 'none'}. Largest separation {sep.max():+.2f} at layer {int(sep.idxmax())}.")
+            f"control mean: {control_yes or 'none'}. Largest introspection-specific shift {sep.max():+.2f} at layer "
+            f"{int(sep.idxmax())}{verdicts.mass_note(c.loc[sep.idxmax(), 'introspection_mass'])}.")
 
 
 def describe_lens(lens: pd.DataFrame, concept: str) -> str:
     """Sentences on one concept's logit lens: the final-layer shift of introspection and control (concept vs random)
     and the read-out layer where the introspection−control gap is largest."""
-    sub = _concept_rows(lens, concept)
+    sub = verdicts.select(lens, concept)
     sub = sub.assign(shift=sub["lens_diff"] - sub["baseline_lens_diff"])
     last = int(sub["lens_layer"].max())
     inj = int(sub["layer"].iloc[0])
@@ -181,7 +149,7 @@ def describe_lens(lens: pd.DataFrame, concept: str) -> str:
 def lens_similarity(lens: pd.DataFrame, concept: str) -> float:
     """Pearson correlation between the introspection and control-mean lens shifts (injected − uninjected) across
     read-out layers from the injection layer on: near 1 = the two questions move alike layer by layer."""
-    sub = _concept_rows(lens, concept)
+    sub = verdicts.select(lens, concept)
     sub = sub[(sub["vector_kind"] == "concept") & (sub["lens_layer"] >= sub["layer"])]
     shift = (sub["lens_diff"] - sub["baseline_lens_diff"]).groupby([sub["question_kind"], sub["lens_layer"]]).mean()
     return float(np.corrcoef(shift.loc["introspection"], shift.loc["control"])[0, 1])
@@ -415,7 +383,7 @@ def describe_lens_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: 
     concept: the last-layer read-outs and the read-out layer where the ablation changes the introspection answer
     most."""
     def lines(lens):
-        sub = _concept_rows(lens, concept)
+        sub = verdicts.select(lens, concept)
         sub = sub[sub["vector_kind"] == "concept"]
         mean = sub.groupby(["question_kind", "lens_layer"])["lens_diff"].mean()
         return mean.loc["introspection"], mean.loc["control"], sub

@@ -1,9 +1,10 @@
 """Sweeps over concepts × scales × layers × questions × vector kinds → tidy DataFrames with metadata, resumable.
 
 One row per trial: ``model, concept, vector_kind, vector_seed, vector_norm, layer, scale, question_kind, question,
-logit_diff, baseline_logit_diff, delta`` (``delta = logit_diff − baseline_logit_diff``, the question's own
-no-injection baseline). Work is done one question at a time and each finished question is written to disk, so an
-interrupted sweep picks up where it stopped.
+question_about, logit_diff, baseline_logit_diff, delta, answer_mass, baseline_answer_mass`` (``delta = logit_diff −
+baseline_logit_diff``, the question's own no-injection baseline; ``question_about`` "self" or "world";
+``answer_mass`` = P(yes) + P(no) at the answer position, injected and not). Work is done one question at a time
+and each finished question is written to disk, so an interrupted sweep picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ from tqdm.auto import tqdm
 from introspection_utils.inject import measure, trial_grid
 from introspection_utils.models import package_version
 from introspection_utils.paths import atomic_write, content_hash
-from introspection_utils.prompts import control_questions, introspection_prompt
+from introspection_utils.prompts import control_questions, introspection_prompt, question_about
 from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
 COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "vector_norm", "layer", "scale", "question_kind",
-           "question", "logit_diff", "baseline_logit_diff", "delta"]
+           "question", "question_about", "logit_diff", "baseline_logit_diff", "delta", "answer_mass",
+           "baseline_answer_mass"]
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What a sweep measures. ``questions``: the introspection question (``None`` = the paper's trial line)
-    followed by control questions; ``n_random`` norm-matched random vectors per concept (seeds ``seed..seed+k-1``)."""
+    """What a sweep measures. ``introspection``: the introspection wording(s) (``None`` = the paper's trial line; a
+    tuple asks each, e.g. :func:`prompts.introspection_questions`), then the ``controls``; ``n_random``
+    norm-matched random vectors per concept (seeds ``seed..seed+k-1``)."""
 
     concepts: tuple[str, ...]
     scales: tuple[float, ...]
@@ -47,7 +50,7 @@ class SweepSpec:
     seed: int = 0
     frame: str = "paper"
     answers: tuple[str, str] | None = None
-    introspection: str | None = None
+    introspection: str | tuple[str, ...] | None = None
     ablation: str | None = None  # sha256 prefix of the ablated direction, if any (see ``direction_id``)
 
     @property
@@ -55,8 +58,9 @@ class SweepSpec:
         return content_hash(self)
 
     def questions(self) -> list[tuple[str, str | None]]:
-        """``(question_kind, question)`` pairs, the introspection question first."""
-        return [("introspection", self.introspection), *(("control", q) for q in self.controls)]
+        """``(question_kind, question)`` pairs, the introspection wording(s) first."""
+        wordings = self.introspection if isinstance(self.introspection, tuple) else (self.introspection,)
+        return [*(("introspection", q) for q in wordings), *(("control", q) for q in self.controls)]
 
 
 @dataclass
@@ -148,8 +152,11 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
             "scale": [t.scale for t in trials],
             "question_kind": kind,
             "question": prompt.question,
+            "question_about": question_about(prompt.question),
             "logit_diff": readout.logit_diff.double().numpy(),
             "baseline_logit_diff": readout.baseline.double().numpy(),
+            "answer_mass": readout.answer_mass.double().numpy(),
+            "baseline_answer_mass": readout.baseline_answer_mass.double().numpy(),
         })
         frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
         if chunk_path is not None:
@@ -179,37 +186,48 @@ def metadata(handle: ModelHandle, spec: SweepSpec, prompt_hashes: Sequence[str])
 
 
 def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,
-          n_controls: int | None, controls: Sequence[str] | None, **kwargs) -> SweepSpec:
+          n_controls: int | None, controls: Sequence[str] | None, introspection: str | Sequence[str] | None,
+          **kwargs) -> SweepSpec:
     if controls is None:
         controls = control_questions(n_controls) if n_controls != 0 else []
+    if introspection is not None and not isinstance(introspection, str):
+        introspection = tuple(introspection)
+        if not introspection:
+            raise ValueError("introspection: give at least one wording (or None for the paper's trial line)")
     return SweepSpec(concepts=tuple(concepts), scales=tuple(scales), layers=tuple(layers), controls=tuple(controls),
-                     **kwargs)
+                     introspection=introspection, **kwargs)
 
 
 def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int,
-                n_controls: int | None = 10, controls: Sequence[str] | None = None, n_random: int = 1,
+                n_controls: int | None = 10, controls: Sequence[str] | None = None,
+                introspection: str | Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 results_dir: str | Path | None = None, name: str = "scale_sweep",
                 bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
                 ) -> SweepResult:
     """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
-    ``n_controls`` control questions (or the given ``controls``), concept vectors and ``n_random`` random ones.
+    ``n_controls`` control questions (balanced self/world; or the given ``controls``), concept vectors and
+    ``n_random`` random ones. ``introspection``: the wording(s) asked (default the paper's trial line; pass
+    :func:`prompts.introspection_questions` for all of them, as the verdicts need).
     ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction)."""
-    spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls, n_random=n_random,
+    spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls,
+                 introspection=introspection, n_random=n_random,
                  seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)
 
 
 def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[int], *, scale: float,
-                n_controls: int | None = 10, controls: Sequence[str] | None = None, n_random: int = 1,
+                n_controls: int | None = 10, controls: Sequence[str] | None = None,
+                introspection: str | Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 results_dir: str | Path | None = None, name: str = "layer_sweep",
                 bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
                 ) -> SweepResult:
     """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
     :func:`scale_sweep`)."""
-    spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls, n_random=n_random,
+    spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls,
+                 introspection=introspection, n_random=n_random,
                  seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)

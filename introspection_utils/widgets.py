@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from introspection_utils import plots
+from introspection_utils import plots, verdicts
 from introspection_utils.probes import default_layer
 from introspection_utils.prompts import control_questions
 from introspection_utils.sweeps import scale_sweep
@@ -85,14 +85,16 @@ class ExplorerState:
         return {"concept": concept, "layer": int(layer), "scale": float(scale), "question": question,
                 "random": bool(random), "value": float(chosen["logit_diff"]),
                 "baseline": float(chosen["baseline_logit_diff"]), "introspection": float(intro["logit_diff"]),
-                "control_mean": float(control["logit_diff"].mean()), "vector_norm": float(intro["vector_norm"])}
+                "control_mean": float(control["logit_diff"].mean()), "vector_norm": float(intro["vector_norm"]),
+                "answer_mass": float(chosen["answer_mass"])}
 
     def describe(self, v: dict[str, Any]) -> str:
         """One line of the current trial's numbers."""
         kind = "random vector" if v["random"] else "concept vector"
         return (f"{v['concept']} {kind} at layer {v['layer']}, scale {v['scale']:g} (‖v‖ = {v['vector_norm']:.3g}): "
                 f"introspection yes−no {v['introspection']:+.2f}, control mean {v['control_mean']:+.2f}; "
-                f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}).")
+                f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}; answer mass "
+                f"P(yes)+P(no) {v['answer_mass']:.2f}){verdicts.mass_note(v['answer_mass'])}.")
 
     def figure(self, concept: str, layer: int, scale: float, question: str = INTROSPECTION,
                random: bool = False) -> plt.Figure:

@@ -201,11 +201,13 @@ def test_flip_scale_is_where_introspection_turns_yes_while_the_control_stays_no(
     assert scale == 2 and "flips to yes at scale 2" in why
 
 
-def test_flip_scale_is_none_when_the_control_flips_too_or_the_baseline_is_yes():
+def test_flip_scale_is_per_curve_and_none_when_the_baseline_is_yes():
+    # One definition (verdicts.flip_scale): each curve flips on its own; whether the controls flip too is the
+    # introspection-specific shift's business, not the flip's.
     both = _frame([-1, -0.5, 0.5, 2], [-2, -1, 0.5, 1], -1, -2)
-    assert readings.flip_scale(both, "X") is None
+    assert readings.flip_scale(both, "X") == 2 and readings.flip_scale(both, "X", question_kind="control") == 2
     scale, why = readings.choose_scale(both, "X")
-    assert "fallback" in why and scale == readings.separation_scale(both, "X")
+    assert scale == 4 and "control mean flips to yes at scale 2" in why  # S: 0, 0.5, 0.5, 1 → peak at 4
     already = _frame([0.5, 1, 2, 3], [-2, -2, -2, -2], 0.5, -2)
     assert readings.flip_scale(already, "X") is None
     assert "already leans yes" in readings.choose_scale(already, "X")[1]
