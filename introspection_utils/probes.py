@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
 LENS_COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "layer", "scale", "question_kind", "question",
-                "lens_layer", "lens_diff", "baseline_lens_diff"]
+                "lens_layer", "lens_diff", "baseline_lens_diff", "answer_mass", "baseline_answer_mass"]
+# answer_mass: P(yes) + P(no) of the real output (the last layer), the same for every read-out layer of a trial
 
 
 def default_layer(handle: ModelHandle, layer: int | None = None) -> int:
@@ -63,13 +64,16 @@ def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | d
     readout = measure(handle, trials + baselines, lens=True, ablate=ablate)
     lens, base = readout.lens[: len(trials)].numpy(), readout.lens[len(trials):].numpy()
     base_of = {p.question: base[i] for i, p in enumerate(prompts)}
+    mass = readout.answer_mass[: len(trials)].numpy()
+    base_mass = dict(zip((p.question for p in prompts), readout.answer_mass[len(trials):].tolist(), strict=True))
     frames = []
     n_layers = handle.arch.n_layers
-    for (concept, kind, vseed, qkind, question), values in zip(rows, lens, strict=True):
+    for (concept, kind, vseed, qkind, question), values, m in zip(rows, lens, mass, strict=True):
         frames.append(pd.DataFrame({
             "model": handle.name, "concept": concept, "vector_kind": kind, "vector_seed": vseed, "layer": layer,
             "scale": float(per_concept[concept]), "question_kind": qkind, "question": question,
-            "lens_layer": np.arange(n_layers), "lens_diff": values, "baseline_lens_diff": base_of[question]}))
+            "lens_layer": np.arange(n_layers), "lens_diff": values, "baseline_lens_diff": base_of[question],
+            "answer_mass": float(m), "baseline_answer_mass": base_mass[question]}))
     df = pd.concat(frames, ignore_index=True)[LENS_COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     return df

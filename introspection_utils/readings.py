@@ -143,6 +143,9 @@ def describe_lens(lens: pd.DataFrame, concept: str) -> str:
         ratio = abs(intro.loc[last]) / max(abs(r_intro.loc[last]), 1e-9)
         text += (f" A random vector of the same norm shifts introspection by {r_intro.loc[last]:+.2f} at the last "
                  f"layer: the concept vector's effect is {ratio:.2g}× the random one's.")
+    if "answer_mass" in sub.columns:
+        mass = sub[(sub["vector_kind"] == "concept") & (sub["question_kind"] == "introspection")]["answer_mass"].mean()
+        text += f" Answer mass P(yes)+P(no) of the injected introspection answer: {mass:.2f}{verdicts.mass_note(mass)}."
     return text
 
 
