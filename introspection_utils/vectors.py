@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from introspection_utils.data import load_list
-from introspection_utils.models import cache_dir
+from introspection_utils.embedded import cache_dir
 from introspection_utils.paths import atomic_write, content_hash
 from introspection_utils.prompts import Prompt, chat_prompt, extraction_prompt
 

