@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from introspection_utils.probes import default_layer
 from introspection_utils.sweeps import SweepResult, scale_sweep
+from introspection_utils.vectors import default_layer
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
