@@ -16,16 +16,19 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from introspection_utils.data import data_dir, tomllib
+from introspection_utils.generation import generate, response_table
+from introspection_utils.inject import Trial
 from introspection_utils.intervals import wilson_interval
-
-if TYPE_CHECKING:
-    from introspection_utils.models import ModelHandle
+from introspection_utils.models import ModelHandle, load_model
+from introspection_utils.prompts import chat_prompt, introspection_prompt
+from introspection_utils.sweeps import SweepResult, metadata
 
 CRITERIA = ("coherence", "thinking_about_word", "affirmative", "affirmative_correct_identification")
 UNPARSEABLE = "unparseable"
@@ -78,10 +81,6 @@ class LocalJudge:
         self.handle, self.max_new_tokens, self.name = handle, max_new_tokens, f"local:{handle.name}"
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
-        from introspection_utils.generation import generate
-        from introspection_utils.inject import Trial
-        from introspection_utils.prompts import chat_prompt
-
         trials = [Trial(chat_prompt(self.handle, [{"role": "user", "content": p}], kind="grader")) for p in prompts]
         return generate(self.handle, trials, max_new_tokens=self.max_new_tokens)
 
@@ -195,8 +194,6 @@ def make_judge(kind: str, handle: ModelHandle | None = None, *, model: str | Non
             if handle is None:
                 raise ValueError("judge 'local' with model=None judges with the handle given; pass one")
             return LocalJudge(handle, max_new_tokens=max_new_tokens)
-        from introspection_utils.models import load_model
-
         return LocalJudge(load_model(model), max_new_tokens=max_new_tokens)
     if kind == "http":
         if not url or not model:
@@ -214,20 +211,14 @@ def run_grading(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
     = no injection) graded by ``judge`` on ``criteria`` (:func:`grade`). Returns a :class:`sweeps.SweepResult`
     (the graded table and how it was made: model, prompt hash, generation settings, judge, criteria, versions);
     with ``results_dir`` saved as ``<results_dir>/<name>.csv`` and ``.meta.json``."""
-    from pathlib import Path
-
-    from introspection_utils.generation import response_table
-    from introspection_utils.prompts import introspection_prompt
-    from introspection_utils.sweeps import SweepResult, SweepSpec, metadata
-
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown or not criteria:
         raise ValueError(f"criteria {list(criteria)}: choose one or more of {', '.join(CRITERIA)}")
     responses = response_table(handle, concepts, scales, layer=layer, samples=samples, max_new_tokens=max_new_tokens,
                                temperature=temperature, seed=seed, question=question, progress=progress)
     graded = grade(responses, judge, criteria=criteria, progress=progress)
-    spec = SweepSpec(concepts=tuple(concepts), scales=tuple(float(s) for s in scales), layers=(layer,), controls=(),
-                     n_random=0, seed=seed, introspection=question)
+    spec = {"concepts": list(concepts), "scales": [float(s) for s in scales], "layer": layer, "seed": seed,
+            "question": question}
     meta = metadata(handle, spec, [introspection_prompt(handle, question).hash])
     meta.update(experiment="generation_grading", judge=judge.name, criteria=list(criteria),
                 generation={"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature})

@@ -1,5 +1,5 @@
 """The measurement engine: trials of (prompt, vector, scale, layer, window) → yes−no logit differences, the logit
-lens, attention to the injected positions, and generation under injection.
+lens, attention to the injected positions, residuals (generation under injection is :mod:`generation`).
 
 Injection adds ``scale × vector`` to the residual stream (decoder-layer ``layer``'s output) at the window's
 positions. Two levers make a batch of trials on one prompt cheap, both exact:
@@ -137,16 +137,54 @@ class Readout:
     residuals: torch.Tensor | None = None
 
 
+@dataclass
+class _Pass:
+    """What one traced forward of ``B`` rows read (CPU, float32, except ``hidden``).
+
+    ``logit_diff [B]``, ``logits [B, k]``, ``answer_mass [B]``; ``hidden``: each layer's output over the suffix
+    ``[B, S, D]`` (kept on the device, only for the uninjected pass the layer skip serves from); ``last``: each
+    layer's output at the last position ``[B, D]``; ``lens [B, n_layers]``; ``attention [B, n_layers, n_heads, T]``
+    (the last query's weights over all ``T`` key positions).
+    """
+
+    logit_diff: torch.Tensor
+    logits: torch.Tensor
+    answer_mass: torch.Tensor
+    hidden: list[torch.Tensor]
+    last: list[torch.Tensor] | None = None
+    lens: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+    def expand(self, batch: int) -> _Pass:
+        """This one-row pass as ``batch`` identical rows (an uninjected trial measures what the shared pass did)."""
+        return _Pass(self.logit_diff.expand(batch), self.logits.expand(batch, -1), self.answer_mass.expand(batch),
+                     self.hidden,
+                     [r.expand(batch, -1) for r in self.last] if self.last is not None else None,
+                     self.lens.expand(batch, -1) if self.lens is not None else None,
+                     self.attention.expand(batch, -1, -1, -1) if self.attention is not None else None)
+
+    def below(self, skipped: _Pass, first: int) -> _Pass:
+        """This pass with layers ``< first`` (skipped: identical in every trial) read from the uninjected pass."""
+        below = skipped.expand(len(self.logit_diff))
+        if self.last is not None:
+            self.last = [*below.last[:first], *self.last]
+        if self.lens is not None:
+            self.lens = torch.cat([below.lens[:, :first], self.lens], dim=1)
+        if self.attention is not None:
+            self.attention = torch.cat([below.attention[:, :first], self.attention], dim=1)
+        return self
+
+
 class _PromptRun:
     """Everything shared by the trials of one prompt and window start: computed once per call.
 
-    ``cache``: KV cache of the tokens before the window; ``hidden[i]``: layer i's output over the suffix
-    ``[1, S, D]`` without injection; ``lens``/``attention``: the uninjected readouts.
+    ``cache``: KV cache of the tokens before the window; ``baseline``: the uninjected pass over the suffix (its
+    ``hidden[i]``, layer i's output ``[1, S, D]``, serves the layer skip; its readouts are the baselines).
     """
 
     def __init__(self, handle: ModelHandle, prompt: Prompt, start: int, answer_ids: torch.Tensor,
                  *, attention_keys: torch.Tensor | None, strategy: Strategy, ablate: torch.Tensor | None,
-                 lens: bool, rows: bool) -> None:
+                 lens: bool, read_residuals: bool) -> None:
         self.handle, self.prompt, self.start, self.ablate = handle, prompt, start, ablate
         ids = torch.tensor([prompt.input_ids], device=handle.device)
         self.full_ids = ids
@@ -158,38 +196,53 @@ class _PromptRun:
             self.cache = DynamicCache(config=handle.torch_model.config)  # filled in place by the forward
             with torch.no_grad(), handle.model.trace(ids[:, :start], cache=self.cache, use_cache=True,
                                                      logits_to_keep=1):
-                _ablate(handle, range(handle.arch.n_layers), ablate)
-        readout = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
-                         lens=lens, rows=rows, attention_keys=attention_keys, keep_hidden=strategy == "cached")
-        self.baseline = readout
+                _ablate(handle, ablate)
+        self.baseline = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
+                               lens=lens, read_residuals=read_residuals, attention_keys=attention_keys,
+                               keep_hidden=strategy == "cached")
 
-    def cache_for(self, rows: int):
+    def cache_for(self, batch: int):
         if self.cache is None:
             return None
         cache = copy.deepcopy(self.cache)  # the forward appends the suffix in place
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
         return cache
 
 
-def _ablate(handle: ModelHandle, layers: range, direction: torch.Tensor | None) -> None:
-    """Inside a trace: project ``direction`` (unit ``[D]``) out of the embeddings and the given layers' outputs."""
+def _project_out(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` without its component along the unit ``direction [D]``."""
+    return x - (x @ direction)[..., None] * direction
+
+
+def _ablate(handle: ModelHandle, direction: torch.Tensor | None) -> None:
+    """Inside a trace: project ``direction`` (unit ``[D]``) out of the embeddings and every layer's output."""
     if direction is None:
         return
-    handle.embeddings.output -= (handle.embeddings.output @ direction)[..., None] * direction
-    for i in layers:
-        handle.layers[i].output -= (handle.layers[i].output @ direction)[..., None] * direction
+    handle.embeddings.output = _project_out(handle.embeddings.output, direction)
+    for layer in handle.layers:
+        layer.output = _project_out(layer.output, direction)
+
+
+def _lens_diff(handle: ModelHandle, last: list[torch.Tensor], answer_ids: torch.Tensor) -> torch.Tensor:
+    """Inside a trace: the yes−no logit lens ``[B, len(last)]`` of the last-position residuals ``last`` (each
+    ``[B, D]``): final norm, the two answer rows of the unembedding, the softcap (so it also runs remotely)."""
+    logits = handle.final_norm(torch.stack(last, dim=1)) @ handle.lm_head.weight[answer_ids[:2]].T
+    cap = handle.arch.final_logit_softcap
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits[..., 0] - logits[..., 1]
 
 
 def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | None, add: torch.Tensor | None,
            mask: torch.Tensor | None, answer_ids: torch.Tensor, lens: bool, attention_keys: torch.Tensor | None,
-           rows: bool = False, keep_hidden: bool = False, skip: bool = False) -> dict:
+           read_residuals: bool = False, keep_hidden: bool = False, skip: bool = False) -> _Pass:
     """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [S]`` at ``layer``.
 
-    Reads, in forward order: attention rows of the last query (if ``attention_keys``), the layer outputs at the
-    last position (if ``rows``), the yes−no logit lens (if ``lens``: final norm, the two answer rows of the
-    unembedding, the softcap — computed inside the trace, so it also runs remotely) and the final logits of the
-    answer tokens (``answer_ids [k]``; the first two are yes and no for the logit difference).
+    Reads, in forward order: attention weights of the last query (if ``attention_keys``), the layer outputs at the
+    last position (if ``read_residuals`` or ``lens``), the yes−no logit lens (if ``lens``) and the final logits of
+    the answer tokens (``answer_ids [k]``; the first two are yes and no for the logit difference). ``skip``: layers
+    below ``layer`` are served from ``run.baseline`` (identical in every trial) instead of being computed.
     """
     n_layers, total = handle.arch.n_layers, run.full_ids.shape[1]
     suffix = run.suffix.expand(batch, -1)
@@ -198,56 +251,46 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
     cache = run.cache_for(batch)
     if cache is not None:
         kwargs["cache"] = cache
-    first = layer if (skip and layer is not None) else 0
-    ablate = run.ablate
     if handle.remote:
         kwargs["remote"] = handle.remote
-    cap = handle.arch.final_logit_softcap
+    first = layer if (skip and layer is not None) else 0
+    ablate = run.ablate
     with torch.no_grad(), handle.model.trace(suffix, use_cache=cache is not None, logits_to_keep=1, **kwargs):
         if first == 0 and ablate is not None:
-            handle.embeddings.output -= (handle.embeddings.output @ ablate)[..., None] * ablate
+            handle.embeddings.output = _project_out(handle.embeddings.output, ablate)
         for i in range(first):  # identical in every trial: served from the uninjected pass
-            handle.layers[i].skip(run.baseline["hidden"][i].expand(batch, -1, -1))
-        attention = nnsight.save([])
-        hidden = nnsight.save([])
-        last = nnsight.save([])
+            handle.layers[i].skip(run.baseline.hidden[i].expand(batch, -1, -1))
+        attention, hidden, last = nnsight.save([]), nnsight.save([]), nnsight.save([])
         for i in range(first, n_layers):
             if attention_keys is not None:
                 attention.append(handle.attention(i).output[1][:, :, -1, :])
             if i == layer:
                 handle.layers[i].output += add[:, None, :] * mask[None, :, None]
             if ablate is not None:  # after the injection: the residual stream never carries the direction
-                handle.layers[i].output -= (handle.layers[i].output @ ablate)[..., None] * ablate
+                handle.layers[i].output = _project_out(handle.layers[i].output, ablate)
             if keep_hidden:
                 hidden.append(handle.layers[i].output)
-            if lens or rows:
+            if lens or read_residuals:
                 last.append(handle.layers[i].output[:, -1, :])
-        if lens:  # [B, n_layers - first]
-            lens_logits = handle.final_norm(torch.stack(last, dim=1)) @ handle.lm_head.weight[answer_ids[:2]].T
-            if cap:
-                lens_logits = cap * torch.tanh(lens_logits / cap)
-            lens_diff = (lens_logits[..., 0] - lens_logits[..., 1]).save()
+        if lens:
+            lens_diff = _lens_diff(handle, last, answer_ids).save()  # [B, n_layers - first]
         final = handle.model.output.logits[:, -1, :]
         logits = final[:, answer_ids].save()
         log_partition = final.float().logsumexp(-1).save()  # [B]: normalises the answer logits to probabilities
     logits = logits.float().cpu()
-    diff = logits[:, 0] - logits[:, 1] if logits.shape[1] > 1 else torch.full_like(logits[:, 0], float("nan"))
-    mass = (logits[:, :2] - log_partition.float().cpu()[:, None]).exp().sum(-1)
-    result = {"logit_diff": diff, "logits": logits, "hidden": hidden, "answer_mass": mass}
-    if rows:
-        below = run.baseline["rows"][:first] if first else []
-        result["rows"] = [*(r.expand(batch, -1) for r in below), *last]
-    if lens:
-        result["lens"] = lens_diff.float().cpu()
-        if first:
-            result["lens"] = torch.cat([run.baseline["lens"][:, :first].expand(batch, -1), result["lens"]], dim=1)
-    if attention_keys is not None:
-        # Sliding-window layers keep only the window's keys; they are the last ones, the rest get zero weight.
-        rows = torch.stack([torch.nn.functional.pad(a.float(), (total - a.shape[-1], 0)) for a in attention], dim=1)
-        if first:
-            rows = torch.cat([run.baseline["attention_rows"][:, :first].expand(batch, -1, -1, -1), rows], dim=1)
-        result["attention_rows"] = rows
-    return result
+    out = _Pass(logit_diff=logits[:, 0] - logits[:, 1] if logits.shape[1] > 1
+                else torch.full_like(logits[:, 0], float("nan")),
+                logits=logits, answer_mass=(logits[:, :2] - log_partition.float().cpu()[:, None]).exp().sum(-1),
+                hidden=list(hidden), last=list(last) if read_residuals else None,
+                lens=lens_diff.float().cpu() if lens else None,
+                attention=_weights_over_keys(attention, total) if attention_keys is not None else None)
+    return out.below(run.baseline, first) if first else out
+
+
+def _weights_over_keys(attention: list[torch.Tensor], total: int) -> torch.Tensor:
+    """Per-layer attention weights ``[B, n_heads, keys]`` as one ``[B, n_layers, n_heads, total]`` tensor.
+    Sliding-window layers keep only the window's keys; they are the last ones, the rest get zero weight."""
+    return torch.stack([torch.nn.functional.pad(a.float(), (total - a.shape[-1], 0)) for a in attention], dim=1).cpu()
 
 
 def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
@@ -309,7 +352,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
          residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None) -> Readout:
     """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
     validated)."""
-    read_rows = residual_layers is not None  # the last position's layer outputs leave the trace
+    read_residuals = residual_layers is not None  # the last position's layer outputs leave the trace
     batch_size = batch_size or _auto_batch_size(handle, trials)
     if handle.remote:
         strategy = "full"  # NDIF runs traces, not local caches: recompute the whole prompt per batch
@@ -327,11 +370,10 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
         groups[(trial.prompt, trial.span())].append(index)
     bar = tqdm(total=n, desc="trials", disable=not progress)
     for (prompt, (start, end)), indices in groups.items():
-        total = len(prompt)
-        keys = torch.zeros(total, dtype=torch.bool)
+        keys = torch.zeros(len(prompt), dtype=torch.bool)  # [T]: the injected positions
         keys[start:end] = True
         run = _PromptRun(handle, prompt, start, answer_ids, attention_keys=keys if attention else None,
-                         strategy=strategy, ablate=ablate, lens=lens, rows=read_rows)
+                         strategy=strategy, ablate=ablate, lens=lens, read_residuals=read_residuals)
         suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
         base = run.baseline
         by_layer: dict[int | None, list[int]] = defaultdict(list)
@@ -341,32 +383,28 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
             for chunk_start in range(0, len(members), batch_size):
                 chunk = members[chunk_start:chunk_start + batch_size]
                 if layer is None:  # no injection: the shared pass already measured it
-                    out = {"logit_diff": base["logit_diff"].expand(len(chunk)),
-                           "answer_mass": base["answer_mass"].expand(len(chunk)),
-                           "logits": base["logits"].expand(len(chunk), -1),
-                           "rows": [r.expand(len(chunk), -1) for r in base.get("rows", [])],
-                           "lens": base["lens"].expand(len(chunk), -1) if lens else None,
-                           "attention_rows": base.get("attention_rows")}
+                    out = base.expand(len(chunk))
                 else:
                     add = torch.stack([trials[i].scale * trials[i].vector.vector for i in chunk])
                     out = _trace(handle, run, batch=len(chunk), layer=layer,
                                  add=add.to(handle.device, handle.dtype), mask=suffix_mask, answer_ids=answer_ids,
-                                 lens=lens, rows=read_rows, attention_keys=keys if attention else None,
+                                 lens=lens, read_residuals=read_residuals,
+                                 attention_keys=keys if attention else None,
                                  skip=strategy == "cached" and not attention)
-                rows = torch.tensor(chunk)
-                logit_diff[rows] = out["logit_diff"]
-                logits_out[rows] = out["logits"]
-                baseline[rows] = base["logit_diff"].expand(len(chunk))
-                mass[rows] = out["answer_mass"]
-                baseline_mass[rows] = base["answer_mass"].expand(len(chunk))
+                at = torch.tensor(chunk)  # the chunk's rows in the readout
+                logit_diff[at] = out.logit_diff
+                logits_out[at] = out.logits
+                baseline[at] = base.logit_diff.expand(len(chunk))
+                mass[at] = out.answer_mass
+                baseline_mass[at] = base.answer_mass.expand(len(chunk))
                 if lens:
-                    lens_out[rows] = out["lens"]
+                    lens_out[at] = out.lens
                 if res_out is not None:
-                    res_out[rows] = torch.stack([out["rows"][i] for i in residual_layers], 1).float().cpu()
+                    res_out[at] = torch.stack([out.last[i] for i in residual_layers], 1).float().cpu()
                 if attention:
-                    weights = out["attention_rows"][..., keys.to(out["attention_rows"].device)]
-                    att_sum[rows] = weights.sum(-1).cpu()
-                    att_max[rows] = weights.amax(-1).cpu()
+                    weights = out.attention[..., keys]  # [B, n_layers, n_heads, n_injected]
+                    att_sum[at] = weights.sum(-1)
+                    att_max[at] = weights.amax(-1)
                 bar.update(len(chunk))
     bar.close()
     return Readout(logit_diff, baseline, mass, baseline_mass, lens_out, att_sum, att_max, logits_out, res_out)

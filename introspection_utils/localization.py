@@ -25,7 +25,7 @@ at ``scale``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -37,10 +37,16 @@ from introspection_utils.data import load_list, load_prompts
 from introspection_utils.inject import Trial, answer_logits
 from introspection_utils.intervals import wilson_interval, z_score
 from introspection_utils.paths import content_hash
-from introspection_utils.probes import default_layers
 from introspection_utils.prompts import Prompt, answer_token_id, chat_prompt
 from introspection_utils.sweeps import SweepResult, metadata
-from introspection_utils.vectors import ConceptVector, VectorBank, concept_vectors, contrastive_vectors, random_vector
+from introspection_utils.vectors import (
+    ConceptVector,
+    VectorBank,
+    concept_vectors,
+    contrastive_vectors,
+    default_layers,
+    random_vector,
+)
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -278,7 +284,7 @@ def run_localization(handle: ModelHandle, *, vectors: str = "concept", concepts:
 
     logits = answer_logits(handle, trials, digits, batch_size=batch_size, progress=progress)
     df = _table(handle, rows, logits, n_sentences)
-    result = SweepResult(df, metadata(handle, spec, prompt_hashes))
+    result = SweepResult(df, metadata(handle, asdict(spec), prompt_hashes))
     result.meta["experiment"] = "localization"
     result.meta["sentence_sets"] = [list(s) for s in sets]
     result.meta["vector_words"] = list(bank.words)

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from introspection_utils.paths import atomic_write
-from introspection_utils.probes import default_layer
 from introspection_utils.prompts import introspection_questions
 from introspection_utils.sweeps import SweepResult, scale_sweep
+from introspection_utils.vectors import default_layer
 from introspection_utils.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,

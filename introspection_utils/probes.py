@@ -17,28 +17,16 @@ import torch
 
 from introspection_utils.inject import Trial, measure, trial_grid
 from introspection_utils.prompts import answer_token_id, control_questions, introspection_prompt, question_prompts
-from introspection_utils.vectors import VectorBank, concept_vectors, with_random
+from introspection_utils.vectors import VectorBank, concept_vectors, default_layer, default_layers, with_random
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
+__all__ = ["LENS_COLUMNS", "AttentionMaps", "attention_maps", "default_layer", "default_layers", "lens_profile"]
+
 LENS_COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "layer", "scale", "question_kind", "question",
                 "lens_layer", "lens_diff", "baseline_lens_diff", "answer_mass", "baseline_answer_mass"]
 # answer_mass: P(yes) + P(no) of the real output (the last layer), the same for every read-out layer of a trial
-
-
-def default_layer(handle: ModelHandle, layer: int | None = None) -> int:
-    """``layer`` if given (checked), else two thirds of the depth: 20 of 30 (SmolLM2), 28 of 42 (Gemma-2-9B)."""
-    if layer is None:
-        return 2 * handle.arch.n_layers // 3
-    return handle.check_layer(int(layer))
-
-
-def default_layers(handle: ModelHandle, layers: Sequence[int] | None = None, *, n: int = 8) -> list[int]:
-    """``layers`` if given (checked), else ``n`` layers evenly spread from the first to the last."""
-    if layers is None:
-        return sorted({int(round(x)) for x in np.linspace(0, handle.arch.n_layers - 1, n)})
-    return [handle.check_layer(int(layer)) for layer in layers]
 
 
 def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | dict[str, float], *, layer: int,

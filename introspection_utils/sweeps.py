@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import nnsight
 import pandas as pd
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from introspection_utils.inject import measure, trial_grid
@@ -164,21 +166,20 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True)[COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
-    result = SweepResult(df, metadata(handle, spec, prompt_hashes))
+    result = SweepResult(df, metadata(handle, asdict(spec), prompt_hashes))
     if results_dir is not None:
         result.save(Path(results_dir) / name)
     return result
 
 
-def metadata(handle: ModelHandle, spec: SweepSpec, prompt_hashes: Sequence[str]) -> dict:
-    """Everything needed to say how a result was made: model, revision, dtype, prompts, seed, versions."""
-    import nnsight
-    import transformers
-
+def metadata(handle: ModelHandle, spec: Mapping[str, Any], prompt_hashes: Sequence[str]) -> dict:
+    """Everything needed to say how a result was made: model, revision, dtype, the prompts' hash, the experiment's
+    ``spec`` (any experiment's parameters as a plain mapping, e.g. ``asdict(SweepSpec)``; its ``seed`` and its
+    content hash recorded beside it), package and library versions, time."""
     return {
         "model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype).removeprefix("torch."),
         "family": handle.arch.family, "prompt_hash": hashlib.sha256("".join(prompt_hashes).encode()).hexdigest()[:16],
-        "seed": spec.seed, "spec": asdict(spec), "spec_hash": spec.hash,
+        "seed": spec.get("seed"), "spec": dict(spec), "spec_hash": content_hash(dict(spec)),
         "package_version": package_version(), "torch": torch.__version__, "nnsight": nnsight.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nnsight
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -98,6 +99,20 @@ class VectorBank:
     def norms(self) -> torch.Tensor:
         """``[n_words, n_layers]`` L2 norms."""
         return self.vectors.float().norm(dim=-1)
+
+
+def default_layer(handle: ModelHandle, layer: int | None = None) -> int:
+    """``layer`` if given (checked), else two thirds of the depth: 20 of 30 (SmolLM2), 28 of 42 (Gemma-2-9B)."""
+    if layer is None:
+        return 2 * handle.arch.n_layers // 3
+    return handle.check_layer(int(layer))
+
+
+def default_layers(handle: ModelHandle, layers: Sequence[int] | None = None, *, n: int = 8) -> list[int]:
+    """``layers`` if given (checked), else ``n`` layers evenly spread from the first to the last."""
+    if layers is None:
+        return sorted({int(round(x)) for x in np.linspace(0, handle.arch.n_layers - 1, n)})
+    return [handle.check_layer(int(layer)) for layer in layers]
 
 
 def validate_concept(word: str) -> str:
@@ -245,8 +260,6 @@ def load_vector(handle: ModelHandle, path: str | Path, *, layer: int, name: str 
     """A vector saved with ``torch.save`` (a ``[d_model]`` tensor) or ``numpy.save``; size and values checked."""
     path = Path(path)
     if path.suffix == ".npy":
-        import numpy as np
-
         tensor = torch.from_numpy(np.load(path))
     else:
         tensor = torch.load(path, weights_only=True)

@@ -16,10 +16,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from introspection_utils import plots, verdicts
-from introspection_utils.probes import default_layer
 from introspection_utils.prompts import control_questions
 from introspection_utils.sweeps import scale_sweep
-from introspection_utils.vectors import concept_vectors
+from introspection_utils.vectors import concept_vectors, default_layer
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle

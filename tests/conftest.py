@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from introspection_utils import load_model
+from introspection_utils import load_model, probes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402  (the independent plain-PyTorch implementation)
@@ -179,3 +179,14 @@ class Oracle:
 @pytest.fixture(scope="session")
 def oracle():
     return Oracle()
+
+
+# Probe tables on tiny-llama, read by tests/test_probes.py (the numbers) and tests/test_plots.py (the figures).
+@pytest.fixture(scope="session")
+def lens(tiny_llama):
+    return probes.lens_profile(tiny_llama, ["Sandwich"], 4.0, layer=1, n_controls=2, n_random=1)
+
+
+@pytest.fixture(scope="session")
+def maps(tiny_llama):
+    return probes.attention_maps(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2)

@@ -7,6 +7,7 @@ Executing every notebook on the embedded model is nbval's job: ``pytest --nbval-
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # The experiment series 00–06 (later numbers and the explorer app are checked by the rules that apply to all).
 SERIES = [p for p in ALL_NOTEBOOKS if p.name[:2] in {f"{i:02d}" for i in range(7)}]
-COMMON_PARAMETERS = {"model", "seed", "figures_dir", "results_dir"}
+COMMON_PARAMETERS = {"model", "figures_dir"}  # every series notebook loads a model and saves figures
 
 
 def test_the_series_00_to_06_is_complete():
@@ -41,6 +42,15 @@ def test_notebook_opens_with_markdown_then_a_tagged_parameters_cell(path):
 def test_series_notebook_declares_the_common_parameters(path):
     declared = set(run.declared_parameters(path))
     assert COMMON_PARAMETERS <= declared, f"{path.name} lacks {COMMON_PARAMETERS - declared}"
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_declared_parameter_is_used(path):
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells
+                     if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
+    unused = [name for name in run.declared_parameters(path) if not re.search(rf"\b{name}\b", code)]
+    assert not unused, f"{path.name} declares parameters it never uses: {unused}"
 
 
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.stem)

@@ -14,7 +14,7 @@ import torch
 from statsmodels.stats.multitest import multipletests
 
 from introspection_utils import calibration, metrics, readings, verdicts
-from introspection_utils.sweeps import COLUMNS, scale_sweep
+from introspection_utils.sweeps import COLUMNS
 from introspection_utils.vectors import VectorBank
 from introspection_utils.verdicts import QuestionCurves
 
