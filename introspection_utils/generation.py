@@ -123,9 +123,10 @@ def response_table(handle: ModelHandle, concepts: Sequence[str], scales: Sequenc
 
     Scale 0 rows are the no-injection controls (the same prompt, nothing injected; their ``concept`` is the word a
     false positive would be graded against). Columns: ``model, concept, layer, scale, sample, injected, question,
-    response``; ``temperature`` and ``seed`` make sampling reproducible.
+    conversation, response`` (``conversation``: the whole conversation the model saw, as plain turns — what the
+    grader is shown); ``temperature`` and ``seed`` make sampling reproducible.
     """
-    from introspection_utils.prompts import introspection_prompt
+    from introspection_utils.prompts import conversation_text, introspection_prompt
     from introspection_utils.vectors import concept_vectors
 
     if samples < 1:
@@ -133,6 +134,7 @@ def response_table(handle: ModelHandle, concepts: Sequence[str], scales: Sequenc
     handle.check_layer(layer)
     bank = concept_vectors(handle, concepts, progress=progress)
     prompt = introspection_prompt(handle, question)
+    conversation = conversation_text(question)
     rows, trials = [], []
     for concept in concepts:
         vector = bank.get(concept, layer)
@@ -140,7 +142,8 @@ def response_table(handle: ModelHandle, concepts: Sequence[str], scales: Sequenc
             for sample in range(samples):
                 trials.append(Trial(prompt, vector, float(scale)))
                 rows.append({"model": handle.name, "concept": concept, "layer": layer, "scale": float(scale),
-                             "sample": sample, "injected": float(scale) != 0.0, "question": prompt.question})
+                             "sample": sample, "injected": float(scale) != 0.0, "question": prompt.question,
+                             "conversation": conversation})
     texts = generate(handle, trials, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                      progress=progress)
     return pd.DataFrame(rows).assign(response=texts)

@@ -44,12 +44,16 @@ def grader_prompts() -> dict[str, str]:
     return {name: sections[name]["template"] for name in CRITERIA}
 
 
-def grader_prompt(criterion: str, *, question: str, response: str, word: str) -> str:
-    """The filled grader prompt for one answer (``word`` lowercased, as in the paper)."""
+def grader_prompt(criterion: str, *, question: str, response: str, word: str, conversation: str | None = None
+                  ) -> str:
+    """The filled grader prompt for one answer (``word`` lowercased, as in the paper). ``{prompt}`` is the whole
+    ``conversation`` the model saw (:func:`prompts.conversation_text`; default the question alone), ``{question}``
+    the question."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     template = grader_prompts()[criterion]
-    return (template.replace("{prompt}", question).replace("{question}", question)
+    return (template.replace("{prompt}", question if conversation is None else conversation)
+            .replace("{question}", question)
             .replace("{response}", response).replace("{word}", word.lower()))
 
 
@@ -139,7 +143,8 @@ def pregrade(response: str, word: str) -> dict[str, bool]:
 
 def grade(responses: pd.DataFrame, judge: Judge, *, criteria: Sequence[str] = CRITERIA,
           progress: bool = True) -> pd.DataFrame:
-    """Grade every row of ``responses`` (columns ``question``, ``response``, ``concept``) on ``criteria``.
+    """Grade every row of ``responses`` (columns ``question``, ``response``, ``concept``, and ``conversation`` — the
+    whole conversation, shown to the judge as ``{prompt}`` — when present) on ``criteria``.
 
     Adds per criterion a verdict column (YES / NO / unparseable) and ``<criterion>_raw`` with the judge's text,
     the pre-grade columns, and ``success`` (coherence AND affirmative_correct_identification, the paper's
@@ -148,8 +153,10 @@ def grade(responses: pd.DataFrame, judge: Judge, *, criteria: Sequence[str] = CR
     """
     graded = responses.copy()
     for criterion in tqdm(criteria, desc=f"grading ({judge.name})", disable=not progress):
-        prompts = [grader_prompt(criterion, question=q, response=r, word=str(w))
-                   for q, r, w in zip(graded["question"], graded["response"], graded["concept"], strict=True)]
+        conversations = graded["conversation"] if "conversation" in graded else [None] * len(graded)
+        prompts = [grader_prompt(criterion, question=q, response=r, word=str(w), conversation=c)
+                   for q, r, w, c in zip(graded["question"], graded["response"], graded["concept"], conversations,
+                                         strict=True)]
         unique = list(dict.fromkeys(prompts))  # identical prompts (e.g. greedy controls) are asked once
         answers = dict(zip(unique, judge(unique), strict=True))
         raw = [answers[p] for p in prompts]

@@ -90,6 +90,29 @@ def chat_prompt(handle: ModelHandle, messages: list[dict], *, injection_from: in
     return Prompt(text, tuple(ids), start, kind, question, system_note)
 
 
+def _frame_messages(question: str, frame: Frame) -> tuple[list[dict], int]:
+    """The conversation of ``frame`` around ``question`` and the character offset in its last message where the
+    injection starts."""
+    p = load_prompts()["injected_thought"]
+    if frame == "paper":
+        last = p["trial_lead"] + p["separator"] + question
+        messages = [{"role": "user", "content": p["preamble"]}, {"role": "assistant", "content": p["assistant_ack"]},
+                    {"role": "user", "content": last}]
+        return messages, len(p["trial_lead"])
+    if frame == "bare":
+        return [{"role": "user", "content": question}], 0
+    raise ValueError(f"unknown frame {frame!r}; use 'paper' or 'bare'")
+
+
+def conversation_text(question: str | None = None, *, frame: Frame = "paper") -> str:
+    """The conversation the model sees, as plain "Human: … / Assistant: …" turns ending with "Assistant:" (the
+    paper's own format, independent of any chat template): what a grader is shown as ``{prompt}``."""
+    question = load_prompts()["injected_thought"]["question"] if question is None else question
+    messages, _ = _frame_messages(question, frame)
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
 def introspection_prompt(handle: ModelHandle, question: str | None = None, *, frame: Frame = "paper",
                          prefill: str = "", system: str | None = None, kind: str | None = None) -> Prompt:
     """The paper's injected-thought conversation, or the same frame around another (control) question.
@@ -98,21 +121,11 @@ def introspection_prompt(handle: ModelHandle, question: str | None = None, *, fr
     (prefill). The injection starts on the "\\n\\n" before the question. ``frame="bare"``: the question alone in
     one user turn; the injection starts on its first token. ``question=None`` is the paper's trial line.
     """
-    p = load_prompts()["injected_thought"]
-    trial = p["question"]
-    question = trial if question is None else question
+    question = load_prompts()["injected_thought"]["question"] if question is None else question
     kind = kind or ("introspection" if question in introspection_questions() else "control")
     if not question.strip():
         raise ValueError("question is empty")
-    if frame == "paper":
-        last = p["trial_lead"] + p["separator"] + question
-        messages = [{"role": "user", "content": p["preamble"]}, {"role": "assistant", "content": p["assistant_ack"]},
-                    {"role": "user", "content": last}]
-        injection_from = len(p["trial_lead"])
-    elif frame == "bare":
-        messages, injection_from = [{"role": "user", "content": question}], 0
-    else:
-        raise ValueError(f"unknown frame {frame!r}; use 'paper' or 'bare'")
+    messages, injection_from = _frame_messages(question, frame)
     return chat_prompt(handle, messages, injection_from=injection_from, prefill=prefill, kind=kind,
                        question=question, system=system)
 
