@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from introspection_utils.paths import project_root, replace_block
 from introspection_utils.verdicts import ALPHA, QuestionCurves, benjamini_hochberg, classify, shift_test
 
 SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -109,3 +110,27 @@ def calibrate(scenarios: Sequence[str] = tuple(SCENARIOS), *, n_concepts: int = 
         out[field] = getattr(design, field)
     out["alpha"] = alpha
     return out
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The calibration table as the README shows it (written by ``python -m introspection_utils.calibration``)."""
+    d = table.iloc[0]
+    lines = [f"Synthetic sweeps, {int(d['n_concepts'])} concepts per scenario in atlases of 50, "
+             f"{int(d['n_wordings'])} wordings, {int(d['n_controls'])} controls, {int(d['n_random'])} random "
+             f"vectors per concept, α = {d['alpha']:g} (`tests/test_verdicts.py` asserts these; "
+             f"`python -m introspection_utils.calibration` rewrites this table):", "",
+             "| scenario | truth | called introspection-specific (after BH) | p ≤ α, uncorrected | question null "
+             "alone |",
+             "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.scenario} | {r.truth} | {r.called:.1%} | {r.p_below_alpha:.1%} | "
+                     f"{r.p_questions_below_alpha:.1%} |")
+    lines += ["", f"Uncorrected rates are single draws of {int(d['n_concepts'])} concepts: a true 5% shows as "
+              f"5% ± 2.1% (3 standard errors)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    result = calibrate()
+    print(result.to_string())
+    print(replace_block(project_root() / "README.md", "calibration", markdown(result)))

@@ -70,3 +70,22 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], Any])
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def replace_block(path: str | Path, name: str, text: str) -> Path:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path`` (e.g. the README) by
+    ``text``, atomically: how measured numbers reach the README without being copied by hand."""
+    path = Path(path)
+    content = path.read_text(encoding="utf-8")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if content.count(start) != 1 or content.count(end) != 1 or content.index(start) > content.index(end):
+        raise ValueError(f"{path} must hold exactly one {start} … {end} block")
+    head, rest = content.split(start)
+    _, tail = rest.split(end)
+    return atomic_write(path, f"{head}{start}\n{text.strip()}\n{end}{tail}")
+
+
+def read_block(path: str | Path, name: str) -> str:
+    """The text of a :func:`replace_block` block."""
+    content = Path(path).read_text(encoding="utf-8")
+    return content.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0].strip()

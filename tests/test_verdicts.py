@@ -14,6 +14,7 @@ import torch
 from statsmodels.stats.multitest import multipletests
 
 from introspection_utils import calibration, metrics, readings, verdicts
+from introspection_utils.paths import project_root, read_block
 from introspection_utils.sweeps import COLUMNS
 from introspection_utils.vectors import VectorBank
 from introspection_utils.verdicts import QuestionCurves
@@ -243,3 +244,5 @@ def test_calibration_false_positives_and_power():
     assert table.loc["relabelled control", "p_questions_below_alpha"] <= 0.05 + 0.021
     assert table.loc["planted δ=0.25", "called"] >= 0.6  # the power the README states (measured 0.77)
     assert table.loc["planted δ=0.1", "called"] < table.loc["planted δ=0.25", "called"]
+    # the README's table is this run's (deterministic: the same seed gives the same numbers)
+    assert read_block(project_root() / "README.md", "calibration") == calibration.markdown(table.reset_index())
