@@ -1,0 +1,58 @@
+"""The findings table is computed from the run's saved tables: each write-up claim's verdict follows the numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from test_verdicts import _scaled, _table
+
+from introspection_utils import findings, verdicts
+from introspection_utils.paths import read_block
+from introspection_utils.sweeps import SweepResult
+
+
+def _run():
+    rng = np.random.default_rng(3)
+    randoms = [_scaled(0.5 + rng.normal(0, 0.05, 12)) for _ in range(20)]
+    controls = [0.1, 0.0, 0.05, 0.1, 0.0, 0.1, 0.05, 0.0]  # 8 controls: p_questions can reach 1/495
+    concepts = {"Sandwich": (_scaled([2.0, 2.1, 1.9, 2.0, *controls]), 4),
+                "Water": (_scaled([1.0, 1.05, 0.95, 1.0, *(1 + c for c in controls)]), 4),
+                "Bomb": (_scaled([-1.0, -1.1, -0.9, -1.0, *(-1 - c for c in controls)]), 4),
+                "Confusion": (_scaled([1.0, 1.0, 1.1, 0.9, *(1 + c for c in controls)]), 4),
+                "Logic": (_scaled([0.1] * 12), 4)}
+    df = _table(concepts, randoms=randoms)
+    return verdicts.verdicts(df, n_boot=200), df
+
+
+def test_claims_follow_the_verdicts():
+    atlas, df = _run()
+    table = findings.claims(atlas, df, interference=df).set_index("claim")
+    assert table["reproduces"].to_dict() == {
+        "a clean, introspection-specific separation ('sandwich')": "yes",
+        "a muddy case: both questions shift together ('water')": "yes",
+        "safety suppression: both fall below baseline ('bomb')": "yes",
+        "'confusion': introspection and control move together": "yes",
+        "the introspection question alone lifts ('logic', Gemma-2-27B)": "no",
+        "concept vectors act more strongly than random vectors of the same norm": "yes",
+        "a 'yes' is the model's answer (answer mass)": "yes",
+    }
+    assert "introspection-specific (S = " in table.loc["a clean, introspection-specific separation ('sandwich')",
+                                                       "evidence"]
+    low = findings.claims(atlas.assign(low_mass=True), df).set_index("claim")
+    assert low.loc["a 'yes' is the model's answer (answer mass)", "reproduces"] == "no"
+
+
+def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
+    atlas, df = _run()
+    results = tmp_path / "figures" / "m" / "results"
+    results.mkdir(parents=True)
+    atlas.to_csv(results / "atlas.csv", index=False)
+    SweepResult(df, {}).save(results / "atlas_sweep")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- findings:start -->\nold\n<!-- findings:end -->\nafter\n")
+    monkeypatch.setenv("INTROSPECTION_FIGURES", str(tmp_path / "figures"))
+    path = findings.write("m", readme=readme)
+    text = path.read_text()
+    assert text.startswith("From `make findings` on **m**") and "| write-up case |" in text
+    assert read_block(readme, "findings") == text.strip() and readme.read_text().endswith("after\n")
+    assert isinstance(pd.read_csv(results / "atlas.csv"), pd.DataFrame)
