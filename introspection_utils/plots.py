@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from introspection_utils import verdicts
 from introspection_utils.paths import atomic_write, figures_dir, model_name, project_root, results_dir
 from introspection_utils.sweeps import concept_rows
 
@@ -76,39 +77,38 @@ def _only(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.Data
 
 def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: bool, show_random: bool,
                      show_baselines: bool, y: str = "logit_diff", baseline: str = "baseline_logit_diff") -> None:
-    """Introspection, control questions (each + mean ± std), random vectors and baselines of ``df`` against ``x``."""
-    concept = df[df["vector_kind"] == "concept"]
-    intro = concept[concept["question_kind"] == "introspection"].groupby(x)[y].mean()
-    controls = concept[concept["question_kind"] == "control"].pivot_table(index=x, columns="question", values=y)
+    """Introspection, control questions (each + mean ± std), random vectors and baselines of one concept's rows
+    ``df`` against ``x`` (the curves of :func:`verdicts.curve_table`)."""
+    concept = str(df["concept"].iloc[0])
+    c = verdicts.curve_table(df, concept, x=x, y=y, baseline=baseline)
     if show_random:
-        rand = df[df["vector_kind"] == "random"]
-        for k, (_, group) in enumerate(rand.groupby("vector_seed")):
-            gi = group[group["question_kind"] == "introspection"].groupby(x)[y].mean()
-            gc = group[group["question_kind"] == "control"].groupby(x)[y].mean()
-            ax.plot(gi.index, gi.values, color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6,
+        for k, r in enumerate(verdicts.random_curves(df, concept, x=x, y=y).values()):
+            ax.plot(r.index, r["introspection"], color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6,
                     label="random vector: introspection" if k == 0 else None)
-            if len(gc):
-                ax.plot(gc.index, gc.values, color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6, ls="--",
+            if "control" in r:
+                ax.plot(r.index, r["control"], color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6, ls="--",
                         label="random vector: control mean" if k == 0 else None)
-    if show_controls and controls.shape[1]:
+    n_controls = int(c["n_controls"].max()) if c["n_controls"].notna().any() else 0
+    if show_controls and n_controls:
+        controls = verdicts.question_table(df, concept, x=x, y=y)
         for k, question in enumerate(controls.columns):
             ax.plot(controls.index, controls[question].values, color=PALETTE["control"], lw=0.7, alpha=0.45,
                     label="control questions (each)" if k == 0 else None)
-    if controls.shape[1]:
-        mean, std = controls.mean(axis=1), controls.std(axis=1, ddof=0)
-        ax.fill_between(mean.index, mean - std, mean + std, color=PALETTE["control"], alpha=0.18, lw=0,
+    if n_controls:
+        mean, std = c["control_mean"], c["control_std"]
+        ax.fill_between(c.index, mean - std, mean + std, color=PALETTE["control"], alpha=0.18, lw=0,
                         label="control ±1 std")
-        ax.plot(mean.index, mean.values, color=PALETTE["control"], lw=2.2, marker="s", ms=4,
-                label=f"control mean (n={controls.shape[1]})")
-    ax.plot(intro.index, intro.values, color=PALETTE["introspection"], lw=2.4, marker="o", ms=5,
-            label="introspection question")
+        ax.plot(c.index, mean.values, color=PALETTE["control"], lw=2.2, marker="s", ms=4,
+                label=f"control mean (n={n_controls})")
+    wordings = int(c["n_wordings"].max())
+    ax.plot(c.index, c["introspection"].values, color=PALETTE["introspection"], lw=2.4, marker="o", ms=5,
+            label="introspection question" + (f" (mean of {wordings} wordings)" if wordings > 1 else ""))
     if show_baselines:
-        b = concept.groupby("question_kind")[baseline].mean()
-        if "introspection" in b:
-            ax.axhline(b["introspection"], color=PALETTE["baseline"], ls="--", lw=1.2,
-                       label="no injection: introspection")
-        if "control" in b:
-            ax.axhline(b["control"], color=PALETTE["baseline"], ls=":", lw=1.4, label="no injection: control mean")
+        ax.axhline(c["introspection_baseline"].mean(), color=PALETTE["baseline"], ls="--", lw=1.2,
+                   label="no injection: introspection")
+        if n_controls:
+            ax.axhline(c["control_baseline"].mean(), color=PALETTE["baseline"], ls=":", lw=1.4,
+                       label="no injection: control mean")
     ax.axhline(0.0, color="black", lw=0.6, alpha=0.6)
 
 
@@ -168,10 +168,10 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
     layer, scale = int(sub["layer"].iloc[0]), float(sub["scale"].iloc[0])
     fig, ax = _axes(ax)
     _draw_conditions(ax, sub, "lens_layer", show_controls=False, show_random=show_random, show_baselines=False,
-                     y="lens_diff")
-    own = sub[sub["vector_kind"] == "concept"]
+                     y="lens_diff", baseline="baseline_lens_diff")
+    c = verdicts.curve_table(sub, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")
     for kind, ls in (("introspection", "--"), ("control", ":")):
-        base = own[own["question_kind"] == kind].groupby("lens_layer")["baseline_lens_diff"].mean()
+        base = c[f"{kind}_baseline"].dropna()
         if len(base):
             label = "no injection: introspection" if kind == "introspection" else "no injection: control mean"
             ax.plot(base.index, base.values, color=PALETTE["baseline"], ls=ls, lw=1.3, label=label)
@@ -446,15 +446,12 @@ def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.A
     return fig
 
 
-def _ablation_lines(df: pd.DataFrame, x: str) -> dict[str, pd.Series]:
+def _ablation_lines(df: pd.DataFrame, concept: str, x: str) -> dict[str, pd.Series]:
     """Introspection, control mean and the introspection no-injection baseline of a scale sweep (``x="scale"``) or
-    of a logit-lens table (``x="lens_layer"``), concept vector only."""
+    of a logit-lens table (``x="lens_layer"``), concept vector only (:func:`verdicts.curve_table`)."""
     y, base = ("logit_diff", "baseline_logit_diff") if x == "scale" else ("lens_diff", "baseline_lens_diff")
-    rows = df[df["vector_kind"] == "concept"]
-    intro, control = rows[rows["question_kind"] == "introspection"], rows[rows["question_kind"] == "control"]
-    return {"introspection": intro.groupby(x)[y].mean(),
-            "control": control.groupby([x, "question"])[y].mean().groupby(level=0).mean(),
-            "baseline": intro.groupby(x)[base].mean()}
+    c = verdicts.curve_table(df, concept, x=x, y=y, baseline=base)
+    return {"introspection": c["introspection"], "control": c["control_mean"], "baseline": c["introspection_baseline"]}
 
 
 def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, x: str = "scale",
@@ -471,7 +468,7 @@ def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept
         b, _ = _only(b, "layer", layer, "layer")
     fig, ax = _axes(ax)
     for df, ls, suffix in ((a, "-", ""), (b, "--", ", refusal direction ablated")):
-        lines = _ablation_lines(df, x)
+        lines = _ablation_lines(df, concept, x)
         ax.plot(lines["control"].index, lines["control"].values, color=PALETTE["control"], lw=2.0, ls=ls,
                 marker="s", ms=4, label=f"control mean{suffix}")
         ax.plot(lines["introspection"].index, lines["introspection"].values, color=PALETTE["introspection"], lw=2.4,

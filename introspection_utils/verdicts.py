@@ -113,42 +113,53 @@ def _mean_or_nan(rows: pd.DataFrame, x: str, column: str) -> pd.Series:
 
 
 def curve_table(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int | None = None,
-                scale: float | None = None) -> pd.DataFrame:
-    """The introspection and control curves of one concept, per value of ``x`` ("scale" or "layer"; pass the other
-    one when the table holds several values of it).
+                scale: float | None = None, y: str = "logit_diff", baseline: str = "baseline_logit_diff"
+                ) -> pd.DataFrame:
+    """The introspection and control curves of one concept, per value of ``x`` ("scale" or "layer" for sweep
+    tables — pass the other one when the table holds several values of it; "lens_layer" for logit-lens tables with
+    ``y="lens_diff"``, ``baseline="baseline_lens_diff"``).
 
-    Columns: ``introspection`` (mean yes − no over the wordings), ``control_mean``, ``control_std`` and
-    ``n_controls`` (over control questions), ``n_wordings``; ``random_introspection`` / ``random_control`` (mean
-    over random vectors; NaN without them); the no-injection values ``introspection_baseline`` and
-    ``control_baseline``; ``shift`` (the introspection-specific shift S); ``introspection_mass`` and
-    ``control_mass`` (mean answer mass; NaN for tables saved before it was measured).
+    Columns: ``introspection`` (mean ``y`` over the wordings), ``control_mean``, ``control_std`` and ``n_controls``
+    (over control questions), ``n_wordings``; ``random_introspection`` / ``random_control`` (mean over random
+    vectors; NaN without them); the no-injection values ``introspection_baseline`` and ``control_baseline``;
+    ``shift`` (the introspection-specific shift S); ``introspection_mass`` and ``control_mass`` (mean answer mass;
+    NaN for tables saved before it was measured).
     """
-    if x not in ("scale", "layer"):
-        raise ValueError(f"x {x!r}: use 'scale' or 'layer'")
     sub = select(df, concept, layer=layer, scale=scale)
-    other = "layer" if x == "scale" else "scale"
-    if sub[other].nunique() > 1:
-        raise ValueError(f"the table holds several {other}s ({sorted(sub[other].unique())}); pass {other}=")
+    if x in ("scale", "layer"):
+        other = "layer" if x == "scale" else "scale"
+        if sub[other].nunique() > 1:
+            raise ValueError(f"the table holds several {other}s ({sorted(sub[other].unique())}); pass {other}=")
     out = pd.DataFrame(index=pd.Index(sorted(sub[x].unique()), name=x))
     for kind, prefix in (("concept", ""), ("random", "random_")):
         rows = sub[sub["vector_kind"] == kind]
-        intro = rows[rows["question_kind"] == "introspection"].groupby([x, "question"])["logit_diff"].mean()
-        control = rows[rows["question_kind"] == "control"].groupby([x, "question"])["logit_diff"].mean()
+        intro = rows[rows["question_kind"] == "introspection"].groupby([x, "question"])[y].mean()
+        control = rows[rows["question_kind"] == "control"].groupby([x, "question"])[y].mean()
         out[prefix + "introspection"] = intro.groupby(level=0).mean()
         out[prefix + ("control_mean" if kind == "concept" else "control")] = control.groupby(level=0).mean()
         if kind == "concept":
             out["control_std"] = control.groupby(level=0).std(ddof=0)
             out["n_controls"] = control.groupby(level=0).size()
             out["n_wordings"] = intro.groupby(level=0).size()
-    concept_rows = sub[sub["vector_kind"] == "concept"]
-    base = concept_rows.groupby("question_kind")["baseline_logit_diff"].mean()
-    out["introspection_baseline"] = base.get("introspection", np.nan)
-    out["control_baseline"] = base.get("control", np.nan)
+    concept_rows_ = sub[sub["vector_kind"] == "concept"]
+    for kind in ("introspection", "control"):
+        rows = concept_rows_[concept_rows_["question_kind"] == kind]
+        out[f"{kind}_baseline"] = rows.groupby(x)[baseline].mean() if len(rows) else np.nan
+        out[f"{kind}_mass"] = _mean_or_nan(rows, x, "answer_mass") if len(rows) else np.nan
     out["shift"] = ((out["introspection"] - out["introspection_baseline"])
                     - (out["control_mean"] - out["control_baseline"]))
-    for kind in ("introspection", "control"):
-        rows = concept_rows[concept_rows["question_kind"] == kind]
-        out[f"{kind}_mass"] = _mean_or_nan(rows, x, "answer_mass") if len(rows) else np.nan
+    return out
+
+
+def random_curves(df: pd.DataFrame, concept: str, *, x: str = "scale", y: str = "logit_diff"
+                  ) -> dict[int, pd.DataFrame]:
+    """Each random vector's curves (``introspection``, ``control``: means over wordings / controls), by seed."""
+    sub = select(df, concept)
+    out = {}
+    for seed, rows in sub[sub["vector_kind"] == "random"].groupby("vector_seed"):
+        per_question = rows.groupby(["question_kind", x, "question"])[y].mean()
+        out[int(seed)] = pd.DataFrame({kind: per_question.loc[kind].groupby(level=0).mean()
+                                       for kind in ("introspection", "control") if kind in per_question.index})
     return out
 
 
