@@ -48,6 +48,14 @@ def flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None,
     return _none_if_nan(verdicts.flip_scale(c.index, c[column], float(c[base].iloc[0])))
 
 
+def _flip_words(flip: str, at: float, mass: float) -> str:
+    """``"<flip> at scale s"``, or, where the answer mass is low, that it is yes over no and not a flip."""
+    if np.isnan(mass) or mass >= verdicts.MIN_ANSWER_MASS:
+        return f"{flip} at scale {_fmt(at)}"
+    return (f"{flip.replace('flips to yes', 'puts yes over no').replace('crosses zero to yes', 'puts yes over no')} "
+            f"at scale {_fmt(at)}, but its answer mass there is {mass:.2f}: not a flip of the model's answer")
+
+
 def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
     """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the
     introspection-specific shift is largest, the scale the verdict's test picks) — and a sentence saying what
@@ -64,7 +72,7 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
         elif np.isnan(at):
             flips.append(f"the {name} never flips to yes")
         else:
-            flips.append(f"the {name} flips to yes at scale {_fmt(at)}")
+            flips.append(_flip_words(f"the {name} flips to yes", at, c.loc[at, f"{column.split('_')[0]}_mass"]))
     return scale, (f"{concept}: the introspection-specific shift is largest at scale {_fmt(scale)} (S = "
                    f"{row['shift']:+.2f}: introspection {row['introspection']:+.2f}, control mean "
                    f"{row['control_mean']:+.2f}); {flips[0]}, {flips[1]}{verdicts.mass_note(row['introspection_mass'])}"
@@ -86,7 +94,7 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
         if np.isnan(at):
             series = c.loc[c.index > 0, column]
             return f"the {name} never crosses to yes (max {series.max():+.2f} at scale {_fmt(series.idxmax())})"
-        return f"the {name} crosses zero to yes at scale {_fmt(at)}"
+        return _flip_words(f"the {name} crosses zero to yes", at, c.loc[at, f"{column.split('_')[0]}_mass"])
 
     parts.append(f"{crossing('introspection curve', 'introspection', ib).capitalize()}; "
                  f"{crossing('control mean', 'control_mean', cb)}.")

@@ -213,6 +213,9 @@ def test_readings_use_the_peak_scale_and_the_one_flip_definition():
     assert "one wording: p cannot go below 1/(n+1)" in text and "p = 0.25" in text
     low = _table({"X": (deltas, 1)}, mass=0.1)
     assert "not the model's answer" in readings.choose_scale(low, "X")[1]
+    assert "puts yes over no at scale 4, but its answer mass there is 0.10: not a flip" in readings.choose_scale(
+        low, "X")[1]
+    assert "crosses zero" not in readings.describe_scale_sweep(low, "X")
 
 
 def test_run_atlas_on_a_tiny_model(tiny_llama, tmp_path):
