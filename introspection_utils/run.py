@@ -183,14 +183,21 @@ def plan_runs(paths: Sequence[Path], parameters: dict[str, Any],
 
 
 def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
-    """``path`` as a CSV: one row per notebook (model, notebook, wall seconds, CPU count, OMP_NUM_THREADS)."""
+    """``path`` as a CSV, one row per notebook in series order (model, notebook, wall seconds, CPU count,
+    OMP_NUM_THREADS); rows of notebooks not run this time are kept from an earlier run of the same model."""
+    header = ["model", "notebook", "seconds", "cpus", "omp_num_threads"]
+    rows = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = {r["notebook"]: r for r in csv.DictReader(f) if r.get("model") == model}
+    for r in records:
+        rows[r.notebook] = {"model": model, "notebook": r.notebook, "seconds": f"{r.seconds:.1f}",
+                            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "")}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "notebook", "seconds", "cpus", "omp_num_threads"])
-        for r in records:
-            writer.writerow([model, r.notebook, f"{r.seconds:.1f}", os.cpu_count(),
-                             os.environ.get("OMP_NUM_THREADS", "")])
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[name] for name in sorted(rows))
     return path
 
 

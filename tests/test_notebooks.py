@@ -232,3 +232,13 @@ def test_each_notebook_runs_alone_first_on_an_unseen_model(path, tmp_path, monke
     if path.name[:2] in tables:  # 05 and 09 once wrote into a results folder they had not created
         assert (folder / "results" / tables[path.name[:2]]).is_file()
     assert _git_status() == before
+
+
+def test_timings_keep_the_notebooks_not_rerun(tmp_path):
+    path = tmp_path / "timings.csv"
+    run.write_timings([run.RunRecord("02_scale_sweep.ipynb", tmp_path, 12.34),
+                       run.RunRecord("11_atlas.ipynb", tmp_path, 600.0)], path, "m")
+    run.write_timings([run.RunRecord("02_scale_sweep.ipynb", tmp_path, 7.0)], path, "m")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "model,notebook,seconds,cpus,omp_num_threads" and len(lines) == 3
+    assert lines[1].startswith("m,02_scale_sweep.ipynb,7.0,") and lines[2].startswith("m,11_atlas.ipynb,600.0,")
