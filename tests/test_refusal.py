@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import reference as ref
 import torch
@@ -36,6 +38,58 @@ def test_ablated_injection_matches_reference(tiny, strategy):
     tol = 1e-4 * max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(readout.logit_diff, expected, atol=tol, rtol=0)
     torch.testing.assert_close(readout.baseline, expected[:1].expand(3), atol=tol, rtol=0)
+
+
+@torch.no_grad()
+def _reference_ablated_before(model, ids, *, yes, no, direction, layer, vectors, scales, mask):
+    """Plain hooks, registered in this order at each layer: project the direction out, add the injection at
+    ``layer``, and at every later layer add back the injection's own component along the direction (what the residual
+    connection carries on from the injection layer)."""
+    unit = direction / direction.norm()
+    carried = (vectors @ unit)[:, None] * unit  # [B, D]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ref.directional_ablation(model, direction))
+        stack.enter_context(ref._injection(model, layer, vectors, scales, mask))
+        for later in range(layer + 1, len(ref._layers(model))):
+            stack.enter_context(ref._injection(model, later, carried, scales, mask))
+        logits = ref._forward(model, ids, torch.ones_like(ids)).logits
+    return logits[:, -1, yes] - logits[:, -1, no]
+
+
+@pytest.mark.parametrize("strategy", ["cached", "full"])
+def test_ablation_before_the_injection_matches_reference(tiny, strategy):
+    prompt = introspection_prompt(tiny)
+    direction = _direction(tiny)
+    raw = torch.randn(tiny.arch.d_model, generator=torch.Generator().manual_seed(1))
+    vector = ConceptVector("x", 0, raw + 2 * direction / direction.norm() * raw.norm())  # a component along it
+    scales = [0.0, 2.0, -3.0]
+    trials = [Trial(prompt, vector, s) for s in scales]
+    before = measure(tiny, trials, ablate=direction, ablate_at="before", strategy=strategy)
+    after = measure(tiny, trials, ablate=direction, strategy=strategy)
+    yes, no = yes_no_ids(tiny)
+    ids = torch.tensor([prompt.input_ids] * 3)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, prompt.injection_start:] = True
+    expected = _reference_ablated_before(tiny.torch_model, ids, yes=yes, no=no, direction=direction, layer=0,
+                                         vectors=vector.vector.expand(3, -1), scales=torch.tensor(scales), mask=mask)
+    tol = 1e-4 * max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(before.logit_diff, expected, atol=tol, rtol=0)
+    torch.testing.assert_close(before.baseline, after.baseline, atol=tol, rtol=0)  # no injection: the same
+    assert (before.logit_diff[1:] - after.logit_diff[1:]).abs().max() > 10 * tol  # the kept component matters
+
+
+def test_ablation_before_equals_after_for_a_vector_orthogonal_to_the_direction(tiny_llama):
+    prompt = introspection_prompt(tiny_llama)
+    direction = _direction(tiny_llama)
+    unit = direction / direction.norm()
+    raw = torch.randn(tiny_llama.arch.d_model, generator=torch.Generator().manual_seed(2))
+    vector = ConceptVector("x", 0, raw - (raw @ unit) * unit)
+    trials = [Trial(prompt, vector, 4.0)]
+    before = measure(tiny_llama, trials, ablate=direction, ablate_at="before").logit_diff
+    after = measure(tiny_llama, trials, ablate=direction).logit_diff
+    torch.testing.assert_close(before, after, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="ablate_at"):
+        measure(tiny_llama, trials, ablate=direction, ablate_at="during")
 
 
 def test_ablation_changes_the_answer_and_is_scale_invariant(tiny_llama):
