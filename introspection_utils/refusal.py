@@ -302,20 +302,19 @@ def select_direction(table: pd.DataFrame) -> tuple[pd.Series, str]:
     if unpruned.empty:
         raise ValueError("every scored candidate is in the pruned last layers: score earlier layers")
     raises = unpruned["induce"] > unpruned["baseline_harmless"]
-    steps = [(unpruned["kl_ok"] & unpruned["induce_ok"], "passes every filter (not in the last layers, KL below "
-                                                         "the threshold, induce above it)"),
-             (unpruned["kl_ok"] & raises, "no candidate induces refusal past the threshold; fallback: KL below "
+    steps = [(unpruned["kl_ok"] & unpruned["induce_ok"], "it passes every filter (not in the last layers, KL "
+                                                         "below the threshold, induce above it)"),
+             (unpruned["kl_ok"] & raises, "fallback, as no candidate induces refusal past the threshold: KL below "
                                          "the threshold and adding it raises the harmless refusal score"),
-             (unpruned["kl_ok"], "no candidate raises the harmless refusal score with a small KL; fallback: "
+             (unpruned["kl_ok"], "fallback, as no candidate with a small KL raises the harmless refusal score: "
                                  "KL below the threshold only"),
-             (pd.Series(True, index=unpruned.index), "no candidate has KL below the threshold; fallback: not in "
+             (pd.Series(True, index=unpruned.index), "fallback, as no candidate has KL below the threshold: not in "
                                                      "the last layers only")]
     for keep, reason in steps:
         if keep.any():
             chosen = unpruned[keep].sort_values(["bypass", "layer", "position"]).iloc[0]
-            n = int(keep.sum())
-            return chosen, (f"position {int(chosen.position)} ({chosen.token!r}), layer {int(chosen.layer)}: the "
-                            f"lowest bypass score among {n} of {len(table)} candidates; it {reason}")
+            return chosen, (f"position {int(chosen.position)} ({chosen.token!r}), layer {int(chosen.layer)}, the "
+                            f"lowest bypass score among {int(keep.sum())} of {len(table)} candidates ({reason})")
     raise AssertionError("unreachable")
 
 

@@ -267,10 +267,10 @@ def test_selection_is_the_lowest_bypass_among_the_filtered_with_a_stated_fallbac
     weak = _scores(layer=[0, 1, 2], bypass=[-1.0, -2.0, -3.0], induce=[-2.0, -4.0, -1.0], kl=[0.05, 0.05, 0.05],
                    pruned=[False] * 3)
     row, why = select_direction(weak)
-    assert int(row.layer) == 2 and "fallback" in why and "raises the harmless refusal score" in why
+    assert int(row.layer) == 2 and "fallback" in why and "raises the harmless refusal score)" in why
     noisy = _scores(layer=[0, 1], bypass=[-1.0, -2.0], induce=[1.0, 1.0], kl=[0.5, 0.6], pruned=[False, False])
     row, why = select_direction(noisy)
-    assert int(row.layer) == 1 and "not in the last layers only" in why
+    assert int(row.layer) == 1 and "not in the last layers only)" in why
     with pytest.raises(ValueError, match="pruned"):
         select_direction(_scores(layer=[3], bypass=[0.0], induce=[1.0], kl=[0.0], pruned=[True]))
 
