@@ -56,8 +56,8 @@ TRAIN_FRACTION = 0.8  # the first 80% of each list is the training split, the re
 KL_THRESHOLD, INDUCE_THRESHOLD, PRUNE_LAYERS = 0.1, 0.0, 0.2  # the paper's filters
 SCORE_COLUMNS = ["model", "position", "token", "layer", "norm", "bypass", "induce", "kl", "pruned", "kl_ok",
                  "induce_ok", "baseline_harmful", "baseline_harmless", "n_val"]
-ABLATION_COLUMNS = ["model", "concept", "layer", "scale", "question_kind", "question", "ablation", "logit_diff",
-                    "baseline_logit_diff", "delta"]
+ABLATION_COLUMNS = ["model", "concept", "layer", "scale", "cos_direction", "question_kind", "question", "ablation",
+                    "logit_diff", "baseline_logit_diff", "delta"]
 
 
 def instruction_activations(handle: ModelHandle, instructions: Sequence[str], *, batch_size: int = 16
@@ -197,6 +197,17 @@ def candidate_directions(handle: ModelHandle, harmful: Sequence[str], harmless: 
 
 
 # ----------------------------------------------------------------------------------- by the book: causal scores
+
+
+def unpruned_layers(handle: ModelHandle, n: int | None = None, *, prune: float = PRUNE_LAYERS) -> list[int]:
+    """The layers the selection may choose from (all but the last ``prune`` of the depth), or ``n`` of them evenly
+    spread (first to last unpruned), to score fewer candidates on a slow machine."""
+    cutoff = int(handle.arch.n_layers * (1 - prune))
+    if n is None:
+        return list(range(cutoff))
+    if not 1 <= n <= cutoff:
+        raise ValueError(f"n must be in 1..{cutoff} (the unpruned layers of {handle.name}), got {n}")
+    return sorted({int(round(x)) for x in np.linspace(0, cutoff - 1, n)})
 
 
 def last_logits(handle: ModelHandle, prompts: Sequence[Prompt], *, ablate: torch.Tensor | None = None,
@@ -380,7 +391,8 @@ def ablation_points(handle: ModelHandle, concepts: Sequence[str], scales: float 
     questions, without ablation and with ``direction`` ablated at each point of ``ablate_at``.
 
     Tidy: :data:`ABLATION_COLUMNS`, ``ablation`` ∈ {"none", "after", "before"}; ``baseline_logit_diff`` is the
-    same prompt uninjected under the same ablation (before and after coincide there) and ``delta`` the difference.
+    same prompt uninjected under the same ablation (before and after coincide there) and ``delta`` the difference;
+    ``cos_direction``: the cosine of the concept vector with ``direction`` (what "after" strips and "before" keeps).
     """
     handle.check_layer(layer)
     scale_of = dict(scales) if isinstance(scales, Mapping) else {c: float(scales) for c in concepts}
@@ -392,10 +404,11 @@ def ablation_points(handle: ModelHandle, concepts: Sequence[str], scales: float 
     trials, info = [], []
     for concept in concepts:
         vector = bank.get(concept, layer)
+        cos = float(torch.nn.functional.cosine_similarity(vector.vector.float(), direction.float().cpu(), dim=0))
         for prompt in prompts:
             trials.append(Trial(prompt, vector, float(scale_of[concept])))
             info.append({"model": handle.name, "concept": concept, "layer": layer,
-                         "scale": float(scale_of[concept]), "question_kind": prompt.kind,
+                         "scale": float(scale_of[concept]), "cos_direction": cos, "question_kind": prompt.kind,
                          "question": prompt.question})
     frames = []
     for point in ("none", *ablate_at):
@@ -423,6 +436,6 @@ def describe_ablation_points(df: pd.DataFrame, concept: str) -> str:
     text = f"{concept} × {sel['scale'].iloc[0]:g} at layer {int(sel['layer'].iloc[0])} — " + "; ".join(parts) + "."
     if {"after", "before"} <= set(sel["ablation"]):
         gap = mean["before"].get("introspection", np.nan) - mean["after"].get("introspection", np.nan)
-        text += (f" Keeping the injected vector's own refusal component (before − after) moves the introspection "
-                 f"answer by {gap:+.2f}.")
+        text += (f" Keeping the injected vector's own component along the direction (cosine "
+                 f"{sel['cos_direction'].iloc[0]:+.2f}; before − after) moves the introspection answer by {gap:+.2f}.")
     return text

@@ -308,3 +308,12 @@ def test_ablation_points_table_before_after_and_none(tiny_llama):
     assert base[("before", "control")] == pytest.approx(base[("after", "control")], abs=1e-5)
     text = describe_ablation_points(df, "Dust")
     assert "none: introspection" in text and "before − after" in text
+
+
+def test_unpruned_layers_spread_over_the_first_80_percent(smollm):
+    from introspection_utils.refusal import unpruned_layers
+
+    assert unpruned_layers(smollm) == list(range(24))
+    assert unpruned_layers(smollm, 4) == [0, 8, 15, 23]
+    with pytest.raises(ValueError, match="1..24"):
+        unpruned_layers(smollm, 25)

@@ -232,7 +232,8 @@ def test_ablation_points_figure_one_panel_per_concept():
     for concept in ("Bomb", "Sandwich"):
         for point, shift in (("none", 0.0), ("after", 1.0), ("before", 0.5)):
             for kind, value in (("introspection", 2.0), ("control", -1.0)):
-                rows.append(dict(model="m", concept=concept, layer=3, scale=8.0, question_kind=kind, question="q",
+                rows.append(dict(model="m", concept=concept, layer=3, scale=8.0, cos_direction=0.1, question_kind=kind,
+                                 question="q",
                                  ablation=point, logit_diff=value + shift, baseline_logit_diff=0.0, delta=0.0))
     fig = plots_refusal.plot_ablation_points(pd.DataFrame(rows))
     assert len(fig.axes) == 2 and "'Bomb' × 8 at layer 3" in fig.axes[0].get_title()
