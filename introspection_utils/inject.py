@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 # "last": the last prompt token only; "all": every token; (start, end): positions start <= t < end (end None = on).
 Window = Literal["suffix", "last", "all"] | tuple[int, int | None]
 Strategy = Literal["cached", "full"]
+# Where a directional ablation sits relative to the injection (see :func:`measure`).
+AblateAt = Literal["after", "before"]
 DEFAULT_BATCH = 32
 
 
@@ -184,8 +186,8 @@ class _PromptRun:
 
     def __init__(self, handle: ModelHandle, prompt: Prompt, start: int, answer_ids: torch.Tensor,
                  *, attention_keys: torch.Tensor | None, strategy: Strategy, ablate: torch.Tensor | None,
-                 lens: bool, read_residuals: bool) -> None:
-        self.handle, self.prompt, self.start, self.ablate = handle, prompt, start, ablate
+                 lens: bool, read_residuals: bool, ablate_at: AblateAt = "after") -> None:
+        self.handle, self.prompt, self.start, self.ablate, self.ablate_at = handle, prompt, start, ablate, ablate_at
         ids = torch.tensor([prompt.input_ids], device=handle.device)
         self.full_ids = ids
         if strategy == "full":
@@ -255,6 +257,9 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
         kwargs["remote"] = handle.remote
     first = layer if (skip and layer is not None) else 0
     ablate = run.ablate
+    before = ablate is not None and run.ablate_at == "before"
+    # "before": the injection's own component along the direction, carried by the residual past its layer.
+    kept = (add @ ablate)[:, None] * ablate if before and layer is not None else None  # [B, D]
     with torch.no_grad(), handle.model.trace(suffix, use_cache=cache is not None, logits_to_keep=1, **kwargs):
         if first == 0 and ablate is not None:
             handle.embeddings.output = _project_out(handle.embeddings.output, ablate)
@@ -264,9 +269,13 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
         for i in range(first, n_layers):
             if attention_keys is not None:
                 attention.append(handle.attention(i).output[1][:, :, -1, :])
+            if before:  # the model's own component only: the injection (added next) keeps its component
+                handle.layers[i].output = _project_out(handle.layers[i].output, ablate)
             if i == layer:
                 handle.layers[i].output += add[:, None, :] * mask[None, :, None]
-            if ablate is not None:  # after the injection: the residual stream never carries the direction
+            elif kept is not None and i > layer:
+                handle.layers[i].output += kept[:, None, :] * mask[None, :, None]
+            if ablate is not None and not before:  # after the injection: the stream never carries the direction
                 handle.layers[i].output = _project_out(handle.layers[i].output, ablate)
             if keep_hidden:
                 hidden.append(handle.layers[i].output)
@@ -295,7 +304,8 @@ def _weights_over_keys(attention: list[torch.Tensor], total: int) -> torch.Tenso
 
 def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
             lens: bool = False, attention: bool = False, strategy: Strategy = "cached",
-            batch_size: int | None = None, progress: bool = False, ablate: torch.Tensor | None = None) -> Readout:
+            batch_size: int | None = None, progress: bool = False, ablate: torch.Tensor | None = None,
+            ablate_at: AblateAt = "after") -> Readout:
     """Run ``trials`` and return their :class:`Readout` (rows in the order of ``trials``).
 
     ``answers``: the (yes, no) answer words (default the paper's "Yes"/"No"). ``lens``: also the yes−no logit lens
@@ -303,9 +313,14 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
     summed and maxed over them, ``[n, n_layers, n_heads]`` (no layer skip then, all layers run).
     ``ablate``: a direction ``[d_model]`` projected out of the residual stream (embeddings and every layer's
     output, at every position, after the injection) in every pass, baselines included — e.g. the refusal
-    direction of :mod:`introspection_utils.refusal`. It is normalised here.
+    direction of :mod:`introspection_utils.refusal`. It is normalised here. ``ablate_at="before"``: the direction is
+    projected out first and the injection added after, at the injection layer and (its component along the
+    direction, which the residual connection carries on) at every later layer — only the model's own component is
+    removed, the injected vector's is kept.
     """
     check_trials(handle, trials)
+    if ablate_at not in ("after", "before"):
+        raise ValueError(f"ablate_at must be 'after' or 'before', got {ablate_at!r}")
     if ablate is not None:
         ablate = torch.as_tensor(ablate).float()
         if ablate.shape != (handle.arch.d_model,) or not torch.isfinite(ablate).all() or ablate.norm() == 0:
@@ -314,7 +329,7 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
         ablate = (ablate / ablate.norm()).to(handle.device, handle.dtype)
     answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
     return _run(handle, trials, answer_ids, lens=lens, attention=attention, strategy=strategy,
-                batch_size=batch_size, progress=progress, ablate=ablate)
+                batch_size=batch_size, progress=progress, ablate=ablate, ablate_at=ablate_at)
 
 
 def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Sequence[int], *,
@@ -349,7 +364,8 @@ def _auto_batch_size(handle: ModelHandle, trials: Sequence[Trial]) -> int:
 
 def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor, *, lens: bool, attention: bool,
          strategy: Strategy, batch_size: int | None, progress: bool,
-         residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None) -> Readout:
+         residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None,
+         ablate_at: AblateAt = "after") -> Readout:
     """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
     validated)."""
     read_residuals = residual_layers is not None  # the last position's layer outputs leave the trace
@@ -373,7 +389,8 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
         keys = torch.zeros(len(prompt), dtype=torch.bool)  # [T]: the injected positions
         keys[start:end] = True
         run = _PromptRun(handle, prompt, start, answer_ids, attention_keys=keys if attention else None,
-                         strategy=strategy, ablate=ablate, lens=lens, read_residuals=read_residuals)
+                         strategy=strategy, ablate=ablate, lens=lens, read_residuals=read_residuals,
+                         ablate_at=ablate_at)
         suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
         base = run.baseline
         by_layer: dict[int | None, list[int]] = defaultdict(list)

@@ -197,3 +197,46 @@ def test_refusal_layer_figure_marks_the_chosen_layer():
     star = next(line for line in ax.get_lines() if line.get_label().startswith("chosen"))
     assert list(star.get_xdata()) == [1] and list(star.get_ydata()) == [2.0]
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------ by the book: scores and ablation points
+
+def _score_table():
+    rows = []
+    for pos, token in ((-2, "istant"), (-1, "\n")):
+        for layer in range(5):
+            rows.append(dict(model="m", position=pos, token=token, layer=layer, norm=1.0, bypass=-layer + pos,
+                             induce=0.5 * layer, kl=0.02 * layer, pruned=layer >= 4, kl_ok=0.02 * layer < 0.1,
+                             induce_ok=layer > 0, baseline_harmful=1.0, baseline_harmless=-2.0, n_val=4))
+    return pd.DataFrame(rows)
+
+
+def test_direction_scores_figure_has_three_panels_and_marks_the_choice():
+    from introspection_utils import plots_refusal
+
+    fig = plots_refusal.plot_direction_scores(_score_table(), -1, 3)
+    assert len(fig.axes) == 3 and "m" in fig._suptitle.get_text() and "4 validation prompts" in fig._suptitle.get_text()
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("bypass") and titles[1].startswith("induce") and titles[2].startswith("kl")
+    assert all("layer" in ax.get_xlabel() for ax in fig.axes) and "log-odds" in fig.axes[0].get_ylabel()
+    star = next(line for line in fig.axes[0].get_lines() if line.get_label().startswith("chosen"))
+    assert list(star.get_xdata()) == [3] and list(star.get_ydata()) == [-4]
+    assert "chosen: position -1, layer 3" in plots.legend_labels(fig)
+    plt.close(fig)
+
+
+def test_ablation_points_figure_one_panel_per_concept():
+    from introspection_utils import plots_refusal
+
+    rows = []
+    for concept in ("Bomb", "Sandwich"):
+        for point, shift in (("none", 0.0), ("after", 1.0), ("before", 0.5)):
+            for kind, value in (("introspection", 2.0), ("control", -1.0)):
+                rows.append(dict(model="m", concept=concept, layer=3, scale=8.0, cos_direction=0.1, question_kind=kind,
+                                 question="q",
+                                 ablation=point, logit_diff=value + shift, baseline_logit_diff=0.0, delta=0.0))
+    fig = plots_refusal.plot_ablation_points(pd.DataFrame(rows))
+    assert len(fig.axes) == 2 and "'Bomb' × 8 at layer 3" in fig.axes[0].get_title()
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights[:3] == [2.0, 3.0, 2.5] and heights[3:] == [-1.0, 0.0, -0.5]
+    plt.close(fig)

@@ -90,7 +90,7 @@ def test_residuals_refuse_a_bad_layer_before_compute(tiny_llama, forbid_compute)
 
 
 def test_sae_saved_to_a_folder_loads_back_identically(tmp_path):
-    from introspection_utils.sae import load_sae_from_folder, sae_layer
+    from introspection_utils.sae_train import load_sae_from_folder, sae_layer
 
     sae = hand_sae(torch.randn(24, 16, generator=torch.Generator().manual_seed(0)), layer=1)
     sae.save_model(tmp_path / "sae")
@@ -104,7 +104,7 @@ def test_sae_saved_to_a_folder_loads_back_identically(tmp_path):
 
 def test_loading_a_folder_without_an_sae_names_the_missing_files(tmp_path):
     needs_sae_lens()
-    from introspection_utils.sae import load_sae_from_folder
+    from introspection_utils.sae_train import load_sae_from_folder
 
     with pytest.raises(FileNotFoundError, match="missing cfg.json, sae_weights.safetensors"):
         load_sae_from_folder(tmp_path)
@@ -112,7 +112,7 @@ def test_loading_a_folder_without_an_sae_names_the_missing_files(tmp_path):
 
 def test_pretrained_loading_refuses_unknown_names_before_any_download():
     needs_sae_lens()
-    from introspection_utils.sae import load_sae
+    from introspection_utils.sae_train import load_sae
 
     with pytest.raises(ValueError, match="unknown SAE release 'gemma-scope-9b-nope'"):
         load_sae("gemma-scope-9b-nope", "layer_20/width_16k/canonical")
@@ -131,7 +131,8 @@ def test_encode_decode_shapes_and_identity_reconstruction():
 
 
 def test_an_sae_of_the_wrong_width_or_layer_is_refused(tiny_llama):
-    from introspection_utils.sae import check_sae, encode_injected
+    from introspection_utils.sae import encode_injected
+    from introspection_utils.sae_train import check_sae
 
     with pytest.raises(ValueError, match="d_in=16; tiny-llama has d_model=64"):
         check_sae(tiny_llama, identity_sae(16, layer=0), 0)
@@ -193,6 +194,7 @@ def test_yes_direction_is_the_norm_gain_times_the_unembedding_difference(tiny_pe
 
 def test_sae_feature_table_reading_and_figure(tiny_llama, isolated_cache):
     from introspection_utils import sae as S
+    from introspection_utils.plots_sae import plot_sae_features
     from introspection_utils.vectors import VectorBank
 
     handle = tiny_llama
@@ -215,7 +217,7 @@ def test_sae_feature_table_reading_and_figure(tiny_llama, isolated_cache):
     assert set(gains["question_kind"]) == {"introspection", "control"} and set(gains["sae_layer"]) == {0, 1}
     reading = S.describe_sae_features(table, yes, "Sandwich", k=5)
     assert "top gained feature on the injected-thought question is #5" in reading and "SAE layer 1" in reading
-    fig = S.plot_sae_features(table, yes, "Sandwich", k=5)
+    fig = plot_sae_features(table, yes, "Sandwich", k=5)
     assert len(fig.axes) == 2 and "Sandwich" in fig._suptitle.get_text()
     with pytest.raises(ValueError, match=r"below the injection layer 1"):
         S.sae_features(handle, saes, ["Sandwich"], layer=1, scale=1.0, bank=bank)
@@ -229,7 +231,7 @@ TINY_TRAIN = dict(n_words=4, n_sentences=4, n_controls=1, max_new_tokens=8, d_sa
 
 def test_training_on_a_tiny_model_lowers_heldout_error_and_is_cached(tiny_llama, isolated_cache, monkeypatch):
     needs_sae_lens()
-    from introspection_utils import sae as S
+    from introspection_utils import sae_train as S
 
     saes = S.train_saes(tiny_llama, [1, 0], progress=False, **TINY_TRAIN)
     assert sorted(saes) == [0, 1]
@@ -251,7 +253,7 @@ def test_training_on_a_tiny_model_lowers_heldout_error_and_is_cached(tiny_llama,
 
 def test_training_is_reproducible_by_seed():
     needs_sae_lens()
-    from introspection_utils.sae import TrainSpec, train_sae_on
+    from introspection_utils.sae_train import TrainSpec, train_sae_on
 
     g = torch.Generator().manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
@@ -268,10 +270,139 @@ def test_training_is_reproducible_by_seed():
 
 def test_unknown_training_setting_is_an_error_before_compute(tiny_llama, forbid_compute):
     needs_sae_lens()
-    from introspection_utils.sae import train_saes
+    from introspection_utils.sae_train import train_saes
 
     forbid_compute(tiny_llama)
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['width'\]"):
         train_saes(tiny_llama, [0], width=3)
     with pytest.raises(ValueError, match="layer 5 is out of range"):
         train_saes(tiny_llama, [5])
+
+
+# ------------------------------------------------------------------ quality: held out by text, shown with readings
+
+
+def _prefix_duplicates(encoded, train_texts, rows):
+    """Independent count: rows (token index in token_activations order) whose prefix occurs in a training text."""
+    index = [(i, t) for i, ids in enumerate(encoded) for t in range(1, len(ids))]
+    train_prefixes = {tuple(encoded[i][:t + 1]) for i in train_texts for t in range(1, len(encoded[i]))}
+    return sum(tuple(encoded[index[r][0]][:index[r][1] + 1]) in train_prefixes for r in rows)
+
+
+def test_heldout_split_is_by_text_and_drops_prefix_duplicates():
+    from introspection_utils.sae_train import heldout_split
+
+    encoded = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7, 8], [1, 9, 9], [1, 2, 3, 4, 0]]
+    train, held, stats = heldout_split(encoded, 0.4, seed=0)
+    index = [(i, t) for i, ids in enumerate(encoded) for t in range(1, len(ids))]
+    held_texts = {index[r][0] for r in held.tolist()}
+    train_texts = {index[r][0] for r in train.tolist()}
+    assert stats["heldout_texts"] == 2 and not held_texts & train_texts
+    assert len(train) + stats["heldout_candidates"] == len(index)  # every token of a training text trains
+    assert _prefix_duplicates(encoded, train_texts, held.tolist()) == 0
+    candidates = [r for r, (i, _) in enumerate(index) if i not in train_texts]
+    assert stats["heldout_dropped"] == _prefix_duplicates(encoded, train_texts, candidates) > 0
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        heldout_split(encoded[:1], 0.1, seed=0)
+
+
+def test_trained_sae_quality_is_held_out_by_text_without_prefix_leaks(tiny_llama, isolated_cache):
+    needs_sae_lens()
+    import json
+
+    from introspection_utils import sae_train
+    from introspection_utils.sae import describe_sae, sae_quality
+
+    sae = sae_train.train_sae(tiny_llama, 0, progress=False, **TINY_TRAIN)
+    meta = sae.cfg.metadata
+    folder = sae_train.sae_cache_folder(tiny_llama, sae_train.Corpus(**{
+        k: v for k, v in TINY_TRAIN.items() if k in sae_train.Corpus.__dataclass_fields__}), sae_train.TrainSpec(**{
+            k: v for k, v in TINY_TRAIN.items() if k in sae_train.TrainSpec.__dataclass_fields__}))
+    texts = json.loads((folder / "corpus.json").read_text())["texts"]
+    encoded = sae_train.encode_texts(tiny_llama, texts)
+    train, held, stats = sae_train.heldout_split(encoded, 0.1, seed=0)
+    assert meta["n_texts"] == len(texts) and meta["heldout_texts"] == stats["heldout_texts"] >= 1
+    assert meta["n_heldout"] == len(held) and meta["heldout_dropped"] == stats["heldout_dropped"] > 0
+    index = [(i, t) for i, ids in enumerate(encoded) for t in range(1, len(ids))]
+    train_texts = {index[r][0] for r in train.tolist()}
+    assert _prefix_duplicates(encoded, train_texts, held.tolist()) == 0
+    # The old row split leaked: most of its held-out tokens had a prefix twin in training.
+    rows = torch.randperm(len(index), generator=torch.Generator().manual_seed(0))
+    n_old = max(1, int(0.1 * len(index)))
+    old_train_rows, old_held = rows[n_old:].tolist(), rows[:n_old].tolist()
+    old_prefixes = {tuple(encoded[index[r][0]][:index[r][1] + 1]) for r in old_train_rows}
+    leaked = sum(tuple(encoded[index[r][0]][:index[r][1] + 1]) in old_prefixes for r in old_held) / n_old
+    assert leaked > 0.2
+    quality = sae_quality(tiny_llama, {0: sae})
+    assert quality["source"].tolist() == ["trained here"] and quality["fve"].iloc[0] == pytest.approx(meta["fve"])
+    line = describe_sae({0: sae})
+    assert f"{meta['heldout_texts']} held-out texts" in line and "prefix duplicates of training tokens dropped" in line
+
+
+def test_pretrained_sae_quality_on_this_models_activations(tiny_llama):
+    from introspection_utils.sae import QUALITY_COLUMNS, describe_sae, sae_quality
+    from introspection_utils.sae_train import token_activations
+
+    d = tiny_llama.arch.d_model
+    texts = ["Hello there, how are you today?", "The cat sat on the mat and looked out of the window."]
+    keep = torch.zeros(d)
+    keep[:16] = 1
+    half = hand_sae(torch.cat([torch.diag(keep), -torch.diag(keep)]), layer=1)  # reconstructs coordinates 0..15
+    saes = {0: identity_sae(d, 0), 1: half}
+    table = sae_quality(tiny_llama, saes, texts=texts)
+    assert list(table.columns) == QUALITY_COLUMNS and set(table["source"]) == {"pretrained"}
+    acts = token_activations(tiny_llama, texts, [0, 1])  # [N, 2, D]
+    ident, partial = table.set_index("sae_layer").loc[0], table.set_index("sae_layer").loc[1]
+    assert ident.fve == pytest.approx(1.0, abs=1e-5) and ident.l0 == pytest.approx(d)
+    x = acts[:, 1]
+    expected = 1 - x[:, 16:].pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+    assert partial.fve == pytest.approx(float(expected), rel=1e-4) and partial.l0 == pytest.approx(16)
+    assert partial.n_tokens == len(acts) == sum(len(tiny_llama.tokenizer(t)["input_ids"]) - 1 for t in texts)
+    text = describe_sae(saes, table)
+    assert "variance explained 100.0%" in text and f"variance explained {float(expected):.1%}" in text
+
+
+def test_every_feature_reading_carries_the_reconstruction_error_of_its_residuals(tiny_llama):
+    from introspection_utils import sae as S
+    from introspection_utils.vectors import VectorBank
+
+    handle = tiny_llama
+    d = handle.arch.d_model
+    keep = torch.zeros(d)
+    keep[:32] = 1
+    half = hand_sae(torch.cat([torch.diag(keep), -torch.diag(keep)]), layer=1)
+    bank = VectorBank(("Sandwich",), torch.stack([torch.stack([unit(handle, 5, 1.0, 0).vector] * 2)]),
+                      model=handle.name)
+    saes = {0: identity_sae(d, 0), 1: half}
+    table = S.sae_features(handle, saes, ["Sandwich"], layer=0, scale=30.0, n_controls=1, n_random=0, bank=bank)
+    assert {"recon_error_without", "recon_error_with"} <= set(table.columns)
+    exact = table[table["sae_layer"] == 0]
+    assert (exact[["recon_error_without", "recon_error_with"]].abs() < 1e-6).all().all()
+    prompt = introspection_prompt(handle)
+    with_, without = residuals(handle, [Trial(prompt, bank.get("Sandwich", 0), 30.0), Trial(prompt)], [1])[:, 0]
+    row = table[(table["sae_layer"] == 1) & (table["question_kind"] == "introspection")].iloc[0]
+    assert row.recon_error_with == pytest.approx(float(with_[32:].pow(2).sum() / with_.pow(2).sum()), rel=1e-4)
+    assert row.recon_error_without == pytest.approx(float(without[32:].pow(2).sum() / without.pow(2).sum()),
+                                                    rel=1e-4)
+    errors = S.reconstruction_errors(table)
+    assert set(errors["sae_layer"]) == {0, 1} and (errors["n_trials"] == 1).all()
+    yes = S.yes_features(handle, saes, k=3)
+    assert "Reconstruction error on the residuals read" in S.describe_sae_features(table, yes, "Sandwich", k=5)
+
+
+def test_sae_modules_import_only_downwards():
+    import ast
+    from pathlib import Path
+
+    import introspection_utils
+
+    root = Path(introspection_utils.__file__).parent
+
+    def imports(name):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {node.module.split(".")[-1] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("introspection_utils")}
+
+    assert not imports("sae_train") & {"sae", "plots", "plots_sae", "readings"}
+    assert not imports("sae") & {"plots", "plots_sae", "readings"}
+    assert "sae" in imports("plots_sae")
