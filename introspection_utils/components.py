@@ -8,9 +8,11 @@ input (``z [B, T, n_heads × head_dim]``, head ``h`` in columns ``h × head_dim 
 :mod:`patching` build on :func:`forward`; the measurement engine (:mod:`inject`) stays the reference for plain
 trials and is what the unedited rows here are tested against.
 
-**Prefix cache.** Tokens before ``start`` (the injection window's start, and no later than any edited or read
-position) are the same in every row and untouched by the injection and the edits, so :class:`PromptPass` runs them
-once (KV cache) and every batch runs only the suffix — exact, as in the engine.
+**Prefix cache and layer skip**, both exact, as in the engine. Tokens before ``start`` (the injection window's
+start, and no later than any edited or read position) are the same in every row and untouched by the injection and
+the edits, so :class:`PromptPass` runs them once (KV cache) and every batch runs only the suffix. With ``skip``, the
+suffix's layers below the lowest injected or edited layer are the same in every row too: they are computed once
+(uninjected) and skipped (``Envoy.skip``) in the batched trace.
 """
 
 from __future__ import annotations
@@ -142,16 +144,39 @@ class PromptPass:
         self.handle, self.start = handle, start
         self.ids = torch.tensor([list(input_ids)], device=handle.device)
         self.cache = None
+        self._hidden: list[torch.Tensor] | None = None
         if start > 0:
             self.cache = DynamicCache(config=handle.torch_model.config)  # filled in place by the forward
             with torch.no_grad(), handle.model.trace(self.ids[:, :start], cache=self.cache, use_cache=True,
                                                      logits_to_keep=1):
                 pass
 
+    def _kwargs(self, rows: int) -> dict:
+        """The suffix's attention mask, positions and a private copy of the prefix cache for ``rows`` rows."""
+        total, device = self.ids.shape[1], self.ids.device
+        kwargs = {"attention_mask": torch.ones(rows, total, dtype=torch.long, device=device),
+                  "position_ids": torch.arange(self.start, total, device=device)[None].expand(rows, -1)}
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)  # the forward appends the suffix in place
+            if rows > 1:
+                cache.batch_repeat_interleave(rows)
+            kwargs.update(cache=cache, use_cache=True)
+        return kwargs
+
+    def hidden(self) -> list[torch.Tensor]:
+        """Each layer's output over the suffix without injection or edits, ``[1, S, D]`` per layer (computed once)."""
+        if self._hidden is None:
+            layers = self.handle.layers
+            with torch.no_grad(), self.handle.model.trace(self.ids[:, self.start:], logits_to_keep=1,
+                                                          **self._kwargs(1)):
+                hidden = nnsight.save([layer.output for layer in layers])
+            self._hidden = list(hidden)
+        return self._hidden
+
     def forward(self, rows: int, *, answer_ids: torch.Tensor, layer: int | None = None,
                 add: torch.Tensor | None = None, mask: torch.Tensor | None = None, edits: Sequence[Edit] = (),
-                read: torch.Tensor | None = None, read_layers: Sequence[int] | None = None, grad: bool = False
-                ) -> dict:
+                read: torch.Tensor | None = None, read_layers: Sequence[int] | None = None, grad: bool = False,
+                skip: bool = False) -> dict:
         """Run the suffix for ``rows`` rows: inject ``add [rows, D] × mask [T]`` at ``layer``'s output, apply
         ``edits``, and return float32 CPU tensors:
 
@@ -163,17 +188,17 @@ class PromptPass:
         * with ``grad``: ``grad_z``, ``grad_attn``, ``grad_mlp`` at ``read``: the gradient of the summed yes−no
           logit difference (after any softcap) with respect to those outputs, layer order (rows are independent,
           so each row gets its own gradient).
+
+        ``skip`` (no ``read``, no ``grad``): layers below the lowest injected or edited layer come from
+        :meth:`hidden` instead of being recomputed.
         """
         handle, n_layers, start = self.handle, self.handle.arch.n_layers, self.start
-        total = self.ids.shape[1]
         suffix = self.ids[:, start:].expand(rows, -1)
-        kwargs = {"attention_mask": torch.ones(rows, total, dtype=torch.long, device=suffix.device),
-                  "position_ids": torch.arange(start, total, device=suffix.device)[None].expand(rows, -1)}
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)  # the forward appends the suffix in place
-            if rows > 1:
-                cache.batch_repeat_interleave(rows)
-            kwargs.update(cache=cache, use_cache=True)
+        kwargs = self._kwargs(rows)
+        if skip and (read is not None or grad):
+            raise ValueError("skip needs every layer's output from the shared pass: no read or grad with it")
+        first = min([layer if add is not None else n_layers] + [e.site.layer for e in edits]) if skip else 0
+        below = self.hidden()[:first] if first else []
         if read is not None and int(read.min()) < start or any(int(e.positions.min()) < start for e in edits):
             raise ValueError(f"positions before the cached prefix ({start}) cannot be read or edited")
         at = {(e.site.layer, e.site.kind): [] for e in edits}
@@ -188,8 +213,10 @@ class PromptPass:
                 handle.embeddings.output.requires_grad_(True)
             if rel is not None:
                 embed = handle.layers[0].input[:, rel].save()
-            z_all, attn_all, mlp_all = [], [], []
-            for i in range(n_layers):
+            for i in range(first):  # identical in every row: served from the shared pass
+                handle.layers[i].skip(below[i].expand(rows, -1, -1))
+            z_all, attn_all, mlp_all = [None] * first, [None] * first, [None] * first
+            for i in range(first, n_layers):
                 z = handle.output_projection(i).input
                 for e in at.get((i, "head"), []):
                     cols = slice(e.site.head * dh, (e.site.head + 1) * dh)

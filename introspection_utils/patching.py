@@ -154,7 +154,7 @@ def activation_patching(handle: ModelHandle, trials: Sequence[Trial], sites: Seq
                          for r, site in enumerate(chunk)]
                 inject = add if target == 0 else torch.zeros_like(add)
                 out = run.forward(len(chunk), answer_ids=answer_ids, layer=trial.injection_layer,
-                                  add=inject.expand(len(chunk), -1), mask=mask, edits=edits)
+                                  add=inject.expand(len(chunk), -1), mask=mask, edits=edits, skip=True)
                 patched = out["logits"][:, 0] - out["logits"][:, 1]
                 for site, value in zip(chunk, patched.tolist(), strict=True):
                     rows.append({**meta, "direction": direction, "span": _span_label(span), **_site_columns(site),
@@ -308,7 +308,7 @@ def ablated_logit_diff(handle: ModelHandle, trials: Sequence[Trial], heads: Sequ
             trials[i].scale * trials[i].vector.vector if trials[i].injected else torch.zeros(handle.arch.d_model)
             for i in members]).to(handle.device, handle.dtype)
         out = run.forward(n, answer_ids=answer_ids, layer=layer, add=add if layer is not None else None, mask=mask,
-                          edits=edits)
+                          edits=edits, skip=True)
         diff = out["logits"][:, 0] - out["logits"][:, 1]
         logit_diff[torch.tensor(members)] = diff[1:]
         baseline[torch.tensor(members)] = diff[0]
