@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from introspection_utils.components import PromptPass, frozen_scale, rms_gain
 from introspection_utils.inject import Trial, check_trials
-from introspection_utils.prompts import question_prompts, yes_no_ids
+from introspection_utils.prompts import Prompt, question_prompts, yes_no_ids
 from introspection_utils.vectors import ConceptVector, concept_vectors
 
 if TYPE_CHECKING:
@@ -77,20 +77,30 @@ def direct_logit_attribution(handle: ModelHandle, trials: Sequence[Trial], *, an
     b_o = [(b.detach().float().cpu() if (b := handle.output_projection(i)._module.bias) is not None else None)
            for i in range(n_layers)]
 
+    # One forward per prompt, injection layer and window; uninjected trials ride along (zero vector) with the first.
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, trial in enumerate(trials):
-        groups[(trial.prompt, trial.injection_layer if trial.injected else None, trial.span())].append(index)
-    frames: list[pd.DataFrame | None] = [None] * len(trials)
+        if trial.injected:
+            groups[(trial.prompt, trial.injection_layer, trial.span())].append(index)
+    for index, trial in enumerate(trials):
+        if not trial.injected:
+            key = next((k for k in groups if k[0] == trial.prompt), (trial.prompt, None, trial.span()))
+            groups[key].append(index)
+    passes: dict[Prompt, PromptPass] = {}  # the prefix runs once per prompt
 
     def project(vectors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Residual pieces ``[..., D]`` → their (yes, no) shares of the raw logits ``[..., 2]`` through the final
         norm with its scale frozen at ``scale`` (one run's ``1 / rms``)."""
         return (scale * vectors * g_final) @ w_u.T
 
+    frames: list[pd.DataFrame | None] = [None] * len(trials)
     bar = tqdm(total=len(trials), desc="attribution", disable=not progress)
     for (prompt, layer, (start, end)), members in groups.items():
         last = len(prompt) - 1
-        run = PromptPass(handle, prompt.input_ids, min(start, last))
+        cached = min([last] + [trials[i].span()[0] for i in members])
+        if prompt not in passes or passes[prompt].start > cached:
+            passes[prompt] = PromptPass(handle, prompt.input_ids, cached)
+        run = passes[prompt]
         mask = torch.zeros(len(prompt), device=handle.device)
         mask[start:end] = 1
         add = torch.stack([(trials[i].scale * trials[i].vector.vector) if trials[i].injected
@@ -101,7 +111,7 @@ def direct_logit_attribution(handle: ModelHandle, trials: Sequence[Trial], *, an
 
         for r, index in enumerate(members):
             rows: list[tuple] = [("embed", None, None, project(out["embed"][r, 0], scale_f[r]))]
-            if layer is not None and bool(mask[last]):
+            if trials[index].injected and bool(mask[last]):
                 rows.append(("injection", layer, None, project(add[r].float().cpu(), scale_f[r])))
             for i in range(n_layers):
                 z = out["z"][i][r, 0].view(n_heads, dh)  # [H, dh]
