@@ -140,16 +140,21 @@ class PromptPass:
     """One prompt with the tokens before ``start`` run once (KV cache, uninjected and unedited); :meth:`forward`
     runs the suffix for a batch of rows. ``start=0`` recomputes everything (edits before the window need it)."""
 
-    def __init__(self, handle: ModelHandle, input_ids: Sequence[int], start: int) -> None:
+    def __init__(self, handle: ModelHandle, input_ids: Sequence[int], start: int,
+                 prefix_heads: dict[tuple[int, int], torch.Tensor] | None = None) -> None:
+        """``prefix_heads``: ``{(layer, head): value [head_dim]}`` heads set to ``value`` over the whole prefix (an
+        ablation shared by every row; the rows must then set them over the suffix too)."""
         self.handle, self.start = handle, start
         self.ids = torch.tensor([list(input_ids)], device=handle.device)
         self.cache = None
         self._hidden: list[torch.Tensor] | None = None
         if start > 0:
             self.cache = DynamicCache(config=handle.torch_model.config)  # filled in place by the forward
+            dh = handle.head_dim
             with torch.no_grad(), handle.model.trace(self.ids[:, :start], cache=self.cache, use_cache=True,
                                                      logits_to_keep=1):
-                pass
+                for (layer, head), value in sorted((prefix_heads or {}).items()):
+                    handle.output_projection(layer).input[..., head * dh:(head + 1) * dh] = value
 
     def _kwargs(self, rows: int) -> dict:
         """The suffix's attention mask, positions and a private copy of the prefix cache for ``rows`` rows."""

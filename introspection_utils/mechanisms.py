@@ -7,9 +7,12 @@ attribution patching, and how well the fast estimate agrees) for notebook 12 and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from introspection_utils.attribution import attribution_cells, did_by_layer, difference_in_differences, totals
@@ -20,6 +23,7 @@ from introspection_utils.patching import (
     concept_trials,
     default_sites,
     introspection_specific,
+    specific_shift,
 )
 from introspection_utils.vectors import concept_vectors
 
@@ -103,3 +107,66 @@ def describe(maps: MechanismMaps, top: int = 3) -> str:
             f"{total:+.2f} in raw logits, summed over the components). Largest component shares of that "
             f"difference: {named}; heads: {heads}{carried}. Attribution patching vs real patching over "
             f"{a['n']} components: Pearson r = {a['pearson']:.2f}, Spearman ρ = {a['spearman']:.2f}.")
+
+
+def contrast(maps: Sequence[MechanismMaps]) -> str:
+    """Which concept's introspection shift separates from the controls' most, and which is closest to a shared
+    shift (the smallest |difference-in-differences|), from the numbers."""
+    ranked = sorted(maps, key=lambda m: m.shift, reverse=True)
+    best, shared = ranked[0], min(maps, key=lambda m: abs(m.shift))
+    if len(maps) < 2:
+        return f"One concept only: {best.concept}'s introspection-specific shift is {best.shift:+.2f} logits."
+    toward = "towards yes" if best.shift > 0 else "and even that is away from yes (no concept separates here)"
+    return (f"Most separated towards yes on the introspection question: {best.concept} ({best.shift:+.2f} logits "
+            f"beyond the controls' shift, {toward}); closest to a shared shift: {shared.concept} "
+            f"({shared.shift:+.2f}). Compare their rows: components red in one map and not the other are the "
+            f"candidates for what makes the separation.")
+
+
+def top_heads(maps: MechanismMaps, k: int = 2) -> list[tuple[int, int]]:
+    """The ``k`` heads with the largest |difference-in-differences| of direct logit attribution."""
+    return [(int(r.comp_layer), int(r.head)) for r in maps.did_heads.head(k).itertuples()]
+
+
+def describe_ablation(table: pd.DataFrame) -> str:
+    """A reading of :func:`introspection_utils.patching.head_ablation`: does the introspection-specific shift
+    survive without the heads?"""
+    shifts = specific_shift(table).set_index("ablation")["specific"]
+    first = table.iloc[0]
+    heads = next(h for h in table["heads"] if h)
+    intact = float(shifts.get("none", float("nan")))
+    parts = [f"{mode}-ablated {float(v):+.2f} ({_kept(float(v), intact)})" for mode, v in shifts.items()
+             if mode != "none"]
+    return (f"{first['concept']} at scale {first['scale']:g}, layer {first['layer']}: the introspection-specific "
+            f"shift (introspection shift − control mean shift, each from its own uninjected baseline under the "
+            f"same ablation) is {intact:+.2f} logits with every head intact, and with {heads} " + ", ".join(parts)
+            + ".")
+
+
+def _kept(value: float, intact: float) -> str:
+    if not np.isfinite(intact) or abs(intact) < 1e-9:
+        return "no intact shift to compare with"
+    return f"{100 * value / intact:.0f}% of the intact shift"
+
+
+def save_tables(maps: Sequence[MechanismMaps], folder: Path) -> list[Path]:
+    """Write each concept's attribution, patching and attribution-patching tables and one agreement table
+    (``mechanisms_agreement.csv``: concept, layer, scale, pearson, spearman, n) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for m in maps:
+        for name, table in (("attribution", m.attribution), ("patching", m.patched),
+                            ("attribution_patching", m.estimated)):
+            path = folder / f"mechanisms_{name}_{m.concept}.csv"
+            table.to_csv(path, index=False)
+            written.append(path)
+    path = folder / "mechanisms_agreement.csv"
+    agreement_table(maps).to_csv(path, index=False)
+    return [*written, path]
+
+
+def agreement_table(maps: Sequence[MechanismMaps]) -> pd.DataFrame:
+    """Attribution patching vs real patching per concept: model, concept, layer, scale, pearson, spearman, n."""
+    return pd.DataFrame([{"model": m.model, "concept": m.concept, "layer": m.layer, "scale": m.scale, **m.agreement}
+                         for m in maps])

@@ -18,7 +18,7 @@ over all heads; :func:`agreement` says how well it ranks the components that rea
 
 **Head ablation** replaces chosen heads' outputs by zero or by their mean (over every position of the uninjected
 prompts of the call) at every position, in the injected run *and* its uninjected baseline, so the injection's
-effect is measured within the ablated model.
+effect is measured within the ablated model (the prefix before the window is ablated once and cached).
 
 Every table is tidy (one row per trial × direction × component) and carries the trial's metadata.
 """
@@ -295,20 +295,21 @@ def ablated_logit_diff(handle: ModelHandle, trials: Sequence[Trial], heads: Sequ
                           []).append(index)
     for (prompt, layer, (start, end)), members in groups.items():
         n = len(members) + 1  # row 0: the prompt uninjected, ablated
-        run = PromptPass(handle, prompt.input_ids, 0)  # ablation at every position: nothing can be cached
-        everywhere = torch.arange(len(prompt))
-        edits = []
-        for k, (hl, hh) in enumerate(heads):
-            value = torch.zeros(dh) if mode == "zero" else means[k]
-            values = value.to(handle.device, handle.dtype).expand(n, len(prompt), dh)
-            edits.append(Edit(Site(hl, "head", hh), torch.arange(n), everywhere, values))
+        values = {pair: (torch.zeros(dh) if mode == "zero" else means[k]).to(handle.device, handle.dtype)
+                  for k, pair in enumerate(heads)}
+        # The prefix is ablated once for every row (the same heads, the same values); the rows ablate the suffix.
+        cached = min(start, len(prompt) - 1)
+        run = PromptPass(handle, prompt.input_ids, cached, prefix_heads=values)
+        suffix = torch.arange(cached, len(prompt))
+        edits = [Edit(Site(hl, "head", hh), torch.arange(n), suffix, value.expand(n, len(suffix), dh))
+                 for (hl, hh), value in values.items()]
         mask = torch.zeros(len(prompt), device=handle.device)
         mask[start:end] = 1
         add = torch.stack([torch.zeros(handle.arch.d_model)] + [
             trials[i].scale * trials[i].vector.vector if trials[i].injected else torch.zeros(handle.arch.d_model)
             for i in members]).to(handle.device, handle.dtype)
         out = run.forward(n, answer_ids=answer_ids, layer=layer, add=add if layer is not None else None, mask=mask,
-                          edits=edits, skip=True)
+                          edits=edits, skip=True)  # layers below the first ablated or injected one: shared
         diff = out["logits"][:, 0] - out["logits"][:, 1]
         logit_diff[torch.tensor(members)] = diff[1:]
         baseline[torch.tensor(members)] = diff[0]
