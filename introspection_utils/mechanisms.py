@@ -144,8 +144,8 @@ def describe_ablation(table: pd.DataFrame) -> str:
 
 
 def _kept(value: float, intact: float) -> str:
-    if not np.isfinite(intact) or abs(intact) < 1e-9:
-        return "no intact shift to compare with"
+    if not np.isfinite(intact) or abs(intact) < 0.05:
+        return "the intact shift is too small (< 0.05 logits) for a ratio to mean anything"
     return f"{100 * value / intact:.0f}% of the intact shift"
 
 

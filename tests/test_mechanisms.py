@@ -38,7 +38,8 @@ def test_attribution_sums_reproduce_the_model_through_the_softcap(tiny_perturbed
     intro, control = prompts(handle)
     v0, v1 = make_vector(handle, 1, layer=0), make_vector(handle, 2, layer=1)
     trials = [Trial(intro, v0, 4.0), Trial(intro, v0, -3.0), Trial(intro), Trial(control, v1, 6.0),
-              Trial(control, v0, 2.0, window="last"), Trial(control, v0, 5.0, window=(control.injection_start, len(control) - 2))]
+              Trial(control, v0, 2.0, window="last"),
+              Trial(control, v0, 5.0, window=(control.injection_start, len(control) - 2))]
     df = attribution.direct_logit_attribution(handle, trials)
     cap = handle.arch.final_logit_softcap
     sums = attribution.totals(df, cap)
@@ -64,7 +65,7 @@ def test_attribution_components_match_the_reference(tiny_perturbed, oracle):
                                            **injection(oracle, trial))
         rows = df[df["trial"] == index]
 
-        def values(component):
+        def values(component, rows=rows):
             part = rows[rows["component"] == component].sort_values(["comp_layer", "head"])
             return part[["yes", "no"]].to_numpy()
 
@@ -257,3 +258,16 @@ def test_attribution_and_patching_on_the_embedded_model(smollm, oracle):
     ablated = patching.head_ablation(smollm, v, 1.0, [(25, 3), (27, 4)], n_controls=1, modes=("none", "zero"))
     table = patching.specific_shift(ablated)
     assert table["ablation"].tolist() == ["none", "zero"] and np.isfinite(table["specific"]).all()
+
+
+@pytest.mark.integration
+def test_attribution_patching_agrees_with_real_patching_over_every_head_on_the_embedded_model(smollm):
+    """The README's agreement number: Sandwich at layer 20, scale 4, the introspection question, every attention
+    output, MLP output and head above the injection layer, both directions."""
+    trials = patching.concept_trials(smollm, "Sandwich", 4.0, layer=20, n_controls=0)
+    real = patching.activation_patching(smollm, trials)
+    estimated = patching.attribution_patching(smollm, trials)
+    result = patching.agreement(real, estimated)
+    print(f"attribution patching vs patching on {smollm.name}: {result}")
+    assert result["n"] == 2 * 9 * (2 + smollm.arch.n_heads)
+    assert result["pearson"] > 0.8 and result["spearman"] > 0.8
