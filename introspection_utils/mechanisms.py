@@ -170,3 +170,8 @@ def agreement_table(maps: Sequence[MechanismMaps]) -> pd.DataFrame:
     """Attribution patching vs real patching per concept: model, concept, layer, scale, pearson, spearman, n."""
     return pd.DataFrame([{"model": m.model, "concept": m.concept, "layer": m.layer, "scale": m.scale, **m.agreement}
                          for m in maps])
+
+
+def most_separated(maps: Sequence[MechanismMaps]) -> MechanismMaps:
+    """The concept whose introspection shift goes furthest towards yes beyond the controls' (largest DiD)."""
+    return max(maps, key=lambda m: m.shift)
