@@ -61,6 +61,9 @@ class Family:
     final_norm: str
     lm_head: str = "lm_head"
     embeddings: str = "model.embed_tokens"
+    # Gemma-2/3: an RMS norm on the attention output and on the MLP output before each residual add
+    # (post_attention_layernorm / post_feedforward_layernorm); elsewhere post_attention_layernorm is the pre-MLP norm.
+    sublayer_norms: bool = False
 
 
 # One entry per supported architecture; adding a family = one line here plus a tiny-config test.
@@ -70,10 +73,10 @@ FAMILIES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family("model.layers", "model.norm"),
     "Qwen3ForCausalLM": Family("model.layers", "model.norm"),
     "GemmaForCausalLM": Family("model.layers", "model.norm"),
-    "Gemma2ForCausalLM": Family("model.layers", "model.norm"),
-    "Gemma3ForCausalLM": Family("model.layers", "model.norm"),
+    "Gemma2ForCausalLM": Family("model.layers", "model.norm", sublayer_norms=True),
+    "Gemma3ForCausalLM": Family("model.layers", "model.norm", sublayer_norms=True),
     "Gemma3ForConditionalGeneration": Family("model.language_model.layers", "model.language_model.norm",
-                                             embeddings="model.language_model.embed_tokens"),
+                                             embeddings="model.language_model.embed_tokens", sublayer_norms=True),
 }
 
 
@@ -136,6 +139,25 @@ class ModelHandle:
     def attention(self, layer: int) -> Any:
         """The self-attention module of ``layer``; its output is ``(attn_output, attn_weights [B, H, Tq, Tk])``."""
         return self.layers[layer].self_attn
+
+    def attention_out(self, layer: int) -> Any:
+        """The module whose output is what attention adds to the residual stream at ``layer``: Gemma-2/3's
+        post-attention norm (output ``[B, T, D]``), else the self-attention (output ``(attn_output, weights)``)."""
+        return self.layers[layer].post_attention_layernorm if self._family.sublayer_norms else self.attention(layer)
+
+    def mlp_out(self, layer: int) -> Any:
+        """The module whose output ``[B, T, D]`` is what the MLP adds to the residual stream at ``layer``: Gemma-2/3's
+        post-feedforward norm, else the MLP itself."""
+        return self.layers[layer].post_feedforward_layernorm if self._family.sublayer_norms else self.layers[layer].mlp
+
+    def output_projection(self, layer: int) -> Any:
+        """The attention's output projection (W_O); its input ``[B, T, n_heads × head_dim]`` is the heads' outputs
+        side by side, head ``h`` in columns ``h × head_dim .. (h + 1) × head_dim``."""
+        return self.attention(layer).o_proj
+
+    @property
+    def head_dim(self) -> int:
+        return self.output_projection(0)._module.in_features // self.arch.n_heads
 
     @property
     def torch_model(self) -> torch.nn.Module:

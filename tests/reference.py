@@ -453,3 +453,256 @@ def ablated_yes_no_logit_diff(
     with _injection(model, layer, vectors, scales, positions_mask), directional_ablation(model, direction):
         logits = _forward(model, input_ids, mask).logits
     return logits[:, -1, yes_id] - logits[:, -1, no_id]
+
+
+# ------------------------------------------------------------- components: attribution, patching, ablation
+#
+# "Sandwich" families (Gemma-2/3: a layer with ``pre_feedforward_layernorm``) norm the attention output with
+# ``post_attention_layernorm`` and the MLP output with ``post_feedforward_layernorm`` before each residual add;
+# elsewhere ``post_attention_layernorm`` is the norm *before* the MLP and the sublayer outputs are added as they are.
+
+
+def _sandwich(layer: nn.Module) -> bool:
+    return hasattr(layer, "pre_feedforward_layernorm")
+
+
+def _attn_out_module(layer: nn.Module) -> nn.Module:
+    """The module whose output (a tensor, or a tuple led by one) is what attention adds to the residual."""
+    return layer.post_attention_layernorm if _sandwich(layer) else layer.self_attn
+
+
+def _mlp_out_module(layer: nn.Module) -> nn.Module:
+    return layer.post_feedforward_layernorm if _sandwich(layer) else layer.mlp
+
+
+def _rms_parts(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(1 / rms(x) [...], gain [D])`` of an RMS norm from its epsilon and weight (Gemma: ``1 + w``)."""
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    gain = norm.weight.float() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps), gain
+
+
+@torch.no_grad()
+def logit_attribution(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    yes_id: int,
+    no_id: int,
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Direct logit attribution at the last position of a single unpadded sequence ``input_ids [1, T]``.
+
+    Each residual piece is carried through the final norm with ``1 / rms`` computed from the run's final residual
+    (frozen), onto the unembedding rows of yes and no (no softcap: the shares of the raw logits). Heads: the
+    output projection's input split into heads times the matching columns of W_O, through the frozen
+    post-attention norm for sandwich families.
+
+    Returns (each ``[..., 2]``, yes then no): ``"embed" [2]``, ``"injection" [2]`` (zeros if none at the last
+    position), ``"attn" [L, 2]``, ``"mlp" [L, 2]``, ``"heads" [L, H, 2]``, and ``"raw" [2]`` the raw logits
+    recomputed by the model's own final norm and unembedding.
+    """
+    layers = _layers(model)
+    store: dict[str, Any] = {"attn": {}, "mlp": {}, "z": {}, "o": {}}
+    hooks = []
+
+    def keep(kind: str, idx: int, pre: bool = False):
+        def hook(module, args, output=None):
+            value = args[0] if pre else _hidden_of(output)
+            store[kind][idx] = value[0, -1].detach().float()
+        return hook
+
+    def embed_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        store["embed"] = hidden[0, -1].detach().float()
+
+    def final_hook(module, args):
+        store["final"] = args[0][0, -1].detach().float()
+
+    with _injection(model, layer, vectors, scales, positions_mask):
+        hooks.append(layers[0].register_forward_pre_hook(embed_hook, with_kwargs=True))
+        for idx, lyr in enumerate(layers):
+            hooks.append(lyr.self_attn.o_proj.register_forward_pre_hook(keep("z", idx, pre=True)))
+            hooks.append(lyr.self_attn.o_proj.register_forward_hook(keep("o", idx)))
+            hooks.append(_attn_out_module(lyr).register_forward_hook(keep("attn", idx)))
+            hooks.append(_mlp_out_module(lyr).register_forward_hook(keep("mlp", idx)))
+        hooks.append(model.model.norm.register_forward_pre_hook(final_hook))
+        try:
+            _forward(model, input_ids, torch.ones_like(input_ids))
+        finally:
+            for h in hooks:
+                h.remove()
+    inv_rms, gain = _rms_parts(model.model.norm, store["final"])
+    w_u = model.lm_head.weight[[yes_id, no_id]].float()  # [2, D]
+
+    def share(x: Tensor) -> Tensor:
+        return (x * inv_rms * gain) @ w_u.T
+
+    n_heads = model.config.num_attention_heads
+    attn, mlp, heads = [], [], []
+    for idx, lyr in enumerate(layers):
+        attn.append(share(store["attn"][idx]))
+        mlp.append(share(store["mlp"][idx]))
+        w_o = lyr.self_attn.o_proj.weight.float()  # [D, H * dh]
+        dh = w_o.shape[1] // n_heads
+        per_head = torch.stack([store["z"][idx][h * dh:(h + 1) * dh] @ w_o[:, h * dh:(h + 1) * dh].T
+                                for h in range(n_heads)])  # [H, D]
+        if _sandwich(lyr):
+            post_inv_rms, post_gain = _rms_parts(lyr.post_attention_layernorm, store["o"][idx])
+            per_head = per_head * post_inv_rms * post_gain
+        heads.append(share(per_head))
+    injection = torch.zeros(2)
+    if layer is not None and bool(positions_mask[0, -1]):
+        injection = share(torch.as_tensor(scales).reshape(-1)[0].float() * vectors.reshape(-1).float())
+    raw = model.lm_head(model.model.norm(store["final"][None]))[0, [yes_id, no_id]].float()
+    return {"embed": share(store["embed"]), "injection": injection, "attn": torch.stack(attn),
+            "mlp": torch.stack(mlp), "heads": torch.stack(heads), "raw": raw}
+
+
+def _site_hook(model: nn.Module, site: tuple[str, int, int | None], fn) -> Any:
+    """Register ``fn(tensor) -> tensor | None`` on a component's output: "attn" / "mlp" of a layer, or "head"
+    (the output projection's input, whole ``[B, T, H * dh]``; ``fn`` handles the head's columns)."""
+    kind, idx, _ = site
+    lyr = _layers(model)[idx]
+    if kind == "head":
+        def pre(module, args):
+            new = fn(args[0])
+            return None if new is None else (new,) + tuple(args[1:])
+        return lyr.self_attn.o_proj.register_forward_pre_hook(pre)
+    module = _attn_out_module(lyr) if kind == "attn" else _mlp_out_module(lyr)
+
+    def post(module, args, output):
+        new = fn(_hidden_of(output))
+        return None if new is None else _with_hidden(output, new)
+    return module.register_forward_hook(post)
+
+
+def _head_cols(model: nn.Module, head: int) -> slice:
+    dh = _layers(model)[0].self_attn.o_proj.weight.shape[1] // model.config.num_attention_heads
+    return slice(head * dh, (head + 1) * dh)
+
+
+def _capture(model: nn.Module, input_ids: Tensor, site, positions: Tensor, injection: dict) -> Tensor:
+    """The site's output ``[P, width]`` at ``positions`` in a run with ``injection`` (kwargs of ``_injection``)."""
+    kept = {}
+    cols = _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+
+    def fn(t):
+        kept["v"] = t[0, positions][:, cols].detach().clone()
+    handle = _site_hook(model, site, fn)
+    try:
+        with _injection(model, **injection):
+            _forward(model, input_ids, torch.ones_like(input_ids))
+    finally:
+        handle.remove()
+    return kept["v"]
+
+
+@torch.no_grad()
+def patched_yes_no_logit_diff(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    yes_id: int,
+    no_id: int,
+    site: tuple[str, int, int | None],
+    positions: Tensor,
+    source: dict,
+    target: dict,
+) -> float:
+    """Activation patching on one unpadded sequence ``[1, T]``: the yes−no difference of the ``target`` run with
+    ``site``'s output (``("attn" | "mlp", layer, None)`` or ``("head", layer, head)``) at ``positions [P]`` replaced
+    by its value in the ``source`` run. ``source`` / ``target``: keyword arguments of the injection (``layer``,
+    ``vectors``, ``scales``, ``positions_mask``; ``layer=None`` for no injection)."""
+    value = _capture(model, input_ids, site, positions, source)
+    cols = _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+
+    def fn(t):
+        t = t.clone()
+        rows = t[0, positions]
+        rows[:, cols] = value.to(t.dtype)
+        t[0, positions] = rows
+        return t
+    handle = _site_hook(model, site, fn)
+    try:
+        with _injection(model, **target):
+            logits = _forward(model, input_ids, torch.ones_like(input_ids)).logits
+    finally:
+        handle.remove()
+    return float(logits[0, -1, yes_id] - logits[0, -1, no_id])
+
+
+def attribution_patching_estimate(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    yes_id: int,
+    no_id: int,
+    site: tuple[str, int, int | None],
+    positions: Tensor,
+    source: dict,
+    target: dict,
+) -> float:
+    """``Σ (source − target) · ∂(yes − no)/∂output`` over ``positions`` and the site's width, the gradient taken in
+    the ``target`` run by autograd (weights untouched: only the captured activation is differentiated)."""
+    value = _capture(model, input_ids, site, positions, source)
+    cols = _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+    kept = {}
+
+    def fn(t):
+        leaf = t.detach().clone().requires_grad_(True)
+        kept["t"] = leaf
+        return leaf
+    handle = _site_hook(model, site, fn)
+    try:
+        with torch.enable_grad(), _injection(model, **target):
+            logits = _forward(model, input_ids, torch.ones_like(input_ids)).logits
+            metric = logits[0, -1, yes_id] - logits[0, -1, no_id]
+            (grad,) = torch.autograd.grad(metric, kept["t"])
+    finally:
+        handle.remove()
+    here = kept["t"].detach()[0, positions][:, cols]
+    return float(((value - here) * grad[0, positions][:, cols]).sum())
+
+
+@torch.no_grad()
+def head_ablated_yes_no_logit_diff(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    yes_id: int,
+    no_id: int,
+    heads: list[tuple[int, int]],
+    values: list[Tensor] | None = None,
+    injection: dict,
+) -> float:
+    """The yes−no difference with each ``(layer, head)`` of ``heads`` set, at every position, to zero or to
+    ``values[k] [head_dim]`` (its slice of the output projection's input)."""
+    hooks = []
+    for k, (idx, head) in enumerate(heads):
+        cols = _head_cols(model, head)
+        value = None if values is None else values[k]
+
+        def fn(t, cols=cols, value=value):
+            t = t.clone()
+            t[..., cols] = 0.0 if value is None else value.to(t.dtype)
+            return t
+        hooks.append(_site_hook(model, ("head", idx, head), fn))
+    try:
+        with _injection(model, **injection):
+            logits = _forward(model, input_ids, torch.ones_like(input_ids)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(logits[0, -1, yes_id] - logits[0, -1, no_id])
+
+
+@torch.no_grad()
+def head_outputs(model: nn.Module, input_ids: Tensor, heads: list[tuple[int, int]]) -> list[Tensor]:
+    """Each head's slice of the output projection's input at every position, ``[T, head_dim]``, no injection."""
+    return [_capture(model, input_ids, ("head", idx, head), torch.arange(input_ids.shape[1]),
+                     {"layer": None, "vectors": None, "scales": None, "positions_mask": None})
+            for idx, head in heads]
