@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from introspection_utils.data import load_list
 from introspection_utils.inject import AblateAt, Trial, measure
 from introspection_utils.prompts import Prompt, answer_token_id, chat_prompt, question_prompts
-from introspection_utils.vectors import VectorBank, concept_vectors, last_token_activations
+from introspection_utils.vectors import VectorBank, concept_vectors, last_token_activations, left_pad
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -154,13 +154,9 @@ def _left_padded(handle: ModelHandle, prompts: Sequence[Prompt], batch_size: int
                  ) -> Iterator[tuple[slice, dict]]:
     """Batches of ``prompts`` left-padded for a trace: ``(rows, kwargs)`` with ``input_ids``, ``attention_mask``
     and ``position_ids`` (following the mask), each ``[B, T]`` on the model's device."""
-    pad = handle.tokenizer.pad_token_id
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p.input_ids) for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = left_pad([p.input_ids for p in chunk], handle.tokenizer.pad_token_id)
         yield slice(start, start + len(chunk)), {"input_ids": ids.to(handle.device),
                                                  "attention_mask": mask.to(handle.device),
                                                  "position_ids": positions.to(handle.device)}

@@ -56,7 +56,9 @@ from introspection_utils.data import load_list, load_prompts
 from introspection_utils.embedded import cache_dir
 from introspection_utils.generation import generate
 from introspection_utils.inject import Trial
+from introspection_utils.paths import atomic_write
 from introspection_utils.prompts import chat_prompt, control_questions, introspection_prompt
+from introspection_utils.vectors import left_pad
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -218,11 +220,7 @@ def token_activations(handle: ModelHandle, texts: Sequence[str], layers: Sequenc
     encoded = encode_texts(handle, texts)
     out = []
     for start in tqdm(range(0, len(encoded), batch_size), desc="activations", disable=not progress):
-        chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in chunk])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = left_pad(encoded[start:start + batch_size], tok.pad_token_id)
         with torch.no_grad(), handle.model.trace(ids.to(handle.device), attention_mask=mask.to(handle.device),
                                                  position_ids=positions.to(handle.device)):
             acts = nnsight.save([handle.layers[layer].output for layer in layers])
@@ -310,14 +308,6 @@ def _cached(folder: Path, key: dict, device: torch.device) -> Any | None:
         return load_sae_from_folder(folder, device=device)
     except (OSError, ValueError, KeyError):
         return None
-
-
-def _atomic_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
 
 
 def reconstruction(sae: Any, acts: torch.Tensor) -> dict[str, float]:
@@ -447,7 +437,7 @@ def train_saes(handle: ModelHandle, layers: Sequence[int], *, corpus: Corpus | N
         if texts is None:
             texts = corpus_texts(handle, corpus, progress=progress)
             if cache:
-                _atomic_json(texts_path, {"key": key, "texts": texts})
+                atomic_write(texts_path, json.dumps({"key": key, "texts": texts}, indent=1))
         acts = token_activations(handle, texts, missing, progress=progress)
         train_rows, held_rows, split_stats = heldout_split(encode_texts(handle, texts), spec.heldout, spec.seed)
         for i, layer in enumerate(tqdm(missing, desc="training SAEs", disable=not progress)):
