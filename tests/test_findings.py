@@ -7,7 +7,7 @@ import pandas as pd
 from test_verdicts import _scaled, _table
 
 from introspection_utils import findings, verdicts
-from introspection_utils.paths import read_block
+from introspection_utils.paths import project_root, read_block
 from introspection_utils.sweeps import SweepResult
 
 
@@ -56,3 +56,10 @@ def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
     assert text.startswith("From `make findings` on **m**") and "| write-up case |" in text
     assert read_block(readme, "findings") == text.strip() and readme.read_text().endswith("after\n")
     assert isinstance(pd.read_csv(results / "atlas.csv"), pd.DataFrame)
+
+
+def test_the_readme_shows_the_committed_findings():
+    """The README's findings table is the one `python -m introspection_utils.findings` wrote from the committed run."""
+    committed = project_root() / "figures" / findings.FINDINGS_MODEL / "findings.md"
+    assert committed.is_file(), "run `make findings` and `python -m introspection_utils.findings`"
+    assert read_block(project_root() / "README.md", "findings") == committed.read_text().strip()
