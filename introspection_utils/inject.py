@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from introspection_utils.memory import choose_batch_size
 from introspection_utils.prompts import Prompt, yes_no_ids
 from introspection_utils.vectors import ConceptVector
 
@@ -351,8 +352,6 @@ def _auto_batch_size(handle: ModelHandle, trials: Sequence[Trial]) -> int:
     ``DEFAULT_BATCH`` (larger batches buy nothing there and only cost memory)."""
     if handle.remote or handle.device.type != "cuda":
         return DEFAULT_BATCH
-    from introspection_utils.memory import choose_batch_size
-
     longest = max(trials, key=lambda t: len(t.prompt))
     return choose_batch_size(handle, prompt_tokens=len(longest.prompt),
                              suffix_tokens=len(longest.prompt) - longest.span()[0])
