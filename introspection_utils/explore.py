@@ -21,16 +21,21 @@ downloaded), waits until the explorer is drawn, saves a PNG and stops the server
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from introspection_utils.run import declared_parameters, parse_value
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explorer.ipynb"
 ENV = "INTROSPECTION_EXPLORER_PARAMETERS"
@@ -57,10 +62,6 @@ def served(**defaults: Any) -> Any:
 
 def notebook_defaults(notebook: Path = NOTEBOOK) -> dict[str, Any]:
     """The notebook's ``parameters`` cell as ``{name: default value}`` (literals only)."""
-    import ast
-
-    from introspection_utils.run import declared_parameters
-
     return {name: ast.literal_eval(info["default"]) for name, info in declared_parameters(notebook).items()}
 
 
@@ -136,10 +137,7 @@ def screenshot(url: str, path: str | Path, *, width: int = 1200, height: int = 1
                timeout: float = 600.0) -> Path:
     """Save ``url``'s explorer, once drawn, as a PNG at ``path`` (headless system Chromium; requests to other hosts
     than the loopback server are refused)."""
-    import re
-    import tempfile
-
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # optional: the test extra (screenshots only)
 
     if not CHROMIUM.is_file():
         raise RuntimeError(f"no Chromium at {CHROMIUM}: apt-get install chromium")
@@ -162,8 +160,6 @@ def screenshot(url: str, path: str | Path, *, width: int = 1200, height: int = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from introspection_utils.run import parse_value
-
     parser = argparse.ArgumentParser(prog="python -m introspection_utils.explore", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model id or folder (default: the notebook's, the embedded SmolLM2)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port on {HOST} (default {DEFAULT_PORT})")

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from introspection_utils.inject import Trial, check_trials
-from introspection_utils.vectors import left_pad
+from introspection_utils.prompts import conversation_text, introspection_prompt
+from introspection_utils.vectors import concept_vectors, left_pad
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -126,9 +127,6 @@ def response_table(handle: ModelHandle, concepts: Sequence[str], scales: Sequenc
     conversation, response`` (``conversation``: the whole conversation the model saw, as plain turns — what the
     grader is shown); ``temperature`` and ``seed`` make sampling reproducible.
     """
-    from introspection_utils.prompts import conversation_text, introspection_prompt
-    from introspection_utils.vectors import concept_vectors
-
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     handle.check_layer(layer)

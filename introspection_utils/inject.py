@@ -11,6 +11,9 @@ positions. Two levers make a batch of trials on one prompt cheap, both exact:
 
 ``strategy="full"`` recomputes the whole prompt per batch instead (the reference the levers are tested against,
 and the only form that runs on NDIF).
+
+Shapes: a tensor in a public signature is annotated with its shape (``PerTrialLayerHead`` is a tensor
+``[n_trials, n_layers, n_heads]``; see the aliases below), and docstrings write shapes in brackets after the name.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import nnsight
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from introspection_utils.memory import choose_batch_size
 from introspection_utils.prompts import Prompt, yes_no_ids
 from introspection_utils.vectors import ConceptVector
 
@@ -40,6 +44,14 @@ Strategy = Literal["cached", "full"]
 # Where a directional ablation sits relative to the injection (see :func:`measure`).
 AblateAt = Literal["after", "before"]
 DEFAULT_BATCH = 32
+
+# Tensor shapes in signatures (``typing.get_type_hints(f, include_extras=True)`` shows them; so do IDE hovers).
+PerTrial = Annotated[torch.Tensor, "[n_trials]"]
+PerTrialLayer = Annotated[torch.Tensor, "[n_trials, n_layers]"]
+PerTrialLayerHead = Annotated[torch.Tensor, "[n_trials, n_layers, n_heads]"]
+PerTrialToken = Annotated[torch.Tensor, "[n_trials, k]"]  # k answer tokens read
+PerTrialResidual = Annotated[torch.Tensor, "[n_trials, len(layers), d_model]"]
+Direction = Annotated[torch.Tensor, "[d_model]"]
 
 
 @dataclass(frozen=True)
@@ -128,15 +140,15 @@ class Readout:
     the answer position, injected and uninjected — how much of the model's next-token probability the two answers
     hold (a yes−no difference read where this is small says little about what the model would answer)."""
 
-    logit_diff: torch.Tensor
-    baseline: torch.Tensor
-    answer_mass: torch.Tensor
-    baseline_answer_mass: torch.Tensor
-    lens: torch.Tensor | None = None
-    attention_sum: torch.Tensor | None = None
-    attention_max: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    residuals: torch.Tensor | None = None
+    logit_diff: PerTrial
+    baseline: PerTrial
+    answer_mass: PerTrial
+    baseline_answer_mass: PerTrial
+    lens: PerTrialLayer | None = None
+    attention_sum: PerTrialLayerHead | None = None
+    attention_max: PerTrialLayerHead | None = None
+    logits: PerTrialToken | None = None
+    residuals: PerTrialResidual | None = None
 
 
 @dataclass
@@ -304,7 +316,7 @@ def _weights_over_keys(attention: list[torch.Tensor], total: int) -> torch.Tenso
 
 def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
             lens: bool = False, attention: bool = False, strategy: Strategy = "cached",
-            batch_size: int | None = None, progress: bool = False, ablate: torch.Tensor | None = None,
+            batch_size: int | None = None, progress: bool = False, ablate: Direction | None = None,
             ablate_at: AblateAt = "after") -> Readout:
     """Run ``trials`` and return their :class:`Readout` (rows in the order of ``trials``).
 
@@ -334,7 +346,7 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
 
 def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Sequence[int], *,
                   strategy: Strategy = "cached", batch_size: int | None = None, progress: bool = False
-                  ) -> torch.Tensor:
+                  ) -> PerTrialToken:
     """Logits of the tokens ``token_ids`` at the last position of each trial: ``[n_trials, k]`` (float32, CPU).
 
     The general readout behind multiple-choice answers (e.g. the digits "1".."N" of the localization experiment);
@@ -355,8 +367,6 @@ def _auto_batch_size(handle: ModelHandle, trials: Sequence[Trial]) -> int:
     ``DEFAULT_BATCH`` (larger batches buy nothing there and only cost memory)."""
     if handle.remote or handle.device.type != "cuda":
         return DEFAULT_BATCH
-    from introspection_utils.memory import choose_batch_size
-
     longest = max(trials, key=lambda t: len(t.prompt))
     return choose_batch_size(handle, prompt_tokens=len(longest.prompt),
                              suffix_tokens=len(longest.prompt) - longest.span()[0])
@@ -428,13 +438,13 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
 
 
 def yes_no_logit_diff(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
-                      strategy: Strategy = "cached", batch_size: int | None = None) -> torch.Tensor:
+                      strategy: Strategy = "cached", batch_size: int | None = None) -> PerTrial:
     """logit(yes) − logit(no) at the first answer position for each trial: ``[n_trials]``."""
     return measure(handle, trials, answers=answers, strategy=strategy, batch_size=batch_size).logit_diff
 
 
 def logit_lens(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None) -> PerTrialLayer:
     """The yes−no logit lens: each layer's residual through the final norm (and softcap) onto the two answer
     rows of the unembedding, at the answer position. ``[n_trials, n_layers]``; the last column is the real
     yes−no logit difference."""
@@ -442,7 +452,7 @@ def logit_lens(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[s
 
 
 def attention_to_injection(handle: ModelHandle, trials: Sequence[Trial], *, batch_size: int | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           ) -> tuple[PerTrialLayerHead, PerTrialLayerHead]:
     """Attention weight from the last position (prefill the answer to read the answer token) to each trial's
     injected positions, per layer and head: ``(sum, max)``, each ``[n_trials, n_layers, n_heads]``."""
     readout = measure(handle, trials, attention=True, batch_size=batch_size)
@@ -450,7 +460,7 @@ def attention_to_injection(handle: ModelHandle, trials: Sequence[Trial], *, batc
 
 
 def residuals(handle: ModelHandle, trials: Sequence[Trial], layers: Sequence[int], *, strategy: Strategy = "cached",
-              batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+              batch_size: int | None = None, progress: bool = False) -> PerTrialResidual:
     """The residual stream (output of decoder layer ``l`` for each ``l`` in ``layers``) at the last position of each
     trial, with its injection: ``[n_trials, len(layers), d_model]`` (float32, CPU; rows in the order of ``trials``).
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -58,18 +58,17 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], Any])
     A reader never sees half a file, and an interrupted write leaves no temporary file behind. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # created by the write: the umask's mode
     try:
         if callable(content):
-            content(Path(tmp))
+            content(tmp)
         elif isinstance(content, bytes):
-            Path(tmp).write_bytes(content)
+            tmp.write_bytes(content)
         else:
-            Path(tmp).write_text(content, encoding="utf-8")
+            tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
 
 

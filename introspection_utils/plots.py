@@ -27,6 +27,7 @@ import pandas as pd
 from introspection_utils import verdicts
 from introspection_utils.paths import atomic_write, figures_dir, model_name, project_root, results_dir
 from introspection_utils.sweeps import concept_rows
+from introspection_utils.vectors import cosine_similarity_matrix
 
 if TYPE_CHECKING:
     from introspection_utils.probes import AttentionMaps
@@ -243,8 +244,6 @@ def plot_vector_norms(bank: VectorBank, *, ax: plt.Axes | None = None) -> plt.Fi
 
 def plot_cosine_matrix(bank: VectorBank, layer: int, *, ax: plt.Axes | None = None) -> plt.Figure:
     """Cosine similarity between the bank's concept vectors at ``layer`` (a heatmap, values written in)."""
-    from introspection_utils.vectors import cosine_similarity_matrix
-
     sim = cosine_similarity_matrix(bank, layer).numpy()
     n = len(bank.words)
     fig, ax = _axes(ax, size=(1.0 + 0.55 * n + 2, 0.55 * n + 2))

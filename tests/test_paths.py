@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from introspection_utils import paths
@@ -43,3 +45,12 @@ def test_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temp(tmp_path)
         paths.atomic_write(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_atomic_write_gives_the_file_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = paths.atomic_write(tmp_path / "t.txt", "x")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: others may read results and figures
