@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from introspection_utils.data import load_questions
 from introspection_utils.models import ModelHandle, load_model
 from introspection_utils.paths import atomic_write, model_name, project_root
 from introspection_utils.prompts import Prompt, extraction_prompt, introspection_prompt, question_prompts, yes_no_ids
 
-FROZEN_MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # the embedded models; others are added with this tool
+# the embedded models; others are added with this tool
+FROZEN_MODELS = ("smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b-instruct")
 EXTRACTION_WORD = "Sandwich"
 
 
@@ -38,16 +40,20 @@ def _entry(handle: ModelHandle, name: str, prompt: Prompt) -> dict[str, Any]:
 
 
 def render(handle: ModelHandle) -> dict[str, Any]:
-    """The frozen record of ``handle``'s prompts: the paper frame's introspection prompt and every control question,
+    """The frozen record of ``handle``'s prompts: the paper frame's introspection prompt (every wording of
+    ``data/questions.toml``) and every control question (in their balanced order),
     the bare frame's introspection prompt, the concept-extraction prompt, and the yes/no answer token ids."""
     paper = question_prompts(handle)
     prompts = [_entry(handle, "introspection", paper[0])]
     prompts += [_entry(handle, f"control {k + 1:02d}", p) for k, p in enumerate(paper[1:])]
+    wordings, _ = load_questions()
+    prompts += [_entry(handle, f"introspection: {w.id}", introspection_prompt(handle, w.text))
+                for w in wordings if w.id != "paper"]
     prompts.append(_entry(handle, "introspection, bare frame", introspection_prompt(handle, frame="bare")))
     prompts.append(_entry(handle, f"extraction ({EXTRACTION_WORD})", extraction_prompt(handle, EXTRACTION_WORD)))
     yes, no = yes_no_ids(handle)
     return {"model": handle.name, "revision": handle.revision,
-            "source": "rendered from data/prompts.toml and data/control_questions.txt by the model's chat template",
+            "source": "rendered from data/prompts.toml and data/questions.toml by the model's chat template",
             "regenerate": f"python -m introspection_utils.frozen_prompts {handle.name}",
             "answer_token_ids": {"yes": yes, "no": no}, "prompts": prompts}
 

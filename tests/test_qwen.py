@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from introspection_utils import embedded, load_model
+from introspection_utils import embedded, frozen_prompts, load_model
 from introspection_utils.data import load_prompts
 from introspection_utils.inject import Trial, measure
 from introspection_utils.prompts import control_questions, introspection_prompt, yes_no_ids
@@ -93,3 +93,8 @@ def test_qwen_readouts_match_the_reference(qwen, qwen_trials, oracle):
     # The injections did something (a test that could not fail otherwise).
     assert abs(float(readout.logit_diff[0] - readout.baseline[0])) > 1e-2
     assert abs(float(readout.logit_diff[2] - readout.baseline[2])) > 1e-2
+
+
+def test_qwen_prompts_equal_the_frozen_ones(qwen):
+    """data/rendered_prompts/qwen2.5-coder-1.5b-instruct.json: the ChatML rendering, token counts, injection starts."""
+    assert frozen_prompts.check(qwen) == []
