@@ -162,19 +162,23 @@ def plan_runs(paths: Sequence[Path], parameters: dict[str, Any],
               per_notebook: Mapping[str, Mapping[str, Any]] | None = None, *,
               where_declared: Sequence[str] = ()) -> list[tuple[Path, dict[str, Any]]]:
     """Each notebook with its parameters (``parameters`` plus its ``per_notebook`` entry, by prefix); raises when a
-    notebook does not declare one of them, or a ``per_notebook`` key names no notebook. ``where_declared``: the
-    runner's own placements (e.g. ``results_dir``), passed only to the notebooks that declare them (00 and 01 save
-    no tables)."""
+    notebook does not declare one of its own (``per_notebook``) parameters, when no notebook declares a series-wide
+    one, or when a ``per_notebook`` key names no notebook. Series-wide parameters and ``where_declared`` (the
+    runner's own placements, e.g. ``results_dir``) go only to the notebooks that declare them."""
     per_notebook = dict(per_notebook or {})
     unmatched = [k for k in per_notebook if not any(p.name.startswith(k) for p in notebooks())]
     if unmatched:
         raise ValueError(f"parameters for unknown notebook(s) {unmatched}")
     plans = []
+    declared_by = {path: declared_parameters(path) for path in paths}
+    # A series-wide parameter goes to the notebooks that declare it (`--all -p n_controls 20`); one that none of
+    # them declares is still an error.
+    somewhere = set(where_declared) | {k for k in parameters if any(k in d for d in declared_by.values())}
     for path in paths:
-        params = {**parameters, **{k: v for prefix, extra in per_notebook.items() if path.name.startswith(prefix)
-                                   for k, v in extra.items()}}
-        declared = declared_parameters(path)
-        params = {k: v for k, v in params.items() if k in declared or k not in where_declared}
+        declared = declared_by[path]
+        params = {k: v for k, v in parameters.items() if k in declared or k not in somewhere}
+        params |= {k: v for prefix, extra in per_notebook.items() if path.name.startswith(prefix)
+                   for k, v in extra.items()}
         unknown = sorted(set(params) - set(declared))
         if unknown:
             raise NotebookError(path.name, None, f"unknown parameter(s) {unknown}; it declares {sorted(declared)}")

@@ -253,3 +253,11 @@ def test_timings_keep_the_notebooks_not_rerun(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0] == "model,notebook,seconds,cpus,omp_num_threads" and len(lines) == 3
     assert lines[1].startswith("m,02_scale_sweep.ipynb,7.0,") and lines[2].startswith("m,11_atlas.ipynb,600.0,")
+
+
+def test_a_series_wide_parameter_goes_to_the_notebooks_that_declare_it():
+    plans = dict(run.plan_runs(run.notebooks(), {"model": "tiny-llama", "n_controls": 20}))
+    by_prefix = {path.name[:2]: params for path, params in plans.items()}
+    assert by_prefix["02"]["n_controls"] == 20 and "n_controls" not in by_prefix["01"]
+    with pytest.raises(run.NotebookError, match=r"unknown parameter\(s\) \['colour'\]"):
+        run.plan_runs(run.notebooks(), {"model": "tiny-llama", "colour": 1})
