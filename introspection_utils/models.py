@@ -49,6 +49,7 @@ from introspection_utils.embedded import (
     is_gguf_path,
 )
 from introspection_utils.memory import check_fits
+from introspection_utils.paths import model_name
 
 TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2")
 
@@ -324,7 +325,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
         hf_model.to(device)
     hf_model.eval()
     model = TransformersModel(hf_model, tokenizer=tokenizer)
-    short = name.rstrip("/").split("/")[-1].lower().removesuffix(".gguf")
+    short = model_name(name).removesuffix(".gguf")
     return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model,
                        remote=remote)
 
@@ -356,7 +357,7 @@ def _load_remote(name: str) -> ModelHandle:
     if model.tokenizer.pad_token is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     revision = getattr(model._module.config, "_commit_hash", None) or "ndif"
-    return ModelHandle(name.rstrip("/").split("/")[-1].lower(), model, model.tokenizer, arch, revision=revision,
+    return ModelHandle(model_name(name), model, model.tokenizer, arch, revision=revision,
                        dtype=torch.bfloat16, remote=True)
 
 

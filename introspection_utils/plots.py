@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils import verdicts
+from introspection_utils.grading import detection_rates
+from introspection_utils.localization import accuracy_lines
 from introspection_utils.paths import atomic_write, figures_dir, model_name, project_root, results_dir
 from introspection_utils.sweeps import concept_rows
 from introspection_utils.vectors import cosine_similarity_matrix
@@ -319,8 +321,6 @@ CLASS_COLORS: dict[str, str] = {
 def plot_localization(result: Any) -> plt.Figure:
     """Localization accuracy vs scale (at the run's layer) and vs layer (at its scale), one line per condition
     (Wilson 95% intervals as bars), chance (1/N) dashed. ``result``: a :func:`localization.run_localization` result."""
-    from introspection_utils.localization import accuracy_lines
-
     spec = result.meta["spec"]
     vs_scale, vs_layer = accuracy_lines(result)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
@@ -396,8 +396,6 @@ def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Fig
 def plot_detection_rates(graded: pd.DataFrame, *, ax: plt.Axes | None = None) -> plt.Figure:
     """Detection rate (injected answers) and false-positive rate (no-injection answers, scale 0) vs scale, from the
     judge and from the pre-grade, with Wilson 95% intervals. ``graded``: a :func:`grading.grade` table."""
-    from introspection_utils.grading import detection_rates
-
     table = detection_rates(graded)
     fig, ax = _axes(ax)
     span = float(graded["scale"].max() - graded["scale"].min()) or 1.0

@@ -8,12 +8,15 @@ prefers "Yes"; a question's *baseline* is its logit difference without injection
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from introspection_utils import verdicts
+from introspection_utils.probes import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
+from introspection_utils.vectors import cosine_similarity_matrix
 
 if TYPE_CHECKING:
     from introspection_utils.probes import AttentionMaps
@@ -171,8 +174,6 @@ def lens_similarity(lens: pd.DataFrame, concept: str) -> float:
 def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
     """The ``k`` (layer, head) pairs whose attention to the injected positions rises most from the uninjected to the
     injected introspection trial, with every condition's value and the introspection−control difference."""
-    from introspection_utils.probes import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
-
     n_layers, n_heads = maps.maps[INTRO_INJ].shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     effects = maps.injection_effects()
@@ -271,8 +272,6 @@ def describe_readout(readout, labels: list[str]) -> str:
 def describe_vectors(bank, layer: int) -> str:
     """Sentences on a concept-vector bank: how the norms grow with depth, and the most and least similar pairs at
     ``layer`` (cosine similarity)."""
-    from introspection_utils.vectors import cosine_similarity_matrix
-
     norms = bank.norms().numpy()
     mean = norms.mean(axis=0)
     text = (f"Mean concept-vector norm {mean[0]:.3g} at layer 0, {mean[layer]:.3g} at layer {layer}, "
@@ -291,8 +290,6 @@ def describe_vectors(bank, layer: int) -> str:
 
 def time_call(fn, *args, **kwargs) -> tuple[object, float]:
     """``(fn(*args, **kwargs), seconds)`` — for the notebooks' cache-reuse timing."""
-    import time
-
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
