@@ -69,10 +69,19 @@ def batch_bytes(config: Any, dtype: torch.dtype, *, batch: int, prompt_tokens: i
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, or the system's available RAM."""
+    """Free memory on ``device``: CUDA's free memory, or the system's available RAM — Linux's ``MemAvailable``,
+    which counts the page cache the kernel gives back (after converting a 7 GB model most RAM is cache, and
+    ``MemFree`` alone would refuse a model that fits)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

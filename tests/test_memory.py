@@ -52,3 +52,15 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(memory, "free_bytes", lambda device: 2**30)
     with pytest.raises(MemoryError, match=r"random:gemma-2-9b-it needs ~17\.2 GiB"):
         load_model("random:gemma-2-9b-it", dtype="bfloat16", device="cpu")
+
+
+def test_free_ram_counts_the_reclaimable_page_cache():
+    """MemAvailable, not MemFree: the page cache left by a model conversion must not make a model "not fit"."""
+    import pathlib
+
+    meminfo = pathlib.Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo (not Linux)")
+    fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()}
+    free = memory.free_bytes(torch.device("cpu"))
+    assert free >= fields["MemFree"] and abs(free - fields["MemAvailable"]) < 0.2 * fields["MemTotal"]
