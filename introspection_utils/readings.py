@@ -188,6 +188,12 @@ def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
     return table.sort_values("rise_vs_no_injection", ascending=False).head(k).reset_index(drop=True)
 
 
+def head_pairs(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
+    """The first ``k`` ``(layer, head)`` pairs of a head table such as :func:`top_heads`, in its order — the form
+    :func:`introspection_utils.patching.head_ablation` takes."""
+    return [(int(r.layer), int(r.head)) for r in table.head(k).itertuples()]
+
+
 def describe_attention(maps: AttentionMaps, k: int = 3) -> str:
     """Sentences on the attention maps: the heads that rise most with injection, and whether they rise as much on
     the control questions (the write-up found the pattern similar in both)."""

@@ -136,6 +136,8 @@ def test_attention_figure_and_top_heads(maps):
     assert row["rise_vs_no_injection"] == pytest.approx(rise)
     assert row["introspection_minus_control"] == pytest.approx(row["rise_vs_no_injection"] - row["control_rise"])
     assert "L" in readings.describe_attention(maps, k=2)
+    assert readings.head_pairs(top, 2) == [(int(top.loc[0, "layer"]), int(top.loc[0, "head"])),
+                                           (int(top.loc[1, "layer"]), int(top.loc[1, "head"]))]
 
 
 def _frame(intro, control, baseline_intro, baseline_control, scales=(0, 1, 2, 4)):
