@@ -585,6 +585,22 @@ def _head_cols(model: nn.Module, head: int) -> slice:
     return slice(head * dh, (head + 1) * dh)
 
 
+def _hooked_run(model: nn.Module, input_ids: Tensor, injection: dict, edits: list[tuple[tuple, Any]]) -> Tensor:
+    """The logits ``[1, T, vocab]`` of one unpadded run with ``injection`` (kwargs of ``_injection``) and each
+    ``(site, fn)`` of ``edits`` hooked on its site's output (see ``_site_hook``); the hooks are removed after."""
+    handles = [_site_hook(model, site, fn) for site, fn in edits]
+    try:
+        with _injection(model, **injection):
+            return _forward(model, input_ids, torch.ones_like(input_ids)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _yes_minus_no(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
+    return logits[0, -1, yes_id] - logits[0, -1, no_id]
+
+
 def _capture(model: nn.Module, input_ids: Tensor, site, positions: Tensor, injection: dict) -> Tensor:
     """The site's output ``[P, width]`` at ``positions`` in a run with ``injection`` (kwargs of ``_injection``)."""
     kept = {}
@@ -592,12 +608,7 @@ def _capture(model: nn.Module, input_ids: Tensor, site, positions: Tensor, injec
 
     def fn(t):
         kept["v"] = t[0, positions][:, cols].detach().clone()
-    handle = _site_hook(model, site, fn)
-    try:
-        with _injection(model, **injection):
-            _forward(model, input_ids, torch.ones_like(input_ids))
-    finally:
-        handle.remove()
+    _hooked_run(model, input_ids, injection, [(site, fn)])
     return kept["v"]
 
 
@@ -626,13 +637,7 @@ def patched_yes_no_logit_diff(
         rows[:, cols] = value.to(t.dtype)
         t[0, positions] = rows
         return t
-    handle = _site_hook(model, site, fn)
-    try:
-        with _injection(model, **target):
-            logits = _forward(model, input_ids, torch.ones_like(input_ids)).logits
-    finally:
-        handle.remove()
-    return float(logits[0, -1, yes_id] - logits[0, -1, no_id])
+    return float(_yes_minus_no(_hooked_run(model, input_ids, target, [(site, fn)]), yes_id, no_id))
 
 
 def attribution_patching_estimate(
@@ -656,14 +661,9 @@ def attribution_patching_estimate(
         leaf = t.detach().clone().requires_grad_(True)
         kept["t"] = leaf
         return leaf
-    handle = _site_hook(model, site, fn)
-    try:
-        with torch.enable_grad(), _injection(model, **target):
-            logits = _forward(model, input_ids, torch.ones_like(input_ids)).logits
-            metric = logits[0, -1, yes_id] - logits[0, -1, no_id]
-            (grad,) = torch.autograd.grad(metric, kept["t"])
-    finally:
-        handle.remove()
+    with torch.enable_grad():
+        metric = _yes_minus_no(_hooked_run(model, input_ids, target, [(site, fn)]), yes_id, no_id)
+        (grad,) = torch.autograd.grad(metric, kept["t"])
     here = kept["t"].detach()[0, positions][:, cols]
     return float(((value - here) * grad[0, positions][:, cols]).sum())
 
@@ -681,7 +681,7 @@ def head_ablated_yes_no_logit_diff(
 ) -> float:
     """The yes−no difference with each ``(layer, head)`` of ``heads`` set, at every position, to zero or to
     ``values[k] [head_dim]`` (its slice of the output projection's input)."""
-    hooks = []
+    edits = []
     for k, (idx, head) in enumerate(heads):
         cols = _head_cols(model, head)
         value = None if values is None else values[k]
@@ -690,14 +690,8 @@ def head_ablated_yes_no_logit_diff(
             t = t.clone()
             t[..., cols] = 0.0 if value is None else value.to(t.dtype)
             return t
-        hooks.append(_site_hook(model, ("head", idx, head), fn))
-    try:
-        with _injection(model, **injection):
-            logits = _forward(model, input_ids, torch.ones_like(input_ids)).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return float(logits[0, -1, yes_id] - logits[0, -1, no_id])
+        edits.append((("head", idx, head), fn))
+    return float(_yes_minus_no(_hooked_run(model, input_ids, injection, edits), yes_id, no_id))
 
 
 @torch.no_grad()
