@@ -17,7 +17,6 @@ suffix's layers below the lowest injected or edited layer are the same in every 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, Literal
 
 import nnsight
 import torch
-from transformers import DynamicCache
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
@@ -146,27 +144,18 @@ class PromptPass:
         ablation shared by every row; the rows must then set them over the suffix too)."""
         self.handle, self.start = handle, start
         self.ids = torch.tensor([list(input_ids)], device=handle.device)
-        self.cache = None
         self._hidden: list[torch.Tensor] | None = None
-        if start > 0:
-            self.cache = DynamicCache(config=handle.torch_model.config)  # filled in place by the forward
-            dh = handle.head_dim
-            with torch.no_grad(), handle.model.trace(self.ids[:, :start], cache=self.cache, use_cache=True,
-                                                     logits_to_keep=1):
-                for (layer, head), value in sorted((prefix_heads or {}).items()):
-                    handle.output_projection(layer).input[..., head * dh:(head + 1) * dh] = value
+        self.head_dim = handle.head_dim
+        self.cache = handle.prefix_cache(self.ids[:, :start], lambda: self._set_heads(prefix_heads)) \
+            if start > 0 else None
+
+    def _set_heads(self, heads: dict[tuple[int, int], torch.Tensor] | None) -> None:
+        dh = self.head_dim
+        for (layer, head), value in sorted((heads or {}).items()):
+            self.handle.output_projection(layer).input[..., head * dh:(head + 1) * dh] = value
 
     def _kwargs(self, rows: int) -> dict:
-        """The suffix's attention mask, positions and a private copy of the prefix cache for ``rows`` rows."""
-        total, device = self.ids.shape[1], self.ids.device
-        kwargs = {"attention_mask": torch.ones(rows, total, dtype=torch.long, device=device),
-                  "position_ids": torch.arange(self.start, total, device=device)[None].expand(rows, -1)}
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)  # the forward appends the suffix in place
-            if rows > 1:
-                cache.batch_repeat_interleave(rows)
-            kwargs.update(cache=cache, use_cache=True)
-        return kwargs
+        return self.handle.suffix_inputs(self.cache, self.start, self.ids.shape[1], rows, self.ids.device)
 
     def hidden(self) -> list[torch.Tensor]:
         """Each layer's output over the suffix without injection or edits, ``[1, S, D]`` per layer (computed once)."""

@@ -18,7 +18,6 @@ Shapes: a tensor in a public signature is annotated with its shape (``PerTrialLa
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import nnsight
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from introspection_utils.memory import choose_batch_size
 from introspection_utils.prompts import Prompt, yes_no_ids
@@ -205,23 +203,10 @@ class _PromptRun:
         if strategy == "full":
             self.start = start = 0  # recompute every position, no cache
         self.suffix = ids[:, start:]
-        self.cache = None
-        if start > 0:
-            self.cache = DynamicCache(config=handle.torch_model.config)  # filled in place by the forward
-            with torch.no_grad(), handle.model.trace(ids[:, :start], cache=self.cache, use_cache=True,
-                                                     logits_to_keep=1):
-                _ablate(handle, ablate)
+        self.cache = handle.prefix_cache(ids[:, :start], lambda: _ablate(handle, ablate)) if start > 0 else None
         self.baseline = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
                                lens=lens, read_residuals=read_residuals, attention_keys=attention_keys,
                                keep_hidden=strategy == "cached")
-
-    def cache_for(self, batch: int):
-        if self.cache is None:
-            return None
-        cache = copy.deepcopy(self.cache)  # the forward appends the suffix in place
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
-        return cache
 
 
 def _project_out(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -260,11 +245,7 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
     """
     n_layers, total = handle.arch.n_layers, run.full_ids.shape[1]
     suffix = run.suffix.expand(batch, -1)
-    kwargs = {"attention_mask": torch.ones(batch, total, dtype=torch.long, device=suffix.device),
-              "position_ids": torch.arange(run.start, total, device=suffix.device)[None].expand(batch, -1)}
-    cache = run.cache_for(batch)
-    if cache is not None:
-        kwargs["cache"] = cache
+    kwargs = handle.suffix_inputs(run.cache, run.start, total, batch, suffix.device)
     if handle.remote:
         kwargs["remote"] = handle.remote
     first = layer if (skip and layer is not None) else 0
@@ -272,7 +253,7 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
     before = ablate is not None and run.ablate_at == "before"
     # "before": the injection's own component along the direction, carried by the residual past its layer.
     kept = (add @ ablate)[:, None] * ablate if before and layer is not None else None  # [B, D]
-    with torch.no_grad(), handle.model.trace(suffix, use_cache=cache is not None, logits_to_keep=1, **kwargs):
+    with torch.no_grad(), handle.model.trace(suffix, logits_to_keep=1, **kwargs):
         if first == 0 and ablate is not None:
             handle.embeddings.output = _project_out(handle.embeddings.output, ablate)
         for i in range(first):  # identical in every trial: served from the uninjected pass
