@@ -363,13 +363,15 @@ def refusal_direction(handle: ModelHandle, *, n_train: int | None = None, n_val:
                             table, why)
 
 
-def describe_direction(selected: RefusalDirection) -> str:
-    """A computed reading of the selection: the chosen candidate's three scores against the baselines."""
-    t, row = selected.table, selected.table[(selected.table["position"] == selected.position)
-                                            & (selected.table["layer"] == selected.layer)].iloc[0]
+def describe_direction(selected: RefusalDirection | pd.DataFrame) -> str:
+    """A computed reading of the selection: the chosen candidate's three scores against the baselines.
+    ``selected``: the direction, or its score table (saved as ``refusal_direction_scores.csv``; the selection is
+    recomputed from it, :func:`select_direction` being a function of the table alone)."""
+    t = selected.table if isinstance(selected, RefusalDirection) else selected
+    row, why = select_direction(t)
     base_bad, base_good = float(t["baseline_harmful"].iloc[0]), float(t["baseline_harmless"].iloc[0])
     return (f"{len(t)} candidates scored on {int(t['n_val'].iloc[0])} validation prompts per list. Chosen: "
-            f"{selected.why}. Ablating it moves the harmful prompts' refusal score from {base_bad:+.2f} to "
+            f"{why}. Ablating it moves the harmful prompts' refusal score from {base_bad:+.2f} to "
             f"{row.bypass:+.2f} (log-odds of {', '.join(map(repr, t.attrs.get('refusal_words', REFUSAL_WORDS)))}); "
             f"adding it moves the harmless prompts' from {base_good:+.2f} to {row.induce:+.2f}; KL on harmless "
             f"prompts {row.kl:.3f}. {int(t['kl_ok'].sum())} candidates have KL < {KL_THRESHOLD}, "

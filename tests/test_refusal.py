@@ -317,3 +317,16 @@ def test_unpruned_layers_spread_over_the_first_80_percent(smollm):
     assert unpruned_layers(smollm, 4) == [0, 8, 15, 23]
     with pytest.raises(ValueError, match="1..24"):
         unpruned_layers(smollm, 25)
+
+
+def test_the_direction_reading_is_the_same_from_the_saved_score_table(tmp_path):
+    from introspection_utils.refusal import RefusalDirection, describe_direction, select_direction
+
+    table = _scores(layer=[0, 1, 2], bypass=[-1.0, -4.0, -2.0], induce=[1.0, 1.0, 1.0], kl=[0.05, 0.05, 0.05],
+                    pruned=[False, False, False])
+    row, why = select_direction(table)
+    direction = RefusalDirection(torch.ones(4), int(row.position), int(row.layer), table, why)
+    table.to_csv(tmp_path / "scores.csv", index=False)
+    text = describe_direction(direction)
+    assert describe_direction(pd.read_csv(tmp_path / "scores.csv")) == text
+    assert "layer 1" in text and "-4.00" in text and "3 candidates" in text
