@@ -82,9 +82,28 @@ def mechanism_maps(handle: ModelHandle, concept: str, scale: float, *, layer: in
     sites = default_sites(handle, layer, heads=patch_heads)
     patched = activation_patching(handle, trials, sites)
     estimated = attribution_patching(handle, trials, default_sites(handle, layer, heads=True))
-    return MechanismMaps(handle.name, concept, layer, float(scale), n_controls, cells, did_by_layer(cells),
-                         difference_in_differences(cells[cells["component"] == "head"]), float(whole["did"].iloc[0]),
-                         patched, estimated, agreement(patched, estimated))
+    return _assemble(handle.name, concept, layer, float(scale), n_controls, cells, float(whole["did"].iloc[0]),
+                     patched, estimated)
+
+
+def _assemble(model: str, concept: str, layer: int, scale: float, n_controls: int, cells: pd.DataFrame,
+              shift: float, patched: pd.DataFrame, estimated: pd.DataFrame) -> MechanismMaps:
+    return MechanismMaps(model, concept, layer, scale, n_controls, cells, did_by_layer(cells),
+                         difference_in_differences(cells[cells["component"] == "head"]), shift, patched, estimated,
+                         agreement(patched, estimated))
+
+
+def load_maps(folder: Path) -> list[MechanismMaps]:
+    """The maps of every concept :func:`save_tables` wrote into ``folder`` (e.g. a findings run's ``results/``),
+    rebuilt from the tables alone: the readings of :func:`describe` and :func:`contrast` come out the same."""
+    folder = Path(folder)
+    maps = []
+    for row in pd.read_csv(folder / "mechanisms_agreement.csv").itertuples():
+        cells, patched, estimated = (pd.read_csv(folder / f"mechanisms_{name}_{row.concept}.csv") for name in
+                                     ("attribution", "patching", "attribution_patching"))
+        maps.append(_assemble(row.model, row.concept, int(row.layer), float(row.scale), int(row.n_controls), cells,
+                              float(row.shift), patched, estimated))
+    return maps
 
 
 def describe(maps: MechanismMaps, top: int = 3) -> str:
@@ -151,7 +170,7 @@ def _kept(value: float, intact: float) -> str:
 
 def save_tables(maps: Sequence[MechanismMaps], folder: Path) -> list[Path]:
     """Write each concept's attribution, patching and attribution-patching tables and one agreement table
-    (``mechanisms_agreement.csv``: concept, layer, scale, pearson, spearman, n) into ``folder``."""
+    (``mechanisms_agreement.csv``, :func:`agreement_table`) into ``folder``; :func:`load_maps` reads them back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -167,9 +186,10 @@ def save_tables(maps: Sequence[MechanismMaps], folder: Path) -> list[Path]:
 
 
 def agreement_table(maps: Sequence[MechanismMaps]) -> pd.DataFrame:
-    """Attribution patching vs real patching per concept: model, concept, layer, scale, pearson, spearman, n."""
-    return pd.DataFrame([{"model": m.model, "concept": m.concept, "layer": m.layer, "scale": m.scale, **m.agreement}
-                         for m in maps])
+    """Attribution patching vs real patching per concept: model, concept, layer, scale, n_controls, shift (the
+    model's own difference-in-differences), pearson, spearman, n (components both cover)."""
+    return pd.DataFrame([{"model": m.model, "concept": m.concept, "layer": m.layer, "scale": m.scale,
+                          "n_controls": m.n_controls, "shift": m.shift, **m.agreement} for m in maps])
 
 
 def most_separated(maps: Sequence[MechanismMaps]) -> MechanismMaps:

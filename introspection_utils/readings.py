@@ -197,17 +197,22 @@ def head_pairs(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
 def describe_attention(maps: AttentionMaps, k: int = 3) -> str:
     """Sentences on the attention maps: the heads that rise most with injection, and whether they rise as much on
     the control questions (the write-up found the pattern similar in both)."""
-    top = top_heads(maps, k)
-    heads = ", ".join(f"L{r.layer}H{r.head} (+{r.rise_vs_no_injection:.3f})" for r in top.itertuples())
-    similar = int((top["control_rise"] >= 0.5 * top["rise_vs_no_injection"]).sum())
     effect = maps.injection_effects()["introspection"]
     below = float(np.abs(effect[: maps.layer + 1]).max())  # added to layer L's output: attention moves from L + 1
-    return (f"{maps.concept} at scale {_fmt(maps.scale)}: the heads whose attention from the answer to the injected "
-            f"positions rises most with injection are {heads}. On the control questions the same injection raises "
-            f"{similar} of these {k} heads by at least half as much (shared), {k - similar} by less (specific to the "
-            f"introspection question). "
-            f"Largest change at or below the injection layer {maps.layer}: {below:.1e} (the vector is added to its "
-            f"output, so no attention there can see it).")
+    return (f"{maps.concept} at scale {_fmt(maps.scale)}: " + describe_top_heads(top_heads(maps, k))
+            + f" Largest change at or below the injection layer {maps.layer}: {below:.1e} (the vector is added to "
+              f"its output, so no attention there can see it).")
+
+
+def describe_top_heads(top: pd.DataFrame) -> str:
+    """Sentences on a :func:`top_heads` table (also as saved by notebook 05): the heads that rise most, and how
+    many rise at least half as much on the control questions (shared) — the write-up's "similar in both cases"."""
+    k = len(top)
+    heads = ", ".join(f"L{r.layer}H{r.head} (+{r.rise_vs_no_injection:.3f})" for r in top.itertuples())
+    similar = int((top["control_rise"] >= 0.5 * top["rise_vs_no_injection"]).sum())
+    return (f"the heads whose attention from the answer to the injected positions rises most with injection are "
+            f"{heads}. On the control questions the same injection raises {similar} of these {k} heads by at least "
+            f"half as much (shared), {k - similar} by less (specific to the introspection question).")
 
 
 # ----------------------------------------------------------------------------------------- semantic interference
