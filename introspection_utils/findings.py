@@ -1,9 +1,11 @@
 """The findings of a science run, computed from its saved tables: which of the write-up's cases reproduce on a model.
 
 ``python -m introspection_utils.findings [MODEL]`` reads ``figures/<model>/results/`` (written by ``make findings``:
-the atlas of notebook 11 and the interference sweep of notebook 06), writes ``figures/<model>/findings.md`` and
-puts the same table in the README between ``<!-- findings:start -->`` and ``<!-- findings:end -->``. Every number
-in it comes from those tables; nothing is typed by hand.
+the atlas of notebook 11 and the interference sweep of notebook 06 for the claims table; every notebook's tables for
+the readings notebook by notebook), writes ``figures/<model>/findings.md`` and puts the claims table in the README
+between ``<!-- findings:start -->`` and ``<!-- findings:end -->``, and notebook 12's attribution-patching agreement
+between ``<!-- agreement:start -->`` and ``<!-- agreement:end -->``. Every number in it comes from those tables,
+through the same reading functions the notebooks print; nothing is typed by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from introspection_utils import grading, localization, mechanisms, readings, refusal, sae
 from introspection_utils.data import load_list
 from introspection_utils.paths import atomic_write, figures_dir, project_root, replace_block
 from introspection_utils.readings import curve_correlation
@@ -91,21 +94,165 @@ def markdown(table: pd.DataFrame, model: str, atlas: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write(model: str = FINDINGS_MODEL, *, readme: Path | None = None) -> Path:
-    """Compute the findings of ``model`` from ``figures/<model>/results/`` and write ``findings.md`` (and the
-    README block when ``readme`` is given). Returns the Markdown file's path."""
+def _concepts(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df.loc[df["vector_kind"] == "concept", "concept"]))
+
+
+def _sweep_readings(results: Path, name: str, describe) -> list[str]:
+    if not (results / f"{name}.csv").is_file():
+        return []
+    df = load_result(results / f"{name}.csv").df
+    return [describe(df, c) for c in _concepts(df)]
+
+
+def _lens(results: Path) -> list[str]:
+    if not (results / "logit_lens.csv").is_file():
+        return []
+    lens = pd.read_csv(results / "logit_lens.csv")
+    return [readings.describe_lens(lens, c) for c in _concepts(lens)]
+
+
+def _attention(results: Path) -> list[str]:
+    texts = []
+    if (results / "attention_top_heads.csv").is_file():
+        top = pd.read_csv(results / "attention_top_heads.csv")
+        text = readings.describe_top_heads(top.head(3))
+        texts.append(text[0].upper() + text[1:])
+    if (results / "attention_head_ablation.csv").is_file():
+        texts.append(mechanisms.describe_ablation(pd.read_csv(results / "attention_head_ablation.csv")))
+    return texts
+
+
+def _interference(results: Path) -> list[str]:
+    texts = []
+    if (results / "interference_layer_sweep.csv").is_file():
+        texts.append(readings.describe_below_baseline(load_result(results / "interference_layer_sweep.csv").df,
+                                                      "Bomb", x="layer"))
+    if (results / "interference_scale_sweep.csv").is_file():
+        df = load_result(results / "interference_scale_sweep.csv").df
+        texts += [readings.describe_below_baseline(df, "Bomb"), readings.describe_comovement(df, "Confusion")]
+    return texts
+
+
+def _refusal(results: Path) -> list[str]:
+    texts = []
+    if (results / "refusal_direction_scores.csv").is_file():
+        texts.append(refusal.describe_direction(pd.read_csv(results / "refusal_direction_scores.csv")))
+    if (results / "refusal_sweep.csv").is_file() and (results / "refusal_sweep_ablated.csv").is_file():
+        plain, ablated = (load_result(results / f"{n}.csv").df for n in ("refusal_sweep", "refusal_sweep_ablated"))
+        texts += [readings.describe_ablation(plain, ablated, c, from_scale=readings.choose_switch_scale(plain, c)[0])
+                  for c in _concepts(plain)]
+    if (results / "refusal_ablation_points.csv").is_file():
+        points = pd.read_csv(results / "refusal_ablation_points.csv")
+        texts += [refusal.describe_ablation_points(points, c) for c in dict.fromkeys(points["concept"])]
+    return texts
+
+
+def _sae(results: Path) -> list[str]:
+    if not ((results / "sae_features.csv").is_file() and (results / "sae_yes_features.csv").is_file()):
+        return []
+    table, yes = pd.read_csv(results / "sae_features.csv"), pd.read_csv(results / "sae_yes_features.csv")
+    return [sae.describe_sae_features(table, yes, c) for c in _concepts(table)]
+
+
+def _grading(results: Path) -> list[str]:
+    path = results / "graded_responses.csv"
+    return [grading.describe_grading(pd.read_csv(path))] if path.is_file() else []
+
+
+def _localization(results: Path) -> list[str]:
+    path = results / "localization.csv"
+    return [localization.reading(load_result(path))] if path.is_file() else []
+
+
+def _mechanisms(results: Path) -> list[str]:
+    if not (results / "mechanisms_agreement.csv").is_file():
+        return []
+    maps = mechanisms.load_maps(results)
+    return [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]
+
+
+# notebook → (title, its readings from the tables it saved in a results folder)
+SERIES = {
+    "02": ("Scale sweep", lambda r: _sweep_readings(r, "scale_sweep", readings.describe_scale_sweep)),
+    "03": ("Layer sweep", lambda r: _sweep_readings(r, "layer_sweep", readings.describe_layer_sweep)),
+    "04": ("Logit lens", _lens),
+    "05": ("Attention heads", _attention),
+    "06": ("Semantic interference", _interference),
+    "07": ("Generation and self-grading", _grading),
+    "08": ("Refusal direction and its ablation", _refusal),
+    "09": ("SAE features", _sae),
+    "10": ("Localization", _localization),
+    "12": ("Mechanisms", _mechanisms),
+}
+
+
+def series(model: str = FINDINGS_MODEL) -> list[tuple[str, str, list[str], list[str]]]:
+    """Each notebook's readings, recomputed from its saved tables under ``figures/<model>/results/`` with the
+    notebook's own reading functions: ``(notebook, title, figures, readings)`` for every notebook that left
+    tables there, in series order."""
     folder = figures_dir(model)
-    results = folder / "results"
+    out = []
+    for notebook, (title, read) in SERIES.items():
+        texts = read(folder / "results")
+        if texts:
+            figures = sorted(p.name for p in folder.glob(f"{notebook}_*.png"))
+            out.append((notebook, title, figures, texts))
+    return out
+
+
+def series_markdown(sections: list[tuple[str, str, list[str], list[str]]]) -> str:
+    """The readings as Markdown, one section per notebook with its figures (paths relative to the model folder)."""
+    lines = ["## Notebook by notebook", "",
+             "Each notebook's reading, recomputed from its saved tables (`results/`) by the function the notebook "
+             "prints it with; the executed notebooks are under `notebooks/`."]
+    for notebook, title, figures, texts in sections:
+        lines += ["", f"### {notebook} · {title}", ""]
+        lines += [f"![{notebook} {title}]({name})" for name in figures] + ([""] if figures else [])
+        lines += [f"- {text}" for text in texts]
+    return "\n".join(lines)
+
+
+def agreement_markdown(model: str = FINDINGS_MODEL) -> str | None:
+    """Notebook 12's attribution-patching vs real-patching agreement on ``model``, one sentence per concept."""
+    path = figures_dir(model) / "results" / "mechanisms_agreement.csv"
+    if not path.is_file():
+        return None
+    rows = pd.read_csv(path)
+    per = "; ".join(f"{r.concept} Pearson r = {r.pearson:.3f}, Spearman ρ = {r.spearman:.3f} (n = {r.n})"
+                    for r in rows.itertuples())
+    first = rows.iloc[0]
+    return (f"On **{model}** (`make findings`, notebook 12: injected at layer {int(first['layer'])}, scale "
+            f"{first['scale']:g}, {int(first['n_controls'])} control questions; every attention and MLP output above "
+            f"the injection layer, both directions, at the answer position): {per}. Written by "
+            f"`python -m introspection_utils.findings`.")
+
+
+def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
+    """``(findings.md, the README's claims table, the README's agreement sentence or None)`` computed from
+    ``figures/<model>/results/``."""
+    results = figures_dir(model) / "results"
     if not (results / "atlas.csv").is_file():
         raise FileNotFoundError(f"{results / 'atlas.csv'} is missing: run `make findings` first")
     atlas = pd.read_csv(results / "atlas.csv")
     sweep = load_result(results / "atlas_sweep.csv").df
     interference = results / "interference_scale_sweep.csv"
     inter = load_result(interference).df if interference.is_file() else None
-    text = markdown(claims(atlas, sweep, inter), model, atlas)
-    path = atomic_write(folder / "findings.md", text + "\n")
+    table = markdown(claims(atlas, sweep, inter), model, atlas)
+    sections = series(model)
+    document = table + ("\n\n" + series_markdown(sections) if sections else "") + "\n"
+    return document, table, agreement_markdown(model)
+
+
+def write(model: str = FINDINGS_MODEL, *, readme: Path | None = None) -> Path:
+    """Compute the findings of ``model`` from ``figures/<model>/results/`` and write ``findings.md`` (and the
+    README blocks when ``readme`` is given). Returns the Markdown file's path."""
+    document, table, agreement = render(model)
+    path = atomic_write(figures_dir(model) / "findings.md", document)
     if readme is not None:
-        replace_block(readme, "findings", text)
+        replace_block(readme, "findings", table)
+        if agreement is not None:
+            replace_block(readme, "agreement", agreement)
     return path
 
 

@@ -152,7 +152,7 @@ def describe_ablation(table: pd.DataFrame) -> str:
     survive without the heads?"""
     shifts = specific_shift(table).set_index("ablation")["specific"]
     first = table.iloc[0]
-    heads = next(h for h in table["heads"] if h)
+    heads = table.loc[table["ablation"] != "none", "heads"].iloc[0]  # "none" rows name no heads (NaN once saved)
     intact = float(shifts.get("none", float("nan")))
     parts = [f"{mode}-ablated {float(v):+.2f} ({_kept(float(v), intact)})" for mode, v in shifts.items()
              if mode != "none"]

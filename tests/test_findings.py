@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from test_verdicts import _scaled, _table
 
-from introspection_utils import findings, verdicts
+from introspection_utils import findings, mechanisms, verdicts
 from introspection_utils.paths import project_root, read_block
 from introspection_utils.sweeps import SweepResult
+
+
+@pytest.fixture(scope="module")
+def two_maps_tables(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("figures") / "tiny-llama" / "results"
+    maps = [mechanisms.mechanism_maps(tiny_llama, c, 4.0, layer=0, n_controls=1) for c in ("Sandwich", "Water")]
+    mechanisms.save_tables(maps, folder)
+    return maps, folder
 
 
 def _run():
@@ -55,11 +64,27 @@ def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
     text = path.read_text()
     assert text.startswith("From `make findings` on **m**") and "| write-up case |" in text
     assert read_block(readme, "findings") == text.strip() and readme.read_text().endswith("after\n")
+    assert "Notebook by notebook" not in text  # only the atlas was saved: no notebook readings to show
     assert isinstance(pd.read_csv(results / "atlas.csv"), pd.DataFrame)
 
 
 def test_the_readme_shows_the_committed_findings():
-    """The README's findings table is the one `python -m introspection_utils.findings` wrote from the committed run."""
+    """findings.md and the README's blocks are what `python -m introspection_utils.findings` computes now from the
+    committed run's tables (every notebook's reading included): no number in them can go stale."""
     committed = project_root() / "figures" / findings.FINDINGS_MODEL / "findings.md"
     assert committed.is_file(), "run `make findings` and `python -m introspection_utils.findings`"
-    assert read_block(project_root() / "README.md", "findings") == committed.read_text().strip()
+    document, table, agreement = findings.render()
+    assert committed.read_text() == document
+    assert read_block(project_root() / "README.md", "findings") == table
+    assert agreement is not None and read_block(project_root() / "README.md", "agreement") == agreement
+    sections = {notebook: texts for notebook, _, _, texts in findings.series()}
+    assert {"02", "04", "05", "06", "12"} <= set(sections) and all(sections.values())
+
+
+def test_series_readings_are_the_notebooks_own(tmp_path, monkeypatch, two_maps_tables):
+    """A results folder holding notebook 12's tables gives notebook 12's printed readings, word for word."""
+    maps, folder = two_maps_tables
+    monkeypatch.setenv("INTROSPECTION_FIGURES", str(folder.parent.parent))
+    sections = {notebook: texts for notebook, _, _, texts in findings.series("tiny-llama")}
+    assert sections == {"12": [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]}
+    assert "tiny-llama" in findings.agreement_markdown("tiny-llama")

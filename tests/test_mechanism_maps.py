@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 
 from introspection_utils import mechanisms, patching, plots_mechanisms
@@ -43,7 +44,7 @@ def test_saved_tables_give_back_the_same_readings(two_maps, tmp_path):
                                    "spearman", "n"]
 
 
-def test_most_separated_and_the_ablation_reading(tiny_llama, two_maps):
+def test_most_separated_and_the_ablation_reading(tiny_llama, two_maps, tmp_path):
     best = mechanisms.most_separated(two_maps)
     assert best.shift == max(m.shift for m in two_maps)
     heads = mechanisms.top_heads(best, 2)
@@ -53,6 +54,8 @@ def test_most_separated_and_the_ablation_reading(tiny_llama, two_maps):
     intact = patching.specific_shift(table).set_index("ablation").loc["none", "specific"]
     assert f"{intact:+.2f} logits with every head intact" in text and "zero-ablated" in text
     assert np.isclose(intact, best.shift, atol=1e-4)  # no ablation: the same trials as the maps
+    table.to_csv(tmp_path / "ablation.csv", index=False)  # as notebook 05 saves it; the findings read it back
+    assert mechanisms.describe_ablation(pd.read_csv(tmp_path / "ablation.csv")) == text
 
 
 def test_the_mechanism_figure_is_labelled(two_maps):
