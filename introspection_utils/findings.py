@@ -201,13 +201,25 @@ def series(model: str = FINDINGS_MODEL) -> list[tuple[str, str, list[str], list[
     return out
 
 
-def series_markdown(sections: list[tuple[str, str, list[str], list[str]]]) -> str:
-    """The readings as Markdown, one section per notebook with its figures (paths relative to the model folder)."""
+def wall_times(model: str = FINDINGS_MODEL) -> dict[str, float]:
+    """Each notebook's wall time in seconds from the run's ``timings.csv``, by two-digit prefix."""
+    path = figures_dir(model) / "timings.csv"
+    if not path.is_file():
+        return {}
+    return {row.notebook[:2]: float(row.seconds) for row in pd.read_csv(path, dtype={"notebook": str}).itertuples()}
+
+
+def series_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:
+    """The readings as Markdown, one section per notebook with its figures (paths relative to the model folder)
+    and its wall time in the last run (``seconds``, by notebook prefix)."""
     lines = ["## Notebook by notebook", "",
              "Each notebook's reading, recomputed from its saved tables (`results/`) by the function the notebook "
-             "prints it with; the executed notebooks are under `notebooks/`."]
+             "prints it with; the executed notebooks are under `notebooks/`. Wall times are those of the last run "
+             "(`timings.csv`; a notebook whose sweep was already saved resumes from it, and a busy machine is "
+             "slower)."]
     for notebook, title, figures, texts in sections:
-        lines += ["", f"### {notebook} · {title}", ""]
+        took = f" ({seconds[notebook]:.0f} s)" if notebook in seconds else ""
+        lines += ["", f"### {notebook} · {title}{took}", ""]
         lines += [f"![{notebook} {title}]({name})" for name in figures] + ([""] if figures else [])
         lines += [f"- {text}" for text in texts]
     return "\n".join(lines)
@@ -240,7 +252,7 @@ def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     inter = load_result(interference).df if interference.is_file() else None
     table = markdown(claims(atlas, sweep, inter), model, atlas)
     sections = series(model)
-    document = table + ("\n\n" + series_markdown(sections) if sections else "") + "\n"
+    document = table + ("\n\n" + series_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)
 
 
