@@ -1,6 +1,6 @@
 """Benchmark: the standard sweep measured the naive way and with the engine, side by side in one run.
 
-    python -m introspection_utils.bench [--model NAME] [--layer L] [--naive-trials N]
+    python -m introspection_utils.bench [--model NAME] [--layer L] [--naive-trials N] [--readme README.md]
     python -m introspection_utils.bench --model random:gemma-2-9b-it --naive-trials 88   # GPU: Gemma-2-9B's shape, bf16
 
 Standard sweep: concepts sandwich, water, bomb, confusion, logic × scales 0,1,2,3,4,6,8,12 × (the introspection
@@ -8,19 +8,25 @@ question + the first 10 control questions) × (concept vector + 1 random vector)
 Naive = one traced forward per trial over the whole prompt (what a first script does). Engine = ``inject.measure``
 (prefix KV cache + layer skip + batching). Prints trials/s for both, the ratio, the largest difference between the
 two (they must agree), peak RSS, and the engine's useful GFLOP/s against a torch matmul peak measured here.
+``--readme FILE`` also writes the measurement, dated, with the machine and its load, into FILE's
+``<!-- bench:start -->`` … ``<!-- bench:end -->`` block (the README's benchmark table is never typed by hand).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 from introspection_utils.inject import Trial, measure, trial_grid
 from introspection_utils.models import DEFAULT_MODEL, ModelHandle, load_model
+from introspection_utils.paths import replace_block
 from introspection_utils.prompts import question_prompts, yes_no_ids
 from introspection_utils.vectors import concept_vectors, with_random
 
@@ -99,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--naive-trials", type=int, default=None,
                         help="time only this many naive trials (spread over the sweep) and extrapolate")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--readme", default=None, help="write the measurement into this file's bench block")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]  # before anything of ours runs: a busy machine's numbers are not the engine's
 
     if args.model.startswith("random:") and not torch.cuda.is_available():
         print(f"skipped: {args.model} is a full-size randomly initialised model for the GPU benchmark and needs a "
@@ -131,18 +139,49 @@ def main(argv: list[str] | None = None) -> None:
     engine_s = time.perf_counter() - t
 
     peak = matmul_peak_gflops(handle.dtype, handle.device, n=8192 if handle.device.type == "cuda" else 1024)
-    flops = useful_flops(handle, trials)
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    extrapolated = f" (timed {len(naive_sample)}, extrapolated)" if step > 1 else ""
-    print(f"naive : {len(trials) / naive_s:8.1f} trials/s  {naive_s:7.1f} s{extrapolated}")
-    print(f"engine: {len(trials) / engine_s:8.1f} trials/s  {engine_s:7.1f} s")
+    r = {"model": handle.name, "n": len(trials), "layer": layer, "n_naive": len(naive_sample),
+         "extrapolated": step > 1, "naive_s": naive_s, "engine_s": engine_s,
+         "max_diff": float((engine[naive_sample] - naive).abs().max()), "gflops": useful_flops(handle, trials) /
+         engine_s / 1e9, "peak": peak, "dtype": str(handle.dtype).removeprefix("torch."),
+         "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "threads": torch.get_num_threads(),
+         "device": _device_name(handle.device), "load": load, "date": datetime.date.today().isoformat(),
+         "gpu_gib": torch.cuda.max_memory_allocated() / 1024**3 if handle.device.type == "cuda" else None}
+    extrapolated = f" (timed {r['n_naive']}, extrapolated)" if r["extrapolated"] else ""
+    print(f"naive : {r['n'] / naive_s:8.1f} trials/s  {naive_s:7.1f} s{extrapolated}")
+    print(f"engine: {r['n'] / engine_s:8.1f} trials/s  {engine_s:7.1f} s")
     print(f"ratio : {naive_s / engine_s:.1f}x")
-    print(f"max |engine - naive| over {len(naive_sample)} trials: {(engine[naive_sample] - naive).abs().max():.2e}")
-    print(f"engine useful compute: {flops / engine_s / 1e9:.1f} GFLOP/s = {flops / engine_s / 1e9 / peak:.0%} "
-          f"of the measured {str(handle.dtype).removeprefix('torch.')} matmul peak ({peak:.1f} GFLOP/s)")
-    print(f"peak RSS: {rss_gb:.2f} GB")
-    if handle.device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GiB")
+    print(f"max |engine - naive| over {r['n_naive']} trials: {r['max_diff']:.2e}")
+    print(f"engine useful compute: {r['gflops']:.1f} GFLOP/s = {r['gflops'] / peak:.0%} "
+          f"of the measured {r['dtype']} matmul peak ({peak:.1f} GFLOP/s)")
+    print(f"peak RSS: {r['rss_gb']:.2f} GB")
+    if r["gpu_gib"] is not None:
+        print(f"peak GPU memory: {r['gpu_gib']:.2f} GiB")
+    if args.readme:
+        replace_block(Path(args.readme), "bench", readme_block(r))
+        print(f"written into {args.readme}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+
+
+def readme_block(r: dict) -> str:
+    """The README's benchmark table and its dated line, from one run's measurements."""
+    sample = f" ({r['n_naive']} spread trials timed, extrapolated)" if r["extrapolated"] else ""
+    gpu = f"; peak GPU memory {r['gpu_gib']:.2f} GiB" if r["gpu_gib"] is not None else ""
+    return "\n".join([
+        f"| {r['model']}, layer {r['layer']} | trials/s | {r['n']} trials |", "|---|---|---|",
+        f"| naive (one traced forward per trial over the whole prompt) | {r['n'] / r['naive_s']:.1f} | "
+        f"{r['naive_s']:.0f} s{sample} |",
+        f"| engine (`inject.measure`) | {r['n'] / r['engine_s']:.1f} | {r['engine_s']:.1f} s |", "",
+        f"**Ratio {r['naive_s'] / r['engine_s']:.1f}×**; engine vs naive max difference {r['max_diff']:.1e} over the "
+        f"{r['n_naive']} trials compared; the engine's useful compute {r['gflops']:.0f} GFLOP/s = "
+        f"{r['gflops'] / r['peak']:.0%} of the {r['dtype']} matmul peak measured in the same run "
+        f"({r['peak']:.0f} GFLOP/s); peak RSS {r['rss_gb']:.2f} GB{gpu}. Measured {r['date']} on {r['device']}, "
+        f"{r['threads']} threads, load average {r['load']:.2f} at the start, torch {torch.__version__}; written by "
+        f"`python -m introspection_utils.bench --naive-trials {r['n_naive']} --readme README.md`."])
 
 
 if __name__ == "__main__":
