@@ -4,7 +4,7 @@ a check of the script, not a timing)."""
 from __future__ import annotations
 
 from introspection_utils import bench
-from introspection_utils.paths import read_block
+from introspection_utils.paths import project_root, read_block
 
 
 def test_bench_runs_both_ways_and_writes_its_readme_block(tmp_path, capsys):
@@ -28,8 +28,6 @@ def test_without_cuda_the_gpu_benchmark_says_why_it_skipped(capsys, monkeypatch)
 
 
 def test_the_readme_holds_a_measurement_written_by_the_script():
-    from introspection_utils.paths import project_root
-
     block = read_block(project_root() / "README.md", "bench")
     assert block.startswith("| smollm2-135m-instruct, layer 15 | trials/s | 880 trials |"), \
         "run `python -m introspection_utils.bench --naive-trials 220 --readme README.md` on a quiet machine"
