@@ -152,7 +152,9 @@ def _sae(results: Path) -> list[str]:
     if not ((results / "sae_features.csv").is_file() and (results / "sae_yes_features.csv").is_file()):
         return []
     table, yes = pd.read_csv(results / "sae_features.csv"), pd.read_csv(results / "sae_yes_features.csv")
-    return [sae.describe_sae_features(table, yes, c) for c in _concepts(table)]
+    quality = ([sae.describe_quality(pd.read_csv(results / "sae_quality.csv"))]
+               if (results / "sae_quality.csv").is_file() else [])
+    return quality + [sae.describe_sae_features(table, yes, c) for c in _concepts(table)]
 
 
 def _grading(results: Path) -> list[str]:

@@ -326,6 +326,14 @@ def describe_sae_features(table: pd.DataFrame, yes: pd.DataFrame, concept: str, 
     return " ".join(parts)
 
 
+def describe_quality(quality: pd.DataFrame) -> str:
+    """One sentence per SAE of a :func:`sae_quality` table (as notebook 09 saves it): where its reconstruction
+    quality was measured, variance explained and L0."""
+    return " ".join(f"SAE layer {int(q.sae_layer)} ({q.source}, d_sae={int(q.d_sae)}): variance explained "
+                    f"{q.fve:.1%}, L0 {q.l0:.1f} features/token, on {int(q.n_tokens)} tokens ({q.measured_on})."
+                    for q in quality.itertuples())
+
+
 def describe_sae(saes: Mapping[int, Any], quality: pd.DataFrame | None = None) -> str:
     """One line per SAE: where it comes from and its reconstruction quality — the stored held-out numbers of a
     trained one (held out by text), and for a pretrained one the :func:`sae_quality` row if ``quality`` is given."""

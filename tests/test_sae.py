@@ -311,7 +311,7 @@ def test_trained_sae_quality_is_held_out_by_text_without_prefix_leaks(tiny_llama
     import json
 
     from introspection_utils import sae_train
-    from introspection_utils.sae import describe_sae, sae_quality
+    from introspection_utils.sae import describe_quality, describe_sae, sae_quality
 
     sae = sae_train.train_sae(tiny_llama, 0, progress=False, **TINY_TRAIN)
     meta = sae.cfg.metadata
@@ -337,6 +337,9 @@ def test_trained_sae_quality_is_held_out_by_text_without_prefix_leaks(tiny_llama
     assert quality["source"].tolist() == ["trained here"] and quality["fve"].iloc[0] == pytest.approx(meta["fve"])
     line = describe_sae({0: sae})
     assert f"{meta['heldout_texts']} held-out texts" in line and "prefix duplicates of training tokens dropped" in line
+    saved = describe_quality(quality)  # the findings' reading of the table notebook 09 saves
+    assert saved.startswith("SAE layer 0 (trained here") and f"variance explained {meta['fve']:.1%}" in saved
+    assert f"{meta['heldout_texts']} held-out texts" in saved
 
 
 def test_pretrained_sae_quality_on_this_models_activations(tiny_llama):
