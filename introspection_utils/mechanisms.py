@@ -25,6 +25,7 @@ from introspection_utils.patching import (
     introspection_specific,
     specific_shift,
 )
+from introspection_utils.sweeps import save_table
 from introspection_utils.vectors import concept_vectors
 
 if TYPE_CHECKING:
@@ -168,21 +169,20 @@ def _kept(value: float, intact: float) -> str:
     return f"{100 * value / intact:.0f}% of the intact shift"
 
 
-def save_tables(maps: Sequence[MechanismMaps], folder: Path) -> list[Path]:
+def save_tables(handle: ModelHandle, maps: Sequence[MechanismMaps], folder: Path) -> list[Path]:
     """Write each concept's attribution, patching and attribution-patching tables and one agreement table
-    (``mechanisms_agreement.csv``, :func:`agreement_table`) into ``folder``; :func:`load_maps` reads them back."""
+    (``mechanisms_agreement.csv``, :func:`agreement_table`) into ``folder``, each beside its metadata
+    (:func:`introspection_utils.sweeps.save_table`); :func:`load_maps` reads them back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for m in maps:
+        spec = {"concept": m.concept, "layer": m.layer, "scale": m.scale, "n_controls": m.n_controls}
         for name, table in (("attribution", m.attribution), ("patching", m.patched),
                             ("attribution_patching", m.estimated)):
-            path = folder / f"mechanisms_{name}_{m.concept}.csv"
-            table.to_csv(path, index=False)
-            written.append(path)
-    path = folder / "mechanisms_agreement.csv"
-    agreement_table(maps).to_csv(path, index=False)
-    return [*written, path]
+            written.append(save_table(handle, table, folder, f"mechanisms_{name}_{m.concept}", **spec))
+    spec = {"concepts": [m.concept for m in maps], "n_controls": max(m.n_controls for m in maps)}
+    return [*written, save_table(handle, agreement_table(maps), folder, "mechanisms_agreement", **spec)]
 
 
 def agreement_table(maps: Sequence[MechanismMaps]) -> pd.DataFrame:

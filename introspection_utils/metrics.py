@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from introspection_utils.paths import atomic_write
 from introspection_utils.prompts import introspection_questions
-from introspection_utils.sweeps import SweepResult, scale_sweep
+from introspection_utils.sweeps import SweepResult, save_table, scale_sweep
 from introspection_utils.vectors import default_layer
 from introspection_utils.verdicts import (
     ALPHA,
@@ -43,7 +42,7 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     ``n_random`` random vectors per concept (pooled into the layer's null), and give each its verdict.
 
     Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
-    as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``.
+    as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json``.
     """
     layer = default_layer(handle, layer)
     if n_controls < 2:
@@ -57,7 +56,9 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
                         progress=progress)
     table = verdicts(sweep.df, alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot, seed=seed)
     if results_dir is not None:
-        atomic_write(Path(results_dir) / "atlas.csv", table.to_csv(index=False))
+        save_table(handle, table, results_dir, "atlas", concepts=list(concepts), scales=list(scales), layer=layer,
+                   n_controls=n_controls, wordings=wordings, n_random=n_random, seed=seed, n_boot=n_boot,
+                   alpha=alpha, effect_threshold=effect_threshold)
     return table, sweep
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from introspection_utils.inject import measure, trial_grid
 from introspection_utils.models import package_version
 from introspection_utils.paths import atomic_write, content_hash
-from introspection_utils.prompts import control_questions, introspection_prompt, question_about
+from introspection_utils.prompts import control_questions, introspection_prompt, question_about, question_prompts
 from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
 if TYPE_CHECKING:
@@ -184,6 +184,17 @@ def metadata(handle: ModelHandle, spec: Mapping[str, Any], prompt_hashes: Sequen
         "transformers": transformers.__version__, "python": platform.python_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def save_table(handle: ModelHandle, df: pd.DataFrame, folder: str | Path, name: str, **spec: Any) -> Path:
+    """Any result table (a top-heads table, refusal scores, SAE features, ...) saved the way sweeps are:
+    ``folder/name.csv`` beside ``name.meta.json`` (:func:`metadata`: model, revision, dtype, seed, versions and
+    ``spec``, the parameters that made it). The prompt hash covers the question prompts the experiments share: the
+    introspection prompt and the first ``spec["n_controls"]`` control questions (the introspection prompt alone
+    when there is no ``n_controls``). Returns the CSV path."""
+    n_controls = spec.get("n_controls")
+    prompts = question_prompts(handle, n_controls) if n_controls else [introspection_prompt(handle)]
+    return SweepResult(df, metadata(handle, spec, [p.hash for p in prompts])).save(Path(folder) / name)
 
 
 def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,

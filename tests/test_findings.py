@@ -16,7 +16,7 @@ from introspection_utils.sweeps import SweepResult
 def two_maps_tables(tiny_llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("figures") / "tiny-llama" / "results"
     maps = [mechanisms.mechanism_maps(tiny_llama, c, 4.0, layer=0, n_controls=1) for c in ("Sandwich", "Water")]
-    mechanisms.save_tables(maps, folder)
+    mechanisms.save_tables(tiny_llama, maps, folder)
     return maps, folder
 
 

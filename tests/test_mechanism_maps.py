@@ -29,8 +29,8 @@ def test_shift_is_the_models_own_difference_in_differences(tiny_llama, two_maps)
     assert m.n_controls == 2 and m.agreement["n"] >= 3
 
 
-def test_saved_tables_give_back_the_same_readings(two_maps, tmp_path):
-    written = mechanisms.save_tables(two_maps, tmp_path)
+def test_saved_tables_give_back_the_same_readings(tiny_llama, two_maps, tmp_path):
+    written = mechanisms.save_tables(tiny_llama, two_maps, tmp_path)
     assert all(p.is_file() for p in written) and (tmp_path / "mechanisms_agreement.csv") in written
     loaded = mechanisms.load_maps(tmp_path)
     assert [m.concept for m in loaded] == ["Sandwich", "Water"]

@@ -242,6 +242,7 @@ def test_each_notebook_runs_alone_first_on_an_unseen_model(path, tmp_path, monke
     tables = {"05": "attention_top_heads.csv", "09": "sae_features.csv", "11": "atlas.csv"}
     if path.name[:2] in tables:  # 05 and 09 once wrote into a results folder they had not created
         assert (folder / "results" / tables[path.name[:2]]).is_file()
+        assert (folder / "results" / tables[path.name[:2]]).with_suffix(".meta.json").is_file()  # model, seed, ...
     assert _git_status() == before
 
 

@@ -204,3 +204,18 @@ def test_bad_layer_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, 
         layer_sweep(tiny_llama, CONCEPTS, [], scale=1.0, bank=bank, progress=False)
     with pytest.raises(ValueError, match="scale inf must be a finite number"):
         layer_sweep(tiny_llama, CONCEPTS, [0], scale=math.inf, bank=bank, progress=False)
+
+
+def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path):
+    from introspection_utils.prompts import question_prompts
+    from introspection_utils.sweeps import load_result, metadata, save_table
+
+    table = pd.DataFrame({"layer": [1, 0], "head": [2, 3], "rise": [0.5, 0.25]})
+    path = save_table(tiny_llama, table, tmp_path / "new", "top_heads", concept="Sandwich", scale=4.0, n_controls=2)
+    assert path == tmp_path / "new" / "top_heads.csv"
+    loaded = load_result(path)
+    pd.testing.assert_frame_equal(loaded.df, table)
+    meta = loaded.meta
+    assert meta["model"] == "tiny-llama" and meta["spec"] == {"concept": "Sandwich", "scale": 4.0, "n_controls": 2}
+    expected = metadata(tiny_llama, {}, [p.hash for p in question_prompts(tiny_llama, 2)])["prompt_hash"]
+    assert meta["prompt_hash"] == expected and {"revision", "dtype", "package_version", "seed"} <= set(meta)
