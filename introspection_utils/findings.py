@@ -217,8 +217,8 @@ def series_markdown(sections: list[tuple[str, str, list[str], list[str]]], secon
     lines = ["## Notebook by notebook", "",
              "Each notebook's reading, recomputed from its saved tables (`results/`) by the function the notebook "
              "prints it with; the executed notebooks are under `notebooks/`. Wall times are those of the last run "
-             "(`timings.csv`; a notebook whose sweep was already saved resumes from it, and a busy machine is "
-             "slower)."]
+             "(`timings.csv`; a notebook that finds its sweep saved or its SAE cached resumes from it, and a busy "
+             "machine is slower)."]
     for notebook, title, figures, texts in sections:
         took = f" ({seconds[notebook]:.0f} s)" if notebook in seconds else ""
         lines += ["", f"### {notebook} · {title}{took}", ""]
