@@ -26,3 +26,11 @@ def test_ruff_check_is_clean_including_notebooks():
     checked = subprocess.run([*_ruff(), "check", ".", "--show-files"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120).stdout
     assert "00_quickstart.ipynb" in checked, "ruff must check the notebooks too"
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_no_tracked_file_is_one_git_ignores():
+    """Resume chunks, caches and run outputs are ignored; one committed by mistake would ship stale state."""
+    proc = subprocess.run(["git", "ls-files", "--cached", "--ignored", "--exclude-standard"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
