@@ -597,6 +597,11 @@ def _hooked_run(model: nn.Module, input_ids: Tensor, injection: dict, edits: lis
             handle.remove()
 
 
+def _site_cols(model: nn.Module, site: tuple[str, int, int | None]) -> slice:
+    """The columns of a site's hooked tensor that belong to it: a head's slice, or all of an attn / mlp output."""
+    return _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+
+
 def _yes_minus_no(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
     return logits[0, -1, yes_id] - logits[0, -1, no_id]
 
@@ -604,7 +609,7 @@ def _yes_minus_no(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
 def _capture(model: nn.Module, input_ids: Tensor, site, positions: Tensor, injection: dict) -> Tensor:
     """The site's output ``[P, width]`` at ``positions`` in a run with ``injection`` (kwargs of ``_injection``)."""
     kept = {}
-    cols = _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+    cols = _site_cols(model, site)
 
     def fn(t):
         kept["v"] = t[0, positions][:, cols].detach().clone()
@@ -629,7 +634,7 @@ def patched_yes_no_logit_diff(
     by its value in the ``source`` run. ``source`` / ``target``: keyword arguments of the injection (``layer``,
     ``vectors``, ``scales``, ``positions_mask``; ``layer=None`` for no injection)."""
     value = _capture(model, input_ids, site, positions, source)
-    cols = _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+    cols = _site_cols(model, site)
 
     def fn(t):
         t = t.clone()
@@ -654,7 +659,7 @@ def attribution_patching_estimate(
     """``Σ (source − target) · ∂(yes − no)/∂output`` over ``positions`` and the site's width, the gradient taken in
     the ``target`` run by autograd (weights untouched: only the captured activation is differentiated)."""
     value = _capture(model, input_ids, site, positions, source)
-    cols = _head_cols(model, site[2]) if site[0] == "head" else slice(None)
+    cols = _site_cols(model, site)
     kept = {}
 
     def fn(t):
