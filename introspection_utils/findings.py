@@ -105,13 +105,6 @@ def _sweep_readings(results: Path, name: str, describe) -> list[str]:
     return [describe(df, c) for c in _concepts(df)]
 
 
-def _lens(results: Path) -> list[str]:
-    if not (results / "logit_lens.csv").is_file():
-        return []
-    lens = pd.read_csv(results / "logit_lens.csv")
-    return [readings.describe_lens(lens, c) for c in _concepts(lens)]
-
-
 def _attention(results: Path) -> list[str]:
     texts = []
     if (results / "attention_top_heads.csv").is_file():
@@ -178,7 +171,7 @@ def _mechanisms(results: Path) -> list[str]:
 SERIES = {
     "02": ("Scale sweep", lambda r: _sweep_readings(r, "scale_sweep", readings.describe_scale_sweep)),
     "03": ("Layer sweep", lambda r: _sweep_readings(r, "layer_sweep", readings.describe_layer_sweep)),
-    "04": ("Logit lens", _lens),
+    "04": ("Logit lens", lambda r: _sweep_readings(r, "logit_lens", readings.describe_lens)),
     "05": ("Attention heads", _attention),
     "06": ("Semantic interference", _interference),
     "07": ("Generation and self-grading", _grading),
