@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from introspection_utils.memory import choose_batch_size
-from introspection_utils.prompts import Prompt, yes_no_ids
+from introspection_utils.prompts import Prompt, answer_set, yes_no_ids
 from introspection_utils.vectors import ConceptVector
 
 if TYPE_CHECKING:
@@ -132,11 +132,13 @@ def _is_index(value) -> bool:
 class Readout:
     """What one batch of trials measured. ``logit_diff [n]``; optional ``lens [n, n_layers]``,
     ``attention_sum``/``attention_max [n, n_layers, n_heads]`` and ``baseline [n]`` (the trial's prompt uninjected).
-    ``logits [n, k]``: the raw logits of the k answer tokens read (``k = 2``, yes then no, for :func:`measure`).
+    ``logits [n, k]``: the raw logits of the k answer tokens read (for :func:`measure` the yes set then the no set,
+    :attr:`prompts.AnswerSet.ids`).
     ``residuals [n, len(layers), D]``: the residual stream (decoder-layer outputs) at the last position, for
     :func:`residuals`. ``answer_mass [n]`` / ``baseline_answer_mass [n]``: P(yes) + P(no) under the full softmax at
-    the answer position, injected and uninjected — how much of the model's next-token probability the two answers
-    hold (a yes−no difference read where this is small says little about what the model would answer)."""
+    the answer position, injected and uninjected, summed over both answer sets — how much of the model's next-token
+    probability the answers hold (a yes−no difference read where this is small says little about what the model
+    would answer)."""
 
     logit_diff: PerTrial
     baseline: PerTrial
@@ -195,7 +197,8 @@ class _PromptRun:
     """
 
     def __init__(self, handle: ModelHandle, prompt: Prompt, start: int, answer_ids: torch.Tensor,
-                 *, attention_keys: torch.Tensor | None, strategy: Strategy, ablate: torch.Tensor | None,
+                 *, n_yes: int | None, attention_keys: torch.Tensor | None, strategy: Strategy,
+                 ablate: torch.Tensor | None,
                  lens: bool, read_residuals: bool, ablate_at: AblateAt = "after") -> None:
         self.handle, self.prompt, self.start, self.ablate, self.ablate_at = handle, prompt, start, ablate, ablate_at
         ids = torch.tensor([prompt.input_ids], device=handle.device)
@@ -205,7 +208,7 @@ class _PromptRun:
         self.suffix = ids[:, start:]
         self.cache = handle.prefix_cache(ids[:, :start], lambda: _ablate(handle, ablate)) if start > 0 else None
         self.baseline = _trace(handle, self, batch=1, layer=None, add=None, mask=None, answer_ids=answer_ids,
-                               lens=lens, read_residuals=read_residuals, attention_keys=attention_keys,
+                               n_yes=n_yes, lens=lens, read_residuals=read_residuals, attention_keys=attention_keys,
                                keep_hidden=strategy == "cached")
 
 
@@ -223,24 +226,48 @@ def _ablate(handle: ModelHandle, direction: torch.Tensor | None) -> None:
         layer.output = _project_out(layer.output, direction)
 
 
-def _lens_diff(handle: ModelHandle, last: list[torch.Tensor], answer_ids: torch.Tensor) -> torch.Tensor:
+def yes_minus_no(logits: torch.Tensor, n_yes: int) -> torch.Tensor:
+    """The readout of an answer: ``logsumexp`` over the yes set minus ``logsumexp`` over the no set.
+
+    ``logits [..., k]``: the logits of :attr:`prompts.AnswerSet.ids` (the first ``n_yes`` the yes set, the rest the
+    no set) → ``[...]``. With one token per set it is logit(yes) − logit(no). Pure tensor code (runs in a trace).
+    """
+    return logits[..., :n_yes].logsumexp(-1) - logits[..., n_yes:].logsumexp(-1)
+
+
+def _answer_readout(logits: torch.Tensor, log_partition: torch.Tensor, n_yes: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(yes − no [B], answer mass [B])`` from the answer tokens' final logits ``[B, k]`` and the full softmax's
+    log-partition ``[B]`` (float32, CPU). The mass is the probability of every token of both sets; ``n_yes=None``
+    (tokens that are not a yes/no pair, e.g. digits): the difference is NaN and the mass covers all ``k``."""
+    logits, log_partition = logits.float().cpu(), log_partition.float().cpu()
+    mass = (logits - log_partition[:, None]).exp().sum(-1)
+    if n_yes is None:
+        return torch.full_like(logits[:, 0], float("nan")), mass
+    return yes_minus_no(logits, n_yes), mass
+
+
+def _lens_diff(handle: ModelHandle, last: list[torch.Tensor], answer_ids: torch.Tensor, n_yes: int) -> torch.Tensor:
     """Inside a trace: the yes−no logit lens ``[B, len(last)]`` of the last-position residuals ``last`` (each
-    ``[B, D]``): final norm, the two answer rows of the unembedding, the softcap (so it also runs remotely)."""
-    logits = handle.final_norm(torch.stack(last, dim=1)) @ handle.lm_head.weight[answer_ids[:2]].T
+    ``[B, D]``): final norm, the answer sets' rows of the unembedding, the softcap (so it also runs remotely), then
+    :func:`yes_minus_no`."""
+    logits = handle.final_norm(torch.stack(last, dim=1)) @ handle.lm_head.weight[answer_ids].T
     cap = handle.arch.final_logit_softcap
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    return logits[..., 0] - logits[..., 1]
+    return yes_minus_no(logits.float(), n_yes)
 
 
 def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | None, add: torch.Tensor | None,
-           mask: torch.Tensor | None, answer_ids: torch.Tensor, lens: bool, attention_keys: torch.Tensor | None,
-           read_residuals: bool = False, keep_hidden: bool = False, skip: bool = False) -> _Pass:
+           mask: torch.Tensor | None, answer_ids: torch.Tensor, n_yes: int | None, lens: bool,
+           attention_keys: torch.Tensor | None, read_residuals: bool = False, keep_hidden: bool = False,
+           skip: bool = False) -> _Pass:
     """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [S]`` at ``layer``.
 
     Reads, in forward order: attention weights of the last query (if ``attention_keys``), the layer outputs at the
     last position (if ``read_residuals`` or ``lens``), the yes−no logit lens (if ``lens``) and the final logits of
-    the answer tokens (``answer_ids [k]``; the first two are yes and no for the logit difference). ``skip``: layers
+    the answer tokens (``answer_ids [k]``: the first ``n_yes`` the yes set, the rest the no set; see
+    :func:`_answer_readout`). ``skip``: layers
     below ``layer`` are served from ``run.baseline`` (identical in every trial) instead of being computed.
     """
     n_layers, total = handle.arch.n_layers, run.full_ids.shape[1]
@@ -275,15 +302,13 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
             if lens or read_residuals:
                 last.append(handle.layers[i].output[:, -1, :])
         if lens:
-            lens_diff = _lens_diff(handle, last, answer_ids).save()  # [B, n_layers - first]
+            lens_diff = _lens_diff(handle, last, answer_ids, n_yes).save()  # [B, n_layers - first]
         final = handle.model.output.logits[:, -1, :]
         logits = final[:, answer_ids].save()
         log_partition = final.float().logsumexp(-1).save()  # [B]: normalises the answer logits to probabilities
-    logits = logits.float().cpu()
-    out = _Pass(logit_diff=logits[:, 0] - logits[:, 1] if logits.shape[1] > 1
-                else torch.full_like(logits[:, 0], float("nan")),
-                logits=logits, answer_mass=(logits[:, :2] - log_partition.float().cpu()[:, None]).exp().sum(-1),
-                hidden=list(hidden), last=list(last) if read_residuals else None,
+    diff, mass = _answer_readout(logits, log_partition, n_yes)
+    out = _Pass(logit_diff=diff, logits=logits.float().cpu(), answer_mass=mass, hidden=list(hidden),
+                last=list(last) if read_residuals else None,
                 lens=lens_diff.float().cpu() if lens else None,
                 attention=_weights_over_keys(attention, total) if attention_keys is not None else None)
     return out.below(run.baseline, first) if first else out
@@ -301,15 +326,17 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
             ablate_at: AblateAt = "after") -> Readout:
     """Run ``trials`` and return their :class:`Readout` (rows in the order of ``trials``).
 
-    ``answers``: the (yes, no) answer words (default the paper's "Yes"/"No"). ``lens``: also the yes−no logit lens
-    ``[n, n_layers]``. ``attention``: also the last position's attention to each trial's injected positions,
-    summed and maxed over them, ``[n, n_layers, n_heads]`` (no layer skip then, all layers run).
-    ``ablate``: a direction ``[d_model]`` projected out of the residual stream (embeddings and every layer's
-    output, at every position, after the injection) in every pass, baselines included — e.g. the refusal
-    direction of :mod:`introspection_utils.refusal`. It is normalised here. ``ablate_at="before"``: the direction is
-    projected out first and the injection added after, at the injection layer and (its component along the
-    direction, which the residual connection carries on) at every later layer — only the model's own component is
-    removed, the injected vector's is kept.
+    ``answers``: the (yes, no) answers, each a word or a list of words (default: the answer sets of
+    :func:`prompts.answer_set`, "Yes"/"yes"/"YES" and "No"/"no"/"NO" with and without a leading space, whichever are
+    single tokens); the readout is :func:`yes_minus_no` over the sets and the answer mass covers both. ``lens``:
+    also the yes−no logit lens ``[n, n_layers]``. ``attention``: also the last position's attention to each trial's
+    injected positions, summed and maxed over them, ``[n, n_layers, n_heads]`` (no layer skip then, all layers run).
+    ``ablate``: a direction ``[d_model]`` projected out of the residual stream (embeddings and every layer's output,
+    at every position, after the injection) in every pass, baselines included — e.g. the refusal direction of
+    :mod:`introspection_utils.refusal`. It is normalised here. ``ablate_at="before"``: the direction is projected
+    out first and the injection added after, at the injection layer and (its component along the direction, which
+    the residual connection carries on) at every later layer — only the model's own component is removed, the
+    injected vector's is kept.
     """
     check_trials(handle, trials)
     if ablate_at not in ("after", "before"):
@@ -320,9 +347,10 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
             raise ValueError(f"ablate must be a finite non-zero [{handle.arch.d_model}] direction, got shape "
                              f"{tuple(ablate.shape)}")
         ablate = (ablate / ablate.norm()).to(handle.device, handle.dtype)
-    answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
-    return _run(handle, trials, answer_ids, lens=lens, attention=attention, strategy=strategy,
-                batch_size=batch_size, progress=progress, ablate=ablate, ablate_at=ablate_at)
+    sets = answer_set(handle, answers)
+    return _run(handle, trials, torch.tensor(sets.ids, device=handle.device), n_yes=len(sets.yes), lens=lens,
+                attention=attention, strategy=strategy, batch_size=batch_size, progress=progress, ablate=ablate,
+                ablate_at=ablate_at)
 
 
 def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Sequence[int], *,
@@ -338,7 +366,7 @@ def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Seque
     vocab = handle.torch_model.get_output_embeddings().weight.shape[0]
     if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
         raise ValueError(f"token_ids must be a non-empty list of token ids in 0..{vocab - 1}, got {ids!r}")
-    readout = _run(handle, trials, torch.tensor(ids, device=handle.device), lens=False, attention=False,
+    readout = _run(handle, trials, torch.tensor(ids, device=handle.device), n_yes=None, lens=False, attention=False,
                    strategy=strategy, batch_size=batch_size, progress=progress)
     return readout.logits
 
@@ -353,12 +381,13 @@ def _auto_batch_size(handle: ModelHandle, trials: Sequence[Trial]) -> int:
                              suffix_tokens=len(longest.prompt) - longest.span()[0])
 
 
-def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor, *, lens: bool, attention: bool,
+def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor, *, n_yes: int | None, lens: bool,
+         attention: bool,
          strategy: Strategy, batch_size: int | None, progress: bool,
          residual_layers: Sequence[int] | None = None, ablate: torch.Tensor | None = None,
          ablate_at: AblateAt = "after") -> Readout:
     """The batched engine behind :func:`measure`, :func:`answer_logits` and :func:`residuals` (trials already
-    validated)."""
+    validated). ``answer_ids [k]``: the tokens read, the first ``n_yes`` the yes set (``None``: no yes/no pair)."""
     read_residuals = residual_layers is not None  # the last position's layer outputs leave the trace
     batch_size = batch_size or _auto_batch_size(handle, trials)
     if handle.remote:
@@ -379,7 +408,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
     for (prompt, (start, end)), indices in groups.items():
         keys = torch.zeros(len(prompt), dtype=torch.bool)  # [T]: the injected positions
         keys[start:end] = True
-        run = _PromptRun(handle, prompt, start, answer_ids, attention_keys=keys if attention else None,
+        run = _PromptRun(handle, prompt, start, answer_ids, n_yes=n_yes, attention_keys=keys if attention else None,
                          strategy=strategy, ablate=ablate, lens=lens, read_residuals=read_residuals,
                          ablate_at=ablate_at)
         suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
@@ -396,7 +425,7 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
                     add = torch.stack([trials[i].scale * trials[i].vector.vector for i in chunk])
                     out = _trace(handle, run, batch=len(chunk), layer=layer,
                                  add=add.to(handle.device, handle.dtype), mask=suffix_mask, answer_ids=answer_ids,
-                                 lens=lens, read_residuals=read_residuals,
+                                 n_yes=n_yes, lens=lens, read_residuals=read_residuals,
                                  attention_keys=keys if attention else None,
                                  skip=strategy == "cached" and not attention)
                 at = torch.tensor(chunk)  # the chunk's rows in the readout
@@ -420,15 +449,16 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
 
 def yes_no_logit_diff(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
                       strategy: Strategy = "cached", batch_size: int | None = None) -> PerTrial:
-    """logit(yes) − logit(no) at the first answer position for each trial: ``[n_trials]``."""
+    """yes − no (:func:`yes_minus_no` over the answer sets) at the first answer position for each trial:
+    ``[n_trials]``."""
     return measure(handle, trials, answers=answers, strategy=strategy, batch_size=batch_size).logit_diff
 
 
 def logit_lens(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str, str] | None = None,
                batch_size: int | None = None) -> PerTrialLayer:
-    """The yes−no logit lens: each layer's residual through the final norm (and softcap) onto the two answer
-    rows of the unembedding, at the answer position. ``[n_trials, n_layers]``; the last column is the real
-    yes−no logit difference."""
+    """The yes−no logit lens: each layer's residual through the final norm (and softcap) onto the answer sets'
+    rows of the unembedding, read as :func:`yes_minus_no`, at the answer position. ``[n_trials, n_layers]``; the
+    last column is the real yes−no logit difference."""
     return measure(handle, trials, answers=answers, lens=True, batch_size=batch_size).lens
 
 
@@ -453,5 +483,5 @@ def residuals(handle: ModelHandle, trials: Sequence[Trial], layers: Sequence[int
     if not layers:
         raise ValueError("no layers given")
     answer_ids = torch.tensor(yes_no_ids(handle), device=handle.device)
-    return _run(handle, trials, answer_ids, lens=False, attention=False, strategy=strategy, batch_size=batch_size,
-                progress=progress, residual_layers=layers).residuals
+    return _run(handle, trials, answer_ids, n_yes=1, lens=False, attention=False, strategy=strategy,
+                batch_size=batch_size, progress=progress, residual_layers=layers).residuals

@@ -1,10 +1,15 @@
 """Sweeps over concepts × scales × layers × questions × vector kinds → tidy DataFrames with metadata, resumable.
 
 One row per trial: ``model, concept, vector_kind, vector_seed, vector_norm, layer, scale, question_kind, question,
-question_about, logit_diff, baseline_logit_diff, delta, answer_mass, baseline_answer_mass`` (``delta = logit_diff −
-baseline_logit_diff``, the question's own no-injection baseline; ``question_about`` "self" or "world";
-``answer_mass`` = P(yes) + P(no) at the answer position, injected and not). Work is done one question at a time
-and each finished question is written to disk, so an interrupted sweep picks up where it stopped.
+question_about, polarity, expected, answer_format, logit_diff, baseline_logit_diff, delta, answer_mass,
+baseline_answer_mass`` (``delta = logit_diff − baseline_logit_diff``, the question's own no-injection baseline;
+``question_about`` "self" or "world" (every introspection wording is about the self); ``polarity`` +1 a detect
+wording, −1 an inverted one, 0 a control; ``expected`` a control's expected answer ("yes", "no", "ambiguous") or the
+answer of a wording that reports an injected thought; ``answer_format`` how the answer was asked for
+(prompts.ANSWER_FORMATS); ``logit_diff`` = logsumexp over the yes set − logsumexp over the no set and
+``answer_mass`` = the probability of both sets at the answer position, injected and not; the sets are in the
+metadata's ``answer_set``). Work is done one question at a time and each finished question is written to disk, so an
+interrupted sweep picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -19,23 +25,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nnsight
+import numpy as np
 import pandas as pd
 import torch
 import transformers
 from tqdm.auto import tqdm
 
-from introspection_utils.inject import measure, trial_grid
+from introspection_utils.inject import Trial, measure, trial_grid
 from introspection_utils.models import package_version
 from introspection_utils.paths import atomic_write, content_hash
-from introspection_utils.prompts import control_questions, introspection_prompt, question_about, question_prompts
+from introspection_utils.prompts import (
+    CONTROL_CELLS,
+    answer_set,
+    check_answer_format,
+    control_questions,
+    default_wordings,
+    introspection_prompt,
+    question_prompts,
+    question_tags,
+)
 from introspection_utils.vectors import VectorBank, concept_vectors, with_random
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
 COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "vector_norm", "layer", "scale", "question_kind",
-           "question", "question_about", "logit_diff", "baseline_logit_diff", "delta", "answer_mass",
-           "baseline_answer_mass"]
+           "question", "question_about", "polarity", "expected", "answer_format", "logit_diff",
+           "baseline_logit_diff", "delta", "answer_mass", "baseline_answer_mass"]
+# A fit of the controls' shift on their own baseline needs spread: chosen controls whose no-injection yes−no span
+# less than this (logits) are reported (a warning, and ``control_span`` in the metadata).
+MIN_CONTROL_SPAN = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,7 @@ class SweepSpec:
     answers: tuple[str, str] | None = None
     introspection: str | tuple[str, ...] | None = None
     ablation: str | None = None  # sha256 prefix of the ablated direction, if any (see ``direction_id``)
+    answer_format: str = "open"  # prompts.ANSWER_FORMATS
 
     @property
     def hash(self) -> str:
@@ -102,6 +122,7 @@ def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
         raise ValueError("no layers given")
     if spec.n_random < 0:
         raise ValueError(f"n_random must be >= 0, got {spec.n_random}")
+    check_answer_format(spec.answer_format)
 
 
 def direction_id(direction: torch.Tensor | None) -> str | None:
@@ -136,13 +157,14 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     frames, prompt_hashes = [], []
     questions = spec.questions()
     for index, (kind, question) in enumerate(tqdm(questions, desc=f"{name}: questions", disable=not progress)):
-        prompt = introspection_prompt(handle, question, frame=spec.frame, kind=kind)
+        prompt = introspection_prompt(handle, question, frame=spec.frame, kind=kind, answer_format=spec.answer_format)
         prompt_hashes.append(prompt.hash)
         chunk_path = chunk_dir / f"{index:03d}-{prompt.hash}.csv" if chunk_dir is not None else None
         if chunk_path is not None and chunk_path.is_file():
             frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64"}))
             continue
         trials = trial_grid(vectors, [prompt], spec.scales)
+        tags = question_tags(prompt.question)
         readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size, ablate=ablate)
         frame = pd.DataFrame({
             "model": handle.name,
@@ -154,7 +176,10 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
             "scale": [t.scale for t in trials],
             "question_kind": kind,
             "question": prompt.question,
-            "question_about": question_about(prompt.question),
+            "question_about": tags["about"],
+            "polarity": tags["polarity"],
+            "expected": tags["expected"],
+            "answer_format": spec.answer_format,
             "logit_diff": readout.logit_diff.double().numpy(),
             "baseline_logit_diff": readout.baseline.double().numpy(),
             "answer_mass": readout.answer_mass.double().numpy(),
@@ -167,6 +192,12 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     df = pd.concat(frames, ignore_index=True)[COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     result = SweepResult(df, metadata(handle, asdict(spec), prompt_hashes))
+    result.meta["control_span"] = control_span(df)
+    if result.meta["control_span"] is not None and result.meta["control_span"] < MIN_CONTROL_SPAN:
+        warnings.warn(f"{name}: the control questions' no-injection yes−no spans {result.meta['control_span']:.2f} "
+                      f"logits (< {MIN_CONTROL_SPAN:g}): a fit of their shift on their baseline has little spread to "
+                      f"go on; pick controls from a battery (sweeps.control_battery, sweeps.pick_controls)",
+                      stacklevel=2)
     if results_dir is not None:
         result.save(Path(results_dir) / name)
     return result
@@ -175,11 +206,15 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
 def metadata(handle: ModelHandle, spec: Mapping[str, Any], prompt_hashes: Sequence[str]) -> dict:
     """Everything needed to say how a result was made: model, revision, dtype, the prompts' hash, the experiment's
     ``spec`` (any experiment's parameters as a plain mapping, e.g. ``asdict(SweepSpec)``; its ``seed`` and its
-    content hash recorded beside it), package and library versions, time."""
+    content hash recorded beside it), the ``answer_format`` (``spec["answer_format"]``, default "open") and the
+    ``answer_set`` read (the yes and no tokens and ids of :func:`prompts.answer_set` for ``spec["answers"]``),
+    package and library versions, time."""
     return {
         "model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype).removeprefix("torch."),
         "family": handle.arch.family, "prompt_hash": hashlib.sha256("".join(prompt_hashes).encode()).hexdigest()[:16],
         "seed": spec.get("seed"), "spec": dict(spec), "spec_hash": content_hash(dict(spec)),
+        "answer_format": spec.get("answer_format", "open"),
+        "answer_set": answer_set(handle, spec.get("answers")).record(),
         "package_version": package_version(), "torch": torch.__version__, "nnsight": nnsight.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -192,8 +227,9 @@ def save_table(handle: ModelHandle, df: pd.DataFrame, folder: str | Path, name: 
     ``spec``, the parameters that made it). The prompt hash covers the question prompts the experiments share: the
     introspection prompt and the first ``spec["n_controls"]`` control questions (the introspection prompt alone
     when there is no ``n_controls``). Returns the CSV path."""
-    n_controls = spec.get("n_controls")
-    prompts = question_prompts(handle, n_controls) if n_controls else [introspection_prompt(handle)]
+    n_controls, answer_format = spec.get("n_controls"), spec.get("answer_format", "open")
+    prompts = (question_prompts(handle, n_controls, answer_format=answer_format) if n_controls
+               else [introspection_prompt(handle, answer_format=answer_format)])
     return SweepResult(df, metadata(handle, spec, [p.hash for p in prompts])).save(Path(folder) / name)
 
 
@@ -202,7 +238,9 @@ def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float],
           **kwargs) -> SweepSpec:
     if controls is None:
         controls = control_questions(n_controls) if n_controls != 0 else []
-    if introspection is not None and not isinstance(introspection, str):
+    if introspection is None:
+        introspection = tuple(default_wordings())
+    elif not isinstance(introspection, str):
         introspection = tuple(introspection)
         if not introspection:
             raise ValueError("introspection: give at least one wording (or None for the paper's trial line)")
@@ -214,7 +252,7 @@ def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
                 n_controls: int | None = 10, controls: Sequence[str] | None = None,
                 introspection: str | Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
-                results_dir: str | Path | None = None, name: str = "scale_sweep",
+                answer_format: str = "open", results_dir: str | Path | None = None, name: str = "scale_sweep",
                 bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
                 ) -> SweepResult:
     """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
@@ -224,7 +262,7 @@ def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
     ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction)."""
     spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls,
                  introspection=introspection, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)
 
@@ -233,14 +271,14 @@ def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[i
                 n_controls: int | None = 10, controls: Sequence[str] | None = None,
                 introspection: str | Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
-                results_dir: str | Path | None = None, name: str = "layer_sweep",
+                answer_format: str = "open", results_dir: str | Path | None = None, name: str = "layer_sweep",
                 bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
                 ) -> SweepResult:
     """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
     :func:`scale_sweep`)."""
     spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls,
                  introspection=introspection, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate))
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)
 
@@ -259,3 +297,89 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean delta per (concept, vector kind, layer, scale, question kind), with the control spread (std, n)."""
     keys = ["concept", "vector_kind", "layer", "scale", "question_kind"]
     return df.groupby(keys, as_index=False)["delta"].agg(mean="mean", std="std", n="count")
+
+
+def control_span(df: pd.DataFrame) -> float | None:
+    """The range (max − min, logits) of the control questions' no-injection yes−no in a sweep table (each control's
+    ``baseline_logit_diff``); ``None`` with fewer than two controls."""
+    controls = df[df["question_kind"] == "control"].groupby("question")["baseline_logit_diff"].first()
+    return float(controls.max() - controls.min()) if len(controls) >= 2 else None
+
+
+BATTERY_COLUMNS = ["model", "question", "about", "expected", "answer_format", "baseline_logit_diff", "p_yes",
+                   "answer_mass"]
+
+
+def control_battery(handle: ModelHandle, *, answer_format: str = "open", questions: Sequence[str] | None = None,
+                    frame: str = "paper", answers: tuple | None = None, results_dir: str | Path | None = None,
+                    name: str | None = None, batch_size: int | None = None) -> pd.DataFrame:
+    """Every control question's no-injection answer on ``handle``: one row per question (:data:`BATTERY_COLUMNS`),
+    in :func:`prompts.control_questions` order (default: all 60 balanced ones; or the given ``questions``).
+
+    ``baseline_logit_diff``: yes − no over the answer sets; ``p_yes``: P(yes) within the answer sets
+    (``sigmoid(baseline_logit_diff)``); ``answer_mass``: the probability of both sets under the full softmax.
+    With ``results_dir`` it is saved as ``<name>.csv`` (default ``control_battery_<answer_format>``) beside its
+    ``.meta.json`` (:func:`save_table`: answer set, format, model, versions).
+    """
+    check_answer_format(answer_format)
+    questions = list(control_questions() if questions is None else questions)
+    if not questions:
+        raise ValueError("no control questions given")
+    prompts = [introspection_prompt(handle, q, frame=frame, kind="control", answer_format=answer_format)
+               for q in questions]
+    readout = measure(handle, [Trial(p) for p in prompts], answers=answers, batch_size=batch_size)
+    tags = [question_tags(q) for q in questions]
+    diff = readout.baseline.double()
+    df = pd.DataFrame({
+        "model": handle.name, "question": questions, "about": [t["about"] for t in tags],
+        "expected": [t["expected"] for t in tags], "answer_format": answer_format,
+        "baseline_logit_diff": diff.numpy(), "p_yes": torch.sigmoid(diff).numpy(),
+        "answer_mass": readout.baseline_answer_mass.double().numpy()})[BATTERY_COLUMNS]
+    if results_dir is not None:
+        save_table(handle, df, results_dir, name or f"control_battery_{answer_format}", questions=questions,
+                   frame=frame, answers=answers, answer_format=answer_format)
+    return df
+
+
+def pick_controls(battery: pd.DataFrame, n: int, *, min_span: float = MIN_CONTROL_SPAN) -> list[str]:
+    """``n`` controls from a :func:`control_battery` table that span its baseline range and keep the balance.
+
+    How many come from each (about, expected) cell is decided as :func:`prompts.control_questions` deals them
+    (round-robin, so both tags stay balanced); within a cell the picks sit at evenly spaced ranks of the cell's
+    baselines (one pick: the lowest "no"-expected, the highest "yes"-expected, the middle ambiguous one), so the
+    chosen set reaches towards both ends. Returned in dealing order. If the chosen baselines span less than
+    ``min_span`` logits a ``UserWarning`` names the span.
+    """
+    missing = {"question", "about", "expected", "baseline_logit_diff"} - set(battery.columns)
+    if missing:
+        raise ValueError(f"battery lacks column(s) {sorted(missing)}; build it with sweeps.control_battery")
+    if not 1 <= n <= len(battery):
+        raise ValueError(f"n={n} controls requested; the battery has {len(battery)}")
+    cells = {cell: battery[(battery["about"] == cell[0]) & (battery["expected"] == cell[1])]
+             .sort_values("baseline_logit_diff", kind="stable")["question"].tolist() for cell in CONTROL_CELLS}
+    counts = dict.fromkeys(CONTROL_CELLS, 0)
+    order: list[tuple] = []
+    while len(order) < n:
+        open_cells = [c for c in CONTROL_CELLS if counts[c] < len(cells[c])]
+        if not open_cells:
+            raise ValueError(f"n={n}: the battery has only {len(order)} questions in the designed cells "
+                             f"(about × expected)")
+        for cell in open_cells[: n - len(order)]:
+            counts[cell] += 1
+            order.append(cell)
+    picked: dict[tuple, list[str]] = {}
+    for cell, k in counts.items():
+        ranked, m = cells[cell], len(cells[cell])
+        if k == 1:
+            ranks = [{"no": 0, "yes": m - 1}.get(cell[1], (m - 1) // 2)]
+        else:
+            ranks = [round(i * (m - 1) / (k - 1)) for i in range(k)]
+        picked[cell] = [ranked[r] for r in ranks]
+    chosen = [picked[cell].pop(0) for cell in order]
+    span = battery.set_index("question").loc[chosen, "baseline_logit_diff"]
+    width = float(span.max() - span.min())
+    if width < min_span:
+        warnings.warn(f"the {n} chosen controls' no-injection yes−no spans {width:.2f} logits (< {min_span:g}); "
+                      f"the battery's whole range is {float(np.ptp(battery['baseline_logit_diff'])):.2f}",
+                      stacklevel=2)
+    return chosen

@@ -151,17 +151,58 @@ class Oracle:
         yes, no = (tok(context + word, add_special_tokens=False)["input_ids"][base] for word in answers)
         return {"yes_id": yes, "no_id": no}
 
-    def logit_diff(self, handle, trials, answers=("Yes", "No")) -> torch.Tensor:
-        """``[n]`` yes−no at the last position with each trial's injection."""
-        ids = self.yes_no(handle, answers)
-        return torch.cat([self.ref.yes_no_logit_diff(handle.torch_model, self.ids(t.prompt), None, **ids,
-                                                     **self._injection(t)) for t in trials])
+    @staticmethod
+    def answer_sets(handle) -> dict:
+        """The default answer sets, found independently: every spelling of Yes / No (capitalised, lower, upper; with
+        and without a leading space) that adds exactly one token after the rendered generation prompt, leaving the
+        prompt's own tokens as they were."""
+        tok = handle.tokenizer
+        context = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                          add_generation_prompt=True)
+        base = tok(context, add_special_tokens=False)["input_ids"]
+        sets = {}
+        for key, word in (("yes_ids", "yes"), ("no_ids", "no")):
+            ids = []
+            for spelling in (word.capitalize(), word, word.upper()):
+                for lead in ("", " "):
+                    full = tok(context + lead + spelling, add_special_tokens=False)["input_ids"]
+                    if full[:len(base)] == base and len(full) == len(base) + 1 and full[-1] not in ids:
+                        ids.append(full[-1])
+            sets[key] = ids
+        return sets
 
-    def lens(self, handle, trials) -> torch.Tensor:
-        """``[n, n_layers]`` yes−no logit lens."""
-        ids = self.yes_no(handle)
-        return torch.cat([self.ref.logit_lens_yes_no(handle.torch_model, self.ids(t.prompt), None, **ids,
-                                                     **self._injection(t)) for t in trials])
+    def _answer_ids(self, handle, answers) -> dict:
+        """``answers=None``: the default sets; a (yes, no) pair of words: sets of one."""
+        if answers is None:
+            return self.answer_sets(handle)
+        ids = self.yes_no(handle, answers)
+        return {"yes_ids": [ids["yes_id"]], "no_ids": [ids["no_id"]]}
+
+    def readout(self, handle, trials, answers=None) -> dict:
+        """``{"diff": [n], "mass": [n]}``: yes − no over the answer sets and their probability, per trial."""
+        ids = self._answer_ids(handle, answers)
+        outs = [self.ref.answer_set_readout(handle.torch_model, self.ids(t.prompt), None, **ids,
+                                            **self._injection(t)) for t in trials]
+        return {key: torch.cat([o[key] for o in outs]) for key in ("diff", "mass")}
+
+    def logit_diff(self, handle, trials, answers=None) -> torch.Tensor:
+        """``[n]`` yes−no at the last position with each trial's injection (``answers=None``: the engine's default
+        answer sets; a (yes, no) pair of words: those two tokens, the plain logit difference)."""
+        if answers is not None:
+            ids = self.yes_no(handle, answers)
+            return torch.cat([self.ref.yes_no_logit_diff(handle.torch_model, self.ids(t.prompt), None, **ids,
+                                                         **self._injection(t)) for t in trials])
+        return self.readout(handle, trials)["diff"]
+
+    def lens(self, handle, trials, answers=None) -> torch.Tensor:
+        """``[n, n_layers]`` yes−no logit lens (answer sets as in :meth:`logit_diff`)."""
+        if answers is not None:
+            ids = self.yes_no(handle, answers)
+            return torch.cat([self.ref.logit_lens_yes_no(handle.torch_model, self.ids(t.prompt), None, **ids,
+                                                         **self._injection(t)) for t in trials])
+        ids = self.answer_sets(handle)
+        return torch.cat([self.ref.logit_lens_yes_no_sets(handle.torch_model, self.ids(t.prompt), None, **ids,
+                                                          **self._injection(t)) for t in trials])
 
     def attention(self, handle, trial) -> dict:
         """Attention from the last position to the trial's window positions (sum, max, full weights)."""

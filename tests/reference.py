@@ -40,11 +40,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "answer_set_readout",
     "attention_to_positions",
     "greedy_generate_injected",
     "injected_logits",
     "last_token_activations",
     "logit_lens_yes_no",
+    "logit_lens_yes_no_sets",
     "position_ids_from_mask",
     "yes_no_logit_diff",
 ]
@@ -282,6 +284,73 @@ def logit_lens_yes_no(
     resid = torch.stack([s[:, -1, :] for s in store], dim=1)  # [B, L, D]
     logits = _softcap(model, model.lm_head(model.model.norm(resid)))  # [B, L, V]
     return logits[..., yes_id] - logits[..., no_id]
+
+
+def _set_diff(logits: Tensor, yes_ids: list[int], no_ids: list[int]) -> Tensor:
+    """``log(sum_yes exp(logits)) - log(sum_no exp(logits))`` over the last dim, written from its definition (the
+    max subtracted first for stability); ``[..., V] -> [...]``."""
+    yes, no = logits[..., yes_ids].double(), logits[..., no_ids].double()
+    top_yes, top_no = yes.max(-1, keepdim=True).values, no.max(-1, keepdim=True).values
+    log_yes = top_yes[..., 0] + torch.log(torch.exp(yes - top_yes).sum(-1))
+    log_no = top_no[..., 0] + torch.log(torch.exp(no - top_no).sum(-1))
+    return (log_yes - log_no).float()
+
+
+@torch.no_grad()
+def answer_set_readout(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    yes_ids: list[int],
+    no_ids: list[int],
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The yes/no answer read as two SETS of tokens at the last position, with optional injection.
+
+    Args: as :func:`yes_no_logit_diff`, with ``yes_ids`` / ``no_ids`` lists of token ids.
+
+    Returns:
+        ``{"diff": [B], "mass": [B]}``: ``log sum_{yes} exp(logit) - log sum_{no} exp(logit)`` and the softmax
+        probability of all the yes and no tokens together. With one id per set ``diff`` is
+        :func:`yes_no_logit_diff`.
+    """
+    attention_mask = _default_mask(input_ids, attention_mask)
+    _check_left_padded(attention_mask)
+    last = injected_logits(model, input_ids, attention_mask, layer=layer, vectors=vectors, scales=scales,
+                           positions_mask=positions_mask)[:, -1, :]  # [B, V]
+    probs = torch.softmax(last.double(), dim=-1)
+    return {"diff": _set_diff(last, yes_ids, no_ids), "mass": (probs[:, yes_ids].sum(-1)
+                                                              + probs[:, no_ids].sum(-1)).float()}
+
+
+@torch.no_grad()
+def logit_lens_yes_no_sets(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    yes_ids: list[int],
+    no_ids: list[int],
+    layer: int | None = None,
+    vectors: Tensor | None = None,
+    scales: Tensor | float | None = None,
+    positions_mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`logit_lens_yes_no` with the answer read as sets: each layer's last-position output through the final
+    norm, ``lm_head`` and softcap, then ``log sum_yes exp - log sum_no exp``. ``[B, L]``."""
+    attention_mask = _default_mask(input_ids, attention_mask)
+    _check_left_padded(attention_mask)
+    n_layers = len(_layers(model))
+    store: list[Tensor | None] = [None] * n_layers
+    with _injection(model, layer, vectors, scales, positions_mask), _capture_layer_outputs(model, store):
+        _forward(model, input_ids, attention_mask)
+    resid = torch.stack([s[:, -1, :] for s in store], dim=1)  # [B, L, D]
+    logits = _softcap(model, model.lm_head(model.model.norm(resid)))  # [B, L, V]
+    return _set_diff(logits, yes_ids, no_ids)
 
 
 @torch.no_grad()

@@ -362,6 +362,29 @@ def test_lens_last_column_equals_logit_diff(model: Any) -> None:
         torch.testing.assert_close(lens[:, -1], diff, atol=1e-5, rtol=1e-5)
 
 
+def test_answer_sets_reduce_to_the_pair_and_match_a_hand_computation(model: Any) -> None:
+    ids, mask = _left_pad([_ids(23, SEQ), _ids(24, 5)])
+    kw = {"layer": 0, "vectors": _vec(model, 25, 2), "scales": torch.tensor([5.0, -3.0]),
+          "positions_mask": torch.ones(ids.shape, dtype=torch.bool)}
+    pair = ref.answer_set_readout(model, ids, mask, yes_ids=[YES], no_ids=[NO], **kw)
+    torch.testing.assert_close(pair["diff"], ref.yes_no_logit_diff(model, ids, mask, yes_id=YES, no_id=NO, **kw),
+                               atol=1e-5, rtol=1e-5)
+    yes_ids, no_ids = [YES, 9, 11], [NO, 13]
+    got = ref.answer_set_readout(model, ids, mask, yes_ids=yes_ids, no_ids=no_ids, **kw)
+    last = ref.injected_logits(model, ids, mask, **kw)[:, -1, :].double()
+    probs = last.softmax(-1)
+    # log(P(yes set) / P(no set)) is the same number as the log-sum-exp difference of the logits
+    expected = torch.log(probs[:, yes_ids].sum(-1) / probs[:, no_ids].sum(-1)).float()
+    torch.testing.assert_close(got["diff"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["mass"], probs[:, yes_ids + no_ids].sum(-1).float(), atol=1e-6, rtol=1e-5)
+    lens = ref.logit_lens_yes_no_sets(model, ids, mask, yes_ids=yes_ids, no_ids=no_ids, **kw)
+    assert lens.shape == (2, _n_layers(model))
+    torch.testing.assert_close(lens[:, -1], got["diff"], atol=1e-4, rtol=1e-4)
+    single = ref.logit_lens_yes_no_sets(model, ids, mask, yes_ids=[YES], no_ids=[NO], **kw)
+    torch.testing.assert_close(single, ref.logit_lens_yes_no(model, ids, mask, yes_id=YES, no_id=NO, **kw),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_lens_matches_output_hidden_states(model: Any) -> None:
     """Independent capture: in transformers 5.x ``hidden_states[l + 1]`` is layer l's
     output for l < L-1, but ``hidden_states[-1]`` is already final-normed."""
