@@ -178,6 +178,10 @@ class Oracle:
         ids = self.yes_no(handle, answers)
         return {"yes_ids": [ids["yes_id"]], "no_ids": [ids["no_id"]]}
 
+    def set_diff(self, handle, logits: torch.Tensor) -> torch.Tensor:
+        """yes − no over the default answer sets from logits ``[..., V]`` (e.g. one row of :meth:`logits`)."""
+        return self.ref._set_diff(logits, **self.answer_sets(handle))
+
     def readout(self, handle, trials, answers=None) -> dict:
         """``{"diff": [n], "mass": [n]}``: yes − no over the answer sets and their probability, per trial."""
         ids = self._answer_ids(handle, answers)

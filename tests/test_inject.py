@@ -61,21 +61,42 @@ def test_injected_logit_diff_matches_reference_for_mixed_scales_and_two_layers(t
     plain = oracle.logit_diff(handle, [Trial(prompt)])
     oracle.assert_close(readout.baseline, plain.expand(len(trials)))
     for trial, value in zip(trials, readout.logit_diff, strict=True):  # the injections really move the readout
-        assert (abs(float(value - plain[0])) > 1e-3) == trial.injected
+        assert (abs(float(value - plain[0])) > 2e-4) == trial.injected
 
 
-def test_answer_mass_is_the_softmax_probability_of_yes_plus_no(tiny_perturbed, oracle, paper_prompts):
+def test_answer_mass_is_the_softmax_probability_of_both_answer_sets(tiny_perturbed, oracle, paper_prompts):
     handle = tiny_perturbed
     prompt = paper_prompts(handle)[0]
     v = make_vector(handle, 3, layer=0, norm=8.0)
     trials = [Trial(prompt, v, 4.0), Trial(prompt), Trial(prompt, v, -2.0)]
     readout = measure(handle, trials)
-    ids = oracle.yes_no(handle)
-    expected = torch.stack([oracle.logits(handle, t)[-1].softmax(-1)[[ids["yes_id"], ids["no_id"]]].sum()
-                            for t in trials])
-    oracle.assert_close(readout.answer_mass, expected, tol=1e-5)
-    oracle.assert_close(readout.baseline_answer_mass, expected[1].expand(3), tol=1e-5)
+    expected = oracle.readout(handle, trials)
+    oracle.assert_close(readout.logit_diff, expected["diff"])
+    oracle.assert_close(readout.answer_mass, expected["mass"], tol=1e-5)
+    oracle.assert_close(readout.baseline_answer_mass, expected["mass"][1].expand(3), tol=1e-5)
     assert ((readout.answer_mass > 0) & (readout.answer_mass <= 1)).all()
+    sets = oracle.answer_sets(handle)
+    pair = measure(handle, trials, answers=("Yes", "No"))  # a single pair: sets of one, a smaller mass
+    assert len(sets["yes_ids"]) > 1 and len(sets["no_ids"]) > 1
+    assert (pair.answer_mass < readout.answer_mass).all()
+    oracle.assert_close(pair.logit_diff, oracle.logit_diff(handle, trials, answers=("Yes", "No")))
+
+
+def test_answer_sets_are_every_single_token_spelling_the_paper_spelling_first(tiny_perturbed, oracle):
+    from introspection_utils.prompts import answer_set
+
+    sets = answer_set(tiny_perturbed)
+    expected = oracle.answer_sets(tiny_perturbed)
+    assert sorted(sets.yes) == sorted(expected["yes_ids"]) and sorted(sets.no) == sorted(expected["no_ids"])
+    assert sets.yes[0] == expected["yes_ids"][0] and sets.no[0] == expected["no_ids"][0]
+    assert sets.yes_tokens[0] == "Yes" and sets.no_tokens[0] == "No"
+    assert sets.record()["yes_ids"] == list(sets.yes) and set(sets.yes).isdisjoint(sets.no)
+    words = answer_set(tiny_perturbed, ([" Yes", "yes"], "No"))
+    assert words.yes_tokens == (" Yes", "yes") and len(words.no) == 1
+    with pytest.raises(ValueError, match="share token"):
+        answer_set(tiny_perturbed, ("Yes", ["No", "Yes"]))
+    with pytest.raises(ValueError, match="pair"):
+        answer_set(tiny_perturbed, ("Yes",))
 
 
 def test_trials_from_several_prompts_come_back_in_input_order(tiny_perturbed, oracle, paper_prompts):
@@ -206,15 +227,14 @@ def test_each_window_injects_exactly_its_positions(tiny_perturbed, oracle, paper
     end = n if end is None else end
     whole = oracle.logits(handle, Trial(prompt, vector, 6.0, window=window))
     plain = oracle.logits(handle, Trial(prompt))
-    ids = oracle.yes_no(handle)
     for m in sorted({start, start + 1, end, end + 1} & set(range(1, n + 1))):
         cut = truncated(prompt, m)
         trial = Trial(cut, vector, 6.0, window=(start, min(end, m))) if start < m else Trial(cut)
         value = measure(handle, [trial]).logit_diff
-        expected = whole[m - 1, ids["yes_id"]] - whole[m - 1, ids["no_id"]]
+        expected = oracle.set_diff(handle, whole[m - 1])
         oracle.assert_close(value, expected[None])
         if start <= m - 1 < end:  # the last token is injected: its own answer moves
-            assert abs(float(expected - (plain[m - 1, ids["yes_id"]] - plain[m - 1, ids["no_id"]]))) > 1e-3
+            assert abs(float(expected - oracle.set_diff(handle, plain[m - 1]))) > 1e-3
 
 
 def test_injection_at_the_last_layer_moves_the_answer_only_when_the_window_covers_the_last_token(
@@ -243,14 +263,13 @@ def test_injection_leaves_prefix_positions_untouched(tiny_perturbed, oracle, pap
     full = Trial(prompt, vector, 6.0, window=(a, b))
     injected_logits = oracle.logits(handle, full)
     plain_logits = oracle.logits(handle, Trial(prompt))
-    ids = oracle.yes_no(handle)
     for m in (a - 3, a, a + 1, b - 1, b, b + 1, b + 2, len(prompt)):  # m tokens kept: last position m - 1
         cut = truncated(prompt, m)
         trial = Trial(cut, vector, 6.0, window=(a, min(b, m))) if m > a else Trial(cut)
         got = measure(handle, [trial]).logit_diff
-        expected = injected_logits[m - 1, ids["yes_id"]] - injected_logits[m - 1, ids["no_id"]]
+        expected = oracle.set_diff(handle, injected_logits[m - 1])
         oracle.assert_close(got, expected[None])
-        unchanged = plain_logits[m - 1, ids["yes_id"]] - plain_logits[m - 1, ids["no_id"]]
+        unchanged = oracle.set_diff(handle, plain_logits[m - 1])
         assert (abs(float(got - unchanged)) < 1e-5) == (m <= a), m
 
 
@@ -334,3 +353,19 @@ def test_embedded_model_readouts_match_the_reference(smollm, oracle):
     expected = oracle.attention(smollm, trials[0])
     oracle.assert_close(total[0], expected["sum"][0])
     oracle.assert_close(peak[0], expected["max"][0])
+
+
+def test_prefill_format_injects_from_the_question_through_the_prefilled_answer(tiny_perturbed, oracle):
+    handle = tiny_perturbed
+    question = control_questions(1)[0]
+    prompt = introspection_prompt(handle, question, answer_format="prefill")
+    n_open = len(introspection_prompt(handle, question))  # the prefilled tokens are positions n_open..T-1
+    vector = make_vector(handle, 30, layer=0, norm=8.0)
+    trial = Trial(prompt, vector, 6.0)
+    assert trial.span() == (prompt.injection_start, None) and prompt.injection_start < n_open < len(prompt)
+    readout = measure(handle, [trial, Trial(prompt)])
+    oracle.assert_close(readout.logit_diff, oracle.logit_diff(handle, [trial, Trial(prompt)]))
+    short = Trial(prompt, vector, 6.0, window=(prompt.injection_start, n_open))  # stops before the prefill
+    got = measure(handle, [short]).logit_diff
+    oracle.assert_close(got, oracle.logit_diff(handle, [short]))
+    assert abs(float(got[0] - readout.logit_diff[0])) > 1e-4  # the prefilled tokens themselves are injected

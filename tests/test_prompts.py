@@ -148,11 +148,68 @@ def test_multi_token_answer_word_raises_unless_first_token_allowed(tiny_llama):
 
 
 def test_control_questions_count_and_bounds():
-    assert len(control_questions()) == 20
+    assert len(control_questions()) == 60 and len(control_questions(extended=True)) == 80
     assert control_questions(3) == control_questions()[:3]
-    for bad in (0, -1, 21):
-        with pytest.raises(ValueError, match=f"n={bad} control questions requested; there are 20"):
+    for bad in (0, -1, 61):
+        with pytest.raises(ValueError, match=f"n={bad} control questions requested; there are 60"):
             control_questions(bad)
+
+
+def test_every_prefix_of_the_controls_keeps_both_balances():
+    from introspection_utils.prompts import question_tags
+
+    questions = control_questions()
+    assert questions == control_questions()  # deterministic
+    for n in range(1, len(questions) + 1):
+        tags = [question_tags(q) for q in questions[:n]]
+        about = [sum(t["about"] == a for t in tags) for a in ("self", "world")]
+        expected = [sum(t["expected"] == e for t in tags) for e in ("no", "yes", "ambiguous")]
+        assert max(about) - min(about) <= 1 and max(expected) - min(expected) <= 1, n
+        assert all(t["polarity"] == 0 for t in tags)
+    assert {question_tags(q)["expected"] for q in control_questions(3)} == {"no", "yes", "ambiguous"}
+
+
+def test_wordings_come_in_both_polarities_each_inverted_one_with_its_detect_counterpart():
+    from introspection_utils.data import load_questions
+    from introspection_utils.prompts import default_wordings, question_tags
+
+    wordings, _ = load_questions()
+    by_id = {w.id: w for w in wordings}
+    inverted = [w for w in wordings if w.polarity == -1]
+    assert len(inverted) >= 3 and by_id["control_trial"].text == "Trial 1: Was this a control trial (no injection)?"
+    assert all(by_id[w.counterpart].polarity == 1 and w.expected == "no" for w in inverted)
+    defaults = [question_tags(q) for q in default_wordings()]
+    assert default_wordings()[0] == TRIAL and len(defaults) == 6
+    assert sorted(t["polarity"] for t in defaults) == [-1, -1, -1, 1, 1, 1]
+    assert [t["expected"] for t in defaults] == ["yes" if t["polarity"] == 1 else "no" for t in defaults]
+    assert question_tags("Is the sky green?") == {"about": "unknown", "expected": "unknown", "polarity": 0}
+
+
+def test_binary_format_appends_the_instruction_once_to_every_question(tiny):
+    from introspection_utils.prompts import introspection_questions
+
+    instruction = "Answer only by 'Yes' or 'No'."
+    for question in [*introspection_questions(), *control_questions(6)]:
+        prompt = introspection_prompt(tiny, question, answer_format="binary")
+        assert prompt.text.count(instruction) == 1 and prompt.question == question
+        assert prompt.answer_format == "binary"
+    open_ = introspection_prompt(tiny, control_questions(1)[0])
+    binary = introspection_prompt(tiny, control_questions(1)[0], answer_format="binary")
+    assert binary.injection_start == open_.injection_start and binary.hash != open_.hash
+    with pytest.raises(ValueError, match="unknown answer_format 'json'"):
+        introspection_prompt(tiny, answer_format="json")
+
+
+def test_prefill_format_opens_the_answer_and_keeps_the_window_running_to_the_read_position(tiny):
+    question = control_questions(2)[1]
+    open_ = introspection_prompt(tiny, question)
+    prefill = introspection_prompt(tiny, question, answer_format="prefill")
+    assert prefill.text == open_.text + "The answer is"
+    assert prefill.input_ids[:len(open_)] == open_.input_ids  # the prefill only adds tokens at the end
+    assert prefill.injection_start == open_.injection_start and len(prefill) > len(open_)
+    assert tiny.tokenizer.decode(list(prefill.input_ids[len(open_):])) == "The answer is"
+    with pytest.raises(ValueError, match="prefills 'The answer is' itself"):
+        introspection_prompt(tiny, question, answer_format="prefill", prefill="Yes")
 
 
 def test_bad_question_or_frame_raises(tiny_llama):
