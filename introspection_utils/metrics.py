@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from introspection_utils.prompts import introspection_questions
+from introspection_utils.prompts import default_wordings
 from introspection_utils.sweeps import SweepResult, save_table, scale_sweep
 from introspection_utils.vectors import default_layer
 from introspection_utils.verdicts import (
@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 
 
 def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int | None = None,
-              n_controls: int = 10, wordings: Sequence[str] | None = None, n_random: int = 2, seed: int = 0,
+              n_controls: int = 12, wordings: Sequence[str] | None = None, n_random: int = 2, seed: int = 0,
               n_boot: int = N_BOOT, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
-              results_dir: str | Path | None = None, bank: VectorBank | None = None, progress: bool = True
+              answer_format: str = "open", results_dir: str | Path | None = None, bank: VectorBank | None = None,
+              progress: bool = True
               ) -> tuple[pd.DataFrame, SweepResult]:
     """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
-    (``wordings``: default all of :func:`prompts.introspection_questions`), ``n_controls`` balanced controls and
+    (``wordings``: default :func:`prompts.default_wordings`, detect and inverted), ``n_controls`` controls balanced by
+    topic and expected answer, asked and read in ``answer_format`` (:data:`prompts.ANSWER_FORMATS`), and
     ``n_random`` random vectors per concept (pooled into the layer's null), and give each its verdict.
 
     Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
@@ -50,15 +52,15 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     if len(concepts) * n_random < MIN_RANDOM:
         raise ValueError(f"the random-vector null needs at least {MIN_RANDOM} random vectors at the layer; "
                          f"{len(concepts)} concept(s) × n_random={n_random} give {len(concepts) * n_random}")
-    wordings = list(wordings) if wordings is not None else introspection_questions()
+    wordings = list(wordings) if wordings is not None else default_wordings()
     sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, introspection=wordings,
-                        n_random=n_random, seed=seed, results_dir=results_dir, name="atlas_sweep", bank=bank,
-                        progress=progress)
+                        n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
+                        name="atlas_sweep", bank=bank, progress=progress)
     table = verdicts(sweep.df, alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot, seed=seed)
     if results_dir is not None:
         save_table(handle, table, results_dir, "atlas", concepts=list(concepts), scales=list(scales), layer=layer,
                    n_controls=n_controls, wordings=wordings, n_random=n_random, seed=seed, n_boot=n_boot,
-                   alpha=alpha, effect_threshold=effect_threshold)
+                   alpha=alpha, effect_threshold=effect_threshold, answer_format=answer_format)
     return table, sweep
 
 

@@ -220,6 +220,16 @@ def default_wordings() -> list[str]:
     return [w.text for w in wordings if w.default]
 
 
+def select_wordings(choice: str | Sequence[str] = "default") -> list[str]:
+    """A notebook's ``wordings`` parameter as question texts: "default" (:func:`default_wordings`, both
+    polarities), "all" (every wording of ``data/questions.toml``) or a list of wording ids."""
+    if isinstance(choice, str):
+        if choice not in ("default", "all"):
+            raise ValueError(f"wordings {choice!r}: use 'default', 'all' or a list of wording ids")
+        return default_wordings() if choice == "default" else introspection_questions()
+    return introspection_questions(list(choice))
+
+
 def question_tags(question: str) -> dict:
     """``{"about", "expected", "polarity"}`` of ``question`` (see :class:`data.Question`): a control's expected
     answer and polarity 0, or an introspection wording's detecting answer and polarity ±1; a question outside the

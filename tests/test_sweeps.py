@@ -17,6 +17,7 @@ from introspection_utils.vectors import concept_vectors, random_vector
 
 CONCEPTS = ["Dust", "Satellites"]
 SCALES = [0.0, 2.0, -4.0]
+TRIAL = "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?"  # the paper's only
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def bank(tiny_llama):
 
 
 def run_scale_sweep(handle, bank, **kwargs):
-    options = dict(layer=1, n_controls=2, n_random=2, bank=bank, progress=False)
+    options = dict(layer=1, n_controls=2, n_random=2, bank=bank, progress=False, introspection=TRIAL)
     return scale_sweep(handle, CONCEPTS, SCALES, **{**options, **kwargs})
 
 
@@ -87,7 +88,7 @@ def test_sweep_values_equal_the_reference(tiny_llama, bank, oracle):
 
 def test_layer_sweep_gives_one_row_per_layer_and_trial(tiny_llama, bank):
     result = layer_sweep(tiny_llama, ["Dust"], [0, 1], scale=3.0, n_controls=1, n_random=1, bank=bank,
-                         progress=False)
+                         progress=False, introspection=TRIAL)
     df = result.df
     assert list(df.columns) == COLUMNS and len(df) == 2 * 2 * 2  # questions × layers × (concept + random)
     assert df.groupby(["layer", "vector_kind"]).size().to_dict() == {
@@ -177,7 +178,7 @@ def test_summary_averages_delta_per_condition(tiny_llama, bank):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"n_controls": -1}, "n=-1 control questions requested"),
-    ({"n_controls": 21}, "n=21 control questions requested; there are 20"),
+    ({"n_controls": 61}, "n=61 control questions requested; there are 60"),
     ({"concepts": []}, "no concepts given"),
     ({"scales": []}, "no scales given"),
     ({"scales": [1.0, math.nan]}, "scale nan must be a finite number"),
@@ -219,3 +220,104 @@ def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path
     assert meta["model"] == "tiny-llama" and meta["spec"] == {"concept": "Sandwich", "scale": 4.0, "n_controls": 2}
     expected = metadata(tiny_llama, {}, [p.hash for p in question_prompts(tiny_llama, 2)])["prompt_hash"]
     assert meta["prompt_hash"] == expected and {"revision", "dtype", "package_version", "seed"} <= set(meta)
+
+
+def test_default_sweep_asks_both_polarities_and_tags_every_row(tiny_llama, bank):
+    from introspection_utils.prompts import default_wordings, question_tags
+
+    result = scale_sweep(tiny_llama, ["Dust"], [0.0, 2.0], layer=1, n_controls=6, n_random=0, bank=bank,
+                         progress=False)
+    df = result.df
+    assert list(df.columns) == COLUMNS
+    assert {"polarity", "expected", "question_about", "answer_format"} <= set(df.columns)
+    intro = df[df["question_kind"] == "introspection"]
+    assert set(intro["question"]) == set(default_wordings()) and set(intro["polarity"]) == {1, -1}
+    assert (intro["expected"] == intro["polarity"].map({1: "yes", -1: "no"})).all()
+    controls = df[df["question_kind"] == "control"]
+    assert (controls["polarity"] == 0).all() and set(controls["expected"]) == {"no", "yes", "ambiguous"}
+    assert set(controls["question_about"]) == {"self", "world"}
+    for q, rows in df.groupby("question"):
+        assert rows["expected"].nunique() == 1 and rows["expected"].iloc[0] == question_tags(q)["expected"]
+    assert (df["answer_format"] == "open").all()
+    meta = result.meta
+    assert meta["answer_format"] == "open" and meta["answer_set"]["yes"][0] == "Yes"
+    assert meta["answer_set"]["no_ids"][0] == sweeps.answer_set(tiny_llama).no[0]
+    assert meta["control_span"] == pytest.approx(sweeps.control_span(df))
+
+
+@pytest.mark.parametrize("answer_format", ["binary", "prefill"])
+def test_answer_format_is_asked_recorded_and_read_like_the_reference(tiny_llama, bank, oracle, answer_format):
+    result = layer_sweep(tiny_llama, ["Dust"], [1], scale=3.0, n_controls=2, n_random=0, bank=bank,
+                         progress=False, introspection=TRIAL, answer_format=answer_format)
+    df = result.df
+    assert (df["answer_format"] == answer_format).all() and result.meta["answer_format"] == answer_format
+    assert result.meta["spec"]["answer_format"] == answer_format
+    prompt = introspection_prompt(tiny_llama, TRIAL, answer_format=answer_format)
+    row = df[df["question"] == TRIAL]
+    expected = oracle.logit_diff(tiny_llama, [Trial(prompt, bank.get("Dust", 1), 3.0)])
+    oracle.assert_close(torch.tensor(row["logit_diff"].to_numpy()), expected)
+    with pytest.raises(ValueError, match="unknown answer_format 'chat'"):
+        layer_sweep(tiny_llama, ["Dust"], [1], scale=3.0, bank=bank, progress=False, answer_format="chat")
+
+
+def test_saved_tables_carry_the_answer_set_and_format(tiny_llama, tmp_path):
+    path = sweeps.save_table(tiny_llama, pd.DataFrame({"a": [1]}), tmp_path, "t", n_controls=2,
+                             answer_format="prefill")
+    meta = load_result(path).meta
+    assert meta["answer_format"] == "prefill" and set(meta["answer_set"]) == {"yes", "no", "yes_ids", "no_ids"}
+
+
+def test_control_battery_reads_every_control_without_injection(tiny_llama, oracle, tmp_path):
+    questions = control_questions(6)
+    battery = sweeps.control_battery(tiny_llama, questions=questions, results_dir=tmp_path)
+    assert list(battery.columns) == sweeps.BATTERY_COLUMNS and list(battery["question"]) == questions
+    prompts = [introspection_prompt(tiny_llama, q) for q in questions]
+    expected = oracle.readout(tiny_llama, [Trial(p) for p in prompts])
+    oracle.assert_close(torch.tensor(battery["baseline_logit_diff"].to_numpy()), expected["diff"])
+    oracle.assert_close(torch.tensor(battery["answer_mass"].to_numpy()), expected["mass"], tol=1e-5)
+    assert battery["p_yes"].to_numpy() == pytest.approx(torch.sigmoid(expected["diff"]).numpy(), abs=1e-5)
+    saved = load_result(tmp_path / "control_battery_open")
+    assert saved.meta["answer_format"] == "open" and saved.meta["answer_set"]["yes"][0] == "Yes"
+    assert len(sweeps.control_battery(tiny_llama)) == len(control_questions())
+
+
+def _battery(values: dict) -> pd.DataFrame:
+    """A synthetic battery: every control question with a hand-set baseline (default 0)."""
+    from introspection_utils.prompts import question_tags
+
+    rows = [{"question": q, **{k: v for k, v in question_tags(q).items() if k != "polarity"},
+             "baseline_logit_diff": values.get(q, 0.0)} for q in control_questions()]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("n", [2, 5, 6, 12, 13, 30])
+def test_picked_controls_span_the_battery_and_keep_both_balances(n):
+    from introspection_utils.prompts import question_tags
+
+    expected_level = {"no": -4.0, "yes": 4.0, "ambiguous": 0.0}
+    values = {q: expected_level[question_tags(q)["expected"]] + 0.1 * (k % 5)
+              for k, q in enumerate(control_questions())}
+    battery = _battery(values)
+    chosen = sweeps.pick_controls(battery, n)
+    assert len(chosen) == len(set(chosen)) == n and chosen == sweeps.pick_controls(battery, n)
+    tags = [question_tags(q) for q in chosen]
+    about = [sum(t["about"] == a for t in tags) for a in ("self", "world")]
+    expected = [sum(t["expected"] == e for t in tags) for e in ("no", "yes", "ambiguous")]
+    assert max(about) - min(about) <= 1 and max(expected) - min(expected) <= 1
+    picked = [values[q] for q in chosen]
+    assert max(picked) - min(picked) >= 8.0  # the lowest "no" and the highest "yes" are reached
+
+
+def test_picking_controls_that_span_little_says_so():
+    with pytest.warns(UserWarning, match=r"spans 0.00 logits \(< 2\)"):
+        sweeps.pick_controls(_battery({}), 6)
+    with pytest.raises(ValueError, match="n=61 controls requested; the battery has 60"):
+        sweeps.pick_controls(_battery({}), 61)
+    with pytest.raises(ValueError, match="battery lacks column"):
+        sweeps.pick_controls(pd.DataFrame({"question": ["a"]}), 1)
+
+
+def test_a_sweep_whose_controls_span_little_warns_and_records_the_span(tiny_llama, bank):
+    with pytest.warns(UserWarning, match=r"control questions' no-injection yes−no spans .* logits \(< 2\)"):
+        result = run_scale_sweep(tiny_llama, bank, n_random=0)
+    assert result.meta["control_span"] < sweeps.MIN_CONTROL_SPAN
