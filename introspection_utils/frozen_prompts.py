@@ -20,7 +20,14 @@ from typing import Any
 from introspection_utils.data import load_questions
 from introspection_utils.models import ModelHandle, load_model
 from introspection_utils.paths import atomic_write, model_name, project_root
-from introspection_utils.prompts import Prompt, extraction_prompt, introspection_prompt, question_prompts, yes_no_ids
+from introspection_utils.prompts import (
+    Prompt,
+    answer_set,
+    extraction_prompt,
+    introspection_prompt,
+    question_prompts,
+    yes_no_ids,
+)
 
 # the embedded models; others are added with this tool
 FROZEN_MODELS = ("smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b-instruct")
@@ -41,27 +48,32 @@ def _entry(handle: ModelHandle, name: str, prompt: Prompt) -> dict[str, Any]:
 
 def render(handle: ModelHandle) -> dict[str, Any]:
     """The frozen record of ``handle``'s prompts: the paper frame's introspection prompt (every wording of
-    ``data/questions.toml``) and every control question (in their balanced order),
-    the bare frame's introspection prompt, the concept-extraction prompt, and the yes/no answer token ids."""
+    ``data/questions.toml``) and every control question (in their balanced order), the introspection prompt and
+    the first control in the "binary" and "prefill" answer formats, the bare frame's introspection prompt, the
+    concept-extraction prompt, the yes/no answer token ids and the answer sets."""
     paper = question_prompts(handle)
     prompts = [_entry(handle, "introspection", paper[0])]
     prompts += [_entry(handle, f"control {k + 1:02d}", p) for k, p in enumerate(paper[1:])]
     wordings, _ = load_questions()
     prompts += [_entry(handle, f"introspection: {w.id}", introspection_prompt(handle, w.text))
                 for w in wordings if w.id != "paper"]
+    prompts += [_entry(handle, f"{name}, {fmt} format", introspection_prompt(handle, question, answer_format=fmt))
+                for fmt in ("binary", "prefill") for name, question in (("introspection", None),
+                                                                         ("control 01", paper[1].question))]
     prompts.append(_entry(handle, "introspection, bare frame", introspection_prompt(handle, frame="bare")))
     prompts.append(_entry(handle, f"extraction ({EXTRACTION_WORD})", extraction_prompt(handle, EXTRACTION_WORD)))
     yes, no = yes_no_ids(handle)
     return {"model": handle.name, "revision": handle.revision,
             "source": "rendered from data/prompts.toml and data/questions.toml by the model's chat template",
             "regenerate": f"python -m introspection_utils.frozen_prompts {handle.name}",
-            "answer_token_ids": {"yes": yes, "no": no}, "prompts": prompts}
+            "answer_token_ids": {"yes": yes, "no": no}, "answer_set": answer_set(handle).record(), "prompts": prompts}
 
 
 def differences(frozen: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What changed between two records, one line per field (empty: identical)."""
     lines = [f"{key}: {frozen.get(key)!r} -> {current.get(key)!r}"
-             for key in ("model", "revision", "source", "answer_token_ids") if frozen.get(key) != current.get(key)]
+             for key in ("model", "revision", "source", "answer_token_ids", "answer_set")
+             if frozen.get(key) != current.get(key)]
     old = {p["name"]: p for p in frozen.get("prompts", [])}
     new = {p["name"]: p for p in current.get("prompts", [])}
     lines += [f"{name}: {'removed' if name in old else 'added'}" for name in sorted(set(old) ^ set(new))]
