@@ -15,6 +15,9 @@ from introspection_utils.inject import Trial, measure
 from introspection_utils.prompts import control_questions, introspection_prompt
 from introspection_utils.vectors import ConceptVector
 
+# attribution and patching read the plain logit difference of one yes and one no token (a linear readout)
+PAIR = ("Yes", "No")
+
 
 def make_vector(handle, seed: int, layer: int = 0, norm: float = 8.0) -> ConceptVector:
     direction = torch.randn(handle.arch.d_model, generator=torch.Generator().manual_seed(seed))
@@ -43,7 +46,7 @@ def test_attribution_sums_reproduce_the_model_through_the_softcap(tiny_perturbed
     df = attribution.direct_logit_attribution(handle, trials)
     cap = handle.arch.final_logit_softcap
     sums = attribution.totals(df, cap)
-    oracle.assert_close(sums["diff"].to_numpy().copy(), oracle.logit_diff(handle, trials))
+    oracle.assert_close(sums["diff"].to_numpy().copy(), oracle.logit_diff(handle, trials, answers=PAIR))
     readout = measure(handle, trials)  # the model's own yes and no logits, softcap included
     capped = sums[["yes", "no"]].to_numpy()
     capped = cap * np.tanh(capped / cap) if cap else capped
@@ -148,7 +151,8 @@ def test_activation_patching_equals_recomputation_with_the_patched_activation(ti
         positions = torch.tensor([len(trial.prompt) - 1]) if span == "answer" else torch.arange(*span)
         expected = reference_patch(oracle, handle, trial, site, positions, row.direction)
         oracle.assert_close(row.patched, expected)
-    injected, plain = oracle.logit_diff(handle, trials[:1]), oracle.logit_diff(handle, [Trial(intro)])
+    injected = oracle.logit_diff(handle, trials[:1], answers=PAIR)
+    plain = oracle.logit_diff(handle, [Trial(intro)], answers=PAIR)
     first = df[(df["question_kind"] == "introspection") & (df["direction"] == "sufficiency")].iloc[0]
     oracle.assert_close(first["source"], injected[0])
     oracle.assert_close(first["target"], plain[0])
@@ -248,7 +252,8 @@ def test_attribution_and_patching_on_the_embedded_model(smollm, oracle):
     v = make_vector(smollm, 11, layer=20, norm=40.0)
     trials = [Trial(intro, v, 1.0), Trial(intro), Trial(control, v, 1.0)]
     df = attribution.direct_logit_attribution(smollm, trials)
-    oracle.assert_close(attribution.totals(df)["diff"].to_numpy().copy(), oracle.logit_diff(smollm, trials))
+    oracle.assert_close(attribution.totals(df)["diff"].to_numpy().copy(),
+                        oracle.logit_diff(smollm, trials, answers=PAIR))
     sites = [Site(25, "attn"), Site(27, "head", 4), Site(29, "mlp")]
     real = patching.activation_patching(smollm, trials[:1], sites)
     for row in real.itertuples():
