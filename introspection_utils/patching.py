@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from introspection_utils.attribution import TRIAL_COLUMNS, trial_metadata
 from introspection_utils.components import Edit, PromptPass, Site, all_sites, check_heads, check_sites
 from introspection_utils.inject import DEFAULT_BATCH, Trial, check_trials, measure
-from introspection_utils.prompts import question_prompts, yes_no_ids
+from introspection_utils.prompts import paper_answers, question_prompts, yes_no_ids
 from introspection_utils.vectors import ConceptVector, concept_vectors
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ def head_ablation(handle: ModelHandle, concept: str | ConceptVector, scale: floa
     label = ", ".join(f"L{a}H{b}" for a, b in heads)
     for mode in modes:
         if mode == "none":
-            readout = measure(handle, trials, answers=answers)
+            readout = measure(handle, trials, answers=answers or paper_answers())  # the pair the ablations read
             diff, base = readout.logit_diff, readout.baseline
         else:
             diff, base = ablated_logit_diff(handle, trials, heads, mode=mode, answers=answers)

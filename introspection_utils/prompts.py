@@ -283,6 +283,13 @@ def answer_token_id(handle: ModelHandle, word: str, *, allow_first_token: bool =
     return pieces[0]
 
 
+def paper_answers() -> tuple[str, str]:
+    """The paper's single (yes, no) answer words ("Yes", "No", from ``data/prompts.toml``): what the readouts that
+    need one token per answer (attribution, patching, head ablation: linear in the logits) read."""
+    answers = load_prompts()["answers"]
+    return answers["yes"], answers["no"]
+
+
 def yes_no_ids(handle: ModelHandle, yes: str | None = None, no: str | None = None) -> tuple[int, int]:
     """Token ids of the yes and no answers (default: the paper's "Yes"/"No", from ``data/prompts.toml``)."""
     answers = load_prompts()["answers"]

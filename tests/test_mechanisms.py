@@ -47,7 +47,7 @@ def test_attribution_sums_reproduce_the_model_through_the_softcap(tiny_perturbed
     cap = handle.arch.final_logit_softcap
     sums = attribution.totals(df, cap)
     oracle.assert_close(sums["diff"].to_numpy().copy(), oracle.logit_diff(handle, trials, answers=PAIR))
-    readout = measure(handle, trials)  # the model's own yes and no logits, softcap included
+    readout = measure(handle, trials, answers=PAIR)  # the model's own yes and no logits, softcap included
     capped = sums[["yes", "no"]].to_numpy()
     capped = cap * np.tanh(capped / cap) if cap else capped
     oracle.assert_close(capped, readout.logits)
@@ -232,7 +232,7 @@ def test_head_ablation_matches_the_reference_ablation(tiny_perturbed, oracle, mo
                                                                   **kwargs)
         oracle.assert_close(got, expected)
         oracle.assert_close(got_base, expected_base)
-    plain = measure(handle, trials).logit_diff
+    plain = measure(handle, trials, answers=PAIR).logit_diff
     assert (diff - plain).abs().max() > 1e-6  # the ablation really changes the answer (float32 noise ~1e-8)
 
 
