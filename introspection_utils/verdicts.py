@@ -770,12 +770,11 @@ def random_null(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def null_medians(df: pd.DataFrame) -> dict[str, float]:
-    """The medians of max-over-scales I and S of the concept vectors and of the random vectors of a scale sweep
-    (``concept_I``, ``random_I``, ``concept_S``, ``random_S``), and how many concepts exceed every random vector on
-    each (``beat_I``, ``beat_S``): the numbers that show whether a statistic sits near 0 where only introspection
-    should move it."""
-    null = random_null(df)
+def null_medians(null: pd.DataFrame) -> dict[str, float]:
+    """From a :func:`random_null` table: the medians of max-over-scales I and S of the concept vectors and of the
+    random vectors (``concept_I``, ``random_I``, ``concept_S``, ``random_S``), and how many concepts exceed every
+    random vector on each (``beat_I``, ``beat_S``): the numbers that show whether a statistic sits near 0 where only
+    introspection should move it."""
     concept, random = null[null["vector_kind"] == "concept"], null[null["vector_kind"] == "random"]
     out = {"n_concepts": float(len(concept)), "n_random": float(len(random))}
     for name, column in (("I", "statistic"), ("S", "shift")):

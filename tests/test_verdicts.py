@@ -326,7 +326,7 @@ def test_random_null_and_its_medians_hold_I_and_S():
     assert {"statistic", "shift"} <= set(null.columns) and len(null) == 4 + 20
     row = null[(null["concept"] == "squeeze")].iloc[0]
     assert row["shift"] > 3.0 and abs(row["statistic"]) < 0.3
-    medians = verdicts.null_medians(df)
+    medians = verdicts.null_medians(null)
     assert medians["random_I"] == pytest.approx(null.loc[null["vector_kind"] == "random", "statistic"].median())
     assert medians["random_S"] > medians["random_I"] and medians["n_random"] == 20
 
