@@ -64,7 +64,7 @@ def _residual_words(row: pd.Series) -> str:
     moved = row["introspection"] - row["introspection_baseline"]
     predicted = row["predicted"] - row["introspection_baseline"]
     fit = (f"b = {row['push']:+.2f}, c = {row['slope']:+.2f}" if row["fit_ok"] else
-           f"the controls' fit is degenerate: too few controls or too little spread in their baselines")
+           "the controls' fit is degenerate: too few controls or too little spread in their baselines")
     return (f"I = {row['residual']:+.2f}: the introspection answer moved {moved:+.2f} where the controls' line "
             f"predicts {predicted:+.2f} at its own baseline ({fit})")
 

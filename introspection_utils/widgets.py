@@ -34,8 +34,8 @@ class ExplorerState:
     difference), ``baseline`` (that question without injection), ``introspection`` and ``control_mean`` (the current
     trial's introspection answer and control mean), ``predicted`` (what the controls' line b + c·baseline predicts
     for the introspection answer at its own baseline: :meth:`verdicts.QuestionCurves.predicted`), ``residual`` (I, the
-    introspection answer's shift beyond that prediction), ``fit_ok``, ``vector_norm``. ``question`` is ``"introspection"`` or one of
-    :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed ``seed``) instead.
+    introspection answer's shift beyond that prediction), ``fit_ok``, ``vector_norm``. ``question`` is
+    ``"introspection"`` or one of :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed ``seed``) instead.
     """
 
     def __init__(self, handle: ModelHandle, concepts: Sequence[str], *, scales: Sequence[float] = (0, 1, 2, 4, 8, 16),
