@@ -35,7 +35,8 @@ class ExplorerState:
     trial's introspection answer and control mean), ``predicted`` (what the controls' line b + c·baseline predicts
     for the introspection answer at its own baseline: :meth:`verdicts.QuestionCurves.predicted`), ``residual`` (I, the
     introspection answer's shift beyond that prediction), ``fit_ok``, ``vector_norm``. ``question`` is
-    ``"introspection"`` or one of :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed ``seed``) instead.
+    ``"introspection"`` or one of :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed
+    ``seed``) instead.
     """
 
     def __init__(self, handle: ModelHandle, concepts: Sequence[str], *, scales: Sequence[float] = (0, 1, 2, 4, 8, 16),
