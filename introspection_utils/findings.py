@@ -21,13 +21,18 @@ from introspection_utils.data import load_list
 from introspection_utils.paths import atomic_write, figures_dir, project_root, replace_block
 from introspection_utils.readings import curve_correlation
 from introspection_utils.sweeps import load_result
-from introspection_utils.verdicts import EFFECT_THRESHOLD, MIN_ANSWER_MASS, class_counts, random_null
+from introspection_utils.verdicts import EFFECT_THRESHOLD, MIN_ANSWER_MASS, class_counts, null_medians, random_null
 
 FINDINGS_MODEL = "qwen2.5-coder-1.5b-instruct"
 
 
 def _verdict(row: pd.Series) -> str:
-    return (f"{row['class']} (S = {row['shift']:+.2f} at scale {row['peak_scale']:g}, q = {row['q_value']:.2g}; "
+    if "I" not in row.index or pd.isna(row.get("I")):  # an atlas table saved before I existed
+        residual = "I not in this table (saved before it was the statistic)"
+    else:
+        residual = (f"I = {row['I']:+.2f} at scale {row['peak_scale']:g} beyond the controls' line (b = "
+                    f"{row['b']:+.2f}, c = {row['c']:+.2f})")
+    return (f"{row['class']} ({residual}, q = {row['q_value']:.2g}; S = {row['shift']:+.2f}; "
             f"at scale {row['effect_scale']:g} introspection Δ {row['introspection_delta']:+.2f}, control Δ "
             f"{row['control_delta']:+.2f}; answer mass {row['answer_mass']:.2f})")
 
@@ -67,12 +72,16 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
                                                                      if specific else ""),
             bool(specific) and counts["shared yes-shift"] > 0)
     null = random_null(sweep)
-    randoms = null[null["vector_kind"] == "random"]["statistic"]
-    beat = int((atlas["shift"] > randoms.max()).sum()) if len(randoms) else 0
+    randoms = null[null["vector_kind"] == "random"]
+    medians = null_medians(null)
+    beat = int(medians["beat_I"]) if len(randoms) else 0
     add("concept vectors act more strongly than random vectors of the same norm", f"{len(randoms)} random vectors",
-        f"largest introspection-specific shift of a random vector {randoms.max():+.2f} (median {randoms.median():+.2f}"
-        f"); {beat} of {len(atlas)} concepts exceed every random vector; {int((randoms >= EFFECT_THRESHOLD).sum())} "
-        f"random vectors lift the introspection question ≥ {EFFECT_THRESHOLD:g} logit more than the controls",
+        f"max-over-scales introspection residual I: random vectors median {medians['random_I']:+.2f} (largest "
+        f"{randoms['statistic'].max():+.2f}), concepts median {medians['concept_I']:+.2f}; {beat} of "
+        f"{int(medians['n_concepts'])} concepts exceed every random vector on I. The contrast S: random median "
+        f"{medians['random_S']:+.2f}, concepts {medians['concept_S']:+.2f}, {int(medians['beat_S'])} above every "
+        f"random vector; {int((randoms['shift'] >= EFFECT_THRESHOLD).sum())} random vectors lift the introspection "
+        f"question ≥ {EFFECT_THRESHOLD:g} logit more than the controls",
         beat > 0)
     low = int(atlas["low_mass"].sum())
     add("a 'yes' is the model's answer (answer mass)", f"{len(atlas)} concepts",

@@ -1,8 +1,8 @@
 """The atlas: every concept measured the same way and given a calibrated verdict — is its "yes" introspection, or a
 generic push of the logits that the control questions share?
 
-The definitions (introspection-specific shift, flip scale, answer mass), the test and the classes live in
-:mod:`introspection_utils.verdicts`; this module runs the sweep the test needs and words the result.
+The definitions (the introspection residual I, the contrast S, flip scale, answer mass), the test and the classes
+live in :mod:`introspection_utils.verdicts`; this module runs the sweep the test needs and words the result.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from introspection_utils.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,
     MIN_ANSWER_MASS,
+    MIN_CONTROL_SPAN,
+    MIN_FIT_CONTROLS,
     MIN_RANDOM,
     N_BOOT,
     class_counts,
@@ -66,26 +68,33 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
 
 def summary(table: pd.DataFrame, df: pd.DataFrame, *, alpha: float = ALPHA) -> str:
     """Sentences computed from a verdict table and its sweep: the class counts, each introspection-specific concept
-    with its shift, interval and q-value, the random-vector null, and how many readings sit at a low answer mass."""
+    with its I, interval, the controls' line and q-value (S beside it), degenerate fits, the random-vector null (I and
+    S), and how many readings sit at a low answer mass."""
     counts = class_counts(table)
     parts = [f"{len(table)} concepts at layer {', '.join(map(str, sorted(table['layer'].unique())))}: "
              + ", ".join(f"{n} {c}" for c, n in counts.items()) + f" (α = {alpha:g}, Benjamini–Hochberg)."]
     specific = table[table["class"] == "introspection-specific"]
     for r in specific.itertuples():
-        parts.append(f"'{r.concept}' is introspection-specific: S = {r.shift:+.2f} at scale {r.peak_scale:g} "
-                     f"(95% CI {r.shift_ci_low:+.2f} to {r.shift_ci_high:+.2f}), p_questions = {r.p_questions:.3g}, "
-                     f"p_random = {r.p_random:.3g}, q = {r.q_value:.3g}.")
+        parts.append(f"'{r.concept}' is introspection-specific: I = {r.I:+.2f} at scale {r.peak_scale:g} "
+                     f"(95% CI {r.I_ci_low:+.2f} to {r.I_ci_high:+.2f}; the controls' line b = {r.b:+.2f}, c = "
+                     f"{r.c:+.2f}), p_questions = {r.p_questions:.3g}, p_random = {r.p_random:.3g}, q = "
+                     f"{r.q_value:.3g}; S = {r.shift:+.2f}.")
     if specific.empty:
         best = table.iloc[0]
         parts.append(f"None is introspection-specific; the smallest q-value is '{best['concept']}' (q = "
-                     f"{best['q_value']:.3g}, S = {best['shift']:+.2f} at scale {best['peak_scale']:g}, p_questions "
-                     f"= {best['p_questions']:.3g}, p_random = {best['p_random']:.3g}).")
+                     f"{best['q_value']:.3g}, I = {best['I']:+.2f} at scale {best['peak_scale']:g}, p_questions "
+                     f"= {best['p_questions']:.3g}, p_random = {best['p_random']:.3g}; S = {best['shift']:+.2f}).")
+    degenerate = int((~table["fit_ok"].astype(bool)).sum())
+    if degenerate:
+        parts.append(f"For {degenerate} of {len(table)} concepts the controls' fit is degenerate (fewer than "
+                     f"{MIN_FIT_CONTROLS} controls or baselines spanning < {MIN_CONTROL_SPAN:g} logits): no test.")
     null = random_null(df)
-    null = null.loc[null["vector_kind"] == "random", "statistic"]
+    null = null[null["vector_kind"] == "random"]
     if len(null):
-        beat = int((table["shift"] > null.max()).sum())
-        parts.append(f"The {len(null)} random vectors' largest shifts: mean {null.mean():+.2f}, max {null.max():+.2f}; "
-                     f"{beat} of {len(table)} concepts exceed every random vector.")
+        beat = int((table["I"] > null["statistic"].max()).sum())
+        parts.append(f"The {len(null)} random vectors' largest I: median {null['statistic'].median():+.2f}, max "
+                     f"{null['statistic'].max():+.2f} (their largest S: median {null['shift'].median():+.2f}); "
+                     f"{beat} of {len(table)} concepts exceed every random vector on I.")
     low = int(table["low_mass"].sum())
     if low:
         parts.append(f"{low} of {len(table)} concepts are read where the introspection answer mass P(yes)+P(no) is "

@@ -106,6 +106,10 @@ def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: b
     wordings = int(c["n_wordings"].max())
     ax.plot(c.index, c["introspection"].values, color=PALETTE["introspection"], lw=2.4, marker="o", ms=5,
             label="introspection question" + (f" (mean of {wordings} wordings)" if wordings > 1 else ""))
+    if n_controls and x != "lens_layer" and c["predicted"].notna().any():
+        fitted = "b + c·baseline" if c["fit_ok"].all() else "b only: too few controls or too little spread"
+        ax.plot(c.index, c["predicted"].values, color=PALETTE["introspection"], lw=1.6, ls=(0, (4, 2)), marker="x",
+                ms=5, label=f"controls' prediction for it ({fitted}); the gap is I")
     if show_baselines:
         ax.axhline(c["introspection_baseline"].mean(), color=PALETTE["baseline"], ls="--", lw=1.2,
                    label="no injection: introspection")
@@ -314,6 +318,7 @@ CLASS_COLORS: dict[str, str] = {
     "shared suppression": "#D55E00",  # vermillion
     "opposite": "#009E73",  # bluish green
     "one-sided": "#56B4E9",  # sky blue
+    "compression": "#CC79A7",  # reddish purple
     "no effect": PALETTE["baseline"],
 }
 
@@ -350,39 +355,43 @@ def plot_localization(result: Any) -> plt.Figure:
 
 
 def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Figure:
-    """The atlas: every concept's largest introspection-specific shift S (at its peak scale) with its bootstrap
-    interval, ranked and coloured by its verdict class, the q-value beside each; and the concepts' S against the
-    random vectors' (the null). ``table``: :func:`verdicts.verdicts`; ``null``: :func:`verdicts.random_null`."""
-    ranked = table.sort_values("shift", ascending=True, ignore_index=True)
+    """The atlas: every concept's largest introspection residual I (at its peak scale: the wordings' Δ beyond what
+    the controls' line b + c·baseline predicts) with its bootstrap interval, ranked and coloured by its verdict
+    class, the q-value beside each, the contrast S as an open marker; and the concepts' I against the random
+    vectors' (the null). ``table``: :func:`verdicts.verdicts`; ``null``: :func:`verdicts.random_null`."""
+    ranked = table.sort_values("I", ascending=True, ignore_index=True)
     height = max(3.5, 0.32 * len(ranked) + 1.5)
     fig, (ax, ax_null) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [2.2, 1]})
     for cls, color in CLASS_COLORS.items():
         rows = ranked[ranked["class"] == cls]
         if len(rows):
-            err = np.vstack([rows["shift"] - rows["shift_ci_low"], rows["shift_ci_high"] - rows["shift"]])
-            ax.errorbar(rows["shift"], rows.index, xerr=err, fmt="o", ms=6, capsize=3, color=color,
+            err = np.vstack([rows["I"] - rows["I_ci_low"], rows["I_ci_high"] - rows["I"]])
+            ax.errorbar(rows["I"], rows.index, xerr=err, fmt="o", ms=6, capsize=3, color=color,
                         label=f"{cls} ({len(rows)})")
+    ax.scatter(ranked["shift"], ranked.index, marker="D", s=18, facecolors="none", edgecolors="#555555", lw=0.8,
+               label="S, the contrast (not the verdict)")
     for i, r in ranked.iterrows():
-        ax.annotate(f"q={r['q_value']:.2g}", (r["shift_ci_high"], i), xytext=(4, -3), textcoords="offset points",
-                    fontsize=6, color="#333333")
-    randoms = null.loc[null["vector_kind"] == "random", "statistic"] if null is not None else pd.Series(dtype=float)
+        ax.annotate(f"q={r['q_value']:.2g}", (max(r["I_ci_high"], r["shift"]), i), xytext=(4, -3),
+                    textcoords="offset points", fontsize=6, color="#333333")
+    randoms = null[null["vector_kind"] == "random"] if null is not None else pd.DataFrame(columns=["statistic"])
     if len(randoms):
-        lo, hi = np.quantile(randoms, [0.025, 0.975])
-        ax.axvspan(lo, hi, color=PALETTE["random"], alpha=0.15, label="random vectors, central 95%")
+        lo, hi = np.quantile(randoms["statistic"], [0.025, 0.975])
+        ax.axvspan(lo, hi, color=PALETTE["random"], alpha=0.15, label="random vectors' I, central 95%")
     ax.axvline(0, color="black", lw=0.7)
     ax.set_yticks(np.arange(len(ranked)), ranked["concept"], fontsize=8)
     layers = ", ".join(map(str, sorted(table["layer"].unique())))
     model = table["model"].iloc[0] if len(table) else ""
-    _finish(ax, f"{model} · {len(table)} concepts · layer {layers}\nintrospection-specific shift at its peak scale, "
+    _finish(ax, f"{model} · {len(table)} concepts · layer {layers}\nintrospection residual I at its peak scale, "
                 f"95% bootstrap interval (wordings × controls); colour = verdict",
-            "S = mean introspection Δ − mean control Δ (logits)", ylabel="concept")
-    values = [table["shift"].to_numpy(), randoms.to_numpy()]
+            "I = wordings' Δ − controls' prediction b + c·baseline (logits, signed by polarity)", ylabel="concept")
+    values = [table["I"].to_numpy(), randoms["statistic"].to_numpy(float)]
     bins = np.histogram_bin_edges(np.concatenate(values), bins=15)
-    ax_null.hist(table["shift"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
+    ax_null.hist(table["I"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
     if len(randoms):
-        ax_null.hist(randoms, bins=bins, color=PALETTE["random"], alpha=0.5, label=f"random vectors ({len(randoms)})")
+        ax_null.hist(randoms["statistic"], bins=bins, color=PALETTE["random"], alpha=0.5,
+                     label=f"random vectors ({len(randoms)})")
     ax_null.axvline(0, color="black", lw=0.7)
-    _finish(ax_null, "the null: random vectors of the same norm", "largest shift S over scales (logits)",
+    _finish(ax_null, "the null: random vectors of the same norm", "largest I over scales (logits)",
             ylabel="number of vectors")
     fig.tight_layout()
     return fig

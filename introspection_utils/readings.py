@@ -59,10 +59,20 @@ def _flip_words(flip: str, at: float, mass: float) -> str:
             f"at scale {_fmt(at)}, but its answer mass there is {mass:.2f}: not a flip of the model's answer")
 
 
+def _residual_words(row: pd.Series) -> str:
+    """``I = … (the wordings moved … where the controls' line predicts …)`` at one row of :func:`curves`."""
+    moved = row["introspection"] - row["introspection_baseline"]
+    predicted = row["predicted"] - row["introspection_baseline"]
+    fit = (f"b = {row['push']:+.2f}, c = {row['slope']:+.2f}" if row["fit_ok"] else
+           "the controls' fit is degenerate: too few controls or too little spread in their baselines")
+    return (f"I = {row['residual']:+.2f}: the introspection answer moved {moved:+.2f} where the controls' line "
+            f"predicts {predicted:+.2f} at its own baseline ({fit})")
+
+
 def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
-    """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the
-    introspection-specific shift is largest, the scale the verdict's test picks) — and a sentence saying what
-    happens there: the shift, whether each curve has flipped to "yes", and the answer mass."""
+    """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the introspection
+    residual I is largest, the scale the verdict's test picks) — and a sentence saying what happens there: I against
+    the controls' prediction, whether each curve has flipped to "yes", and the answer mass."""
     c = curves(df, concept, layer=layer)
     scale = verdicts.peak_scale(df, concept, layer=layer)
     row = c.loc[scale]
@@ -76,15 +86,16 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
             flips.append(f"the {name} never flips to yes")
         else:
             flips.append(_flip_words(f"the {name} flips to yes", at, c.loc[at, f"{column.split('_')[0]}_mass"]))
-    return scale, (f"{concept}: the introspection-specific shift is largest at scale {_fmt(scale)} (S = "
-                   f"{row['shift']:+.2f}: introspection {row['introspection']:+.2f}, control mean "
+    return scale, (f"{concept}: the introspection residual is largest at scale {_fmt(scale)} ("
+                   f"{_residual_words(row)}; introspection {row['introspection']:+.2f}, control mean "
                    f"{row['control_mean']:+.2f}); {flips[0]}, {flips[1]}{verdicts.mass_note(row['introspection_mass'])}"
                    f"; using scale {_fmt(scale)}.")
 
 
 def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> str:
     """Sentences on one concept's scale sweep: baselines and answer mass, where each curve flips to yes, the largest
-    introspection-specific shift, the concept vector against the random ones, and the question-null p-value."""
+    introspection residual I (the verdict's statistic) beside the contrast S, the concept vector against the random
+    ones, and the question-null p-value."""
     c = curves(df, concept, layer=layer)
     layer = int(verdicts.select(df, concept)["layer"].iloc[0]) if layer is None else layer
     ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
@@ -102,9 +113,11 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
     parts.append(f"{crossing('introspection curve', 'introspection', ib).capitalize()}; "
                  f"{crossing('control mean', 'control_mean', cb)}.")
     peak = verdicts.peak_scale(df, concept, layer=layer)
-    parts.append(f"Largest introspection-specific shift (introspection Δ minus control-mean Δ) over injected scales: "
-                 f"{c.loc[peak, 'shift']:+.2f} at scale {_fmt(peak)}"
-                 f"{verdicts.mass_note(c.loc[peak, 'introspection_mass'])}.")
+    injected = c.loc[c.index != 0, "shift"]
+    parts.append(f"Largest introspection residual I (the wordings' Δ beyond what the controls' line predicts at their "
+                 f"baselines) over injected scales: at scale {_fmt(peak)}, {_residual_words(c.loc[peak])}"
+                 f"{verdicts.mass_note(c.loc[peak, 'introspection_mass'])}; the contrast S (introspection Δ − "
+                 f"control-mean Δ) peaks at S = {injected.max():+.2f} (scale {_fmt(injected.idxmax())}).")
     if c["random_introspection"].notna().any():
         top = float(c.index.max())
         mc = abs(c.loc[top, "introspection"] - ib)
@@ -113,38 +126,42 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
         parts.append(f"At scale {_fmt(top)} the concept vector moves the introspection answer by {mc:.2f}, a random "
                      f"vector of the same norm by {mr:.2f} (the concept vector moves it {rel}).")
     test = verdicts.concept_test(df, concept, layer=layer)
-    parts.append(f"Question null: p = {test['p_questions']:.3g} over {test['n_relabelings']:.0f} relabelings of "
+    parts.append(f"Question null on I: p = {test['p_questions']:.3g} over {test['n_relabelings']:.0f} relabelings of "
                  f"{int(c['n_wordings'].max())} wording(s) and {int(c['n_controls'].max())} controls"
                  + (" (one wording: p cannot go below 1/(n+1); ask several)" if c["n_wordings"].max() == 1 else "")
-                 + ".")
+                 + ("" if test["fit_ok"] else "; the controls' fit is degenerate, so it decides nothing") + ".")
     return " ".join(parts)
 
 
 def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None) -> str:
-    """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, the separation."""
+    """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, and the layer with the
+    largest introspection residual I (with S there)."""
     c = curves(df, concept, x="layer", scale=scale)
     scale = float(verdicts.select(df, concept)["scale"].iloc[0]) if scale is None else scale
-    sep = c["shift"]
+    best = c["residual"].idxmax()
     intro_yes = [int(i) for i in c.index[c["introspection"] > 0]]
     control_yes = [int(i) for i in c.index[c["control_mean"] > 0]]
     return (f"{concept} (scale {_fmt(scale)}): the introspection answer peaks at layer "
             f"{int(c['introspection'].idxmax())} "
             f"({c['introspection'].max():+.2f}), the control mean at layer {int(c['control_mean'].idxmax())} "
             f"({c['control_mean'].max():+.2f}). Layers where introspection leans yes: {intro_yes or 'none'}; "
-            f"control mean: {control_yes or 'none'}. Largest introspection-specific shift {sep.max():+.2f} at layer "
-            f"{int(sep.idxmax())}{verdicts.mass_note(c.loc[sep.idxmax(), 'introspection_mass'])}.")
+            f"control mean: {control_yes or 'none'}. Largest introspection residual at layer {int(best)}: "
+            f"{_residual_words(c.loc[best])} (S there {c.loc[best, 'shift']:+.2f})"
+            f"{verdicts.mass_note(c.loc[best, 'introspection_mass'])}.")
 
 
 def describe_lens(lens: pd.DataFrame, concept: str) -> str:
     """Sentences on one concept's logit lens: the final-layer shift of introspection and control (concept vs random)
-    and the read-out layer where the introspection−control gap is largest."""
+    and the read-out layer where the contrast S (introspection Δ − control-mean Δ, :func:`verdicts.curve_table`) is
+    largest — where in depth the two questions part, a description, not the verdict."""
     sub = verdicts.select(lens, concept)
     sub = sub.assign(shift=sub["lens_diff"] - sub["baseline_lens_diff"])
     last = int(sub["lens_layer"].max())
     inj = int(sub["layer"].iloc[0])
     shift = sub.groupby(["vector_kind", "question_kind", "lens_layer"])["shift"].mean()
     intro, control = shift.loc[("concept", "introspection")], shift.loc[("concept", "control")]
-    gap = (intro - control).loc[inj:]
+    gap = verdicts.curve_table(lens, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")[
+        "shift"].loc[inj:]
     text = (f"{concept} (injected at layer {inj}, scale {_fmt(float(sub['scale'].iloc[0]))}): at the last layer the "
             f"injection shifts introspection by {intro.loc[last]:+.2f} and the control mean by "
             f"{control.loc[last]:+.2f}; the introspection−control gap is largest at read-out layer "

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from introspection_utils import plots, verdicts
@@ -31,8 +32,11 @@ class ExplorerState:
 
     ``values(concept, layer, scale, question, random)`` → a dict: ``value`` (the selected question's yes−no logit
     difference), ``baseline`` (that question without injection), ``introspection`` and ``control_mean`` (the current
-    trial's introspection answer and control mean), ``vector_norm``. ``question`` is ``"introspection"`` or one of
-    :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed ``seed``) instead.
+    trial's introspection answer and control mean), ``predicted`` (what the controls' line b + c·baseline predicts
+    for the introspection answer at its own baseline: :meth:`verdicts.QuestionCurves.predicted`), ``residual`` (I, the
+    introspection answer's shift beyond that prediction), ``fit_ok``, ``vector_norm``. ``question`` is
+    ``"introspection"`` or one of :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed
+    ``seed``) instead.
     """
 
     def __init__(self, handle: ModelHandle, concepts: Sequence[str], *, scales: Sequence[float] = (0, 1, 2, 4, 8, 16),
@@ -81,17 +85,26 @@ class ExplorerState:
         intro = rows[rows["question_kind"] == INTROSPECTION].iloc[0]
         control = rows[rows["question_kind"] == "control"]
         chosen = intro if question == INTROSPECTION else control[control["question"] == question].iloc[0]
+        curves = verdicts.question_curves(df)[(concept, int(layer), "random" if random else "concept",
+                                               self.seed if random else None)]
+        at = int(np.flatnonzero(curves.x == float(scale))[0])
+        signed_base = float((curves.polarity * curves.baseline)[curves.is_intro].mean())
         return {"concept": concept, "layer": int(layer), "scale": float(scale), "question": question,
                 "random": bool(random), "value": float(chosen["logit_diff"]),
                 "baseline": float(chosen["baseline_logit_diff"]), "introspection": float(intro["logit_diff"]),
                 "control_mean": float(control["logit_diff"].mean()), "vector_norm": float(intro["vector_norm"]),
-                "answer_mass": float(chosen["answer_mass"])}
+                "answer_mass": float(chosen["answer_mass"]),
+                "predicted": signed_base + float(curves.predicted()[at]), "residual": float(curves.residual()[at]),
+                "fit_ok": curves.fit_ok}
 
     def describe(self, v: dict[str, Any]) -> str:
         """One line of the current trial's numbers."""
         kind = "random vector" if v["random"] else "concept vector"
+        fit = "" if v["fit_ok"] else " — the controls' fit is degenerate (too few controls or too little spread)"
         return (f"{v['concept']} {kind} at layer {v['layer']}, scale {v['scale']:g} (‖v‖ = {v['vector_norm']:.3g}): "
-                f"introspection yes−no {v['introspection']:+.2f}, control mean {v['control_mean']:+.2f}; "
+                f"introspection yes−no {v['introspection']:+.2f}, control mean {v['control_mean']:+.2f}; the "
+                f"controls' line predicts {v['predicted']:+.2f} for the introspection answer at its own baseline, so "
+                f"I = {v['residual']:+.2f}{fit}; "
                 f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}; answer mass "
                 f"P(yes)+P(no) {v['answer_mass']:.2f}){verdicts.mass_note(v['answer_mass'])}.")
 
@@ -152,7 +165,10 @@ class Explorer:
         v = self.state.values(**current)
         self.numbers.value = (f"<b>introspection yes−no</b> <span class='iu-introspection'>{v['introspection']:+.2f}"
                               f"</span> &nbsp; <b>control mean</b> <span class='iu-control-mean'>"
-                              f"{v['control_mean']:+.2f}</span><br><code>{self.state.describe(v)}</code>")
+                              f"{v['control_mean']:+.2f}</span> &nbsp; <b>controls' prediction for it</b> "
+                              f"<span class='iu-predicted'>{v['predicted']:+.2f}</span> &nbsp; <b>I</b> "
+                              f"<span class='iu-residual'>{v['residual']:+.2f}</span>"
+                              f"<br><code>{self.state.describe(v)}</code>")
         fig = self.state.figure(**current)
         with self.output:
             self.output.clear_output(wait=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_verdicts import _scaled, _table
+from test_verdicts import _scaled, _spread, _table
 
 from introspection_utils import findings, mechanisms, verdicts
 from introspection_utils.paths import project_root, read_block
@@ -29,7 +29,7 @@ def _run():
                 "Bomb": (_scaled([-1.0, -1.1, -0.9, -1.0, *(-1 - c for c in controls)]), 4),
                 "Confusion": (_scaled([1.0, 1.0, 1.1, 0.9, *(1 + c for c in controls)]), 4),
                 "Logic": (_scaled([0.1] * 12), 4)}
-    df = _table(concepts, randoms=randoms)
+    df = _table(concepts, randoms=randoms, baseline=_spread(4, 8))  # controls spanning 8 logits: the fit holds
     return verdicts.verdicts(df, n_boot=200), df
 
 
@@ -45,8 +45,10 @@ def test_claims_follow_the_verdicts():
         "concept vectors act more strongly than random vectors of the same norm": "yes",
         "a 'yes' is the model's answer (answer mass)": "yes",
     }
-    assert "introspection-specific (S = " in table.loc["a clean, introspection-specific separation ('sandwich')",
+    assert "introspection-specific (I = " in table.loc["a clean, introspection-specific separation ('sandwich')",
                                                        "evidence"]
+    random = table.loc["concept vectors act more strongly than random vectors of the same norm", "evidence"]
+    assert "introspection residual I: random vectors median" in random and "The contrast S: random median" in random
     low = findings.claims(atlas.assign(low_mass=True), df).set_index("claim")
     assert low.loc["a 'yes' is the model's answer (answer mass)", "reproduces"] == "no"
 

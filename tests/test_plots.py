@@ -185,3 +185,39 @@ def test_interference_readings_follow_the_numbers():
     assert "move together" in readings.describe_comovement(together, "X")
     apart = _frame([-1, 0, 1, 2], [1, 0, -1, -2], -1, -2)
     assert "do not clearly move together" in readings.describe_comovement(apart, "X")
+
+
+def test_scale_sweep_draws_the_controls_prediction_for_the_introspection_curve(scale_df):
+    """Beside the introspection curve: what a non-introspective question at its own baseline would do — the
+    controls' least-squares line b + c·baseline at each scale (np.polyfit here), added to the wording's baseline."""
+    fig = plots.plot_scale_sweep(scale_df, "Sandwich")
+    line = next(x for x in fig.axes[0].get_lines() if x.get_label().startswith("controls' prediction for it"))
+    rows = scale_df[(scale_df.concept == "Sandwich") & (scale_df.vector_kind == "concept")]
+    expected = []
+    for _, at in rows.groupby("scale"):
+        controls, intro = at[at.question_kind == "control"], at[at.question_kind == "introspection"]
+        c, b = np.polyfit(controls["baseline_logit_diff"], controls["delta"], 1)
+        expected.append(float((intro["baseline_logit_diff"] * (1 + c) + b).mean()))
+    np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-9)
+    assert matplotlib.colors.same_color(line.get_color(), plots.PALETTE["introspection"])
+    plt.close(fig)
+
+
+def test_atlas_figure_shows_I_its_interval_S_and_the_null():
+    from test_verdicts import _atlas_cases, _table
+
+    from introspection_utils import verdicts
+
+    concepts, randoms, base = _atlas_cases()
+    df = _table(concepts, randoms=randoms, baseline=base)
+    table = verdicts.verdicts(df, n_boot=100)
+    fig = plots.plot_atlas(table, verdicts.random_null(df))
+    ax, ax_null = fig.axes
+    _check_axes(ax, title_has=("hand", "4 concepts", "introspection residual I"))
+    labels = plots.legend_labels(fig)
+    assert "introspection-specific (1)" in labels and "compression (1)" in labels
+    assert "S, the contrast (not the verdict)" in labels and "random vectors' I, central 95%" in labels
+    assert "I =" in ax.get_xlabel() and "largest I" in ax_null.get_xlabel()
+    ranked = table.sort_values("I", ignore_index=True)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(ranked["concept"])
+    plt.close(fig)

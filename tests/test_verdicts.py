@@ -20,22 +20,28 @@ from introspection_utils.vectors import VectorBank
 from introspection_utils.verdicts import QuestionCurves
 
 SCALES = [0.0, 1.0, 2.0, 4.0]
+SPREAD = [-3.0, -1.0, 1.0, 3.0, 5.0, -2.0, 0.0, 2.0]  # control baselines spanning 8 logits (cycled)
 
 
 def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[list[list[float]]] = (),
-           baseline: float = -2.0, mass: float = 0.9) -> pd.DataFrame:
+           baseline: float | list[float] = -2.0, mass: float = 0.9, polarity: list[int] | None = None,
+           with_polarity: bool = True) -> pd.DataFrame:
     """A tidy sweep table from per-question deltas at the injected SCALES[1:]: ``concepts`` maps a name to
-    ``(deltas [Q, 3], n_wordings)``; ``randoms``: deltas of random vectors (same questions), under concept 'r'."""
+    ``(deltas [Q, 3], n_wordings)``; ``randoms``: deltas of random vectors (same questions), under concept 'r';
+    ``baseline``: one for every question or one per question; ``polarity``: one ±1 per wording (default +1);
+    ``with_polarity=False`` leaves the column out (a table saved before it existed)."""
     rows = []
 
     def add(concept, kind, seed, deltas, n_wordings):
+        base = np.broadcast_to(np.asarray(baseline, float), (len(deltas),))
         for q, per_scale in enumerate(deltas):
             question_kind = "introspection" if q < n_wordings else "control"
+            sign = (polarity[q] if polarity else 1) if q < n_wordings else 0
             for scale, delta in zip(SCALES, [0.0, *per_scale], strict=True):
                 rows.append({"model": "hand", "concept": concept, "vector_kind": kind, "vector_seed": seed,
                              "vector_norm": 1.0, "layer": 3, "scale": scale, "question_kind": question_kind,
-                             "question": f"{question_kind}-{q}", "question_about": "self",
-                             "logit_diff": baseline + delta, "baseline_logit_diff": baseline, "delta": delta,
+                             "question": f"{question_kind}-{q}", "question_about": "self", "polarity": sign,
+                             "logit_diff": base[q] + delta, "baseline_logit_diff": base[q], "delta": delta,
                              "answer_mass": mass, "baseline_answer_mass": mass})
 
     for name, (deltas, n_wordings) in concepts.items():
@@ -43,13 +49,28 @@ def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[
     first = next(iter(concepts.values()))
     for k, deltas in enumerate(randoms):
         add("r", "random", k, deltas, first[1])
-    df = pd.DataFrame(rows)[COLUMNS]
+    df = pd.DataFrame(rows)[[*COLUMNS, "polarity"] if with_polarity else COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     return df
 
 
 def _scaled(slopes: list[float]) -> list[list[float]]:
     return [[s * x for x in SCALES[1:]] for s in slopes]
+
+
+def _spread(n_wordings: int, n_controls: int, wording: float = -1.0) -> list[float]:
+    """Baselines: the wordings at ``wording``, the controls spread over SPREAD."""
+    return [wording] * n_wordings + [SPREAD[k % len(SPREAD)] for k in range(n_controls)]
+
+
+def _residual_by_hand(delta: np.ndarray, base: np.ndarray, roles: np.ndarray) -> np.ndarray:
+    """I per column of ``delta [Q, S]``: np.polyfit over the controls, then the wordings' signed mean residual."""
+    controls, wordings = roles == 0, roles != 0
+    out = []
+    for d in delta.T:
+        c, b = np.polyfit(base[controls], d[controls], 1)
+        out.append(np.mean(roles[wordings] * (d[wordings] - b - c * base[wordings])))
+    return np.array(out)
 
 
 # ---------------------------------------------------------------------------------------------------- definitions
@@ -69,6 +90,9 @@ def test_curve_table_means_and_shift_by_hand():
     assert list(c["shift"]) == pytest.approx([0.0, 2.0, 2.5, 3.0])
     assert (c["n_wordings"] == 2).all() and (c["n_controls"] == 2).all()
     assert (c["introspection_mass"] == 0.9).all()
+    # every baseline the same: the controls' line is b alone, so I = S here, and the fit is flagged degenerate
+    assert list(c["residual"]) == pytest.approx(list(c["shift"])) and not c["fit_ok"].any()
+    assert list(c["predicted"]) == pytest.approx(list(c["introspection"] - c["residual"]))
 
 
 def test_answer_mass_below_the_threshold_is_said():
@@ -82,37 +106,108 @@ def test_question_curves_order_and_labels():
     c = curves[("x", 3, "concept", None)]
     assert c.is_intro.tolist() == [True, False, False] and c.delta.shape == (3, 4)
     assert c.shift().tolist() == pytest.approx([0.0, 1.0, 1.5, 2.0])
+    assert c.polarity.tolist() == [1, 0, 0]
+
+
+def test_statistic_weights_are_the_least_squares_residual():
+    """I = weights @ Δ equals the wordings' signed mean residual from np.polyfit's line over the controls, for one
+    labelling and for many at once; S's weights give mean wording Δ − mean control Δ."""
+    rng = np.random.default_rng(1)
+    base, delta = rng.normal(0, 2, 9), rng.normal(0, 1, (9, 4))
+    roles = np.array([1, -1, 1, 0, 0, 0, 0, 0, 0])
+    assert verdicts.statistic_weights(base, roles) @ delta == pytest.approx(_residual_by_hand(delta, base, roles))
+    many = np.array([roles, np.roll(roles, 3), np.roll(roles, 5)])
+    by_hand = np.array([_residual_by_hand(delta, base, r) for r in many])
+    assert verdicts.statistic_weights(base, many) @ delta == pytest.approx(by_hand)
+    s = verdicts.statistic_weights(base, roles, "S") @ delta
+    assert s == pytest.approx(delta[:3].mean(axis=0) - delta[3:].mean(axis=0))
+    flat = verdicts.statistic_weights(np.full(9, 0.5), roles) @ delta  # no spread: the line is b alone
+    assert flat == pytest.approx((roles[:3, None] * (delta[:3] - delta[3:].mean(axis=0))).mean(axis=0))
+    with pytest.raises(ValueError, match="choose one of"):
+        verdicts.statistic_weights(base, roles, "T")
+
+
+def test_shared_shift_compression_and_a_balanced_bias_cancel_in_I_but_not_in_S():
+    base = np.array(_spread(4, 8))
+    s = np.array(SCALES)
+    line = 0.7 * s[None, :] - 0.15 * np.outer(base, s)  # a shared push and compression: Δ = b(s) + c(s)·x
+    polarity = [1, 1, -1, -1]
+    c = QuestionCurves.synthetic(SCALES, line, 4, baseline=base, polarity=polarity)
+    assert c.residual() == pytest.approx(np.zeros(4), abs=1e-12)
+    assert c.fit()["b"] == pytest.approx(0.7 * s) and c.fit()["c"] == pytest.approx(-0.15 * s)
+    assert (c.shift()[1:] > 0.2).all()  # the wordings start lower than the controls: compression lifts S
+    biased = line.copy()
+    biased[:4] += 0.4 * s  # every wording, both polarities, pushed towards yes more than the controls
+    b = QuestionCurves.synthetic(SCALES, biased, 4, baseline=base, polarity=polarity)
+    assert b.residual() == pytest.approx(np.zeros(4), abs=1e-12)
+    planted = line.copy()
+    planted[:4] += 0.4 * np.outer(polarity, s)  # detect wordings up, inverted down: towards reporting detection
+    p = QuestionCurves.synthetic(SCALES, planted, 4, baseline=base, polarity=polarity)
+    assert p.residual() == pytest.approx(0.4 * s)
+    assert p.group_delta(True) - p.predicted() == pytest.approx(p.residual())
+
+
+def test_polarity_defaults_for_old_tables_and_is_read_from_new_ones():
+    deltas = _scaled([1.0, -1.0, 0.0, 0.1, -0.1, 0.0])
+    old = _table({"x": (deltas, 2)}, with_polarity=False, baseline=_spread(2, 4))
+    new = _table({"x": (deltas, 2)}, polarity=[1, -1], baseline=_spread(2, 4))
+    assert verdicts.question_curves(old)[("x", 3, "concept", None)].polarity.tolist() == [1, 1, 0, 0, 0, 0]
+    c = verdicts.question_curves(new)[("x", 3, "concept", None)]
+    assert c.polarity.tolist() == [1, -1, 0, 0, 0, 0]
+    assert c.group_delta(True)[1:] == pytest.approx(np.array(SCALES[1:]))  # the inverted one fell: detection
+    table = verdicts.curve_table(new, "x")
+    assert list(table["residual"]) == pytest.approx(list(c.residual()))
+    with pytest.raises(ValueError, match="polarity"):
+        verdicts.question_curves(new.assign(polarity=new["polarity"].replace(-1, 2)))
 
 
 # -------------------------------------------------------------------------------------------------------- the test
 
 def test_question_null_p_value_by_enumeration():
+    """p_questions by hand: every choice of which questions are wordings and which of those are inverted, I refitted
+    each time (np.polyfit), the max over injected scales compared with the observed one."""
     rng = np.random.default_rng(0)
-    delta = rng.normal(size=(6, 3))
-    c = QuestionCurves.synthetic([0.0, 1.0, 2.0], np.c_[np.zeros(6), delta[:, :2]], n_intro=2)
-    t_obs = c.shift()[1:].max()
+    base = rng.normal(0, 2, 7)
+    delta = np.c_[np.zeros(7), rng.normal(size=(7, 2))]
+    c = QuestionCurves.synthetic([0.0, 1.0, 2.0], delta, n_intro=3, baseline=base, polarity=[1, -1, 1])
+    t_obs = c.residual()[1:].max()
     by_hand = []
-    for chosen in itertools.combinations(range(6), 2):
-        mask = np.isin(np.arange(6), chosen)
-        by_hand.append(c.shift(mask)[1:].max())
+    for chosen in itertools.combinations(range(7), 3):
+        for negative in chosen:
+            roles = np.zeros(7, int)
+            roles[list(chosen)] = 1
+            roles[negative] = -1
+            by_hand.append(_residual_by_hand(delta, base, roles)[1:].max())
     expected = np.mean(np.array(by_hand) >= t_obs - 1e-12)
     test = verdicts.shift_test(c)
-    assert test["exact"] == 1.0 and test["n_relabelings"] == 15
+    assert test["exact"] == 1.0 and test["n_relabelings"] == math.comb(7, 3) * 3 == len(by_hand)
     assert test["p_questions"] == pytest.approx(expected)
     assert test["p_value"] == 1.0 and math.isnan(test["p_random"])  # no random vectors, no verdict
+
+
+def test_sampled_relabelings_keep_the_sign_pattern():
+    roles = np.array([1, 1, -1, -1] + [0] * 16)  # C(20, 4)·C(4, 2) > MAX_EXACT: sampled
+    sampled, exact = verdicts.relabelings(roles, np.random.default_rng(0))
+    assert not exact and sampled.shape == (verdicts.N_PERMUTATIONS, 20)
+    assert ((sampled == 1).sum(axis=1) == 2).all() and ((sampled == -1).sum(axis=1) == 2).all()
+    assert (sampled[:, :4] == -1).any() and (sampled[:, 4:] != 0).any()  # signs and positions both move
 
 
 def test_one_wording_cannot_go_below_one_over_n_plus_one():
     delta = np.zeros((11, 2))
     delta[0, 1] = 10.0  # the single wording moves far more than any control
-    test = verdicts.shift_test(QuestionCurves.synthetic([0.0, 1.0], delta, n_intro=1))
+    test = verdicts.shift_test(QuestionCurves.synthetic([0.0, 1.0], delta, n_intro=1, baseline=_spread(1, 10)))
     assert test["p_questions"] == pytest.approx(1 / 11)
 
 
 def test_random_null_is_a_prediction_test_against_the_random_vectors():
-    c = QuestionCurves.synthetic([0.0, 1.0], np.array([[0, 3.0], [0, 0.0], [0, 0.0]]), n_intro=1)
-    randoms = [QuestionCurves.synthetic([0.0, 1.0], np.array([[0, t], [0, 0.0], [0, 0.0]]), n_intro=1)
-               for t in (0.0, 1.0, 2.0, 1.0)]
+    base = _spread(1, 4)
+
+    def curves(t):
+        return QuestionCurves.synthetic([0.0, 1.0], np.array([[0, t]] + [[0, 0.0]] * 4), n_intro=1, baseline=base)
+
+    c = curves(3.0)
+    randoms = [curves(t) for t in (0.0, 1.0, 2.0, 1.0)]
     test = verdicts.shift_test(c, randoms)
     t_rand = np.array([0.0, 1.0, 2.0, 1.0])
     z = (3.0 - t_rand.mean()) / (t_rand.std(ddof=1) * math.sqrt(1 + 1 / 4))
@@ -122,7 +217,23 @@ def test_random_null_is_a_prediction_test_against_the_random_vectors():
     assert test["random_rank"] == pytest.approx(1 / 5)
     assert test["p_value"] == max(test["p_questions"], test["p_random"])
     with pytest.raises(ValueError, match="other scales or with other questions"):
-        verdicts.shift_test(c, [QuestionCurves.synthetic([0.0, 2.0], np.zeros((3, 2)), n_intro=1)] * 3)
+        verdicts.shift_test(c, [QuestionCurves.synthetic([0.0, 2.0], np.zeros((5, 2)), n_intro=1)] * 3)
+
+
+@pytest.mark.parametrize("baseline,n_controls", [(-2.0, 6), (None, 2)])
+def test_a_degenerate_fit_runs_no_test_and_says_so(baseline, n_controls):
+    """Controls without spread (all at −2) or too few of them: the slope is not identified, p = 1 whatever the
+    data, and the verdict's sentence says why."""
+    slopes = [3.0, 3.0] + [0.0] * n_controls
+    base = baseline if baseline is not None else _spread(2, n_controls)
+    randoms = [_scaled([0.0] * len(slopes))] * 4
+    df = _table({"x": (_scaled(slopes), 2)}, randoms=randoms, baseline=base)
+    c = verdicts.question_curves(df)[("x", 3, "concept", None)]
+    assert not c.fit_ok
+    table = verdicts.verdicts(df, n_boot=100)
+    row = table.iloc[0]
+    assert row["p_value"] == 1.0 and not row["fit_ok"] and row["class"] != "introspection-specific"
+    assert "degenerate" in verdicts.describe_verdict(row) and "no test was run" in verdicts.describe_verdict(row)
 
 
 def test_benjamini_hochberg_matches_statsmodels():
@@ -130,15 +241,24 @@ def test_benjamini_hochberg_matches_statsmodels():
     assert verdicts.benjamini_hochberg(p) == pytest.approx(multipletests(p, method="fdr_bh")[1])
 
 
-@pytest.mark.parametrize("name,slopes,n_wordings", [
-    ("shared yes-shift", [1.0, 1.1, 0.9, 1.0, 1.05, 0.95], 2),
-    ("shared suppression", [-1.0, -1.1, -0.9, -1.0, -1.05, -0.95], 2),
-    ("opposite", [-0.8, -0.9, 0.5, 0.6, 0.55, 0.5], 2),
-    ("one-sided", [0.1, 0.0, 0.8, 0.9, 0.7, 0.8], 2),
-    ("no effect", [0.1, 0.05, 0.0, -0.05, 0.1, 0.0], 2),
-])
-def test_each_class_rule_on_hand_built_curves(name, slopes, n_wordings):
-    c = QuestionCurves.synthetic(SCALES, np.c_[np.zeros(len(slopes)), _scaled(slopes)], n_intro=n_wordings)
+def _class_case(name: str) -> QuestionCurves:
+    base = np.array(_spread(2, 6))
+    s = np.array(SCALES)
+    kappa = 1 - np.exp(-s / 2)
+    squeeze = -0.9 * np.outer(base, kappa)  # compression: |c|·max|x| reaches 4 logits
+    delta = {"shared yes-shift": np.outer(np.ones(8), s) + 0.05 * squeeze,
+             "shared suppression": -np.outer(np.ones(8), s),
+             "compression": squeeze,
+             "opposite": squeeze + np.outer([-0.8, -0.8] + [0.0] * 6, s),
+             "one-sided": np.outer([0.8, 0.8] + [0.05, -0.05] * 3, s),
+             "no effect": np.outer([0.1, 0.05] + [0.0, 0.02] * 3, s)}[name]
+    return QuestionCurves.synthetic(SCALES, delta, 2, baseline=base)
+
+
+@pytest.mark.parametrize("name", ["shared yes-shift", "shared suppression", "compression", "opposite", "one-sided",
+                                  "no effect"])
+def test_each_class_rule_on_hand_built_curves(name):
+    c = _class_case(name)
     assert verdicts.classify(c, q_value=1.0) == name
     assert verdicts.classify(c, q_value=0.01) == "introspection-specific"  # the test decides first
 
@@ -147,53 +267,89 @@ def test_each_class_rule_on_hand_built_curves(name, slopes, n_wordings):
 
 def _atlas_cases():
     rng = np.random.default_rng(3)
-    randoms = [_scaled(0.5 + rng.normal(0, 0.05, 8)) for _ in range(20)]
+    base = _spread(4, 8)
+    squeeze = [-0.6 * x for x in base]  # compression: Δ = −0.6·x per unit scale
+    randoms = [_scaled(0.5 + rng.normal(0, 0.05, 12) + 0.3 * np.array(squeeze)) for _ in range(20)]
     concepts = {
-        "sandwich": (_scaled([2.0, 2.1, 1.9, 2.0, 0.1, 0.0, 0.05, 0.1]), 4),  # only the wordings move
-        "water": (_scaled([1.0, 1.05, 0.95, 1.0, 1.0, 1.02, 0.98, 1.0]), 4),  # everything moves alike
-        "bomb": (_scaled([-1.0, -1.1, -0.9, -1.0, -1.0, -1.05, -0.95, -1.0]), 4),
+        "sandwich": (_scaled([2.0, 2.1, 1.9, 2.0] + [0.1, 0.0, 0.05, 0.1] * 2), 4),  # only the wordings move
+        "water": (_scaled([1.0, 1.05, 0.95, 1.0] + [1.0, 1.02, 0.98, 1.0] * 2), 4),  # everything moves alike
+        "bomb": (_scaled([-1.0, -1.1, -0.9, -1.0] + [-1.0, -1.05, -0.95, -1.0] * 2), 4),
+        "squeeze": (_scaled([q + e for q, e in zip(squeeze, rng.normal(0, 0.02, 12), strict=True)]), 4),
     }
-    return concepts, randoms
+    return concepts, randoms, base
 
 
 def test_atlas_classes_pvalues_and_reproducibility():
-    concepts, randoms = _atlas_cases()
-    df = _table(concepts, randoms=randoms)
+    concepts, randoms, base = _atlas_cases()
+    df = _table(concepts, randoms=randoms, baseline=base)
     table = verdicts.verdicts(df, n_boot=300)
     assert list(table.columns) == verdicts.ATLAS_COLUMNS
     got = dict(zip(table["concept"], table["class"], strict=True))
-    assert got == {"sandwich": "introspection-specific", "water": "shared yes-shift", "bomb": "shared suppression"}
-    sandwich = table.set_index("concept").loc["sandwich"]
-    assert sandwich["p_questions"] == pytest.approx(1 / math.comb(8, 4))  # the observed labelling is the extreme
-    assert sandwich["peak_scale"] == 4.0 and sandwich["shift_ci_low"] > 0 and sandwich["n_random"] == 20
+    assert got == {"sandwich": "introspection-specific", "water": "shared yes-shift", "bomb": "shared suppression",
+                   "squeeze": "compression"}
+    by = table.set_index("concept")
+    sandwich = by.loc["sandwich"]
+    assert sandwich["p_questions"] == pytest.approx(1 / math.comb(12, 4))  # the observed labelling is the extreme
+    assert sandwich["peak_scale"] == 4.0 and sandwich["I_ci_low"] > 0 and sandwich["n_random"] == 20
+    assert sandwich["fit_ok"] and sandwich["control_span"] == pytest.approx(8.0)
     assert sandwich["answer_mass"] == pytest.approx(0.9) and not sandwich["low_mass"]
+    # compression alone: S is large (the wordings start lower than the controls), I is ~0 and the test is not fooled
+    squeeze = by.loc["squeeze"]
+    assert squeeze["shift"] > 3.0 and abs(squeeze["I"]) < 0.3 and squeeze["q_value"] > 0.05
+    assert squeeze["c"] == pytest.approx(-0.6 * 4, abs=0.1) and squeeze["fit_r2"] > 0.99
     assert table["concept"].iloc[0] == "sandwich"  # ranked by q-value
-    alone = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=randoms), n_boot=300).iloc[0]
-    assert (alone["shift_ci_low"], alone["shift_ci_high"]) == (sandwich["shift_ci_low"], sandwich["shift_ci_high"])
+    alone = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=randoms, baseline=base),
+                              n_boot=300).iloc[0]
+    assert (alone["I_ci_low"], alone["I_ci_high"]) == (sandwich["I_ci_low"], sandwich["I_ci_high"])
     assert table.equals(verdicts.verdicts(df, n_boot=300))
     text = metrics.summary(table, df)
-    assert "3 concepts at layer 3: 1 introspection-specific, 1 shared yes-shift, 1 shared suppression" in text
+    assert ("4 concepts at layer 3: 1 introspection-specific, 1 shared yes-shift, 1 shared suppression, "
+            "1 compression") in text
     assert "'sandwich' is introspection-specific" in text
-    assert "introspection-specific" in verdicts.describe_verdict(sandwich.to_dict() | {"concept": "sandwich"})
+    words = verdicts.describe_verdict(sandwich.to_dict() | {"concept": "sandwich"})
+    assert "introspection-specific" in words and "I = +" in words and "S (introspection Δ − control Δ)" in words
+    assert "no inverted one" in words  # one polarity only: the sentence says what that cannot rule out
+
+
+def test_bootstrap_interval_of_I_covers_it():
+    concepts, randoms, base = _atlas_cases()
+    c = verdicts.question_curves(_table(concepts, randoms=randoms, baseline=base))[("sandwich", 3, "concept", None)]
+    ci = verdicts.bootstrap_interval(c, 3, rng=np.random.default_rng(0), n_boot=500)
+    assert ci["I_ci_low"] <= c.residual()[3] <= ci["I_ci_high"]
+    assert ci["shift_ci_low"] <= c.shift()[3] <= ci["shift_ci_high"]
+
+
+def test_random_null_and_its_medians_hold_I_and_S():
+    concepts, randoms, base = _atlas_cases()
+    df = _table(concepts, randoms=randoms, baseline=base)
+    null = verdicts.random_null(df)
+    assert {"statistic", "shift"} <= set(null.columns) and len(null) == 4 + 20
+    row = null[(null["concept"] == "squeeze")].iloc[0]
+    assert row["shift"] > 3.0 and abs(row["statistic"]) < 0.3
+    medians = verdicts.null_medians(null)
+    assert medians["random_I"] == pytest.approx(null.loc[null["vector_kind"] == "random", "statistic"].median())
+    assert medians["random_S"] > medians["random_I"] and medians["n_random"] == 20
 
 
 def test_a_concept_whose_random_vectors_do_the_same_is_not_specific():
-    concepts, _ = _atlas_cases()
-    same = [_scaled([2.0, 2.1, 1.9, 2.0, 0.1, 0.0, 0.05, 0.1])] * 3 + [_scaled([1.9, 2.0, 2.0, 1.9] + [0.0] * 4)] * 3
-    table = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=same), n_boot=200)
-    assert table["class"].iloc[0] != "introspection-specific" and table["p_random"].iloc[0] > 0.3
+    concepts, _, base = _atlas_cases()
+    same = ([_scaled([2.0, 2.1, 1.9, 2.0] + [0.1, 0.0, 0.05, 0.1] * 2)] * 3
+            + [_scaled([1.9, 2.0, 2.0, 1.9] + [0.0] * 8)] * 3)
+    table = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=same, baseline=base), n_boot=200)
+    assert table["class"].iloc[0] != "introspection-specific" and table["p_random"].iloc[0] > 0.1
 
 
 def test_low_answer_mass_is_flagged():
-    concepts, randoms = _atlas_cases()
-    table = verdicts.verdicts(_table(concepts, randoms=randoms, mass=0.1), n_boot=100)
+    concepts, randoms, base = _atlas_cases()
+    df = _table(concepts, randoms=randoms, mass=0.1, baseline=base)
+    table = verdicts.verdicts(df, n_boot=100)
     assert table["low_mass"].all()
-    assert "below 0.5" in metrics.summary(table, _table(concepts, randoms=randoms, mass=0.1))
+    assert "below 0.5" in metrics.summary(table, df)
 
 
 def test_atlas_rejects_tables_without_controls_or_concepts():
-    concepts, randoms = _atlas_cases()
-    df = _table(concepts, randoms=randoms)
+    concepts, randoms, base = _atlas_cases()
+    df = _table(concepts, randoms=randoms, baseline=base)
     with pytest.raises(ValueError, match="introspection and control questions"):
         verdicts.verdicts(df[df["question_kind"] != "control"])
     with pytest.raises(ValueError, match="no concept-vector rows"):
@@ -204,14 +360,16 @@ def test_atlas_rejects_tables_without_controls_or_concepts():
 
 def test_readings_use_the_peak_scale_and_the_one_flip_definition():
     deltas = _scaled([1.0, 0.1, 0.1, 0.2])  # one wording, three controls; intro crosses 0 at scale 4
-    df = _table({"X": (deltas, 1)}, baseline=-2.0)
+    df = _table({"X": (deltas, 1)}, baseline=[-2.0, -3.0, -1.0, 1.0])
     assert readings.flip_scale(df, "X") == 4.0 and readings.flip_scale(df, "X", question_kind="control") is None
     scale, why = readings.choose_scale(df, "X")
     assert scale == verdicts.peak_scale(df, "X") == 4.0
     assert "flips to yes at scale 4" in why and "control mean never flips" in why
+    assert "I = " in why and "controls' line predicts" in why
     text = readings.describe_scale_sweep(df, "X")
     assert "one wording: p cannot go below 1/(n+1)" in text and "p = 0.25" in text
-    low = _table({"X": (deltas, 1)}, mass=0.1)
+    assert "introspection residual I" in text and "S = " in text
+    low = _table({"X": (deltas, 1)}, mass=0.1, baseline=[-2.0, -3.0, -1.0, 1.0])
     assert "not the model's answer" in readings.choose_scale(low, "X")[1]
     assert "puts yes over no at scale 4, but its answer mass there is 0.10: not a flip" in readings.choose_scale(
         low, "X")[1]
@@ -235,17 +393,25 @@ def test_run_atlas_on_a_tiny_model(tiny_llama, tmp_path):
 # ------------------------------------------------------------------------------------------------- calibration
 
 def test_calibration_false_positives_and_power():
-    """≥ 1,000 synthetic concepts per scenario: shared shifts, a relabelled control and 'random vectors alike' are
-    called introspection-specific at most at the nominal rate; a planted effect is found with the stated power."""
+    """≥ 1,000 synthetic concepts per scenario: a shared shift, a question-specific bias, compression (alone and with
+    a shift), a relabelled control and 'random vectors alike' are called introspection-specific by I at most at the
+    nominal rate; a planted effect is found with the stated power; S, tested the same way, is fooled by compression
+    and by the bias (the reason I decides)."""
     table = calibration.calibrate(n_concepts=1000, progress=False).set_index("scenario")
-    print("\ncalibration (α = 0.05, 4 wordings, 10 controls, 2 random vectors per concept, atlases of 50):")
-    print(table[["called", "p_below_alpha", "p_questions_below_alpha", "truth"]].to_string())
+    print("\ncalibration (α = 0.05, 2 detect + 2 inverted wordings, 10 controls, 2 random vectors, atlases of 50):")
+    print(table[["called", "p_below_alpha", "p_questions_below_alpha", "S_called", "S_p_below_alpha", "truth"]]
+          .to_string())
+    margin = calibration.binomial_margin(0.05, 1000)  # 3 standard errors at n = 1000: 0.021
     for scenario in calibration.FALSE_POSITIVE_SCENARIOS:
         assert table.loc[scenario, "called"] <= 0.05
-        # uncorrected, per concept: the nominal 5% within binomial error (3 sd at n = 1000 is 0.021)
-        assert table.loc[scenario, "p_below_alpha"] <= 0.05 + 0.021
-    assert table.loc["relabelled control", "p_questions_below_alpha"] <= 0.05 + 0.021
-    assert table.loc["planted δ=0.25", "called"] >= 0.6  # the power the README states (measured 0.77)
-    assert table.loc["planted δ=0.1", "called"] < table.loc["planted δ=0.25", "called"]
+        # uncorrected, per concept: the nominal 5% within binomial error
+        assert table.loc[scenario, "p_below_alpha"] <= 0.05 + margin, scenario
+        if scenario != "random vectors alike":  # there the wordings do move: only the random-vector null holds
+            assert table.loc[scenario, "p_questions_below_alpha"] <= 0.05 + margin, scenario
+    for scenario in ("compression", "compression + shift", "question-specific bias"):
+        assert table.loc[scenario, "S_p_below_alpha"] > 0.05 + margin, scenario  # S is fooled
+    assert table.loc["planted δ=0.1", "called"] >= 0.6  # the power the README states
+    assert table.loc["planted δ=0.05", "called"] < table.loc["planted δ=0.1", "called"] <= table.loc[
+        "planted δ=0.25", "called"]
     # the README's table is this run's (deterministic: the same seed gives the same numbers)
     assert read_block(project_root() / "README.md", "calibration") == calibration.markdown(table.reset_index())

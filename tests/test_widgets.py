@@ -72,3 +72,23 @@ def test_widget_callbacks_redraw_from_the_cache(state):
     assert "random vector" in ui.numbers.value and f"{v['introspection']:+.2f}" in ui.numbers.value
     ui.layer.value = 0
     assert state.misses == misses + 1
+
+
+def test_numbers_include_the_controls_prediction_and_I(state):
+    """The explorer's prediction is the controls' least-squares line (np.polyfit here) at the introspection
+    question's own baseline, and I is the introspection answer's distance from it."""
+    import numpy as np
+
+    v = state.values("Water", 1, 8)
+    rows = state.sweep("Water", 1)
+    at = rows[(rows["scale"] == 8.0) & (rows["vector_kind"] == "concept")]
+    controls, intro = at[at.question_kind == "control"], at[at.question_kind == "introspection"].iloc[0]
+    if len(controls) >= 2 and controls["baseline_logit_diff"].nunique() > 1:
+        c, b = np.polyfit(controls["baseline_logit_diff"], controls["delta"], 1)
+    else:
+        c, b = 0.0, controls["delta"].mean()
+    assert v["predicted"] == pytest.approx(intro["baseline_logit_diff"] * (1 + c) + b)
+    assert v["residual"] == pytest.approx(v["introspection"] - v["predicted"])
+    text = state.describe(v)
+    assert "controls' line predicts" in text and f"I = {v['residual']:+.2f}" in text
+    assert "degenerate" in text  # two controls: the slope is not identified, and the line says so
