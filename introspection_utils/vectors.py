@@ -143,8 +143,10 @@ def null_vector(like: ConceptVector, seed: int, kind: str = "isotropic", source:
         return random_vector(like, seed)
     generator = _null_generator(seed, like.concept, kind)
     v = like.vector.float()
-    if kind == "shuffled":
-        direction = v[torch.randperm(v.shape[-1], generator=generator)]
+    if kind == "shuffled":  # a permutation keeps the norm exactly: no rescaling
+        vector = like.vector[torch.randperm(v.shape[-1], generator=generator)].clone()
+        return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model,
+                             null=kind)
     else:
         if source is None:
             raise ValueError(f"the {kind!r} null draws from the baseline words' activations: pass "
