@@ -111,12 +111,13 @@ def plot_strength(result: Any, summary: pd.DataFrame) -> plt.Figure:
     no-injection answer bias in the legend."""
     spec = result.meta["spec"]
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    for (condition, null_kind), g in summary.groupby(["condition", "null_kind"], sort=False):
-        if condition == "none":
-            continue
+    groups = [(key, g) for key, g in summary.groupby(["condition", "null_kind"], sort=False) if key[0] != "none"]
+    span = max(float(summary["layer"].dropna().max() - summary["layer"].dropna().min()), 1.0)
+    for k, ((condition, null_kind), g) in enumerate(groups):
         g = g.sort_values("layer")
         err = np.vstack([g["accuracy"] - g["ci_low"], g["ci_high"] - g["accuracy"]])
-        ax.errorbar(g["layer"].astype(int), g["accuracy"], yerr=err, marker="o", capsize=3,
+        offset = (k - (len(groups) - 1) / 2) * 0.012 * span  # side by side where the points coincide
+        ax.errorbar(g["layer"].astype(float) + offset, g["accuracy"], yerr=err, marker="o", capsize=3,
                     color=_color(condition, null_kind), lw=2.4 if condition == "concept" else 1.3,
                     label=_label(condition, null_kind))
     none = summary[summary["condition"] == "none"]

@@ -36,7 +36,9 @@ def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[
                              "vector_norm": 1.0, "layer": 3, "scale": scale, "question_kind": question_kind,
                              "question": f"{question_kind}-{q}", "question_about": "self",
                              "logit_diff": baseline + delta, "baseline_logit_diff": baseline, "delta": delta,
-                             "answer_mass": mass, "baseline_answer_mass": mass})
+                             "answer_mass": mass, "baseline_answer_mass": mass,
+                             "null_kind": "isotropic" if kind == "random" else "", "effective_strength": scale,
+                             "relative_strength": scale})
 
     for name, (deltas, n_wordings) in concepts.items():
         add(name, "concept", None, deltas, n_wordings)
