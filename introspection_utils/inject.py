@@ -115,8 +115,10 @@ def trial_grid(vectors: Sequence[ConceptVector], prompts: Sequence[Prompt], scal
     return [Trial(prompt, vector, float(scale)) for vector in vectors for prompt in prompts for scale in scales]
 
 
-def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
-    """Validate ``trials`` before any compute: one ``ValueError`` naming the first bad value."""
+def check_trials(handle: ModelHandle, trials: Sequence[Trial], *, weighted: bool = False) -> None:
+    """Validate ``trials`` before any compute: one ``ValueError`` naming the first bad value. ``weighted``: the
+    caller reads weighted-span windows (the batched engine does; readouts that inject one contiguous window —
+    generation, patching, attribution — refuse them)."""
     if not trials:
         raise ValueError("no trials given")
     for trial in trials:
@@ -135,6 +137,9 @@ def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
             handle.check_layer(trial.layer)
         window = trial.window
         if _weighted(window):
+            if not weighted:
+                raise ValueError(f"window {window!r}: weighted spans are read by inject.measure, answer_logits and "
+                                 f"residuals only; this readout injects one contiguous window")
             n = len(trial.prompt)
             for piece in window:
                 if not (len(piece) == 3 and _is_index(piece[0]) and _is_index(piece[1]) and 0 <= piece[0] < piece[1]
@@ -342,7 +347,7 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
     direction, which the residual connection carries on) at every later layer — only the model's own component is
     removed, the injected vector's is kept.
     """
-    check_trials(handle, trials)
+    check_trials(handle, trials, weighted=True)
     if ablate_at not in ("after", "before"):
         raise ValueError(f"ablate_at must be 'after' or 'before', got {ablate_at!r}")
     if ablate is not None:
@@ -364,7 +369,7 @@ def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Seque
     The general readout behind multiple-choice answers (e.g. the digits "1".."N" of the localization experiment);
     the same batched engine as :func:`measure` (prefix cache, layer skip), rows in the order of ``trials``.
     """
-    check_trials(handle, trials)
+    check_trials(handle, trials, weighted=True)
     ids = list(token_ids)
     vocab = handle.torch_model.get_output_embeddings().weight.shape[0]
     if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
@@ -481,7 +486,7 @@ def residuals(handle: ModelHandle, trials: Sequence[Trial], layers: Sequence[int
     What an SAE at those layers encodes. The same batched engine as :func:`measure`; a layer below the injection
     layer reads the uninjected value (the injection cannot reach it).
     """
-    check_trials(handle, trials)
+    check_trials(handle, trials, weighted=True)
     layers = [handle.check_layer(layer) for layer in layers]
     if not layers:
         raise ValueError("no layers given")

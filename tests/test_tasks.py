@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from introspection_utils import metrics, tasks
+from introspection_utils.generation import generate
 from introspection_utils.inject import Trial, answer_logits, measure
 from introspection_utils.prompts import introspection_prompt
 from introspection_utils.sweeps import scale_sweep
@@ -217,6 +218,8 @@ def test_two_strengths_in_one_prompt_match_two_plain_hooks(tiny_llama):
     torch.testing.assert_close(full, got[:2], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="weighted span"):
         measure(h, [Trial(two.prompt, v, 1.0, window=((a1, b1, 1.0), (a2, len(two.prompt) + 5, 1.0)))])
+    with pytest.raises(ValueError, match="weighted spans are read by inject.measure"):
+        generate(h, trials[:1], max_new_tokens=1)
 
 
 def test_strength_comparison_is_counterbalanced_and_its_summary_reads_chance_and_signal(tiny_llama):
