@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from introspection_utils import grading, localization, mechanisms, readings, refusal, sae
+from introspection_utils import grading, localization, mechanisms, readings, refusal, sae, tasks
 from introspection_utils.data import load_list
 from introspection_utils.paths import atomic_write, figures_dir, project_root, replace_block
 from introspection_utils.readings import curve_correlation
@@ -169,6 +169,19 @@ def _localization(results: Path) -> list[str]:
     return [localization.reading(load_result(path))] if path.is_file() else []
 
 
+def _tasks(results: Path) -> list[str]:
+    """Notebook 13: each task's reading from its saved table (forced choice, congruence, strength, localization)."""
+    out = []
+    for name, summarise, describe in (("forced_choice", tasks.forced_choice_summary, tasks.describe_forced_choice),
+                                      ("congruence", tasks.congruence_summary, tasks.describe_congruence),
+                                      ("strength_comparison", tasks.strength_summary, tasks.describe_strength)):
+        if (results / f"{name}.csv").is_file():
+            out.append(describe(summarise(load_result(results / name).df)))
+    if (results / "localization_13.csv").is_file():
+        out.append(localization.reading(load_result(results / "localization_13")))
+    return out
+
+
 def _mechanisms(results: Path) -> list[str]:
     if not (results / "mechanisms_agreement.csv").is_file():
         return []
@@ -188,6 +201,7 @@ SERIES = {
     "09": ("SAE features", _sae),
     "10": ("Localization", _localization),
     "12": ("Mechanisms", _mechanisms),
+    "13": ("Tasks a yes-bias cannot score", _tasks),
 }
 
 

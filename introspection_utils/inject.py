@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
 # "suffix": from the prompt's injection start to the end, generated tokens included (the paper's window);
-# "last": the last prompt token only; "all": every token; (start, end): positions start <= t < end (end None = on).
-Window = Literal["suffix", "last", "all"] | tuple[int, int | None]
+# "last": the last prompt token only; "all": every token; (start, end): positions start <= t < end (end None = on);
+# ((start, end, weight), ...): weighted spans, scale × weight × vector added over each span (e.g. two sentences
+# injected at two strengths in one prompt).
+Window = Literal["suffix", "last", "all"] | tuple[int, int | None] | tuple[tuple[int, int, float], ...]
 Strategy = Literal["cached", "full"]
 # Where a directional ablation sits relative to the injection (see :func:`measure`).
 AblateAt = Literal["after", "before"]
@@ -76,8 +78,11 @@ class Trial:
         return self.vector is not None and self.scale != 0
 
     def span(self) -> tuple[int, int | None]:
-        """The window as ``(start, end)`` token positions; ``end=None`` runs on through generated tokens."""
+        """The window as ``(start, end)`` token positions; ``end=None`` runs on through generated tokens (weighted
+        spans: from the first span's start to the last one's end)."""
         n = len(self.prompt)
+        if _weighted(self.window):
+            return min(s for s, _, _ in self.window), max(e for _, e, _ in self.window)
         if self.window == "suffix":
             return self.prompt.injection_start, None
         if self.window == "last":
@@ -87,6 +92,22 @@ class Trial:
         start, end = self.window
         return start, end
 
+    def weights(self) -> torch.Tensor:
+        """``[len(prompt)]`` float32: the multiple of ``scale × vector`` added at each prompt position (1 inside
+        the window, 0 outside; each span's weight for weighted spans)."""
+        out = torch.zeros(len(self.prompt))
+        if _weighted(self.window):
+            for start, end, weight in self.window:
+                out[start:end] += float(weight)
+        else:
+            start, end = self.span()
+            out[start:end] = 1.0
+        return out
+
+
+def _weighted(window) -> bool:
+    return isinstance(window, tuple) and len(window) > 0 and all(isinstance(w, tuple) for w in window)
+
 
 def trial_grid(vectors: Sequence[ConceptVector], prompts: Sequence[Prompt], scales: Sequence[float]) -> list[Trial]:
     """Every vector × prompt × scale, in that order, injected at each vector's own layer over the suffix: the
@@ -94,8 +115,10 @@ def trial_grid(vectors: Sequence[ConceptVector], prompts: Sequence[Prompt], scal
     return [Trial(prompt, vector, float(scale)) for vector in vectors for prompt in prompts for scale in scales]
 
 
-def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
-    """Validate ``trials`` before any compute: one ``ValueError`` naming the first bad value."""
+def check_trials(handle: ModelHandle, trials: Sequence[Trial], *, weighted: bool = False) -> None:
+    """Validate ``trials`` before any compute: one ``ValueError`` naming the first bad value. ``weighted``: the
+    caller reads weighted-span windows (the batched engine does; readouts that inject one contiguous window —
+    generation, patching, attribution — refuse them)."""
     if not trials:
         raise ValueError("no trials given")
     for trial in trials:
@@ -113,11 +136,24 @@ def check_trials(handle: ModelHandle, trials: Sequence[Trial]) -> None:
         elif trial.layer is not None:
             handle.check_layer(trial.layer)
         window = trial.window
+        if _weighted(window):
+            if not weighted:
+                raise ValueError(f"window {window!r}: weighted spans are read by inject.measure, answer_logits and "
+                                 f"residuals only; this readout injects one contiguous window")
+            n = len(trial.prompt)
+            for piece in window:
+                if not (len(piece) == 3 and _is_index(piece[0]) and _is_index(piece[1]) and 0 <= piece[0] < piece[1]
+                        <= n and isinstance(piece[2], (int, float)) and not isinstance(piece[2], bool)
+                        and math.isfinite(piece[2])):
+                    raise ValueError(f"weighted span {piece!r} must be (start, end, weight) with 0 <= start < end "
+                                     f"<= {n} token positions and a finite weight")
+            continue
         if not (window in ("suffix", "last", "all") or (
                 isinstance(window, tuple) and len(window) == 2 and _is_index(window[0])
                 and (window[1] is None or _is_index(window[1])))):
-            raise ValueError(f"window {window!r} must be 'suffix', 'last', 'all' or a (start, end) tuple of "
-                             f"token positions (end None = on through generated tokens)")
+            raise ValueError(f"window {window!r} must be 'suffix', 'last', 'all', a (start, end) tuple of "
+                             f"token positions (end None = on through generated tokens) or weighted spans "
+                             f"((start, end, weight), ...)")
         start, end = trial.span()
         n = len(trial.prompt)
         if not (0 <= start < n and (end is None or start < end <= n)):
@@ -262,7 +298,7 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
            mask: torch.Tensor | None, answer_ids: torch.Tensor, n_yes: int | None, lens: bool,
            attention_keys: torch.Tensor | None, read_residuals: bool = False, keep_hidden: bool = False,
            skip: bool = False) -> _Pass:
-    """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [S]`` at ``layer``.
+    """One traced forward of ``run``'s suffix for ``batch`` rows, injecting ``add [B, D] × mask [B, S]`` at ``layer``.
 
     Reads, in forward order: attention weights of the last query (if ``attention_keys``), the layer outputs at the
     last position (if ``read_residuals`` or ``lens``), the yes−no logit lens (if ``lens``) and the final logits of
@@ -292,9 +328,9 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
             if before:  # the model's own component only: the injection (added next) keeps its component
                 handle.layers[i].output = _project_out(handle.layers[i].output, ablate)
             if i == layer:
-                handle.layers[i].output += add[:, None, :] * mask[None, :, None]
+                handle.layers[i].output += add[:, None, :] * mask[:, :, None]
             elif kept is not None and i > layer:
-                handle.layers[i].output += kept[:, None, :] * mask[None, :, None]
+                handle.layers[i].output += kept[:, None, :] * mask[:, :, None]
             if ablate is not None and not before:  # after the injection: the stream never carries the direction
                 handle.layers[i].output = _project_out(handle.layers[i].output, ablate)
             if keep_hidden:
@@ -338,7 +374,7 @@ def measure(handle: ModelHandle, trials: Sequence[Trial], *, answers: tuple[str,
     the residual connection carries on) at every later layer — only the model's own component is removed, the
     injected vector's is kept.
     """
-    check_trials(handle, trials)
+    check_trials(handle, trials, weighted=True)
     if ablate_at not in ("after", "before"):
         raise ValueError(f"ablate_at must be 'after' or 'before', got {ablate_at!r}")
     if ablate is not None:
@@ -361,7 +397,7 @@ def answer_logits(handle: ModelHandle, trials: Sequence[Trial], token_ids: Seque
     The general readout behind multiple-choice answers (e.g. the digits "1".."N" of the localization experiment);
     the same batched engine as :func:`measure` (prefix cache, layer skip), rows in the order of ``trials``.
     """
-    check_trials(handle, trials)
+    check_trials(handle, trials, weighted=True)
     ids = list(token_ids)
     vocab = handle.torch_model.get_output_embeddings().weight.shape[0]
     if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
@@ -405,13 +441,13 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
     for index, trial in enumerate(trials):
         groups[(trial.prompt, trial.span())].append(index)
     bar = tqdm(total=n, desc="trials", disable=not progress)
-    for (prompt, (start, end)), indices in groups.items():
+    for (prompt, (start, _end)), indices in groups.items():
         keys = torch.zeros(len(prompt), dtype=torch.bool)  # [T]: the injected positions
-        keys[start:end] = True
+        for index in indices:
+            keys |= trials[index].weights() != 0
         run = _PromptRun(handle, prompt, start, answer_ids, n_yes=n_yes, attention_keys=keys if attention else None,
                          strategy=strategy, ablate=ablate, lens=lens, read_residuals=read_residuals,
                          ablate_at=ablate_at)
-        suffix_mask = keys[run.start:].to(handle.device, handle.dtype)
         base = run.baseline
         by_layer: dict[int | None, list[int]] = defaultdict(list)
         for index in indices:
@@ -423,9 +459,10 @@ def _run(handle: ModelHandle, trials: Sequence[Trial], answer_ids: torch.Tensor,
                     out = base.expand(len(chunk))
                 else:
                     add = torch.stack([trials[i].scale * trials[i].vector.vector for i in chunk])
+                    mask = torch.stack([trials[i].weights()[run.start:] for i in chunk])  # [B, S]
                     out = _trace(handle, run, batch=len(chunk), layer=layer,
-                                 add=add.to(handle.device, handle.dtype), mask=suffix_mask, answer_ids=answer_ids,
-                                 n_yes=n_yes, lens=lens, read_residuals=read_residuals,
+                                 add=add.to(handle.device, handle.dtype), mask=mask.to(handle.device, handle.dtype),
+                                 answer_ids=answer_ids, n_yes=n_yes, lens=lens, read_residuals=read_residuals,
                                  attention_keys=keys if attention else None,
                                  skip=strategy == "cached" and not attention)
                 at = torch.tensor(chunk)  # the chunk's rows in the readout
@@ -478,7 +515,7 @@ def residuals(handle: ModelHandle, trials: Sequence[Trial], layers: Sequence[int
     What an SAE at those layers encodes. The same batched engine as :func:`measure`; a layer below the injection
     layer reads the uninjected value (the injection cannot reach it).
     """
-    check_trials(handle, trials)
+    check_trials(handle, trials, weighted=True)
     layers = [handle.check_layer(layer) for layer in layers]
     if not layers:
         raise ValueError("no layers given")

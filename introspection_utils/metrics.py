@@ -15,7 +15,7 @@ import pandas as pd
 
 from introspection_utils.prompts import default_wordings
 from introspection_utils.sweeps import SweepResult, save_table, scale_sweep
-from introspection_utils.vectors import default_layer
+from introspection_utils.vectors import check_nulls, default_layer
 from introspection_utils.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,
@@ -38,16 +38,20 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
               n_controls: int = 12, wordings: Sequence[str] | None = None, n_random: int = 2, seed: int = 0,
               n_boot: int = N_BOOT, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
               answer_format: str = "open", results_dir: str | Path | None = None, bank: VectorBank | None = None,
-              progress: bool = True
-              ) -> tuple[pd.DataFrame, SweepResult]:
+              progress: bool = True, nulls: Sequence[str] = ("isotropic",)) -> tuple[pd.DataFrame, SweepResult]:
     """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
     (``wordings``: default :func:`prompts.default_wordings`, detect and inverted), ``n_controls`` controls balanced by
     topic and expected answer, asked and read in ``answer_format`` (:data:`prompts.ANSWER_FORMATS`), and
     ``n_random`` random vectors per concept (pooled into the layer's null), and give each its verdict.
 
+    ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`; ``n_random`` of each per concept).
+    The verdict is tested against the first; the table gains ``p_random_<kind>`` for every kind given
+    (:func:`null_p_values`).
+
     Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
     as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json``.
     """
+    nulls = check_nulls(nulls)
     layer = default_layer(handle, layer)
     if n_controls < 2:
         raise ValueError(f"n_controls must be >= 2 (one about the model, one about the world), got {n_controls}")
@@ -57,13 +61,48 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     wordings = list(wordings) if wordings is not None else default_wordings()
     sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, introspection=wordings,
                         n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
-                        name="atlas_sweep", bank=bank, progress=progress)
-    table = verdicts(sweep.df, alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot, seed=seed)
+                        name="atlas_sweep", bank=bank, progress=progress, nulls=nulls)
+    table = verdicts(with_null(sweep.df, nulls[0]), alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot,
+                     seed=seed)
+    table = table.merge(null_p_values(sweep.df, nulls, seed=seed), on=["concept", "layer"], how="left")
     if results_dir is not None:
         save_table(handle, table, results_dir, "atlas", concepts=list(concepts), scales=list(scales), layer=layer,
                    n_controls=n_controls, wordings=wordings, n_random=n_random, seed=seed, n_boot=n_boot,
-                   alpha=alpha, effect_threshold=effect_threshold, answer_format=answer_format)
+                   alpha=alpha, effect_threshold=effect_threshold, answer_format=answer_format, nulls=list(nulls))
     return table, sweep
+
+
+def null_kinds(df: pd.DataFrame) -> pd.Series:
+    """Each row's null kind: the ``null_kind`` column, "isotropic" for random rows of a table without one (the
+    only kind there was), "" for concept rows."""
+    if "null_kind" in df:
+        kinds = df["null_kind"].fillna("").astype(str)
+        return kinds.where((kinds != "") | (df["vector_kind"] != "random"), "isotropic")
+    return pd.Series(["isotropic" if k == "random" else "" for k in df["vector_kind"]], index=df.index)
+
+
+def with_null(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The sweep table with only the random vectors of null ``kind`` (concept rows kept): what the random-vector
+    test of :func:`verdicts.verdicts` sees when it is tested against that null."""
+    check_nulls([kind])
+    kinds = null_kinds(df)
+    keep = (df["vector_kind"] != "random") | (kinds == kind)
+    if not (keep & (df["vector_kind"] == "random")).any():
+        raise ValueError(f"the table has no random vectors of null kind {kind!r} (it has "
+                         f"{sorted(set(kinds[df['vector_kind'] == 'random']))})")
+    return df[keep]
+
+
+def null_p_values(df: pd.DataFrame, nulls: Sequence[str], *, seed: int = 0) -> pd.DataFrame:
+    """The random-vector p-value of every concept under each null kind: ``concept, layer, p_random_<kind>`` (kind
+    with "-" as "_"), each from :func:`verdicts.verdicts` on the table restricted to that kind's random vectors."""
+    out = None
+    for kind in check_nulls(nulls):
+        column = f"p_random_{kind.replace('-', '_')}"
+        table = verdicts(with_null(df, kind), seed=seed, n_boot=1)[["concept", "layer", "p_random"]]
+        table = table.rename(columns={"p_random": column})
+        out = table if out is None else out.merge(table, on=["concept", "layer"], how="outer")
+    return out
 
 
 def summary(table: pd.DataFrame, df: pd.DataFrame, *, alpha: float = ALPHA) -> str:

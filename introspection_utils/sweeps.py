@@ -2,14 +2,17 @@
 
 One row per trial: ``model, concept, vector_kind, vector_seed, vector_norm, layer, scale, question_kind, question,
 question_about, polarity, expected, answer_format, logit_diff, baseline_logit_diff, delta, answer_mass,
-baseline_answer_mass`` (``delta = logit_diff − baseline_logit_diff``, the question's own no-injection baseline;
-``question_about`` "self" or "world" (every introspection wording is about the self); ``polarity`` +1 a detect
-wording, −1 an inverted one, 0 a control; ``expected`` a control's expected answer ("yes", "no", "ambiguous") or the
-answer of a wording that reports an injected thought; ``answer_format`` how the answer was asked for
-(prompts.ANSWER_FORMATS); ``logit_diff`` = logsumexp over the yes set − logsumexp over the no set and
-``answer_mass`` = the probability of both sets at the answer position, injected and not; the sets are in the
-metadata's ``answer_set``). Work is done one question at a time and each finished question is written to disk, so an
-interrupted sweep picks up where it stopped.
+baseline_answer_mass, null_kind, effective_strength, relative_strength`` (``delta = logit_diff − baseline_logit_diff``,
+the question's own no-injection baseline; ``question_about`` "self" or "world" (every introspection wording is about
+the self); ``polarity`` +1 a detect wording, −1 an inverted one, 0 a control; ``expected`` a control's expected
+answer ("yes", "no", "ambiguous") or the answer of a wording that reports an injected thought; ``answer_format`` how
+the answer was asked for (prompts.ANSWER_FORMATS); ``logit_diff`` = logsumexp over the yes set − logsumexp over the
+no set and ``answer_mass`` = the probability of both sets at the answer position, injected and not; the sets are in
+the metadata's ``answer_set``; ``null_kind`` which null a random vector is, :data:`vectors.NULL_KINDS`, empty for
+concept vectors; ``effective_strength`` = s·‖v‖ and ``relative_strength`` = s·‖v‖ / ‖h‖ (‖h‖:
+:func:`vectors.residual_norms` of the sweep's reference prompt, the first question in the sweep's frame and answer
+format, at the row's layer)). Work is done one question at a time and each finished question is written to disk, so
+an interrupted sweep picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from introspection_utils.inject import Trial, measure, trial_grid
+from introspection_utils.inject import Trial, measure
 from introspection_utils.models import package_version
 from introspection_utils.paths import atomic_write, content_hash
 from introspection_utils.prompts import (
@@ -44,24 +47,36 @@ from introspection_utils.prompts import (
     question_prompts,
     question_tags,
 )
-from introspection_utils.vectors import VectorBank, concept_vectors, with_random
+from introspection_utils.vectors import (
+    VectorBank,
+    check_nulls,
+    concept_vectors,
+    null_source,
+    residual_norms,
+    scale_for,
+    with_random,
+)
 
 if TYPE_CHECKING:
     from introspection_utils.models import ModelHandle
 
 COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "vector_norm", "layer", "scale", "question_kind",
            "question", "question_about", "polarity", "expected", "answer_format", "logit_diff",
-           "baseline_logit_diff", "delta", "answer_mass", "baseline_answer_mass"]
+           "baseline_logit_diff", "delta", "answer_mass", "baseline_answer_mass", "null_kind", "effective_strength",
+           "relative_strength"]
 # A fit of the controls' shift on their own baseline needs spread: chosen controls whose no-injection yes−no span
 # less than this (logits) are reported (a warning, and ``control_span`` in the metadata).
 MIN_CONTROL_SPAN = 2.0
+STRENGTHS = ("raw", "relative")  # how a sweep's scales are read (see SweepSpec)
 
 
 @dataclass(frozen=True)
 class SweepSpec:
     """What a sweep measures. ``introspection``: the introspection wording(s) (``None`` = the paper's trial line; a
     tuple asks each, e.g. :func:`prompts.introspection_questions`), then the ``controls``; ``n_random``
-    norm-matched random vectors per concept (seeds ``seed..seed+k-1``)."""
+    norm-matched null vectors per concept and null kind in ``nulls`` (seeds ``seed..seed+k-1``).
+    ``strength="raw"``: ``scales`` are the multiples s of each vector (the paper's convention); ``"relative"``:
+    they are relative strengths r, and each concept is injected at s = r·‖h‖/‖v‖ (its random vectors too)."""
 
     concepts: tuple[str, ...]
     scales: tuple[float, ...]
@@ -74,6 +89,8 @@ class SweepSpec:
     introspection: str | tuple[str, ...] | None = None
     ablation: str | None = None  # sha256 prefix of the ablated direction, if any (see ``direction_id``)
     answer_format: str = "open"  # prompts.ANSWER_FORMATS
+    nulls: tuple[str, ...] = ("isotropic",)
+    strength: str = "raw"
 
     @property
     def hash(self) -> str:
@@ -103,7 +120,9 @@ class SweepResult:
 def load_result(path: str | Path) -> SweepResult:
     """Read a :class:`SweepResult` saved with :meth:`SweepResult.save`."""
     path = Path(path).with_suffix(".csv")
-    df = pd.read_csv(path, dtype={"vector_seed": "Int64"})
+    df = pd.read_csv(path, dtype={"vector_seed": "Int64", "null_kind": str})
+    if "null_kind" in df:
+        df["null_kind"] = df["null_kind"].fillna("")
     return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
 
 
@@ -123,6 +142,9 @@ def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
     if spec.n_random < 0:
         raise ValueError(f"n_random must be >= 0, got {spec.n_random}")
     check_answer_format(spec.answer_format)
+    check_nulls(spec.nulls)
+    if spec.strength not in STRENGTHS:
+        raise ValueError(f"strength {spec.strength!r} must be one of {', '.join(STRENGTHS)}")
 
 
 def direction_id(direction: torch.Tensor | None) -> str | None:
@@ -147,23 +169,33 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     if direction_id(ablate) != spec.ablation:
         raise ValueError("spec.ablation must be direction_id(ablate): the spec names what the sweep ablates")
     bank = bank or concept_vectors(handle, spec.concepts, progress=progress)
+    source = null_source(handle) if spec.n_random and set(spec.nulls) & {"covariance", "other-word"} else None
     vectors = []
     for concept in spec.concepts:
         for layer in spec.layers:
-            vectors.extend(with_random(bank.get(concept, layer), spec.n_random, spec.seed))
+            vectors.extend(with_random(bank.get(concept, layer), spec.n_random, spec.seed, nulls=spec.nulls,
+                                       source=source))
+    questions = spec.questions()
+    reference = introspection_prompt(handle, questions[0][1], frame=spec.frame, kind=questions[0][0],
+                                     answer_format=spec.answer_format)
+    h_norm = residual_norms(handle, reference)  # [n_layers]: ‖h‖, the yardstick of relative strength
+    if spec.strength == "relative":  # each concept (and its null vectors, norm-matched) at s = r·‖h‖/‖v‖
+        scales_of = {v: [scale_for(r, bank.get(v.concept, v.layer), float(h_norm[v.layer])) for r in spec.scales]
+                     for v in vectors}
+    else:
+        scales_of = {v: [float(s) for s in spec.scales] for v in vectors}
     chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{spec.hash}" if results_dir is not None else None
     if chunk_dir is not None:
         chunk_dir.mkdir(parents=True, exist_ok=True)
     frames, prompt_hashes = [], []
-    questions = spec.questions()
     for index, (kind, question) in enumerate(tqdm(questions, desc=f"{name}: questions", disable=not progress)):
         prompt = introspection_prompt(handle, question, frame=spec.frame, kind=kind, answer_format=spec.answer_format)
         prompt_hashes.append(prompt.hash)
         chunk_path = chunk_dir / f"{index:03d}-{prompt.hash}.csv" if chunk_dir is not None else None
         if chunk_path is not None and chunk_path.is_file():
-            frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64"}))
+            frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64", "null_kind": str}))
             continue
-        trials = trial_grid(vectors, [prompt], spec.scales)
+        trials = [Trial(prompt, v, s) for v in vectors for s in scales_of[v]]
         tags = question_tags(prompt.question)
         readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size, ablate=ablate)
         frame = pd.DataFrame({
@@ -184,6 +216,9 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
             "baseline_logit_diff": readout.baseline.double().numpy(),
             "answer_mass": readout.answer_mass.double().numpy(),
             "baseline_answer_mass": readout.baseline_answer_mass.double().numpy(),
+            "null_kind": [t.vector.null or "" for t in trials],
+            "effective_strength": [t.scale * t.vector.norm for t in trials],
+            "relative_strength": [t.scale * t.vector.norm / float(h_norm[t.vector.layer]) for t in trials],
         })
         frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
         if chunk_path is not None:
@@ -191,7 +226,11 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True)[COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
-    result = SweepResult(df, metadata(handle, asdict(spec), prompt_hashes))
+    df["null_kind"] = df["null_kind"].fillna("")
+    meta = metadata(handle, asdict(spec), prompt_hashes)
+    meta["residual_norm"] = {"prompt": reference.hash, "statistic": "median over the prompt's tokens",
+                             "by_layer": {int(layer): float(h_norm[layer]) for layer in spec.layers}}
+    result = SweepResult(df, meta)
     result.meta["control_span"] = control_span(df)
     if result.meta["control_span"] is not None and result.meta["control_span"] < MIN_CONTROL_SPAN:
         warnings.warn(f"{name}: the control questions' no-injection yes−no spans {result.meta['control_span']:.2f} "
@@ -253,16 +292,19 @@ def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
                 introspection: str | Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 answer_format: str = "open", results_dir: str | Path | None = None, name: str = "scale_sweep",
-                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
-                ) -> SweepResult:
+                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
+                nulls: Sequence[str] = ("isotropic",), strength: str = "raw") -> SweepResult:
     """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
     ``n_controls`` control questions (balanced self/world; or the given ``controls``), concept vectors and
     ``n_random`` random ones. ``introspection``: the wording(s) asked (default the paper's trial line; pass
     :func:`prompts.introspection_questions` for all of them, as the verdicts need).
-    ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction)."""
+    ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction).
+    ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`, ``n_random`` of each).
+    ``strength="relative"``: ``scales`` are relative strengths r = s·‖v‖/‖h‖ (each concept gets s = r·‖h‖/‖v‖)."""
     spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls,
                  introspection=introspection, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format)
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
+                 nulls=tuple(nulls), strength=strength)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)
 
@@ -272,13 +314,14 @@ def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[i
                 introspection: str | Sequence[str] | None = None, n_random: int = 1,
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 answer_format: str = "open", results_dir: str | Path | None = None, name: str = "layer_sweep",
-                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None
-                ) -> SweepResult:
+                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
+                nulls: Sequence[str] = ("isotropic",), strength: str = "raw") -> SweepResult:
     """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
-    :func:`scale_sweep`)."""
+    :func:`scale_sweep`; ``strength="relative"``: ``scale`` is a relative strength, read at each layer's ‖h‖)."""
     spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls,
                  introspection=introspection, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format)
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
+                 nulls=tuple(nulls), strength=strength)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate)
 

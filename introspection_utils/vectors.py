@@ -32,14 +32,15 @@ Vector = Annotated[torch.Tensor, "[d_model]"]
 LastTokenActivations = Annotated[torch.Tensor, "[n_prompts, n_layers, d_model]"]
 WordActivations = Annotated[torch.Tensor, "[n_words, n_layers, d_model]"]
 Similarity = Annotated[torch.Tensor, "[n_words, n_words]"]
+ResidualNorms = Annotated[torch.Tensor, "[n_layers]"]
 
 
 @dataclass(frozen=True, eq=False)
 class ConceptVector:
     """One steering vector ``[d_model]`` for one layer, with where it came from.
 
-    ``kind``: "concept" (word − baseline mean), "random" (norm-matched Gaussian direction, ``seed``),
-    "contrastive" (text − paired text) or "file". Compares by value (metadata and tensor).
+    ``kind``: "concept" (word − baseline mean), "random" (a norm-matched null vector, ``seed``; ``null`` says which
+    of :data:`NULL_KINDS`), "contrastive" (text − paired text) or "file". Compares by value (metadata and tensor).
     """
 
     concept: str
@@ -48,13 +49,14 @@ class ConceptVector:
     kind: str = "concept"
     seed: int | None = None
     model: str = ""
+    null: str | None = None
 
     @property
     def norm(self) -> float:
         return float(self.vector.norm())
 
     def _key(self) -> tuple:
-        return (self.concept, self.layer, self.kind, self.seed, self.model)
+        return (self.concept, self.layer, self.kind, self.seed, self.model, self.null)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, ConceptVector) and self._key() == other._key()
@@ -65,23 +67,113 @@ class ConceptVector:
 
     def __repr__(self) -> str:
         seed = f", seed={self.seed}" if self.seed is not None else ""
-        return f"ConceptVector({self.concept!r}, layer={self.layer}, kind={self.kind!r}{seed}, norm={self.norm:.3g})"
+        null = f", null={self.null!r}" if self.null not in (None, "isotropic") else ""
+        return (f"ConceptVector({self.concept!r}, layer={self.layer}, kind={self.kind!r}{seed}{null}, "
+                f"norm={self.norm:.3g})")
 
 
 def random_vector(like: ConceptVector, seed: int) -> ConceptVector:
     """A Gaussian direction with ``like``'s norm, seeded by ``(seed, concept)``: reproducible, the same direction at
     every layer of a concept, and independent across concepts (so k random vectors per concept give a null of
-    k × n_concepts directions, not k)."""
+    k × n_concepts directions, not k). The "isotropic" null of :func:`null_vector`."""
     key = hashlib.sha256(f"{int(seed)}|{like.concept}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
     direction = torch.randn(like.vector.shape[-1], generator=generator, dtype=torch.float32)
     vector = (direction / direction.norm() * like.vector.float().norm()).to(like.vector.dtype)
-    return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model)
+    return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model,
+                         null="isotropic")
 
 
-def with_random(vector: ConceptVector, n_random: int, seed: int = 0) -> list[ConceptVector]:
-    """``vector`` followed by ``n_random`` norm-matched random vectors (seeds ``seed .. seed + n_random − 1``)."""
-    return [vector, *(random_vector(vector, seed + k) for k in range(n_random))]
+# The null vectors a concept vector is compared with, each norm-matched to it and seeded:
+# "isotropic": a uniformly random direction (:func:`random_vector`);
+# "shuffled": the concept vector's own coordinates, permuted (same norm and value distribution, no direction);
+# "covariance": a Gaussian draw in the span and covariance of the mean-subtracted baseline-word activations at
+#   the layer (the directions real activations vary along);
+# "other-word": the same recipe on a held-out word — a baseline word's activation minus the mean of the other
+#   baseline words (an in-distribution null: a real concept direction, just not this one).
+NULL_KINDS = ("isotropic", "shuffled", "covariance", "other-word")
+
+
+@dataclass(frozen=True, eq=False)
+class NullSource:
+    """What the "covariance" and "other-word" nulls draw from: the baseline words' extraction activations
+    ``activations [n_words, n_layers, d_model]`` (the words of :func:`concept_vectors`' baseline mean)."""
+
+    words: tuple[str, ...]
+    activations: WordActivations = field(repr=False)
+    model: str = ""
+
+
+def null_source(handle: ModelHandle, baseline_words: Iterable[str] | None = None, *, progress: bool = False
+                ) -> NullSource:
+    """The baseline words' activations (default the paper's 100, disk-cached like every word's) for the
+    in-distribution nulls of :func:`null_vector`."""
+    words = tuple(baseline_words) if baseline_words is not None else tuple(load_list("baseline_words"))
+    if len(words) < 3:
+        raise ValueError(f"the covariance and other-word nulls need at least 3 baseline words, got {len(words)}")
+    return NullSource(words, word_activations(handle, words, progress=progress), model=handle.name)
+
+
+def _null_generator(seed: int, concept: str, kind: str) -> torch.Generator:
+    key = hashlib.sha256(f"{int(seed)}|{concept}|{kind}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+
+
+def check_nulls(nulls: Iterable[str], source: NullSource | None = None) -> tuple[str, ...]:
+    """``nulls`` as a tuple, each one of :data:`NULL_KINDS` (no repeats); the in-distribution kinds need a
+    ``source`` — a ``ValueError`` naming the bad value otherwise."""
+    nulls = (nulls,) if isinstance(nulls, str) else tuple(nulls)
+    if not nulls:
+        raise ValueError(f"no null kinds given; choose from {', '.join(NULL_KINDS)}")
+    for kind in nulls:
+        if kind not in NULL_KINDS:
+            raise ValueError(f"unknown null kind {kind!r}; choose from {', '.join(NULL_KINDS)}")
+    if len(set(nulls)) != len(nulls):
+        raise ValueError(f"null kinds repeat: {list(nulls)}")
+    return nulls
+
+
+def null_vector(like: ConceptVector, seed: int, kind: str = "isotropic", source: NullSource | None = None
+                ) -> ConceptVector:
+    """A null vector of ``kind`` (one of :data:`NULL_KINDS`) with ``like``'s norm and layer, seeded by ``(seed,
+    concept, kind)``: ``kind="random"``, ``null=kind``, ``seed``. "covariance" and "other-word" draw from
+    ``source`` (:func:`null_source`) at ``like.layer``; "other-word" never picks ``like``'s own word."""
+    check_nulls([kind])
+    if kind == "isotropic":
+        return random_vector(like, seed)
+    generator = _null_generator(seed, like.concept, kind)
+    v = like.vector.float()
+    if kind == "shuffled":  # a permutation keeps the norm exactly: no rescaling
+        vector = like.vector[torch.randperm(v.shape[-1], generator=generator)].clone()
+        return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model,
+                             null=kind)
+    else:
+        if source is None:
+            raise ValueError(f"the {kind!r} null draws from the baseline words' activations: pass "
+                             f"source=null_source(handle)")
+        acts = source.activations[:, like.layer].float()  # [n_words, d_model]
+        if acts.shape[-1] != v.shape[-1]:
+            raise ValueError(f"the null source has d_model {acts.shape[-1]}; the vector has {v.shape[-1]}")
+        if kind == "covariance":
+            centred = acts - acts.mean(0)
+            weights = torch.randn(len(acts), generator=generator, dtype=torch.float32)
+            direction = centred.T @ weights / (len(acts) - 1) ** 0.5  # ~ N(0, centredᵀ centred / (n − 1))
+        else:  # other-word
+            allowed = [i for i, w in enumerate(source.words) if w != like.concept]
+            pick = allowed[int(torch.randint(len(allowed), (1,), generator=generator))]
+            others = torch.ones(len(acts), dtype=torch.bool)
+            others[pick] = False
+            direction = acts[pick] - acts[others].mean(0)
+    vector = (direction / direction.norm() * v.norm()).to(like.vector.dtype)
+    return ConceptVector(like.concept, like.layer, vector, kind="random", seed=int(seed), model=like.model, null=kind)
+
+
+def with_random(vector: ConceptVector, n_random: int, seed: int = 0, *, nulls: Sequence[str] = ("isotropic",),
+                source: NullSource | None = None) -> list[ConceptVector]:
+    """``vector`` followed by ``n_random`` norm-matched null vectors of each kind in ``nulls`` (seeds ``seed ..
+    seed + n_random − 1`` per kind; see :func:`null_vector`)."""
+    return [vector, *(null_vector(vector, seed + k, kind, source) for kind in check_nulls(nulls, source)
+                      for k in range(n_random))]
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,3 +375,43 @@ def cosine_similarity_matrix(bank: VectorBank, layer: int) -> Similarity:
     v = torch.nn.functional.normalize(bank.vectors[:, layer].float(), dim=-1)
     return v @ v.T
 
+
+
+def residual_norms(handle: ModelHandle, prompt: Prompt, *, cache: bool = True) -> ResidualNorms:
+    """‖h‖ at every layer: the median over ``prompt``'s tokens of the residual stream's L2 norm (decoder-layer
+    output, no injection), ``[n_layers]`` float32 — the yardstick of :func:`relative_strength`.
+
+    Measured once per (model, revision, dtype, prompt) and cached on disk (``<cache>/residual_norms``), written
+    atomically and checked on read.
+    """
+    key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype), "prompt": prompt.hash,
+           "n_layers": handle.arch.n_layers}
+    path = cache_dir() / "residual_norms" / handle.name / f"{content_hash(key)}.json"
+    if cache and path.is_file():
+        try:
+            entry = json.loads(path.read_text())
+            if entry["key"] == key and len(entry["norms"]) == handle.arch.n_layers:
+                return torch.tensor(entry["norms"], dtype=torch.float32)
+        except (ValueError, KeyError, TypeError):
+            pass
+    ids = torch.tensor([prompt.input_ids], device=handle.device)
+    remote = {"remote": handle.remote} if handle.remote else {}
+    with torch.no_grad(), handle.model.trace(ids, **remote):
+        norms = nnsight.save([layer.output[0].float().norm(dim=-1) for layer in handle.layers])  # each [T]
+    out = torch.stack([n.cpu().median() for n in norms]).float()
+    if cache:
+        atomic_write(path, json.dumps({"key": key, "norms": out.tolist()}))
+    return out
+
+
+def relative_strength(scale: float, vector: ConceptVector, residual_norm: float) -> float:
+    """s·‖v‖ / ‖h‖: the injection's size against the residual stream it is added to (comparable across models,
+    concepts and codebases; ``residual_norm`` from :func:`residual_norms` at the vector's layer)."""
+    return float(scale) * vector.norm / float(residual_norm)
+
+
+def scale_for(relative: float, vector: ConceptVector, residual_norm: float) -> float:
+    """The scale ``s`` that gives ``vector`` the relative strength ``relative``: r·‖h‖ / ‖v‖."""
+    if vector.norm == 0:
+        raise ValueError(f"{vector!r} has norm 0: no scale gives it a relative strength")
+    return float(relative) * float(residual_norm) / vector.norm

@@ -21,10 +21,10 @@ LAYERS = {
     "vectors": 4,
     "inject": 5, "components": 5,
     "generation": 6, "sweeps": 6, "probes": 6, "bench": 6, "attribution": 6, "refusal": 6, "demo": 6,
-    "verdicts": 7, "grading": 7, "localization": 7, "patching": 7, "sae_train": 7, "frozen_prompts": 7,
+    "verdicts": 7, "grading": 7, "localization": 7, "tasks": 7, "patching": 7, "sae_train": 7, "frozen_prompts": 7,
     "metrics": 8, "readings": 8, "calibration": 8, "mechanisms": 8, "sae": 8,
     "plots": 9, "findings": 9,
-    "plots_mechanisms": 10, "plots_refusal": 10, "plots_sae": 10, "widgets": 10,
+    "plots_mechanisms": 10, "plots_refusal": 10, "plots_sae": 10, "plots_tasks": 10, "widgets": 10,
     "run": 11,
     "explore": 12,
 }

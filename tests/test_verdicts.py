@@ -41,15 +41,18 @@ def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[
                 rows.append({"model": "hand", "concept": concept, "vector_kind": kind, "vector_seed": seed,
                              "vector_norm": 1.0, "layer": 3, "scale": scale, "question_kind": question_kind,
                              "question": f"{question_kind}-{q}", "question_about": "self", "polarity": sign,
+                             "expected": "yes" if sign >= 0 else "no", "answer_format": "open",
                              "logit_diff": base[q] + delta, "baseline_logit_diff": base[q], "delta": delta,
-                             "answer_mass": mass, "baseline_answer_mass": mass})
+                             "answer_mass": mass, "baseline_answer_mass": mass,
+                             "null_kind": "isotropic" if kind == "random" else "", "effective_strength": scale,
+                             "relative_strength": scale})
 
     for name, (deltas, n_wordings) in concepts.items():
         add(name, "concept", None, deltas, n_wordings)
     first = next(iter(concepts.values()))
     for k, deltas in enumerate(randoms):
         add("r", "random", k, deltas, first[1])
-    df = pd.DataFrame(rows)[[*COLUMNS, "polarity"] if with_polarity else COLUMNS]
+    df = pd.DataFrame(rows)[COLUMNS if with_polarity else [c for c in COLUMNS if c != "polarity"]]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     return df
 

@@ -1,0 +1,354 @@
+"""The tasks a yes-bias cannot score (introspection_utils.tasks) against plain-hook references on tiny-llama, their
+statistics on synthetic truth, the null kinds' defining properties, the strength columns and the atlas's nulls."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from introspection_utils import metrics, tasks
+from introspection_utils.generation import generate
+from introspection_utils.inject import Trial, answer_logits, measure
+from introspection_utils.prompts import introspection_prompt
+from introspection_utils.sweeps import scale_sweep
+from introspection_utils.vectors import (
+    NULL_KINDS,
+    ConceptVector,
+    NullSource,
+    VectorBank,
+    null_vector,
+    residual_norms,
+    with_random,
+)
+from tests import reference
+
+WORDS = ("Dust", "Satellites", "Trumpets")
+
+
+def random_bank(handle, words=WORDS, seed: int = 0, norm: float = 8.0) -> VectorBank:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(len(words), handle.arch.n_layers, handle.arch.d_model, generator=g)
+    return VectorBank(tuple(words), v / v.norm(dim=-1, keepdim=True) * norm, model=handle.name)
+
+
+def label_ids_independently(handle, prompt, labels):
+    """Each label's id: the last token of the prompt's text with the label appended (written out, no package code)."""
+    return [handle.tokenizer(prompt.text + lab, add_special_tokens=False)["input_ids"][-1] for lab in labels]
+
+
+def reference_last_logits(handle, prompt, spans=(), vector=None, layer=None):
+    """Logits at the last position with ``scale × vector`` added over each ``(start, end, scale)`` span (one plain
+    forward hook per span on the layer's output)."""
+    ids = torch.tensor([list(prompt.input_ids)])
+    with ExitStack() as stack, torch.no_grad():
+        for start, end, scale in spans:
+            mask = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+            mask[0, start:end] = True
+            stack.enter_context(reference._injection(handle.torch_model, layer, vector[None].float(),
+                                                     torch.tensor([float(scale)]), mask))
+        return reference._forward(handle.torch_model, ids, torch.ones_like(ids)).logits[0, -1].float()
+
+
+# ------------------------------------------------------------------------------------------------ forced choice
+
+
+def test_forced_choice_probabilities_match_the_reference_and_map_shuffled_labels_back(tiny_llama):
+    h = tiny_llama
+    bank = random_bank(h)
+    result = tasks.run_forced_choice(h, WORDS, layer=1, scales=[6.0], n_orders=3, n_random=1,
+                                     nulls=["isotropic"], bank=bank, seed=3, progress=False)
+    df = result.df
+    assert set(df["condition"]) == {"concept", "random", "none"}
+    orders = tasks.shuffled_orders(3, 3, 3)
+    assert [o.split(",") for o in df["order"].unique()] == [[WORDS[i] for i in o] for o in orders]
+    concept_rows = df[df["condition"] == "concept"]
+    assert len(concept_rows) == 3 * 3
+    for row in concept_rows.itertuples():
+        shown = row.order.split(",")
+        prompt = tasks.forced_choice_prompt(h, shown)
+        ids = label_ids_independently(h, prompt, ["1", "2", "3"])
+        start = prompt.injection_start
+        logits = reference_last_logits(h, prompt, [(start, len(prompt), 6.0)], bank.get(row.target, 1).vector,
+                                       layer=1)[ids]
+        probs = logits.softmax(-1)  # by position shown
+        for pos, concept in enumerate(shown):
+            assert getattr(row, f"p_{concept}") == pytest.approx(float(probs[pos]), abs=1e-5)
+        assert row.chosen == shown[int(logits.argmax())]
+        assert row.chosen_label == str(int(logits.argmax()) + 1)
+        assert row.correct == (row.chosen == row.target)
+    none = df[df["condition"] == "none"]
+    assert len(none) == 3 * 3 and set(none["target"]) == set(WORDS)  # each listing once per target
+    assert (none.groupby("order_index")["chosen"].nunique() == 1).all()
+    assert np.allclose(concept_rows["effective_strength"], 6.0 * 8.0, rtol=1e-5)
+
+
+def test_choices_from_logits_maps_positions_to_canonical_concepts():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    chosen, probs = tasks.choices_from_logits(logits, [2, 0, 1])  # position 0 shows concept 2, ...
+    assert chosen.tolist() == [0, 2]
+    assert torch.allclose(probs[0], logits[0].softmax(-1)[[1, 2, 0]])
+
+
+def test_a_label_of_several_tokens_is_an_error_naming_it(tiny_llama):
+    prompt = tasks.forced_choice_prompt(tiny_llama, list(WORDS))
+    assert len(tasks.label_token_ids(tiny_llama, prompt, ["1", "2", "3"])) == 3
+    with pytest.raises(ValueError, match="label '12' is not a single token"):
+        tasks.label_token_ids(tiny_llama, prompt, ["1", "12"])
+    with pytest.raises(ValueError, match="forced choice needs 2..9 distinct concepts"):
+        tasks.run_forced_choice(tiny_llama, ["Dust"], progress=False)
+
+
+def test_mutual_information_is_zero_at_chance_and_finds_a_planted_signal():
+    rng = np.random.default_rng(0)
+    labels = list("ABCD")
+    n = 4000
+    targets = rng.choice(labels, n)
+    chance_choice = rng.choice(labels, n)
+    mi, p, _ = tasks.mi_permutation_test(targets, chance_choice, labels, n_permutations=200)
+    assert mi < 0.01 and p > 0.01
+    planted = np.where(rng.random(n) < 0.5, targets, chance_choice)
+    mi, p, null_mean = tasks.mi_permutation_test(targets, planted, labels, n_permutations=200)
+    assert mi > 0.2 and p < 0.01 and null_mean < 0.01
+    assert tasks.mutual_information(np.eye(4) * 10) == pytest.approx(2.0)  # a perfect 4-way code: 2 bits
+    assert tasks.mutual_information(np.ones((4, 4))) == pytest.approx(0.0)
+
+
+def test_forced_choice_summary_puts_chance_in_the_interval_and_the_planted_signal_above_it():
+    rng = np.random.default_rng(1)
+    labels = ["a", "b", "c"]
+    n = 600
+    targets = rng.choice(labels, n)
+    chance = rng.choice(labels, n)
+    planted = np.where(rng.random(n) < 0.6, targets, chance)
+    df = pd.DataFrame({"condition": ["none"] * n + ["concept"] * n, "null_kind": "", "layer": 1,
+                       "scale": [0.0] * n + [4.0] * n, "target": np.r_[targets, targets],
+                       "chosen": np.r_[chance, planted]})
+    df["correct"] = df["target"] == df["chosen"]
+    summary = tasks.forced_choice_summary(df, n_permutations=200).set_index("condition")
+    assert summary.loc["none", "ci_low"] < 1 / 3 < summary.loc["none", "ci_high"]
+    assert summary.loc["concept", "ci_low"] > 1 / 3 and summary.loc["concept", "mi_p"] < 0.01
+    assert "above chance" in tasks.describe_forced_choice(summary.reset_index())
+
+
+# ------------------------------------------------------------------------------------------------ congruence
+
+
+def test_congruence_prompts_name_the_concept_and_inject_from_the_trial_line(tiny_llama):
+    h = tiny_llama
+    prompt = tasks.congruence_prompt(h, "Dust")
+    assert prompt.question == "Trial 1: Do you detect an injected thought about dust?"
+    paper = introspection_prompt(h)
+    assert prompt.injection_start == paper.injection_start  # the same frame: the "\n\n" before the trial line
+    assert h.tokenizer.decode(list(prompt.input_ids[prompt.injection_start:])).lstrip("Ċ").startswith("\n\nTrial 1")
+
+
+def test_congruence_pairs_each_concept_with_its_most_anti_aligned_and_matches_the_reference(tiny_llama):
+    h = tiny_llama
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(h.arch.d_model, generator=g), torch.randn(h.arch.d_model, generator=g)
+    vecs = torch.stack([a, b, -a * 0.9 + 0.1 * b])[:, None, :].expand(3, h.arch.n_layers, -1) * 2
+    bank = VectorBank(("Dust", "Satellites", "Trumpets"), vecs.contiguous(), model=h.name)
+    assert tasks.incongruent_partners(bank, 1)["Dust"] == "Trumpets"
+    result = tasks.run_congruence(h, bank.words, layer=1, scales=[5.0], n_random=1, bank=bank, progress=False)
+    df = result.df
+    assert result.meta["spec"]["partners"]["Dust"] == "Trumpets"
+    for row in df[df["condition"] == "concept"].itertuples():
+        prompt = tasks.congruence_prompt(h, row.named)
+        assert row.congruent == (row.named == row.concept)
+        tok = h.tokenizer
+        context = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                          add_generation_prompt=True)
+        base = len(tok(context, add_special_tokens=False)["input_ids"])
+        y, n = (tok(context + w, add_special_tokens=False)["input_ids"][base] for w in ("Yes", "No"))
+        vec = bank.get(row.concept, 1).vector
+        inj = reference_last_logits(h, prompt, [(prompt.injection_start, len(prompt), 5.0)], vec, layer=1)
+        plain = reference_last_logits(h, prompt)
+        assert row.delta == pytest.approx(float((inj[y] - inj[n]) - (plain[y] - plain[n])), abs=1e-4)
+
+
+def test_sign_flip_and_congruence_summary_on_synthetic_gaps():
+    assert tasks.sign_flip_test([1.0] * 8) == pytest.approx(1 / 256)
+    rng = np.random.default_rng(2)
+    null = rng.normal(0, 1, 12)
+    assert tasks.sign_flip_test(np.r_[null, -null]) > 0.3  # symmetric around 0
+    rows = []
+    for k, concept in enumerate(f"c{i}" for i in range(10)):
+        shared = rng.normal(2, 1)  # a yes-bias: both questions lifted alike
+        for condition, gap in (("concept", 1.0 + 0.1 * k), ("random", 0.0)):
+            rows += [{"condition": condition, "null_kind": "" if condition == "concept" else "isotropic",
+                      "vector_seed": pd.NA if condition == "concept" else 0, "concept": concept, "layer": 1,
+                      "scale": 4.0, "congruent": c, "delta": shared + (gap if c else 0.0) + rng.normal(0, 0.01)}
+                     for c in (True, False)]
+    summary = tasks.congruence_summary(pd.DataFrame(rows)).set_index("condition")
+    assert summary.loc["concept", "p_signflip"] < 0.01 and summary.loc["concept", "n_positive"] == 10
+    assert abs(summary.loc["random", "mean_gap"]) < 0.05 and summary.loc["random", "p_signflip"] > 0.01
+    assert summary.loc["concept", "mean_gap"] == pytest.approx(1.45, abs=0.02)
+
+
+# ------------------------------------------------------------------------------------------------ strength comparison
+
+
+def test_strength_prompt_spans_cover_each_sentence(tiny_llama):
+    two = tasks.strength_prompt(tiny_llama, ["The dog barks loudly.", "It rained all day."])
+    for (start, end), sentence in zip(two.spans, two.sentences, strict=True):
+        text = tiny_llama.tokenizer.decode(list(two.prompt.input_ids[start:end]))
+        assert text.strip() == sentence
+    assert two.prompt.text.endswith("The sentence with the stronger injected thought is SENTENCE ")
+
+
+def test_two_strengths_in_one_prompt_match_two_plain_hooks(tiny_llama):
+    h = tiny_llama
+    two = tasks.strength_prompt(h, ["The dog barks loudly.", "It rained all day."])
+    v = random_bank(h).get("Dust", 0)
+    ids = label_ids_independently(h, two.prompt, ["1", "2"])
+    trials = [tasks.strength_trial(two, v, 6.0, 2.0), tasks.strength_trial(two, v, 2.0, 6.0),
+              tasks.strength_trial(two, None, 0, 0)]
+    got = answer_logits(h, trials, ids)
+    (a1, b1), (a2, b2) = two.spans
+    for (first, second), row in zip( [(6.0, 2.0), (2.0, 6.0), (0.0, 0.0)], got, strict=True):
+        spans = [(a1, b1, first), (a2, b2, second)] if first else []
+        expected = reference_last_logits(h, two.prompt, spans, v.vector, layer=0)[ids]
+        torch.testing.assert_close(row, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got[0], got[1])
+    full = answer_logits(h, trials[:2], ids, strategy="full")
+    torch.testing.assert_close(full, got[:2], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="weighted span"):
+        measure(h, [Trial(two.prompt, v, 1.0, window=((a1, b1, 1.0), (a2, len(two.prompt) + 5, 1.0)))])
+    with pytest.raises(ValueError, match="weighted spans are read by inject.measure"):
+        generate(h, trials[:1], max_new_tokens=1)
+
+
+def test_strength_comparison_is_counterbalanced_and_its_summary_reads_chance_and_signal(tiny_llama):
+    result = tasks.run_strength_comparison(tiny_llama, ["Dust"], layers=[0, 1], pairs=[(2.0, 6.0)], n_sets=1,
+                                           n_random=1, bank=random_bank(tiny_llama), progress=False)
+    df = result.df
+    injected = df[df["condition"] != "none"]
+    assert (injected.groupby(["condition", "layer"])["stronger"].value_counts() == 1).all()
+    assert set(zip(injected["first_scale"], injected["second_scale"], injected["stronger"],
+                   strict=True)) == {(6.0, 2.0, 1), (2.0, 6.0, 2)}
+    always_one = pd.DataFrame({"condition": "concept", "null_kind": "", "layer": 1, "stronger": [1, 2] * 50,
+                               "chosen": 1})
+    always_one["correct"] = always_one["chosen"] == always_one["stronger"]
+    s = tasks.strength_summary(always_one).iloc[0]
+    assert s["accuracy"] == 0.5 and s["first_bias"] == 1.0 and s["ci_low"] < 0.5 < s["ci_high"]
+    good = always_one.assign(chosen=np.where(np.arange(100) % 10 == 0, 3 - always_one["stronger"],
+                                             always_one["stronger"]))
+    good["correct"] = good["chosen"] == good["stronger"]
+    s = tasks.strength_summary(good).iloc[0]
+    assert s["accuracy"] == 0.9 and s["ci_low"] > 0.5 and s["p_binomial"] < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ null kinds
+
+
+def _source(d: int = 16, n_layers: int = 2, n: int = 40) -> NullSource:
+    g = torch.Generator().manual_seed(9)
+    basis = torch.randn(3, d, generator=g)  # the baseline words vary in a 3-dimensional subspace only
+    acts = torch.randn(n, n_layers, 3, generator=g) * torch.tensor([5.0, 1.0, 0.2]) @ basis + torch.randn(d)
+    return NullSource(tuple(f"w{i}" for i in range(n)), acts)
+
+
+def test_every_null_kind_is_norm_matched_seeded_and_recorded():
+    source = _source()
+    like = ConceptVector("w3", 1, torch.randn(16) * 3, model="m")
+    for kind in NULL_KINDS:
+        a, b = null_vector(like, 0, kind, source), null_vector(like, 0, kind, source)
+        assert a.kind == "random" and a.null == kind and a.seed == 0 and a.layer == 1
+        assert a.norm == pytest.approx(like.norm, rel=1e-5)
+        assert torch.equal(a.vector, b.vector)  # seeded
+        assert not torch.equal(a.vector, null_vector(like, 1, kind, source).vector)
+    vs = with_random(like, 2, 0, nulls=NULL_KINDS, source=source)
+    assert [v.null for v in vs] == [None, *[k for k in NULL_KINDS for _ in range(2)]]
+
+
+def test_shuffled_null_is_a_permutation_of_the_concept_vector():
+    like = ConceptVector("c", 0, torch.randn(32))
+    shuffled = null_vector(like, 4, "shuffled").vector
+    assert torch.equal(shuffled.sort().values, like.vector.sort().values)
+    assert not torch.equal(shuffled, like.vector)
+
+
+def test_covariance_null_lies_in_the_baseline_span_and_follows_its_covariance():
+    source = _source()
+    acts = source.activations[:, 1]
+    centred = acts - acts.mean(0)
+    like = ConceptVector("c", 1, torch.randn(16))
+    draws = torch.stack([null_vector(like, s, "covariance", source).vector for s in range(400)])
+    q, _ = torch.linalg.qr(centred.T)  # an orthonormal basis of the span
+    residual = draws - draws @ q @ q.T
+    assert residual.norm(dim=-1).max() < 1e-3 * like.norm
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[0]  # the baseline words' main direction
+    second = torch.linalg.svd(draws, full_matrices=False).Vh[0]
+    assert abs(float(top @ second)) > 0.95
+
+
+def test_other_word_null_is_a_held_out_word_minus_the_others_mean():
+    source = _source()
+    like = ConceptVector("w3", 1, torch.randn(16) * 2)
+    v = null_vector(like, 7, "other-word", source).vector
+    acts = source.activations[:, 1]
+    candidates = [(acts[i] - acts[torch.arange(len(acts)) != i].mean(0)) for i in range(len(acts))]
+    cosines = [float(torch.nn.functional.cosine_similarity(v, c, dim=0)) for c in candidates]
+    best = int(np.argmax(cosines))
+    assert cosines[best] == pytest.approx(1.0, abs=1e-5) and source.words[best] != "w3"
+
+
+def test_null_kinds_are_validated():
+    like = ConceptVector("c", 0, torch.randn(8))
+    with pytest.raises(ValueError, match="unknown null kind 'gaussian'"):
+        null_vector(like, 0, "gaussian")
+    with pytest.raises(ValueError, match="pass source=null_source"):
+        null_vector(like, 0, "covariance")
+
+
+# ------------------------------------------------------------------------------------------------ strengths, atlas
+
+
+def test_residual_norm_is_the_median_token_norm_of_the_reference_forward(tiny_llama, isolated_cache):
+    h = tiny_llama
+    prompt = introspection_prompt(h)
+    norms = residual_norms(h, prompt)
+    ids = torch.tensor([list(prompt.input_ids)])
+    store = [None] * h.arch.n_layers
+    with torch.no_grad(), reference._capture_layer_outputs(h.torch_model, store):
+        reference._forward(h.torch_model, ids, torch.ones_like(ids))
+    expected = torch.stack([s[0].float().norm(dim=-1).median() for s in store])
+    torch.testing.assert_close(norms, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(residual_norms(h, prompt), norms)  # read back from the cache
+
+
+def test_sweep_tables_carry_null_kind_and_comparable_strengths(tiny_llama, isolated_cache):
+    h = tiny_llama
+    bank = random_bank(h, ("Dust", "Satellites"))
+    raw = scale_sweep(h, ["Dust", "Satellites"], [2.0, 4.0], layer=1, n_controls=1, n_random=1,
+                      nulls=["isotropic", "shuffled"], bank=bank, progress=False).df
+    assert list(raw.columns[-3:]) == ["null_kind", "effective_strength", "relative_strength"]
+    assert set(raw.loc[raw["vector_kind"] == "random", "null_kind"]) == {"isotropic", "shuffled"}
+    assert set(raw.loc[raw["vector_kind"] == "concept", "null_kind"]) == {""}
+    h_norm = float(residual_norms(h, introspection_prompt(h))[1])
+    np.testing.assert_allclose(raw["effective_strength"], raw["scale"] * raw["vector_norm"], rtol=1e-6)
+    np.testing.assert_allclose(raw["relative_strength"], raw["effective_strength"] / h_norm, rtol=1e-6)
+    rel = scale_sweep(h, ["Dust"], [0.5, 1.0], layer=1, n_controls=1, n_random=1, bank=bank, strength="relative",
+                      progress=False).df
+    np.testing.assert_allclose(sorted(set(rel["relative_strength"].round(6))), [0.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(rel["scale"], rel["relative_strength"] * h_norm / rel["vector_norm"], rtol=1e-5)
+    with pytest.raises(ValueError, match="strength 'norm' must be one of raw, relative"):
+        scale_sweep(h, ["Dust"], [1.0], layer=1, n_controls=1, bank=bank, strength="norm", progress=False)
+
+
+def test_atlas_reports_p_under_each_null_it_was_given(tiny_llama, isolated_cache):
+    h = tiny_llama
+    words = ("Dust", "Satellites", "Trumpets")
+    table, sweep = metrics.run_atlas(h, words, [4.0, 8.0], layer=1, n_controls=2, n_random=1,
+                                     nulls=["isotropic", "shuffled", "covariance", "other-word"],
+                                     bank=random_bank(h, words), n_boot=20, progress=False)
+    for kind in ("isotropic", "shuffled", "covariance", "other_word"):
+        assert table[f"p_random_{kind}"].between(0, 1).all()
+    assert np.allclose(table["p_random"], table["p_random_isotropic"])
+    assert set(sweep.df["null_kind"]) == {"", "isotropic", "shuffled", "covariance", "other-word"}
+    with pytest.raises(ValueError, match="no random vectors of null kind 'shuffled'"):
+        metrics.with_null(sweep.df[sweep.df["null_kind"] != "shuffled"], "shuffled")
