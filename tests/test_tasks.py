@@ -13,7 +13,7 @@ import torch
 from introspection_utils import metrics, tasks
 from introspection_utils.generation import generate
 from introspection_utils.inject import Trial, answer_logits, measure
-from introspection_utils.prompts import introspection_prompt
+from introspection_utils.prompts import answer_set, introspection_prompt
 from introspection_utils.sweeps import scale_sweep
 from introspection_utils.vectors import (
     NULL_KINDS,
@@ -159,15 +159,16 @@ def test_congruence_pairs_each_concept_with_its_most_anti_aligned_and_matches_th
     for row in df[df["condition"] == "concept"].itertuples():
         prompt = tasks.congruence_prompt(h, row.named)
         assert row.congruent == (row.named == row.concept)
-        tok = h.tokenizer
-        context = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
-                                          add_generation_prompt=True)
-        base = len(tok(context, add_special_tokens=False)["input_ids"])
-        y, n = (tok(context + w, add_special_tokens=False)["input_ids"][base] for w in ("Yes", "No"))
+        sets = answer_set(h)  # the engine reads yes and no as log-sum-exp over their token variants
         vec = bank.get(row.concept, 1).vector
         inj = reference_last_logits(h, prompt, [(prompt.injection_start, len(prompt), 5.0)], vec, layer=1)
         plain = reference_last_logits(h, prompt)
-        assert row.delta == pytest.approx(float((inj[y] - inj[n]) - (plain[y] - plain[n])), abs=1e-4)
+
+        def yes_minus_no(logits, sets=sets):
+            yes, no = logits[list(sets.yes)].double(), logits[list(sets.no)].double()
+            return torch.logsumexp(yes, 0) - torch.logsumexp(no, 0)
+
+        assert row.delta == pytest.approx(float(yes_minus_no(inj) - yes_minus_no(plain)), abs=1e-4)
 
 
 def test_sign_flip_and_congruence_summary_on_synthetic_gaps():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from introspection_utils import calibration, metrics, readings, verdicts
+from introspection_utils import calibration, metrics, prompts, readings, verdicts
 from introspection_utils.paths import project_root, read_block
 from introspection_utils.sweeps import COLUMNS
 from introspection_utils.vectors import VectorBank
@@ -386,7 +386,8 @@ def test_run_atlas_on_a_tiny_model(tiny_llama, tmp_path):
     table, sweep = metrics.run_atlas(tiny_llama, ["Dust", "Satellites"], [1.0, 4.0], layer=0, n_controls=2,
                                      n_random=2, bank=bank, n_boot=100, progress=False, results_dir=tmp_path)
     assert sorted(table["concept"]) == ["Dust", "Satellites"]
-    assert set(table["class"]) <= set(verdicts.CLASSES) and (table["n_wordings"] == 4).all()
+    assert set(table["class"]) <= set(verdicts.CLASSES)
+    assert (table["n_wordings"] == len(prompts.default_wordings())).all()
     assert set(sweep.df["question_about"]) == {"self", "world"}
     assert sweep.df["answer_mass"].between(0, 1).all() and (tmp_path / "atlas.csv").is_file()
     with pytest.raises(ValueError, match="random-vector null needs at least 3"):
