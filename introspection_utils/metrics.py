@@ -28,6 +28,7 @@ from introspection_utils.verdicts import (
 )
 
 if TYPE_CHECKING:
+    from introspection_utils.executors import LocalExecutor, RayExecutor
     from introspection_utils.models import ModelHandle
     from introspection_utils.vectors import VectorBank
 
@@ -35,11 +36,15 @@ if TYPE_CHECKING:
 def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int | None = None,
               n_controls: int = 10, wordings: Sequence[str] | None = None, n_random: int = 2, seed: int = 0,
               n_boot: int = N_BOOT, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
-              results_dir: str | Path | None = None, bank: VectorBank | None = None, progress: bool = True
+              results_dir: str | Path | None = None, bank: VectorBank | None = None, progress: bool = True,
+              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None
               ) -> tuple[pd.DataFrame, SweepResult]:
     """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
     (``wordings``: default all of :func:`prompts.introspection_questions`), ``n_controls`` balanced controls and
     ``n_random`` random vectors per concept (pooled into the layer's null), and give each its verdict.
+
+    ``executor``, ``address``: where the sweep's questions run (``"ray"``: over the actors of a Ray cluster; see
+    :func:`sweeps.run_sweep`); the verdicts are computed here from the assembled table.
 
     Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
     as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json``.
@@ -53,7 +58,7 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     wordings = list(wordings) if wordings is not None else introspection_questions()
     sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, introspection=wordings,
                         n_random=n_random, seed=seed, results_dir=results_dir, name="atlas_sweep", bank=bank,
-                        progress=progress)
+                        progress=progress, executor=executor, address=address)
     table = verdicts(sweep.df, alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot, seed=seed)
     if results_dir is not None:
         save_table(handle, table, results_dir, "atlas", concepts=list(concepts), scales=list(scales), layer=layer,
