@@ -145,7 +145,9 @@ def scenario(out: Path) -> dict:
             report["delivered"] = sorted(delivered)
             report["failures_fail_twice"] = two.stats["failures"]
 
-            # A driver killed after two chunks, then the sweep resumed by this driver on the warm actors.
+            # A driver killed after two chunks (this driver's actors closed first: the child's take both CPUs),
+            # then the sweep resumed by this driver on fresh actors.
+            two.close()
             resumed = out / "resume"
             address = ray.get_runtime_context().gcs_address
             log = open(out / "child.log", "w")  # closed below, after the child is killed
@@ -161,7 +163,7 @@ def scenario(out: Path) -> dict:
             before = {p.name: p.stat().st_mtime_ns for p in chunks(resumed)}
             report["child"] = {"returncode": proc.returncode, "chunks_when_killed": len(before),
                                "log_tail": (out / "child.log").read_text()[-2000:]}
-            timed("resume", lambda: sweep(handle, bank, resumed, executor=two))
+            timed("resume", lambda: sweep(handle, bank, resumed, executor=two))  # new actors, once the child's go
             after = {p.name: p.stat().st_mtime_ns for p in chunks(resumed)}
             report["resume"] = {"units_run": two.stats["units"], "chunks_before": len(before),
                                 "chunks_after": len(after),

@@ -99,9 +99,10 @@ def ray_report(tmp_path_factory, smollm):
     (stub / "__init__.py").write_text("raise ImportError('rfc3987_syntax is left out of the Ray test processes')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(out),
-           # no idle workers started ahead (they would compete with the daemons' start); a slower start tolerated
+           # no idle workers started ahead (they would compete with the daemons' start); a slower start tolerated;
+           # actors at the driver's priority (Ray nices workers to 15: on a CPU shared with other jobs they crawl)
            "RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
-           "RAY_raylet_start_wait_time_s": "60"}
+           "RAY_raylet_start_wait_time_s": "60", "RAY_worker_niceness": "0"}
     command = f"ip link set lo up && exec {sys.executable} {SCENARIO} {out}"
     start = time.perf_counter()
     run = subprocess.run(["unshare", "--net", "sh", "-c", command], env=env, capture_output=True, text=True,
