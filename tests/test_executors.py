@@ -100,7 +100,7 @@ def ray_report(tmp_path_factory, smollm):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(out),
            # no idle workers started ahead (they would compete with the daemons' start); a slower start tolerated;
-           # actors at the driver's priority (Ray nices workers to 15: on a CPU shared with other jobs they crawl)
+           # actors at the driver's priority (Ray starts workers niced: on a CPU shared with other jobs they crawl)
            "RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
            "RAY_raylet_start_wait_time_s": "60", "RAY_worker_niceness": "0"}
     command = f"ip link set lo up && exec {sys.executable} {SCENARIO} {out}"
