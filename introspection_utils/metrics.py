@@ -30,6 +30,7 @@ from introspection_utils.verdicts import (
 )
 
 if TYPE_CHECKING:
+    from introspection_utils.executors import LocalExecutor, RayExecutor
     from introspection_utils.models import ModelHandle
     from introspection_utils.vectors import VectorBank
 
@@ -38,7 +39,9 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
               n_controls: int = 12, wordings: Sequence[str] | None = None, n_random: int = 2, seed: int = 0,
               n_boot: int = N_BOOT, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
               answer_format: str = "open", results_dir: str | Path | None = None, bank: VectorBank | None = None,
-              progress: bool = True, nulls: Sequence[str] = ("isotropic",)) -> tuple[pd.DataFrame, SweepResult]:
+              progress: bool = True, nulls: Sequence[str] = ("isotropic",),
+              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None
+              ) -> tuple[pd.DataFrame, SweepResult]:
     """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
     (``wordings``: default :func:`prompts.default_wordings`, detect and inverted), ``n_controls`` controls balanced by
     topic and expected answer, asked and read in ``answer_format`` (:data:`prompts.ANSWER_FORMATS`), and
@@ -47,6 +50,8 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`; ``n_random`` of each per concept).
     The verdict is tested against the first; the table gains ``p_random_<kind>`` for every kind given
     (:func:`null_p_values`).
+    ``executor``, ``address``: where the sweep's questions run (``"ray"``: over the actors of a Ray cluster; see
+    :func:`sweeps.run_sweep`); the verdicts are computed here from the assembled table.
 
     Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
     as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json``.
@@ -61,7 +66,8 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     wordings = list(wordings) if wordings is not None else default_wordings()
     sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, introspection=wordings,
                         n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
-                        name="atlas_sweep", bank=bank, progress=progress, nulls=nulls)
+                        name="atlas_sweep", bank=bank, progress=progress, nulls=nulls, executor=executor,
+                        address=address)
     table = verdicts(with_null(sweep.df, nulls[0]), alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot,
                      seed=seed)
     table = table.merge(null_p_values(sweep.df, nulls, seed=seed), on=["concept", "layer"], how="left")

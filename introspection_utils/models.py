@@ -102,12 +102,16 @@ class ModelHandle:
     """A loaded model: ``model`` (nnsight ``TransformersModel``), ``tokenizer``, ``arch`` and where its parts are.
 
     ``name`` is the short id used in file paths and result tables; ``revision`` pins the exact weights (a hub
-    commit hash or the GGUF's sha256); ``remote`` says whether traces run on NDIF.
+    commit hash or the GGUF's sha256); ``remote`` says whether traces run on NDIF; ``source`` is what
+    :func:`load_model` was given (a hub id, a folder, ``name`` for the embedded models), so that another process
+    can load the same model (the Ray executor's actors).
     """
 
     def __init__(self, name: str, model: Any, tokenizer: Any, arch: Architecture, *, revision: str,
-                 dtype: torch.dtype, remote: bool | str = False, base_model: bool = False) -> None:
+                 dtype: torch.dtype, remote: bool | str = False, base_model: bool = False,
+                 source: str | None = None) -> None:
         self.name = name
+        self.source = source or name
         self.model = model
         self.tokenizer = tokenizer
         self.arch = arch
@@ -355,7 +359,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     model = TransformersModel(hf_model, tokenizer=tokenizer)
     short = model_name(name).removesuffix(".gguf")
     return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model,
-                       remote=remote)
+                       remote=remote, source=name)
 
 
 def _load_remote(name: str) -> ModelHandle:
@@ -386,7 +390,7 @@ def _load_remote(name: str) -> ModelHandle:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     revision = getattr(model._module.config, "_commit_hash", None) or "ndif"
     return ModelHandle(model_name(name), model, model.tokenizer, arch, revision=revision,
-                       dtype=torch.bfloat16, remote=True)
+                       dtype=torch.bfloat16, remote=True, source=name)
 
 
 def _folder_revision(folder: Path) -> str:

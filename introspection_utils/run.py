@@ -5,6 +5,7 @@
     python -m introspection_utils.run --findings data/findings/qwen2.5-coder-1.5b-instruct.toml   # `make findings`
     python -m introspection_utils.run --strip                     # remove outputs from notebooks/*.ipynb
     python -m introspection_utils.run --all --threads 1           # one CPU thread per kernel (a shared CPU)
+    python -m introspection_utils.run --notebooks 11 --executor ray --address auto   # the atlas on a Ray cluster
 
 Executed notebooks go to ``<output>/<model>/`` with ``timings.csv`` (each notebook's wall time); figures go to
 ``figures/<model>/`` (the runner passes ``figures_dir``; a notebook run by hand only shows them) and tables where
@@ -42,6 +43,9 @@ from introspection_utils.paths import model_name
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
 FIGURES_DIR = ROOT / "figures"
+# Parameters the runner passes only to the notebooks that declare them: where tables go, and where sweeps run
+# (``--executor``/``--address``, or ``executor``/``ray_address`` in a findings file; see docs/scale_out.md).
+RUNNER_PLACED = ("results_dir", "executor", "ray_address")
 
 
 class NotebookError(RuntimeError):
@@ -150,7 +154,7 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
     """Execute ``paths`` in order into ``output_dir``, printing each wall time; every notebook's parameters are
     checked (:func:`plan_runs`) before anything runs."""
     records = []
-    for path, params in plan_runs(paths, parameters, per_notebook, where_declared=("results_dir",)):
+    for path, params in plan_runs(paths, parameters, per_notebook, where_declared=RUNNER_PLACED):
         print(f"running {path.name} on {params.get('model')} ...", flush=True)
         record = run_notebook(path, output_dir, params, kernel=kernel)
         print(f"  done in {record.seconds:.1f} s -> {record.output}", flush=True)
@@ -278,7 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per kernel (sets OMP_NUM_THREADS); 1 is several times faster on a CPU "
                              "shared with other jobs")
+    parser.add_argument("--executor", choices=("local", "ray"), default=None,
+                        help="where the sweeps of the notebooks that declare `executor` (02, 03, 11) run: here "
+                             "(local) or on the actors of a Ray cluster (ray; the `ray` extra)")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="with --executor ray: the cluster to join (default: a new local one)")
     args = parser.parse_args(argv)
+    if args.address is not None and args.executor != "ray":
+        parser.error("--address needs --executor ray")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -288,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stripped {path}")
         return 0
     params = {name: parse_value(value) for name, value in args.parameter}
+    if args.executor is not None:
+        params["executor"] = args.executor
+    if args.address is not None:
+        params["ray_address"] = args.address
     model = params.pop("model", args.model)  # -p model ID works as well as --model ID
     model = None if model is None else str(model)
     try:

@@ -34,11 +34,13 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from introspection_utils.executors import LocalExecutor, ModelRecipe, RayExecutor, executor_for
 from introspection_utils.inject import Trial, measure
 from introspection_utils.models import package_version
 from introspection_utils.paths import atomic_write, content_hash
 from introspection_utils.prompts import (
     CONTROL_CELLS,
+    Prompt,
     answer_set,
     check_answer_format,
     control_questions,
@@ -48,6 +50,7 @@ from introspection_utils.prompts import (
     question_tags,
 )
 from introspection_utils.vectors import (
+    ConceptVector,
     VectorBank,
     check_nulls,
     concept_vectors,
@@ -156,18 +159,81 @@ def direction_id(direction: torch.Tensor | None) -> str | None:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """One question's trials: what the runner resumes by and what an executor hands to a worker. ``pairs``: the
+    (vector, scale) of each trial; ``h_norm [n_layers]``: the residual norms relative strength is read against."""
+
+    kind: str
+    prompt: Prompt
+    pairs: tuple[tuple[ConceptVector, float], ...]
+    answers: tuple[str, str] | None
+    answer_format: str
+    h_norm: tuple[float, ...]
+    batch_size: int | None
+    ablate: torch.Tensor | None
+
+
+def _unit_label(index: int, unit: _Unit, spec: SweepSpec) -> str:
+    """The trials of a unit, in words (what a failure report names)."""
+    randoms = f" + random seeds {spec.seed}..{spec.seed + spec.n_random - 1}" if spec.n_random else ""
+    return (f"question {index} ({unit.kind}: {unit.prompt.question!r}): concepts {', '.join(spec.concepts)} "
+            f"(concept vectors{randoms}) × layers {list(spec.layers)} × scales {list(spec.scales)} = "
+            f"{len(unit.pairs)} trials")
+
+
+def _unit_frame(handle: ModelHandle, unit: _Unit) -> pd.DataFrame:
+    """Measure one unit's trials: its rows of the tidy table (the work every executor runs, here or on an actor)."""
+    trials = [Trial(unit.prompt, v, s) for v, s in unit.pairs]
+    tags = question_tags(unit.prompt.question)
+    readout = measure(handle, trials, answers=unit.answers, batch_size=unit.batch_size, ablate=unit.ablate)
+    frame = pd.DataFrame({
+        "model": handle.name,
+        "concept": [t.vector.concept for t in trials],
+        "vector_kind": [t.vector.kind for t in trials],
+        "vector_seed": pd.array([t.vector.seed for t in trials], dtype="Int64"),
+        "vector_norm": [t.vector.norm for t in trials],
+        "layer": [t.vector.layer for t in trials],
+        "scale": [t.scale for t in trials],
+        "question_kind": unit.kind,
+        "question": unit.prompt.question,
+        "question_about": tags["about"],
+        "polarity": tags["polarity"],
+        "expected": tags["expected"],
+        "answer_format": unit.answer_format,
+        "logit_diff": readout.logit_diff.double().numpy(),
+        "baseline_logit_diff": readout.baseline.double().numpy(),
+        "answer_mass": readout.answer_mass.double().numpy(),
+        "baseline_answer_mass": readout.baseline_answer_mass.double().numpy(),
+        "null_kind": [t.vector.null or "" for t in trials],
+        "effective_strength": [t.scale * t.vector.norm for t in trials],
+        "relative_strength": [t.scale * t.vector.norm / unit.h_norm[t.vector.layer] for t in trials],
+    })
+    frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
+    return frame
+
+
 def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None = None,
               results_dir: str | Path | None = None, name: str = "sweep", batch_size: int | None = None,
-              progress: bool = True, ablate: torch.Tensor | None = None) -> SweepResult:
+              progress: bool = True, ablate: torch.Tensor | None = None,
+              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
     """Measure every (concept vector and random vectors) × scale × layer × question of ``spec``.
 
     With ``results_dir``, each finished question is written to ``<results_dir>/.chunks/<name>-<spec hash>/`` and
     reused on the next call with the same spec (resume), and the final table goes to ``<results_dir>/<name>.csv``
     with ``<name>.meta.json``.
+
+    ``executor``: where the questions are measured — ``"local"`` (here, in order), ``"ray"`` (one Ray actor per GPU
+    or CPU worker of the cluster at ``address``: ``"auto"``, ``"HOST:PORT"``, or ``None`` for the connected or a new
+    local cluster; see :mod:`introspection_utils.executors`) or a :class:`~introspection_utils.executors.RayExecutor`
+    (kept open for the next sweep). The table, the chunks and the metadata are the same whichever runs them.
     """
     _check_spec(handle, spec)
     if direction_id(ablate) != spec.ablation:
         raise ValueError("spec.ablation must be direction_id(ablate): the spec names what the sweep ablates")
+    runner, owned = executor_for(executor, address)
+    if runner.name == "ray":
+        ModelRecipe.of(handle)  # a remote handle is refused before any compute
     bank = bank or concept_vectors(handle, spec.concepts, progress=progress)
     source = null_source(handle) if spec.n_random and set(spec.nulls) & {"covariance", "other-word"} else None
     vectors = []
@@ -187,44 +253,36 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{spec.hash}" if results_dir is not None else None
     if chunk_dir is not None:
         chunk_dir.mkdir(parents=True, exist_ok=True)
-    frames, prompt_hashes = [], []
-    for index, (kind, question) in enumerate(tqdm(questions, desc=f"{name}: questions", disable=not progress)):
+    frames: dict[int, pd.DataFrame] = {}
+    todo: list[tuple[int, _Unit, Path | None]] = []
+    prompt_hashes = []
+    pairs = tuple((v, s) for v in vectors for s in scales_of[v])
+    for index, (kind, question) in enumerate(questions):
         prompt = introspection_prompt(handle, question, frame=spec.frame, kind=kind, answer_format=spec.answer_format)
         prompt_hashes.append(prompt.hash)
         chunk_path = chunk_dir / f"{index:03d}-{prompt.hash}.csv" if chunk_dir is not None else None
         if chunk_path is not None and chunk_path.is_file():
-            frames.append(pd.read_csv(chunk_path, dtype={"vector_seed": "Int64", "null_kind": str}))
+            frames[index] = pd.read_csv(chunk_path, dtype={"vector_seed": "Int64", "null_kind": str})
             continue
-        trials = [Trial(prompt, v, s) for v in vectors for s in scales_of[v]]
-        tags = question_tags(prompt.question)
-        readout = measure(handle, trials, answers=spec.answers, batch_size=batch_size, ablate=ablate)
-        frame = pd.DataFrame({
-            "model": handle.name,
-            "concept": [t.vector.concept for t in trials],
-            "vector_kind": [t.vector.kind for t in trials],
-            "vector_seed": pd.array([t.vector.seed for t in trials], dtype="Int64"),
-            "vector_norm": [t.vector.norm for t in trials],
-            "layer": [t.vector.layer for t in trials],
-            "scale": [t.scale for t in trials],
-            "question_kind": kind,
-            "question": prompt.question,
-            "question_about": tags["about"],
-            "polarity": tags["polarity"],
-            "expected": tags["expected"],
-            "answer_format": spec.answer_format,
-            "logit_diff": readout.logit_diff.double().numpy(),
-            "baseline_logit_diff": readout.baseline.double().numpy(),
-            "answer_mass": readout.answer_mass.double().numpy(),
-            "baseline_answer_mass": readout.baseline_answer_mass.double().numpy(),
-            "null_kind": [t.vector.null or "" for t in trials],
-            "effective_strength": [t.scale * t.vector.norm for t in trials],
-            "relative_strength": [t.scale * t.vector.norm / float(h_norm[t.vector.layer]) for t in trials],
-        })
-        frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
-        if chunk_path is not None:
-            atomic_write(chunk_path, frame.to_csv(index=False))
-        frames.append(frame)
-    df = pd.concat(frames, ignore_index=True)[COLUMNS]
+        todo.append((index, _Unit(kind, prompt, pairs, spec.answers, spec.answer_format,
+                                  tuple(float(x) for x in h_norm), batch_size, ablate), chunk_path))
+    where = " (Ray)" if runner.name == "ray" else ""
+    bar = tqdm(total=len(frames) + len(todo), initial=len(frames), desc=f"{name}: questions{where}",
+               disable=not progress)
+    try:
+        done = runner.map(handle, _unit_frame, [u for _, u, _ in todo],
+                          labels=[_unit_label(i, u, spec) for i, u, _ in todo])
+        for position, frame in done:  # in the order units finish; written at once, assembled by index below
+            index, _, chunk_path = todo[position]
+            if chunk_path is not None:
+                atomic_write(chunk_path, frame.to_csv(index=False))
+            frames[index] = frame
+            bar.update()
+    finally:
+        bar.close()
+        if owned:
+            runner.close()
+    df = pd.concat([frames[i] for i in sorted(frames)], ignore_index=True)[COLUMNS]
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     df["null_kind"] = df["null_kind"].fillna("")
     meta = metadata(handle, asdict(spec), prompt_hashes)
@@ -293,20 +351,22 @@ def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 answer_format: str = "open", results_dir: str | Path | None = None, name: str = "scale_sweep",
                 bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
-                nulls: Sequence[str] = ("isotropic",), strength: str = "raw") -> SweepResult:
+                nulls: Sequence[str] = ("isotropic",), strength: str = "raw",
+                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
     """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
     ``n_controls`` control questions (balanced self/world; or the given ``controls``), concept vectors and
     ``n_random`` random ones. ``introspection``: the wording(s) asked (default the paper's trial line; pass
     :func:`prompts.introspection_questions` for all of them, as the verdicts need).
     ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction).
     ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`, ``n_random`` of each).
-    ``strength="relative"``: ``scales`` are relative strengths r = s·‖v‖/‖h‖ (each concept gets s = r·‖h‖/‖v‖)."""
+    ``strength="relative"``: ``scales`` are relative strengths r = s·‖v‖/‖h‖ (each concept gets s = r·‖h‖/‖v‖).
+    ``executor``, ``address``: where the questions run (``"local"``, ``"ray"``; see :func:`run_sweep`)."""
     spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls,
                  introspection=introspection, n_random=n_random,
                  seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
                  nulls=tuple(nulls), strength=strength)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
-                     ablate=ablate)
+                     ablate=ablate, executor=executor, address=address)
 
 
 def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[int], *, scale: float,
@@ -315,7 +375,8 @@ def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[i
                 seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
                 answer_format: str = "open", results_dir: str | Path | None = None, name: str = "layer_sweep",
                 bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
-                nulls: Sequence[str] = ("isotropic",), strength: str = "raw") -> SweepResult:
+                nulls: Sequence[str] = ("isotropic",), strength: str = "raw",
+                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
     """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
     :func:`scale_sweep`; ``strength="relative"``: ``scale`` is a relative strength, read at each layer's ‖h‖)."""
     spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls,
@@ -323,7 +384,7 @@ def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[i
                  seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
                  nulls=tuple(nulls), strength=strength)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
-                     ablate=ablate)
+                     ablate=ablate, executor=executor, address=address)
 
 
 def concept_rows(df: pd.DataFrame, concept: str) -> pd.DataFrame:

@@ -19,7 +19,7 @@ LAYERS = {
     "models": 2,
     "prompts": 3,
     "vectors": 4,
-    "inject": 5, "components": 5,
+    "inject": 5, "components": 5, "executors": 5,
     "generation": 6, "sweeps": 6, "probes": 6, "bench": 6, "attribution": 6, "refusal": 6, "demo": 6,
     "verdicts": 7, "grading": 7, "localization": 7, "tasks": 7, "patching": 7, "sae_train": 7, "frozen_prompts": 7,
     "metrics": 8, "readings": 8, "calibration": 8, "mechanisms": 8, "sae": 8,
