@@ -17,9 +17,9 @@ answered here and nowhere else.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.metadata
-import difflib
 import json
 import numbers
 import os

@@ -482,6 +482,27 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
     return records
 
 
+def timings_markdown(path: Path) -> str:
+    """A ``timings.csv`` as the README's table: each notebook's wall time, the total, the threads and the load
+    average when each finished (so a reader can plan by it and see how busy the machine was)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} has no rows: run `make demo` first")
+    total = sum(float(r["seconds"]) for r in rows)
+    loads = [float(r["load_avg"]) for r in rows if r.get("load_avg")]
+    threads = sorted({r.get("omp_num_threads") or "?" for r in rows})
+    cpus = sorted({r.get("cpus") or "?" for r in rows})
+    lines = ["| notebook | wall time | load average at its end |", "|---|---|---|"]
+    lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('load_avg') or '?'} |" for r in rows]
+    lines += ["", f"Total {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on {', '.join(cpus)} "
+                  f"CPU(s), {', '.join(threads)} thread(s) per kernel"
+              + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
+              + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
+                f"`.venv/bin/python -m introspection_utils.run --write-times README.md`."]
+    return "\n".join(lines)
+
+
 def strip_outputs(paths: Sequence[Path]) -> list[Path]:
     """Remove outputs and execution counts from notebooks in place; returns those that changed."""
     import nbformat
@@ -520,6 +541,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the series with a findings file's parameters, all outputs under figures/<model>/ "
                             "(--notebooks-only NN ... for a part of it; -p and --model override the file)")
     which.add_argument("--strip", action="store_true", help="strip outputs from notebooks/*.ipynb and exit")
+    which.add_argument("--write-times", type=Path, metavar="README",
+                       help="put runs/<model>/timings.csv (the last make demo) into README's timings block and exit")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (Python/JSON literal); repeatable; makes the run one of its own "
                              "(runs/<model>/<tag or p-hash>/), never touching committed figures")
@@ -559,6 +582,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strip:
         for path in strip_outputs(notebooks()):
             print(f"stripped {path}")
+        return 0
+    if args.write_times:
+        from introspection_utils.paths import replace_block
+
+        timings = (args.output or Path("runs")) / model_name(args.model or _default_model()) / "timings.csv"
+        if not timings.is_file():
+            print(f"error: {timings} does not exist: run `make demo` first", file=sys.stderr)
+            return 1
+        replace_block(args.write_times, "timings", timings_markdown(timings.resolve()))
+        print(f"wrote the timings of {timings} into {args.write_times}")
         return 0
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")

@@ -97,7 +97,8 @@ class VectorBank:
         """The vector of ``word`` at ``layer``; an unknown word or layer is a ``ValueError``."""
         if word not in self.words:
             raise ValueError(f"concept {word!r} is not in this bank ({', '.join(self.words)})")
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.vectors.shape[1]:
+        integral = isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
+        if not integral or not 0 <= layer < self.vectors.shape[1]:
             raise ValueError(f"layer {layer} is out of range for {self.model} (0..{self.vectors.shape[1] - 1})")
         return ConceptVector(word, layer, self.vectors[self.words.index(word), layer], kind=self.kind,
                              model=self.model)
