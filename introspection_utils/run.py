@@ -45,6 +45,7 @@ from introspection_utils.paths import content_hash, model_name
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
 FIGURES_DIR = ROOT / "figures"
+FULL_SIZE = ROOT / "data" / "full_size.toml"  # --full: the full-size parameters of the demo-sized notebooks
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CELL_TIMEOUT = 1800  # seconds; --cell-timeout 0 for none
 TIMINGS_HEADER = ["model", "notebook", "seconds", "cpus", "omp_num_threads", "load_avg", "key"]
@@ -52,6 +53,7 @@ TIMINGS_HEADER = ["model", "notebook", "seconds", "cpus", "omp_num_threads", "lo
 # the executed copies) instead of widgets nobody sees in a headless run.
 KERNEL_STARTUP = ["import tqdm.auto, tqdm.std; tqdm.auto.tqdm = tqdm.std.tqdm"]
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_BARE_WORD = re.compile(r"^(?![-+.\d])[\w./:@~+-]+$")  # a name, a hub id or a path, taken as a string as it is
 _PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[|it/s|s/it")
 
 
@@ -86,15 +88,14 @@ class RunRecord:
 
 def parse_value(text: str, name: str | None = None) -> Any:
     """A parameter value from the command line: a Python/JSON literal (``[0,2,4]``, ``3``, ``None``, ``true``,
-    ``'Sandwich'``), or a bare word taken as a string (``Sandwich``, ``google/gemma-2-9b-it``). Text that starts like
-    a literal but is not one (``[0,2,``) is a ``ValueError`` naming ``name``."""
+    ``'Sandwich'``), or a bare word taken as a string (``Sandwich``, ``google/gemma-2-9b-it``, ``/path/model.gguf``).
+    Anything else (``[0,2,``, ``list(range(3))``, ``ice cream`` unquoted) is a ``ValueError`` naming ``name``."""
     for parse in (ast.literal_eval, _json_literal):
         try:
             return parse(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             continue
-    stripped = text.strip()
-    if not stripped or stripped[0] in "[({\"'0123456789-+." or stripped in {"True", "False", "None"}:
+    if not _BARE_WORD.match(text):
         what = f"parameter {name!r}" if name else "a parameter"
         raise ValueError(f"{what}: {text!r} is not a Python/JSON literal; write e.g. \"[0, 2, 4]\", 3, 0.5, None, "
                          f"\"'a string'\" (a bare word such as Sandwich is taken as a string)")
@@ -428,7 +429,8 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
     overrides = dict(parameters or {})
     model = resolve_model(model or _default_model())
     paths = notebooks(selection)
-    place = placement(model, overrides, output=output, tag=tag, default_model=_default_model())
+    changed = {**overrides, **({"per_notebook": dict(per_notebook)} if per_notebook else {})}
+    place = placement(model, changed, output=output, tag=tag, default_model=_default_model())
     params = {"model": model, **place.parameters, **overrides}
     plan_runs(paths, params, per_notebook, where_declared=("results_dir",))  # raises before anything is created
     if not place.reference:
@@ -444,6 +446,14 @@ def _default_model() -> str:
     from introspection_utils.embedded import DEFAULT_MODEL
 
     return DEFAULT_MODEL
+
+
+def read_full_size(path: Path = FULL_SIZE) -> dict[str, dict[str, Any]]:
+    """The full-size parameters (``--full``), one table per notebook prefix."""
+    tables = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    if not all(isinstance(v, dict) for v in tables.values()):
+        raise ValueError(f"{path}: only [\"NN\"] tables of parameters")
+    return tables
 
 
 def read_findings(path: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
@@ -551,6 +561,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="where executed notebooks go (runs/); with --findings, the root of <model>/ (figures/)")
     parser.add_argument("--notebooks-only", nargs="+", metavar="NN", default=None,
                         help="with --findings: run only these notebooks")
+    parser.add_argument("--full", action="store_true",
+                        help="the full-size runs of the notebooks that make demo runs at demo size (07, 08, 10: "
+                             "data/full_size.toml), into runs/<model>/full/ (or --tag)")
     parser.add_argument("--force", action="store_true", help="rerun notebooks already done with the same parameters")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     parser.add_argument("--threads", type=int, default=None,
@@ -611,14 +624,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{os.getloadavg()[0]:.1f}; --threads N to choose)", flush=True)
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
         if args.findings:
-            if args.tag:
-                raise ValueError("--tag does not go with --findings (a findings run writes under figures/<model>/)")
+            if args.tag or args.full:
+                raise ValueError("--tag and --full do not go with --findings (a findings run takes its parameters "
+                                 "from its file and writes under figures/<model>/)")
             records = run_findings(args.findings, args.notebooks_only, model=model, parameters=params,
                                    root=args.output or FIGURES_DIR, kernel=args.kernel, force=args.force,
                                    timeout=args.cell_timeout)
         else:
+            per_notebook = read_full_size() if args.full else None
             records = run_series(None if args.all else args.notebooks, model=model, parameters=params,
-                                 output=args.output or Path("runs"), kernel=args.kernel, tag=args.tag,
+                                 output=args.output or Path("runs"), kernel=args.kernel,
+                                 tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
                                  force=args.force, timeout=args.cell_timeout)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")

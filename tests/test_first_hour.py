@@ -173,3 +173,13 @@ def test_an_interrupted_run_says_how_to_resume_and_the_resume_finishes(tmp_path)
     assert (folder / "02_scale_sweep.ipynb").is_file() and (folder / "figures" / "02_scale_sweep.png").is_file()
     assert (folder / "timings.csv").read_text().count("02_scale_sweep.ipynb") == 1
     assert _git_status() == before
+
+
+def test_full_size_parameters_are_declared_and_differ_from_the_demo_defaults():
+    full = run.read_full_size()
+    assert set(full) == {"07", "08", "10"}
+    plans = {p.name[:2]: params for p, params in run.plan_runs(run.notebooks(list(full)), {}, full)}
+    for prefix, params in full.items():
+        defaults = run.declared_parameters(run.notebooks([prefix])[0])
+        assert any(str(v) != defaults[k]["default"].split("#")[0].strip() for k, v in params.items())
+        assert plans[prefix] == params
