@@ -203,12 +203,16 @@ def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: b
     ax.axhline(0.0, color="black", lw=0.6, alpha=0.6)
 
 
-def _finish(ax: plt.Axes, title: str, xlabel: str, ylabel: str = YLABEL, legend_loc: str = "best") -> None:
+def _finish(ax: plt.Axes, title: str, xlabel: str, ylabel: str = YLABEL, legend_loc: str = "outside") -> None:
+    """Title, labels, grid and the legend: by default outside the axes on the right, so it never covers data."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=7, loc=legend_loc, framealpha=0.85)
+    if legend_loc == "outside":
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    else:
+        ax.legend(fontsize=7, loc=legend_loc, framealpha=0.85)
 
 
 def scale_label(norm: float | None) -> str:
