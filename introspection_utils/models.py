@@ -202,10 +202,9 @@ class ModelHandle:
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if it is a valid decoder-layer index, else raise one clear ``ValueError``."""
         allowed = f"0..{self.arch.n_layers - 1}"
-        if isinstance(layer, bool) or not isinstance(layer, (numbers.Integral, float)) or (
-                isinstance(layer, float) and not layer.is_integer()):
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise ValueError(f"layer {layer!r} is not a layer index: {self.name} has decoder layers {allowed} "
-                             f"(whole numbers)")
+                             f"(integers; out of range for anything else)")
         if not 0 <= layer < self.arch.n_layers:
             raise ValueError(f"layer {layer!r} is out of range for {self.name} ({allowed})")
         return int(layer)
@@ -322,16 +321,18 @@ def resolve_name(name: str) -> str:
     exist), or a hub id ``org/name``. Anything else is one ``ValueError`` with the closest known names."""
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"model name must be a non-empty string, got {name!r}")
-    if name in EMBEDDED or name.startswith("random:") or name in {f"tiny-{f}" for f in TINY_FAMILIES}:
+    if name in EMBEDDED or name.startswith(("random:", "tiny-")):  # tiny-<family>, random:<config>: checked by loading
         return name
     aliases = {k.lower(): v for k, v in HUB_ALIASES.items()}
     if name.lower() in aliases:
         return aliases[name.lower()]
     if name.lower() in EMBEDDED:
         return name.lower()
-    if is_gguf_path(name) or Path(name).expanduser().is_dir():
-        if not Path(name).expanduser().exists():
-            raise ValueError(f"model file {name!r} does not exist")
+    if is_gguf_path(name):
+        if not Path(name).expanduser().is_file():
+            raise ValueError(f"no GGUF file at {Path(name).expanduser().resolve()} (model {name!r})")
+        return name
+    if Path(name).expanduser().is_dir():
         return name
     if name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/")):
         return name  # a hub id: whether it can be had is checked when it loads (fast when offline)

@@ -112,14 +112,14 @@ def default_layer(handle: ModelHandle, layer: int | None = None) -> int:
     """``layer`` if given (checked), else two thirds of the depth: 20 of 30 (SmolLM2), 28 of 42 (Gemma-2-9B)."""
     if layer is None:
         return 2 * handle.arch.n_layers // 3
-    return handle.check_layer(layer)
+    return handle.check_layer(int(layer) if isinstance(layer, float) and layer.is_integer() else layer)
 
 
 def default_layers(handle: ModelHandle, layers: Sequence[int] | None = None, *, n: int = 8) -> list[int]:
     """``layers`` if given (checked), else ``n`` layers evenly spread from the first to the last."""
     if layers is None:
         return sorted({int(round(x)) for x in np.linspace(0, handle.arch.n_layers - 1, n)})
-    return [handle.check_layer(layer) for layer in layers]
+    return [handle.check_layer(int(x) if isinstance(x, float) and x.is_integer() else x) for x in layers]
 
 
 MAX_CONCEPT_WORDS = 4

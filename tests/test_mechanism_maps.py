@@ -67,7 +67,7 @@ def test_the_mechanism_figure_is_labelled(two_maps):
 
 
 def test_an_interrupted_mechanism_run_resumes_pass_by_pass(tiny_llama, two_maps, tmp_path, monkeypatch):
-    """Interrupted in real patching: the rerun reuses the attribution pass, and the maps equal the uninterrupted ones."""
+    """Interrupted in real patching: the rerun reuses the attribution pass; the maps equal the uninterrupted ones."""
     real = mechanisms.activation_patching
 
     def interrupt(*args, **kwargs):

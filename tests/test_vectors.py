@@ -249,7 +249,7 @@ def test_load_vector_rejects_wrong_size_values_and_layer(tiny_llama, tmp_path):
 # ------------------------------------------------------------------ bad input, before any compute
 
 
-@pytest.mark.parametrize("word", ["two words", "", "   ", "123", None])
+@pytest.mark.parametrize("word", ["a phrase of far too many words", "", "   ", "123", None])
 def test_unknown_concept_is_rejected_before_any_compute(tiny_llama, forbid_compute, word):
     forbid_compute(tiny_llama)
     with pytest.raises(ValueError, match="concept"):
