@@ -46,8 +46,10 @@ test: $(STAMP) $(QWEN_STAMP) $(RAY_STAMP) browser
 	  echo "$$before"; echo "---"; echo "$$after"; exit 1; fi
 
 # The whole notebook series on the embedded model: executed copies in runs/<model>/, figures in figures/<model>/.
+# Notebooks already done with the same parameters and code are skipped (make demo FORCE=1 reruns them all);
+# 07, 08 and 10 run at demo size (make demo FULL=1: full size, data/full_size.toml, into runs/<model>/full/).
 demo: $(STAMP)
-	$(PY) -m introspection_utils.run --all --output runs/
+	$(PY) -m introspection_utils.run --all --output runs/ $(if $(FORCE),--force) $(if $(FULL),--full)
 
 # The science run on Qwen2.5-Coder-1.5B-Instruct with the parameters of $(FINDINGS): figures, results/ (tables with
 # metadata), notebooks/ (executed copies), timings.csv under figures/<model>/; each notebook's wall time printed.
@@ -70,8 +72,9 @@ PORT ?= 8866
 explore: $(STAMP)
 	$(PY) -m introspection_utils.explore --port $(PORT) $(if $(MODEL),--model $(MODEL))
 
+# As root (the default user in most containers) Jupyter needs --allow-root; it listens on localhost only.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: $(STAMP)
 	$(PY) -m introspection_utils.bench

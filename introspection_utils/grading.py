@@ -27,6 +27,7 @@ from introspection_utils.generation import generate, response_table
 from introspection_utils.inject import Trial
 from introspection_utils.intervals import wilson_interval
 from introspection_utils.models import ModelHandle, load_model
+from introspection_utils.paths import checkpoint
 from introspection_utils.prompts import chat_prompt, introspection_prompt
 from introspection_utils.sweeps import SweepResult, metadata
 
@@ -151,17 +152,29 @@ def grade(responses: pd.DataFrame, judge: Judge, *, criteria: Sequence[str] = CR
     criterion, when both were graded; NaN when either is unparseable). Identical grader prompts are sent to the
     judge once and share its verdict (greedy answers to the same uninjected prompt are identical).
     """
+    return _finish_grading(responses, judge, {criterion: judge_criterion(responses, judge, criterion)
+                                              for criterion in tqdm(criteria, desc=f"grading ({judge.name})",
+                                                                    disable=not progress)})
+
+
+def judge_criterion(responses: pd.DataFrame, judge: Judge, criterion: str) -> list[str]:
+    """The judge's raw answer on ``criterion`` for every row of ``responses`` (identical grader prompts asked once)."""
+    conversations = responses["conversation"] if "conversation" in responses else [None] * len(responses)
+    prompts = [grader_prompt(criterion, question=q, response=r, word=str(w), conversation=c)
+               for q, r, w, c in zip(responses["question"], responses["response"], responses["concept"],
+                                     conversations, strict=True)]
+    unique = list(dict.fromkeys(prompts))  # identical prompts (e.g. greedy controls) are asked once
+    answers = dict(zip(unique, judge(unique), strict=True))
+    return [answers[p] for p in prompts]
+
+
+def _finish_grading(responses: pd.DataFrame, judge: Judge, raw_by_criterion: dict[str, list[str]]) -> pd.DataFrame:
+    """The graded table from the judge's raw answers per criterion: verdicts, pre-grade, success, judge."""
     graded = responses.copy()
-    for criterion in tqdm(criteria, desc=f"grading ({judge.name})", disable=not progress):
-        conversations = graded["conversation"] if "conversation" in graded else [None] * len(graded)
-        prompts = [grader_prompt(criterion, question=q, response=r, word=str(w), conversation=c)
-                   for q, r, w, c in zip(graded["question"], graded["response"], graded["concept"], conversations,
-                                         strict=True)]
-        unique = list(dict.fromkeys(prompts))  # identical prompts (e.g. greedy controls) are asked once
-        answers = dict(zip(unique, judge(unique), strict=True))
-        raw = [answers[p] for p in prompts]
+    for criterion, raw in raw_by_criterion.items():
         graded[f"{criterion}_raw"] = raw
         graded[criterion] = [parse_verdict(t) for t in raw]
+    criteria = list(raw_by_criterion)
     pre = pd.DataFrame([pregrade(r, str(w)) for r, w in zip(graded["response"], graded["concept"], strict=True)],
                        index=graded.index)
     graded = pd.concat([graded, pre], axis=1)
@@ -221,11 +234,19 @@ def run_grading(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown or not criteria:
         raise ValueError(f"criteria {list(criteria)}: choose one or more of {', '.join(CRITERIA)}")
-    responses = response_table(handle, concepts, scales, layer=layer, samples=samples, max_new_tokens=max_new_tokens,
-                               temperature=temperature, seed=seed, question=question, progress=progress)
-    graded = grade(responses, judge, criteria=criteria, progress=progress)
     spec = {"concepts": list(concepts), "scales": [float(s) for s in scales], "layer": layer, "seed": seed,
             "question": question}
+    # Resumable: the generation pass, then each criterion, kept under <results_dir>/.chunks/ until the table is saved.
+    key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype), **spec, "samples": samples,
+           "max_new_tokens": max_new_tokens, "temperature": temperature}
+    responses = checkpoint(results_dir, f"{name}-responses", key, lambda: response_table(
+        handle, concepts, scales, layer=layer, samples=samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, question=question, progress=progress))
+    raw = {criterion: checkpoint(results_dir, f"{name}-{criterion}", {**key, "judge": judge.name,
+                                                                      "criterion": criterion},
+                                 lambda criterion=criterion: judge_criterion(responses, judge, criterion))
+           for criterion in tqdm(criteria, desc=f"grading ({judge.name})", disable=not progress)}
+    graded = _finish_grading(responses, judge, raw)
     meta = metadata(handle, spec, [introspection_prompt(handle, question).hash])
     meta.update(experiment="generation_grading", judge=judge.name, criteria=list(criteria),
                 generation={"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature})

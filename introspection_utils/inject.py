@@ -59,13 +59,28 @@ class Trial:
     """One measurement: ``prompt`` with ``scale × vector`` added at ``layer`` over ``window``.
 
     ``vector=None`` or ``scale=0`` is the no-injection baseline. ``layer=None`` takes the vector's own layer.
+    ``vector`` may also be your own ``[d_model]`` tensor, with ``layer`` given: it is wrapped in a
+    :class:`ConceptVector` of kind ``"user"`` (``Trial(prompt, my_tensor, 4.0, layer=20)``).
     """
 
     prompt: Prompt
-    vector: ConceptVector | None = None
+    vector: ConceptVector | torch.Tensor | None = None
     scale: float = 0.0
     layer: int | None = None
     window: Window = "suffix"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vector, torch.Tensor):
+            if self.layer is None:
+                raise TypeError(f"Trial got a raw tensor of shape {tuple(self.vector.shape)} without a layer: pass "
+                                f"layer=L (Trial(prompt, tensor, scale, layer=L)), or wrap it yourself as "
+                                f"ConceptVector('name', L, tensor, kind='user')")
+            wrapped = ConceptVector("user", self.layer if isinstance(self.layer, int) else -1,
+                                    self.vector.detach(), kind="user")
+            object.__setattr__(self, "vector", wrapped)
+        elif self.vector is not None and not isinstance(self.vector, ConceptVector):
+            raise TypeError(f"Trial's vector must be a ConceptVector (concept_vectors(...).get(word, layer)), a "
+                            f"[d_model] torch.Tensor with layer=L, or None; got {type(self.vector).__name__}")
 
     @property
     def injection_layer(self) -> int | None:

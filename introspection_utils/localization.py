@@ -24,6 +24,7 @@ at ``scale``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from introspection_utils.data import load_list, load_prompts
 from introspection_utils.inject import Trial, answer_logits
 from introspection_utils.intervals import wilson_interval, z_score
-from introspection_utils.paths import content_hash
+from introspection_utils.paths import checkpoint, content_hash
 from introspection_utils.prompts import Prompt, answer_token_id, chat_prompt
 from introspection_utils.sweeps import SweepResult, metadata
 from introspection_utils.vectors import (
@@ -282,7 +283,14 @@ def run_localization(handle: ModelHandle, *, vectors: str = "concept", concepts:
                     j = order.index(t)  # where sentence t now stands
                     add(shuffled, _Row(k, "shuffled", "introspection", v, L, s, j + 1), j, v)
 
-    logits = answer_logits(handle, trials, digits, batch_size=batch_size, progress=progress)
+    # One sentence set at a time, each kept under <results_dir>/.chunks/ (resumable; rows are grouped by set).
+    key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype), "spec": asdict(spec),
+           "words": list(bank.words), "bank": hashlib.sha256(bank.vectors.float().numpy().tobytes()).hexdigest()[:16]}
+    logits = torch.cat([checkpoint(results_dir, f"{name}-set{k:03d}", {**key, "set": k, "sentences": list(sets[k])},
+                                   lambda k=k: answer_logits(handle, [t for t, r in zip(trials, rows, strict=True)
+                                                                      if r.set_index == k], digits,
+                                                             batch_size=batch_size, progress=progress))
+                        for k in range(len(sets))])
     df = _table(handle, rows, logits, n_sentences)
     result = SweepResult(df, metadata(handle, asdict(spec), prompt_hashes))
     result.meta["experiment"] = "localization"

@@ -7,6 +7,7 @@ attribution patching, and how well the fast estimate agrees) for notebook 12 and
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from introspection_utils.patching import (
     introspection_specific,
     specific_shift,
 )
+from introspection_utils.paths import checkpoint
 from introspection_utils.sweeps import save_table
 from introspection_utils.vectors import concept_vectors
 
@@ -65,24 +67,32 @@ class MechanismMaps:
 
 
 def mechanism_maps(handle: ModelHandle, concept: str, scale: float, *, layer: int, n_controls: int = 2,
-                   patch_heads: bool = False, cap: float | None = None) -> MechanismMaps:
+                   patch_heads: bool = False, cap: float | None = None,
+                   checkpoints: str | Path | None = None) -> MechanismMaps:
     """The attribution and patching maps of ``concept`` injected at ``layer`` with ``scale ×`` its raw vector, on
     the introspection question and ``n_controls`` control questions.
 
     Real patching covers every attention and MLP output above the injection layer (and every head there if
     ``patch_heads``: ~n_heads× slower); attribution patching always covers all of them and the heads.
+    ``checkpoints``: a results folder where each of the three passes (attribution, real patching, attribution
+    patching) is kept as it finishes (:func:`paths.checkpoint`), so an interrupted run resumes from the last one.
     """
     handle.check_layer(layer)
     vector = concept_vectors(handle, [concept], progress=False).get(concept, layer)
-    cells = attribution_cells(handle, vector, scale, n_controls=n_controls)
+    key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype), "concept": concept,
+           "scale": float(scale), "layer": layer, "n_controls": n_controls, "patch_heads": patch_heads,
+           "vector": hashlib.sha256(vector.vector.float().numpy().tobytes()).hexdigest()[:16]}
+    cells = checkpoint(checkpoints, "mechanisms-attribution", key,
+                       lambda: attribution_cells(handle, vector, scale, n_controls=n_controls))
     model_diff = totals(cells, cap if cap is not None else handle.arch.final_logit_softcap)
     meta = cells[["trial", "question_kind", "injected"]].drop_duplicates()
     whole = difference_in_differences(model_diff.merge(meta, on="trial").assign(component="model"),
                                       by=["component"])
     trials = concept_trials(handle, vector, scale, n_controls=n_controls)
     sites = default_sites(handle, layer, heads=patch_heads)
-    patched = activation_patching(handle, trials, sites)
-    estimated = attribution_patching(handle, trials, default_sites(handle, layer, heads=True))
+    patched = checkpoint(checkpoints, "mechanisms-patching", key, lambda: activation_patching(handle, trials, sites))
+    estimated = checkpoint(checkpoints, "mechanisms-attribution-patching", key, lambda: attribution_patching(
+        handle, trials, default_sites(handle, layer, heads=True)))
     return _assemble(handle.name, concept, layer, float(scale), n_controls, cells, float(whole["did"].iloc[0]),
                      patched, estimated)
 

@@ -89,3 +89,22 @@ def read_block(path: str | Path, name: str) -> str:
     """The text of a :func:`replace_block` block."""
     content = Path(path).read_text(encoding="utf-8")
     return content.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0].strip()
+
+
+def checkpoint(folder: str | Path | None, name: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept across interruptions: with ``folder``, the value is pickled to
+    ``<folder>/.chunks/<name>-<content_hash(key)>.pkl`` (atomically) and read back by the next call with the same
+    ``key`` — the sweeps' resume chunks, for any slow step (a generation pass, one judge criterion, one sentence set).
+    ``key`` must name everything the value depends on (model, revision, the step's parameters); ``folder=None``
+    just computes. Only files this function wrote are read (a local cache, not an exchange format)."""
+    if folder is None:
+        return compute()
+    import pickle
+
+    path = Path(folder) / ".chunks" / f"{name}-{content_hash(key)}.pkl"
+    if path.is_file():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    value = compute()
+    atomic_write(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    return value

@@ -32,8 +32,10 @@ the one with the largest held-out d among layers between ``lo`` and ``hi`` of th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import nnsight
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 
 from introspection_utils.data import load_list
 from introspection_utils.inject import AblateAt, Trial, measure
+from introspection_utils.paths import checkpoint
 from introspection_utils.prompts import Prompt, answer_token_id, chat_prompt, question_prompts
 from introspection_utils.vectors import VectorBank, concept_vectors, last_token_activations, left_pad
 
@@ -259,7 +262,8 @@ def direction_scores(handle: ModelHandle, directions: torch.Tensor, harmful: Seq
                      *, tokens: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                      refusal_words: Sequence[str] = REFUSAL_WORDS, prune: float = PRUNE_LAYERS,
                      kl_threshold: float = KL_THRESHOLD, induce_threshold: float = INDUCE_THRESHOLD,
-                     batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+                     batch_size: int = 16, progress: bool = True, checkpoints: str | Path | None = None
+                     ) -> pd.DataFrame:
     """The causal scores of each candidate ``directions[p, l]`` (``[n_positions, n_layers, d_model]``) on the
     validation instructions ``harmful``/``harmless`` (see the module docstring), for ``layers`` (all if None).
 
@@ -284,12 +288,22 @@ def direction_scores(handle: ModelHandle, directions: torch.Tensor, harmful: Seq
     cutoff = int(n_layers * (1 - prune))  # the paper's rule: layer >= cutoff is pruned
     rows = []
     grid = [(p, layer) for layer in layers for p in range(n_positions)]
-    for p, layer in tqdm(grid, desc="candidate directions", disable=not progress):
-        direction = directions[p, layer].float()
+    # each candidate's three scores are kept as they finish (``checkpoints``: a results folder; resumable)
+    key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype), "harmful": list(harmful),
+           "harmless": list(harmless), "refusal_words": list(refusal_words), "batch_size": batch_size}
+
+    def scores(direction: torch.Tensor, layer: int) -> tuple[float, float, float]:
         kw = dict(batch_size=batch_size)
         bypass = refusal_score(last_logits(handle, bad, ablate=direction, **kw), ids).mean()
         kl = kl_divergence(base_good_logits, last_logits(handle, good, ablate=direction, **kw)).mean()
         induce = refusal_score(last_logits(handle, good, add=direction, layer=layer, **kw), ids).mean()
+        return float(bypass), float(kl), float(induce)
+
+    for p, layer in tqdm(grid, desc="candidate directions", disable=not progress):
+        direction = directions[p, layer].float()
+        digest = hashlib.sha256(direction.numpy().tobytes()).hexdigest()[:16]
+        bypass, kl, induce = checkpoint(checkpoints, "refusal-candidate", {**key, "layer": layer, "direction": digest},
+                                        lambda direction=direction, layer=layer: scores(direction, layer))
         rows.append({"model": handle.name, "position": p - n_positions, "token": tokens[p], "layer": layer,
                      "norm": float(direction.norm()), "bypass": float(bypass), "induce": float(induce),
                      "kl": float(kl), "pruned": layer >= cutoff, "kl_ok": float(kl) < kl_threshold,
@@ -343,11 +357,12 @@ class RefusalDirection:
 
 def refusal_direction(handle: ModelHandle, *, n_train: int | None = None, n_val: int | None = None,
                       n_positions: int | None = None, layers: Sequence[int] | None = None,
-                      refusal_words: Sequence[str] = REFUSAL_WORDS, batch_size: int = 16, progress: bool = True
-                      ) -> RefusalDirection:
+                      refusal_words: Sequence[str] = REFUSAL_WORDS, batch_size: int = 16, progress: bool = True,
+                      checkpoints: str | Path | None = None) -> RefusalDirection:
     """The refusal direction by the book (module docstring): candidates from the first ``n_train`` training
     instructions of each list, scored on the first ``n_val`` validation ones (None: all), at the last
-    ``n_positions`` post-instruction tokens (None: all) and ``layers`` (None: all), then selected."""
+    ``n_positions`` post-instruction tokens (None: all) and ``layers`` (None: all), then selected. ``checkpoints``:
+    a results folder where each candidate's scores are kept as they finish (an interrupted run resumes)."""
     harmful, harmless = (instruction_split(n, "train", n_train) for n in ("refusal_harmful", "refusal_harmless"))
     val_bad, val_good = (instruction_split(n, "val", n_val) for n in ("refusal_harmful", "refusal_harmless"))
     if layers is not None:
@@ -355,7 +370,8 @@ def refusal_direction(handle: ModelHandle, *, n_train: int | None = None, n_val:
     directions, tokens = candidate_directions(handle, harmful, harmless, n_positions=n_positions,
                                               batch_size=batch_size, progress=progress)
     table = direction_scores(handle, directions, val_bad, val_good, tokens=tokens, layers=layers,
-                             refusal_words=refusal_words, batch_size=batch_size, progress=progress)
+                             refusal_words=refusal_words, batch_size=batch_size, progress=progress,
+                             checkpoints=checkpoints)
     chosen, why = select_direction(table)
     p = int(chosen.position) + directions.shape[0]
     table.attrs.update(n_train=min(len(harmful), len(harmless)), refusal_words=list(refusal_words))

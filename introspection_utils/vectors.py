@@ -189,7 +189,8 @@ class VectorBank:
         """The vector of ``word`` at ``layer``; an unknown word or layer is a ``ValueError``."""
         if word not in self.words:
             raise ValueError(f"concept {word!r} is not in this bank ({', '.join(self.words)})")
-        if not 0 <= layer < self.vectors.shape[1]:
+        integral = isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
+        if not integral or not 0 <= layer < self.vectors.shape[1]:
             raise ValueError(f"layer {layer} is out of range for {self.model} (0..{self.vectors.shape[1] - 1})")
         return ConceptVector(word, layer, self.vectors[self.words.index(word), layer], kind=self.kind,
                              model=self.model)
@@ -203,24 +204,33 @@ def default_layer(handle: ModelHandle, layer: int | None = None) -> int:
     """``layer`` if given (checked), else two thirds of the depth: 20 of 30 (SmolLM2), 28 of 42 (Gemma-2-9B)."""
     if layer is None:
         return 2 * handle.arch.n_layers // 3
-    return handle.check_layer(int(layer))
+    return handle.check_layer(int(layer) if isinstance(layer, float) and layer.is_integer() else layer)
 
 
 def default_layers(handle: ModelHandle, layers: Sequence[int] | None = None, *, n: int = 8) -> list[int]:
     """``layers`` if given (checked), else ``n`` layers evenly spread from the first to the last."""
     if layers is None:
         return sorted({int(round(x)) for x in np.linspace(0, handle.arch.n_layers - 1, n)})
-    return [handle.check_layer(int(layer)) for layer in layers]
+    return [handle.check_layer(int(x) if isinstance(x, float) and x.is_integer() else x) for x in layers]
+
+
+MAX_CONCEPT_WORDS = 4
 
 
 def validate_concept(word: str) -> str:
-    """A concept is a word from the data lists, or any single word; anything else is a ``ValueError``."""
+    """A concept is a word from the data lists, or any word or short phrase (up to :data:`MAX_CONCEPT_WORDS` words,
+    one line, with letters: "ice cream" works, the paper's recipe asks "Tell me about ice cream"); anything else is a
+    ``ValueError`` that points to contrastive vectors for longer text."""
     known = {w for name in ("concept_words", "baseline_words", "writeup_concepts") for w in load_list(name)}
     if not isinstance(word, str) or not word.strip():
         raise ValueError(f"concept {word!r} is empty or not a string")
-    if word not in known and (len(word.split()) != 1 or not any(c.isalpha() for c in word)):
-        raise ValueError(f"unknown concept {word!r}: not in data/concept_words.txt, baseline_words.txt or "
-                         f"writeup_concepts.txt, and not a single word")
+    if word in known:
+        return word
+    if word != word.strip() or "\n" in word or not any(c.isalpha() for c in word) \
+            or len(word.split()) > MAX_CONCEPT_WORDS:
+        raise ValueError(f"concept {word!r}: a concept is a word or a phrase of up to {MAX_CONCEPT_WORDS} words on "
+                         f"one line, with letters and no surrounding spaces; for a sentence or a contrast, use "
+                         f"contrastive_vectors(handle, [(generic_text, specific_text)])")
     return word
 
 

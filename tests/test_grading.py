@@ -425,3 +425,26 @@ def test_run_grading_rejects_unknown_criteria_before_any_compute(tiny_llama, for
     forbid_compute(tiny_llama)
     with pytest.raises(ValueError, match="choose one or more of"):
         grading.run_grading(tiny_llama, ["Sandwich"], [0], layer=1, judge=FakeJudge(), criteria=["style"])
+
+
+def test_run_grading_resumes_after_an_interruption_without_regenerating(tiny_llama, tmp_path, monkeypatch):
+    """Interrupted while the judge grades the second criterion: the rerun takes the saved answers and the first
+    criterion's verdicts from the checkpoints, asks the judge only the rest, and gives the uninterrupted table."""
+    kw = dict(layer=1, criteria=["coherence", "affirmative_correct_identification"], max_new_tokens=2,
+              name="graded", progress=False)
+    whole = grading.run_grading(tiny_llama, ["Sandwich"], [0, 2], judge=FakeJudge(), **kw).df
+
+    class Interrupting(FakeJudge):
+        def __call__(self, prompts):
+            if "injected thought about the word" in prompts[0]:
+                raise KeyboardInterrupt
+            return super().__call__(prompts)
+
+    with pytest.raises(KeyboardInterrupt):
+        grading.run_grading(tiny_llama, ["Sandwich"], [0, 2], judge=Interrupting(), results_dir=tmp_path, **kw)
+    assert len(list((tmp_path / ".chunks").glob("graded-*.pkl"))) == 2  # the answers and the first criterion
+    monkeypatch.setattr(grading, "response_table", lambda *a, **k: pytest.fail("regenerated the answers"))
+    judge = FakeJudge()
+    resumed = grading.run_grading(tiny_llama, ["Sandwich"], [0, 2], judge=judge, results_dir=tmp_path, **kw).df
+    assert judge.asked and all("injected thought about the word" in p for p in judge.asked)
+    pd.testing.assert_frame_equal(resumed, whole)

@@ -159,3 +159,27 @@ def test_accuracy_counts_and_wilson_interval_by_hand():
     centre = (0.75 + z * z / 8) / (1 + z * z / 4)
     half = z * np.sqrt(0.75 * 0.25 / 4 + z * z / 64) / (1 + z * z / 4)
     assert row["ci_low"] == pytest.approx(centre - half) and row["ci_high"] == pytest.approx(centre + half)
+
+
+def test_run_resumes_set_by_set_after_an_interruption(tiny_llama, tmp_path, monkeypatch):
+    """Interrupted during the second sentence set: the rerun computes only that set and gives the whole table."""
+    kw = dict(n_sets=2, n_sentences=3, layer=1, scales=(4.0,), layers=[0], scale=4.0, n_random=1,
+              bank=_bank(tiny_llama), progress=False)
+    whole = loc.run_localization(tiny_llama, **kw).df
+    real, calls = loc.answer_logits, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loc, "answer_logits", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        loc.run_localization(tiny_llama, results_dir=tmp_path, **kw)
+    assert len(list((tmp_path / ".chunks").glob("localization-set*.pkl"))) == 1
+    calls.clear()
+    monkeypatch.setattr(loc, "answer_logits", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = loc.run_localization(tiny_llama, results_dir=tmp_path, **kw).df
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(resumed, whole)

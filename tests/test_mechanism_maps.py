@@ -64,3 +64,22 @@ def test_the_mechanism_figure_is_labelled(two_maps):
     assert shown and all(ax.get_xlabel() or ax.get_ylabel() for ax in shown)
     assert any("Sandwich" in ax.get_title() for ax in shown) and any("Water" in ax.get_title() for ax in shown)
     plt.close(fig)
+
+
+def test_an_interrupted_mechanism_run_resumes_pass_by_pass(tiny_llama, two_maps, tmp_path, monkeypatch):
+    """Interrupted in real patching: the rerun reuses the attribution pass; the maps equal the uninterrupted ones."""
+    real = mechanisms.activation_patching
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mechanisms, "activation_patching", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        mechanisms.mechanism_maps(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2, checkpoints=tmp_path)
+    assert [p.name.split("-")[1] for p in (tmp_path / ".chunks").glob("mechanisms-*.pkl")] == ["attribution"]
+    monkeypatch.setattr(mechanisms, "activation_patching", real)
+    monkeypatch.setattr(mechanisms, "attribution_cells", lambda *a, **k: pytest.fail("recomputed the attribution"))
+    resumed = mechanisms.mechanism_maps(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2, checkpoints=tmp_path)
+    pd.testing.assert_frame_equal(resumed.attribution, two_maps[0].attribution)
+    pd.testing.assert_frame_equal(resumed.patched, two_maps[0].patched)
+    assert resumed.shift == two_maps[0].shift

@@ -87,7 +87,13 @@ def test_parse_value_reads_literals_and_keeps_bare_words():
     assert run.parse_value("[0, 2, 4]") == [0, 2, 4]
     assert run.parse_value("3") == 3 and run.parse_value("None") is None
     assert run.parse_value("'Sandwich'") == "Sandwich" and run.parse_value("Sandwich") == "Sandwich"
-    assert run.parse_value("true") is True
+    assert run.parse_value("true") is True and run.parse_value("google/gemma-2-9b-it") == "google/gemma-2-9b-it"
+
+
+@pytest.mark.parametrize("text", ["[0,2,", "'Sandwich", "{1:", "1e", "(1, 2"])
+def test_parse_value_refuses_a_broken_literal_naming_the_parameter(text):
+    with pytest.raises(ValueError, match=r"parameter 'scales': .* is not a Python/JSON literal"):
+        run.parse_value(text, "scales")
 
 
 def test_unknown_parameter_is_an_error_before_anything_runs(tmp_path):
@@ -127,8 +133,9 @@ def tiny_run(tmp_path_factory):
 def test_runner_executes_a_notebook_with_overridden_parameters(tiny_run):
     tmp, proc = tiny_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    executed = tmp / "runs" / "tiny-llama" / "02_scale_sweep.ipynb"
-    assert executed.is_file()
+    executed, = (tmp / "runs" / "tiny-llama").glob("p-*/02_scale_sweep.ipynb")  # a run of its own: p-<hash>/
+    assert "  02 cell 3/" in proc.stdout, "progress inside the notebook, cell by cell"
+    assert "without encryption" not in proc.stdout + proc.stderr
     assert (tmp / "figs" / "02_scale_sweep.png").stat().st_size > 1000
     table = tmp / "results" / "scale_sweep.csv"
     assert table.is_file() and (tmp / "results" / "scale_sweep.meta.json").is_file()
@@ -252,7 +259,7 @@ def test_timings_keep_the_notebooks_not_rerun(tmp_path):
                        run.RunRecord("11_atlas.ipynb", tmp_path, 600.0)], path, "m")
     run.write_timings([run.RunRecord("02_scale_sweep.ipynb", tmp_path, 7.0)], path, "m")
     lines = path.read_text().splitlines()
-    assert lines[0] == "model,notebook,seconds,cpus,omp_num_threads" and len(lines) == 3
+    assert lines[0] == "model,notebook,seconds,cpus,omp_num_threads,load_avg,key" and len(lines) == 3
     assert lines[1].startswith("m,02_scale_sweep.ipynb,7.0,") and lines[2].startswith("m,11_atlas.ipynb,600.0,")
 
 

@@ -221,3 +221,40 @@ def test_atlas_figure_shows_I_its_interval_S_and_the_null():
     ranked = table.sort_values("I", ignore_index=True)
     assert [t.get_text() for t in ax.get_yticklabels()] == list(ranked["concept"])
     plt.close(fig)
+
+
+def _noisy_figure(noise: float):
+    """Lines, a band, error bars, bars and an image whose values carry float noise of size ``noise``."""
+    rng = np.random.default_rng(0)
+    x = np.arange(8.0)
+    y = np.sin(x) * 3 + 0.123456
+    grid = rng.normal(size=(6, 9))
+    jitter = np.random.default_rng(1).uniform(-noise, noise, size=64)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(9, 3))
+    a.plot(x, y + jitter[:8], marker="o", label="line")
+    a.fill_between(x, y - 1 + jitter[8:16], y + 1 + jitter[16:24], alpha=0.2)
+    a.errorbar(x, y + jitter[24:32], yerr=0.5 + jitter[32:40], fmt="s")
+    a.legend()
+    b.bar(np.arange(4), np.array([1.5, -0.7, 2.25, 0.3]) + jitter[40:44])
+    c.imshow(grid + jitter[44:45], cmap="RdBu_r", vmin=-3, vmax=3)
+    return fig
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_the_same_results_save_to_the_same_bytes_despite_float_noise(tmp_path, fmt):
+    first = plots.save_figure(_noisy_figure(0.0), "m", "a", folder=tmp_path, format=fmt).read_bytes()
+    second = plots.save_figure(_noisy_figure(1e-7), "m", "b", folder=tmp_path, format=fmt).read_bytes()
+    plt.close("all")
+    assert first == second
+    assert b"matplotlib" not in first.lower() or fmt == "svg"  # no writer or version in the file (SVG: a comment)
+
+
+def test_save_figure_formats_and_dpi_are_checked(tmp_path):
+    fig = _noisy_figure(0.0)
+    assert plots.save_figure(fig, "m", "x.svg", folder=tmp_path).suffix == ".svg"
+    assert plots.save_figure(fig, "m", "x", folder=tmp_path, format="pdf", dpi=300).suffix == ".pdf"
+    with pytest.raises(ValueError, match="format 'jpg' is not one of png, svg, pdf"):
+        plots.save_figure(fig, "m", "x", folder=tmp_path, format="jpg")
+    with pytest.raises(ValueError, match="dpi 5 must be a number from 20 to 1200"):
+        plots.save_figure(fig, "m", "x", folder=tmp_path, dpi=5)
+    plt.close("all")

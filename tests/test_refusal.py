@@ -330,3 +330,29 @@ def test_the_direction_reading_is_the_same_from_the_saved_score_table(tmp_path):
     text = describe_direction(direction)
     assert describe_direction(pd.read_csv(tmp_path / "scores.csv")) == text
     assert "layer 1" in text and "-4.00" in text and "3 candidates" in text
+
+
+def test_direction_scores_resume_candidate_by_candidate(tiny_llama, tmp_path, monkeypatch):
+    """Interrupted after the first candidate: the rerun scores only the rest, and the table is the uninterrupted one."""
+    from introspection_utils import refusal
+
+    directions, tokens = refusal.candidate_directions(tiny_llama, HARMFUL, HARMLESS, n_positions=1)
+    kw = dict(tokens=tokens, progress=False)
+    whole = refusal.direction_scores(tiny_llama, directions, HARMFUL[:2], HARMLESS[:2], **kw)
+    real, calls = refusal.kl_divergence, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refusal, "kl_divergence", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        refusal.direction_scores(tiny_llama, directions, HARMFUL[:2], HARMLESS[:2], checkpoints=tmp_path, **kw)
+    assert len(list((tmp_path / ".chunks").glob("refusal-candidate-*.pkl"))) == 1
+    calls.clear()
+    monkeypatch.setattr(refusal, "kl_divergence", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = refusal.direction_scores(tiny_llama, directions, HARMFUL[:2], HARMLESS[:2], checkpoints=tmp_path, **kw)
+    assert len(calls) == tiny_llama.arch.n_layers - 1
+    pd.testing.assert_frame_equal(resumed, whole)

@@ -249,17 +249,19 @@ def test_load_vector_rejects_wrong_size_values_and_layer(tiny_llama, tmp_path):
 # ------------------------------------------------------------------ bad input, before any compute
 
 
-@pytest.mark.parametrize("word", ["two words", "", "   ", "123", None])
+@pytest.mark.parametrize("word", ["a phrase of far too many words", "", "   ", "123", None])
 def test_unknown_concept_is_rejected_before_any_compute(tiny_llama, forbid_compute, word):
     forbid_compute(tiny_llama)
     with pytest.raises(ValueError, match="concept"):
         concept_vectors(tiny_llama, ["Dust", word], baseline_words=BASELINE, cache=False)
 
 
-def test_validate_concept_accepts_listed_and_single_words_only():
+def test_validate_concept_accepts_words_and_short_phrases_and_points_longer_text_to_contrastive_vectors():
     assert validate_concept("Dust") == "Dust" and validate_concept("Zebra") == "Zebra"
-    with pytest.raises(ValueError, match="unknown concept 'ice cream'"):
-        validate_concept("ice cream")
+    assert validate_concept("ice cream") == "ice cream"  # "Tell me about ice cream": the paper's recipe on a phrase
+    for bad in ("the smell of rain after a long day", "1234", " ice cream", "ice\ncream"):
+        with pytest.raises(ValueError, match="contrastive_vectors"):
+            validate_concept(bad)
 
 
 def test_no_concept_words_is_an_error_before_any_compute(tiny_llama, forbid_compute):

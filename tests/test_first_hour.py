@@ -1,0 +1,185 @@
+"""The first hour of a new user, replayed (issue 23): every mistake gets one error in the user's words before any
+compute, a parameter override never touches a committed file, and Ctrl-C on the runner says in one line what was
+kept and how to resume — and the resume works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from introspection_utils import run
+from introspection_utils.inject import Trial, measure
+from introspection_utils.models import load_model, resolve_name
+from introspection_utils.prompts import introspection_prompt
+from introspection_utils.vectors import ConceptVector, concept_vectors
+
+ROOT = Path(__file__).resolve().parent.parent
+# notebook 02 on tiny-llama, as small as it goes
+TINY_02 = ["--model", "tiny-llama", "--notebooks", "02", "-p", "scales", "[0, 2, 4]", "-p", "concepts",
+           "['Sandwich']", "-p", "n_controls", "2", "-p", "wordings", "['paper']"]
+
+
+def _git_status() -> str | None:
+    proc = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+# ------------------------------------------------------------------ errors in the user's words
+
+
+def test_a_fractional_layer_is_refused_by_name(tiny_llama, forbid_compute):
+    forbid_compute(tiny_llama)
+    with pytest.raises(ValueError, match=r"layer 2\.5 is not a layer index: tiny-llama has decoder layers 0\.\.1"):
+        tiny_llama.check_layer(2.5)
+    assert tiny_llama.check_layer(1) == 1
+
+
+def test_a_fractional_layer_on_a_vector_bank_is_refused(tiny_llama, isolated_cache):
+    bank = concept_vectors(tiny_llama, ["Sandwich"], baseline_words=["Apple", "River"])
+    with pytest.raises(ValueError, match=r"layer 2\.5 is out of range"):
+        bank.get("Sandwich", 2.5)
+
+
+def test_trial_takes_a_users_own_tensor_with_a_layer_and_measures_it_like_a_concept_vector(tiny_llama, isolated_cache):
+    bank = concept_vectors(tiny_llama, ["Sandwich"], baseline_words=["Apple", "River"])
+    vector = bank.get("Sandwich", 1)
+    question = introspection_prompt(tiny_llama)
+    mine = Trial(question, vector.vector.clone(), 4.0, layer=1)
+    assert isinstance(mine.vector, ConceptVector) and mine.vector.kind == "user" and mine.injection_layer == 1
+    ours, theirs = measure(tiny_llama, [mine, Trial(question, vector, 4.0)]).logit_diff
+    assert torch.equal(ours, theirs)
+
+
+def test_trial_with_a_raw_tensor_and_no_layer_says_how_to_give_one():
+    with pytest.raises(TypeError, match=r"without a layer: pass layer=L"):
+        Trial(None, torch.zeros(8), 1.0)
+    with pytest.raises(TypeError, match=r"vector must be a ConceptVector .* got list"):
+        Trial(None, [0.0] * 8, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_cuda_without_cuda_is_one_value_error_before_loading():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available here"):
+        load_model("tiny-llama", device="cuda")
+    with pytest.raises(ValueError, match=r"unknown device 'gpu'"):
+        load_model("tiny-llama", device="gpu")
+    assert time.perf_counter() - start < 5
+
+
+def test_a_hub_id_offline_fails_at_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"'someone/not-a-model' is not in the local Hugging Face cache"):
+        load_model("someone/not-a-model")
+    assert time.perf_counter() - start < 5, "no retries"
+
+
+def test_embedded_models_answer_to_their_hub_ids_and_unknown_names_get_a_suggestion():
+    assert resolve_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m-instruct"
+    assert resolve_name("Qwen/Qwen2.5-Coder-1.5B-Instruct") == "qwen2.5-coder-1.5b-instruct"
+    assert resolve_name("huggingfacetb/smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert resolve_name("google/gemma-2-9b-it") == "google/gemma-2-9b-it"  # a hub id: checked when it loads
+    with pytest.raises(ValueError, match=r"unknown model 'smollm2': did you mean 'smollm2-135m-instruct'"):
+        resolve_name("smollm2")
+    with pytest.raises(ValueError, match=r"did you mean 'tiny-llama'"):
+        resolve_name("tiny_llama")
+    with pytest.raises(ValueError, match=r"no GGUF file at .*nowhere\.gguf"):
+        resolve_name("nowhere.gguf")
+
+
+def test_a_phrase_is_a_concept(tiny_llama, isolated_cache):
+    bank = concept_vectors(tiny_llama, ["ice cream"], baseline_words=["Apple", "River"])
+    assert bank.words == ("ice cream",) and torch.isfinite(bank.get("ice cream", 1).vector).all()
+
+
+# ------------------------------------------------------------------ the runner checks first, and never clobbers
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--notebooks", "02", "-p", "scales", "[0,2,"], r"parameter 'scales': '\[0,2,' is not a Python/JSON literal"),
+    (["--notebooks", "02", "-p", "scales", "4"], r"parameter 'scales' takes a list such as \[0, 2, 4\]"),
+    (["--notebooks", "02", "-p", "model", "smollm2"], r"unknown model 'smollm2': did you mean"),
+    (["--notebooks", "2x"], r"notebook '2x' matches 0 notebooks; choose from 00, 01"),
+    (["--notebooks", "02", "-p", "colour", "1"], r"02_scale_sweep.ipynb was not started: unknown parameter"),
+    (["--notebooks", "02", "--tag", "a b"], r"--tag 'a b': use letters"),
+])
+def test_the_runner_refuses_before_any_kernel_starts_and_creates_nothing(argv, message, tmp_path, capsys):
+    assert run.main([*argv, "--output", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_answers_without_importing_torch():
+    code = "import sys, introspection_utils.run as r\ntry:\n    r.main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "--cell-timeout" in proc.stdout, proc.stderr
+
+
+def test_a_run_with_parameters_goes_to_its_own_folder():
+    place = run.placement("smollm2-135m-instruct", {"scales": [0, 2]}, output=Path("runs"),
+                          default_model="smollm2-135m-instruct")
+    assert not place.reference and place.folder.parent.name == "smollm2-135m-instruct"
+    assert place.folder.name.startswith("p-") and place.parameters["figures_dir"].startswith(str(place.folder))
+    tagged = run.placement("smollm2-135m-instruct", {}, tag="try1", default_model="smollm2-135m-instruct")
+    assert tagged.folder.name == "try1" and not tagged.reference
+    demo = run.placement("smollm2-135m-instruct", {}, default_model="smollm2-135m-instruct")
+    assert demo.reference and demo.parameters == {"figures_dir": str(run.FIGURES_DIR / "smollm2-135m-instruct")}
+
+
+def test_threads_default_to_the_free_cpus():
+    assert 1 <= run.default_threads() <= (os.cpu_count() or 1)
+
+
+def test_an_interrupted_run_says_how_to_resume_and_the_resume_finishes(tmp_path):
+    """Ctrl-C in the middle of notebook 02's sweep: one line, the command, nothing tracked changed; the command then
+    runs to the end."""
+    before = _git_status()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [*TINY_02, "--output", str(tmp_path / "runs")]
+    proc = subprocess.Popen([sys.executable, "-m", "introspection_utils.run", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if "02 cell 3/" in line:
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, seen + out + err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    command = lines[0].split("Resume: ", 1)[1]
+    assert "--notebooks 02" in command and "--output" in command
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    folder, = (tmp_path / "runs" / "tiny-llama").glob("p-*")
+    assert (folder / "02_scale_sweep.ipynb").is_file() and (folder / "figures" / "02_scale_sweep.png").is_file()
+    assert (folder / "timings.csv").read_text().count("02_scale_sweep.ipynb") == 1
+    assert _git_status() == before
+
+
+def test_full_size_parameters_are_declared_and_differ_from_the_demo_defaults():
+    full = run.read_full_size()
+    assert set(full) == {"07", "08", "10"}
+    plans = {p.name[:2]: params for p, params in run.plan_runs(run.notebooks(list(full)), {}, full)}
+    for prefix, params in full.items():
+        defaults = run.declared_parameters(run.notebooks([prefix])[0])
+        assert any(str(v) != defaults[k]["default"].split("#")[0].strip() for k, v in params.items())
+        assert plans[prefix] == params
