@@ -308,7 +308,7 @@ def test_atlas_classes_pvalues_and_reproducibility():
     assert "'sandwich' is introspection-specific" in text
     words = verdicts.describe_verdict(sandwich.to_dict() | {"concept": "sandwich"})
     assert "introspection-specific" in words and "I = +" in words and "S (introspection Δ − control Δ)" in words
-    assert "no inverted one" in words  # one polarity only: the sentence says what that cannot rule out
+    assert "with no inverted wording" in words  # one polarity only: the sentence says what that cannot rule out
 
 
 def test_bootstrap_interval_of_I_covers_it():
