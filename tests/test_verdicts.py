@@ -49,7 +49,8 @@ def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[
     first = next(iter(concepts.values()))
     for k, deltas in enumerate(randoms):
         add("r", "random", k, deltas, first[1])
-    df = pd.DataFrame(rows)[[*COLUMNS, "polarity"] if with_polarity else COLUMNS]
+    columns = list(dict.fromkeys([*COLUMNS, "polarity"]))  # COLUMNS may already hold it (and other tags: NaN here)
+    df = pd.DataFrame(rows).reindex(columns=columns if with_polarity else [c for c in columns if c != "polarity"])
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     return df
 
