@@ -784,12 +784,13 @@ def null_medians(null: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def _polarity_words(r: dict) -> str:
+def _polarity_words(r: dict) -> tuple[str, str]:
+    """``(the wordings in words, a caveat when they all have one polarity)``."""
     n, inverted = int(r["n_wordings"]), int(r.get("n_inverted", 0) or 0)
     if inverted == 0:
-        return (f"{n} detect wording(s), no inverted one: a bias that pushes every introspection wording towards yes "
-                f"more than the controls would not cancel")
-    return f"{n - inverted} detect and {inverted} inverted wordings"
+        return (f"{n} detect wording(s)", "; with no inverted wording, a bias that pushes every introspection wording "
+                "towards yes more than the controls would not cancel in I")
+    return f"{n - inverted} detect and {inverted} inverted wordings", ""
 
 
 def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA) -> str:
@@ -806,9 +807,10 @@ def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA) -> str:
     if note:
         test = f"; {note}"
     else:
-        test = (f"; p_questions = {r['p_questions']:.3g} over {_polarity_words(r)} and {r['n_controls']} controls, "
+        wordings, caveat = _polarity_words(r)
+        test = (f"; p_questions = {r['p_questions']:.3g} over {wordings} and {r['n_controls']} controls, "
                 f"p_random = {r['p_random']:.3g} against {r['n_random']} random vectors, q = {r['q_value']:.3g} at "
-                f"α = {alpha:g}")
+                f"α = {alpha:g}{caveat}")
     body = (f". The contrast S (introspection Δ − control Δ) is largest at scale {r['shift_scale']:g}: "
             f"{r['shift']:+.2f} [{r['shift_ci_low']:+.2f}, {r['shift_ci_high']:+.2f}]; at scale {r['effect_scale']:g}"
             f" the introspection Δ is {r['introspection_delta']:+.2f} [{r['introspection_ci_low']:+.2f}, "

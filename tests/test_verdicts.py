@@ -52,7 +52,8 @@ def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[
     first = next(iter(concepts.values()))
     for k, deltas in enumerate(randoms):
         add("r", "random", k, deltas, first[1])
-    df = pd.DataFrame(rows)[COLUMNS if with_polarity else [c for c in COLUMNS if c != "polarity"]]
+    columns = list(dict.fromkeys([*COLUMNS, "polarity"]))  # COLUMNS may already hold it (and other tags: NaN here)
+    df = pd.DataFrame(rows).reindex(columns=columns if with_polarity else [c for c in columns if c != "polarity"])
     df["vector_seed"] = df["vector_seed"].astype("Int64")
     return df
 
@@ -311,7 +312,7 @@ def test_atlas_classes_pvalues_and_reproducibility():
     assert "'sandwich' is introspection-specific" in text
     words = verdicts.describe_verdict(sandwich.to_dict() | {"concept": "sandwich"})
     assert "introspection-specific" in words and "I = +" in words and "S (introspection Δ − control Δ)" in words
-    assert "no inverted one" in words  # one polarity only: the sentence says what that cannot rule out
+    assert "with no inverted wording" in words  # one polarity only: the sentence says what that cannot rule out
 
 
 def test_bootstrap_interval_of_I_covers_it():
@@ -419,3 +420,45 @@ def test_calibration_false_positives_and_power():
         "planted δ=0.25", "called"]
     # the README's table is this run's (deterministic: the same seed gives the same numbers)
     assert read_block(project_root() / "README.md", "calibration") == calibration.markdown(table.reset_index())
+
+
+def test_planted_compression_on_smollm_is_not_introspection(smollm):
+    """A real forward pass with compression planted and no introspection anywhere: hooks pull the final yes and no
+    logits towards each other whenever the residual entering layer L + 1 carries a concept direction (strength
+    growing with its projection, up to 95%). The atlas must see a line with c ≈ −1 over the controls, an I near 0, and
+    not call it introspection-specific."""
+    from introspection_utils.prompts import yes_no_ids
+    from introspection_utils.vectors import concept_vectors
+
+    concepts, layer = ["Sandwich", "Bomb"], 20
+    bank = concept_vectors(smollm, concepts, progress=False)
+    units = torch.stack([bank.get(c, layer).vector for c in concepts]).float()
+    norm = float(units.norm(dim=1).mean())
+    units = units / units.norm(dim=1, keepdim=True)
+    yes, no = yes_no_ids(smollm)
+    squeeze = {}
+
+    def carries_concept(module, args):
+        proj = (args[0][:, -1, :].float() @ units.T).max(dim=1).values / norm  # in units of ‖v‖
+        squeeze["g"] = (1 - torch.exp(-(proj - 1.5).clamp(min=0) / 1.5)).clamp(max=0.95)
+
+    def compress(module, args, out):
+        g = squeeze["g"].to(out.dtype)
+        y, n = out[:, -1, yes].clone(), out[:, -1, no].clone()
+        mid = (y + n) / 2
+        out[:, -1, yes], out[:, -1, no] = mid + (1 - g) * (y - mid), mid + (1 - g) * (n - mid)
+        return out
+
+    hooks = [smollm.layers[layer + 1]._module.register_forward_pre_hook(carries_concept),
+             smollm.lm_head._module.register_forward_hook(compress)]
+    try:
+        table, sweep = metrics.run_atlas(smollm, concepts, [8.0], layer=layer, n_controls=12, n_random=2, bank=bank,
+                                         n_boot=200, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    print("\n" + table[["concept", "I", "c", "fit_r2", "p_questions", "p_random", "q_value", "shift", "class"]]
+          .to_string())
+    assert table["fit_ok"].all() and (table["c"] < -0.8).all() and (table["fit_r2"] > 0.95).all()
+    assert (table["I"].abs() < 0.3).all()
+    assert "introspection-specific" not in set(table["class"]) and set(table["class"]) == {"compression"}
