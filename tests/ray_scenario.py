@@ -25,15 +25,17 @@ from pathlib import Path
 MODEL = "smollm2-135m-instruct"
 CONCEPTS = ["Sandwich"]
 SCALES = [0, 2, 4, 8, 12, 16]
-N_CONTROLS = 8  # 9 questions (units): the introspection wording and 8 controls
+N_CONTROLS = 8  # 9 questions (units): the paper's introspection wording and 8 controls
 LAYER = 20
 
 
 def sweep(handle, bank, results_dir, **kwargs):
+    from introspection_utils.prompts import introspection_questions
     from introspection_utils.sweeps import scale_sweep
 
     return scale_sweep(handle, CONCEPTS, SCALES, layer=LAYER, n_controls=N_CONTROLS, n_random=1, bank=bank,
-                       results_dir=results_dir, name="sweep", progress=False, **kwargs)
+                       introspection=introspection_questions(["paper"]), results_dir=results_dir, name="sweep",
+                       progress=False, **kwargs)
 
 
 def fail_on_two(handle, payload):
