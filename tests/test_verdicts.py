@@ -35,6 +35,8 @@ def _table(concepts: dict[str, tuple[list[list[float]], int]], *, randoms: list[
                 rows.append({"model": "hand", "concept": concept, "vector_kind": kind, "vector_seed": seed,
                              "vector_norm": 1.0, "layer": 3, "scale": scale, "question_kind": question_kind,
                              "question": f"{question_kind}-{q}", "question_about": "self",
+                             "polarity": int(question_kind == "introspection"),
+                             "expected": "yes" if question_kind == "introspection" else "no", "answer_format": "open",
                              "logit_diff": baseline + delta, "baseline_logit_diff": baseline, "delta": delta,
                              "answer_mass": mass, "baseline_answer_mass": mass})
 
@@ -225,7 +227,7 @@ def test_run_atlas_on_a_tiny_model(tiny_llama, tmp_path):
     table, sweep = metrics.run_atlas(tiny_llama, ["Dust", "Satellites"], [1.0, 4.0], layer=0, n_controls=2,
                                      n_random=2, bank=bank, n_boot=100, progress=False, results_dir=tmp_path)
     assert sorted(table["concept"]) == ["Dust", "Satellites"]
-    assert set(table["class"]) <= set(verdicts.CLASSES) and (table["n_wordings"] == 4).all()
+    assert set(table["class"]) <= set(verdicts.CLASSES) and (table["n_wordings"] == 6).all()
     assert set(sweep.df["question_about"]) == {"self", "world"}
     assert sweep.df["answer_mass"].between(0, 1).all() and (tmp_path / "atlas.csv").is_file()
     with pytest.raises(ValueError, match="random-vector null needs at least 3"):
