@@ -12,19 +12,20 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from introspection_utils import plots, readings, sweeps  # noqa: E402
+from introspection_utils import plots, prompts, readings, sweeps  # noqa: E402
 from introspection_utils.vectors import concept_vectors  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def scale_df(tiny_llama):
     return sweeps.scale_sweep(tiny_llama, ["Sandwich", "Water"], [0, 1, 2, 4], layer=1, n_controls=3, n_random=2,
-                              progress=False).df
+                              introspection=prompts.introspection_questions(["paper"]), progress=False).df
 
 
 @pytest.fixture(scope="module")
 def layer_df(tiny_llama):
-    return sweeps.layer_sweep(tiny_llama, ["Bomb"], [0, 1], scale=4.0, n_controls=2, n_random=1, progress=False).df
+    return sweeps.layer_sweep(tiny_llama, ["Bomb"], [0, 1], scale=4.0, n_controls=2, n_random=1,
+                              introspection=prompts.introspection_questions(["paper"]), progress=False).df
 
 
 def _check_axes(ax, *, title_has=(), legend=True):
