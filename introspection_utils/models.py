@@ -356,7 +356,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     torch_dtype = _resolve_dtype(dtype, device)
     base_model = False
     if name in EMBEDDED or is_gguf_path(name):
-        folder = converted_dir(name) if name in EMBEDDED else converted_gguf_dir(name)
+        stored = torch.bfloat16 if torch_dtype == torch.bfloat16 else torch.float32  # a bf16 folder: half the disk
+        folder = converted_dir(name, stored) if name in EMBEDDED else converted_gguf_dir(name, stored)
         check_fits(AutoConfig.from_pretrained(folder), torch_dtype, torch.device(device), name=name)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -45,7 +45,7 @@ def test_without_cuda_the_gpu_benchmark_says_why_it_skipped(capsys, monkeypatch)
 
 def test_the_readme_holds_a_measurement_written_by_the_script():
     block = read_block(project_root() / "README.md", "bench")
-    assert block.startswith("| smollm2-135m-instruct, layer 15, 880 trials | trials/s |"), \
+    assert block.startswith("| smollm2-135m-instruct, layer 15, "), \
         "run `python -m introspection_utils.bench --naive-trials 44 --readme README.md` on a quiet machine"
     assert "**engine, float32**" in block and "**engine, bfloat16**" in block and "bf16 engine vs fp32" in block
     assert "written by `python -m introspection_utils.bench" in block

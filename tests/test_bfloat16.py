@@ -204,8 +204,11 @@ def test_bf16_ablated_logits_agree_with_float32(pair):
 
 
 def test_embedded_model_in_bf16_agrees_with_the_float32_reference(smollm, oracle):
-    bf16 = load_model(dtype="bfloat16")
-    assert bf16.dtype == torch.bfloat16 and next(bf16.torch_model.parameters()).dtype == torch.bfloat16
+    bf16 = load_model(dtype="bfloat16")  # from its own bf16-stored folder: the fp32 weights rounded once
+    assert bf16.dtype == torch.bfloat16 and bf16.revision == smollm.revision
+    for (name, a), (_, b) in zip(smollm.torch_model.state_dict().items(), bf16.torch_model.state_dict().items(),
+                                 strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
     bank = concept_vectors(smollm, ["Sandwich"], baseline_words=["Apple", "River", "Stone", "Music"], cache=False)
     layer = 2 * smollm.arch.n_layers // 3
     v = bank.get("Sandwich", layer)
@@ -217,6 +220,24 @@ def test_embedded_model_in_bf16_agrees_with_the_float32_reference(smollm, oracle
 
 
 # ------------------------------------------------------------------ choosing the dtype; the CUDA path on CPU
+
+
+def test_bf16_conversion_is_a_folder_of_its_own_named_by_its_dtype(isolated_cache, monkeypatch):
+    from introspection_utils import embedded
+
+    calls = []
+
+    def convert(gguf, out, chat_template=None, dtype=torch.float32):
+        calls.append((out.name, dtype))
+        (out / "model.safetensors").write_bytes(b"w" * (2 if dtype == torch.bfloat16 else 4))
+
+    monkeypatch.setattr(embedded, "_convert_gguf", convert)
+    fp32, bf16 = embedded.converted_dir(), embedded.converted_dir(dtype=torch.bfloat16)
+    assert bf16.name == fp32.name + "-bfloat16" and fp32.parent == bf16.parent
+    assert [dtype for _, dtype in calls] == [torch.float32, torch.bfloat16]
+    assert embedded.converted_dir(dtype=torch.bfloat16) == bf16 and len(calls) == 2  # cached, not redone
+    with pytest.raises(ValueError, match="stored in float32 or bfloat16, not torch.float16"):
+        embedded.converted_dir(dtype=torch.float16)
 
 
 def test_auto_dtype_follows_the_cpu_flags(monkeypatch, tmp_path):
