@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-size", type=int, default=None,
                         help="n of the n×n matmul peak (default 1024 on CPU, 8192 on CUDA)")
     parser.add_argument("--readme", default=None, help="write the measurement into this file's bench block")
+    parser.add_argument("--block", default="bench",
+                        help="the README block's name (default bench; e.g. bench-qwen for a second model's block)")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                 "n_naive": len(naive_sample), "extrapolated": step > 1, "load": load, "device": _device_name(device),
                 "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
                 "flags": _bf16_flags(), "command": _command(args)}
-        replace_block(Path(args.readme), "bench", readme_block(meta, runs, both))
+        replace_block(Path(args.readme), args.block, readme_block(meta, runs, both))
         print(f"written into {args.readme}")
 
 
@@ -241,6 +243,8 @@ def _command(args: argparse.Namespace) -> str:
             parts.append(f"{flag} {value}")
     if args.dtypes != "float32,bfloat16":
         parts.append(f"--dtypes {args.dtypes}")
+    if args.block != "bench":
+        parts.append(f"--block {args.block}")
     return " ".join([*parts, "--readme README.md"])
 
 
