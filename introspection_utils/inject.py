@@ -298,15 +298,30 @@ def _answer_readout(logits: torch.Tensor, log_partition: torch.Tensor, n_yes: in
     return yes_minus_no(logits, n_yes), mass
 
 
-def _lens_diff(handle: ModelHandle, last: list[torch.Tensor], answer_ids: torch.Tensor, n_yes: int) -> torch.Tensor:
-    """Inside a trace: the yes−no logit lens ``[B, len(last)]`` of the last-position residuals ``last`` (each
-    ``[B, D]``): final norm, the answer sets' rows of the unembedding, the softcap (so it also runs remotely), then
-    :func:`yes_minus_no`."""
-    logits = handle.final_norm(torch.stack(last, dim=1)) @ handle.lm_head.weight[answer_ids].T
+def readout_logits(handle: ModelHandle, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Inside a trace (or on plain tensors): the logits of the unembedding rows ``rows [k]`` for residuals
+    ``hidden [..., D]`` (decoder-layer outputs, before the final norm) → ``[..., k]``, always float32.
+
+    The float32 readout boundary, the one place the choice is made: a bfloat16 model computes its residual stream
+    in bfloat16, and the numerically delicate last steps — the final norm, the answer rows of the unembedding and
+    Gemma-2's softcap — are computed here in float32 from those bf16 activations (the norm module promotes a
+    float32 input to a float32 output; the ``k`` rows are upcast, never the whole unembedding). For a float32 model
+    this is the model's own final step (equal to its logits up to float32 summation order). The log-partition of
+    the answer mass is the float32 ``logsumexp`` of the model's own full-vocabulary logits (one bf16 rounding per
+    logit in a bf16 model: ≤ 2⁻⁹ relative); the agreement with float32 is tested in ``tests/test_bfloat16.py``.
+    """
+    logits = handle.final_norm(hidden.float()) @ handle.lm_head.weight[rows].float().T
     cap = handle.arch.final_logit_softcap
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    return yes_minus_no(logits.float(), n_yes)
+    return logits
+
+
+def _lens_diff(handle: ModelHandle, last: list[torch.Tensor], answer_ids: torch.Tensor, n_yes: int) -> torch.Tensor:
+    """Inside a trace: the yes−no logit lens ``[B, len(last)]`` of the last-position residuals ``last`` (each
+    ``[B, D]``) through :func:`readout_logits` (final norm, the answer sets' rows, the softcap; float32), then
+    :func:`yes_minus_no`."""
+    return yes_minus_no(readout_logits(handle, torch.stack(last, dim=1), answer_ids), n_yes)
 
 
 def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | None, add: torch.Tensor | None,
@@ -352,10 +367,12 @@ def _trace(handle: ModelHandle, run: _PromptRun, *, batch: int, layer: int | Non
                 hidden.append(handle.layers[i].output)
             if lens or read_residuals:
                 last.append(handle.layers[i].output[:, -1, :])
+            if i == n_layers - 1:
+                top = handle.layers[i].output[:, -1, :]  # [B, D]: what the final norm reads
         if lens:
             lens_diff = _lens_diff(handle, last, answer_ids, n_yes).save()  # [B, n_layers - first]
+        logits = readout_logits(handle, top, answer_ids).save()  # [B, k] float32 whatever the model's dtype
         final = handle.model.output.logits[:, -1, :]
-        logits = final[:, answer_ids].save()
         log_partition = final.float().logsumexp(-1).save()  # [B]: normalises the answer logits to probabilities
     diff, mass = _answer_readout(logits, log_partition, n_yes)
     out = _Pass(logit_diff=diff, logits=logits.float().cpu(), answer_mass=mass, hidden=list(hidden),

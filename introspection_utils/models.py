@@ -295,13 +295,51 @@ def architecture_of(hf_model: torch.nn.Module, tokenizer: Any) -> Architecture:
         supports_system_role=_supports_system_role(tokenizer))
 
 
+# CPU flags (``/proc/cpuinfo``) of the instructions oneDNN uses for bfloat16 matmuls: AMX tiles (Sapphire Rapids on)
+# and AVX-512 BF16 (Cooper Lake, Zen 4). Without them torch computes bfloat16 matmuls by converting to float32 in a
+# generic kernel: measured 3-30x *slower* than float32 on an AVX2-only AMD EPYC (Zen 3).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags the kernel reports (the first ``flags`` line of ``path``); empty where there is none
+    (macOS, Windows)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bfloat16(device: str | torch.device, flags: set[str] | None = None) -> bool:
+    """Whether bfloat16 is this device's fast path: a CUDA device with native bf16 (Ampere and later), or a CPU
+    with AMX / AVX-512 BF16 (``flags``: the CPU's feature flags, default :func:`cpu_flags`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+    return False
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``None``: float32 on CPU, bfloat16 on CUDA (the defaults); ``"auto"``: bfloat16 where it is the device's
+    fast path (:func:`fast_bfloat16`), else float32; a name or a ``torch.dtype``: that dtype."""
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bfloat16(device) else torch.float32
     if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(map(repr, DTYPES))}")
         return getattr(torch, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(map(repr, DTYPES))}")
     return dtype
 
 
@@ -395,7 +433,9 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     ``remote=True`` runs every trace on NDIF (a hub id; ``NDIF_API_KEY`` in the environment); ``remote="local"``
     loads the model here but sends each trace through nnsight's serialization with local modules hidden — a dry
     run proving the experiment's trace code would run remotely.
-    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``device_map="auto"`` shards a hub or local model
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA; ``"auto"`` picks bfloat16 where the device runs it
+    fast (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16) and float32 elsewhere. In bfloat16 the readouts are
+    still float32 (:func:`introspection_utils.inject.readout_logits`). ``device_map="auto"`` shards a hub or local model
     over the visible GPUs (accelerate); without it, a model whose weights cannot fit on ``device`` is refused
     before loading, with the sizes in the message.
     """
@@ -410,7 +450,8 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     torch_dtype = _resolve_dtype(dtype, device)
     base_model = False
     if name in EMBEDDED or is_gguf_path(name):
-        folder = converted_dir(name) if name in EMBEDDED else converted_gguf_dir(name)
+        stored = torch.bfloat16 if torch_dtype == torch.bfloat16 else torch.float32  # a bf16 folder: half the disk
+        folder = converted_dir(name, stored) if name in EMBEDDED else converted_gguf_dir(name, stored)
         check_fits(AutoConfig.from_pretrained(folder), torch_dtype, torch.device(device), name=name)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -3,22 +3,38 @@ a check of the script, not a timing)."""
 
 from __future__ import annotations
 
+import pytest
+
 from introspection_utils import bench
 from introspection_utils.paths import project_root, read_block
 
 
-def test_bench_runs_both_ways_and_writes_its_readme_block(tmp_path, capsys):
+def test_bench_runs_both_ways_in_both_dtypes_and_writes_its_readme_block(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
-    bench.main(["--model", "tiny-llama", "--naive-trials", "8", "--readme", str(readme)])
+    bench.main(["--model", "tiny-llama", "--naive-trials", "8", "--trials", "176", "--peak-size", "256",
+                "--readme", str(readme)])
     out = capsys.readouterr().out
-    assert "ratio :" in out and "max |engine - naive| over 8 trials" in out
-    diff = float(out.split("max |engine - naive| over 8 trials: ")[1].split()[0])
-    assert diff < 1e-4  # the engine and the naive trace agree
+    for dtype in ("float32", "bfloat16"):
+        assert f"[{dtype}] ratio :" in out and f"[{dtype}] max |engine - naive| over 8 trials" in out
+        assert f"of the measured {dtype} matmul peak" in out
+        diff = float(out.split(f"[{dtype}] max |engine - naive| over 8 trials: ")[1].split()[0])
+        assert diff < 1e-4  # the engine and the naive trace agree in each dtype (same float32 readout)
+    cross = out.split("bf16 engine vs fp32 engine: ")[1]
+    assert "same sign on" in cross and float(cross.split("max ")[1].split(",")[0]) < 0.1
     block = read_block(readme, "bench")
-    assert block.startswith("| tiny-llama, layer 1 | trials/s | 880 trials |") and "**Ratio " in block
-    assert "(8 spread trials timed, extrapolated)" in block and "load average" in block
+    assert block.startswith("| tiny-llama, layer 1, 176 trials | trials/s |")
+    assert "**engine, float32**" in block and "**engine, bfloat16**" in block and "bf16 engine vs fp32" in block
+    assert "(8 spread trials timed, extrapolated)" in block and "load average" in block and "bf16 CPU flags" in block
+    assert "`python -m introspection_utils.bench --model tiny-llama --naive-trials 8 --trials 176" in block
     assert readme.read_text().endswith("after\n")
+
+
+def test_bench_refuses_bad_dtypes_and_too_few_trials():
+    with pytest.raises(ValueError, match="--dtypes 'int8'"):
+        bench.main(["--model", "tiny-llama", "--dtypes", "int8"])
+    with pytest.raises(ValueError, match="--trials 3 is too few"):
+        bench.main(["--model", "tiny-llama", "--trials", "3"])
 
 
 def test_without_cuda_the_gpu_benchmark_says_why_it_skipped(capsys, monkeypatch):
@@ -29,6 +45,7 @@ def test_without_cuda_the_gpu_benchmark_says_why_it_skipped(capsys, monkeypatch)
 
 def test_the_readme_holds_a_measurement_written_by_the_script():
     block = read_block(project_root() / "README.md", "bench")
-    assert block.startswith("| smollm2-135m-instruct, layer 15 | trials/s | 880 trials |"), \
-        "run `python -m introspection_utils.bench --naive-trials 220 --readme README.md` on a quiet machine"
+    assert block.startswith("| smollm2-135m-instruct, layer 15, "), \
+        "run `python -m introspection_utils.bench --naive-trials 44 --readme README.md` on a quiet machine"
+    assert "**engine, float32**" in block and "**engine, bfloat16**" in block and "bf16 engine vs fp32" in block
     assert "written by `python -m introspection_utils.bench" in block

@@ -127,7 +127,7 @@ def fake_converter(isolated_cache, monkeypatch):
     """``_convert_gguf`` replaced by a writer of two small files; ``calls`` counts conversions."""
     calls = []
 
-    def convert(gguf, out, chat_template=None):
+    def convert(gguf, out, chat_template=None, dtype=torch.float32):
         calls.append(Path(out))
         (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
         (out / "model.safetensors").write_bytes(b"w" * 1000)
