@@ -24,8 +24,8 @@ def test_committed_prompts_equal_the_rendered_ones(fixture, request):
 def test_the_record_has_every_question_with_its_injection_window(smollm):
     record = frozen_prompts.render(smollm)
     names = [p["name"] for p in record["prompts"]]
-    assert names[0] == "introspection" and len([n for n in names if n.startswith("control")]) == len(
-        control_questions())
+    controls = [n for n in names if n.startswith("control ") and n.removeprefix("control ").isdigit()]
+    assert names[0] == "introspection" and len(controls) == len(control_questions())  # (+ format variants)
     intro = record["prompts"][0]
     assert 0 < intro["injection_start"] < intro["n_tokens"]
     assert intro["injected_text"].startswith("\n\nTrial 1:") and intro["text"].endswith(intro["injected_text"])

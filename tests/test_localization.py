@@ -69,12 +69,12 @@ def test_digit_readout_equals_the_reference_logits(tiny, oracle):
 
 
 def test_answer_logits_of_yes_no_give_the_engines_logit_difference(tiny_llama):
-    from introspection_utils.prompts import introspection_prompt, yes_no_ids
+    from introspection_utils.prompts import introspection_prompt, paper_answers, yes_no_ids
 
     prompt = introspection_prompt(tiny_llama)
     trials = [Trial(prompt, _vector(tiny_llama, 1), s) for s in (0.0, 1.0, 4.0)]
     logits = answer_logits(tiny_llama, trials, list(yes_no_ids(tiny_llama)))
-    readout = measure(tiny_llama, trials)
+    readout = measure(tiny_llama, trials, answers=paper_answers())  # one token per answer, as answer_logits reads
     torch.testing.assert_close(logits[:, 0] - logits[:, 1], readout.logit_diff)
     torch.testing.assert_close(readout.logits, logits)
 

@@ -11,6 +11,7 @@ import pytest
 
 from introspection_utils import mechanisms, patching, plots_mechanisms
 from introspection_utils.inject import measure
+from introspection_utils.prompts import paper_answers
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def two_maps(tiny_llama):
 def test_shift_is_the_models_own_difference_in_differences(tiny_llama, two_maps):
     m = two_maps[0]
     trials = patching.concept_trials(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2)
-    r = measure(tiny_llama, trials)
+    r = measure(tiny_llama, trials, answers=paper_answers())  # attribution reads one token per answer (linear)
     effect = (r.logit_diff - r.baseline).numpy()  # the introspection question first, then the controls
     assert m.shift == pytest.approx(float(effect[0] - effect[1:].mean()), abs=1e-4)
     # no softcap on Llama: the per-layer attribution (embedding and injection included) adds up to it

@@ -10,7 +10,7 @@ import reference as ref
 import torch
 
 from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import chat_prompt, introspection_prompt, yes_no_ids
+from introspection_utils.prompts import chat_prompt, introspection_prompt, paper_answers, yes_no_ids
 from introspection_utils.refusal import best_layer, refusal_directions, unit_direction
 from introspection_utils.vectors import ConceptVector
 
@@ -28,7 +28,8 @@ def test_ablated_injection_matches_reference(tiny, strategy):
     vector = ConceptVector("x", 1, torch.randn(tiny.arch.d_model, generator=torch.Generator().manual_seed(1)))
     direction = _direction(tiny)
     scales = [0.0, 2.0, -3.0]
-    readout = measure(tiny, [Trial(prompt, vector, s) for s in scales], ablate=direction, strategy=strategy)
+    readout = measure(tiny, [Trial(prompt, vector, s) for s in scales], ablate=direction, strategy=strategy,
+                      answers=paper_answers())  # the reference reads one token per answer
     yes, no = yes_no_ids(tiny)
     ids = torch.tensor([prompt.input_ids] * 3)
     mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -65,8 +66,8 @@ def test_ablation_before_the_injection_matches_reference(tiny, strategy):
     vector = ConceptVector("x", 0, raw + 2 * direction / direction.norm() * raw.norm())  # a component along it
     scales = [0.0, 2.0, -3.0]
     trials = [Trial(prompt, vector, s) for s in scales]
-    before = measure(tiny, trials, ablate=direction, ablate_at="before", strategy=strategy)
-    after = measure(tiny, trials, ablate=direction, strategy=strategy)
+    before = measure(tiny, trials, ablate=direction, ablate_at="before", strategy=strategy, answers=paper_answers())
+    after = measure(tiny, trials, ablate=direction, strategy=strategy, answers=paper_answers())
     yes, no = yes_no_ids(tiny)
     ids = torch.tensor([prompt.input_ids] * 3)
     mask = torch.zeros_like(ids, dtype=torch.bool)
