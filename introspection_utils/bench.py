@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from introspection_utils.inject import Trial, measure, readout_logits, trial_grid
+from introspection_utils.inject import Trial, measure, readout_logits, trial_grid, yes_minus_no
 from introspection_utils.models import BF16_CPU_FLAGS, DEFAULT_MODEL, ModelHandle, cpu_flags, load_model
 from introspection_utils.paths import replace_block
-from introspection_utils.prompts import question_prompts, yes_no_ids
+from introspection_utils.prompts import answer_set, question_prompts
 from introspection_utils.vectors import concept_vectors, with_random
 
 CONCEPTS = ("Sandwich", "Water", "Bomb", "Confusion", "Logic")
@@ -47,16 +47,17 @@ def standard_trials(handle: ModelHandle, layer: int) -> list[Trial]:
     return trial_grid(vectors, prompts, SCALES)
 
 
-def naive_logit_diff(handle: ModelHandle, trial: Trial, answer_ids: torch.Tensor) -> float:
+def naive_logit_diff(handle: ModelHandle, trial: Trial, answer_ids: torch.Tensor, n_yes: int) -> float:
     """One traced forward over the whole prompt, injecting at the window's positions: the baseline approach (read
-    through the same float32 readout as the engine, so the two differ only by the engine's levers)."""
+    through the same float32 readout and answer sets as the engine — ``answer_ids``: the yes set's ``n_yes`` ids, then
+    the no set's — so the two differ only by the engine's levers)."""
     ids = torch.tensor([trial.prompt.input_ids], device=handle.device)
     start, _ = trial.span()
     add = (trial.scale * trial.vector.vector).to(handle.device, handle.dtype)
     with torch.no_grad(), handle.model.trace(ids):
         handle.layers[trial.injection_layer].output[:, start:, :] += add
-        logits = readout_logits(handle, handle.layers[-1].output[0, -1], answer_ids[:2]).save()
-    return float(logits[0] - logits[1])
+        logits = readout_logits(handle, handle.layers[-1].output[0, -1], answer_ids).save()
+    return float(yes_minus_no(logits, n_yes))
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds: float = 0.5) -> float:
@@ -128,12 +129,13 @@ def _peak_rss_gb() -> float:
 def run_dtype(handle: ModelHandle, trials: list[Trial], naive_sample: list[int], batch_size: int | None,
               peak_size: int | None = None) -> dict:
     """One dtype's half of the benchmark: naive and engine timings on ``trials``, the matmul peak, peak RSS."""
-    answer_ids = torch.tensor(yes_no_ids(handle), device=handle.device)
+    sets = answer_set(handle)
+    answer_ids, n_yes = torch.tensor(sets.ids, device=handle.device), len(sets.yes)
     measure(handle, trials[:8])  # warm-up (allocations, lazy init) outside the timings
-    naive_logit_diff(handle, trials[1], answer_ids)
+    naive_logit_diff(handle, trials[1], answer_ids, n_yes)
     _sync(handle.device)
     t = time.perf_counter()
-    naive = torch.tensor([naive_logit_diff(handle, trials[i], answer_ids) for i in naive_sample])
+    naive = torch.tensor([naive_logit_diff(handle, trials[i], answer_ids, n_yes) for i in naive_sample])
     _sync(handle.device)
     naive_s = (time.perf_counter() - t) * len(trials) / len(naive_sample)
     t = time.perf_counter()

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils import plots, verdicts
-from introspection_utils.prompts import control_questions
+from introspection_utils.prompts import control_questions, introspection_questions
 from introspection_utils.sweeps import scale_sweep
 from introspection_utils.vectors import concept_vectors, default_layer
 
@@ -69,8 +69,11 @@ class ExplorerState:
             self.hits += 1
             return self.cache[key]
         self.misses += 1
+        # one wording, the paper's trial line: the explorer shows one introspection curve, so its I is that curve's
+        # distance from the controls' line (the atlas averages over wordings of both polarities)
         result = scale_sweep(self.handle, [concept], self.scales, layer=key[1], controls=self.controls, n_random=1,
-                             seed=self.seed, bank=self.bank, progress=progress)
+                             introspection=introspection_questions(["paper"])[0], seed=self.seed, bank=self.bank,
+                             progress=progress)
         self.cache[key] = result.df
         return result.df
 

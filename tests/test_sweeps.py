@@ -185,7 +185,8 @@ def test_summary_averages_delta_per_condition(tiny_llama, bank):
     ({"scales": ["3"]}, "scale '3' must be a finite number"),
     ({"layer": 2}, r"layer 2 is out of range for tiny-llama \(0\.\.1\)"),
     ({"n_random": -1}, "n_random must be >= 0"),
-    ({"concepts": ["Dust", "two words"], "bank": None}, "unknown concept 'two words'"),
+    ({"concepts": ["Dust", "a whole sentence of many words"], "bank": None},
+     "a concept is a word or a phrase of up to"),
     ({"concepts": ["Trumpets"]}, "concept 'Trumpets' is not in this bank"),
 ])
 def test_bad_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, forbid_compute, tmp_path, kwargs,
