@@ -40,8 +40,8 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
               n_boot: int = N_BOOT, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
               answer_format: str = "open", results_dir: str | Path | None = None, bank: VectorBank | None = None,
               progress: bool = True, nulls: Sequence[str] = ("isotropic",),
-              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None
-              ) -> tuple[pd.DataFrame, SweepResult]:
+              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None,
+              controls: Sequence[str] | None = None) -> tuple[pd.DataFrame, SweepResult]:
     """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
     (``wordings``: default :func:`prompts.default_wordings`, detect and inverted), ``n_controls`` controls balanced by
     topic and expected answer, asked and read in ``answer_format`` (:data:`prompts.ANSWER_FORMATS`), and
@@ -50,6 +50,9 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`; ``n_random`` of each per concept).
     The verdict is tested against the first; the table gains ``p_random_<kind>`` for every kind given
     (:func:`null_p_values`).
+    ``controls``: the control questions to ask instead of the first ``n_controls`` (e.g.
+    :func:`sweeps.pick_controls` of the model's :func:`sweeps.control_battery`, to span its baselines).
+
     ``executor``, ``address``: where the sweep's questions run (``"ray"``: over the actors of a Ray cluster; see
     :func:`sweeps.run_sweep`); the verdicts are computed here from the assembled table.
 
@@ -64,7 +67,8 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
         raise ValueError(f"the random-vector null needs at least {MIN_RANDOM} random vectors at the layer; "
                          f"{len(concepts)} concept(s) × n_random={n_random} give {len(concepts) * n_random}")
     wordings = list(wordings) if wordings is not None else default_wordings()
-    sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, introspection=wordings,
+    sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, controls=controls,
+                        introspection=wordings,
                         n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
                         name="atlas_sweep", bank=bank, progress=progress, nulls=nulls, executor=executor,
                         address=address)

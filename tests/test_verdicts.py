@@ -13,7 +13,7 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from introspection_utils import calibration, metrics, prompts, readings, verdicts
+from introspection_utils import calibration, metrics, prompts, readings, sweeps, verdicts
 from introspection_utils.paths import project_root, read_block
 from introspection_utils.sweeps import COLUMNS
 from introspection_utils.vectors import VectorBank
@@ -451,9 +451,10 @@ def test_planted_compression_on_smollm_is_not_introspection(smollm):
 
     hooks = [smollm.layers[layer + 1]._module.register_forward_pre_hook(carries_concept),
              smollm.lm_head._module.register_forward_hook(compress)]
+    controls = sweeps.pick_controls(sweeps.control_battery(smollm), 12)  # spread baselines: the line is identified
     try:
         table, sweep = metrics.run_atlas(smollm, concepts, [8.0], layer=layer, n_controls=12, n_random=2, bank=bank,
-                                         n_boot=200, progress=False)
+                                         n_boot=200, progress=False, controls=controls)
     finally:
         for hook in hooks:
             hook.remove()
@@ -461,4 +462,7 @@ def test_planted_compression_on_smollm_is_not_introspection(smollm):
           .to_string())
     assert table["fit_ok"].all() and (table["c"] < -0.8).all() and (table["fit_r2"] > 0.95).all()
     assert (table["I"].abs() < 0.3).all()
-    assert "introspection-specific" not in set(table["class"]) and set(table["class"]) == {"compression"}
+    # the hooks compress the paper's Yes/No pair; the readout sums every spelling, so part of the push can read as a
+    # shared shift — what must never happen is an introspection verdict
+    assert "introspection-specific" not in set(table["class"])
+    assert set(table["class"]) <= {"compression", "shared suppression", "shared yes-shift"}
