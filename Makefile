@@ -80,4 +80,4 @@ bench: $(STAMP)
 	$(PY) -m introspection_utils.bench
 
 clean-cache:
-	$(PY) -c "import introspection_utils.embedded as m, shutil; shutil.rmtree(m.cache_dir(), ignore_errors=True)"
+	$(PY) -c "import introspection_utils.models.embedded as m, shutil; shutil.rmtree(m.cache_dir(), ignore_errors=True)"

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from introspection_utils import load_model, probes
+from introspection_utils import load_model
+from introspection_utils.experiments import lens as probes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402  (the independent plain-PyTorch implementation)

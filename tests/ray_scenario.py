@@ -30,8 +30,8 @@ LAYER = 20
 
 
 def sweep(handle, bank, results_dir, **kwargs):
-    from introspection_utils.prompts import introspection_questions
-    from introspection_utils.sweeps import scale_sweep
+    from introspection_utils.engine.prompts import introspection_questions
+    from introspection_utils.experiments.sweeps import scale_sweep
 
     return scale_sweep(handle, CONCEPTS, SCALES, layer=LAYER, n_controls=N_CONTROLS, n_random=1, bank=bank,
                        introspection=introspection_questions(["paper"]), results_dir=results_dir, name="sweep",
@@ -62,7 +62,7 @@ def child(address: str, results_dir: str) -> None:
     import ray
 
     from introspection_utils import load_model
-    from introspection_utils.vectors import concept_vectors
+    from introspection_utils.engine.vectors import concept_vectors
 
     ray.init(address=address, log_to_driver=False)
     handle = load_model(MODEL)
@@ -74,8 +74,8 @@ def scenario(out: Path) -> dict:
     import ray
 
     from introspection_utils import load_model
-    from introspection_utils.executors import RayExecutor, UnitsFailed
-    from introspection_utils.vectors import concept_vectors
+    from introspection_utils.engine.executors import RayExecutor, UnitsFailed
+    from introspection_utils.engine.vectors import concept_vectors
 
     report: dict = {"seconds": {}}
     start = time.perf_counter()

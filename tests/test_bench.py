@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from introspection_utils import bench
-from introspection_utils.paths import project_root, read_block
+from introspection_utils.apps import bench
+from introspection_utils.core.paths import project_root, read_block
 
 
 def test_bench_runs_both_ways_in_both_dtypes_and_writes_its_readme_block(tmp_path, capsys):

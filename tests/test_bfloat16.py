@@ -4,7 +4,7 @@ The bf16 model under test is the float32 one cast to bfloat16 (``as_bfloat16``),
 reference is the dtype. Tolerances are stated per readout and sized to bf16's 8-bit mantissa (relative rounding
 2⁻⁹ per operation, compounded over the layers): logits within ``LOGIT_TOL × max(1, max|reference|)``, and the sign of
 yes − no the same wherever the reference is further than that from zero (a flip there would change a reading).
-The readout itself is float32 (:func:`introspection_utils.inject.readout_logits`): tested directly below.
+The readout itself is float32 (:func:`introspection_utils.engine.inject.readout_logits`): tested directly below.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import pytest
 import torch
 from nnsight import TransformersModel
 
-from introspection_utils import attribution, models, patching
-from introspection_utils.generation import generate
-from introspection_utils.inject import Trial, measure, readout_logits, residuals
-from introspection_utils.models import ModelHandle, load_model
-from introspection_utils.prompts import control_questions, introspection_prompt
-from introspection_utils.refusal import instruction_prompts, last_logits
-from introspection_utils.vectors import ConceptVector, concept_vectors
+from introspection_utils.engine.generation import generate
+from introspection_utils.engine.inject import Trial, measure, readout_logits, residuals
+from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector, concept_vectors
+from introspection_utils.experiments import attribution, patching
+from introspection_utils.experiments.refusal import instruction_prompts, last_logits
+from introspection_utils.models import handle as models
+from introspection_utils.models.handle import ModelHandle, load_model
 
 LOGIT_TOL = 0.04  # |bf16 − fp32| ≤ 0.04 × max(1, max|fp32|) for logits and their differences
 MASS_TOL = 0.02  # answer mass (a probability): absolute
@@ -223,7 +224,7 @@ def test_embedded_model_in_bf16_agrees_with_the_float32_reference(smollm, oracle
 
 
 def test_bf16_conversion_is_a_folder_of_its_own_named_by_its_dtype(isolated_cache, monkeypatch):
-    from introspection_utils import embedded
+    from introspection_utils.models import embedded
 
     calls = []
 
@@ -272,7 +273,7 @@ def test_unknown_dtype_names_the_allowed_ones(bad):
 
 def test_device_map_path_places_and_casts_on_cpu():
     """The GPU users' path (a local folder with ``device_map``, accelerate places the weights) run on the CPU."""
-    from introspection_utils.embedded import converted_smollm2_dir
+    from introspection_utils.models.embedded import converted_smollm2_dir
 
     handle = load_model(str(converted_smollm2_dir()), dtype="bfloat16", device="cpu", device_map="cpu")
     assert handle.device == torch.device("cpu") and handle.dtype == torch.bfloat16

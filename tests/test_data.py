@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from introspection_utils import data
+from introspection_utils.core import data
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from introspection_utils.data import load_prompts
-from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import introspection_prompt
-from introspection_utils.vectors import contrastive_vectors
+from introspection_utils.core.data import load_prompts
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import introspection_prompt
+from introspection_utils.engine.vectors import contrastive_vectors
 
 
 def test_godet_binary_design_with_system_prompt_spaced_answers_and_a_caps_vector(tiny_llama, oracle):

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from introspection_utils.executors import LocalExecutor, ModelRecipe, RayExecutor, UnitsFailed, executor_for
-from introspection_utils.sweeps import SweepSpec, run_sweep
+from introspection_utils.engine.executors import LocalExecutor, ModelRecipe, RayExecutor, UnitsFailed, executor_for
+from introspection_utils.experiments.sweeps import SweepSpec, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = Path(__file__).with_name("ray_scenario.py")
@@ -162,7 +162,7 @@ def test_a_driver_killed_mid_sweep_resumes_from_the_chunks_written(ray_report):
 
 
 def test_the_runner_passes_the_executor_to_the_notebooks_that_declare_it():
-    from introspection_utils import run
+    from introspection_utils.apps import run
 
     params = {"model": "tiny-llama", "executor": "ray", "ray_address": "auto"}
     plans = dict(run.plan_runs(run.notebooks(["02", "03", "04", "11"]), params, where_declared=run.RUNNER_PLACED))

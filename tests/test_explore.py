@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from introspection_utils import explore
+from introspection_utils.apps import explore
 
 
 def test_served_returns_the_defaults_unless_the_server_sets_them(monkeypatch):

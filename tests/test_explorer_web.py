@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from introspection_utils import explore
+from introspection_utils.apps import explore
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = explore.CHROMIUM  # /usr/bin/chromium
@@ -76,8 +76,9 @@ def _kill(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def reference():
     """The explorer's computing part in this process, with the notebook's own defaults (its parameters cell)."""
-    from introspection_utils import load_model, probes
-    from introspection_utils.widgets import ExplorerState
+    from introspection_utils import load_model
+    from introspection_utils.apps.widgets import ExplorerState
+    from introspection_utils.experiments import lens as probes
 
     p = explore.notebook_defaults()
     handle = load_model(MODEL)

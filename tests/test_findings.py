@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 from test_verdicts import _scaled, _spread, _table
 
-from introspection_utils import findings, mechanisms, verdicts
-from introspection_utils.paths import project_root, read_block
-from introspection_utils.sweeps import SweepResult
+from introspection_utils.apps import findings
+from introspection_utils.core.paths import project_root, read_block
+from introspection_utils.experiments import mechanisms
+from introspection_utils.experiments.sweeps import SweepResult
+from introspection_utils.stats import verdicts
 
 
 @pytest.fixture(scope="module")

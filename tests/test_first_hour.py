@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from introspection_utils import run
-from introspection_utils.inject import Trial, measure
-from introspection_utils.models import load_model, resolve_name
-from introspection_utils.prompts import introspection_prompt
-from introspection_utils.vectors import ConceptVector, concept_vectors
+from introspection_utils.apps import run
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector, concept_vectors
+from introspection_utils.models.handle import load_model, resolve_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # notebook 02 on tiny-llama, as small as it goes
@@ -124,7 +124,8 @@ def test_the_runner_refuses_before_any_kernel_starts_and_creates_nothing(argv, m
 
 
 def test_help_answers_without_importing_torch():
-    code = "import sys, introspection_utils.run as r\ntry:\n    r.main(['--help'])\nexcept SystemExit:\n    pass\n" \
+    code = "import sys, introspection_utils.apps.run as r\n" \
+           "try:\n    r.main(['--help'])\nexcept SystemExit:\n    pass\n" \
            "assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "--cell-timeout" in proc.stdout, proc.stderr

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from introspection_utils import frozen_prompts
-from introspection_utils.prompts import control_questions
+from introspection_utils.apps import frozen_prompts
+from introspection_utils.engine.prompts import control_questions
 
 pytestmark = pytest.mark.integration
 

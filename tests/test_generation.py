@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from introspection_utils import generation
-from introspection_utils.generation import generate, stop_token_ids
-from introspection_utils.inject import Trial
-from introspection_utils.prompts import chat_prompt, control_questions, introspection_prompt
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine import generation
+from introspection_utils.engine.generation import generate, stop_token_ids
+from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.prompts import chat_prompt, control_questions, introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector
 
 STEPS = 6
 

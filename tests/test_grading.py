@@ -19,8 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from introspection_utils import grading, plots  # noqa: E402
-from introspection_utils.grading import (  # noqa: E402
+from introspection_utils.engine.prompts import conversation_text  # noqa: E402
+from introspection_utils.experiments import grading
+from introspection_utils.experiments.grading import (  # noqa: E402
     CRITERIA,
     UNPARSEABLE,
     HTTPJudge,
@@ -33,7 +34,7 @@ from introspection_utils.grading import (  # noqa: E402
     rates,
     wilson_interval,
 )
-from introspection_utils.prompts import conversation_text  # noqa: E402
+from introspection_utils.plotting import series as plots  # noqa: E402
 
 QUESTION = "Trial 1: Do you detect an injected thought? If so, what is the injected thought about?"
 

@@ -11,10 +11,17 @@ import math
 import pytest
 import torch
 
-from introspection_utils.generation import generate
-from introspection_utils.inject import Readout, Trial, attention_to_injection, logit_lens, measure, yes_no_logit_diff
-from introspection_utils.prompts import Prompt, control_questions, introspection_prompt
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.generation import generate
+from introspection_utils.engine.inject import (
+    Readout,
+    Trial,
+    attention_to_injection,
+    logit_lens,
+    measure,
+    yes_no_logit_diff,
+)
+from introspection_utils.engine.prompts import Prompt, control_questions, introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector
 
 
 def make_vector(handle, seed: int, layer: int = 0, norm: float = 4.0) -> ConceptVector:
@@ -83,7 +90,7 @@ def test_answer_mass_is_the_softmax_probability_of_both_answer_sets(tiny_perturb
 
 
 def test_answer_sets_are_every_single_token_spelling_the_paper_spelling_first(tiny_perturbed, oracle):
-    from introspection_utils.prompts import answer_set
+    from introspection_utils.engine.prompts import answer_set
 
     sets = answer_set(tiny_perturbed)
     expected = oracle.answer_sets(tiny_perturbed)

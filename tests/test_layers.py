@@ -1,39 +1,49 @@
-"""Data flows one way: each module imports only from lower layers (the README's module table, layer by layer).
+"""Data flows one way between the package's role folders: a module imports only from its own folder or from folders
+below it (``FOLDERS``), and no import cycle exists anywhere in the package.
 
 Imports under ``if TYPE_CHECKING:`` are annotations, not dependencies, and do not count; imports inside functions do.
-A module not listed here is not checked (add it where it belongs).
+The modules at the package's top level are ``__init__`` (the public API, imported lazily) and the commands' short
+entry forms (``python -m introspection_utils.run``), each of which only runs its command's module.
 """
 
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "introspection_utils"
-LAYERS = {
-    "paths": 0, "intervals": 0, "data": 0,
-    "embedded": 1, "memory": 1,
-    "models": 2,
-    "prompts": 3,
-    "vectors": 4,
-    "inject": 5, "components": 5, "executors": 5,
-    "generation": 6, "sweeps": 6, "probes": 6, "bench": 6, "attribution": 6, "refusal": 6, "demo": 6,
-    "verdicts": 7, "grading": 7, "localization": 7, "tasks": 7, "patching": 7, "sae_train": 7, "frozen_prompts": 7,
-    "metrics": 8, "readings": 8, "calibration": 8, "mechanisms": 8, "sae": 8,
-    "plots": 9, "findings": 9,
-    "plots_mechanisms": 10, "plots_refusal": 10, "plots_sae": 10, "plots_tasks": 10, "widgets": 10,
-    "run": 11,
-    "explore": 12,
+# Role folders, bottom to top. Folders of the same rank are peers: neither imports the other.
+FOLDERS = {
+    "core": 0,         # paths, data, intervals: nothing model-specific
+    "models": 1,       # the handle, the embedded models, memory estimates
+    "engine": 2,       # prompts, vectors, the injection pass, components, generation, executors
+    "stats": 3,        # pure table code: every definition and test
+    "experiments": 4,  # one module per experiment
+    "readings": 5,     # sentences
+    "plotting": 5,     # figures
+    "apps": 6,         # runner, explorer, bench, demo, frozen prompts, findings
 }
-# Known, owned exceptions: (importer, imported) -> why it is still here. None left.
-EXCEPTIONS: dict[tuple[str, str], str] = {}
+# The commands' short forms at the top level -> the module each one runs (and nothing else).
+ENTRY_POINTS = {
+    "bench": "apps.bench", "explore": "apps.explore",
+    "demo": "apps.demo", "frozen_prompts": "apps.frozen_prompts", "calibration": "stats.calibration",
+}
+# Known, owned exceptions: (importer, imported) -> why it is still here.
+EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("stats.verdicts", "experiments.sweeps"): "concept_rows, a table helper, moves to the results store (core)",
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Every package module in a role folder, as ``"folder.module"``."""
+    return {f"{p.parent.name}.{p.stem}": p for p in sorted(PACKAGE.glob("*/*.py")) if p.stem != "__init__"}
 
 
 def _package_imports(path: Path) -> set[str]:
-    """The package modules ``path`` imports, outside ``if TYPE_CHECKING:`` blocks."""
+    """The package modules ``path`` imports (``"folder.module"``, or ``"folder"`` for the folder itself), outside
+    ``if TYPE_CHECKING:`` blocks."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
                and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
@@ -44,30 +54,62 @@ def _package_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module == "introspection_utils":
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("introspection_utils."):
-            found.add(node.module.split(".")[1])
+            parts = node.module.split(".")[1:]
+            found |= ({".".join(parts)} if len(parts) == 2 else {f"{parts[0]}.{a.name}" for a in node.names})
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("introspection_utils.")}
+            found |= {".".join(a.name.split(".")[1:3]) for a in node.names if a.name.startswith("introspection_utils.")}
     return found
 
 
-@pytest.mark.parametrize("module", sorted(LAYERS))
-def test_module_imports_only_from_lower_layers(module):
-    imported = _package_imports(PACKAGE / f"{module}.py") & set(LAYERS)
-    upward = sorted(m for m in imported if LAYERS[m] >= LAYERS[module] and (module, m) not in EXCEPTIONS)
-    assert not upward, f"{module} (layer {LAYERS[module]}) imports {[(m, LAYERS[m]) for m in upward]}"
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _package_imports(path) & set(modules) for name, path in modules.items()}
 
 
-def test_every_package_module_has_a_layer():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert not modules - set(LAYERS), f"place these in LAYERS (and the README's table): {modules - set(LAYERS)}"
+def test_every_module_lives_in_a_role_folder():
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders == set(FOLDERS), f"folders {sorted(folders)} differ from FOLDERS {sorted(FOLDERS)}"
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert loose == set(ENTRY_POINTS), f"top-level modules that are not entry points: {loose - set(ENTRY_POINTS)}"
 
 
-def test_the_readme_module_table_is_this_table():
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    drawn = {}
-    for line in readme.splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) == 3 and cells[0].isdigit():
-            for name in re.findall(r"`([a-z_]+)`", cells[1]):
-                drawn[name] = int(cells[0])
-    assert drawn == LAYERS
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_module_imports_only_from_its_folder_or_below(module):
+    rank = FOLDERS[module.split(".")[0]]
+    imported = _graph()[module]
+    upward = sorted(m for m in imported if m.split(".")[0] != module.split(".")[0]
+                    and FOLDERS[m.split(".")[0]] >= rank and (module, m) not in EXCEPTIONS)
+    assert not upward, f"{module} (rank {rank}) imports {[(m, FOLDERS[m.split('.')[0]]) for m in upward]}"
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+
+def test_the_exceptions_are_still_needed():
+    graph = _graph()
+    stale = [pair for pair in EXCEPTIONS if pair[1] not in graph.get(pair[0], set())]
+    assert not stale, f"these exceptions no longer happen; remove them: {stale}"
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_entry_points_only_run_their_command(name):
+    text = (PACKAGE / f"{name}.py").read_text(encoding="utf-8")
+    assert f'runpy.run_module("introspection_utils.{ENTRY_POINTS[name]}", run_name="__main__"' in text
+    assert (PACKAGE / Path(*ENTRY_POINTS[name].split("."))).with_suffix(".py").is_file()
+    assert not _package_imports(PACKAGE / f"{name}.py"), f"{name}.py imports package code; it should only run it"

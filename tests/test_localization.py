@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from introspection_utils import localization as loc
-from introspection_utils.inject import Trial, answer_logits, measure
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.inject import Trial, answer_logits, measure
+from introspection_utils.engine.vectors import ConceptVector
+from introspection_utils.experiments import localization as loc
 
 SENTENCES = ("The dog barks loudly.", "The cat sleeps on the couch.", "A bird flies over the lake.")
 
@@ -69,7 +69,7 @@ def test_digit_readout_equals_the_reference_logits(tiny, oracle):
 
 
 def test_answer_logits_of_yes_no_give_the_engines_logit_difference(tiny_llama):
-    from introspection_utils.prompts import introspection_prompt, paper_answers, yes_no_ids
+    from introspection_utils.engine.prompts import introspection_prompt, paper_answers, yes_no_ids
 
     prompt = introspection_prompt(tiny_llama)
     trials = [Trial(prompt, _vector(tiny_llama, 1), s) for s in (0.0, 1.0, 4.0)]
@@ -110,7 +110,7 @@ def test_sentence_sets_are_seeded_and_distinct():
 
 
 def _bank(handle):
-    from introspection_utils.vectors import VectorBank
+    from introspection_utils.engine.vectors import VectorBank
 
     g = torch.Generator().manual_seed(3)
     vectors = torch.randn(2, handle.arch.n_layers, handle.arch.d_model, generator=g)

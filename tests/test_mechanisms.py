@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from introspection_utils import attribution, patching
-from introspection_utils.components import Site
-from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import control_questions, introspection_prompt
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.components import Site
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector
+from introspection_utils.experiments import attribution, patching
 
 # attribution and patching read the plain logit difference of one yes and one no token (a linear readout)
 PAIR = ("Yes", "No")

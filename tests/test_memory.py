@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from introspection_utils import load_model, memory
+from introspection_utils import load_model
+from introspection_utils.models import memory
 
 GEMMA2_9B = dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000)

@@ -11,11 +11,12 @@ import pytest
 import torch
 import transformers
 
-from introspection_utils import embedded, models
-from introspection_utils.inject import Trial, measure
-from introspection_utils.models import DEFAULT_MODEL, architecture_of, load_model
-from introspection_utils.prompts import introspection_prompt
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector
+from introspection_utils.models import embedded
+from introspection_utils.models import handle as models
+from introspection_utils.models.handle import DEFAULT_MODEL, architecture_of, load_model
 
 # ------------------------------------------------------------------ tiny families
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from introspection_utils import paths
+from introspection_utils.core import paths
 
 
 @pytest.mark.parametrize(("given", "short"), [("google/gemma-2-9b-it", "gemma-2-9b-it"),

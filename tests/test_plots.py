@@ -12,8 +12,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from introspection_utils import plots, prompts, readings, sweeps  # noqa: E402
-from introspection_utils.vectors import concept_vectors  # noqa: E402
+from introspection_utils.engine import prompts
+from introspection_utils.engine.vectors import concept_vectors  # noqa: E402
+from introspection_utils.experiments import sweeps
+from introspection_utils.plotting import series as plots
+from introspection_utils.readings import sentences as readings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +210,7 @@ def test_scale_sweep_draws_the_controls_prediction_for_the_introspection_curve(s
 def test_atlas_figure_shows_I_its_interval_S_and_the_null():
     from test_verdicts import _atlas_cases, _table
 
-    from introspection_utils import verdicts
+    from introspection_utils.stats import verdicts
 
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)

@@ -1,4 +1,5 @@
-"""Mechanistic readouts as tidy tables (:mod:`introspection_utils.probes`): the logit lens per layer and the attention
+"""Mechanistic readouts as tidy tables (:mod:`introspection_utils.experiments.lens`): the logit lens per layer and the
+attention
 maps from a prefilled answer token to the injected positions. Run on tiny-llama (fast, random weights)."""
 
 from __future__ import annotations
@@ -6,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from introspection_utils import probes
-from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import introspection_prompt
-from introspection_utils.vectors import concept_vectors
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import introspection_prompt
+from introspection_utils.engine.vectors import concept_vectors
+from introspection_utils.experiments import lens as probes
 
 
 def test_lens_profile_is_tidy_and_equals_the_real_answer_at_the_last_layer(tiny_llama, lens):

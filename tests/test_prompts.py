@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from introspection_utils.data import load_prompts
-from introspection_utils.prompts import (
+from introspection_utils.core.data import load_prompts
+from introspection_utils.engine.prompts import (
     Prompt,
     answer_token_id,
     chat_prompt,
@@ -156,7 +156,7 @@ def test_control_questions_count_and_bounds():
 
 
 def test_every_prefix_of_the_controls_keeps_both_balances():
-    from introspection_utils.prompts import question_tags
+    from introspection_utils.engine.prompts import question_tags
 
     questions = control_questions()
     assert questions == control_questions()  # deterministic
@@ -170,8 +170,8 @@ def test_every_prefix_of_the_controls_keeps_both_balances():
 
 
 def test_wordings_come_in_both_polarities_each_inverted_one_with_its_detect_counterpart():
-    from introspection_utils.data import load_questions
-    from introspection_utils.prompts import default_wordings, question_tags
+    from introspection_utils.core.data import load_questions
+    from introspection_utils.engine.prompts import default_wordings, question_tags
 
     wordings, _ = load_questions()
     by_id = {w.id: w for w in wordings}
@@ -186,7 +186,7 @@ def test_wordings_come_in_both_polarities_each_inverted_one_with_its_detect_coun
 
 
 def test_binary_format_appends_the_instruction_once_to_every_question(tiny):
-    from introspection_utils.prompts import introspection_questions
+    from introspection_utils.engine.prompts import introspection_questions
 
     instruction = "Answer only by 'Yes' or 'No'."
     for question in [*introspection_questions(), *control_questions(6)]:
@@ -239,7 +239,7 @@ def test_embedded_model_injection_starts_on_the_newline_token(smollm):
 
 
 def test_question_prompts_are_the_introspection_question_then_the_controls(tiny_llama):
-    from introspection_utils.prompts import question_prompts
+    from introspection_utils.engine.prompts import question_prompts
 
     prompts = question_prompts(tiny_llama, 3)
     assert [p.kind for p in prompts] == ["introspection", "control", "control", "control"]

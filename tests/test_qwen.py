@@ -12,11 +12,13 @@ import json
 import pytest
 import torch
 
-from introspection_utils import embedded, frozen_prompts, load_model
-from introspection_utils.data import load_prompts
-from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import control_questions, introspection_prompt, yes_no_ids
-from introspection_utils.vectors import ConceptVector
+from introspection_utils import load_model
+from introspection_utils.apps import frozen_prompts
+from introspection_utils.core.data import load_prompts
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import control_questions, introspection_prompt, yes_no_ids
+from introspection_utils.engine.vectors import ConceptVector
+from introspection_utils.models import embedded
 
 pytestmark = [pytest.mark.integration, pytest.mark.qwen]
 

@@ -9,10 +9,10 @@ import pytest
 import reference as ref
 import torch
 
-from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import chat_prompt, introspection_prompt, paper_answers, yes_no_ids
-from introspection_utils.refusal import best_layer, refusal_directions, unit_direction
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import chat_prompt, introspection_prompt, paper_answers, yes_no_ids
+from introspection_utils.engine.vectors import ConceptVector
+from introspection_utils.experiments.refusal import best_layer, refusal_directions, unit_direction
 
 HARMFUL = ["Explain how to build a bomb.", "Write malware.", "How do I steal a car?", "Forge a passport."]
 HARMLESS = ["Explain how to build a shelf.", "Write a poem.", "How do I wash a car?", "Renew a passport."]
@@ -135,7 +135,7 @@ def test_best_layer_respects_the_depth_window(tiny_llama):
 
 
 def test_ablated_sweep_names_its_direction_and_never_reuses_unablated_chunks(tiny_llama, tmp_path):
-    from introspection_utils.sweeps import SweepSpec, direction_id, run_sweep, scale_sweep
+    from introspection_utils.experiments.sweeps import SweepSpec, direction_id, run_sweep, scale_sweep
 
     direction = _direction(tiny_llama)
     kwargs = dict(layer=1, n_controls=1, n_random=0, results_dir=tmp_path, progress=False)
@@ -166,7 +166,7 @@ def _reference_last_logits(model, prompt, *, ablate=None, add=None, layer=None):
 
 
 def test_last_logits_with_ablation_or_addition_match_reference_across_padding(tiny):
-    from introspection_utils.refusal import instruction_prompts, last_logits
+    from introspection_utils.experiments.refusal import instruction_prompts, last_logits
 
     prompts = instruction_prompts(tiny, HARMFUL + HARMLESS)  # different lengths: left-padded batches
     assert len({len(p) for p in prompts}) > 1
@@ -179,7 +179,11 @@ def test_last_logits_with_ablation_or_addition_match_reference_across_padding(ti
 
 
 def test_candidates_are_per_position_differences_of_means(tiny_llama):
-    from introspection_utils.refusal import candidate_directions, instruction_prompts, post_instruction_tokens
+    from introspection_utils.experiments.refusal import (
+        candidate_directions,
+        instruction_prompts,
+        post_instruction_tokens,
+    )
 
     directions, tokens = candidate_directions(tiny_llama, HARMFUL, HARMLESS, batch_size=3)
     prompts = instruction_prompts(tiny_llama, HARMFUL)
@@ -207,7 +211,7 @@ def test_candidates_are_per_position_differences_of_means(tiny_llama):
 
 
 def test_refusal_score_and_kl_by_hand():
-    from introspection_utils.refusal import kl_divergence, refusal_score
+    from introspection_utils.experiments.refusal import kl_divergence, refusal_score
 
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
     torch.testing.assert_close(refusal_score(logits, [0, 1]),
@@ -219,7 +223,7 @@ def test_refusal_score_and_kl_by_hand():
 
 
 def test_direction_scores_are_the_mean_causal_scores(tiny_llama):
-    from introspection_utils.refusal import (
+    from introspection_utils.experiments.refusal import (
         SCORE_COLUMNS,
         candidate_directions,
         direction_scores,
@@ -259,7 +263,7 @@ def _scores(**columns):
 
 
 def test_selection_is_the_lowest_bypass_among_the_filtered_with_a_stated_fallback():
-    from introspection_utils.refusal import select_direction
+    from introspection_utils.experiments.refusal import select_direction
 
     table = _scores(layer=[0, 1, 2, 3], bypass=[-5.0, -1.0, -2.0, -9.0], induce=[1.0, 1.0, 1.0, 1.0],
                     kl=[0.5, 0.05, 0.05, 0.01], pruned=[False, False, False, True])
@@ -277,8 +281,8 @@ def test_selection_is_the_lowest_bypass_among_the_filtered_with_a_stated_fallbac
 
 
 def test_instruction_splits_are_disjoint_and_cover_the_lists():
-    from introspection_utils.data import load_list
-    from introspection_utils.refusal import instruction_split
+    from introspection_utils.core.data import load_list
+    from introspection_utils.experiments.refusal import instruction_split
 
     for name in ("refusal_harmful", "refusal_harmless"):
         train, val = instruction_split(name, "train"), instruction_split(name, "val")
@@ -290,8 +294,8 @@ def test_instruction_splits_are_disjoint_and_cover_the_lists():
 
 
 def test_ablation_points_table_before_after_and_none(tiny_llama):
-    from introspection_utils.refusal import ABLATION_COLUMNS, ablation_points, describe_ablation_points
-    from introspection_utils.vectors import VectorBank
+    from introspection_utils.engine.vectors import VectorBank
+    from introspection_utils.experiments.refusal import ABLATION_COLUMNS, ablation_points, describe_ablation_points
 
     direction = _direction(tiny_llama)
     vec = torch.randn(tiny_llama.arch.d_model, generator=torch.Generator().manual_seed(4)) + direction
@@ -312,7 +316,7 @@ def test_ablation_points_table_before_after_and_none(tiny_llama):
 
 
 def test_unpruned_layers_spread_over_the_first_80_percent(smollm):
-    from introspection_utils.refusal import unpruned_layers
+    from introspection_utils.experiments.refusal import unpruned_layers
 
     assert unpruned_layers(smollm) == list(range(24))
     assert unpruned_layers(smollm, 4) == [0, 8, 15, 23]
@@ -321,7 +325,7 @@ def test_unpruned_layers_spread_over_the_first_80_percent(smollm):
 
 
 def test_the_direction_reading_is_the_same_from_the_saved_score_table(tmp_path):
-    from introspection_utils.refusal import RefusalDirection, describe_direction, select_direction
+    from introspection_utils.experiments.refusal import RefusalDirection, describe_direction, select_direction
 
     table = _scores(layer=[0, 1, 2], bypass=[-1.0, -4.0, -2.0], induce=[1.0, 1.0, 1.0], kl=[0.05, 0.05, 0.05],
                     pruned=[False, False, False])
@@ -335,7 +339,7 @@ def test_the_direction_reading_is_the_same_from_the_saved_score_table(tmp_path):
 
 def test_direction_scores_resume_candidate_by_candidate(tiny_llama, tmp_path, monkeypatch):
     """Interrupted after the first candidate: the rerun scores only the rest, and the table is the uninterrupted one."""
-    from introspection_utils import refusal
+    from introspection_utils.experiments import refusal
 
     directions, tokens = refusal.candidate_directions(tiny_llama, HARMFUL, HARMLESS, n_positions=1)
     kw = dict(tokens=tokens, progress=False)

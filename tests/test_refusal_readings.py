@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from introspection_utils import plots, readings  # noqa: E402
+from introspection_utils.plotting import series as plots
+from introspection_utils.readings import sentences as readings  # noqa: E402
 
 SCALES = (0, 1, 2, 4, 8, 16)
 
@@ -212,7 +213,7 @@ def _score_table():
 
 
 def test_direction_scores_figure_has_three_panels_and_marks_the_choice():
-    from introspection_utils import plots_refusal
+    from introspection_utils.plotting import refusal as plots_refusal
 
     fig = plots_refusal.plot_direction_scores(_score_table(), -1, 3)
     assert len(fig.axes) == 3 and "m" in fig._suptitle.get_text() and "4 validation prompts" in fig._suptitle.get_text()
@@ -226,7 +227,7 @@ def test_direction_scores_figure_has_three_panels_and_marks_the_choice():
 
 
 def test_ablation_points_figure_one_panel_per_concept():
-    from introspection_utils import plots_refusal
+    from introspection_utils.plotting import refusal as plots_refusal
 
     rows = []
     for concept in ("Bomb", "Sandwich"):

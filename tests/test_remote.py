@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from introspection_utils import load_model
-from introspection_utils.inject import Trial, measure
-from introspection_utils.prompts import control_questions, introspection_prompt
-from introspection_utils.sweeps import scale_sweep
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector
+from introspection_utils.experiments.sweeps import scale_sweep
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_unknown_remote_mode_is_refused():
 
 
 def test_concept_vectors_run_through_the_remote_path(dry_run, tiny_llama):
-    from introspection_utils.vectors import concept_vectors
+    from introspection_utils.engine.vectors import concept_vectors
 
     kwargs = dict(baseline_words=["Desks", "Jackets"], cache=False, progress=False)
     remote = concept_vectors(dry_run, ["Dust"], **kwargs).vectors

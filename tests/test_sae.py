@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from introspection_utils.inject import Trial, residuals
-from introspection_utils.prompts import control_questions, introspection_prompt
-from introspection_utils.vectors import ConceptVector
+from introspection_utils.engine.inject import Trial, residuals
+from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.vectors import ConceptVector
 
 
 def needs_sae_lens():
@@ -90,7 +90,7 @@ def test_residuals_refuse_a_bad_layer_before_compute(tiny_llama, forbid_compute)
 
 
 def test_sae_saved_to_a_folder_loads_back_identically(tmp_path):
-    from introspection_utils.sae_train import load_sae_from_folder, sae_layer
+    from introspection_utils.experiments.sae_train import load_sae_from_folder, sae_layer
 
     sae = hand_sae(torch.randn(24, 16, generator=torch.Generator().manual_seed(0)), layer=1)
     sae.save_model(tmp_path / "sae")
@@ -104,7 +104,7 @@ def test_sae_saved_to_a_folder_loads_back_identically(tmp_path):
 
 def test_loading_a_folder_without_an_sae_names_the_missing_files(tmp_path):
     needs_sae_lens()
-    from introspection_utils.sae_train import load_sae_from_folder
+    from introspection_utils.experiments.sae_train import load_sae_from_folder
 
     with pytest.raises(FileNotFoundError, match="missing cfg.json, sae_weights.safetensors"):
         load_sae_from_folder(tmp_path)
@@ -112,7 +112,7 @@ def test_loading_a_folder_without_an_sae_names_the_missing_files(tmp_path):
 
 def test_pretrained_loading_refuses_unknown_names_before_any_download():
     needs_sae_lens()
-    from introspection_utils.sae_train import load_sae
+    from introspection_utils.experiments.sae_train import load_sae
 
     with pytest.raises(ValueError, match="unknown SAE release 'gemma-scope-9b-nope'"):
         load_sae("gemma-scope-9b-nope", "layer_20/width_16k/canonical")
@@ -131,8 +131,8 @@ def test_encode_decode_shapes_and_identity_reconstruction():
 
 
 def test_an_sae_of_the_wrong_width_or_layer_is_refused(tiny_llama):
-    from introspection_utils.sae import encode_injected
-    from introspection_utils.sae_train import check_sae
+    from introspection_utils.experiments.sae import encode_injected
+    from introspection_utils.experiments.sae_train import check_sae
 
     with pytest.raises(ValueError, match="d_in=16; tiny-llama has d_model=64"):
         check_sae(tiny_llama, identity_sae(16, layer=0), 0)
@@ -146,7 +146,7 @@ def test_an_sae_of_the_wrong_width_or_layer_is_refused(tiny_llama):
 
 
 def test_top_feature_gained_is_the_injected_coordinate(tiny_llama):
-    from introspection_utils.sae import encode_injected, top_features_gained
+    from introspection_utils.experiments.sae import encode_injected, top_features_gained
 
     handle = tiny_llama
     sae = identity_sae(handle.arch.d_model, layer=1)
@@ -164,7 +164,7 @@ def test_top_feature_gained_is_the_injected_coordinate(tiny_llama):
 
 
 def test_top_features_gained_orders_by_gain_then_index():
-    from introspection_utils.sae import top_features_gained
+    from introspection_utils.experiments.sae import top_features_gained
 
     without = torch.zeros(1, 5)
     with_ = torch.tensor([[1.0, 3.0, 0.0, 3.0, -1.0]])
@@ -175,8 +175,8 @@ def test_top_features_gained_orders_by_gain_then_index():
 
 
 def test_yes_direction_is_the_norm_gain_times_the_unembedding_difference(tiny_perturbed):
-    from introspection_utils.prompts import yes_no_ids
-    from introspection_utils.sae import yes_direction, yes_features
+    from introspection_utils.engine.prompts import yes_no_ids
+    from introspection_utils.experiments.sae import yes_direction, yes_features
 
     handle = tiny_perturbed
     yes, no = yes_no_ids(handle)
@@ -193,9 +193,9 @@ def test_yes_direction_is_the_norm_gain_times_the_unembedding_difference(tiny_pe
 
 
 def test_sae_feature_table_reading_and_figure(tiny_llama, isolated_cache):
-    from introspection_utils import sae as S
-    from introspection_utils.plots_sae import plot_sae_features
-    from introspection_utils.vectors import VectorBank
+    from introspection_utils.engine.vectors import VectorBank
+    from introspection_utils.experiments import sae as S
+    from introspection_utils.plotting.sae import plot_sae_features
 
     handle = tiny_llama
     d = handle.arch.d_model
@@ -231,7 +231,7 @@ TINY_TRAIN = dict(n_words=4, n_sentences=4, n_controls=1, max_new_tokens=8, d_sa
 
 def test_training_on_a_tiny_model_lowers_heldout_error_and_is_cached(tiny_llama, isolated_cache, monkeypatch):
     needs_sae_lens()
-    from introspection_utils import sae_train as S
+    from introspection_utils.experiments import sae_train as S
 
     saes = S.train_saes(tiny_llama, [1, 0], progress=False, **TINY_TRAIN)
     assert sorted(saes) == [0, 1]
@@ -253,7 +253,7 @@ def test_training_on_a_tiny_model_lowers_heldout_error_and_is_cached(tiny_llama,
 
 def test_training_is_reproducible_by_seed():
     needs_sae_lens()
-    from introspection_utils.sae_train import TrainSpec, train_sae_on
+    from introspection_utils.experiments.sae_train import TrainSpec, train_sae_on
 
     g = torch.Generator().manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
@@ -270,7 +270,7 @@ def test_training_is_reproducible_by_seed():
 
 def test_unknown_training_setting_is_an_error_before_compute(tiny_llama, forbid_compute):
     needs_sae_lens()
-    from introspection_utils.sae_train import train_saes
+    from introspection_utils.experiments.sae_train import train_saes
 
     forbid_compute(tiny_llama)
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['width'\]"):
@@ -290,7 +290,7 @@ def _prefix_duplicates(encoded, train_texts, rows):
 
 
 def test_heldout_split_is_by_text_and_drops_prefix_duplicates():
-    from introspection_utils.sae_train import heldout_split
+    from introspection_utils.experiments.sae_train import heldout_split
 
     encoded = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7, 8], [1, 9, 9], [1, 2, 3, 4, 0]]
     train, held, stats = heldout_split(encoded, 0.4, seed=0)
@@ -310,8 +310,8 @@ def test_trained_sae_quality_is_held_out_by_text_without_prefix_leaks(tiny_llama
     needs_sae_lens()
     import json
 
-    from introspection_utils import sae_train
-    from introspection_utils.sae import describe_quality, describe_sae, sae_quality
+    from introspection_utils.experiments import sae_train
+    from introspection_utils.experiments.sae import describe_quality, describe_sae, sae_quality
 
     sae = sae_train.train_sae(tiny_llama, 0, progress=False, **TINY_TRAIN)
     meta = sae.cfg.metadata
@@ -343,8 +343,8 @@ def test_trained_sae_quality_is_held_out_by_text_without_prefix_leaks(tiny_llama
 
 
 def test_pretrained_sae_quality_on_this_models_activations(tiny_llama):
-    from introspection_utils.sae import QUALITY_COLUMNS, describe_sae, sae_quality
-    from introspection_utils.sae_train import token_activations
+    from introspection_utils.experiments.sae import QUALITY_COLUMNS, describe_sae, sae_quality
+    from introspection_utils.experiments.sae_train import token_activations
 
     d = tiny_llama.arch.d_model
     texts = ["Hello there, how are you today?", "The cat sat on the mat and looked out of the window."]
@@ -366,8 +366,8 @@ def test_pretrained_sae_quality_on_this_models_activations(tiny_llama):
 
 
 def test_every_feature_reading_carries_the_reconstruction_error_of_its_residuals(tiny_llama):
-    from introspection_utils import sae as S
-    from introspection_utils.vectors import VectorBank
+    from introspection_utils.engine.vectors import VectorBank
+    from introspection_utils.experiments import sae as S
 
     handle = tiny_llama
     d = handle.arch.d_model
@@ -401,11 +401,12 @@ def test_sae_modules_import_only_downwards():
 
     root = Path(introspection_utils.__file__).parent
 
-    def imports(name):
-        tree = ast.parse((root / f"{name}.py").read_text())
-        return {node.module.split(".")[-1] for node in ast.walk(tree)
+    def imports(name, folder="experiments"):
+        tree = ast.parse((root / folder / f"{name}.py").read_text())
+        return {node.module for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("introspection_utils")}
 
-    assert not imports("sae_train") & {"sae", "plots", "plots_sae", "readings"}
-    assert not imports("sae") & {"plots", "plots_sae", "readings"}
-    assert "sae" in imports("plots_sae")
+    above = ("introspection_utils.plotting", "introspection_utils.readings")
+    assert not {m for m in imports("sae_train") if m.startswith(above) or m == "introspection_utils.experiments.sae"}
+    assert not {m for m in imports("sae") if m.startswith(above)}
+    assert "introspection_utils.experiments.sae" in imports("sae", "plotting")

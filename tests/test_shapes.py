@@ -7,7 +7,8 @@ import typing
 import pytest
 import torch
 
-from introspection_utils import inject, models, prompts, vectors
+from introspection_utils.engine import inject, prompts, vectors
+from introspection_utils.models import handle as models
 
 NAMES = {"ModelHandle": models.ModelHandle, "Prompt": prompts.Prompt, "ConceptVector": vectors.ConceptVector}
 PUBLIC = [inject.measure, inject.answer_logits, inject.yes_no_logit_diff, inject.logit_lens,

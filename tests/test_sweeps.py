@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from introspection_utils import sweeps
-from introspection_utils.inject import Trial
-from introspection_utils.models import package_version
-from introspection_utils.prompts import control_questions, introspection_prompt
-from introspection_utils.sweeps import COLUMNS, layer_sweep, load_result, scale_sweep, summarize
-from introspection_utils.vectors import concept_vectors, random_vector
+from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.vectors import concept_vectors, random_vector
+from introspection_utils.experiments import sweeps
+from introspection_utils.experiments.sweeps import COLUMNS, layer_sweep, load_result, scale_sweep, summarize
+from introspection_utils.models.handle import package_version
 
 CONCEPTS = ["Dust", "Satellites"]
 SCALES = [0.0, 2.0, -4.0]
@@ -209,8 +209,8 @@ def test_bad_layer_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, 
 
 
 def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path):
-    from introspection_utils.prompts import question_prompts
-    from introspection_utils.sweeps import load_result, metadata, save_table
+    from introspection_utils.engine.prompts import question_prompts
+    from introspection_utils.experiments.sweeps import load_result, metadata, save_table
 
     table = pd.DataFrame({"layer": [1, 0], "head": [2, 3], "rise": [0.5, 0.25]})
     path = save_table(tiny_llama, table, tmp_path / "new", "top_heads", concept="Sandwich", scale=4.0, n_controls=2)
@@ -224,7 +224,7 @@ def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path
 
 
 def test_default_sweep_asks_both_polarities_and_tags_every_row(tiny_llama, bank):
-    from introspection_utils.prompts import default_wordings, question_tags
+    from introspection_utils.engine.prompts import default_wordings, question_tags
 
     result = scale_sweep(tiny_llama, ["Dust"], [0.0, 2.0], layer=1, n_controls=6, n_random=0, bank=bank,
                          progress=False)
@@ -284,7 +284,7 @@ def test_control_battery_reads_every_control_without_injection(tiny_llama, oracl
 
 def _battery(values: dict) -> pd.DataFrame:
     """A synthetic battery: every control question with a hand-set baseline (default 0)."""
-    from introspection_utils.prompts import question_tags
+    from introspection_utils.engine.prompts import question_tags
 
     rows = [{"question": q, **{k: v for k, v in question_tags(q).items() if k != "polarity"},
              "baseline_logit_diff": values.get(q, 0.0)} for q in control_questions()]
@@ -293,7 +293,7 @@ def _battery(values: dict) -> pd.DataFrame:
 
 @pytest.mark.parametrize("n", [2, 5, 6, 12, 13, 30])
 def test_picked_controls_span_the_battery_and_keep_both_balances(n):
-    from introspection_utils.prompts import question_tags
+    from introspection_utils.engine.prompts import question_tags
 
     expected_level = {"no": -4.0, "yes": 4.0, "ambiguous": 0.0}
     values = {q: expected_level[question_tags(q)["expected"]] + 0.1 * (k % 5)

@@ -1,4 +1,5 @@
-"""The tasks a yes-bias cannot score (introspection_utils.tasks) against plain-hook references on tiny-llama, their
+"""The tasks a yes-bias cannot score (introspection_utils.experiments.tasks) against plain-hook references on
+tiny-llama, their
 statistics on synthetic truth, the null kinds' defining properties, the strength columns and the atlas's nulls."""
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from introspection_utils import metrics, tasks
-from introspection_utils.generation import generate
-from introspection_utils.inject import Trial, answer_logits, measure
-from introspection_utils.prompts import answer_set, introspection_prompt
-from introspection_utils.sweeps import scale_sweep
-from introspection_utils.vectors import (
+from introspection_utils.engine.generation import generate
+from introspection_utils.engine.inject import Trial, answer_logits, measure
+from introspection_utils.engine.prompts import answer_set, introspection_prompt
+from introspection_utils.engine.vectors import (
     NULL_KINDS,
     ConceptVector,
     NullSource,
@@ -24,6 +23,9 @@ from introspection_utils.vectors import (
     residual_norms,
     with_random,
 )
+from introspection_utils.experiments import atlas as metrics
+from introspection_utils.experiments import tasks
+from introspection_utils.experiments.sweeps import scale_sweep
 from tests import reference
 
 WORDS = ("Dust", "Satellites", "Trumpets")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from introspection_utils import vectors
-from introspection_utils.data import load_list
-from introspection_utils.prompts import chat_prompt
-from introspection_utils.vectors import (
+from introspection_utils.core.data import load_list
+from introspection_utils.engine import vectors
+from introspection_utils.engine.prompts import chat_prompt
+from introspection_utils.engine.vectors import (
     ActivationCache,
     ConceptVector,
     concept_vectors,
@@ -281,7 +281,7 @@ def test_embedded_model_concept_vectors_match_the_reference(smollm, oracle):
 
 
 def test_with_random_puts_the_concept_vector_first_then_seeded_randoms(tiny_llama):
-    from introspection_utils.vectors import with_random
+    from introspection_utils.engine.vectors import with_random
 
     dust = concept_vectors(tiny_llama, WORDS, baseline_words=BASELINE, cache=False, progress=False).get("Dust", 1)
     vectors = with_random(dust, 2, seed=5)

@@ -13,11 +13,15 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from introspection_utils import calibration, metrics, prompts, readings, sweeps, verdicts
-from introspection_utils.paths import project_root, read_block
-from introspection_utils.sweeps import COLUMNS
-from introspection_utils.vectors import VectorBank
-from introspection_utils.verdicts import QuestionCurves
+from introspection_utils.core.paths import project_root, read_block
+from introspection_utils.engine import prompts
+from introspection_utils.engine.vectors import VectorBank
+from introspection_utils.experiments import atlas as metrics
+from introspection_utils.experiments import sweeps
+from introspection_utils.experiments.sweeps import COLUMNS
+from introspection_utils.readings import sentences as readings
+from introspection_utils.stats import calibration, verdicts
+from introspection_utils.stats.verdicts import QuestionCurves
 
 SCALES = [0.0, 1.0, 2.0, 4.0]
 SPREAD = [-3.0, -1.0, 1.0, 3.0, 5.0, -2.0, 0.0, 2.0]  # control baselines spanning 8 logits (cycled)
@@ -427,8 +431,8 @@ def test_planted_compression_on_smollm_is_not_introspection(smollm):
     logits towards each other whenever the residual entering layer L + 1 carries a concept direction (strength
     growing with its projection, up to 95%). The atlas must see a line with c ≈ −1 over the controls, an I near 0, and
     not call it introspection-specific."""
-    from introspection_utils.prompts import yes_no_ids
-    from introspection_utils.vectors import concept_vectors
+    from introspection_utils.engine.prompts import yes_no_ids
+    from introspection_utils.engine.vectors import concept_vectors
 
     concepts, layer = ["Sandwich", "Bomb"], 20
     bank = concept_vectors(smollm, concepts, progress=False)

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from introspection_utils.widgets import Explorer, ExplorerState  # noqa: E402
+from introspection_utils.apps.widgets import Explorer, ExplorerState  # noqa: E402
 
 
 @pytest.fixture

@@ -1,0 +1,30 @@
+"""A short end-to-end trial on the embedded model: ``python -m introspection_utils.demo``.
+
+Loads SmolLM2-135M-Instruct (offline), builds the concept vector for "Sandwich" at a middle layer, and prints the
+yes−no logit difference of the injected-thought question and of one control question, with and without injection.
+"""
+
+from __future__ import annotations
+
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.vectors import concept_vectors
+from introspection_utils.models.handle import load_model
+
+
+def main(concept: str = "Sandwich", scale: float = 4.0) -> None:
+    handle = load_model()
+    layer = handle.arch.n_layers // 2
+    vector = concept_vectors(handle, [concept]).get(concept, layer)
+    question = introspection_prompt(handle)
+    control = introspection_prompt(handle, control_questions(1)[0])
+    readout = measure(handle, [Trial(question, vector, scale), Trial(control, vector, scale)])
+    print(f"{handle!r}\n{vector!r} injected at layer {layer}, scale {scale}")
+    for name, prompt, diff, base in zip(("introspection", "control"), (question, control), readout.logit_diff,
+                                        readout.baseline, strict=True):
+        print(f"  {name:13s} yes−no logit difference {diff:+.3f} (no injection {base:+.3f}, delta {diff - base:+.3f})"
+              f"  [{prompt.question}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The findings of a science run, computed from its saved tables: which of the write-up's cases reproduce on a model.
+
+``python -m introspection_utils.findings [MODEL]`` reads ``figures/<model>/results/`` (written by ``make findings``:
+the atlas of notebook 11 and the interference sweep of notebook 06 for the claims table; every notebook's tables for
+the readings notebook by notebook), writes ``figures/<model>/findings.md`` and puts the claims table in the README
+between ``<!-- findings:start -->`` and ``<!-- findings:end -->``, and notebook 12's attribution-patching agreement
+between ``<!-- agreement:start -->`` and ``<!-- agreement:end -->``. Every number in it comes from those tables,
+through the same reading functions the notebooks print; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from introspection_utils.core.data import load_list
+from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
+from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
+from introspection_utils.experiments.sweeps import load_result
+from introspection_utils.readings import sentences as readings
+from introspection_utils.readings.sentences import curve_correlation
+from introspection_utils.stats.verdicts import (
+    EFFECT_THRESHOLD,
+    MIN_ANSWER_MASS,
+    class_counts,
+    null_medians,
+    random_null,
+)
+
+FINDINGS_MODEL = "qwen2.5-coder-1.5b-instruct"
+
+
+def _verdict(row: pd.Series) -> str:
+    if "I" not in row.index or pd.isna(row.get("I")):  # an atlas table saved before I existed
+        residual = "I not in this table (saved before it was the statistic)"
+    else:
+        residual = (f"I = {row['I']:+.2f} at scale {row['peak_scale']:g} beyond the controls' line (b = "
+                    f"{row['b']:+.2f}, c = {row['c']:+.2f})")
+    return (f"{row['class']} ({residual}, q = {row['q_value']:.2g}; S = {row['shift']:+.2f}; "
+            f"at scale {row['effect_scale']:g} introspection Δ {row['introspection_delta']:+.2f}, control Δ "
+            f"{row['control_delta']:+.2f}; answer mass {row['answer_mass']:.2f})")
+
+
+def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per write-up claim: ``claim, concepts, evidence, reproduces`` ("yes", "no" or "not measured")."""
+    by = atlas.set_index("concept")
+    rows = []
+
+    def add(claim: str, concepts: str, evidence: str, ok: bool | None) -> None:
+        rows.append({"claim": claim, "concepts": concepts, "evidence": evidence,
+                     "reproduces": "not measured" if ok is None else ("yes" if ok else "no")})
+
+    def case(claim: str, concept: str, wanted: set[str]) -> None:
+        if concept not in by.index:
+            return add(claim, concept, "not in the atlas", None)
+        add(claim, concept, _verdict(by.loc[concept]), by.loc[concept, "class"] in wanted)
+
+    case("a clean, introspection-specific separation ('sandwich')", "Sandwich", {"introspection-specific"})
+    case("a muddy case: both questions shift together ('water')", "Water", {"shared yes-shift"})
+    case("safety suppression: both fall below baseline ('bomb')", "Bomb", {"shared suppression"})
+    if "Confusion" in by.index:
+        row = by.loc["Confusion"]
+        r = curve_correlation(interference, "Confusion") if interference is not None else float("nan")
+        together = row["class"] in {"shared yes-shift", "shared suppression"}
+        add("'confusion': introspection and control move together", "Confusion",
+            _verdict(row) + (f"; curves correlate r = {r:+.2f} over scales (notebook 06)" if not np.isnan(r) else ""),
+            together)
+    case("the introspection question alone lifts ('logic', Gemma-2-27B)", "Logic", {"introspection-specific"})
+    paper = [c for c in load_list("concept_words") if c in by.index]
+    if paper:
+        sub = by.loc[paper]
+        counts = class_counts(sub.reset_index())
+        specific = sub.index[sub["class"] == "introspection-specific"].tolist()
+        add("some of the paper's 50 concepts separate, others are a yes-bias", f"{len(paper)} paper concepts",
+            ", ".join(f"{n} {c}" for c, n in counts.items() if n) + (f"; specific: {', '.join(specific)}"
+                                                                     if specific else ""),
+            bool(specific) and counts["shared yes-shift"] > 0)
+    null = random_null(sweep)
+    randoms = null[null["vector_kind"] == "random"]
+    medians = null_medians(null)
+    beat = int(medians["beat_I"]) if len(randoms) else 0
+    add("concept vectors act more strongly than random vectors of the same norm", f"{len(randoms)} random vectors",
+        f"max-over-scales introspection residual I: random vectors median {medians['random_I']:+.2f} (largest "
+        f"{randoms['statistic'].max():+.2f}), concepts median {medians['concept_I']:+.2f}; {beat} of "
+        f"{int(medians['n_concepts'])} concepts exceed every random vector on I. The contrast S: random median "
+        f"{medians['random_S']:+.2f}, concepts {medians['concept_S']:+.2f}, {int(medians['beat_S'])} above every "
+        f"random vector; {int((randoms['shift'] >= EFFECT_THRESHOLD).sum())} random vectors lift the introspection "
+        f"question ≥ {EFFECT_THRESHOLD:g} logit more than the controls",
+        beat > 0)
+    low = int(atlas["low_mass"].sum())
+    add("a 'yes' is the model's answer (answer mass)", f"{len(atlas)} concepts",
+        f"median P(yes)+P(no) at the peak scale {atlas['answer_mass'].median():.2f}; {low} of {len(atlas)} below "
+        f"{MIN_ANSWER_MASS} (there yes − no orders two unlikely tokens); without injection "
+        f"{atlas['baseline_answer_mass'].median():.2f}", low == 0)
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, model: str, atlas: pd.DataFrame) -> str:
+    """The claims as a Markdown table, headed by the run it comes from."""
+    layer = ", ".join(map(str, sorted(atlas["layer"].unique())))
+    head = (f"From `make findings` on **{model}** (the atlas of notebook 11: {len(atlas)} concepts at layer {layer}, "
+            f"{int(atlas['n_wordings'].iloc[0])} introspection wordings, {int(atlas['n_controls'].iloc[0])} balanced "
+            f"controls, {int(atlas['n_random'].iloc[0])} pooled random vectors; written by "
+            f"`python -m introspection_utils.findings`):")
+    lines = [head, "", "| write-up case | concepts | what the numbers say | reproduces |", "|---|---|---|---|"]
+    lines += [f"| {r.claim} | {r.concepts} | {r.evidence} | {r.reproduces} |" for r in table.itertuples()]
+    return "\n".join(lines)
+
+
+def _concepts(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df.loc[df["vector_kind"] == "concept", "concept"]))
+
+
+def _sweep_readings(results: Path, name: str, describe) -> list[str]:
+    if not (results / f"{name}.csv").is_file():
+        return []
+    df = load_result(results / f"{name}.csv").df
+    return [describe(df, c) for c in _concepts(df)]
+
+
+def _attention(results: Path) -> list[str]:
+    texts = []
+    if (results / "attention_top_heads.csv").is_file():
+        top = pd.read_csv(results / "attention_top_heads.csv")
+        text = readings.describe_top_heads(top.head(3))
+        texts.append(text[0].upper() + text[1:])
+    if (results / "attention_head_ablation.csv").is_file():
+        texts.append(mechanisms.describe_ablation(pd.read_csv(results / "attention_head_ablation.csv")))
+    return texts
+
+
+def _interference(results: Path) -> list[str]:
+    texts = []
+    if (results / "interference_layer_sweep.csv").is_file():
+        texts.append(readings.describe_below_baseline(load_result(results / "interference_layer_sweep.csv").df,
+                                                      "Bomb", x="layer"))
+    if (results / "interference_scale_sweep.csv").is_file():
+        df = load_result(results / "interference_scale_sweep.csv").df
+        texts += [readings.describe_below_baseline(df, "Bomb"), readings.describe_comovement(df, "Confusion")]
+    return texts
+
+
+def _refusal(results: Path) -> list[str]:
+    texts = []
+    if (results / "refusal_direction_scores.csv").is_file():
+        texts.append(refusal.describe_direction(pd.read_csv(results / "refusal_direction_scores.csv")))
+    if (results / "refusal_sweep.csv").is_file() and (results / "refusal_sweep_ablated.csv").is_file():
+        plain, ablated = (load_result(results / f"{n}.csv").df for n in ("refusal_sweep", "refusal_sweep_ablated"))
+        texts += [readings.describe_ablation(plain, ablated, c, from_scale=readings.choose_switch_scale(plain, c)[0])
+                  for c in _concepts(plain)]
+    if (results / "refusal_ablation_points.csv").is_file():
+        points = pd.read_csv(results / "refusal_ablation_points.csv")
+        texts += [refusal.describe_ablation_points(points, c) for c in dict.fromkeys(points["concept"])]
+    return texts
+
+
+def _sae(results: Path) -> list[str]:
+    if not ((results / "sae_features.csv").is_file() and (results / "sae_yes_features.csv").is_file()):
+        return []
+    table, yes = pd.read_csv(results / "sae_features.csv"), pd.read_csv(results / "sae_yes_features.csv")
+    quality = ([sae.describe_quality(pd.read_csv(results / "sae_quality.csv"))]
+               if (results / "sae_quality.csv").is_file() else [])
+    return quality + [sae.describe_sae_features(table, yes, c) for c in _concepts(table)]
+
+
+def _grading(results: Path) -> list[str]:
+    path = results / "graded_responses.csv"
+    return [grading.describe_grading(pd.read_csv(path))] if path.is_file() else []
+
+
+def _localization(results: Path) -> list[str]:
+    path = results / "localization.csv"
+    return [localization.reading(load_result(path))] if path.is_file() else []
+
+
+def _tasks(results: Path) -> list[str]:
+    """Notebook 13: each task's reading from its saved table (forced choice, congruence, strength, localization)."""
+    out = []
+    for name, summarise, describe in (("forced_choice", tasks.forced_choice_summary, tasks.describe_forced_choice),
+                                      ("congruence", tasks.congruence_summary, tasks.describe_congruence),
+                                      ("strength_comparison", tasks.strength_summary, tasks.describe_strength)):
+        if (results / f"{name}.csv").is_file():
+            out.append(describe(summarise(load_result(results / name).df)))
+    if (results / "localization_13.csv").is_file():
+        out.append(localization.reading(load_result(results / "localization_13")))
+    return out
+
+
+def _mechanisms(results: Path) -> list[str]:
+    if not (results / "mechanisms_agreement.csv").is_file():
+        return []
+    maps = mechanisms.load_maps(results)
+    return [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]
+
+
+# notebook → (title, its readings from the tables it saved in a results folder)
+SERIES = {
+    "02": ("Scale sweep", lambda r: _sweep_readings(r, "scale_sweep", readings.describe_scale_sweep)),
+    "03": ("Layer sweep", lambda r: _sweep_readings(r, "layer_sweep", readings.describe_layer_sweep)),
+    "04": ("Logit lens", lambda r: _sweep_readings(r, "logit_lens", readings.describe_lens)),
+    "05": ("Attention heads", _attention),
+    "06": ("Semantic interference", _interference),
+    "07": ("Generation and self-grading", _grading),
+    "08": ("Refusal direction and its ablation", _refusal),
+    "09": ("SAE features", _sae),
+    "10": ("Localization", _localization),
+    "12": ("Mechanisms", _mechanisms),
+    "13": ("Tasks a yes-bias cannot score", _tasks),
+}
+
+
+def series(model: str = FINDINGS_MODEL) -> list[tuple[str, str, list[str], list[str]]]:
+    """Each notebook's readings, recomputed from its saved tables under ``figures/<model>/results/`` with the
+    notebook's own reading functions: ``(notebook, title, figures, readings)`` for every notebook that left
+    tables there, in series order."""
+    folder = figures_dir(model)
+    out = []
+    for notebook, (title, read) in SERIES.items():
+        texts = read(folder / "results")
+        if texts:
+            figures = sorted(p.name for p in folder.glob(f"{notebook}_*.png"))
+            out.append((notebook, title, figures, texts))
+    return out
+
+
+def wall_times(model: str = FINDINGS_MODEL) -> dict[str, float]:
+    """Each notebook's wall time in seconds from the run's ``timings.csv``, by two-digit prefix."""
+    path = figures_dir(model) / "timings.csv"
+    if not path.is_file():
+        return {}
+    return {row.notebook[:2]: float(row.seconds) for row in pd.read_csv(path, dtype={"notebook": str}).itertuples()}
+
+
+def series_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:
+    """The readings as Markdown, one section per notebook with its figures (paths relative to the model folder)
+    and its wall time in the last run (``seconds``, by notebook prefix)."""
+    lines = ["## Notebook by notebook", "",
+             "Each notebook's reading, recomputed from its saved tables (`results/`) by the function the notebook "
+             "prints it with; the executed notebooks are under `notebooks/`. Wall times are those of the last run "
+             "(`timings.csv`; a notebook that finds its sweep saved or its SAE cached resumes from it, and a busy "
+             "machine is slower)."]
+    for notebook, title, figures, texts in sections:
+        took = f" ({seconds[notebook]:.0f} s)" if notebook in seconds else ""
+        lines += ["", f"### {notebook} · {title}{took}", ""]
+        lines += [f"![{notebook} {title}]({name})" for name in figures] + ([""] if figures else [])
+        lines += [f"- {text}" for text in texts]
+    return "\n".join(lines)
+
+
+def agreement_markdown(model: str = FINDINGS_MODEL) -> str | None:
+    """Notebook 12's attribution-patching vs real-patching agreement on ``model``, one sentence per concept."""
+    path = figures_dir(model) / "results" / "mechanisms_agreement.csv"
+    if not path.is_file():
+        return None
+    rows = pd.read_csv(path)
+    per = "; ".join(f"{r.concept} Pearson r = {r.pearson:.3f}, Spearman ρ = {r.spearman:.3f} (n = {r.n})"
+                    for r in rows.itertuples())
+    first = rows.iloc[0]
+    return (f"On **{model}** (`make findings`, notebook 12: injected at layer {int(first['layer'])}, scale "
+            f"{first['scale']:g}, {int(first['n_controls'])} control questions; every attention and MLP output above "
+            f"the injection layer, both directions, at the answer position): {per}. Written by "
+            f"`python -m introspection_utils.findings`.")
+
+
+def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
+    """``(findings.md, the README's claims table, the README's agreement sentence or None)`` computed from
+    ``figures/<model>/results/``."""
+    results = figures_dir(model) / "results"
+    if not (results / "atlas.csv").is_file():
+        raise FileNotFoundError(f"{results / 'atlas.csv'} is missing: run `make findings` first")
+    atlas = pd.read_csv(results / "atlas.csv")
+    sweep = load_result(results / "atlas_sweep.csv").df
+    interference = results / "interference_scale_sweep.csv"
+    inter = load_result(interference).df if interference.is_file() else None
+    table = markdown(claims(atlas, sweep, inter), model, atlas)
+    sections = series(model)
+    document = table + ("\n\n" + series_markdown(sections, wall_times(model)) if sections else "") + "\n"
+    return document, table, agreement_markdown(model)
+
+
+def write(model: str = FINDINGS_MODEL, *, readme: Path | None = None) -> Path:
+    """Compute the findings of ``model`` from ``figures/<model>/results/`` and write ``findings.md`` (and the
+    README blocks when ``readme`` is given). Returns the Markdown file's path."""
+    document, table, agreement = render(model)
+    path = atomic_write(figures_dir(model) / "findings.md", document)
+    if readme is not None:
+        replace_block(readme, "findings", table)
+        if agreement is not None:
+            replace_block(readme, "agreement", agreement)
+    return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default=FINDINGS_MODEL)
+    args = parser.parse_args()
+    print(write(args.model, readme=project_root() / "README.md").read_text())

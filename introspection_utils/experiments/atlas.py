@@ -1,0 +1,152 @@
+"""The atlas: every concept measured the same way and given a calibrated verdict — is its "yes" introspection, or a
+generic push of the logits that the control questions share?
+
+The definitions (the introspection residual I, the contrast S, flip scale, answer mass), the test and the classes
+live in :mod:`introspection_utils.stats.verdicts`; this module runs the sweep the test needs and words the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from introspection_utils.engine.prompts import default_wordings
+from introspection_utils.engine.vectors import check_nulls, default_layer
+from introspection_utils.experiments.sweeps import SweepResult, save_table, scale_sweep
+from introspection_utils.stats.verdicts import (
+    ALPHA,
+    EFFECT_THRESHOLD,
+    MIN_ANSWER_MASS,
+    MIN_CONTROL_SPAN,
+    MIN_FIT_CONTROLS,
+    MIN_RANDOM,
+    N_BOOT,
+    class_counts,
+    random_null,
+    verdicts,
+)
+
+if TYPE_CHECKING:
+    from introspection_utils.engine.executors import LocalExecutor, RayExecutor
+    from introspection_utils.engine.vectors import VectorBank
+    from introspection_utils.models.handle import ModelHandle
+
+
+def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int | None = None,
+              n_controls: int = 12, wordings: Sequence[str] | None = None, n_random: int = 2, seed: int = 0,
+              n_boot: int = N_BOOT, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
+              answer_format: str = "open", results_dir: str | Path | None = None, bank: VectorBank | None = None,
+              progress: bool = True, nulls: Sequence[str] = ("isotropic",),
+              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None,
+              controls: Sequence[str] | None = None) -> tuple[pd.DataFrame, SweepResult]:
+    """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
+    (``wordings``: default :func:`prompts.default_wordings`, detect and inverted), ``n_controls`` controls balanced by
+    topic and expected answer, asked and read in ``answer_format`` (:data:`prompts.ANSWER_FORMATS`), and
+    ``n_random`` random vectors per concept (pooled into the layer's null), and give each its verdict.
+
+    ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`; ``n_random`` of each per concept).
+    The verdict is tested against the first; the table gains ``p_random_<kind>`` for every kind given
+    (:func:`null_p_values`).
+    ``controls``: the control questions to ask instead of the first ``n_controls`` (e.g.
+    :func:`sweeps.pick_controls` of the model's :func:`sweeps.control_battery`, to span its baselines).
+
+    ``executor``, ``address``: where the sweep's questions run (``"ray"``: over the actors of a Ray cluster; see
+    :func:`sweeps.run_sweep`); the verdicts are computed here from the assembled table.
+
+    Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
+    as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json``.
+    """
+    nulls = check_nulls(nulls)
+    layer = default_layer(handle, layer)
+    if n_controls < 2:
+        raise ValueError(f"n_controls must be >= 2 (one about the model, one about the world), got {n_controls}")
+    if len(concepts) * n_random < MIN_RANDOM:
+        raise ValueError(f"the random-vector null needs at least {MIN_RANDOM} random vectors at the layer; "
+                         f"{len(concepts)} concept(s) × n_random={n_random} give {len(concepts) * n_random}")
+    wordings = list(wordings) if wordings is not None else default_wordings()
+    sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, controls=controls,
+                        introspection=wordings,
+                        n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
+                        name="atlas_sweep", bank=bank, progress=progress, nulls=nulls, executor=executor,
+                        address=address)
+    table = verdicts(with_null(sweep.df, nulls[0]), alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot,
+                     seed=seed)
+    table = table.merge(null_p_values(sweep.df, nulls, seed=seed), on=["concept", "layer"], how="left")
+    if results_dir is not None:
+        save_table(handle, table, results_dir, "atlas", concepts=list(concepts), scales=list(scales), layer=layer,
+                   n_controls=n_controls, wordings=wordings, n_random=n_random, seed=seed, n_boot=n_boot,
+                   alpha=alpha, effect_threshold=effect_threshold, answer_format=answer_format, nulls=list(nulls))
+    return table, sweep
+
+
+def null_kinds(df: pd.DataFrame) -> pd.Series:
+    """Each row's null kind: the ``null_kind`` column, "isotropic" for random rows of a table without one (the
+    only kind there was), "" for concept rows."""
+    if "null_kind" in df:
+        kinds = df["null_kind"].fillna("").astype(str)
+        return kinds.where((kinds != "") | (df["vector_kind"] != "random"), "isotropic")
+    return pd.Series(["isotropic" if k == "random" else "" for k in df["vector_kind"]], index=df.index)
+
+
+def with_null(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The sweep table with only the random vectors of null ``kind`` (concept rows kept): what the random-vector
+    test of :func:`verdicts.verdicts` sees when it is tested against that null."""
+    check_nulls([kind])
+    kinds = null_kinds(df)
+    keep = (df["vector_kind"] != "random") | (kinds == kind)
+    if not (keep & (df["vector_kind"] == "random")).any():
+        raise ValueError(f"the table has no random vectors of null kind {kind!r} (it has "
+                         f"{sorted(set(kinds[df['vector_kind'] == 'random']))})")
+    return df[keep]
+
+
+def null_p_values(df: pd.DataFrame, nulls: Sequence[str], *, seed: int = 0) -> pd.DataFrame:
+    """The random-vector p-value of every concept under each null kind: ``concept, layer, p_random_<kind>`` (kind
+    with "-" as "_"), each from :func:`verdicts.verdicts` on the table restricted to that kind's random vectors."""
+    out = None
+    for kind in check_nulls(nulls):
+        column = f"p_random_{kind.replace('-', '_')}"
+        table = verdicts(with_null(df, kind), seed=seed, n_boot=1)[["concept", "layer", "p_random"]]
+        table = table.rename(columns={"p_random": column})
+        out = table if out is None else out.merge(table, on=["concept", "layer"], how="outer")
+    return out
+
+
+def summary(table: pd.DataFrame, df: pd.DataFrame, *, alpha: float = ALPHA) -> str:
+    """Sentences computed from a verdict table and its sweep: the class counts, each introspection-specific concept
+    with its I, interval, the controls' line and q-value (S beside it), degenerate fits, the random-vector null (I and
+    S), and how many readings sit at a low answer mass."""
+    counts = class_counts(table)
+    parts = [f"{len(table)} concepts at layer {', '.join(map(str, sorted(table['layer'].unique())))}: "
+             + ", ".join(f"{n} {c}" for c, n in counts.items()) + f" (α = {alpha:g}, Benjamini–Hochberg)."]
+    specific = table[table["class"] == "introspection-specific"]
+    for r in specific.itertuples():
+        parts.append(f"'{r.concept}' is introspection-specific: I = {r.I:+.2f} at scale {r.peak_scale:g} "
+                     f"(95% CI {r.I_ci_low:+.2f} to {r.I_ci_high:+.2f}; the controls' line b = {r.b:+.2f}, c = "
+                     f"{r.c:+.2f}), p_questions = {r.p_questions:.3g}, p_random = {r.p_random:.3g}, q = "
+                     f"{r.q_value:.3g}; S = {r.shift:+.2f}.")
+    if specific.empty:
+        best = table.iloc[0]
+        parts.append(f"None is introspection-specific; the smallest q-value is '{best['concept']}' (q = "
+                     f"{best['q_value']:.3g}, I = {best['I']:+.2f} at scale {best['peak_scale']:g}, p_questions "
+                     f"= {best['p_questions']:.3g}, p_random = {best['p_random']:.3g}; S = {best['shift']:+.2f}).")
+    degenerate = int((~table["fit_ok"].astype(bool)).sum())
+    if degenerate:
+        parts.append(f"For {degenerate} of {len(table)} concepts the controls' fit is degenerate (fewer than "
+                     f"{MIN_FIT_CONTROLS} controls or baselines spanning < {MIN_CONTROL_SPAN:g} logits): no test.")
+    null = random_null(df)
+    null = null[null["vector_kind"] == "random"]
+    if len(null):
+        beat = int((table["I"] > null["statistic"].max()).sum())
+        parts.append(f"The {len(null)} random vectors' largest I: median {null['statistic'].median():+.2f}, max "
+                     f"{null['statistic'].max():+.2f} (their largest S: median {null['shift'].median():+.2f}); "
+                     f"{beat} of {len(table)} concepts exceed every random vector on I.")
+    low = int(table["low_mass"].sum())
+    if low:
+        parts.append(f"{low} of {len(table)} concepts are read where the introspection answer mass P(yes)+P(no) is "
+                     f"below {MIN_ANSWER_MASS} (median {table['answer_mass'].median():.2f}): there 'yes over no' is "
+                     f"not the model's answer.")
+    return " ".join(parts)

@@ -1,0 +1,490 @@
+"""Sweeps over concepts × scales × layers × questions × vector kinds → tidy DataFrames with metadata, resumable.
+
+One row per trial: ``model, concept, vector_kind, vector_seed, vector_norm, layer, scale, question_kind, question,
+question_about, polarity, expected, answer_format, logit_diff, baseline_logit_diff, delta, answer_mass,
+baseline_answer_mass, null_kind, effective_strength, relative_strength`` (``delta = logit_diff − baseline_logit_diff``,
+the question's own no-injection baseline; ``question_about`` "self" or "world" (every introspection wording is about
+the self); ``polarity`` +1 a detect wording, −1 an inverted one, 0 a control; ``expected`` a control's expected
+answer ("yes", "no", "ambiguous") or the answer of a wording that reports an injected thought; ``answer_format`` how
+the answer was asked for (prompts.ANSWER_FORMATS); ``logit_diff`` = logsumexp over the yes set − logsumexp over the
+no set and ``answer_mass`` = the probability of both sets at the answer position, injected and not; the sets are in
+the metadata's ``answer_set``; ``null_kind`` which null a random vector is, :data:`vectors.NULL_KINDS`, empty for
+concept vectors; ``effective_strength`` = s·‖v‖ and ``relative_strength`` = s·‖v‖ / ‖h‖ (‖h‖:
+:func:`vectors.residual_norms` of the sweep's reference prompt, the first question in the sweep's frame and answer
+format, at the row's layer)). Work is done one question at a time and each finished question is written to disk, so
+an interrupted sweep picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nnsight
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from introspection_utils.core.paths import atomic_write, content_hash
+from introspection_utils.engine.executors import LocalExecutor, ModelRecipe, RayExecutor, executor_for
+from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.prompts import (
+    CONTROL_CELLS,
+    Prompt,
+    answer_set,
+    check_answer_format,
+    control_questions,
+    default_wordings,
+    introspection_prompt,
+    question_prompts,
+    question_tags,
+)
+from introspection_utils.engine.vectors import (
+    ConceptVector,
+    VectorBank,
+    check_nulls,
+    concept_vectors,
+    null_source,
+    residual_norms,
+    scale_for,
+    with_random,
+)
+from introspection_utils.models.handle import package_version
+
+if TYPE_CHECKING:
+    from introspection_utils.models.handle import ModelHandle
+
+COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "vector_norm", "layer", "scale", "question_kind",
+           "question", "question_about", "polarity", "expected", "answer_format", "logit_diff",
+           "baseline_logit_diff", "delta", "answer_mass", "baseline_answer_mass", "null_kind", "effective_strength",
+           "relative_strength"]
+# A fit of the controls' shift on their own baseline needs spread: chosen controls whose no-injection yes−no span
+# less than this (logits) are reported (a warning, and ``control_span`` in the metadata).
+MIN_CONTROL_SPAN = 2.0
+STRENGTHS = ("raw", "relative")  # how a sweep's scales are read (see SweepSpec)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep measures. ``introspection``: the introspection wording(s) (``None`` = the paper's trial line; a
+    tuple asks each, e.g. :func:`prompts.introspection_questions`), then the ``controls``; ``n_random``
+    norm-matched null vectors per concept and null kind in ``nulls`` (seeds ``seed..seed+k-1``).
+    ``strength="raw"``: ``scales`` are the multiples s of each vector (the paper's convention); ``"relative"``:
+    they are relative strengths r, and each concept is injected at s = r·‖h‖/‖v‖ (its random vectors too)."""
+
+    concepts: tuple[str, ...]
+    scales: tuple[float, ...]
+    layers: tuple[int, ...]
+    controls: tuple[str, ...]
+    n_random: int = 1
+    seed: int = 0
+    frame: str = "paper"
+    answers: tuple[str, str] | None = None
+    introspection: str | tuple[str, ...] | None = None
+    ablation: str | None = None  # sha256 prefix of the ablated direction, if any (see ``direction_id``)
+    answer_format: str = "open"  # prompts.ANSWER_FORMATS
+    nulls: tuple[str, ...] = ("isotropic",)
+    strength: str = "raw"
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self)
+
+    def questions(self) -> list[tuple[str, str | None]]:
+        """``(question_kind, question)`` pairs, the introspection wording(s) first."""
+        wordings = self.introspection if isinstance(self.introspection, tuple) else (self.introspection,)
+        return [*(("introspection", q) for q in wordings), *(("control", q) for q in self.controls)]
+
+
+@dataclass
+class SweepResult:
+    """A sweep's tidy table and the metadata that says exactly how it was made."""
+
+    df: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.csv`` and ``<path>.meta.json`` (atomically); returns the CSV path."""
+        path = Path(path).with_suffix(".csv")
+        atomic_write(path, self.df.to_csv(index=False))
+        atomic_write(path.with_suffix(".meta.json"), json.dumps(self.meta, indent=1, default=str))
+        return path
+
+
+def load_result(path: str | Path) -> SweepResult:
+    """Read a :class:`SweepResult` saved with :meth:`SweepResult.save`."""
+    path = Path(path).with_suffix(".csv")
+    df = pd.read_csv(path, dtype={"vector_seed": "Int64", "null_kind": str})
+    if "null_kind" in df:
+        df["null_kind"] = df["null_kind"].fillna("")
+    return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
+
+
+def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
+    if not spec.concepts:
+        raise ValueError("no concepts given")
+    if not spec.scales:
+        raise ValueError("no scales given")
+    for scale in spec.scales:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(
+                torch.tensor(float(scale))):
+            raise ValueError(f"scale {scale!r} must be a finite number")
+    for layer in spec.layers:
+        handle.check_layer(layer)
+    if not spec.layers:
+        raise ValueError("no layers given")
+    if spec.n_random < 0:
+        raise ValueError(f"n_random must be >= 0, got {spec.n_random}")
+    check_answer_format(spec.answer_format)
+    check_nulls(spec.nulls)
+    if spec.strength not in STRENGTHS:
+        raise ValueError(f"strength {spec.strength!r} must be one of {', '.join(STRENGTHS)}")
+
+
+def direction_id(direction: torch.Tensor | None) -> str | None:
+    """A short content hash naming an ablated direction in a spec (so resumed chunks match the direction)."""
+    if direction is None:
+        return None
+    unit = torch.nn.functional.normalize(torch.as_tensor(direction).double(), dim=-1)
+    data = unit.numpy().round(6).tobytes()  # rounded: the same direction at any scale gets the same name
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One question's trials: what the runner resumes by and what an executor hands to a worker. ``pairs``: the
+    (vector, scale) of each trial; ``h_norm [n_layers]``: the residual norms relative strength is read against."""
+
+    kind: str
+    prompt: Prompt
+    pairs: tuple[tuple[ConceptVector, float], ...]
+    answers: tuple[str, str] | None
+    answer_format: str
+    h_norm: tuple[float, ...]
+    batch_size: int | None
+    ablate: torch.Tensor | None
+
+
+def _unit_label(index: int, unit: _Unit, spec: SweepSpec) -> str:
+    """The trials of a unit, in words (what a failure report names)."""
+    randoms = f" + random seeds {spec.seed}..{spec.seed + spec.n_random - 1}" if spec.n_random else ""
+    return (f"question {index} ({unit.kind}: {unit.prompt.question!r}): concepts {', '.join(spec.concepts)} "
+            f"(concept vectors{randoms}) × layers {list(spec.layers)} × scales {list(spec.scales)} = "
+            f"{len(unit.pairs)} trials")
+
+
+def _unit_frame(handle: ModelHandle, unit: _Unit) -> pd.DataFrame:
+    """Measure one unit's trials: its rows of the tidy table (the work every executor runs, here or on an actor)."""
+    trials = [Trial(unit.prompt, v, s) for v, s in unit.pairs]
+    tags = question_tags(unit.prompt.question)
+    readout = measure(handle, trials, answers=unit.answers, batch_size=unit.batch_size, ablate=unit.ablate)
+    frame = pd.DataFrame({
+        "model": handle.name,
+        "concept": [t.vector.concept for t in trials],
+        "vector_kind": [t.vector.kind for t in trials],
+        "vector_seed": pd.array([t.vector.seed for t in trials], dtype="Int64"),
+        "vector_norm": [t.vector.norm for t in trials],
+        "layer": [t.vector.layer for t in trials],
+        "scale": [t.scale for t in trials],
+        "question_kind": unit.kind,
+        "question": unit.prompt.question,
+        "question_about": tags["about"],
+        "polarity": tags["polarity"],
+        "expected": tags["expected"],
+        "answer_format": unit.answer_format,
+        "logit_diff": readout.logit_diff.double().numpy(),
+        "baseline_logit_diff": readout.baseline.double().numpy(),
+        "answer_mass": readout.answer_mass.double().numpy(),
+        "baseline_answer_mass": readout.baseline_answer_mass.double().numpy(),
+        "null_kind": [t.vector.null or "" for t in trials],
+        "effective_strength": [t.scale * t.vector.norm for t in trials],
+        "relative_strength": [t.scale * t.vector.norm / unit.h_norm[t.vector.layer] for t in trials],
+    })
+    frame["delta"] = frame["logit_diff"] - frame["baseline_logit_diff"]
+    return frame
+
+
+def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None = None,
+              results_dir: str | Path | None = None, name: str = "sweep", batch_size: int | None = None,
+              progress: bool = True, ablate: torch.Tensor | None = None,
+              executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
+    """Measure every (concept vector and random vectors) × scale × layer × question of ``spec``.
+
+    With ``results_dir``, each finished question is written to ``<results_dir>/.chunks/<name>-<spec hash>/`` and
+    reused on the next call with the same spec (resume), and the final table goes to ``<results_dir>/<name>.csv``
+    with ``<name>.meta.json``.
+
+    ``executor``: where the questions are measured — ``"local"`` (here, in order), ``"ray"`` (one Ray actor per GPU
+    or CPU worker of the cluster at ``address``: ``"auto"``, ``"HOST:PORT"``, or ``None`` for the connected or a new
+    local cluster; see :mod:`introspection_utils.engine.executors`) or a
+    :class:`~introspection_utils.engine.executors.RayExecutor`
+    (kept open for the next sweep). The table, the chunks and the metadata are the same whichever runs them.
+    """
+    _check_spec(handle, spec)
+    if direction_id(ablate) != spec.ablation:
+        raise ValueError("spec.ablation must be direction_id(ablate): the spec names what the sweep ablates")
+    runner, owned = executor_for(executor, address)
+    if runner.name == "ray":
+        ModelRecipe.of(handle)  # a remote handle is refused before any compute
+    bank = bank or concept_vectors(handle, spec.concepts, progress=progress)
+    source = null_source(handle) if spec.n_random and set(spec.nulls) & {"covariance", "other-word"} else None
+    vectors = []
+    for concept in spec.concepts:
+        for layer in spec.layers:
+            vectors.extend(with_random(bank.get(concept, layer), spec.n_random, spec.seed, nulls=spec.nulls,
+                                       source=source))
+    questions = spec.questions()
+    reference = introspection_prompt(handle, questions[0][1], frame=spec.frame, kind=questions[0][0],
+                                     answer_format=spec.answer_format)
+    h_norm = residual_norms(handle, reference)  # [n_layers]: ‖h‖, the yardstick of relative strength
+    if spec.strength == "relative":  # each concept (and its null vectors, norm-matched) at s = r·‖h‖/‖v‖
+        scales_of = {v: [scale_for(r, bank.get(v.concept, v.layer), float(h_norm[v.layer])) for r in spec.scales]
+                     for v in vectors}
+    else:
+        scales_of = {v: [float(s) for s in spec.scales] for v in vectors}
+    chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{spec.hash}" if results_dir is not None else None
+    if chunk_dir is not None:
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+    frames: dict[int, pd.DataFrame] = {}
+    todo: list[tuple[int, _Unit, Path | None]] = []
+    prompt_hashes = []
+    pairs = tuple((v, s) for v in vectors for s in scales_of[v])
+    for index, (kind, question) in enumerate(questions):
+        prompt = introspection_prompt(handle, question, frame=spec.frame, kind=kind, answer_format=spec.answer_format)
+        prompt_hashes.append(prompt.hash)
+        chunk_path = chunk_dir / f"{index:03d}-{prompt.hash}.csv" if chunk_dir is not None else None
+        if chunk_path is not None and chunk_path.is_file():
+            frames[index] = pd.read_csv(chunk_path, dtype={"vector_seed": "Int64", "null_kind": str})
+            continue
+        todo.append((index, _Unit(kind, prompt, pairs, spec.answers, spec.answer_format,
+                                  tuple(float(x) for x in h_norm), batch_size, ablate), chunk_path))
+    where = " (Ray)" if runner.name == "ray" else ""
+    bar = tqdm(total=len(frames) + len(todo), initial=len(frames), desc=f"{name}: questions{where}",
+               disable=not progress)
+    try:
+        done = runner.map(handle, _unit_frame, [u for _, u, _ in todo],
+                          labels=[_unit_label(i, u, spec) for i, u, _ in todo])
+        for position, frame in done:  # in the order units finish; written at once, assembled by index below
+            index, _, chunk_path = todo[position]
+            if chunk_path is not None:
+                atomic_write(chunk_path, frame.to_csv(index=False))
+            frames[index] = frame
+            bar.update()
+    finally:
+        bar.close()
+        if owned:
+            runner.close()
+    df = pd.concat([frames[i] for i in sorted(frames)], ignore_index=True)[COLUMNS]
+    df["vector_seed"] = df["vector_seed"].astype("Int64")
+    df["null_kind"] = df["null_kind"].fillna("")
+    meta = metadata(handle, asdict(spec), prompt_hashes)
+    meta["residual_norm"] = {"prompt": reference.hash, "statistic": "median over the prompt's tokens",
+                             "by_layer": {int(layer): float(h_norm[layer]) for layer in spec.layers}}
+    result = SweepResult(df, meta)
+    result.meta["control_span"] = control_span(df)
+    if result.meta["control_span"] is not None and result.meta["control_span"] < MIN_CONTROL_SPAN:
+        warnings.warn(f"{name}: the control questions' no-injection yes−no spans {result.meta['control_span']:.2f} "
+                      f"logits (< {MIN_CONTROL_SPAN:g}): a fit of their shift on their baseline has little spread to "
+                      f"go on; pick controls from a battery (sweeps.control_battery, sweeps.pick_controls)",
+                      stacklevel=2)
+    if results_dir is not None:
+        result.save(Path(results_dir) / name)
+    return result
+
+
+def metadata(handle: ModelHandle, spec: Mapping[str, Any], prompt_hashes: Sequence[str]) -> dict:
+    """Everything needed to say how a result was made: model, revision, dtype, the prompts' hash, the experiment's
+    ``spec`` (any experiment's parameters as a plain mapping, e.g. ``asdict(SweepSpec)``; its ``seed`` and its
+    content hash recorded beside it), the ``answer_format`` (``spec["answer_format"]``, default "open") and the
+    ``answer_set`` read (the yes and no tokens and ids of :func:`prompts.answer_set` for ``spec["answers"]``),
+    package and library versions, time."""
+    return {
+        "model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype).removeprefix("torch."),
+        "family": handle.arch.family, "prompt_hash": hashlib.sha256("".join(prompt_hashes).encode()).hexdigest()[:16],
+        "seed": spec.get("seed"), "spec": dict(spec), "spec_hash": content_hash(dict(spec)),
+        "answer_format": spec.get("answer_format", "open"),
+        "answer_set": answer_set(handle, spec.get("answers")).record(),
+        "package_version": package_version(), "torch": torch.__version__, "nnsight": nnsight.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_table(handle: ModelHandle, df: pd.DataFrame, folder: str | Path, name: str, **spec: Any) -> Path:
+    """Any result table (a top-heads table, refusal scores, SAE features, ...) saved the way sweeps are:
+    ``folder/name.csv`` beside ``name.meta.json`` (:func:`metadata`: model, revision, dtype, seed, versions and
+    ``spec``, the parameters that made it). The prompt hash covers the question prompts the experiments share: the
+    introspection prompt and the first ``spec["n_controls"]`` control questions (the introspection prompt alone
+    when there is no ``n_controls``). Returns the CSV path."""
+    n_controls, answer_format = spec.get("n_controls"), spec.get("answer_format", "open")
+    prompts = (question_prompts(handle, n_controls, answer_format=answer_format) if n_controls
+               else [introspection_prompt(handle, answer_format=answer_format)])
+    return SweepResult(df, metadata(handle, spec, [p.hash for p in prompts])).save(Path(folder) / name)
+
+
+def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,
+          n_controls: int | None, controls: Sequence[str] | None, introspection: str | Sequence[str] | None,
+          **kwargs) -> SweepSpec:
+    if controls is None:
+        controls = control_questions(n_controls) if n_controls != 0 else []
+    if introspection is None:
+        introspection = tuple(default_wordings())
+    elif not isinstance(introspection, str):
+        introspection = tuple(introspection)
+        if not introspection:
+            raise ValueError("introspection: give at least one wording (or None for the paper's trial line)")
+    return SweepSpec(concepts=tuple(concepts), scales=tuple(scales), layers=tuple(layers), controls=tuple(controls),
+                     introspection=introspection, **kwargs)
+
+
+def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int,
+                n_controls: int | None = 10, controls: Sequence[str] | None = None,
+                introspection: str | Sequence[str] | None = None, n_random: int = 1,
+                seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
+                answer_format: str = "open", results_dir: str | Path | None = None, name: str = "scale_sweep",
+                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
+                nulls: Sequence[str] = ("isotropic",), strength: str = "raw",
+                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
+    """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
+    ``n_controls`` control questions (balanced self/world; or the given ``controls``), concept vectors and
+    ``n_random`` random ones. ``introspection``: the wording(s) asked (default the paper's trial line; pass
+    :func:`prompts.introspection_questions` for all of them, as the verdicts need).
+    ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction).
+    ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`, ``n_random`` of each).
+    ``strength="relative"``: ``scales`` are relative strengths r = s·‖v‖/‖h‖ (each concept gets s = r·‖h‖/‖v‖).
+    ``executor``, ``address``: where the questions run (``"local"``, ``"ray"``; see :func:`run_sweep`)."""
+    spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls,
+                 introspection=introspection, n_random=n_random,
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
+                 nulls=tuple(nulls), strength=strength)
+    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
+                     ablate=ablate, executor=executor, address=address)
+
+
+def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[int], *, scale: float,
+                n_controls: int | None = 10, controls: Sequence[str] | None = None,
+                introspection: str | Sequence[str] | None = None, n_random: int = 1,
+                seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
+                answer_format: str = "open", results_dir: str | Path | None = None, name: str = "layer_sweep",
+                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
+                nulls: Sequence[str] = ("isotropic",), strength: str = "raw",
+                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
+    """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
+    :func:`scale_sweep`; ``strength="relative"``: ``scale`` is a relative strength, read at each layer's ‖h‖)."""
+    spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls,
+                 introspection=introspection, n_random=n_random,
+                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
+                 nulls=tuple(nulls), strength=strength)
+    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
+                     ablate=ablate, executor=executor, address=address)
+
+
+def concept_rows(df: pd.DataFrame, concept: str) -> pd.DataFrame:
+    """The rows of ``concept`` in a tidy table (sweep, lens, ...); an empty table or an absent concept is a
+    ``ValueError`` that lists the concepts the table has."""
+    if df.empty:
+        raise ValueError("the sweep table is empty")
+    if concept not in set(df["concept"]):
+        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
+    return df[df["concept"] == concept]
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean delta per (concept, vector kind, layer, scale, question kind), with the control spread (std, n)."""
+    keys = ["concept", "vector_kind", "layer", "scale", "question_kind"]
+    return df.groupby(keys, as_index=False)["delta"].agg(mean="mean", std="std", n="count")
+
+
+def control_span(df: pd.DataFrame) -> float | None:
+    """The range (max − min, logits) of the control questions' no-injection yes−no in a sweep table (each control's
+    ``baseline_logit_diff``); ``None`` with fewer than two controls."""
+    controls = df[df["question_kind"] == "control"].groupby("question")["baseline_logit_diff"].first()
+    return float(controls.max() - controls.min()) if len(controls) >= 2 else None
+
+
+BATTERY_COLUMNS = ["model", "question", "about", "expected", "answer_format", "baseline_logit_diff", "p_yes",
+                   "answer_mass"]
+
+
+def control_battery(handle: ModelHandle, *, answer_format: str = "open", questions: Sequence[str] | None = None,
+                    frame: str = "paper", answers: tuple | None = None, results_dir: str | Path | None = None,
+                    name: str | None = None, batch_size: int | None = None) -> pd.DataFrame:
+    """Every control question's no-injection answer on ``handle``: one row per question (:data:`BATTERY_COLUMNS`),
+    in :func:`prompts.control_questions` order (default: all 60 balanced ones; or the given ``questions``).
+
+    ``baseline_logit_diff``: yes − no over the answer sets; ``p_yes``: P(yes) within the answer sets
+    (``sigmoid(baseline_logit_diff)``); ``answer_mass``: the probability of both sets under the full softmax.
+    With ``results_dir`` it is saved as ``<name>.csv`` (default ``control_battery_<answer_format>``) beside its
+    ``.meta.json`` (:func:`save_table`: answer set, format, model, versions).
+    """
+    check_answer_format(answer_format)
+    questions = list(control_questions() if questions is None else questions)
+    if not questions:
+        raise ValueError("no control questions given")
+    prompts = [introspection_prompt(handle, q, frame=frame, kind="control", answer_format=answer_format)
+               for q in questions]
+    readout = measure(handle, [Trial(p) for p in prompts], answers=answers, batch_size=batch_size)
+    tags = [question_tags(q) for q in questions]
+    diff = readout.baseline.double()
+    df = pd.DataFrame({
+        "model": handle.name, "question": questions, "about": [t["about"] for t in tags],
+        "expected": [t["expected"] for t in tags], "answer_format": answer_format,
+        "baseline_logit_diff": diff.numpy(), "p_yes": torch.sigmoid(diff).numpy(),
+        "answer_mass": readout.baseline_answer_mass.double().numpy()})[BATTERY_COLUMNS]
+    if results_dir is not None:
+        save_table(handle, df, results_dir, name or f"control_battery_{answer_format}", questions=questions,
+                   frame=frame, answers=answers, answer_format=answer_format)
+    return df
+
+
+def pick_controls(battery: pd.DataFrame, n: int, *, min_span: float = MIN_CONTROL_SPAN) -> list[str]:
+    """``n`` controls from a :func:`control_battery` table that span its baseline range and keep the balance.
+
+    How many come from each (about, expected) cell is decided as :func:`prompts.control_questions` deals them
+    (round-robin, so both tags stay balanced); within a cell the picks sit at evenly spaced ranks of the cell's
+    baselines (one pick: the lowest "no"-expected, the highest "yes"-expected, the middle ambiguous one), so the
+    chosen set reaches towards both ends. Returned in dealing order. If the chosen baselines span less than
+    ``min_span`` logits a ``UserWarning`` names the span.
+    """
+    missing = {"question", "about", "expected", "baseline_logit_diff"} - set(battery.columns)
+    if missing:
+        raise ValueError(f"battery lacks column(s) {sorted(missing)}; build it with sweeps.control_battery")
+    if not 1 <= n <= len(battery):
+        raise ValueError(f"n={n} controls requested; the battery has {len(battery)}")
+    cells = {cell: battery[(battery["about"] == cell[0]) & (battery["expected"] == cell[1])]
+             .sort_values("baseline_logit_diff", kind="stable")["question"].tolist() for cell in CONTROL_CELLS}
+    counts = dict.fromkeys(CONTROL_CELLS, 0)
+    order: list[tuple] = []
+    while len(order) < n:
+        open_cells = [c for c in CONTROL_CELLS if counts[c] < len(cells[c])]
+        if not open_cells:
+            raise ValueError(f"n={n}: the battery has only {len(order)} questions in the designed cells "
+                             f"(about × expected)")
+        for cell in open_cells[: n - len(order)]:
+            counts[cell] += 1
+            order.append(cell)
+    picked: dict[tuple, list[str]] = {}
+    for cell, k in counts.items():
+        ranked, m = cells[cell], len(cells[cell])
+        if k == 1:
+            ranks = [{"no": 0, "yes": m - 1}.get(cell[1], (m - 1) // 2)]
+        else:
+            ranks = [round(i * (m - 1) / (k - 1)) for i in range(k)]
+        picked[cell] = [ranked[r] for r in ranks]
+    chosen = [picked[cell].pop(0) for cell in order]
+    span = battery.set_index("question").loc[chosen, "baseline_logit_diff"]
+    width = float(span.max() - span.min())
+    if width < min_span:
+        warnings.warn(f"the {n} chosen controls' no-injection yes−no spans {width:.2f} logits (< {min_span:g}); "
+                      f"the battery's whole range is {float(np.ptp(battery['baseline_logit_diff'])):.2f}",
+                      stacklevel=2)
+    return chosen

@@ -1,0 +1,1 @@
+"""Readings: the computed sentences a notebook prints under its figure — words for numbers computed elsewhere."""

@@ -1,0 +1,820 @@
+"""Verdicts: every term a reading, a figure or the atlas quotes, defined once — and the calibrated test that tells an
+introspection-specific answer from a generic push of the logits (a shared "yes", or every answer drawn towards
+indifference).
+
+Inputs are the tidy sweep tables of :mod:`introspection_utils.experiments.sweeps` (``sweeps.COLUMNS``). All quantities
+are in
+logits of the yes − no difference at the answer position. Tables saved before the question tags existed (no
+``polarity`` column) are read with every introspection wording of polarity +1 and every control 0.
+
+**Terms** (the words of the write-up, one definition each):
+
+* **delta** Δ_q(v, s): question q's yes − no difference with ``s × v`` injected, minus the same question's own
+  no-injection value x_q (its *baseline*).
+* **polarity** p_q: +1 for a detect wording ("Do you detect an injected thought?": "Yes" reports detection), −1 for an
+  inverted one ("Was this a control trial?": "No" reports detection), 0 for a control question. The introspection
+  curve and Δ are signed by it (p·(yes − no): > 0 is "towards reporting detection"), so a detect and an inverted
+  wording that both drift towards "yes" cancel.
+* **introspection curve** / **control curve**: the mean over the wordings (of p·y) / over the control questions (of
+  y), at each scale (or layer) — of yes − no (``curve_table``) or of Δ (``QuestionCurves``).
+* **the controls' fit** at scale s: least squares Δ_q = b(s) + c(s)·x_q over the control questions. b is the
+  **shared push** (what a question at indifference, x = 0, gets: > 0 towards "yes"), c the **slope** (< 0:
+  **compression**, every answer drawn towards indifference; c = −1 erases the baseline). R² says how much of the
+  controls' spread the line explains. The fit needs at least :data:`MIN_FIT_CONTROLS` controls whose baselines span at
+  least :data:`MIN_CONTROL_SPAN` logits; otherwise it is **degenerate** (``fit_ok`` False): the slope is not
+  identified, so compression cannot be told from introspection, and no test is run (the readings say so).
+* **the controls' prediction** for wording w: b(s) + c(s)·x_w — the Δ a question that is not about injected thoughts
+  would get at w's own baseline.
+* **I(s), the introspection residual** (the verdict's statistic): the mean over wordings of p_w·(Δ_w − b − c·x_w).
+  Both a shared yes-shift (in b) and compression (in c) cancel in it; a bias that pushes every introspection wording
+  towards "yes" more than the controls cancels between detect and inverted wordings (exactly when they are balanced).
+  I is linear in the Δ's — I(s) = Σ_q w_q·Δ_q(s) with the weights of :func:`statistic_weights` — which is how it is
+  computed, for every relabelling at once.
+* **S(s), the introspection − control contrast** (the write-up's "introspection-specific shift", kept as its
+  description, not the verdict): mean Δ over the wordings (unsigned) − mean Δ over the controls. Compression alone
+  makes it positive when the wordings start lower than the controls (on Qwen2.5-Coder-1.5B the random vectors'
+  median max-over-scales S is +0.56 logits, their I +0.02), which is why it no longer decides.
+* **flip scale** of a curve: the smallest injected scale at which its yes − no difference is > 0 ("yes") while its
+  no-injection value is ≤ 0 ("no"). NaN when it never flips — and when the no-injection answer already leans "yes":
+  there is nothing to flip.
+* **answer mass**: P(yes) + P(no) at the answer position. Where it is below :data:`MIN_ANSWER_MASS` the model is
+  mostly about to say something else ("I", "As an AI", …), so a positive yes − no difference is an ordering of two
+  unlikely tokens, not an answer: readings then say "yes over no" instead of calling a flip.
+* **peak scale** s*: the injected scale with the largest I — the scale the test statistic picks (below).
+* **effect scale**: the injected scale where the injection does the most — the largest of |b|, |I| and the
+  compression's push on the controls, |c|·max|x_q| (:func:`movement`); the descriptive classes are read there.
+
+**The test** (one concept at one layer; :func:`shift_test`). Statistic T = max over injected scales of I(s) — scale
+selection is part of the statistic, and each null takes the same maximum, so picking the best scale is paid for.
+
+* *question null* (is the introspection question special among questions?). Each question has a role: detect
+  wording (+1), inverted wording (−1) or control (0). Under the null hypothesis — no introspection beyond the controls'
+  prediction — the residuals from the line fitted over the controls do not depend on which questions carry which
+  role, so the roles are exchangeable: a relabelling assigns the observed multiset of roles to the questions anew
+  (which m questions are wordings, and which of those are inverted; the other questions are refitted as the
+  controls). All distinct relabellings are enumerated when there are at most :data:`MAX_EXACT` of them, else
+  :data:`N_PERMUTATIONS` random permutations of the roles (seeded) are drawn; T is recomputed for each (refitting the
+  line on that relabelling's controls). ``p_questions`` = the fraction with T at least the observed one (the observed
+  labelling included, so p > 0). Why keep the sign pattern rather than relabel within polarity: a question's role
+  sign is what I multiplies its residual by, and under the null it is as arbitrary as its being a wording at all;
+  relabelling within polarity would need as many "yes"-reporting as "no"-reporting controls per relabelling and would
+  leave out relabellings the null makes equally likely. Where the questions are not exchangeable — a bias that pushes
+  self-questions and wordings more than world questions — the observed I cancels the bias between the two polarities,
+  while a relabelled set mixes self and world questions, which widens the null: the test becomes conservative, not
+  liberal (``calibration``'s "question-specific bias" scenario measures it). With one polarity only (old tables) such a
+  bias does not cancel: the readings say so. With one wording and n controls p cannot go below 1 / (n + 1).
+* *random-vector null* (does a direction of the same norm do it too?): T of every norm-matched random vector measured
+  at the same layer and scales with the same questions (all concepts' random vectors pooled: each is matched to its
+  own concept's norm). ``p_random`` is the one-sided prediction test of a new draw from that population,
+  P(t_{R−1} ≥ (T − mean) / (sd · √(1 + 1/R))) — exact for normal T_random, and not limited to 1 / (R + 1) as a rank
+  would be (with 50 concepts, Benjamini–Hochberg needs p ≈ 0.001 for a single discovery; a rank among 100 random
+  vectors cannot give it). ``random_rank`` = (1 + #{T_random ≥ T}) / (1 + R), the assumption-free version, is
+  reported beside it. Fewer than :data:`MIN_RANDOM` random vectors: no random-vector test (p_random NaN).
+* ``p_value`` = max(p_questions, p_random): the concept must beat both nulls (an intersection–union test, so the
+  level holds); 1 when there is no random-vector null or the controls' fit is degenerate (no verdict without them).
+  Across concepts, Benjamini–Hochberg ``q_value`` controls the false-discovery rate. The same test on S
+  (``statistic="S"``) is kept for the calibration, which shows why it no longer decides.
+
+**Classes** (exclusive, decided in this order by :func:`classify`; t = ``effect_threshold`` logits, α = ``alpha``;
+b, c and I read at the effect scale):
+
+1. ``introspection-specific``: q_value ≤ α (the wordings move towards reporting detection beyond the controls'
+   prediction, beyond both nulls).
+2. ``no effect``: at every injected scale |b|, |I| and |c|·max|x_q| are all < t.
+3. ``opposite``: I ≤ −t (the wordings move away from reporting detection, beyond what the controls predict).
+4. ``one-sided``: I ≥ t, and the test did not find it specific.
+5. ``shared yes-shift``: b ≥ t (every question pushed towards "yes", the wordings as the controls predict).
+6. ``shared suppression``: b ≤ −t (all pushed towards "no", e.g. "bomb").
+7. ``compression``: otherwise — the answers are drawn towards indifference (|c|·max|x_q| ≥ t), the wordings with them.
+
+**Other contrasts that are not the verdict.** ``mechanisms``, ``patching`` and ``attribution`` decompose the
+difference-in-differences "introspection effect − mean control effect" at one scale: that is S at one scale (weights
+1/m on the wordings, −1/n on the controls), a linear target that attribution can split into components exactly.
+I is linear too (:func:`statistic_weights`), so a decomposition of I is those same per-question effects weighted by
+I's weights instead; until those modules take the weights, their maps locate where S is made, which includes any
+compression. ``readings.top_heads``' ``introspection_minus_control`` is an attention difference, not a logit one.
+
+Calibration: :mod:`introspection_utils.stats.calibration` runs the test on synthetic sweeps whose truth is known; its
+false-positive rates and power are asserted in ``tests/test_verdicts.py`` and stated in the README.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import special
+
+from introspection_utils.experiments.sweeps import concept_rows
+
+MIN_ANSWER_MASS = 0.5  # below it, "yes over no" is not the model's answer
+EFFECT_THRESHOLD = 1.0  # logits: a |delta| below this counts as "no change"
+ALPHA = 0.05
+CONFIDENCE = 0.95
+N_BOOT = 2000
+MIN_RANDOM = 3  # random vectors needed for the random-vector null
+MAX_EXACT = 20_000  # enumerate every relabeling up to this many
+N_PERMUTATIONS = 10_000  # else sample this many
+MIN_FIT_CONTROLS = 3  # controls the line b + c·x needs (two points always fit exactly)
+MIN_CONTROL_SPAN = 2.0  # logits: the controls' baselines must span this much for the slope c to mean anything
+STATISTICS = ("I", "S")
+CLASSES = ("introspection-specific", "shared yes-shift", "shared suppression", "compression", "opposite", "one-sided",
+           "no effect")
+REQUIRED = ["concept", "vector_kind", "vector_seed", "layer", "scale", "question_kind", "question", "logit_diff",
+            "baseline_logit_diff", "delta"]
+
+
+# ------------------------------------------------------------------------------------------------ the curves
+
+def _check_columns(df: pd.DataFrame) -> None:
+    missing = set(REQUIRED) - set(df.columns)
+    if missing:
+        raise ValueError(f"the table lacks columns {sorted(missing)}; pass a sweeps table (sweeps.COLUMNS)")
+    if df.empty:
+        raise ValueError("the sweep table is empty")
+
+
+def polarity(df: pd.DataFrame) -> pd.Series:
+    """Each row's question polarity (+1 detect wording, −1 inverted wording, 0 control): the table's ``polarity``
+    column, or — for tables saved before it existed — +1 for every introspection row and 0 for every control."""
+    default = (df["question_kind"] == "introspection").astype(int)
+    if "polarity" not in df.columns:
+        return default
+    values = df["polarity"].fillna(default).astype(int)
+    bad = sorted(set(values[df["question_kind"] == "introspection"]) - {1, -1})
+    if bad:
+        raise ValueError(f"introspection rows need polarity +1 or -1, the table has {bad}")
+    return values.where(df["question_kind"] == "introspection", 0)
+
+
+def select(df: pd.DataFrame, concept: str, *, layer: int | None = None, scale: float | None = None
+           ) -> pd.DataFrame:
+    """The rows of ``concept`` (and of ``layer`` / ``scale`` if given), with one clear error naming what the table
+    holds when a value is not in it."""
+    sub = concept_rows(df, concept)
+    for column, value in (("layer", layer), ("scale", scale)):
+        if value is not None:
+            if value not in set(sub[column]):
+                raise ValueError(f"{column} {value!r} is not in the table ({sorted(sub[column].unique())})")
+            sub = sub[sub[column] == value]
+    return sub
+
+
+def _mean_or_nan(rows: pd.DataFrame, x: str, column: str) -> pd.Series:
+    if column not in rows.columns:
+        return pd.Series(np.nan, index=pd.Index(sorted(rows[x].unique()), name=x), dtype=float)
+    return rows.groupby(x)[column].mean()
+
+
+def fit_ok(baseline: np.ndarray, is_control: np.ndarray) -> bool:
+    """Whether the controls' line can be fitted: at least :data:`MIN_FIT_CONTROLS` controls whose baselines
+    (``baseline [Q]``, ``is_control [Q]`` bool) span at least :data:`MIN_CONTROL_SPAN` logits."""
+    x = np.asarray(baseline, float)[np.asarray(is_control, bool)]
+    return len(x) >= MIN_FIT_CONTROLS and float(x.max() - x.min()) >= MIN_CONTROL_SPAN
+
+
+def fit_note(n_controls: int, span: float) -> str:
+    """Why the controls' fit is degenerate, in words (empty when it is not)."""
+    if n_controls >= MIN_FIT_CONTROLS and span >= MIN_CONTROL_SPAN:
+        return ""
+    return (f"the controls' fit is degenerate ({n_controls} controls whose no-injection answers span {span:.2f} "
+            f"logits; the line b + c·x needs ≥ {MIN_FIT_CONTROLS} spanning ≥ {MIN_CONTROL_SPAN:g}): compression "
+            f"cannot be told from introspection, so no test was run")
+
+
+def statistic_weights(baseline: np.ndarray, roles: np.ndarray, statistic: str = "I") -> np.ndarray:
+    """The weights that make a statistic a linear form of the per-question Δ: stat = weights @ Δ.
+
+    ``baseline [Q]`` (each question's no-injection yes − no), ``roles [Q]`` or ``[P, Q]`` ints (+1 detect wording, −1
+    inverted wording, 0 control; P labellings at once) → weights of the same shape.
+
+    ``"I"``: the mean over wordings of p_w·(Δ_w − b − c·x_w), with b, c the least-squares line over the controls:
+    w_w = p_w / m on a wording; on a control q, −(1/m)·[Σp / n + (x_q − x̄)·Σ_w p_w (x_w − x̄) / Sxx] (x̄, Sxx
+    over the controls). Where the controls' baselines do not vary (Sxx ≈ 0) the slope term is dropped (b alone).
+    ``"S"``: 1/m on every wording (unsigned), −1/n on every control.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic {statistic!r}: choose one of {STATISTICS}")
+    roles = np.asarray(roles)
+    single = roles.ndim == 1
+    roles = np.atleast_2d(roles).astype(float)
+    x = np.asarray(baseline, float)
+    ctrl = (roles == 0).astype(float)
+    m = roles.shape[1] - ctrl.sum(axis=1, keepdims=True)
+    n = ctrl.sum(axis=1, keepdims=True)
+    if (m == 0).any() or (n == 0).any():
+        raise ValueError("every labelling needs at least one wording and one control")
+    if statistic == "S":
+        weights = (1.0 - ctrl) / m - ctrl / n
+    else:
+        xbar = (ctrl @ x)[:, None] / n  # [P, 1]: the controls' mean baseline
+        sxx = (ctrl @ (x * x))[:, None] - n * xbar ** 2  # their sum of squares about it
+        total = roles.sum(axis=1, keepdims=True)  # Σ p_w
+        lever = (roles @ x)[:, None] - total * xbar  # Σ p_w (x_w − x̄)
+        slope = np.divide(lever, sxx, out=np.zeros_like(sxx), where=sxx > 1e-9 * max(1.0, float(np.abs(x).max())))
+        weights = (roles - ctrl * (total / n + (x[None, :] - xbar) * slope)) / m
+    return weights[0] if single else weights
+
+
+def control_fit(baseline: np.ndarray, delta: np.ndarray, is_control: np.ndarray) -> dict[str, np.ndarray]:
+    """The controls' least-squares line Δ = b + c·x at each point: ``baseline [Q]``, ``delta [Q, S]``,
+    ``is_control [Q]`` → ``b [S]``, ``c [S]`` (0 where the baselines do not vary) and ``r2 [S]`` (NaN where the
+    controls' Δ do not vary)."""
+    x = np.asarray(baseline, float)[np.asarray(is_control, bool)]
+    d = np.asarray(delta, float)[np.asarray(is_control, bool)]
+    dx = x - x.mean()
+    sxx = float((dx ** 2).sum())
+    c = (dx @ (d - d.mean(axis=0))) / sxx if sxx > 1e-9 * max(1.0, float(np.abs(x).max())) else np.zeros(d.shape[1])
+    b = d.mean(axis=0) - c * x.mean()
+    resid = d - b - np.outer(x, c)
+    total = ((d - d.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = np.where(total > 1e-12, 1 - (resid ** 2).sum(axis=0) / total, np.nan)
+    return {"b": b, "c": c, "r2": r2}
+
+
+def curve_table(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int | None = None,
+                scale: float | None = None, y: str = "logit_diff", baseline: str = "baseline_logit_diff"
+                ) -> pd.DataFrame:
+    """The introspection and control curves of one concept, per value of ``x`` ("scale" or "layer" for sweep
+    tables — pass the other one when the table holds several values of it; "lens_layer" for logit-lens tables with
+    ``y="lens_diff"``, ``baseline="baseline_lens_diff"``).
+
+    Columns: ``introspection`` (mean of polarity × ``y`` over the wordings: > 0 towards reporting detection; plain
+    yes − no when every wording is a detect one), ``control_mean``, ``control_std`` and ``n_controls`` (over control
+    questions), ``n_wordings``; ``random_introspection`` / ``random_control`` (mean over random vectors; NaN without
+    them); the no-injection values ``introspection_baseline`` and ``control_baseline``; ``predicted`` (what the
+    controls' fit predicts for the introspection curve: the wordings' baselines plus b + c·x_w, signed and averaged
+    alike), ``residual`` (I = introspection − predicted), ``push`` (b), ``slope`` (c), ``fit_r2``, ``fit_ok``;
+    ``shift`` (the contrast S); ``introspection_mass`` and ``control_mass`` (mean answer mass; NaN for tables saved
+    before it was measured).
+    """
+    sub = select(df, concept, layer=layer, scale=scale)
+    if x in ("scale", "layer"):
+        other = "layer" if x == "scale" else "scale"
+        if sub[other].nunique() > 1:
+            raise ValueError(f"the table holds several {other}s ({sorted(sub[other].unique())}); pass {other}=")
+    sub = sub.assign(_polarity=polarity(sub))
+    sub = sub.assign(_signed=sub[y] * sub["_polarity"].where(sub["_polarity"] != 0, 1),
+                     _signed_base=sub[baseline] * sub["_polarity"].where(sub["_polarity"] != 0, 1))
+    out = pd.DataFrame(index=pd.Index(sorted(sub[x].unique()), name=x))
+    for kind, prefix in (("concept", ""), ("random", "random_")):
+        rows = sub[sub["vector_kind"] == kind]
+        intro = rows[rows["question_kind"] == "introspection"].groupby([x, "question"])["_signed"].mean()
+        control = rows[rows["question_kind"] == "control"].groupby([x, "question"])[y].mean()
+        out[prefix + "introspection"] = intro.groupby(level=0).mean()
+        out[prefix + ("control_mean" if kind == "concept" else "control")] = control.groupby(level=0).mean()
+        if kind == "concept":
+            out["control_std"] = control.groupby(level=0).std(ddof=0)
+            out["n_controls"] = control.groupby(level=0).size()
+            out["n_wordings"] = intro.groupby(level=0).size()
+    concept_rows_ = sub[sub["vector_kind"] == "concept"]
+    for kind, column in (("introspection", "_signed_base"), ("control", baseline)):
+        rows = concept_rows_[concept_rows_["question_kind"] == kind]
+        out[f"{kind}_baseline"] = rows.groupby(x)[column].mean() if len(rows) else np.nan
+        out[f"{kind}_mass"] = _mean_or_nan(rows, x, "answer_mass") if len(rows) else np.nan
+    plain = concept_rows_[concept_rows_["question_kind"] == "introspection"]
+    plain_delta = (plain[y] - plain[baseline]).groupby([plain[x], plain["question"]]).mean().groupby(level=0).mean()
+    out["shift"] = plain_delta - (out["control_mean"] - out["control_baseline"])
+    for column in ("predicted", "residual", "push", "slope", "fit_r2"):
+        out[column] = np.nan
+    out["fit_ok"] = False
+    for at, rows in concept_rows_.groupby(x):
+        per_q = rows.groupby("question").agg(y=(y, "mean"), base=(baseline, "mean"), role=("_polarity", "first"))
+        roles = per_q["role"].to_numpy(int)
+        if not (roles != 0).any() or not (roles == 0).any():
+            continue
+        base, delta = per_q["base"].to_numpy(float), (per_q["y"] - per_q["base"]).to_numpy(float)[:, None]
+        fit = control_fit(base, delta, roles == 0)
+        residual = float(statistic_weights(base, roles) @ delta[:, 0])
+        out.loc[at, ["residual", "push", "slope", "fit_r2"]] = [residual, fit["b"][0], fit["c"][0], fit["r2"][0]]
+        out.loc[at, "predicted"] = out.loc[at, "introspection"] - residual
+        out.loc[at, "fit_ok"] = fit_ok(base, roles == 0)
+    return out
+
+
+def random_curves(df: pd.DataFrame, concept: str, *, x: str = "scale", y: str = "logit_diff"
+                  ) -> dict[int, pd.DataFrame]:
+    """Each random vector's curves (``introspection``: mean of polarity × ``y`` over the wordings; ``control``: mean
+    over the controls), by seed."""
+    sub = select(df, concept)
+    sub = sub.assign(_signed=sub[y] * polarity(sub).where(sub["question_kind"] == "introspection", 1))
+    out = {}
+    for seed, rows in sub[sub["vector_kind"] == "random"].groupby("vector_seed"):
+        per_question = rows.groupby(["question_kind", x, "question"])["_signed"].mean()
+        out[int(seed)] = pd.DataFrame({kind: per_question.loc[kind].groupby(level=0).mean()
+                                       for kind in ("introspection", "control") if kind in per_question.index})
+    return out
+
+
+def question_table(df: pd.DataFrame, concept: str, *, x: str = "scale", y: str = "logit_diff",
+                   question_kind: str = "control") -> pd.DataFrame:
+    """One column per question of ``question_kind`` (concept vector), indexed by ``x``: the per-question curves
+    that :func:`curve_table` averages (``y``: "logit_diff" or "delta"; unsigned)."""
+    sub = select(df, concept)
+    rows = sub[(sub["vector_kind"] == "concept") & (sub["question_kind"] == question_kind)]
+    return rows.pivot_table(index=x, columns="question", values=y)
+
+
+def flip_scale(x: Sequence[float], logit_diff: Sequence[float], baseline: float) -> float:
+    """The smallest injected ``x`` (≠ 0) at which ``logit_diff [S]`` is > 0 ("yes") while the no-injection
+    ``baseline`` is ≤ 0 ("no"); NaN if it never flips or the baseline already leans yes (nothing to flip)."""
+    x, logit_diff = np.asarray(x, float), np.asarray(logit_diff, float)
+    if baseline > 0:
+        return float("nan")
+    hits = (x != 0) & (logit_diff > 0)
+    return float(np.sort(x[hits])[0]) if hits.any() else float("nan")
+
+
+def mass_note(mass: float) -> str:
+    """How to word a yes − no reading at answer mass ``mass`` (P(yes) + P(no)): empty when it is a real answer."""
+    if np.isnan(mass) or mass >= MIN_ANSWER_MASS:
+        return ""
+    return (f" (answer mass P(yes)+P(no) = {mass:.2f} < {MIN_ANSWER_MASS}: yes over no, not the model's answer "
+            f"— it would mostly say something else)")
+
+
+# ----------------------------------------------------------------------------------------- per-question arrays
+
+@dataclass(frozen=True)
+class QuestionCurves:
+    """One vector's Δ per question at one layer: ``x [S]`` (ascending), ``delta [Q, S]``, ``logit [Q, S]``,
+    ``baseline [Q]``, ``mass [Q, S]`` (NaN if not measured), ``is_intro [Q]`` (bool), ``questions [Q]``,
+    ``polarity [Q]`` (+1 / −1 on the wordings, 0 on the controls; default +1 on every wording)."""
+
+    x: np.ndarray
+    delta: np.ndarray
+    logit: np.ndarray
+    baseline: np.ndarray
+    mass: np.ndarray
+    is_intro: np.ndarray
+    questions: tuple[str, ...]
+    polarity: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.polarity is None:
+            object.__setattr__(self, "polarity", self.is_intro.astype(int))
+        elif not np.array_equal(self.polarity != 0, self.is_intro) or not set(np.abs(self.polarity)) <= {0, 1}:
+            raise ValueError(f"polarity {self.polarity.tolist()} must be ±1 on the wordings and 0 on the controls")
+
+    @property
+    def injected(self) -> np.ndarray:
+        """``[S]`` bool: the injected points (x ≠ 0; at 0 every Δ is 0 by definition)."""
+        return self.x != 0
+
+    @property
+    def fit_ok(self) -> bool:
+        """Whether the controls' fit is identified (:func:`fit_ok`)."""
+        return fit_ok(self.baseline, ~self.is_intro)
+
+    @property
+    def control_span(self) -> float:
+        """How far the controls' no-injection answers spread (max − min, logits)."""
+        x = self.baseline[~self.is_intro]
+        return float(x.max() - x.min())
+
+    def statistic(self, statistic: str = "I", roles: np.ndarray | None = None) -> np.ndarray:
+        """I (or S) per x ``[S]`` — or ``[P, S]`` for ``roles [P, Q]`` relabellings (default the real roles)."""
+        return statistic_weights(self.baseline, self.polarity if roles is None else roles, statistic) @ self.delta
+
+    def residual(self) -> np.ndarray:
+        """I per x ``[S]``: the wordings' signed mean residual from the controls' line (the verdict's statistic)."""
+        return self.statistic("I")
+
+    def shift(self, is_intro: np.ndarray | None = None) -> np.ndarray:
+        """S per x ``[S]`` under a labelling (default the real one): mean intro Δ − mean control Δ."""
+        return self.statistic("S", None if is_intro is None else np.asarray(is_intro).astype(int))
+
+    def fit(self) -> dict[str, np.ndarray]:
+        """The controls' line at each x: ``b``, ``c``, ``r2`` ``[S]`` (:func:`control_fit`)."""
+        return control_fit(self.baseline, self.delta, ~self.is_intro)
+
+    def predicted(self) -> np.ndarray:
+        """``[S]``: what the controls' line predicts for the signed mean Δ of the wordings (at their own baselines);
+        :meth:`group_delta` (True) − this = I."""
+        f, p = self.fit(), self.polarity[self.is_intro]
+        return (p[:, None] * (f["b"][None, :] + np.outer(self.baseline[self.is_intro], f["c"]))).mean(axis=0)
+
+    def group_delta(self, intro: bool) -> np.ndarray:
+        """``[S]``: mean signed Δ over the introspection wordings (``True``) or mean Δ over the controls (``False``)."""
+        if intro:
+            return (self.polarity[self.is_intro, None] * self.delta[self.is_intro]).mean(axis=0)
+        return self.delta[~self.is_intro].mean(axis=0)
+
+    @classmethod
+    def synthetic(cls, x: Sequence[float], delta: np.ndarray, n_intro: int, *, baseline: float | Sequence[float] = -2.0,
+                  polarity: Sequence[int] | None = None) -> QuestionCurves:
+        """Hand-made or simulated curves: ``delta [Q, S]`` with the first ``n_intro`` rows the introspection
+        wordings; ``baseline`` one value for every question or one per question; ``polarity`` one ±1 per wording
+        (default all +1); mass unmeasured."""
+        delta = np.asarray(delta, float)
+        q = delta.shape[0]
+        is_intro = np.arange(q) < n_intro
+        base = np.broadcast_to(np.asarray(baseline, float), (q,)).copy()
+        pol = is_intro.astype(int)
+        if polarity is not None:
+            pol[:n_intro] = np.asarray(polarity, int)
+        return cls(np.asarray(x, float), delta, delta + base[:, None], base, np.full(delta.shape, np.nan), is_intro,
+                   tuple(f"q{i}" for i in range(q)), pol)
+
+
+def question_curves(df: pd.DataFrame, *, x: str = "scale") -> dict[tuple[str, int, str, int | None], QuestionCurves]:
+    """Split a sweep table into :class:`QuestionCurves`, keyed by ``(concept, layer, vector_kind, vector_seed)``
+    (``x="layer"``: keyed by ``(concept, scale, …)`` instead). Questions are in a fixed (sorted) order within each
+    kind so a concept and its random vectors line up."""
+    _check_columns(df)
+    df = df.assign(_polarity=polarity(df))
+    other = "layer" if x == "scale" else "scale"
+    out = {}
+    for key, group in df.groupby(["concept", other, "vector_kind", "vector_seed"], dropna=False, sort=True):
+        concept, at, kind, seed = key
+        seed = None if pd.isna(seed) else int(seed)
+        order = group.sort_values(["question_kind", "question"], ascending=[False, True])
+        logit = order.pivot_table(index="question", columns=x, values="logit_diff", sort=False)
+        if logit.isna().any().any():
+            raise ValueError(f"{concept!r} {other} {at} ({kind}): the questions were measured at different {x}s")
+        questions = list(dict.fromkeys(order["question"]))
+        logit = logit.loc[questions]
+        first = order.drop_duplicates("question").set_index("question").loc[questions]
+        is_intro = (first["question_kind"] == "introspection").to_numpy()
+        if not is_intro.any() or is_intro.all():
+            raise ValueError(f"{concept!r} {other} {at} ({kind}): needs introspection and control questions")
+        base = order.groupby("question")["baseline_logit_diff"].mean().loc[questions].to_numpy(float)
+        delta = order.pivot_table(index="question", columns=x, values="delta", sort=False).loc[questions]
+        mass = (order.pivot_table(index="question", columns=x, values="answer_mass", sort=False).loc[questions]
+                .to_numpy(float) if "answer_mass" in order.columns else np.full(logit.shape, np.nan))
+        out[(concept, at.item() if hasattr(at, "item") else at, kind, seed)] = QuestionCurves(
+            logit.columns.to_numpy(float), delta.to_numpy(float), logit.to_numpy(float), base, mass, is_intro,
+            tuple(questions), first["_polarity"].to_numpy(int))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- the test
+
+@functools.lru_cache(maxsize=16)
+def _all_relabelings(q: int, m: int, n_neg: int) -> np.ndarray:
+    """Every assignment of m wordings (n_neg of them inverted) to q questions: ``[C(q, m)·C(m, n_neg), q]`` int,
+    read-only (pure combinatorics, so memoised)."""
+    chosen = np.array(list(itertools.combinations(range(q), m)), int).reshape(-1, m)  # [C, m]
+    signs = np.ones((math.comb(m, n_neg), m), int)  # [K, m]
+    for row, negative in enumerate(itertools.combinations(range(m), n_neg)):
+        signs[row, list(negative)] = -1
+    rows = np.repeat(chosen, len(signs), axis=0)
+    out = np.zeros((len(rows), q), int)
+    np.put_along_axis(out, rows, np.tile(signs, (len(chosen), 1)), axis=1)
+    out.flags.writeable = False
+    return out
+
+
+def relabelings(roles: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """``([P, Q] int, exact)``: the observed roles (``roles [Q]``: +1 / −1 wordings, 0 controls) assigned to the
+    questions anew — every distinct assignment (which questions are wordings, and which of those are inverted) when
+    there are at most :data:`MAX_EXACT`, else :data:`N_PERMUTATIONS` random permutations of the roles (see the module
+    docstring for why the sign pattern travels with the relabelling)."""
+    roles = np.asarray(roles, int)
+    q = len(roles)
+    signs = roles[roles != 0]
+    m, n_neg = len(signs), int((signs < 0).sum())
+    if math.comb(q, m) * math.comb(m, n_neg) <= MAX_EXACT:
+        return _all_relabelings(q, m, n_neg), True
+    order = np.argsort(rng.random((N_PERMUTATIONS, q)), axis=1)
+    return roles[order], False
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_weights(baseline: bytes, roles: bytes, statistic: str) -> np.ndarray:
+    """:func:`statistic_weights` of every exact relabelling of ``roles`` at ``baseline`` (float64 and int64 bytes):
+    the same for every vector measured with the same questions, so memoised (read-only)."""
+    x, r = np.frombuffer(baseline, float), np.frombuffer(roles, np.int64)
+    signs = r[r != 0]
+    out = statistic_weights(x, _all_relabelings(len(r), len(signs), int((signs < 0).sum())), statistic)
+    out.flags.writeable = False
+    return out
+
+
+def max_statistic(curves: QuestionCurves, roles: np.ndarray, statistic: str = "I", *, exact: bool = False
+                  ) -> np.ndarray:
+    """T = max over injected x of I (or S) for each labelling: ``roles [P, Q]`` → ``[P]``. ``exact``: ``roles`` are
+    :func:`relabelings`' full enumeration for ``curves.polarity`` (their weights are then reused across vectors)."""
+    if exact:
+        weights = _exact_weights(np.ascontiguousarray(curves.baseline, float).tobytes(),
+                                 np.ascontiguousarray(curves.polarity, np.int64).tobytes(), statistic)
+        return (weights @ curves.delta)[:, curves.injected].max(axis=1)
+    return curves.statistic(statistic, roles)[:, curves.injected].max(axis=1)
+
+
+def max_over_scales(curves: QuestionCurves, statistic: str = "I") -> float:
+    """T of one vector: the largest I (or S) over its injected x."""
+    return float(curves.statistic(statistic)[curves.injected].max())
+
+
+def shift_test(concept: QuestionCurves, randoms: Sequence[QuestionCurves] = (), *, rng: np.random.Generator | int = 0,
+               statistic: str = "I", random_statistics: np.ndarray | None = None) -> dict[str, float]:
+    """The calibrated test of one concept (see the module docstring): ``statistic`` T (max over injected scales of I,
+    or of S with ``statistic="S"``), ``peak_scale`` s*, ``p_questions``, ``p_random`` and ``random_rank`` (NaN with
+    fewer than :data:`MIN_RANDOM` random vectors: then ``p_value`` is 1 — no verdict without the random-vector null),
+    ``p_value`` (also 1 when I's fit is degenerate: ``fit_ok`` 0.0), ``n_relabelings``, ``exact`` (1.0 when every
+    relabeling was enumerated). ``random_statistics [R]``: the randoms' T (:func:`max_over_scales`) when already
+    computed (an atlas tests every concept against the same random vectors)."""
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    injected = concept.injected
+    if not injected.any():
+        raise ValueError("the test needs at least one injected scale (x ≠ 0)")
+    values = concept.statistic(statistic)
+    peak = int(np.flatnonzero(injected)[np.argmax(values[injected])])
+    t_obs = float(values[peak])
+    roles, exact = relabelings(concept.polarity, rng)
+    t_perm = max_statistic(concept, roles, statistic, exact=exact)
+    tol = 1e-9 * max(1.0, abs(t_obs))
+    hits = int((t_perm >= t_obs - tol).sum())
+    p_questions = hits / len(roles) if exact else (1 + hits) / (1 + len(roles))
+    p_random = rank = float("nan")
+    if len(randoms) >= MIN_RANDOM:
+        if (any(r.questions != concept.questions or r.x.shape != concept.x.shape for r in randoms)
+                or not (np.stack([r.x for r in randoms]) == concept.x).all()):
+            raise ValueError("the random vectors were measured at other scales or with other questions")
+        t_rand = (np.asarray(random_statistics, float) if random_statistics is not None else
+                  np.array([max_over_scales(r, statistic) for r in randoms]))
+        n = len(t_rand)
+        rank = float((1 + (t_rand >= t_obs - tol).sum()) / (1 + n))
+        spread = t_rand.std(ddof=1) * math.sqrt(1 + 1 / n)
+        p_random = float(special.stdtr(n - 1, -(t_obs - t_rand.mean()) / spread)) if spread > 0 else float(
+            t_obs <= t_rand.mean())
+    ok = statistic == "S" or concept.fit_ok
+    p_value = max(p_questions, p_random) if not math.isnan(p_random) and ok else 1.0
+    return {"statistic": t_obs, "peak_scale": float(concept.x[peak]), "p_questions": float(p_questions),
+            "p_random": p_random, "random_rank": rank, "p_value": float(p_value), "n_relabelings": float(len(roles)),
+            "exact": float(exact), "fit_ok": float(ok)}
+
+
+def _one_concept(df: pd.DataFrame, concept: str, layer: int | None) -> tuple[QuestionCurves, list[QuestionCurves]]:
+    sub = select(df, concept, layer=layer)
+    if sub["layer"].nunique() > 1:
+        raise ValueError(f"the table holds several layers ({sorted(sub['layer'].unique())}); pass layer=")
+    at = int(sub["layer"].iloc[0])
+    curves = question_curves(df[df["layer"] == at])
+    return curves[(concept, at, "concept", None)], [q for k, q in curves.items() if k[2] == "random"]
+
+
+def peak_index(curves: QuestionCurves, statistic: str = "I") -> int:
+    """Index of the injected x with the largest I (or S): the point the test's maximum picks."""
+    values, injected = curves.statistic(statistic), curves.injected
+    return int(np.flatnonzero(injected)[np.argmax(values[injected])])
+
+
+def peak_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None, statistic: str = "I") -> float:
+    """The peak scale s* of ``concept`` in a scale sweep: the injected scale with the largest introspection
+    residual I (the scale :func:`shift_test` picks; every notebook probes there)."""
+    concept_curves, _ = _one_concept(df, concept, layer)
+    return float(concept_curves.x[peak_index(concept_curves, statistic)])
+
+
+def concept_test(df: pd.DataFrame, concept: str, *, layer: int | None = None, seed: int = 0) -> dict[str, float]:
+    """:func:`shift_test` of one concept of a scale sweep, against the random vectors measured at its layer."""
+    concept_curves, randoms = _one_concept(df, concept, layer)
+    at = int(select(df, concept, layer=layer)["layer"].iloc[0])
+    return shift_test(concept_curves, randoms, rng=concept_rng(seed, concept, at))
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values) ``[n]``, in the input order."""
+    p = np.asarray(p_values, float)
+    n = len(p)
+    if n == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * n / np.arange(1, n + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty(n)
+    out[order] = q
+    return out
+
+
+def _quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    lo, hi = np.quantile(values, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def bootstrap_interval(concept: QuestionCurves, index: int, *, rng: np.random.Generator, n_boot: int = N_BOOT,
+                       level: float = CONFIDENCE) -> dict[str, float]:
+    """Percentile intervals at x index ``index`` of S, I, the (signed) introspection Δ and the control Δ, resampling
+    the wordings (within each polarity, so the balance stays) and the controls, with replacement; I refits the
+    controls' line on each resample (a resample whose baselines do not vary keeps b alone)."""
+    d, base, pol = concept.delta[:, index], concept.baseline, concept.polarity
+    controls = np.flatnonzero(~concept.is_intro)
+    ci = controls[rng.integers(0, len(controls), (n_boot, len(controls)))]  # [B, n]
+    wi = np.concatenate([w[rng.integers(0, len(w), (n_boot, len(w)))]
+                         for w in (np.flatnonzero(pol == 1), np.flatnonzero(pol == -1)) if len(w)], axis=1)  # [B, m]
+    xc, dc = base[ci], d[ci]
+    dx = xc - xc.mean(axis=1, keepdims=True)
+    sxx = (dx ** 2).sum(axis=1)
+    c = np.divide((dx * dc).sum(axis=1), sxx, out=np.zeros(n_boot), where=sxx > 1e-9)
+    b = dc.mean(axis=1) - c * xc.mean(axis=1)
+    residual = (pol[wi] * (d[wi] - b[:, None] - c[:, None] * base[wi])).mean(axis=1)
+    intro_signed = (pol[wi] * d[wi]).mean(axis=1)
+    intro_plain = d[wi].mean(axis=1)
+    control = dc.mean(axis=1)
+    (s_lo, s_hi), (r_lo, r_hi) = _quantiles(intro_plain - control, level), _quantiles(residual, level)
+    (i_lo, i_hi), (c_lo, c_hi) = _quantiles(intro_signed, level), _quantiles(control, level)
+    return {"shift_ci_low": s_lo, "shift_ci_high": s_hi, "I_ci_low": r_lo, "I_ci_high": r_hi,
+            "introspection_ci_low": i_lo, "introspection_ci_high": i_hi, "control_ci_low": c_lo,
+            "control_ci_high": c_hi}
+
+
+def movement(concept: QuestionCurves) -> dict[str, np.ndarray]:
+    """What the injection does at each x ``[S]``: ``b`` (shared push), ``c`` (slope), ``I``, ``compression`` (the
+    line's push on the most extreme control, |c|·max|x_q|) and ``size`` (the largest of |b|, |I|, compression)."""
+    fit = concept.fit()
+    compression = np.abs(fit["c"]) * float(np.abs(concept.baseline[~concept.is_intro]).max())
+    residual = concept.residual()
+    size = np.maximum.reduce([np.abs(fit["b"]), np.abs(residual), compression])
+    return {"b": fit["b"], "c": fit["c"], "r2": fit["r2"], "I": residual, "compression": compression, "size": size}
+
+
+def effect_index(concept: QuestionCurves) -> int:
+    """Index of the effect scale: the injected x where :func:`movement`'s size is largest."""
+    size = movement(concept)["size"]
+    injected = np.flatnonzero(concept.injected)
+    return int(injected[np.argmax(size[injected])])
+
+
+def classify(concept: QuestionCurves, q_value: float, *, alpha: float = ALPHA,
+             effect_threshold: float = EFFECT_THRESHOLD) -> str:
+    """The class of a concept (rules and order in the module docstring) — the one place the classes are decided."""
+    if q_value <= alpha:
+        return "introspection-specific"
+    move, inj, t = movement(concept), concept.injected, effect_threshold
+    if np.all(move["size"][inj] < t):
+        return "no effect"
+    e = effect_index(concept)
+    b, residual = move["b"][e], move["I"][e]
+    if residual <= -t:
+        return "opposite"
+    if residual >= t:
+        return "one-sided"
+    if b >= t:
+        return "shared yes-shift"
+    if b <= -t:
+        return "shared suppression"
+    return "compression"
+
+
+def concept_rng(seed: int, concept: str, layer: int) -> np.random.Generator:
+    """The Generator of one (concept, layer): its numbers do not depend on the other concepts in the table."""
+    return np.random.default_rng([int(seed), zlib.crc32(concept.encode()), int(layer)])
+
+
+ATLAS_COLUMNS = ["model", "concept", "layer", "n_wordings", "n_inverted", "n_controls", "n_random", "control_span",
+                 "fit_ok", "peak_scale", "I", "I_ci_low", "I_ci_high", "b", "c", "fit_r2", "predicted_delta",
+                 "p_questions", "p_random", "random_rank", "p_value", "q_value", "shift_scale", "shift",
+                 "shift_ci_low", "shift_ci_high", "effect_scale", "introspection_delta", "introspection_ci_low",
+                 "introspection_ci_high", "control_delta", "control_ci_low", "control_ci_high", "effect_b",
+                 "effect_c", "effect_I", "introspection_flip", "control_flip", "answer_mass", "baseline_answer_mass",
+                 "low_mass", "class"]
+
+
+def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
+             n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0) -> pd.DataFrame:
+    """One row per (concept, layer) of a scale-sweep table: the test on I, its corrections, intervals, the controls'
+    fit, S, flips, answer mass and class (columns :data:`ATLAS_COLUMNS`), sorted by q-value then I.
+
+    ``peak_scale`` with ``I`` and its interval, ``b``, ``c``, ``fit_r2`` and ``predicted_delta`` (the controls'
+    prediction for the wordings' signed Δ): where I is largest; ``shift_scale`` with ``shift`` (S, the write-up's
+    contrast) and its interval: where S is largest; ``effect_scale`` with the (signed) introspection and control Δ
+    and their intervals, ``effect_b``, ``effect_c``, ``effect_I``: where the injection does the most (the class is
+    read there); ``control_span`` and ``fit_ok`` (the fit's identification); ``answer_mass``: mean P(yes)+P(no) of the
+    introspection wordings at the peak scale (``baseline_answer_mass`` without injection), ``low_mass`` when it is
+    below :data:`MIN_ANSWER_MASS`. Random vectors at a layer form that layer's null (pooled over concepts).
+    """
+    if effect_threshold <= 0:
+        raise ValueError("effect_threshold must be > 0 (logits)")
+    if not 0 < alpha < 1 or not 0 < level < 1:
+        raise ValueError(f"alpha {alpha} and level {level} must be in (0, 1)")
+    curves = question_curves(df)
+    rows = []
+    null: dict[int, tuple[list[QuestionCurves], np.ndarray]] = {}
+    for (concept, layer, kind, _), c in curves.items():
+        if kind != "concept":
+            continue
+        if layer not in null:
+            randoms = [r for (_, lr, k, _), r in curves.items() if k == "random" and lr == layer]
+            null[layer] = randoms, np.array([max_over_scales(r) for r in randoms])
+        randoms, t_rand = null[layer]
+        rng = concept_rng(seed, concept, layer)
+        test = shift_test(c, randoms, rng=rng, random_statistics=t_rand)
+        peak = peak_index(c)
+        s_peak = peak_index(c, "S")
+        effect = effect_index(c)
+        move = movement(c)
+        ci = bootstrap_interval(c, effect, rng=rng, n_boot=n_boot, level=level)
+        peak_ci = bootstrap_interval(c, peak, rng=rng, n_boot=n_boot, level=level)
+        shift_ci = bootstrap_interval(c, s_peak, rng=rng, n_boot=n_boot, level=level)
+        intro_logit = (c.polarity[c.is_intro, None] * c.logit[c.is_intro]).mean(axis=0)
+        control_logit = c.logit[~c.is_intro].mean(axis=0)
+        mass = float(np.nanmean(c.mass[c.is_intro, peak])) if np.isfinite(c.mass).any() else float("nan")
+        sub = df[(df["concept"] == concept) & (df["layer"] == layer) & (df["vector_kind"] == "concept")
+                 & (df["question_kind"] == "introspection")]
+        base_mass = float(sub["baseline_answer_mass"].mean()) if "baseline_answer_mass" in sub else float("nan")
+        rows.append({
+            "model": df["model"].iloc[0] if "model" in df else "", "concept": concept, "layer": int(layer),
+            "n_wordings": int(c.is_intro.sum()), "n_inverted": int((c.polarity < 0).sum()),
+            "n_controls": int((~c.is_intro).sum()), "n_random": len(randoms), "control_span": c.control_span,
+            "fit_ok": c.fit_ok, "peak_scale": test["peak_scale"], "I": test["statistic"],
+            "I_ci_low": peak_ci["I_ci_low"], "I_ci_high": peak_ci["I_ci_high"], "b": float(move["b"][peak]),
+            "c": float(move["c"][peak]), "fit_r2": float(move["r2"][peak]),
+            "predicted_delta": float(c.predicted()[peak]),
+            "p_questions": test["p_questions"], "p_random": test["p_random"], "random_rank": test["random_rank"],
+            "p_value": test["p_value"], "shift_scale": float(c.x[s_peak]), "shift": float(c.shift()[s_peak]),
+            "shift_ci_low": shift_ci["shift_ci_low"], "shift_ci_high": shift_ci["shift_ci_high"],
+            "effect_scale": float(c.x[effect]), "introspection_delta": float(c.group_delta(True)[effect]),
+            "introspection_ci_low": ci["introspection_ci_low"], "introspection_ci_high": ci["introspection_ci_high"],
+            "control_delta": float(c.group_delta(False)[effect]),
+            "control_ci_low": ci["control_ci_low"], "control_ci_high": ci["control_ci_high"],
+            "effect_b": float(move["b"][effect]), "effect_c": float(move["c"][effect]),
+            "effect_I": float(move["I"][effect]),
+            "introspection_flip": flip_scale(c.x, intro_logit, float((c.polarity * c.baseline)[c.is_intro].mean())),
+            "control_flip": flip_scale(c.x, control_logit, float(c.baseline[~c.is_intro].mean())),
+            "answer_mass": mass, "baseline_answer_mass": base_mass,
+            "low_mass": bool(mass < MIN_ANSWER_MASS) if not np.isnan(mass) else False,
+        })
+    if not rows:
+        raise ValueError("the table has no concept-vector rows (vector_kind == 'concept')")
+    out = pd.DataFrame(rows)
+    out["q_value"] = benjamini_hochberg(out["p_value"])
+    out["class"] = [classify(curves[(r.concept, r.layer, "concept", None)], r.q_value, alpha=alpha,
+                             effect_threshold=effect_threshold) for r in out.itertuples()]
+    return out[ATLAS_COLUMNS].sort_values(["q_value", "I", "concept"], ascending=[True, False, True],
+                                          ignore_index=True)
+
+
+def class_counts(table: pd.DataFrame) -> pd.Series:
+    """How many concepts fall in each class (every class listed, zeros included)."""
+    return table["class"].value_counts().reindex(list(CLASSES), fill_value=0)
+
+
+def random_null(df: pd.DataFrame) -> pd.DataFrame:
+    """T of every vector of a scale-sweep table: ``concept, layer, vector_kind, vector_seed, statistic`` (max over
+    injected scales of I — the random rows are the null the concepts are tested against) and ``shift`` (max over
+    injected scales of S, the contrast, for comparison)."""
+    rows = [{"concept": c, "layer": layer, "vector_kind": k, "vector_seed": s,
+             "statistic": float(q.residual()[q.injected].max()), "shift": float(q.shift()[q.injected].max())}
+            for (c, layer, k, s), q in question_curves(df).items()]
+    out = pd.DataFrame(rows)
+    out["vector_seed"] = out["vector_seed"].astype("Int64")
+    return out
+
+
+def null_medians(null: pd.DataFrame) -> dict[str, float]:
+    """From a :func:`random_null` table: the medians of max-over-scales I and S of the concept vectors and of the
+    random vectors (``concept_I``, ``random_I``, ``concept_S``, ``random_S``), and how many concepts exceed every
+    random vector on each (``beat_I``, ``beat_S``): the numbers that show whether a statistic sits near 0 where only
+    introspection should move it."""
+    concept, random = null[null["vector_kind"] == "concept"], null[null["vector_kind"] == "random"]
+    out = {"n_concepts": float(len(concept)), "n_random": float(len(random))}
+    for name, column in (("I", "statistic"), ("S", "shift")):
+        out[f"concept_{name}"] = float(concept[column].median()) if len(concept) else float("nan")
+        out[f"random_{name}"] = float(random[column].median()) if len(random) else float("nan")
+        out[f"beat_{name}"] = float((concept[column] > random[column].max()).sum()) if len(random) else float("nan")
+    return out
+
+
+def _polarity_words(r: dict) -> tuple[str, str]:
+    """``(the wordings in words, a caveat when they all have one polarity)``."""
+    n, inverted = int(r["n_wordings"]), int(r.get("n_inverted", 0) or 0)
+    if inverted == 0:
+        return (f"{n} detect wording(s)", "; with no inverted wording, a bias that pushes every introspection wording "
+                "towards yes more than the controls would not cancel in I")
+    return f"{n - inverted} detect and {inverted} inverted wordings", ""
+
+
+def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA) -> str:
+    """One sentence on one concept's verdict (a row of :func:`verdicts`): the class, I with its interval and
+    p-values, the controls' fit (b, c, R², span), S beside it, and the answer mass."""
+    r = dict(row)
+    note = fit_note(int(r["n_controls"]), float(r["control_span"]))
+    head = (f"{r['concept']} (layer {r['layer']}): {r['class']} — largest introspection residual I = {r['I']:+.2f} "
+            f"at scale {r['peak_scale']:g} ({CONFIDENCE:.0%} CI {r['I_ci_low']:+.2f} to {r['I_ci_high']:+.2f}): the "
+            f"wordings moved {r['predicted_delta'] + r['I']:+.2f} towards reporting detection where the controls' "
+            f"line predicts {r['predicted_delta']:+.2f} (shared push b = {r['b']:+.2f}, slope c = {r['c']:+.2f}"
+            f"{' — compression towards indifference' if r['c'] < 0 else ''}, R² = {r['fit_r2']:.2f}, controls "
+            f"spanning {r['control_span']:.1f} logits)")
+    if note:
+        test = f"; {note}"
+    else:
+        wordings, caveat = _polarity_words(r)
+        test = (f"; p_questions = {r['p_questions']:.3g} over {wordings} and {r['n_controls']} controls, "
+                f"p_random = {r['p_random']:.3g} against {r['n_random']} random vectors, q = {r['q_value']:.3g} at "
+                f"α = {alpha:g}{caveat}")
+    body = (f". The contrast S (introspection Δ − control Δ) is largest at scale {r['shift_scale']:g}: "
+            f"{r['shift']:+.2f} [{r['shift_ci_low']:+.2f}, {r['shift_ci_high']:+.2f}]; at scale {r['effect_scale']:g}"
+            f" the introspection Δ is {r['introspection_delta']:+.2f} [{r['introspection_ci_low']:+.2f}, "
+            f"{r['introspection_ci_high']:+.2f}] and the control Δ {r['control_delta']:+.2f} "
+            f"[{r['control_ci_low']:+.2f}, {r['control_ci_high']:+.2f}]")
+    return head + test + body + (mass_note(r["answer_mass"]) or f"; answer mass {r['answer_mass']:.2f}") + "."
