@@ -27,7 +27,7 @@ FOLDERS = {
 }
 # The commands' short forms at the top level -> the module each one runs (and nothing else).
 ENTRY_POINTS = {
-    "bench": "apps.bench", "explore": "apps.explore",
+    "run": "apps.run", "findings": "apps.findings", "bench": "apps.bench", "explore": "apps.explore",
     "demo": "apps.demo", "frozen_prompts": "apps.frozen_prompts", "calibration": "stats.calibration",
 }
 # Known, owned exceptions: (importer, imported) -> why it is still here.
