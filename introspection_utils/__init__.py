@@ -1,25 +1,60 @@
 """introspection_utils: concept-injection ("injected thought") experiments on open chat models, traced with nnsight.
 
-Pipeline, one module per step, data flowing one way:
-``models`` → ``prompts`` → ``vectors`` → ``inject`` → ``sweeps`` → ``plots`` / ``widgets`` / ``metrics``.
+The package is in role folders, imports running one way (``tests/test_layers.py`` holds the order):
+``core`` (paths, data, intervals) → ``models`` (the handle, embedded models, memory) → ``engine`` (prompts, vectors,
+the injection pass, generation, executors) → ``stats`` (every definition: Δ, I, S, the verdicts, calibration) →
+``experiments`` (one module per experiment) → ``readings`` (sentences) / ``plotting`` (figures) → ``apps`` (the
+runner, explorer, bench, demo, frozen prompts, findings). ``docs/design.md`` describes the layout.
 
-``load_model``, ``ModelHandle`` and ``DEFAULT_MODEL`` are imported on first use, so ``python -m
-introspection_utils.apps.run --help`` answers without loading torch.
+The names a user touches are here (``__all__``), imported on first use so that ``import introspection_utils`` and
+``python -m introspection_utils.run --help`` answer without loading torch. The top-level modules ``run``,
+``findings``, ``bench``, ``calibration``, ``explore``, ``demo`` and ``frozen_prompts`` are the commands' short
+forms (``python -m introspection_utils.run``); each only runs its module in ``apps/`` or ``stats/``.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from introspection_utils.engine.inject import Trial, measure
+    from introspection_utils.engine.prompts import control_questions, introspection_prompt
+    from introspection_utils.engine.vectors import (
+        ConceptVector,
+        concept_vectors,
+        default_layer,
+        default_layers,
+        random_vector,
+    )
+    from introspection_utils.experiments.atlas import run_atlas
+    from introspection_utils.experiments.sweeps import layer_sweep, load_result, scale_sweep
     from introspection_utils.models.handle import DEFAULT_MODEL, ModelHandle, load_model
+    from introspection_utils.stats.verdicts import describe_verdict, verdicts
 
-__all__ = ["DEFAULT_MODEL", "ModelHandle", "load_model"]
+# name -> the module (under introspection_utils) that defines it
+_HOMES = {
+    "load_model": "models.handle", "ModelHandle": "models.handle", "DEFAULT_MODEL": "models.handle",
+    "introspection_prompt": "engine.prompts", "control_questions": "engine.prompts",
+    "concept_vectors": "engine.vectors", "random_vector": "engine.vectors", "ConceptVector": "engine.vectors",
+    "default_layer": "engine.vectors", "default_layers": "engine.vectors",
+    "Trial": "engine.inject", "measure": "engine.inject",
+    "scale_sweep": "experiments.sweeps", "layer_sweep": "experiments.sweeps", "load_result": "experiments.sweeps",
+    "run_atlas": "experiments.atlas",
+    "verdicts": "stats.verdicts", "describe_verdict": "stats.verdicts",
+}
+__all__ = [
+    "ConceptVector", "DEFAULT_MODEL", "ModelHandle", "Trial", "concept_vectors", "control_questions", "default_layer",
+    "default_layers", "describe_verdict", "introspection_prompt", "layer_sweep", "load_model", "load_result", "measure",
+    "random_vector", "run_atlas", "scale_sweep", "verdicts",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from introspection_utils.models import handle as models
+    if name in _HOMES:
+        return getattr(import_module(f"introspection_utils.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'introspection_utils' has no attribute {name!r} (the public names: {__all__})")
 
-        return getattr(models, name)
-    raise AttributeError(f"module 'introspection_utils' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from introspection_utils import load_model
-from introspection_utils.experiments import lens as probes
+from introspection_utils.experiments import attention, logit_lens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402  (the independent plain-PyTorch implementation)
@@ -233,12 +233,13 @@ def oracle():
     return Oracle()
 
 
-# Probe tables on tiny-llama, read by tests/test_probes.py (the numbers) and tests/test_plots.py (the figures).
+# Logit-lens and attention tables on tiny-llama, read by tests/test_lens_and_attention.py (the numbers) and
+# tests/test_plots.py (the figures).
 @pytest.fixture(scope="session")
 def lens(tiny_llama):
-    return probes.lens_profile(tiny_llama, ["Sandwich"], 4.0, layer=1, n_controls=2, n_random=1)
+    return logit_lens.lens_profile(tiny_llama, ["Sandwich"], 4.0, layer=1, n_controls=2, n_random=1)
 
 
 @pytest.fixture(scope="session")
 def maps(tiny_llama):
-    return probes.attention_maps(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2)
+    return attention.attention_maps(tiny_llama, "Sandwich", 4.0, layer=0, n_controls=2)

@@ -76,14 +76,13 @@ def _kill(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def reference():
     """The explorer's computing part in this process, with the notebook's own defaults (its parameters cell)."""
-    from introspection_utils import load_model
+    from introspection_utils import default_layer, load_model
     from introspection_utils.apps.widgets import ExplorerState
-    from introspection_utils.experiments import lens as probes
 
     p = explore.notebook_defaults()
     handle = load_model(MODEL)
     state = ExplorerState(handle, p["concepts"], scales=p["scales"], n_controls=p["n_controls"], seed=p["seed"])
-    return state, probes.default_layer(handle, p["layer"])
+    return state, default_layer(handle, p["layer"])
 
 
 def _printed(state, concept: str, layer: int, scale: float) -> tuple[str, str]:

@@ -12,7 +12,8 @@ The scale multiplies the *raw* concept vector (activation(word) − baseline mea
 4 × v, whose norm is 4 × ‖v‖. The x labels say so and give ‖v‖.
 
 Inputs are the tidy tables of :mod:`introspection_utils.experiments.sweeps` and
-:mod:`introspection_utils.experiments.lens`.
+:mod:`introspection_utils.experiments.logit_lens` and
+:mod:`introspection_utils.experiments.attention`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from introspection_utils.stats import verdicts
 
 if TYPE_CHECKING:
     from introspection_utils.engine.vectors import VectorBank
-    from introspection_utils.experiments.lens import AttentionMaps
+    from introspection_utils.experiments.attention import AttentionMaps
 
 __all__ = ["PALETTE", "LOCALIZATION_COLORS", "CLASS_COLORS", "project_root", "figures_dir", "results_dir",
            "save_figure", "stabilise", "FIGURE_FORMATS",
@@ -262,7 +263,7 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
     """Yes−no logit difference read at every layer (logit lens) for ``concept``, introspection vs control (mean ±1
     std), concept vs random vectors (translucent), with the no-injection lens of each question kind dashed.
 
-    ``lens``: a :func:`probes.lens_profile` table (one injection layer and scale per concept).
+    ``lens``: a :func:`logit_lens.lens_profile` table (one injection layer and scale per concept).
     """
     sub = concept_rows(lens, concept)
     layer, scale = int(sub["layer"].iloc[0]), float(sub["scale"].iloc[0])
@@ -557,7 +558,7 @@ def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept
                              mark: float | None = None, ax: plt.Axes | None = None) -> plt.Figure:
     """Introspection and control mean without (solid) and with (dashed) the refusal direction ablated, with the
     introspection no-injection baseline (grey) of each. ``x="scale"``: two :func:`sweeps.scale_sweep` tables (one
-    layer); ``x="lens_layer"``: two :func:`probes.lens_profile` tables (one scale per concept). ``mark``: a scale
+    layer); ``x="lens_layer"``: two :func:`logit_lens.lens_profile` tables (one scale per concept). ``mark``: a scale
     to mark with a vertical line (e.g. where the answer switches back to no)."""
     if x not in ("scale", "lens_layer"):
         raise ValueError(f"x {x!r}: use 'scale' (sweep tables) or 'lens_layer' (logit-lens tables)")

@@ -1,10 +1,10 @@
 """Computed readings of the series' results: numbers (a flip scale, a correlation, a table of heads) and sentences
 built from them — never a sentence that would read the same whatever the numbers were.
 
-Inputs are the tidy tables of :mod:`introspection_utils.experiments.sweeps` (scale and layer sweeps) and
-:mod:`introspection_utils.experiments.lens` (logit lens, attention maps). Conventions: ``logit_diff`` > 0 means the
-model
-prefers "Yes"; a question's *baseline* is its logit difference without injection; *delta* = logit_diff − baseline.
+Inputs are the tidy tables of :mod:`introspection_utils.experiments.sweeps` (scale and layer sweeps),
+:mod:`introspection_utils.experiments.logit_lens` and :mod:`introspection_utils.experiments.attention`. Conventions:
+``logit_diff`` > 0 means the model prefers "Yes"; a question's *baseline* is its logit difference without injection;
+*delta* = logit_diff − baseline.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.engine.vectors import cosine_similarity_matrix
-from introspection_utils.experiments.lens import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
+from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
 from introspection_utils.stats import verdicts
 
 if TYPE_CHECKING:
-    from introspection_utils.experiments.lens import AttentionMaps
+    from introspection_utils.experiments.attention import AttentionMaps
 
 
 def curves(df: pd.DataFrame, concept: str, **kwargs) -> pd.DataFrame:
@@ -416,7 +416,7 @@ def describe_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, 
 
 
 def describe_lens_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str) -> str:
-    """Sentences comparing two logit-lens tables (:func:`probes.lens_profile`, without and with ablation) of one
+    """Sentences comparing two logit-lens tables (:func:`logit_lens.lens_profile`, without and with ablation) of one
     concept: the last-layer read-outs and the read-out layer where the ablation changes the introspection answer
     most."""
     def lines(lens):
