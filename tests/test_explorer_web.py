@@ -5,6 +5,11 @@ loopback port; Playwright drives Debian's Chromium headless (the system binary, 
 slider with the keyboard, changes the concept, and each time the numbers on the page must equal
 ``ExplorerState.values(...)`` computed here for the same settings, to the printed precision. The page as the test left
 it is saved to ``test-artifacts/explorer_web.png``.
+
+The test waits on readiness, never on a clock: on the server's own signal (the command prints "is served at" once Voilà
+accepts connections) and on the page's computed state (the explorer's status line says "ready" once the notebook has
+run and drawn). The bounds are generous (a loaded 2-core machine, the kernel importing torch and running a sweep)
+and only there to end a hung run; a run that hits one fails saying what it was waiting for, with the server's log.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = explore.CHROMIUM  # /usr/bin/chromium
 ARTIFACTS = ROOT / "test-artifacts"
 MODEL = "tiny-llama"
+SERVER_BOUND_S = 300  # the command's readiness line: Voilà started and listening
+PAGE_BOUND_S = 600  # the page's first computed state: the kernel imports torch, loads the model, runs one sweep
+STEP_BOUND_S = 300  # after a control moves: a redraw from the cache, or one new sweep
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.is_file(),
@@ -38,28 +48,49 @@ pytestmark = pytest.mark.skipif(
 def server():
     """``(url, log)``: the explorer served on a free loopback port; always stopped (process group killed)."""
     port = explore.free_port()
-    process = subprocess.Popen([sys.executable, "-m", "introspection_utils.explore", "--model", MODEL,
-                                "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    command = [sys.executable, "-m", "introspection_utils.explore", "--model", MODEL, "--port", str(port),
+               "--startup-timeout", str(SERVER_BOUND_S)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+
+    def read() -> None:  # the whole output in ``log`` (for failure messages), each line also to the readiness loop
+        for line in process.stdout:
+            log.append(line)
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        url, deadline = None, time.monotonic() + 90
-        while url is None and time.monotonic() < deadline and process.poll() is None:
+        url, started = None, time.monotonic()
+        while url is None and time.monotonic() - started < SERVER_BOUND_S + 30 and process.poll() is None:
             try:
                 line = lines.get(timeout=1)
             except queue.Empty:
                 continue
-            log.append(line)
             if "is served at http://127.0.0.1:" in line:
                 url = line.split(" is served at ")[1].split()[0]
-        assert url == f"http://127.0.0.1:{port}/", "the server did not report its address:\n" + "".join(log)
+        waited = f"{time.monotonic() - started:.0f} s"
+        assert process.poll() is None or url, (f"the explorer exited with code {process.returncode} after {waited}, "
+                                               "before its readiness line ('is served at'):\n" + "".join(log))
+        assert url == f"http://127.0.0.1:{port}/", (
+            f"waited {waited} (bound {SERVER_BOUND_S} s + 30) for the explorer's readiness line 'is served at "
+            f"http://127.0.0.1:{port}/' (printed once Voilà accepts connections); its output:\n" + "".join(log))
         yield url, log
     finally:
         _kill(process)
-        while not lines.empty():
-            log.append(lines.get())
+
+
+@contextmanager
+def waiting_for(what: str, bound_s: float, log: list[str]) -> Iterator[float]:
+    """Run the block (which waits up to ``bound_s`` seconds, passed in as milliseconds); if it times out or its
+    expectation fails, fail saying what was awaited, for how long, and what the server printed."""
+    started = time.monotonic()
+    try:
+        yield bound_s * 1000
+    except Exception as err:  # playwright's TimeoutError, expect()'s AssertionError
+        raise AssertionError(f"waited {time.monotonic() - started:.0f} s (bound {bound_s:g} s) for {what}: {err}\n"
+                             "server log:\n" + "".join(log)) from err
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -98,7 +129,6 @@ def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference,
     start = len(state.scales) // 2  # the scale slider's initial position (Explorer)
     assert start + 2 < len(state.scales), "the test moves the scale slider two steps right"
     ARTIFACTS.mkdir(exist_ok=True)
-    timeout_ms = 45_000
 
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
@@ -108,24 +138,31 @@ def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference,
         context.route(re.compile(r"^(?!http://127\.0\.0\.1:)"), lambda route: route.abort())
         page = context.pages[0] if context.pages else context.new_page()
         try:
-            page.goto(url, wait_until="commit", timeout=90_000)  # Voilà streams the page while the notebook runs
+            with waiting_for(f"the first bytes of {url}", SERVER_BOUND_S, log) as ms:
+                page.goto(url, wait_until="commit", timeout=ms)  # Voilà streams the page while the notebook runs
             intro, control = page.locator(".iu-introspection"), page.locator(".iu-control-mean")
             status, figure = page.locator(".iu-status"), page.locator(".iu-figure img")
 
             def expect_numbers(concept: str, scale: float) -> None:
                 want = _printed(state, concept, layer, scale)
-                sync_api.expect(intro).to_have_text(want[0], timeout=timeout_ms)
-                sync_api.expect(control).to_have_text(want[1], timeout=timeout_ms)
+                with waiting_for(f"the page's numbers for {concept!r} at scale {scale} ({want[0]}, {want[1]})",
+                                 STEP_BOUND_S, log) as ms:
+                    sync_api.expect(intro).to_have_text(want[0], timeout=ms)
+                    sync_api.expect(control).to_have_text(want[1], timeout=ms)
 
-            # The initial state: the first concept at the middle of the scale grid.
-            intro.wait_for(timeout=90_000)
+            def expect_status(text: str, bound_s: float = STEP_BOUND_S) -> None:
+                with waiting_for(f"the explorer's status line to say {text!r}", bound_s, log) as ms:
+                    sync_api.expect(status).to_contain_text(text, timeout=ms)
+
+            # The page's computed state: the notebook has run and the explorer says "ready", its first sweep cached.
+            expect_status("ready · 1 (concept, layer) sweep(s) cached", PAGE_BOUND_S)
             expect_numbers(first, state.scales[start])
-            sync_api.expect(status).to_contain_text("1 (concept, layer) sweep(s) cached", timeout=timeout_ms)
 
             def wait_for_new_figure(old: str | None) -> str:
-                page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel); "
-                                       "return img !== null && img.getAttribute('src') !== old; }",
-                                       arg=[".iu-figure img", old], timeout=timeout_ms)
+                with waiting_for("a new figure (the image's src to change)", STEP_BOUND_S, log) as ms:
+                    page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel); "
+                                           "return img !== null && img.getAttribute('src') !== old; }",
+                                           arg=[".iu-figure img", old], timeout=ms)
                 return figure.first.get_attribute("src")
 
             shown = wait_for_new_figure(None)
@@ -136,17 +173,18 @@ def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference,
             handle.press("ArrowRight")
             handle.press("ArrowRight")
             moved = state.scales[start + 2]
-            sync_api.expect(page.locator(".iu-scale")).to_contain_text(f"{moved}", timeout=timeout_ms)
+            with waiting_for(f"the scale slider to show {moved}", STEP_BOUND_S, log) as ms:
+                sync_api.expect(page.locator(".iu-scale")).to_contain_text(f"{moved}", timeout=ms)
             expect_numbers(first, moved)
             assert _printed(state, first, layer, moved) != _printed(state, first, layer, state.scales[start])
-            sync_api.expect(status).to_contain_text("1 (concept, layer) sweep(s) cached")
+            expect_status("1 (concept, layer) sweep(s) cached")
             shown = wait_for_new_figure(shown)
 
             # Another concept: one new sweep, its numbers.
             page.locator(".iu-concept select").select_option(second)
             expect_numbers(second, moved)
             assert _printed(state, second, layer, moved) != _printed(state, first, layer, moved)
-            sync_api.expect(status).to_contain_text("2 (concept, layer) sweep(s) cached", timeout=timeout_ms)
+            expect_status("2 (concept, layer) sweep(s) cached")
             wait_for_new_figure(shown)
         except Exception:
             print("server log:\n" + "".join(log))
