@@ -18,7 +18,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from introspection_utils.core.results import load_result
     from introspection_utils.engine.inject import Trial, measure
+    from introspection_utils.engine.metadata import save_table
     from introspection_utils.engine.prompts import control_questions, introspection_prompt
     from introspection_utils.engine.vectors import (
         ConceptVector,
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
         random_vector,
     )
     from introspection_utils.experiments.atlas import run_atlas
-    from introspection_utils.experiments.sweeps import layer_sweep, load_result, scale_sweep
+    from introspection_utils.experiments.sweeps import layer_sweep, scale_sweep
     from introspection_utils.models.handle import DEFAULT_MODEL, ModelHandle, load_model
     from introspection_utils.stats.verdicts import describe_verdict, verdicts
 
@@ -39,14 +41,15 @@ _HOMES = {
     "concept_vectors": "engine.vectors", "random_vector": "engine.vectors", "ConceptVector": "engine.vectors",
     "default_layer": "engine.vectors", "default_layers": "engine.vectors",
     "Trial": "engine.inject", "measure": "engine.inject",
-    "scale_sweep": "experiments.sweeps", "layer_sweep": "experiments.sweeps", "load_result": "experiments.sweeps",
+    "scale_sweep": "experiments.sweeps", "layer_sweep": "experiments.sweeps", "load_result": "core.results",
+    "save_table": "engine.metadata",
     "run_atlas": "experiments.atlas",
     "verdicts": "stats.verdicts", "describe_verdict": "stats.verdicts",
 }
 __all__ = [
     "ConceptVector", "DEFAULT_MODEL", "ModelHandle", "Trial", "concept_vectors", "control_questions", "default_layer",
     "default_layers", "describe_verdict", "introspection_prompt", "layer_sweep", "load_model", "load_result", "measure",
-    "random_vector", "run_atlas", "scale_sweep", "verdicts",
+    "random_vector", "run_atlas", "save_table", "scale_sweep", "verdicts",
 ]
 
 

@@ -9,8 +9,8 @@ from test_verdicts import _scaled, _spread, _table
 
 from introspection_utils.apps import findings
 from introspection_utils.core.paths import project_root, read_block
+from introspection_utils.core.results import SweepResult
 from introspection_utils.experiments import mechanisms
-from introspection_utils.experiments.sweeps import SweepResult
 from introspection_utils.stats import verdicts
 
 

@@ -31,9 +31,7 @@ ENTRY_POINTS = {
     "demo": "apps.demo", "frozen_prompts": "apps.frozen_prompts", "calibration": "stats.calibration",
 }
 # Known, owned exceptions: (importer, imported) -> why it is still here.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("stats.verdicts", "experiments.sweeps"): "concept_rows, a table helper, moves to the results store (core)",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -173,7 +173,7 @@ def test_make_test_runs_the_notebooks_through_nbval():
     test_target = makefile.split("\ntest:")[1].split("\n\n")[0]
     assert "--nbval-lax notebooks/" in test_target
     demo_target = makefile.split("\ndemo:")[1].split("\n\n")[0]
-    assert "introspection_utils.apps.run --all" in demo_target
+    assert "-m introspection_utils.run --all" in demo_target
 
 
 @pytest.mark.skipif(shutil.which("jupyter") is None and not (Path(sys.executable).parent / "jupyter").exists(),
@@ -204,7 +204,7 @@ def test_make_test_checks_the_working_tree_and_make_findings_runs_the_qwen_file(
     assert "$(QWEN_STAMP)" in test_target and 'if [ "$$before" != "$$after" ]' in test_target
     assert "FINDINGS ?= data/findings/qwen2.5-coder-1.5b-instruct.toml" in makefile
     findings_target = makefile.split("\nfindings:")[1].split("\n\n")[0]
-    assert "introspection_utils.apps.run --findings $(FINDINGS)" in findings_target
+    assert "-m introspection_utils.run --findings $(FINDINGS)" in findings_target
 
 
 def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_concepts():

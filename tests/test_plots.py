@@ -17,6 +17,7 @@ from introspection_utils.engine.vectors import concept_vectors  # noqa: E402
 from introspection_utils.experiments import sweeps
 from introspection_utils.plotting import series as plots
 from introspection_utils.readings import sentences as readings  # noqa: E402
+from introspection_utils.stats import shifts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +182,11 @@ def test_flip_scale_is_per_curve_and_none_when_the_baseline_is_yes():
 
 def test_interference_readings_follow_the_numbers():
     below = _frame([-1, -2, -3, -4], [-2, -2, -2, -2], -1, -2)
-    b = readings.below_baseline(below, "X")
+    b = shifts.below_baseline(below, "X")
     assert b["fraction"] == 1.0 and b["min_delta"] == -3 and b["argmin"] == 4
     assert "below its baseline at most points" in readings.describe_below_baseline(below, "X")
     together = _frame([-1, 0, 1, 2], [-2, -1, 0, 1], -1, -2)
-    assert readings.curve_correlation(together, "X") == pytest.approx(1.0)
+    assert shifts.curve_correlation(together, "X") == pytest.approx(1.0)
     assert "move together" in readings.describe_comovement(together, "X")
     apart = _frame([-1, 0, 1, 2], [1, 0, -1, -2], -1, -2)
     assert "do not clearly move together" in readings.describe_comovement(apart, "X")

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 from introspection_utils.plotting import series as plots
 from introspection_utils.readings import sentences as readings  # noqa: E402
+from introspection_utils.stats import shifts  # noqa: E402
 
 SCALES = (0, 1, 2, 4, 8, 16)
 
@@ -26,29 +27,29 @@ def _curve(values, scales=SCALES):
 
 def test_switch_back_is_the_first_scale_after_the_peak_below_zero():
     curve = _curve([-1, 0.5, 2, 1, -0.5, -2])
-    assert readings.switch_back_scale(curve, baseline=-1) == 8
+    assert shifts.switch_back_scale(curve, baseline=-1) == 8
 
 
 def test_a_dip_below_zero_before_the_peak_does_not_count():
     curve = _curve([-1, -0.5, 1, 3, 0.2, -1])
-    assert readings.switch_back_scale(curve, baseline=-1) == 16
+    assert shifts.switch_back_scale(curve, baseline=-1) == 16
 
 
 def test_scale_zero_is_never_the_peak():
     curve = _curve([5, 1, -1, -2, -3, -4])  # the baseline point is not an injected scale
-    assert readings.switch_back_scale(curve, baseline=5) == 2
+    assert shifts.switch_back_scale(curve, baseline=5) == 2
 
 
 def test_without_reaching_yes_the_threshold_is_the_baseline():
     curve = _curve([-2, -1, -0.5, -1.5, -2.5, -3])
-    assert readings.switch_back_scale(curve, baseline=-2) == 8
+    assert shifts.switch_back_scale(curve, baseline=-2) == 8
 
 
 def test_no_switch_back_when_the_curve_never_falls_or_never_rises():
-    assert readings.switch_back_scale(_curve([-1, 0, 1, 2, 3, 4]), baseline=-1) is None  # rises throughout
-    assert readings.switch_back_scale(_curve([-1, 1, 2, 2, 1, 0.5]), baseline=-1) is None  # falls, stays yes
-    assert readings.switch_back_scale(_curve([-1, -2, -3, -4, -5, -6]), baseline=-1) is None  # "bomb": only down
-    assert readings.switch_back_scale(_curve([0.0], scales=(0,)), baseline=0.0) is None  # no injected scale
+    assert shifts.switch_back_scale(_curve([-1, 0, 1, 2, 3, 4]), baseline=-1) is None  # rises throughout
+    assert shifts.switch_back_scale(_curve([-1, 1, 2, 2, 1, 0.5]), baseline=-1) is None  # falls, stays yes
+    assert shifts.switch_back_scale(_curve([-1, -2, -3, -4, -5, -6]), baseline=-1) is None  # "bomb": only down
+    assert shifts.switch_back_scale(_curve([0.0], scales=(0,)), baseline=0.0) is None  # no injected scale
 
 
 def _frame(intro, control, baseline_intro, baseline_control, scales=SCALES, concept="X"):
@@ -91,7 +92,7 @@ def test_choose_switch_scale_falls_back_with_a_stated_reason():
 def test_ablation_effect_averages_the_high_scales():
     plain = _frame([-1, 0.5, 2, 1, -0.5, -2], [-2, -2, -2, -1, -1, -1], -1, -2)
     ablated = _frame([-0.5, 1, 2.5, 1.5, 1.5, 1.0], [-2, -2, -2, -1, -0.8, -1.2], -0.5, -2)
-    e = readings.ablation_effect(plain, ablated, "X", from_scale=8)
+    e = shifts.ablation_effect(plain, ablated, "X", from_scale=8)
     assert e["introspection"] == pytest.approx(2.5)   # (+2 at 8, +3 at 16) / 2
     assert e["control"] == pytest.approx(0.0)         # (+0.2, −0.2) / 2
     assert e["baseline"] == pytest.approx(0.5) and e["introspection_delta"] == pytest.approx(2.0)
@@ -112,10 +113,10 @@ def test_ablation_reading_says_when_the_curve_never_rises():
 
 def test_ablation_effect_needs_matching_scales():
     with pytest.raises(ValueError, match="different scales"):
-        readings.ablation_effect(_frame([0] * 6, [0] * 6, 0, 0), _frame([0] * 3, [0] * 3, 0, 0, scales=(0, 1, 2)),
+        shifts.ablation_effect(_frame([0] * 6, [0] * 6, 0, 0), _frame([0] * 3, [0] * 3, 0, 0, scales=(0, 1, 2)),
                                  "X")
     with pytest.raises(ValueError, match="no injected scale >= 99"):
-        readings.ablation_effect(_frame([0] * 6, [0] * 6, 0, 0), _frame([0] * 6, [0] * 6, 0, 0), "X", from_scale=99)
+        shifts.ablation_effect(_frame([0] * 6, [0] * 6, 0, 0), _frame([0] * 6, [0] * 6, 0, 0), "X", from_scale=99)
 
 
 # ------------------------------------------------------------------------------------------------------ the lens

@@ -8,11 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
+from introspection_utils.core.results import load_result
 from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.metadata import metadata, save_table
 from introspection_utils.engine.prompts import control_questions, introspection_prompt
 from introspection_utils.engine.vectors import concept_vectors, random_vector
 from introspection_utils.experiments import sweeps
-from introspection_utils.experiments.sweeps import COLUMNS, layer_sweep, load_result, scale_sweep, summarize
+from introspection_utils.experiments.sweeps import COLUMNS, layer_sweep, scale_sweep, summarize
 from introspection_utils.models.handle import package_version
 
 CONCEPTS = ["Dust", "Satellites"]
@@ -210,7 +212,6 @@ def test_bad_layer_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, 
 
 def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path):
     from introspection_utils.engine.prompts import question_prompts
-    from introspection_utils.experiments.sweeps import load_result, metadata, save_table
 
     table = pd.DataFrame({"layer": [1, 0], "head": [2, 3], "rise": [0.5, 0.25]})
     path = save_table(tiny_llama, table, tmp_path / "new", "top_heads", concept="Sandwich", scale=4.0, n_controls=2)
@@ -262,7 +263,7 @@ def test_answer_format_is_asked_recorded_and_read_like_the_reference(tiny_llama,
 
 
 def test_saved_tables_carry_the_answer_set_and_format(tiny_llama, tmp_path):
-    path = sweeps.save_table(tiny_llama, pd.DataFrame({"a": [1]}), tmp_path, "t", n_controls=2,
+    path = save_table(tiny_llama, pd.DataFrame({"a": [1]}), tmp_path, "t", n_controls=2,
                              answer_format="prefill")
     meta = load_result(path).meta
     assert meta["answer_format"] == "prefill" and set(meta["answer_set"]) == {"yes", "no", "yes_ids", "no_ids"}

@@ -18,8 +18,8 @@ import pandas as pd
 
 from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
+from introspection_utils.core.results import load_result
 from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
-from introspection_utils.experiments.sweeps import load_result
 from introspection_utils.readings import sentences as readings
 from introspection_utils.readings.sentences import curve_correlation
 from introspection_utils.stats.verdicts import (

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from introspection_utils.core.results import SweepResult
+from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.prompts import default_wordings
 from introspection_utils.engine.vectors import check_nulls, default_layer
-from introspection_utils.experiments.sweeps import SweepResult, save_table, scale_sweep
+from introspection_utils.experiments.sweeps import scale_sweep
 from introspection_utils.stats.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,

@@ -34,6 +34,7 @@ from introspection_utils.engine.components import PromptPass, frozen_scale, rms_
 from introspection_utils.engine.inject import Trial, check_trials
 from introspection_utils.engine.prompts import Prompt, question_prompts, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector, concept_vectors
+from introspection_utils.stats.shifts import specific
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -199,7 +200,7 @@ def difference_in_differences(df: pd.DataFrame, *, value: str = "diff", by: Sequ
     wide = wide[["intro_injected", "intro_base", "control_injected", "control_base"]].copy()
     wide["intro_effect"] = wide["intro_injected"] - wide["intro_base"]
     wide["control_effect"] = wide["control_injected"] - wide["control_base"]
-    wide["did"] = wide["intro_effect"] - wide["control_effect"]
+    wide["did"] = specific(wide["intro_effect"], wide["control_effect"])
     wide = wide.reset_index()
     for k in by:
         if k in ("comp_layer", "head"):

@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 from introspection_utils.core.data import data_dir, tomllib
 from introspection_utils.core.intervals import wilson_interval
 from introspection_utils.core.paths import checkpoint
+from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.generation import generate, response_table
 from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.metadata import metadata
 from introspection_utils.engine.prompts import chat_prompt, introspection_prompt
-from introspection_utils.experiments.sweeps import SweepResult, metadata
 from introspection_utils.models.handle import ModelHandle, load_model
 
 CRITERIA = ("coherence", "thinking_about_word", "affirmative", "affirmative_correct_identification")
@@ -228,7 +229,8 @@ def run_grading(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[f
                 temperature: float = 0.0, seed: int = 0, question: str | None = None,
                 results_dir: str | os.PathLike | None = None, name: str = "graded_responses", progress: bool = True):
     """Free-text answers under injection (:func:`generation.response_table`: every concept × scale × sample, scale 0
-    = no injection) graded by ``judge`` on ``criteria`` (:func:`grade`). Returns a :class:`sweeps.SweepResult`
+    = no injection) graded by ``judge`` on ``criteria`` (:func:`grade`). Returns a
+    :class:`~introspection_utils.core.results.SweepResult`
     (the graded table and how it was made: model, prompt hash, generation settings, judge, criteria, versions);
     with ``results_dir`` saved as ``<results_dir>/<name>.csv`` and ``.meta.json``."""
     unknown = [c for c in criteria if c not in CRITERIA]

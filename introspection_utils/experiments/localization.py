@@ -37,7 +37,9 @@ import torch
 from introspection_utils.core.data import load_list, load_prompts
 from introspection_utils.core.intervals import wilson_interval, z_score
 from introspection_utils.core.paths import checkpoint, content_hash
+from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.inject import Trial, answer_logits
+from introspection_utils.engine.metadata import metadata
 from introspection_utils.engine.prompts import Prompt, answer_token_id, chat_prompt
 from introspection_utils.engine.vectors import (
     ConceptVector,
@@ -47,7 +49,6 @@ from introspection_utils.engine.vectors import (
     default_layers,
     random_vector,
 )
-from introspection_utils.experiments.sweeps import SweepResult, metadata
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle

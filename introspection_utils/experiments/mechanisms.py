@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import checkpoint
+from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.vectors import concept_vectors
 from introspection_utils.experiments.attribution import (
     attribution_cells,
@@ -33,7 +34,6 @@ from introspection_utils.experiments.patching import (
     introspection_specific,
     specific_shift,
 )
-from introspection_utils.experiments.sweeps import save_table
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -188,7 +188,7 @@ def _kept(value: float, intact: float) -> str:
 def save_tables(handle: ModelHandle, maps: Sequence[MechanismMaps], folder: Path) -> list[Path]:
     """Write each concept's attribution, patching and attribution-patching tables and one agreement table
     (``mechanisms_agreement.csv``, :func:`agreement_table`) into ``folder``, each beside its metadata
-    (:func:`introspection_utils.experiments.sweeps.save_table`); :func:`load_maps` reads them back."""
+    (:func:`introspection_utils.engine.metadata.save_table`); :func:`load_maps` reads them back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []

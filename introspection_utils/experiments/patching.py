@@ -38,6 +38,7 @@ from introspection_utils.engine.inject import DEFAULT_BATCH, Trial, check_trials
 from introspection_utils.engine.prompts import paper_answers, question_prompts, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector, concept_vectors
 from introspection_utils.experiments.attribution import TRIAL_COLUMNS, trial_metadata
+from introspection_utils.stats.shifts import question_contrast
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -227,12 +228,7 @@ def agreement(patched: pd.DataFrame, estimated: pd.DataFrame) -> dict:
 def introspection_specific(df: pd.DataFrame, value: str = "effect") -> pd.DataFrame:
     """Per direction and site: ``value`` on the introspection question, its mean over the control questions, and
     their difference ``specific = introspection − control`` (sorted by ``|specific|``, largest first)."""
-    by = ["direction", "span", *SITE_COLUMNS]
-    intro = df[df["question_kind"] == "introspection"].groupby(by, dropna=False)[value].mean()
-    control = df[df["question_kind"] != "introspection"].groupby(by, dropna=False)[value].mean()
-    table = pd.DataFrame({"introspection": intro, "control": control})
-    table["specific"] = table["introspection"] - table["control"]
-    table = table.reset_index()
+    table = question_contrast(df, value, ["direction", "span", *SITE_COLUMNS]).reset_index()
     return table.reindex(table["specific"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
 
@@ -353,8 +349,4 @@ def head_ablation(handle: ModelHandle, concept: str | ConceptVector, scale: floa
 def specific_shift(df: pd.DataFrame) -> pd.DataFrame:
     """Per ablation mode of :func:`head_ablation`: the introspection shift, the control questions' mean shift, and
     ``specific = introspection − control`` (the introspection-specific part of the injection's push)."""
-    intro = df[df["question_kind"] == "introspection"].groupby("ablation", sort=False)["shift"].mean()
-    control = df[df["question_kind"] != "introspection"].groupby("ablation", sort=False)["shift"].mean()
-    table = pd.DataFrame({"introspection": intro, "control": control})
-    table["specific"] = table["introspection"] - table["control"]
-    return table.reset_index()
+    return question_contrast(df, "shift", ["ablation"], sort=False).reset_index()

@@ -18,34 +18,29 @@ an interrupted sweep picks up where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
-import platform
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import nnsight
 import numpy as np
 import pandas as pd
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from introspection_utils.core.paths import atomic_write, content_hash
+from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.executors import LocalExecutor, ModelRecipe, RayExecutor, executor_for
 from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.metadata import metadata, save_table
 from introspection_utils.engine.prompts import (
     CONTROL_CELLS,
     Prompt,
-    answer_set,
     check_answer_format,
     control_questions,
     default_wordings,
     introspection_prompt,
-    question_prompts,
     question_tags,
 )
 from introspection_utils.engine.vectors import (
@@ -58,7 +53,6 @@ from introspection_utils.engine.vectors import (
     scale_for,
     with_random,
 )
-from introspection_utils.models.handle import package_version
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -103,30 +97,6 @@ class SweepSpec:
         """``(question_kind, question)`` pairs, the introspection wording(s) first."""
         wordings = self.introspection if isinstance(self.introspection, tuple) else (self.introspection,)
         return [*(("introspection", q) for q in wordings), *(("control", q) for q in self.controls)]
-
-
-@dataclass
-class SweepResult:
-    """A sweep's tidy table and the metadata that says exactly how it was made."""
-
-    df: pd.DataFrame
-    meta: dict = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``<path>.csv`` and ``<path>.meta.json`` (atomically); returns the CSV path."""
-        path = Path(path).with_suffix(".csv")
-        atomic_write(path, self.df.to_csv(index=False))
-        atomic_write(path.with_suffix(".meta.json"), json.dumps(self.meta, indent=1, default=str))
-        return path
-
-
-def load_result(path: str | Path) -> SweepResult:
-    """Read a :class:`SweepResult` saved with :meth:`SweepResult.save`."""
-    path = Path(path).with_suffix(".csv")
-    df = pd.read_csv(path, dtype={"vector_seed": "Int64", "null_kind": str})
-    if "null_kind" in df:
-        df["null_kind"] = df["null_kind"].fillna("")
-    return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
 
 
 def _check_spec(handle: ModelHandle, spec: SweepSpec) -> None:
@@ -301,36 +271,6 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     return result
 
 
-def metadata(handle: ModelHandle, spec: Mapping[str, Any], prompt_hashes: Sequence[str]) -> dict:
-    """Everything needed to say how a result was made: model, revision, dtype, the prompts' hash, the experiment's
-    ``spec`` (any experiment's parameters as a plain mapping, e.g. ``asdict(SweepSpec)``; its ``seed`` and its
-    content hash recorded beside it), the ``answer_format`` (``spec["answer_format"]``, default "open") and the
-    ``answer_set`` read (the yes and no tokens and ids of :func:`prompts.answer_set` for ``spec["answers"]``),
-    package and library versions, time."""
-    return {
-        "model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype).removeprefix("torch."),
-        "family": handle.arch.family, "prompt_hash": hashlib.sha256("".join(prompt_hashes).encode()).hexdigest()[:16],
-        "seed": spec.get("seed"), "spec": dict(spec), "spec_hash": content_hash(dict(spec)),
-        "answer_format": spec.get("answer_format", "open"),
-        "answer_set": answer_set(handle, spec.get("answers")).record(),
-        "package_version": package_version(), "torch": torch.__version__, "nnsight": nnsight.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def save_table(handle: ModelHandle, df: pd.DataFrame, folder: str | Path, name: str, **spec: Any) -> Path:
-    """Any result table (a top-heads table, refusal scores, SAE features, ...) saved the way sweeps are:
-    ``folder/name.csv`` beside ``name.meta.json`` (:func:`metadata`: model, revision, dtype, seed, versions and
-    ``spec``, the parameters that made it). The prompt hash covers the question prompts the experiments share: the
-    introspection prompt and the first ``spec["n_controls"]`` control questions (the introspection prompt alone
-    when there is no ``n_controls``). Returns the CSV path."""
-    n_controls, answer_format = spec.get("n_controls"), spec.get("answer_format", "open")
-    prompts = (question_prompts(handle, n_controls, answer_format=answer_format) if n_controls
-               else [introspection_prompt(handle, answer_format=answer_format)])
-    return SweepResult(df, metadata(handle, spec, [p.hash for p in prompts])).save(Path(folder) / name)
-
-
 def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,
           n_controls: int | None, controls: Sequence[str] | None, introspection: str | Sequence[str] | None,
           **kwargs) -> SweepSpec:
@@ -386,16 +326,6 @@ def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[i
                  nulls=tuple(nulls), strength=strength)
     return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
                      ablate=ablate, executor=executor, address=address)
-
-
-def concept_rows(df: pd.DataFrame, concept: str) -> pd.DataFrame:
-    """The rows of ``concept`` in a tidy table (sweep, lens, ...); an empty table or an absent concept is a
-    ``ValueError`` that lists the concepts the table has."""
-    if df.empty:
-        raise ValueError("the sweep table is empty")
-    if concept not in set(df["concept"]):
-        raise ValueError(f"concept {concept!r} is not in the table ({', '.join(sorted(df['concept'].unique()))})")
-    return df[df["concept"] == concept]
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

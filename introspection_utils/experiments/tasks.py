@@ -37,7 +37,9 @@ from scipy import stats
 
 from introspection_utils.core.data import load_list, load_prompts
 from introspection_utils.core.intervals import wilson_interval, z_score
+from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.inject import Trial, answer_logits, measure
+from introspection_utils.engine.metadata import metadata
 from introspection_utils.engine.prompts import Prompt, chat_prompt, introspection_prompt
 from introspection_utils.engine.vectors import (
     ConceptVector,
@@ -51,7 +53,6 @@ from introspection_utils.engine.vectors import (
     null_vector,
     residual_norms,
 )
-from introspection_utils.experiments.sweeps import SweepResult, metadata
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle

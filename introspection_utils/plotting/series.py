@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import atomic_write, figures_dir, model_name, project_root, results_dir
+from introspection_utils.core.results import concept_rows
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.grading import detection_rates
 from introspection_utils.experiments.localization import accuracy_lines
-from introspection_utils.experiments.sweeps import concept_rows
 from introspection_utils.stats import verdicts
 
 if TYPE_CHECKING:

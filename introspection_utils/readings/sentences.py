@@ -18,6 +18,17 @@ import pandas as pd
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
 from introspection_utils.stats import verdicts
+from introspection_utils.stats.shifts import (
+    COMOVEMENT_R,
+    MOST_POINTS,
+    ablation_effect,
+    below_baseline,
+    curve_correlation,
+    moves_together,
+    shared_rise,
+    specific,
+    switch_back_scale,
+)
 
 if TYPE_CHECKING:
     from introspection_utils.experiments.attention import AttentionMaps
@@ -30,12 +41,6 @@ def curves(df: pd.DataFrame, concept: str, **kwargs) -> pd.DataFrame:
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
-
-
-def first_yes(series: pd.Series) -> float | None:
-    """The smallest index (scale or layer) where ``series`` > 0 (the model prefers "Yes"), else ``None``."""
-    hits = series[series > 0]
-    return float(hits.index[0]) if len(hits) else None
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -178,15 +183,6 @@ def describe_lens(lens: pd.DataFrame, concept: str) -> str:
     return text
 
 
-def lens_similarity(lens: pd.DataFrame, concept: str) -> float:
-    """Pearson correlation between the introspection and control-mean lens shifts (injected − uninjected) across
-    read-out layers from the injection layer on: near 1 = the two questions move alike layer by layer."""
-    sub = verdicts.select(lens, concept)
-    sub = sub[(sub["vector_kind"] == "concept") & (sub["lens_layer"] >= sub["layer"])]
-    shift = (sub["lens_diff"] - sub["baseline_lens_diff"]).groupby([sub["question_kind"], sub["lens_layer"]]).mean()
-    return float(np.corrcoef(shift.loc["introspection"], shift.loc["control"])[0, 1])
-
-
 # ----------------------------------------------------------------------------------------------------- attention
 
 def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
@@ -202,7 +198,7 @@ def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
                           "control_no_injection": maps.control_no_injection.ravel(),
                           "rise_vs_no_injection": effects["introspection"].ravel(),
                           "control_rise": effects["control"].ravel()})
-    table["introspection_minus_control"] = table["rise_vs_no_injection"] - table["control_rise"]
+    table["introspection_minus_control"] = specific(table["rise_vs_no_injection"], table["control_rise"])
     return table.sort_values("rise_vs_no_injection", ascending=False).head(k).reset_index(drop=True)
 
 
@@ -227,7 +223,7 @@ def describe_top_heads(top: pd.DataFrame) -> str:
     many rise at least half as much on the control questions (shared) — the write-up's "similar in both cases"."""
     k = len(top)
     heads = ", ".join(f"L{r.layer}H{r.head} (+{r.rise_vs_no_injection:.3f})" for r in top.itertuples())
-    similar = int((top["control_rise"] >= 0.5 * top["rise_vs_no_injection"]).sum())
+    similar = int(shared_rise(top["rise_vs_no_injection"], top["control_rise"]).sum())
     return (f"the heads whose attention from the answer to the injected positions rises most with injection are "
             f"{heads}. On the control questions the same injection raises {similar} of these {k} heads by at least "
             f"half as much (shared), {k - similar} by less (specific to the introspection question).")
@@ -235,26 +231,10 @@ def describe_top_heads(top: pd.DataFrame) -> str:
 
 # ----------------------------------------------------------------------------------------- semantic interference
 
-def below_baseline(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int | None = None,
-                   scale: float | None = None) -> dict:
-    """How far the injected introspection answer sits below its no-injection baseline across ``x`` (injected points
-    only): ``fraction`` of points below, ``mean_delta``, ``min_delta`` and where, and the same for the random
-    vectors (``random_fraction``, ``random_mean_delta``)."""
-    c = curves(df, concept, x=x, layer=layer, scale=scale)
-    if x == "scale":
-        c = c[c.index > 0]
-    delta = c["introspection"] - c["introspection_baseline"]
-    r = c["random_introspection"] - c["introspection_baseline"]
-    return {"fraction": float((delta < 0).mean()), "mean_delta": float(delta.mean()),
-            "min_delta": float(delta.min()), "argmin": float(delta.idxmin()),
-            "random_fraction": float((r < 0).mean()) if r.notna().any() else float("nan"),
-            "random_mean_delta": float(r.mean()) if r.notna().any() else float("nan"), "n": int(len(delta))}
-
-
 def describe_below_baseline(df: pd.DataFrame, concept: str, *, x: str = "scale", **kwargs) -> str:
     """The write-up's "bomb" reading checked: is the introspection answer below its baseline under injection?"""
     b = below_baseline(df, concept, x=x, **kwargs)
-    verdict = ("below its baseline at most points" if b["fraction"] > 0.5 else
+    verdict = ("below its baseline at most points" if b["fraction"] > MOST_POINTS else
                "not below its baseline at most points")
     text = (f"{concept} ({x} sweep): the introspection answer is below its no-injection baseline at "
             f"{b['fraction']:.0%} of {b['n']} injected {x}s (mean delta {b['mean_delta']:+.2f}, lowest "
@@ -265,25 +245,16 @@ def describe_below_baseline(df: pd.DataFrame, concept: str, *, x: str = "scale",
     return text + "."
 
 
-def curve_correlation(df: pd.DataFrame, concept: str, *, x: str = "scale", **kwargs) -> float:
-    """Pearson correlation between the introspection curve and the control-mean curve across ``x`` (concept
-    vector): near 1 = the two move together (the write-up's "confusion" reading)."""
-    c = curves(df, concept, x=x, **kwargs)
-    if len(c) < 3:
-        raise ValueError(f"a correlation needs at least 3 {x}s, got {len(c)}")
-    return float(np.corrcoef(c["introspection"], c["control_mean"])[0, 1])
-
-
 def describe_comovement(df: pd.DataFrame, concept: str, *, x: str = "scale", **kwargs) -> str:
     """The write-up's "confusion" reading checked: do introspection and control move together?"""
     r = curve_correlation(df, concept, x=x, **kwargs)
     c = curves(df, concept, x=x, **kwargs)
     di = c["introspection"].iloc[-1] - c["introspection"].iloc[0]
     dc = c["control_mean"].iloc[-1] - c["control_mean"].iloc[0]
-    together = "move together" if r > 0.7 and np.sign(di) == np.sign(dc) else "do not clearly move together"
+    together = "move together" if moves_together(r, di, dc) else "do not clearly move together"
     return (f"{concept} ({x} sweep): correlation of the introspection and control-mean curves r = {r:+.2f}; from the "
             f"first to the last {x} introspection changes by {di:+.2f} and the control mean by {dc:+.2f} — the two "
-            f"{together} (threshold r > 0.7 and same direction).")
+            f"{together} (threshold r > {COMOVEMENT_R:g} and same direction).")
 
 
 # ------------------------------------------------------------------------------------------------ single trials
@@ -326,24 +297,6 @@ def time_call(fn, *args, **kwargs) -> tuple[object, float]:
 
 # ------------------------------------------------------------------------------------------------ refusal ablation
 
-def switch_back_scale(curve: pd.Series, baseline: float) -> float | None:
-    """Where the introspection answer switches back at high scale: after the curve's maximum over injected scales
-    (> 0), the first larger scale at which it drops below zero ("no") — when the maximum leaned "yes" (> 0) — or
-    else below its no-injection ``baseline`` (when the maximum rose above the baseline without reaching "yes").
-    ``None`` when the curve never rose above that threshold, or never drops back below it after its maximum.
-
-    ``curve``: the introspection logit difference indexed by scale (e.g. ``curves(df, c)["introspection"]``)."""
-    injected = curve[curve.index > 0].sort_index()
-    if injected.empty:
-        return None
-    peak, top = injected.idxmax(), float(injected.max())
-    threshold = 0.0 if top > 0 else float(baseline)
-    if not top > threshold:
-        return None
-    after = injected[(injected.index > peak) & (injected < threshold)]
-    return float(after.index[0]) if len(after) else None
-
-
 def choose_switch_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
     """The scale at which to read the logit lens where the introspection answer switches back (see
     :func:`switch_back_scale`), and a sentence saying how it was chosen. Stated fallback when it never switches
@@ -368,27 +321,6 @@ def choose_switch_scale(df: pd.DataFrame, concept: str, *, layer: int | None = N
     fallback = float(after.idxmin()) if len(after) else float(injected.index.max())
     rule = ("the scale after the peak with the lowest introspection value" if len(after) else "the largest scale")
     return fallback, f"{head}; {why}; fallback: {rule}, {_fmt(fallback)} ({intro.loc[fallback]:+.2f})."
-
-
-def ablation_effect(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, from_scale: float = 0.0,
-                    layer: int | None = None) -> dict:
-    """What ablating a direction does to one concept's scale sweep, averaged over scales ≥ ``from_scale`` (and
-    > 0): ``introspection`` and ``control`` (mean of ablated − plain logit differences), ``baseline`` (the change of
-    the introspection no-injection baseline), ``introspection_delta`` (the change measured from each run's own
-    baseline), ``n`` (scales averaged), and the switch-back scale of each run (``switch_plain``,
-    ``switch_ablated``; ``None`` = none)."""
-    p, a = curves(plain, concept, layer=layer), curves(ablated, concept, layer=layer)
-    if list(p.index) != list(a.index):
-        raise ValueError(f"the two sweeps have different scales ({list(p.index)} vs {list(a.index)})")
-    keep = (p.index >= from_scale) & (p.index > 0)
-    if not keep.any():
-        raise ValueError(f"no injected scale >= {from_scale:g} in the sweeps ({list(p.index)})")
-    di = float((a["introspection"] - p["introspection"])[keep].mean())
-    db = float(a["introspection_baseline"].iloc[0] - p["introspection_baseline"].iloc[0])
-    return {"introspection": di, "control": float((a["control_mean"] - p["control_mean"])[keep].mean()),
-            "baseline": db, "introspection_delta": di - db, "n": int(keep.sum()),
-            "switch_plain": switch_back_scale(p["introspection"], p["introspection_baseline"].iloc[0]),
-            "switch_ablated": switch_back_scale(a["introspection"], a["introspection_baseline"].iloc[0])}
 
 
 def describe_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, from_scale: float = 0.0,

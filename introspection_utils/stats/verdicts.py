@@ -111,7 +111,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from introspection_utils.experiments.sweeps import concept_rows
+from introspection_utils.core.results import concept_rows
 
 MIN_ANSWER_MASS = 0.5  # below it, "yes over no" is not the model's answer
 EFFECT_THRESHOLD = 1.0  # logits: a |delta| below this counts as "no change"
@@ -279,10 +279,7 @@ def curve_table(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int 
         rows = concept_rows_[concept_rows_["question_kind"] == kind]
         out[f"{kind}_baseline"] = rows.groupby(x)[column].mean() if len(rows) else np.nan
         out[f"{kind}_mass"] = _mean_or_nan(rows, x, "answer_mass") if len(rows) else np.nan
-    plain = concept_rows_[concept_rows_["question_kind"] == "introspection"]
-    plain_delta = (plain[y] - plain[baseline]).groupby([plain[x], plain["question"]]).mean().groupby(level=0).mean()
-    out["shift"] = plain_delta - (out["control_mean"] - out["control_baseline"])
-    for column in ("predicted", "residual", "push", "slope", "fit_r2"):
+    for column in ("predicted", "residual", "push", "slope", "fit_r2", "shift"):
         out[column] = np.nan
     out["fit_ok"] = False
     for at, rows in concept_rows_.groupby(x):
@@ -293,6 +290,7 @@ def curve_table(df: pd.DataFrame, concept: str, *, x: str = "scale", layer: int 
         base, delta = per_q["base"].to_numpy(float), (per_q["y"] - per_q["base"]).to_numpy(float)[:, None]
         fit = control_fit(base, delta, roles == 0)
         residual = float(statistic_weights(base, roles) @ delta[:, 0])
+        out.loc[at, "shift"] = float(statistic_weights(base, roles, "S") @ delta[:, 0])
         out.loc[at, ["residual", "push", "slope", "fit_r2"]] = [residual, fit["b"][0], fit["c"][0], fit["r2"][0]]
         out.loc[at, "predicted"] = out.loc[at, "introspection"] - residual
         out.loc[at, "fit_ok"] = fit_ok(base, roles == 0)
