@@ -1,4 +1,4 @@
-"""The benchmark script runs both ways in one run and writes its dated measurement into a README block (on tiny-llama:
+"""The benchmark script runs both ways in one run and writes its dated measurement into a docs block (on tiny-llama:
 a check of the script, not a timing)."""
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def test_without_cuda_the_gpu_benchmark_says_why_it_skipped(capsys, monkeypatch)
     assert capsys.readouterr().out.startswith("skipped: random:gemma-2-9b-it")
 
 
-def test_the_readme_holds_a_measurement_written_by_the_script():
-    block = read_block(project_root() / "README.md", "bench")
+def test_the_benchmark_doc_holds_a_measurement_written_by_the_script():
+    block = read_block(project_root() / bench.BENCH_DOC, "bench")
     assert block.startswith("| smollm2-135m-instruct, layer 15, "), \
-        "run `python -m introspection_utils.bench --naive-trials 44 --readme README.md` on a quiet machine"
+        f"run `python -m introspection_utils.bench --naive-trials 44 --readme {bench.BENCH_DOC}` on a quiet machine"
     assert "**engine, float32**" in block and "**engine, bfloat16**" in block and "bf16 engine vs fp32" in block
     assert "written by `python -m introspection_utils.bench" in block

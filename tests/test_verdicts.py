@@ -422,8 +422,9 @@ def test_calibration_false_positives_and_power():
     assert table.loc["planted δ=0.1", "called"] >= 0.6  # the power the README states
     assert table.loc["planted δ=0.05", "called"] < table.loc["planted δ=0.1", "called"] <= table.loc[
         "planted δ=0.25", "called"]
-    # the README's table is this run's (deterministic: the same seed gives the same numbers)
-    assert read_block(project_root() / "README.md", "calibration") == calibration.markdown(table.reset_index())
+    # docs/verdicts.md's table is this run's (deterministic: the same seed gives the same numbers)
+    assert read_block(project_root() / calibration.CALIBRATION_DOC,
+                      "calibration") == calibration.markdown(table.reset_index())
 
 
 def test_planted_compression_on_smollm_is_not_introspection(smollm):

@@ -1,6 +1,7 @@
 """Benchmark: the standard sweep measured the naive way and with the engine, in float32 and bfloat16, side by side.
 
-    python -m introspection_utils.bench [--model NAME] [--layer L] [--naive-trials N] [--trials N] [--readme README.md]
+    python -m introspection_utils.bench [--model NAME] [--layer L] [--naive-trials N] [--trials N]
+        [--readme docs/benchmark.md]
     python -m introspection_utils.bench --model qwen2.5-coder-1.5b-instruct --naive-trials 88
     python -m introspection_utils.bench --model random:gemma-2-9b-it --naive-trials 88   # GPU: Gemma-2-9B's shape
 
@@ -34,6 +35,7 @@ from introspection_utils.engine.prompts import answer_set, question_prompts
 from introspection_utils.engine.vectors import concept_vectors, with_random
 from introspection_utils.models.handle import BF16_CPU_FLAGS, DEFAULT_MODEL, ModelHandle, cpu_flags, load_model
 
+BENCH_DOC = "docs/benchmark.md"  # where the measurement block lives (written with --readme)
 CONCEPTS = ("Sandwich", "Water", "Bomb", "Confusion", "Logic")
 SCALES = (0, 1, 2, 3, 4, 6, 8, 12)
 N_CONTROLS = 10
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="n of the n×n matmul peak (default 1024 on CPU, 8192 on CUDA)")
     parser.add_argument("--readme", default=None, help="write the measurement into this file's bench block")
     parser.add_argument("--block", default="bench",
-                        help="the README block's name (default bench; e.g. bench-qwen for a second model's block)")
+                        help="the block's name in that file (default bench; e.g. bench-qwen for a second model)")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
@@ -247,7 +249,7 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--dtypes {args.dtypes}")
     if args.block != "bench":
         parts.append(f"--block {args.block}")
-    return " ".join([*parts, "--readme README.md"])
+    return " ".join([*parts, f"--readme {BENCH_DOC}"])
 
 
 def _device_name(device: torch.device) -> str:
@@ -257,7 +259,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def readme_block(meta: dict, runs: dict[str, dict], both: dict | None) -> str:
-    """The README's benchmark table (one row per dtype and way) and its dated lines, from one run's measurements."""
+    """The benchmark table of ``docs/benchmark.md`` (one row per dtype and way) and its dated lines, from one run's
+    measurements."""
     n = meta["n"]
     sample = f" ({meta['n_naive']} spread trials timed, extrapolated)" if meta["extrapolated"] else ""
     lines = [f"| {meta['model']}, layer {meta['layer']}, {n} trials | trials/s | wall | engine vs naive | "

@@ -499,8 +499,9 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
 
 
 def timings_markdown(path: Path) -> str:
-    """A ``timings.csv`` as the README's table: each notebook's wall time, the total, the threads and the load
-    average when each finished (so a reader can plan by it and see how busy the machine was)."""
+    """A ``timings.csv`` as the notebook guide's table (``docs/notebooks.md``): each notebook's wall time, the total,
+    the threads and the load average when each finished (so a reader can plan by it and see how busy the machine
+    was)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -515,7 +516,7 @@ def timings_markdown(path: Path) -> str:
                   f"CPU(s), {', '.join(threads)} thread(s) per kernel"
               + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
               + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
-                f"`.venv/bin/python -m introspection_utils.run --write-times README.md`."]
+                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md`."]
     return "\n".join(lines)
 
 
@@ -557,8 +558,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the series with a findings file's parameters, all outputs under figures/<model>/ "
                             "(--notebooks-only NN ... for a part of it; -p and --model override the file)")
     which.add_argument("--strip", action="store_true", help="strip outputs from notebooks/*.ipynb and exit")
-    which.add_argument("--write-times", type=Path, metavar="README",
-                       help="put runs/<model>/timings.csv (the last make demo) into README's timings block and exit")
+    which.add_argument("--write-times", type=Path, metavar="FILE",
+                       help="put runs/<model>/timings.csv (the last make demo) into FILE's timings block "
+                            "(docs/notebooks.md) and exit")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (Python/JSON literal); repeatable; makes the run one of its own "
                              "(runs/<model>/<tag or p-hash>/), never touching committed figures")

@@ -52,6 +52,7 @@ from introspection_utils.stats.verdicts import (
     shift_test,
 )
 
+CALIBRATION_DOC = "docs/verdicts.md"  # the file whose calibration block this module writes
 SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -183,7 +184,8 @@ def binomial_margin(rate: float, n: int, *, sd: float = 3.0) -> float:
 
 
 def markdown(table: pd.DataFrame, design: Design = Design()) -> str:
-    """The calibration table as the README shows it (written by ``python -m introspection_utils.calibration``)."""
+    """The calibration table as ``docs/verdicts.md`` shows it (written by
+    ``python -m introspection_utils.calibration``)."""
     d = table.iloc[0]
     n = int(d["n_concepts"])
     lines = [f"Synthetic sweeps, {n} concepts per scenario in atlases of 50, {int(d['n_detect'])} detect and "
@@ -206,4 +208,4 @@ def markdown(table: pd.DataFrame, design: Design = Design()) -> str:
 if __name__ == "__main__":
     result = calibrate()
     print(result.to_string())
-    print(replace_block(project_root() / "README.md", "calibration", markdown(result)))
+    print(replace_block(project_root() / CALIBRATION_DOC, "calibration", markdown(result)))

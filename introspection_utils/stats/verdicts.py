@@ -95,7 +95,7 @@ I's weights instead; until those modules take the weights, their maps locate whe
 compression. ``readings.top_heads``' ``introspection_minus_control`` is an attention difference, not a logit one.
 
 Calibration: :mod:`introspection_utils.stats.calibration` runs the test on synthetic sweeps whose truth is known; its
-false-positive rates and power are asserted in ``tests/test_verdicts.py`` and stated in the README.
+false-positive rates and power are asserted in ``tests/test_verdicts.py`` and stated in ``docs/verdicts.md``.
 """
 
 from __future__ import annotations
