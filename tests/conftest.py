@@ -21,11 +21,12 @@ import torch
 
 from introspection_utils import load_model
 from introspection_utils.experiments import attention, logit_lens
+from introspection_utils.models.handle import TINY_FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402  (the independent plain-PyTorch implementation)
 
-TINY = ["tiny-llama", "tiny-gemma2", "tiny-gemma3", "tiny-qwen2"]
+TINY = [f"tiny-{family}" for family in TINY_FAMILIES]  # tiny-llama, tiny-gemma2, tiny-gemma3, tiny-qwen2
 
 
 @pytest.fixture(scope="session", params=TINY)

@@ -238,10 +238,17 @@ def _tiny_config(family: str, vocab_size: int) -> Any:
     raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
 
-def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, str]:
+def _test_tokenizer(model_type: str) -> Any:
+    """The embedded model's tokenizer for a test model (tiny or random) of ``model_type``, with the Gemma template
+    where the family is Gemma's (no system role; Gemma-3's own template for ``gemma3*``)."""
     tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
-    if family.startswith("gemma"):
-        tokenizer.chat_template = data.chat_template("gemma3" if family == "gemma3" else "gemma")
+    if model_type.startswith("gemma"):
+        tokenizer.chat_template = data.chat_template("gemma3" if model_type.startswith("gemma3") else "gemma")
+    return tokenizer
+
+
+def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, str]:
+    tokenizer = _test_tokenizer(family)
     torch.manual_seed(0)  # the same tiny model every time
     config = _tiny_config(family, len(tokenizer))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
@@ -257,9 +264,7 @@ def _load_random(config_name: str, dtype: torch.dtype, attn: str, device: str) -
     fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     config = AutoConfig.for_model(**fields)
     check_fits(config, dtype, torch.device(device), name=f"random:{config_name}")
-    tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
-    if config.model_type.startswith("gemma"):
-        tokenizer.chat_template = data.chat_template("gemma3" if config.model_type.startswith("gemma3") else "gemma")
+    tokenizer = _test_tokenizer(config.model_type)
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: a 9B model never passes through CPU memory
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
