@@ -20,8 +20,8 @@ from introspection_utils.experiments import atlas as metrics
 from introspection_utils.experiments import sweeps
 from introspection_utils.experiments.sweeps import COLUMNS
 from introspection_utils.readings import sentences as readings
-from introspection_utils.stats import calibration, verdicts
-from introspection_utils.stats.verdicts import QuestionCurves
+from introspection_utils.stats import calibration, terms, verdicts
+from introspection_utils.stats.terms import QuestionCurves
 
 SCALES = [0.0, 1.0, 2.0, 4.0]
 SPREAD = [-3.0, -1.0, 1.0, 3.0, 5.0, -2.0, 0.0, 2.0]  # control baselines spanning 8 logits (cycled)
@@ -84,15 +84,15 @@ def _residual_by_hand(delta: np.ndarray, base: np.ndarray, roles: np.ndarray) ->
 # ---------------------------------------------------------------------------------------------------- definitions
 
 def test_flip_scale_needs_a_no_baseline_and_a_yes_answer():
-    assert verdicts.flip_scale(SCALES, [-2.0, -1.0, 0.5, 2.0], -2.0) == 2.0
-    assert math.isnan(verdicts.flip_scale(SCALES, [-2.0, -1.0, -0.5, -0.1], -2.0))  # never flips
-    assert math.isnan(verdicts.flip_scale(SCALES, [0.5, 1.0, 2.0, 3.0], 0.5))  # already yes: nothing to flip
-    assert verdicts.flip_scale([0.0, 1.0], [1.0, 1.0], 0.0) == 1.0  # scale 0 is never a flip
+    assert terms.flip_scale(SCALES, [-2.0, -1.0, 0.5, 2.0], -2.0) == 2.0
+    assert math.isnan(terms.flip_scale(SCALES, [-2.0, -1.0, -0.5, -0.1], -2.0))  # never flips
+    assert math.isnan(terms.flip_scale(SCALES, [0.5, 1.0, 2.0, 3.0], 0.5))  # already yes: nothing to flip
+    assert terms.flip_scale([0.0, 1.0], [1.0, 1.0], 0.0) == 1.0  # scale 0 is never a flip
 
 
 def test_curve_table_means_and_shift_by_hand():
     deltas = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]  # 2 wordings, 2 controls
-    c = verdicts.curve_table(_table({"x": (deltas, 2)}), "x")
+    c = terms.curve_table(_table({"x": (deltas, 2)}), "x")
     assert list(c["introspection"]) == pytest.approx([-2.0, 0.0, 1.0, 2.0])
     assert list(c["control_mean"]) == pytest.approx([-2.0, -2.0, -1.5, -1.0])
     assert list(c["shift"]) == pytest.approx([0.0, 2.0, 2.5, 3.0])
@@ -104,13 +104,13 @@ def test_curve_table_means_and_shift_by_hand():
 
 
 def test_answer_mass_below_the_threshold_is_said():
-    assert verdicts.mass_note(0.9) == ""
-    assert "yes over no, not the model's answer" in verdicts.mass_note(0.12)
+    assert terms.mass_note(0.9) == ""
+    assert "yes over no, not the model's answer" in terms.mass_note(0.12)
 
 
 def test_question_curves_order_and_labels():
     deltas = [[1.0, 2.0, 3.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
-    curves = verdicts.question_curves(_table({"x": (deltas, 1)}))
+    curves = terms.question_curves(_table({"x": (deltas, 1)}))
     c = curves[("x", 3, "concept", None)]
     assert c.is_intro.tolist() == [True, False, False] and c.delta.shape == (3, 4)
     assert c.shift().tolist() == pytest.approx([0.0, 1.0, 1.5, 2.0])
@@ -123,16 +123,16 @@ def test_statistic_weights_are_the_least_squares_residual():
     rng = np.random.default_rng(1)
     base, delta = rng.normal(0, 2, 9), rng.normal(0, 1, (9, 4))
     roles = np.array([1, -1, 1, 0, 0, 0, 0, 0, 0])
-    assert verdicts.statistic_weights(base, roles) @ delta == pytest.approx(_residual_by_hand(delta, base, roles))
+    assert terms.statistic_weights(base, roles) @ delta == pytest.approx(_residual_by_hand(delta, base, roles))
     many = np.array([roles, np.roll(roles, 3), np.roll(roles, 5)])
     by_hand = np.array([_residual_by_hand(delta, base, r) for r in many])
-    assert verdicts.statistic_weights(base, many) @ delta == pytest.approx(by_hand)
-    s = verdicts.statistic_weights(base, roles, "S") @ delta
+    assert terms.statistic_weights(base, many) @ delta == pytest.approx(by_hand)
+    s = terms.statistic_weights(base, roles, "S") @ delta
     assert s == pytest.approx(delta[:3].mean(axis=0) - delta[3:].mean(axis=0))
-    flat = verdicts.statistic_weights(np.full(9, 0.5), roles) @ delta  # no spread: the line is b alone
+    flat = terms.statistic_weights(np.full(9, 0.5), roles) @ delta  # no spread: the line is b alone
     assert flat == pytest.approx((roles[:3, None] * (delta[:3] - delta[3:].mean(axis=0))).mean(axis=0))
     with pytest.raises(ValueError, match="choose one of"):
-        verdicts.statistic_weights(base, roles, "T")
+        terms.statistic_weights(base, roles, "T")
 
 
 def test_shared_shift_compression_and_a_balanced_bias_cancel_in_I_but_not_in_S():
@@ -159,14 +159,14 @@ def test_polarity_defaults_for_old_tables_and_is_read_from_new_ones():
     deltas = _scaled([1.0, -1.0, 0.0, 0.1, -0.1, 0.0])
     old = _table({"x": (deltas, 2)}, with_polarity=False, baseline=_spread(2, 4))
     new = _table({"x": (deltas, 2)}, polarity=[1, -1], baseline=_spread(2, 4))
-    assert verdicts.question_curves(old)[("x", 3, "concept", None)].polarity.tolist() == [1, 1, 0, 0, 0, 0]
-    c = verdicts.question_curves(new)[("x", 3, "concept", None)]
+    assert terms.question_curves(old)[("x", 3, "concept", None)].polarity.tolist() == [1, 1, 0, 0, 0, 0]
+    c = terms.question_curves(new)[("x", 3, "concept", None)]
     assert c.polarity.tolist() == [1, -1, 0, 0, 0, 0]
     assert c.group_delta(True)[1:] == pytest.approx(np.array(SCALES[1:]))  # the inverted one fell: detection
-    table = verdicts.curve_table(new, "x")
+    table = terms.curve_table(new, "x")
     assert list(table["residual"]) == pytest.approx(list(c.residual()))
     with pytest.raises(ValueError, match="polarity"):
-        verdicts.question_curves(new.assign(polarity=new["polarity"].replace(-1, 2)))
+        terms.question_curves(new.assign(polarity=new["polarity"].replace(-1, 2)))
 
 
 # -------------------------------------------------------------------------------------------------------- the test
@@ -236,7 +236,7 @@ def test_a_degenerate_fit_runs_no_test_and_says_so(baseline, n_controls):
     base = baseline if baseline is not None else _spread(2, n_controls)
     randoms = [_scaled([0.0] * len(slopes))] * 4
     df = _table({"x": (_scaled(slopes), 2)}, randoms=randoms, baseline=base)
-    c = verdicts.question_curves(df)[("x", 3, "concept", None)]
+    c = terms.question_curves(df)[("x", 3, "concept", None)]
     assert not c.fit_ok
     table = verdicts.verdicts(df, n_boot=100)
     row = table.iloc[0]
@@ -321,7 +321,7 @@ def test_atlas_classes_pvalues_and_reproducibility():
 
 def test_bootstrap_interval_of_I_covers_it():
     concepts, randoms, base = _atlas_cases()
-    c = verdicts.question_curves(_table(concepts, randoms=randoms, baseline=base))[("sandwich", 3, "concept", None)]
+    c = terms.question_curves(_table(concepts, randoms=randoms, baseline=base))[("sandwich", 3, "concept", None)]
     ci = verdicts.bootstrap_interval(c, 3, rng=np.random.default_rng(0), n_boot=500)
     assert ci["I_ci_low"] <= c.residual()[3] <= ci["I_ci_high"]
     assert ci["shift_ci_low"] <= c.shift()[3] <= ci["shift_ci_high"]

@@ -22,13 +22,8 @@ from introspection_utils.core.results import load_result
 from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
 from introspection_utils.readings import sentences as readings
 from introspection_utils.readings.sentences import curve_correlation
-from introspection_utils.stats.verdicts import (
-    EFFECT_THRESHOLD,
-    MIN_ANSWER_MASS,
-    class_counts,
-    null_medians,
-    random_null,
-)
+from introspection_utils.stats.terms import MIN_ANSWER_MASS
+from introspection_utils.stats.verdicts import EFFECT_THRESHOLD, class_counts, null_medians, random_null
 
 FINDINGS_MODEL = "qwen2.5-coder-1.5b-instruct"
 

@@ -20,7 +20,7 @@ from introspection_utils.engine.prompts import control_questions, introspection_
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.sweeps import scale_sweep
 from introspection_utils.plotting import series as plots
-from introspection_utils.stats import verdicts
+from introspection_utils.stats import terms
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -34,7 +34,7 @@ class ExplorerState:
     ``values(concept, layer, scale, question, random)`` → a dict: ``value`` (the selected question's yes−no logit
     difference), ``baseline`` (that question without injection), ``introspection`` and ``control_mean`` (the current
     trial's introspection answer and control mean), ``predicted`` (what the controls' line b + c·baseline predicts
-    for the introspection answer at its own baseline: :meth:`verdicts.QuestionCurves.predicted`), ``residual`` (I, the
+    for the introspection answer at its own baseline: :meth:`terms.QuestionCurves.predicted`), ``residual`` (I, the
     introspection answer's shift beyond that prediction), ``fit_ok``, ``vector_norm``. ``question`` is
     ``"introspection"`` or one of :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed
     ``seed``) instead.
@@ -89,7 +89,7 @@ class ExplorerState:
         intro = rows[rows["question_kind"] == INTROSPECTION].iloc[0]
         control = rows[rows["question_kind"] == "control"]
         chosen = intro if question == INTROSPECTION else control[control["question"] == question].iloc[0]
-        curves = verdicts.question_curves(df)[(concept, int(layer), "random" if random else "concept",
+        curves = terms.question_curves(df)[(concept, int(layer), "random" if random else "concept",
                                                self.seed if random else None)]
         at = int(np.flatnonzero(curves.x == float(scale))[0])
         signed_base = float((curves.polarity * curves.baseline)[curves.is_intro].mean())
@@ -110,7 +110,7 @@ class ExplorerState:
                 f"controls' line predicts {v['predicted']:+.2f} for the introspection answer at its own baseline, so "
                 f"I = {v['residual']:+.2f}{fit}; "
                 f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}; answer mass "
-                f"P(yes)+P(no) {v['answer_mass']:.2f}){verdicts.mass_note(v['answer_mass'])}.")
+                f"P(yes)+P(no) {v['answer_mass']:.2f}){terms.mass_note(v['answer_mass'])}.")
 
     def figure(self, concept: str, layer: int, scale: float, question: str = INTROSPECTION,
                random: bool = False) -> plt.Figure:

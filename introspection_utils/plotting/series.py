@@ -31,7 +31,7 @@ from introspection_utils.core.results import concept_rows
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.grading import detection_rates
 from introspection_utils.experiments.localization import accuracy_lines
-from introspection_utils.stats import verdicts
+from introspection_utils.stats import terms
 
 if TYPE_CHECKING:
     from introspection_utils.engine.vectors import VectorBank
@@ -171,11 +171,11 @@ def _only(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.Data
 def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: bool, show_random: bool,
                      show_baselines: bool, y: str = "logit_diff", baseline: str = "baseline_logit_diff") -> None:
     """Introspection, control questions (each + mean ± std), random vectors and baselines of one concept's rows
-    ``df`` against ``x`` (the curves of :func:`verdicts.curve_table`)."""
+    ``df`` against ``x`` (the curves of :func:`terms.curve_table`)."""
     concept = str(df["concept"].iloc[0])
-    c = verdicts.curve_table(df, concept, x=x, y=y, baseline=baseline)
+    c = terms.curve_table(df, concept, x=x, y=y, baseline=baseline)
     if show_random:
-        for k, r in enumerate(verdicts.random_curves(df, concept, x=x, y=y).values()):
+        for k, r in enumerate(terms.random_curves(df, concept, x=x, y=y).values()):
             ax.plot(r.index, r["introspection"], color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6,
                     label="random vector: introspection" if k == 0 else None)
             if "control" in r:
@@ -183,7 +183,7 @@ def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: b
                         label="random vector: control mean" if k == 0 else None)
     n_controls = int(c["n_controls"].max()) if c["n_controls"].notna().any() else 0
     if show_controls and n_controls:
-        controls = verdicts.question_table(df, concept, x=x, y=y)
+        controls = terms.question_table(df, concept, x=x, y=y)
         for k, question in enumerate(controls.columns):
             ax.plot(controls.index, controls[question].values, color=PALETTE["control"], lw=0.7, alpha=0.45,
                     label="control questions (each)" if k == 0 else None)
@@ -270,7 +270,7 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
     fig, ax = _axes(ax)
     _draw_conditions(ax, sub, "lens_layer", show_controls=False, show_random=show_random, show_baselines=False,
                      y="lens_diff", baseline="baseline_lens_diff")
-    c = verdicts.curve_table(sub, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")
+    c = terms.curve_table(sub, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")
     for kind, ls in (("introspection", "--"), ("control", ":")):
         base = c[f"{kind}_baseline"].dropna()
         if len(base):
@@ -548,9 +548,9 @@ def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.A
 
 def _ablation_lines(df: pd.DataFrame, concept: str, x: str) -> dict[str, pd.Series]:
     """Introspection, control mean and the introspection no-injection baseline of a scale sweep (``x="scale"``) or
-    of a logit-lens table (``x="lens_layer"``), concept vector only (:func:`verdicts.curve_table`)."""
+    of a logit-lens table (``x="lens_layer"``), concept vector only (:func:`terms.curve_table`)."""
     y, base = ("logit_diff", "baseline_logit_diff") if x == "scale" else ("lens_diff", "baseline_lens_diff")
-    c = verdicts.curve_table(df, concept, x=x, y=y, baseline=base)
+    c = terms.curve_table(df, concept, x=x, y=y, baseline=base)
     return {"introspection": c["introspection"], "control": c["control_mean"], "baseline": c["introspection_baseline"]}
 
 

@@ -1,7 +1,7 @@
 """Calibration of the verdicts on synthetic sweeps whose truth is known — including the two confounds a real model
 shows (Qwen2.5-Coder-1.5B's controls: Δ ≈ b + c·baseline with c ≈ −0.5 to −0.8): a shared push and compression.
 
-A synthetic concept is a set of per-question delta curves (:class:`verdicts.QuestionCurves`) with both polarities of
+A synthetic concept is a set of per-question delta curves (:class:`terms.QuestionCurves`) with both polarities of
 introspection wordings (``n_detect`` +1, ``n_inverted`` −1) and controls whose no-injection answers x_q spread
 evenly over ``control_range`` (leaning "yes" on average, as Qwen's do); the wordings' baselines are drawn from
 N(``wording_mean``, 1) (lower than the controls', as on Qwen). Every question q moves at scale s by
@@ -43,14 +43,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from introspection_utils.core.paths import project_root, replace_block
-from introspection_utils.stats.verdicts import (
-    ALPHA,
-    QuestionCurves,
-    benjamini_hochberg,
-    classify,
-    max_over_scales,
-    shift_test,
-)
+from introspection_utils.stats.terms import QuestionCurves
+from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg, classify, max_over_scales, shift_test
 
 CALIBRATION_DOC = "docs/verdicts.md"  # the file whose calibration block this module writes
 SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
