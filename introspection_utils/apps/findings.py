@@ -21,7 +21,7 @@ from introspection_utils.core.paths import atomic_write, figures_dir, project_ro
 from introspection_utils.core.results import load_result
 from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
 from introspection_utils.readings import sentences as readings
-from introspection_utils.readings.sentences import curve_correlation
+from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.terms import MIN_ANSWER_MASS
 from introspection_utils.stats.verdicts import EFFECT_THRESHOLD, class_counts, null_medians, random_null
 
