@@ -25,7 +25,7 @@ import numbers
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -56,12 +56,14 @@ from introspection_utils.models.embedded import (
 )
 from introspection_utils.models.memory import check_fits
 
-TINY_FAMILIES = ("llama", "gemma2", "gemma3", "qwen2")
-
 
 @dataclass(frozen=True)
 class Family:
-    """Where a causal-LM class keeps its parts, as attribute paths from the top-level module."""
+    """Everything model-specific about a causal-LM class: where it keeps its parts (attribute paths from the
+    top-level module), its sublayer norms, the chat template a test model of it gets, and its tiny test model.
+
+    The logit softcap and whether the template has a system role are read from each model's config and template
+    (:class:`Architecture`), so a family entry holds only what cannot be read there."""
 
     layers: str
     final_norm: str
@@ -70,20 +72,43 @@ class Family:
     # Gemma-2/3: an RMS norm on the attention output and on the MLP output before each residual add
     # (post_attention_layernorm / post_feedforward_layernorm); elsewhere post_attention_layernorm is the pre-MLP norm.
     sublayer_norms: bool = False
+    # The chat template (``data/``) a test model of this family (tiny or random, on the embedded model's tokenizer)
+    # gets: Gemma's have no system role. None: the embedded tokenizer's own (ChatML).
+    template: str | None = None
+    # The family's 2-layer random test model, loaded as ``tiny-<tiny>``: its config from the common tiny fields
+    # (:data:`TINY_FIELDS`, with the embedded tokenizer's vocabulary) plus what gives it the real model's structure.
+    tiny: str | None = None
+    tiny_config: Callable[[dict[str, Any]], Any] | None = field(default=None, compare=False)
 
 
-# One entry per supported architecture; adding a family = one line here plus a tiny-config test.
+TINY_FIELDS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=2, tie_word_embeddings=True)
+_ALTERNATING = ["sliding_attention", "full_attention"]  # Gemma-2/3: sliding-window and full layers alternate
+
+# One entry per supported architecture; adding a family = one entry here (with its tiny model, which puts it under
+# every engine test against the plain-hook reference). docs/design.md has the checklist.
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family("model.layers", "model.norm"),
+    "LlamaForCausalLM": Family("model.layers", "model.norm", tiny="llama", tiny_config=lambda c: LlamaConfig(**c)),
     "MistralForCausalLM": Family("model.layers", "model.norm"),
-    "Qwen2ForCausalLM": Family("model.layers", "model.norm"),
+    "Qwen2ForCausalLM": Family("model.layers", "model.norm", tiny="qwen2", tiny_config=lambda c: Qwen2Config(**c)),
     "Qwen3ForCausalLM": Family("model.layers", "model.norm"),
-    "GemmaForCausalLM": Family("model.layers", "model.norm"),
-    "Gemma2ForCausalLM": Family("model.layers", "model.norm", sublayer_norms=True),
-    "Gemma3ForCausalLM": Family("model.layers", "model.norm", sublayer_norms=True),
+    "GemmaForCausalLM": Family("model.layers", "model.norm", template="gemma"),
+    "Gemma2ForCausalLM": Family(  # the real model's structure: both softcaps, sliding-window and full layers
+        "model.layers", "model.norm", sublayer_norms=True, template="gemma", tiny="gemma2",
+        tiny_config=lambda c: Gemma2Config(**c, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                                           sliding_window=8, layer_types=_ALTERNATING, query_pre_attn_scalar=16)),
+    "Gemma3ForCausalLM": Family(
+        "model.layers", "model.norm", sublayer_norms=True, template="gemma3", tiny="gemma3",
+        tiny_config=lambda c: Gemma3TextConfig(**c, sliding_window=8, layer_types=_ALTERNATING,
+                                               query_pre_attn_scalar=16)),
     "Gemma3ForConditionalGeneration": Family("model.language_model.layers", "model.language_model.norm",
-                                             embeddings="model.language_model.embed_tokens", sublayer_norms=True),
+                                             embeddings="model.language_model.embed_tokens", sublayer_norms=True,
+                                             template="gemma3"),
 }
+# The tiny test models by short name, in a fixed order: tiny-llama, tiny-gemma2, tiny-gemma3, tiny-qwen2.
+TINY = {f.tiny: f for f in sorted((f for f in FAMILIES.values() if f.tiny), key=lambda f: (f.tiny != "llama", f.tiny))}
+TINY_FAMILIES = tuple(TINY)
 
 
 @dataclass(frozen=True)
@@ -220,37 +245,20 @@ def _get_path(obj: Any, path: str) -> Any:
     return obj
 
 
-def _tiny_config(family: str, vocab_size: int) -> Any:
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    if family == "gemma2":  # the real model's structure: both softcaps, sliding-window and full layers alternating
-        return Gemma2Config(**common, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                            query_pre_attn_scalar=16)
-    if family == "gemma3":
-        return Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                                query_pre_attn_scalar=16)
-    raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
-
-
-def _test_tokenizer(model_type: str) -> Any:
-    """The embedded model's tokenizer for a test model (tiny or random) of ``model_type``, with the Gemma template
-    where the family is Gemma's (no system role; Gemma-3's own template for ``gemma3*``)."""
+def _test_tokenizer(family: Family) -> Any:
+    """The embedded model's tokenizer for a test model (tiny or random) of ``family``, with the family's template."""
     tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
-    if model_type.startswith("gemma"):
-        tokenizer.chat_template = data.chat_template("gemma3" if model_type.startswith("gemma3") else "gemma")
+    if family.template is not None:
+        tokenizer.chat_template = data.chat_template(family.template)
     return tokenizer
 
 
 def _load_tiny(family: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any, str]:
-    tokenizer = _test_tokenizer(family)
+    if family not in TINY:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    tokenizer = _test_tokenizer(TINY[family])
     torch.manual_seed(0)  # the same tiny model every time
-    config = _tiny_config(family, len(tokenizer))
+    config = TINY[family].tiny_config({"vocab_size": len(tokenizer), **TINY_FIELDS})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model, tokenizer, f"random-init-seed0-{family}"
 
@@ -264,7 +272,11 @@ def _load_random(config_name: str, dtype: torch.dtype, attn: str, device: str) -
     fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     config = AutoConfig.for_model(**fields)
     check_fits(config, dtype, torch.device(device), name=f"random:{config_name}")
-    tokenizer = _test_tokenizer(config.model_type)
+    architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    if architecture not in FAMILIES:
+        raise ValueError(f"model config {config_name!r}: architecture {architecture} is not supported; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    tokenizer = _test_tokenizer(FAMILIES[architecture])
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: a 9B model never passes through CPU memory
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
