@@ -71,7 +71,7 @@ def direct_logit_attribution(handle: ModelHandle, trials: Sequence[Trial], *, an
     w_u = unembed.weight[answer_ids].detach().float().cpu()  # [2, D]
     b_u = unembed.bias[answer_ids].detach().float().cpu() if unembed.bias is not None else None
     g_final = rms_gain(handle.final_norm._module, d, handle.device).cpu()
-    sublayer_norms = handle.attention_out(0) is not handle.attention(0)
+    sublayer_norms = handle.sublayer_norms
     g_attn = [rms_gain(handle.attention_out(i)._module, d, handle.device).cpu() if sublayer_norms else None
               for i in range(n_layers)]
     w_o = [handle.output_projection(i)._module.weight.detach().float().cpu() for i in range(n_layers)]  # [D, H·dh]

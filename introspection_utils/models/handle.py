@@ -175,6 +175,11 @@ class ModelHandle:
         """The self-attention module of ``layer``; its output is ``(attn_output, attn_weights [B, H, Tq, Tk])``."""
         return self.layers[layer].self_attn
 
+    @property
+    def sublayer_norms(self) -> bool:
+        """Whether the family norms the attention and MLP outputs before the residual add (Gemma-2/3)."""
+        return self._family.sublayer_norms
+
     def attention_out(self, layer: int) -> Any:
         """The module whose output is what attention adds to the residual stream at ``layer``: Gemma-2/3's
         post-attention norm (output ``[B, T, D]``), else the self-attention (output ``(attn_output, weights)``)."""
