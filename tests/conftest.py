@@ -21,7 +21,7 @@ import torch
 
 from introspection_utils import load_model
 from introspection_utils.experiments import attention, logit_lens
-from introspection_utils.models.handle import TINY_FAMILIES
+from introspection_utils.models.families import TINY_FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402  (the independent plain-PyTorch implementation)
