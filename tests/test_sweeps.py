@@ -11,7 +11,7 @@ import torch
 from introspection_utils.core.results import load_result
 from introspection_utils.engine.inject import Trial
 from introspection_utils.engine.metadata import metadata, save_table
-from introspection_utils.engine.prompts import control_questions, introspection_prompt
+from introspection_utils.engine.prompts import answer_set, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import concept_vectors, random_vector
 from introspection_utils.experiments import sweeps
 from introspection_utils.experiments.sweeps import COLUMNS, layer_sweep, scale_sweep, summarize
@@ -243,7 +243,7 @@ def test_default_sweep_asks_both_polarities_and_tags_every_row(tiny_llama, bank)
     assert (df["answer_format"] == "open").all()
     meta = result.meta
     assert meta["answer_format"] == "open" and meta["answer_set"]["yes"][0] == "Yes"
-    assert meta["answer_set"]["no_ids"][0] == sweeps.answer_set(tiny_llama).no[0]
+    assert meta["answer_set"]["no_ids"][0] == answer_set(tiny_llama).no[0]
     assert meta["control_span"] == pytest.approx(sweeps.control_span(df))
 
 
