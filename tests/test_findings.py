@@ -68,6 +68,21 @@ def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
     assert read_block(readme, "findings") == text.strip() and readme.read_text().endswith("after\n")
     assert "Notebook by notebook" not in text  # only the atlas was saved: no notebook readings to show
     assert isinstance(pd.read_csv(results / "atlas.csv"), pd.DataFrame)
+    assert "| open | 5 |" in text and "| binary |" not in text  # one row per format that was run
+
+
+def test_the_formats_table_has_a_row_per_format_run(tmp_path):
+    atlas, df = _run()
+    for name in ("atlas", "atlas_prefill"):  # the open turn and the prefill readout; no binary run
+        atlas.to_csv(tmp_path / f"{name}.csv", index=False)
+        SweepResult(df, {}).save(tmp_path / f"{name}_sweep")
+    rows = findings.format_rows(tmp_path)
+    assert rows["answer_format"].tolist() == ["open", "prefill"]
+    medians = verdicts.null_medians(verdicts.random_null(df))
+    assert rows["random_I"].tolist() == [medians["random_I"]] * 2 and rows["concepts"].tolist() == [5, 5]
+    assert rows["introspection_specific"].tolist() == [int((atlas["class"] == "introspection-specific").sum())] * 2
+    text = findings.formats_markdown(rows)
+    assert text.count("\n| open |") == 1 and text.count("\n| prefill |") == 1 and f"{medians['random_I']:+.2f}" in text
 
 
 def test_the_readme_shows_the_committed_findings():

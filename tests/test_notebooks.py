@@ -209,10 +209,31 @@ def test_make_test_checks_the_working_tree_and_make_findings_runs_the_qwen_file(
 def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_concepts():
     model, common, per_notebook = run.read_findings(QWEN_FINDINGS)
     assert model == "qwen2.5-coder-1.5b-instruct"
-    plans = dict(run.plan_runs(run.notebooks(), {"model": model, **common}, per_notebook))  # raises if undeclared
+    base, variants = run.split_variants(per_notebook)
+    plans = dict(run.plan_runs(run.notebooks(), {"model": model, **common}, base))  # raises if undeclared
     atlas = plans[next(p for p in plans if p.name.startswith("11"))]
     assert set(load_list("concept_words")) <= set(atlas["concepts"]) and len(load_list("concept_words")) == 50
-    assert set(per_notebook) == {p.name[:2] for p in run.notebooks()}
+    assert set(base) == {p.name[:2] for p in run.notebooks()}
+    # the atlas in every answer format, with the open turn's design otherwise unchanged
+    assert [(prefix, name, params["answer_format"]) for prefix, name, params in variants] == [
+        ("11", "binary", "binary"), ("11", "prefill", "prefill")]
+    assert all({k: v for k, v in params.items() if k != "answer_format"} == base["11"] for _, _, params in variants)
+    for prefix, _, params in variants:
+        run.plan_runs(run.notebooks([prefix]), {"model": model, **common}, {prefix: params})
+
+
+def test_findings_variants_are_checked_and_named(tmp_path):
+    assert run.variant_name(Path("11_atlas.ipynb"), "binary") == "11_atlas.binary.ipynb"
+    assert run.variant_name(Path("11_atlas.ipynb")) == "11_atlas.ipynb"
+    with pytest.raises(ValueError, match=r"needs a \['11'\] table"):
+        run.split_variants({"11.binary": {"answer_format": "binary"}})
+    with pytest.raises(ValueError, match="must be a word"):
+        run.split_variants({"11": {}, "11.bin ary": {}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-llama"\n["11"]\nn_concepts = 3\n["11.other"]\nanswer_format = 3\n')
+    with pytest.raises(run.NotebookError, match="answer_format"):
+        run.run_findings(bad, root=tmp_path)
+    assert not (tmp_path / "tiny-llama" / "notebooks").exists()  # refused before any kernel started
 
 
 def test_findings_parameters_for_an_unknown_notebook_or_parameter_are_refused(tmp_path):
