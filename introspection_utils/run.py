@@ -307,8 +307,9 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
             str(path), str(output), parameters=parameters, kernel_name=kernel, cwd=str(path.parent),
             progress_bar=False, execution_timeout=timeout or None, log_output=False,
             # the kernel's "running over TCP without encryption" warning once per notebook says nothing to act on
-            # (the kernel listens on 127.0.0.1 only); its own log level goes to ERROR.
-            extra_arguments=["--IPKernelApp.log_level=ERROR",
+            # (the kernel listens on 127.0.0.1 only); its own log level goes to CRITICAL: after a Ctrl-C its shutdown
+            # logs a ZMQ traceback and "KeyboardInterrupt caught in kernel" (the cells' own errors come back over ZMQ).
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL",
                              f"--IPKernelApp.exec_lines={json.dumps(KERNEL_STARTUP)}"],
             **extra)
     except PapermillExecutionError as err:
