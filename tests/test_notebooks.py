@@ -214,10 +214,12 @@ def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_conce
     atlas = plans[next(p for p in plans if p.name.startswith("11"))]
     assert set(load_list("concept_words")) <= set(atlas["concepts"]) and len(load_list("concept_words")) == 50
     assert set(base) == {p.name[:2] for p in run.notebooks()}
-    # the atlas in every answer format, with the open turn's design otherwise unchanged
+    # the atlas in every answer format: the open turn's design on a subset of its concepts (the write-up's cases in it)
     assert [(prefix, name, params["answer_format"]) for prefix, name, params in variants] == [
         ("11", "binary", "binary"), ("11", "prefill", "prefill")]
-    assert all({k: v for k, v in params.items() if k != "answer_format"} == base["11"] for _, _, params in variants)
+    for _, _, params in variants:
+        assert {k: v for k, v in params.items() if k not in ("answer_format", "concepts")} == base["11"]
+        assert {"Sandwich", "Water", "Bomb"} <= set(params["concepts"]) <= set(base["11"]["concepts"])
     for prefix, _, params in variants:
         run.plan_runs(run.notebooks([prefix]), {"model": model, **common}, {prefix: params})
 
