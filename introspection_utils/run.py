@@ -523,14 +523,23 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
     common = {**common, **(parameters or {})}
     folder = root / model_name(model)
     params = {"model": model, "figures_dir": str(folder), "results_dir": str(folder / "results"), **common}
-    paths = notebooks(selection)
+    # a selection item "11.binary" runs that variant alone; "11" runs the notebook and its variants
+    only = {str(item) for item in selection or () if "." in str(item)}
+    unknown = sorted(only - {f"{prefix}.{name}" for prefix, name, _ in variants})
+    if unknown:
+        raise ValueError(f"no findings variant {unknown} in {path}; it has "
+                         f"{[f'{prefix}.{name}' for prefix, name, _ in variants]}")
+    plain = [item for item in selection or () if "." not in str(item)]
+    paths = notebooks(plain) if selection is not None else notebooks()
     chosen = {p.name[:2] for p in paths}
-    variants = [(prefix, name, extra) for prefix, name, extra in variants if prefix in chosen]
+    variants = [(prefix, name, extra) for prefix, name, extra in variants
+                if prefix in chosen or f"{prefix}.{name}" in only]
     for prefix, _, extra in variants:  # every variant checked before the first kernel starts
         plan_runs(notebooks([prefix]), params, {prefix: extra}, where_declared=RUNNER_PLACED)
-    records = run_notebooks(paths, folder / "notebooks", params, per_notebook=base,
-                            kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
-                            timeout=timeout)
+    records = []
+    if paths:
+        records = run_notebooks(paths, folder / "notebooks", params, per_notebook=base, kernel=kernel,
+                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout)
     for prefix, name, extra in variants:
         records += run_notebooks(notebooks([prefix]), folder / "notebooks", params, per_notebook={prefix: extra},
                                  kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
@@ -608,7 +617,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None,
                         help="where executed notebooks go (runs/); with --findings, the root of <model>/ (figures/)")
     parser.add_argument("--notebooks-only", nargs="+", metavar="NN", default=None,
-                        help="with --findings: run only these notebooks")
+                        help="with --findings: run only these notebooks (11.binary: only that variant)")
     parser.add_argument("--full", action="store_true",
                         help="the full-size runs of the notebooks that make demo runs at demo size (07, 08, 10: "
                              "data/full_size.toml), into runs/<model>/full/ (or --tag)")

@@ -232,6 +232,8 @@ def test_findings_variants_are_checked_and_named(tmp_path):
         run.split_variants({"11.binary": {"answer_format": "binary"}})
     with pytest.raises(ValueError, match="must be a word"):
         run.split_variants({"11": {}, "11.bin ary": {}})
+    with pytest.raises(ValueError, match=r"no findings variant \['11.nope'\] in .*it has \['11.binary', '11.pre"):
+        run.run_findings(QWEN_FINDINGS, ["11.nope"], root=tmp_path)
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "tiny-llama"\n["11"]\nn_concepts = 3\n["11.other"]\nanswer_format = 3\n')
     with pytest.raises(run.NotebookError, match="answer_format"):
