@@ -145,6 +145,38 @@ def formats_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def task_rows(results: Path) -> pd.DataFrame:
+    """Notebook 13's tasks (a yes-bias cannot score them) from their saved tables in ``results``: ``task, evidence``
+    (the notebook's own reading) and ``found`` ("yes"/"no": beyond chance and every null it was run against, by the
+    task's own rule in :mod:`tasks` / :mod:`localization`)."""
+    rows = []
+    for name, title, summarise, describe, found in (
+            ("forced_choice", "forced choice among concepts", tasks.forced_choice_summary,
+             tasks.describe_forced_choice, tasks.forced_choice_found),
+            ("congruence", "named-concept congruence", tasks.congruence_summary, tasks.describe_congruence,
+             tasks.congruence_found),
+            ("strength_comparison", "which injection was stronger", tasks.strength_summary, tasks.describe_strength,
+             tasks.strength_found)):
+        if (results / f"{name}.csv").is_file():
+            summary = summarise(load_result(results / name).df)
+            rows.append({"task": title, "evidence": describe(summary), "found": "yes" if found(summary) else "no"})
+    if (results / "localization_13.csv").is_file():
+        result = load_result(results / "localization_13")
+        rows.append({"task": "which sentence carried the injection", "evidence": localization.reading(result),
+                     "found": "yes" if localization.localized(result) else "no"})
+    return pd.DataFrame(rows, columns=["task", "evidence", "found"])
+
+
+def tasks_markdown(rows: pd.DataFrame) -> str:
+    """:func:`task_rows` as a Markdown section."""
+    lines = ["## Tasks a yes-bias cannot score (notebook 13)", "",
+             "A uniform push of the logits towards \"yes\" scores nothing here: the model names a concept, a "
+             "sentence or the stronger of two injections. *Found*: beyond chance and every null it was run against.",
+             "", "| task | what the numbers say | found |", "|---|---|---|"]
+    lines += [f"| {r.task} | {r.evidence} | {r.found} |" for r in rows.itertuples()]
+    return "\n".join(lines)
+
+
 def _concepts(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(df.loc[df["vector_kind"] == "concept", "concept"]))
 
@@ -312,9 +344,10 @@ def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     sweep = load_result(results / "atlas_sweep.csv").df
     interference = results / "interference_scale_sweep.csv"
     inter = load_result(interference).df if interference.is_file() else None
-    formats = format_rows(results)
+    formats, task_table = format_rows(results), task_rows(results)
     table = (markdown(claims(atlas, sweep, inter), model, atlas)
-             + ("\n\n" + formats_markdown(formats) if len(formats) else ""))
+             + ("\n\n" + formats_markdown(formats) if len(formats) else "")
+             + ("\n\n" + tasks_markdown(task_table) if len(task_table) else ""))
     sections = series(model)
     document = table + ("\n\n" + series_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from test_verdicts import _scaled, _spread, _table
 
-from introspection_utils import findings, mechanisms, verdicts
+from introspection_utils import findings, mechanisms, tasks, verdicts
 from introspection_utils.paths import project_root, read_block
 from introspection_utils.sweeps import SweepResult
 
@@ -105,3 +105,20 @@ def test_series_readings_are_the_notebooks_own(tmp_path, monkeypatch, two_maps_t
     sections = {notebook: texts for notebook, _, _, texts in findings.series("tiny-llama")}
     assert sections == {"12": [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]}
     assert "tiny-llama" in findings.agreement_markdown("tiny-llama")
+
+
+def test_task_rows_are_the_notebooks_readings_and_rules(tmp_path):
+    rng = np.random.default_rng(1)
+    labels, n = ["a", "b", "c"], 300
+    targets = rng.choice(labels, n)
+    chosen = np.where(rng.random(n) < 0.6, targets, rng.choice(labels, n))
+    df = pd.DataFrame({"condition": "concept", "null_kind": "", "layer": 1, "scale": 4.0, "target": targets,
+                       "chosen": chosen})
+    df["correct"] = df["target"] == df["chosen"]
+    SweepResult(df, {}).save(tmp_path / "forced_choice")
+    rows = findings.task_rows(tmp_path)
+    summary = tasks.forced_choice_summary(df)
+    assert rows.to_dict("records") == [{"task": "forced choice among concepts",
+                                        "evidence": tasks.describe_forced_choice(summary), "found": "yes"}]
+    assert "| forced choice among concepts |" in findings.tasks_markdown(rows)
+    assert findings.task_rows(tmp_path / "nothing").empty
