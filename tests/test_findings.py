@@ -10,7 +10,7 @@ from test_verdicts import _scaled, _spread, _table
 from introspection_utils.apps import findings
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.core.results import SweepResult
-from introspection_utils.experiments import mechanisms
+from introspection_utils.experiments import mechanisms, tasks
 from introspection_utils.stats import verdicts
 
 
@@ -70,6 +70,21 @@ def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
     assert read_block(readme, "findings") == text.strip() and readme.read_text().endswith("after\n")
     assert "Notebook by notebook" not in text  # only the atlas was saved: no notebook readings to show
     assert isinstance(pd.read_csv(results / "atlas.csv"), pd.DataFrame)
+    assert "| open | 5 |" in text and "| binary |" not in text  # one row per format that was run
+
+
+def test_the_formats_table_has_a_row_per_format_run(tmp_path):
+    atlas, df = _run()
+    for name in ("atlas", "atlas_prefill"):  # the open turn and the prefill readout; no binary run
+        atlas.to_csv(tmp_path / f"{name}.csv", index=False)
+        SweepResult(df, {}).save(tmp_path / f"{name}_sweep")
+    rows = findings.format_rows(tmp_path)
+    assert rows["answer_format"].tolist() == ["open", "prefill"]
+    medians = verdicts.null_medians(verdicts.random_null(df))
+    assert rows["random_I"].tolist() == [medians["random_I"]] * 2 and rows["concepts"].tolist() == [5, 5]
+    assert rows["introspection_specific"].tolist() == [int((atlas["class"] == "introspection-specific").sum())] * 2
+    text = findings.formats_markdown(rows)
+    assert text.count("\n| open |") == 1 and text.count("\n| prefill |") == 1 and f"{medians['random_I']:+.2f}" in text
 
 
 def test_the_readme_shows_the_committed_findings():
@@ -92,3 +107,20 @@ def test_series_readings_are_the_notebooks_own(tmp_path, monkeypatch, two_maps_t
     sections = {notebook: texts for notebook, _, _, texts in findings.series("tiny-llama")}
     assert sections == {"12": [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]}
     assert "tiny-llama" in findings.agreement_markdown("tiny-llama")
+
+
+def test_task_rows_are_the_notebooks_readings_and_rules(tmp_path):
+    rng = np.random.default_rng(1)
+    labels, n = ["a", "b", "c"], 300
+    targets = rng.choice(labels, n)
+    chosen = np.where(rng.random(n) < 0.6, targets, rng.choice(labels, n))
+    df = pd.DataFrame({"condition": "concept", "null_kind": "", "layer": 1, "scale": 4.0, "target": targets,
+                       "chosen": chosen})
+    df["correct"] = df["target"] == df["chosen"]
+    SweepResult(df, {}).save(tmp_path / "forced_choice")
+    rows = findings.task_rows(tmp_path)
+    summary = tasks.forced_choice_summary(df)
+    assert rows.to_dict("records") == [{"task": "forced choice among concepts",
+                                        "evidence": tasks.describe_forced_choice(summary), "found": "yes"}]
+    assert "| forced choice among concepts |" in findings.tasks_markdown(rows)
+    assert findings.task_rows(tmp_path / "nothing").empty

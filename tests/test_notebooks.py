@@ -210,10 +210,36 @@ def test_make_test_checks_the_working_tree_and_make_findings_runs_the_qwen_file(
 def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_concepts():
     model, common, per_notebook = run.read_findings(QWEN_FINDINGS)
     assert model == "qwen2.5-coder-1.5b-instruct"
-    plans = dict(run.plan_runs(run.notebooks(), {"model": model, **common}, per_notebook))  # raises if undeclared
+    base, variants = run.split_variants(per_notebook)
+    plans = dict(run.plan_runs(run.notebooks(), {"model": model, **common}, base))  # raises if undeclared
     atlas = plans[next(p for p in plans if p.name.startswith("11"))]
     assert set(load_list("concept_words")) <= set(atlas["concepts"]) and len(load_list("concept_words")) == 50
-    assert set(per_notebook) == {p.name[:2] for p in run.notebooks()}
+    assert set(base) == {p.name[:2] for p in run.notebooks()}
+    # the atlas in every answer format: the open turn's design on a subset of its concepts (the write-up's cases in it)
+    assert [(prefix, name, params["answer_format"]) for prefix, name, params in variants] == [
+        ("11", "binary", "binary"), ("11", "prefill", "prefill")]
+    for _, _, params in variants:
+        assert {k: v for k, v in params.items() if k not in ("answer_format", "concepts")} == {
+            k: v for k, v in base["11"].items() if k != "concepts"}
+        assert {"Sandwich", "Water", "Bomb"} <= set(params["concepts"]) <= set(base["11"]["concepts"])
+    for prefix, _, params in variants:
+        run.plan_runs(run.notebooks([prefix]), {"model": model, **common}, {prefix: params})
+
+
+def test_findings_variants_are_checked_and_named(tmp_path):
+    assert run.variant_name(Path("11_atlas.ipynb"), "binary") == "11_atlas.binary.ipynb"
+    assert run.variant_name(Path("11_atlas.ipynb")) == "11_atlas.ipynb"
+    with pytest.raises(ValueError, match=r"needs a \['11'\] table"):
+        run.split_variants({"11.binary": {"answer_format": "binary"}})
+    with pytest.raises(ValueError, match="must be a word"):
+        run.split_variants({"11": {}, "11.bin ary": {}})
+    with pytest.raises(ValueError, match=r"no findings variant \['11.nope'\] in .*it has \['11.binary', '11.pre"):
+        run.run_findings(QWEN_FINDINGS, ["11.nope"], root=tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-llama"\n["11"]\nn_concepts = 3\n["11.other"]\nanswer_format = 3\n')
+    with pytest.raises(run.NotebookError, match="answer_format"):
+        run.run_findings(bad, root=tmp_path)
+    assert not (tmp_path / "tiny-llama" / "notebooks").exists()  # refused before any kernel started
 
 
 def test_findings_parameters_for_an_unknown_notebook_or_parameter_are_refused(tmp_path):

@@ -134,6 +134,14 @@ def test_forced_choice_summary_puts_chance_in_the_interval_and_the_planted_signa
     assert summary.loc["none", "ci_low"] < 1 / 3 < summary.loc["none", "ci_high"]
     assert summary.loc["concept", "ci_low"] > 1 / 3 and summary.loc["concept", "mi_p"] < 0.01
     assert "above chance" in tasks.describe_forced_choice(summary.reset_index())
+    assert tasks.forced_choice_found(summary.reset_index())
+    # a null vector kind that names the concept as well as the concept vectors do: not found
+    null = df[df["condition"] == "concept"].assign(condition="random", null_kind="isotropic")
+    both = tasks.forced_choice_summary(pd.concat([df, null]), n_permutations=200)
+    assert not tasks.forced_choice_found(both)
+    chance_only = df.assign(chosen=np.r_[chance, chance])
+    chance_only["correct"] = chance_only["target"] == chance_only["chosen"]
+    assert not tasks.forced_choice_found(tasks.forced_choice_summary(chance_only, n_permutations=200))
 
 
 # ------------------------------------------------------------------------------------------------ congruence
@@ -190,6 +198,11 @@ def test_sign_flip_and_congruence_summary_on_synthetic_gaps():
     assert summary.loc["concept", "p_signflip"] < 0.01 and summary.loc["concept", "n_positive"] == 10
     assert abs(summary.loc["random", "mean_gap"]) < 0.05 and summary.loc["random", "p_signflip"] > 0.01
     assert summary.loc["concept", "mean_gap"] == pytest.approx(1.45, abs=0.02)
+    assert tasks.congruence_found(summary.reset_index())
+    shared_only = pd.DataFrame(rows)  # the planted gaps taken out: the yes-bias lifts both questions alike
+    planted = shared_only["congruent"] & (shared_only["condition"] == "concept")
+    shared_only["delta"] -= np.where(planted, 1.0 + 0.1 * shared_only["concept"].str[1:].astype(int), 0.0)
+    assert not tasks.congruence_found(tasks.congruence_summary(shared_only))
 
 
 # ------------------------------------------------------------------------------------------------ strength comparison
@@ -243,6 +256,10 @@ def test_strength_comparison_is_counterbalanced_and_its_summary_reads_chance_and
     good["correct"] = good["chosen"] == good["stronger"]
     s = tasks.strength_summary(good).iloc[0]
     assert s["accuracy"] == 0.9 and s["ci_low"] > 0.5 and s["p_binomial"] < 1e-6
+    assert tasks.strength_found(tasks.strength_summary(good))
+    assert not tasks.strength_found(tasks.strength_summary(always_one))  # a position bias is not strength
+    as_good = good.assign(condition="random", null_kind="isotropic")
+    assert not tasks.strength_found(tasks.strength_summary(pd.concat([good, as_good])))
 
 
 # ------------------------------------------------------------------------------------------------ null kinds

@@ -397,6 +397,15 @@ def test_run_atlas_on_a_tiny_model(tiny_llama, tmp_path):
     assert sweep.df["answer_mass"].between(0, 1).all() and (tmp_path / "atlas.csv").is_file()
     with pytest.raises(ValueError, match="random-vector null needs at least 3"):
         metrics.run_atlas(tiny_llama, ["Dust"], [1.0], layer=0, n_random=1, bank=bank, progress=False)
+    # another answer format's atlas sits beside the open turn's, never over it
+    binary, _ = metrics.run_atlas(tiny_llama, ["Dust", "Satellites"], [4.0], layer=0, n_controls=2, n_random=2,
+                                  bank=bank, n_boot=100, progress=False, results_dir=tmp_path, answer_format="binary")
+    assert (tmp_path / "atlas_binary.csv").is_file() and (tmp_path / "atlas_binary_sweep.csv").is_file()
+    assert set(pd.read_csv(tmp_path / "atlas_binary_sweep.csv")["answer_format"]) == {"binary"}
+    assert set(pd.read_csv(tmp_path / "atlas_sweep.csv")["answer_format"]) == {"open"}
+    assert [metrics.atlas_name(f) for f in prompts.ANSWER_FORMATS] == ["atlas", "atlas_binary", "atlas_prefill"]
+    with pytest.raises(ValueError, match=r"answer_format must be one of \['open', 'binary', 'prefill'\], got 'yes'"):
+        metrics.atlas_name("yes")
 
 
 # ------------------------------------------------------------------------------------------------- calibration

@@ -19,7 +19,9 @@ import pandas as pd
 from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
 from introspection_utils.core.results import load_result
+from introspection_utils.engine.prompts import ANSWER_FORMATS
 from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
+from introspection_utils.experiments.atlas import atlas_name
 from introspection_utils.readings import sentences as readings
 from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.terms import MIN_ANSWER_MASS
@@ -102,6 +104,78 @@ def markdown(table: pd.DataFrame, model: str, atlas: pd.DataFrame) -> str:
             f"`python -m introspection_utils.findings`):")
     lines = [head, "", "| write-up case | concepts | what the numbers say | reproduces |", "|---|---|---|---|"]
     lines += [f"| {r.claim} | {r.concepts} | {r.evidence} | {r.reproduces} |" for r in table.itertuples()]
+    return "\n".join(lines)
+
+
+def format_rows(results: Path) -> pd.DataFrame:
+    """The atlas under each answer format that was run (``atlas.csv``, ``atlas_binary.csv``, ``atlas_prefill.csv``
+    in ``results``): one row per format with the class counts, the medians of max-over-scales I and S for the
+    concept and the random vectors (:func:`verdicts.null_medians`), and the answer mass with and without injection
+    behind them."""
+    rows = []
+    for answer_format in ANSWER_FORMATS:
+        name = atlas_name(answer_format)
+        if not ((results / f"{name}.csv").is_file() and (results / f"{name}_sweep.csv").is_file()):
+            continue
+        atlas = pd.read_csv(results / f"{name}.csv")
+        medians = null_medians(random_null(load_result(results / f"{name}_sweep.csv").df))
+        counts = class_counts(atlas)
+        rows.append({"answer_format": answer_format, "concepts": len(atlas),
+                     "introspection_specific": int(counts["introspection-specific"]),
+                     "classes": ", ".join(f"{n} {c}" for c, n in counts.items() if n),
+                     **{k: medians[k] for k in ("random_I", "concept_I", "random_S", "concept_S", "beat_I")},
+                     "answer_mass": float(atlas["answer_mass"].median()),
+                     "baseline_answer_mass": float(atlas["baseline_answer_mass"].median()),
+                     "low_mass": int(atlas["low_mass"].sum())})
+    return pd.DataFrame(rows)
+
+
+def formats_markdown(rows: pd.DataFrame) -> str:
+    """:func:`format_rows` as a Markdown section: the verdict per answer format with the answer mass behind it."""
+    lines = ["## The atlas by answer format", "",
+             "The same atlas (concepts, scales, wordings, controls, random vectors) asked in each answer format "
+             "(`prompts.ANSWER_FORMATS`: the paper's open turn, a binary instruction on every question, a prefilled "
+             "\"The answer is\"). I is the control-calibrated introspection residual (max over scales), S the "
+             "contrast; a random vector's I should sit near 0.", "",
+             "| format | concepts | introspection-specific | classes | random median I | concept median I | "
+             "random median S | concept median S | concepts above every random I | answer mass (no injection) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.answer_format} | {r.concepts} | {r.introspection_specific} | {r.classes} | {r.random_I:+.2f} | "
+              f"{r.concept_I:+.2f} | {r.random_S:+.2f} | {r.concept_S:+.2f} | {int(r.beat_I)} | "
+              f"{r.answer_mass:.2f} ({r.baseline_answer_mass:.2f}); {r.low_mass} below {MIN_ANSWER_MASS} |"
+              for r in rows.itertuples()]
+    return "\n".join(lines)
+
+
+def task_rows(results: Path) -> pd.DataFrame:
+    """Notebook 13's tasks (a yes-bias cannot score them) from their saved tables in ``results``: ``task, evidence``
+    (the notebook's own reading) and ``found`` ("yes"/"no": beyond chance and every null it was run against, by the
+    task's own rule in :mod:`tasks` / :mod:`localization`)."""
+    rows = []
+    for name, title, summarise, describe, found in (
+            ("forced_choice", "forced choice among concepts", tasks.forced_choice_summary,
+             tasks.describe_forced_choice, tasks.forced_choice_found),
+            ("congruence", "named-concept congruence", tasks.congruence_summary, tasks.describe_congruence,
+             tasks.congruence_found),
+            ("strength_comparison", "which injection was stronger", tasks.strength_summary, tasks.describe_strength,
+             tasks.strength_found)):
+        if (results / f"{name}.csv").is_file():
+            summary = summarise(load_result(results / name).df)
+            rows.append({"task": title, "evidence": describe(summary), "found": "yes" if found(summary) else "no"})
+    if (results / "localization_13.csv").is_file():
+        result = load_result(results / "localization_13")
+        rows.append({"task": "which sentence carried the injection", "evidence": localization.reading(result),
+                     "found": "yes" if localization.localized(result) else "no"})
+    return pd.DataFrame(rows, columns=["task", "evidence", "found"])
+
+
+def tasks_markdown(rows: pd.DataFrame) -> str:
+    """:func:`task_rows` as a Markdown section."""
+    lines = ["## Tasks a yes-bias cannot score (notebook 13)", "",
+             "A uniform push of the logits towards \"yes\" scores nothing here: the model names a concept, a "
+             "sentence or the stronger of two injections. *Found*: beyond chance and every null it was run against.",
+             "", "| task | what the numbers say | found |", "|---|---|---|"]
+    lines += [f"| {r.task} | {r.evidence} | {r.found} |" for r in rows.itertuples()]
     return "\n".join(lines)
 
 
@@ -226,7 +300,9 @@ def wall_times(model: str = FINDINGS_MODEL) -> dict[str, float]:
     path = figures_dir(model) / "timings.csv"
     if not path.is_file():
         return {}
-    return {row.notebook[:2]: float(row.seconds) for row in pd.read_csv(path, dtype={"notebook": str}).itertuples()}
+    rows = pd.read_csv(path, dtype={"notebook": str})
+    return {row.notebook[:2]: float(row.seconds) for row in rows.itertuples()
+            if row.notebook.count(".") == 1}  # a variant's row (11_atlas.binary.ipynb) is not its notebook's time
 
 
 def series_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:
@@ -270,7 +346,10 @@ def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     sweep = load_result(results / "atlas_sweep.csv").df
     interference = results / "interference_scale_sweep.csv"
     inter = load_result(interference).df if interference.is_file() else None
-    table = markdown(claims(atlas, sweep, inter), model, atlas)
+    formats, task_table = format_rows(results), task_rows(results)
+    table = (markdown(claims(atlas, sweep, inter), model, atlas)
+             + ("\n\n" + formats_markdown(formats) if len(formats) else "")
+             + ("\n\n" + tasks_markdown(task_table) if len(task_table) else ""))
     sections = series(model)
     document = table + ("\n\n" + series_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)

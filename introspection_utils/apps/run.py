@@ -279,9 +279,17 @@ def _n_code_cells(path: Path) -> int:
     return sum(c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []) for c in nb.cells) + 1
 
 
+def variant_name(path: Path, variant: str | None = None) -> str:
+    """The executed copy's file name: the notebook's own, or ``<stem>.<variant>.ipynb`` for a findings variant
+    (``11_atlas.binary.ipynb``)."""
+    return path.name if not variant else f"{path.stem}.{variant}{path.suffix}"
+
+
 def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, kernel: str | None = None,
-                 timeout: int | None = DEFAULT_CELL_TIMEOUT, progress: bool = True) -> RunRecord:
-    """Execute one notebook with ``parameters`` into ``output_dir/<name>``; raise :class:`NotebookError` on failure.
+                 timeout: int | None = DEFAULT_CELL_TIMEOUT, progress: bool = True,
+                 variant: str | None = None) -> RunRecord:
+    """Execute one notebook with ``parameters`` into ``output_dir/<name>`` (:func:`variant_name`); raise
+    :class:`NotebookError` on failure.
 
     ``timeout``: seconds per cell (``None`` or 0: none). ``progress``: print each code cell as it starts and the
     package's progress bars."""
@@ -290,7 +298,7 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
 
     plan_runs([path], parameters)
     output_dir.mkdir(parents=True, exist_ok=True)
-    output = output_dir / path.name
+    output = output_dir / variant_name(path, variant)
     hooks = _Progress(path.name, _n_code_cells(path)) if progress else None
     extra = {"on_cell_start": hooks.on_cell_start, "stderr_file": hooks} if hooks else {}
     start = time.perf_counter()
@@ -299,8 +307,9 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
             str(path), str(output), parameters=parameters, kernel_name=kernel, cwd=str(path.parent),
             progress_bar=False, execution_timeout=timeout or None, log_output=False,
             # the kernel's "running over TCP without encryption" warning once per notebook says nothing to act on
-            # (the kernel listens on 127.0.0.1 only); its own log level goes to ERROR.
-            extra_arguments=["--IPKernelApp.log_level=ERROR",
+            # (the kernel listens on 127.0.0.1 only); its own log level goes to CRITICAL: after a Ctrl-C its shutdown
+            # logs a ZMQ traceback and "KeyboardInterrupt caught in kernel" (the cells' own errors come back over ZMQ).
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL",
                              f"--IPKernelApp.exec_lines={json.dumps(KERNEL_STARTUP)}"],
             **extra)
     except PapermillExecutionError as err:
@@ -313,7 +322,7 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
         raise NotebookError(path.name, cell, f"{err.ename}: {err.evalue}", output) from err
     if hooks:
         hooks._end_line()
-    return RunRecord(path.name, output, time.perf_counter() - start)
+    return RunRecord(output.name, output, time.perf_counter() - start)
 
 
 def _parameters_cell(path: Path) -> int:
@@ -326,11 +335,12 @@ def _parameters_cell(path: Path) -> int:
 def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str, Any], *,
                   per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
                   timings: Path | None = None, model: str | None = None, skip_done: bool = False,
-                  timeout: int | None = DEFAULT_CELL_TIMEOUT) -> list[RunRecord]:
+                  timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None) -> list[RunRecord]:
     """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
     each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. With
     ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
-    skipped. Ctrl-C raises :class:`Interrupted` with what finished."""
+    skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
+    Ctrl-C raises :class:`Interrupted` with what finished."""
     plans = plan_runs(paths, parameters, per_notebook, where_declared=RUNNER_PLACED)
     done_keys = _done_keys(timings, model) if (skip_done and timings is not None) else {}
     code = _code_hash()
@@ -339,13 +349,14 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
     try:
         for path, params in plans:
             key = run_key(path, params, code)
-            if done_keys.get(path.name) == key and (output_dir / path.name).is_file():
-                print(f"skipping {path.name}: done with the same parameters and code (--force reruns it)", flush=True)
-                records.append(RunRecord(path.name, output_dir / path.name, 0.0, key, skipped=True))
+            name = variant_name(path, variant)
+            if done_keys.get(name) == key and (output_dir / name).is_file():
+                print(f"skipping {name}: done with the same parameters and code (--force reruns it)", flush=True)
+                records.append(RunRecord(name, output_dir / name, 0.0, key, skipped=True))
                 continue
-            current = path.name
-            print(f"running {path.name} on {params.get('model')} ...", flush=True)
-            record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout)
+            current = name
+            print(f"running {name} on {params.get('model')} ...", flush=True)
+            record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant)
             record = RunRecord(record.notebook, record.output, record.seconds, key)
             print(f"  done in {record.seconds:.1f} s -> {record.output}", flush=True)
             records.append(record)
@@ -464,7 +475,9 @@ def read_full_size(path: Path = FULL_SIZE) -> dict[str, dict[str, Any]]:
 
 def read_findings(path: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
     """A findings file: ``model = "..."``, ``[all]`` (parameters for every notebook) and one table per notebook
-    prefix (``["02"]``). Returns ``(model, all, per_notebook)``."""
+    prefix (``["02"]``), plus variants: ``["11.binary"]`` runs notebook 11 once more with its ``["11"]`` parameters
+    updated by the variant's (executed copy ``11_atlas.binary.ipynb``). Returns ``(model, all, per_notebook)``, the
+    variants' keys as written (see :func:`split_variants`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"findings file {path} does not exist (see data/findings/)")
@@ -478,6 +491,25 @@ def read_findings(path: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, 
     return config["model"], tables.pop("all", {}), tables
 
 
+def split_variants(per_notebook: Mapping[str, Mapping[str, Any]]
+                   ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
+    """``per_notebook`` as ``(base tables, [(prefix, variant, base | variant parameters), ...])``: a key
+    ``"11.binary"`` is variant ``binary`` of notebook ``11``; a variant of a notebook with no base table, or an
+    empty / non-identifier variant name, is an error."""
+    base = {k: dict(v) for k, v in per_notebook.items() if "." not in k}
+    variants = []
+    for key, extra in per_notebook.items():
+        if "." not in key:
+            continue
+        prefix, variant = key.split(".", 1)
+        if prefix not in base:
+            raise ValueError(f"findings variant [{key!r}] needs a [{prefix!r}] table of its notebook's parameters")
+        if not variant.isidentifier():
+            raise ValueError(f"findings variant [{key!r}]: the name after the dot must be a word, e.g. \"11.binary\"")
+        variants.append((prefix, variant, {**base[prefix], **extra}))
+    return base, variants
+
+
 def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: str | None = None,
                  parameters: dict[str, Any] | None = None, root: Path = FIGURES_DIR, kernel: str | None = None,
                  force: bool = True, timeout: int | None = DEFAULT_CELL_TIMEOUT) -> list[RunRecord]:
@@ -486,13 +518,32 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
     ``findings.json`` (the parameters used). ``model`` and ``parameters`` (for every notebook) override the file's
     (a smoke test on a tiny model). ``force=False`` skips notebooks already done with the same key."""
     file_model, common, per_notebook = read_findings(path)
+    base, variants = split_variants(per_notebook)
     model = resolve_model(model or file_model)
     common = {**common, **(parameters or {})}
     folder = root / model_name(model)
     params = {"model": model, "figures_dir": str(folder), "results_dir": str(folder / "results"), **common}
-    records = run_notebooks(notebooks(selection), folder / "notebooks", params, per_notebook=per_notebook,
-                            kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
-                            timeout=timeout)
+    # a selection item "11.binary" runs that variant alone; "11" runs the notebook and its variants
+    only = {str(item) for item in selection or () if "." in str(item)}
+    unknown = sorted(only - {f"{prefix}.{name}" for prefix, name, _ in variants})
+    if unknown:
+        raise ValueError(f"no findings variant {unknown} in {path}; it has "
+                         f"{[f'{prefix}.{name}' for prefix, name, _ in variants]}")
+    plain = [item for item in selection or () if "." not in str(item)]
+    paths = notebooks(plain) if selection is not None else notebooks()
+    chosen = {p.name[:2] for p in paths}
+    variants = [(prefix, name, extra) for prefix, name, extra in variants
+                if prefix in chosen or f"{prefix}.{name}" in only]
+    for prefix, _, extra in variants:  # every variant checked before the first kernel starts
+        plan_runs(notebooks([prefix]), params, {prefix: extra}, where_declared=RUNNER_PLACED)
+    records = []
+    if paths:
+        records = run_notebooks(paths, folder / "notebooks", params, per_notebook=base, kernel=kernel,
+                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout)
+    for prefix, name, extra in variants:
+        records += run_notebooks(notebooks([prefix]), folder / "notebooks", params, per_notebook={prefix: extra},
+                                 kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
+                                 timeout=timeout, variant=name)
     (folder / "findings.json").write_text(json.dumps(
         {"findings_file": Path(path).name, "model": model, "all": common, "notebooks": per_notebook}, indent=1) + "\n")
     return records
@@ -568,7 +619,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None,
                         help="where executed notebooks go (runs/); with --findings, the root of <model>/ (figures/)")
     parser.add_argument("--notebooks-only", nargs="+", metavar="NN", default=None,
-                        help="with --findings: run only these notebooks")
+                        help="with --findings: run only these notebooks (11.binary: only that variant)")
     parser.add_argument("--full", action="store_true",
                         help="the full-size runs of the notebooks that make demo runs at demo size (07, 08, 10: "
                              "data/full_size.toml), into runs/<model>/full/ (or --tag)")

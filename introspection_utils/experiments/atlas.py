@@ -15,7 +15,7 @@ import pandas as pd
 
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.metadata import save_table
-from introspection_utils.engine.prompts import default_wordings
+from introspection_utils.engine.prompts import ANSWER_FORMATS, default_wordings
 from introspection_utils.engine.vectors import check_nulls, default_layer
 from introspection_utils.experiments.sweeps import scale_sweep
 from introspection_utils.stats.terms import MIN_ANSWER_MASS, MIN_CONTROL_SPAN, MIN_FIT_CONTROLS
@@ -33,6 +33,15 @@ if TYPE_CHECKING:
     from introspection_utils.engine.executors import LocalExecutor, RayExecutor
     from introspection_utils.engine.vectors import VectorBank
     from introspection_utils.models.handle import ModelHandle
+
+
+def atlas_name(answer_format: str = "open") -> str:
+    """The atlas's name in results and figures: ``atlas`` for the paper's open turn, ``atlas_<format>`` for the
+    others (``atlas_binary``, ``atlas_prefill``), so one model's formats sit side by side (``<name>.csv``,
+    ``<name>_sweep.csv``, figure ``11_<name>``)."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
+    return "atlas" if answer_format == "open" else f"atlas_{answer_format}"
 
 
 def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int | None = None,
@@ -57,8 +66,10 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     :func:`sweeps.run_sweep`); the verdicts are computed here from the assembled table.
 
     Returns ``(verdict table, sweep)`` (:func:`verdicts.verdicts` columns); with ``results_dir`` the sweep is saved
-    as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json``.
+    as ``atlas_sweep.csv`` (resumable) and the table as ``atlas.csv``, each beside its ``.meta.json`` — named by
+    :func:`atlas_name` (``atlas_binary.csv``, ``atlas_binary_sweep.csv``, … for the other answer formats).
     """
+    name = atlas_name(answer_format)
     nulls = check_nulls(nulls)
     layer = default_layer(handle, layer)
     if n_controls < 2:
@@ -70,13 +81,13 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, controls=controls,
                         introspection=wordings,
                         n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
-                        name="atlas_sweep", bank=bank, progress=progress, nulls=nulls, executor=executor,
+                        name=f"{name}_sweep", bank=bank, progress=progress, nulls=nulls, executor=executor,
                         address=address)
     table = verdicts(with_null(sweep.df, nulls[0]), alpha=alpha, effect_threshold=effect_threshold, n_boot=n_boot,
                      seed=seed)
     table = table.merge(null_p_values(sweep.df, nulls, seed=seed), on=["concept", "layer"], how="left")
     if results_dir is not None:
-        save_table(handle, table, results_dir, "atlas", concepts=list(concepts), scales=list(scales), layer=layer,
+        save_table(handle, table, results_dir, name, concepts=list(concepts), scales=list(scales), layer=layer,
                    n_controls=n_controls, wordings=wordings, n_random=n_random, seed=seed, n_boot=n_boot,
                    alpha=alpha, effect_threshold=effect_threshold, answer_format=answer_format, nulls=list(nulls))
     return table, sweep

@@ -368,6 +368,16 @@ def agreement(df: pd.DataFrame, condition: str = "introspection", with_question:
     return both.groupby(["layer", "scale"], as_index=False)["same"].mean().rename(columns={"same": "agreement"})
 
 
+def localized(result: SweepResult) -> bool:
+    """Whether the injected sentence is found: at the introspection question's best (layer, scale) the accuracy's
+    interval lies above chance and every control condition measured there scores below its low end."""
+    acc = accuracy(result.df)
+    inj = acc[acc["condition"] == "introspection"]
+    best = inj.loc[inj["accuracy"].idxmax()]
+    at = acc[(acc["layer"] == best["layer"]) & (acc["scale"] == best["scale"]) & (acc["condition"] != "introspection")]
+    return bool(best["ci_low"] > best["chance"] and (at["accuracy"] < best["ci_low"]).all())
+
+
 def reading(result: SweepResult) -> str:
     """Sentences computed from the numbers: the best injected accuracy against chance and against each control."""
     spec = result.meta["spec"]

@@ -299,13 +299,30 @@ def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95, n_permutatio
     return pd.DataFrame(rows)
 
 
-def describe_forced_choice(summary: pd.DataFrame) -> str:
-    """Sentences from :func:`forced_choice_summary`: the concept vectors' best scale against chance and MI's null,
-    and what no injection and the null vectors do."""
+TASK_ALPHA = 0.05  # the level at which a task's effect counts as found (each task one test: no correction)
+
+
+def _best(summary: pd.DataFrame, column: str) -> pd.Series:
     conc = summary[summary["condition"] == "concept"]
     if conc.empty:
         raise ValueError("the summary has no concept-vector rows")
-    best = conc.loc[conc["mi_bits"].idxmax()]
+    return conc.loc[conc[column].idxmax()]
+
+
+def forced_choice_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
+    """Whether the concept vectors are identified (:func:`forced_choice_summary`): at their best scale by MI the
+    accuracy's interval lies above chance, MI beats its permutation null (p < ``alpha``), and every null vector kind
+    at that scale scores below the interval's low end."""
+    best = _best(summary, "mi_bits")
+    nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
+    return bool(best["ci_low"] > best["chance"] and best["mi_p"] < alpha
+                and (nulls["accuracy"] < best["ci_low"]).all())
+
+
+def describe_forced_choice(summary: pd.DataFrame) -> str:
+    """Sentences from :func:`forced_choice_summary`: the concept vectors' best scale against chance and MI's null,
+    and what no injection and the null vectors do."""
+    best = _best(summary, "mi_bits")
     chance = float(best["chance"])
     rel = "above" if best["ci_low"] > chance else "below" if best["ci_high"] < chance else "not distinguishable from"
     parts = [f"Forced choice among {round(1 / chance)} concepts (chance {chance:.0%}): the concept vectors are "
@@ -449,13 +466,19 @@ def congruence_summary(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def congruence_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
+    """Whether naming the injected concept matters (:func:`congruence_summary`): at the concept vectors' largest
+    mean gap, the sign-flip test across concepts gives p < ``alpha`` and every null vector kind's gap at that scale is
+    smaller."""
+    best = _best(summary, "mean_gap")
+    nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
+    return bool(best["mean_gap"] > 0 and best["p_signflip"] < alpha and (nulls["mean_gap"] < best["mean_gap"]).all())
+
+
 def describe_congruence(summary: pd.DataFrame) -> str:
     """Sentences from :func:`congruence_summary`: the concept vectors' largest mean gap, its paired tests, what the
     congruent and incongruent questions did, and the null vectors' gaps at that scale."""
-    conc = summary[summary["condition"] == "concept"]
-    if conc.empty:
-        raise ValueError("the summary has no concept-vector rows")
-    best = conc.loc[conc["mean_gap"].idxmax()]
+    best = _best(summary, "mean_gap")
     shared = ("both questions moved alike (a shared shift)" if abs(best["mean_gap"]) < 0.25 * max(
         abs(best["mean_congruent"]), abs(best["mean_incongruent"]), 1e-9) else "the named concept matters")
     parts = [f"Congruence at scale {best['scale']:g}: naming the injected concept moves yes − no by "
@@ -610,18 +633,25 @@ def strength_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def strength_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
+    """Whether the stronger injection is named (:func:`strength_summary`): at the concept vectors' best layer the
+    accuracy's interval lies above 50%, the binomial p < ``alpha``, and every null vector kind there scores below the
+    interval's low end."""
+    best = _best(summary, "accuracy")
+    nulls = summary[(summary["condition"] == "random") & (summary["layer"] == best["layer"])]
+    return bool(best["ci_low"] > 0.5 and best["p_binomial"] < alpha and (nulls["accuracy"] < best["ci_low"]).all())
+
+
 def describe_strength(summary: pd.DataFrame) -> str:
     """Sentences from :func:`strength_summary`: the best layer for the concept vectors against 50%, the null
     vectors at that layer, and the answer bias."""
-    conc = summary[summary["condition"] == "concept"]
-    if conc.empty:
-        raise ValueError("the summary has no concept-vector rows")
-    best = conc.loc[conc["accuracy"].idxmax()]
+    best = _best(summary, "accuracy")
     rel = "above" if best["ci_low"] > 0.5 else "below" if best["ci_high"] < 0.5 else "not distinguishable from"
     parts = [f"Strength comparison: the stronger of two injections is named best at layer {int(best['layer'])}, "
              f"{best['accuracy']:.0%} correct (95% CI {best['ci_low']:.0%}–{best['ci_high']:.0%}, n={int(best['n'])}, "
              f"binomial p = {best['p_binomial']:.3g}), {rel} 50%; it answers '1' in {best['first_bias']:.0%} of "
              f"trials."]
+    conc = summary[summary["condition"] == "concept"]
     others = conc[conc["layer"] != best["layer"]]
     if len(others):
         parts.append("Other layers: " + ", ".join(f"{int(r.layer)}: {r.accuracy:.0%}" for r in others.itertuples())
