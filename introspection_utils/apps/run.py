@@ -264,7 +264,7 @@ class _Progress:
         for part in re.split(r"(?<=[\r\n])", text):
             line = part.strip("\r\n")
             if _PROGRESS_LINE.search(line):
-                self.stream.write("\r     " + line)
+                self.stream.write(f"\r  {self.name[:2]} " + line)  # named: notebooks may run side by side
                 self.open_line = True
         self.stream.flush()
 
@@ -335,9 +335,11 @@ def _parameters_cell(path: Path) -> int:
 def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str, Any], *,
                   per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
                   timings: Path | None = None, model: str | None = None, skip_done: bool = False,
-                  timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None) -> list[RunRecord]:
+                  timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None,
+                  jobs: int = 1) -> list[RunRecord]:
     """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
-    each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. With
+    each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. ``jobs``: up
+    to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`). With
     ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
     skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
     Ctrl-C raises :class:`Interrupted` with what finished."""
@@ -345,25 +347,41 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
     done_keys = _done_keys(timings, model) if (skip_done and timings is not None) else {}
     code = _code_hash()
     records: list[RunRecord] = []
+    tasks = []
+    for path, params in plans:
+        key = run_key(path, params, code)
+        name = variant_name(path, variant)
+        if done_keys.get(name) == key and (output_dir / name).is_file():
+            print(f"skipping {name}: done with the same parameters and code (--force reruns it)", flush=True)
+            records.append(RunRecord(name, output_dir / name, 0.0, key, skipped=True))
+            continue
+        tasks.append((name, path, params, key))
+
+    def run_one(path: Path, params: dict[str, Any], key: str) -> RunRecord:
+        print(f"running {variant_name(path, variant)} on {params.get('model')} ...", flush=True)
+        record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant)
+        return RunRecord(record.notebook, record.output, record.seconds, key)
+
+    def finished(name: str, record: RunRecord) -> None:
+        print(f"  {name} done in {record.seconds:.1f} s -> {record.output}", flush=True)
+        records.append(record)
+        if timings is not None:
+            write_timings([record], timings, model or str(parameters.get("model")))
+
     current = None
     try:
-        for path, params in plans:
-            key = run_key(path, params, code)
-            name = variant_name(path, variant)
-            if done_keys.get(name) == key and (output_dir / name).is_file():
-                print(f"skipping {name}: done with the same parameters and code (--force reruns it)", flush=True)
-                records.append(RunRecord(name, output_dir / name, 0.0, key, skipped=True))
-                continue
-            current = name
-            print(f"running {name} on {params.get('model')} ...", flush=True)
-            record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant)
-            record = RunRecord(record.notebook, record.output, record.seconds, key)
-            print(f"  done in {record.seconds:.1f} s -> {record.output}", flush=True)
-            records.append(record)
-            if timings is not None:
-                write_timings([record], timings, model or str(params.get("model")))
-            current = None
-    except KeyboardInterrupt:
+        if jobs > 1 and len(tasks) > 1:
+            from introspection_utils.apps.side_by_side import run_side_by_side
+
+            run_side_by_side([(name, lambda p=path, q=params, k=key: run_one(p, q, k)) for name, path, params, key
+                              in tasks], jobs, on_done=finished)
+        else:
+            for name, path, params, key in tasks:
+                current = name
+                finished(name, run_one(path, params, key))
+                current = None
+    except KeyboardInterrupt as err:
+        current = ", ".join(getattr(err, "running", ())) or current
         raise Interrupted(records, current, output_dir) from None
     return records
 
@@ -433,8 +451,8 @@ def placement(model: str, overrides: Mapping[str, Any], *, output: Path = Path("
 def run_series(selection: Sequence[str] | None, *, model: str | None = None, parameters: dict[str, Any] | None = None,
                output: Path = Path("runs"), kernel: str | None = None,
                per_notebook: Mapping[str, Mapping[str, Any]] | None = None, tag: str | None = None,
-               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT) -> list[RunRecord]:
-    """Run the selected notebooks (all if ``None``) on ``model``; stop at the first failure.
+               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1) -> list[RunRecord]:
+    """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time; stop at the first failure.
 
     Where it writes: :func:`placement`. ``parameters`` go to every notebook that declares them; ``per_notebook``
     adds parameters by notebook prefix (``{"02": {"scales": [0, 4]}}``). Everything is checked before the first
@@ -456,7 +474,7 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
             {"model": model, "tag": tag, "parameters": overrides}, indent=1, sort_keys=True, default=str) + "\n")
     return run_notebooks(paths, place.folder, params, per_notebook=per_notebook, kernel=kernel,
                          timings=place.folder / "timings.csv", model=model, skip_done=selection is None and not force,
-                         timeout=timeout)
+                         timeout=timeout, jobs=jobs)
 
 
 def _default_model() -> str:
@@ -512,7 +530,7 @@ def split_variants(per_notebook: Mapping[str, Mapping[str, Any]]
 
 def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: str | None = None,
                  parameters: dict[str, Any] | None = None, root: Path = FIGURES_DIR, kernel: str | None = None,
-                 force: bool = True, timeout: int | None = DEFAULT_CELL_TIMEOUT) -> list[RunRecord]:
+                 force: bool = True, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1) -> list[RunRecord]:
     """The science run: the series with the parameters of findings file ``path``, everything under
     ``root/<model>/``: figures, ``results/`` (tables), ``notebooks/`` (executed copies), ``timings.csv`` and
     ``findings.json`` (the parameters used). ``model`` and ``parameters`` (for every notebook) override the file's
@@ -539,7 +557,8 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
     records = []
     if paths:
         records = run_notebooks(paths, folder / "notebooks", params, per_notebook=base, kernel=kernel,
-                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout)
+                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout,
+                                jobs=jobs)
     for prefix, name, extra in variants:
         records += run_notebooks(notebooks([prefix]), folder / "notebooks", params, per_notebook={prefix: extra},
                                  kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
@@ -628,6 +647,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per kernel (sets OMP_NUM_THREADS); default: the CPUs free now "
                              "(CPUs minus the load average, at least 1)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="notebooks run at once, each in its own kernel (with 1 thread each unless --threads); "
+                             "default: for --all on an embedded model the CPUs free now, else 1")
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, metavar="SECONDS",
                         help=f"the longest one cell may run (default {DEFAULT_CELL_TIMEOUT}; 0: no limit)")
     parser.add_argument("--executor", choices=("local", "ray"), default=None,
@@ -674,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--address needs --executor ray")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.cell_timeout < 0:
         parser.error(f"--cell-timeout must be >= 0 seconds, got {args.cell_timeout}")
     if args.notebooks_only and not args.findings:
@@ -687,11 +711,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             params["ray_address"] = args.address
         model = params.pop("model", args.model)  # -p model ID works as well as --model ID
         model = None if model is None else str(model)
+        jobs = args.jobs
+        if jobs is None:  # side by side by default only for the embedded models' series (small, on the CPU)
+            from introspection_utils.apps.side_by_side import default_jobs
+            from introspection_utils.models.embedded import EMBEDDED
+
+            series_model = resolve_model(model or _default_model())
+            jobs = default_jobs(series_model, tuple(EMBEDDED), default_threads()) if args.all else 1
         if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
-            threads = args.threads or default_threads()
+            # side by side, one thread per kernel: the CPUs are shared out by kernels, not by threads
+            threads = args.threads or (1 if jobs > 1 else default_threads())
             os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the kernels papermill starts
-            print(f"threads per kernel: {threads} (CPUs {os.cpu_count()}, load average "
-                  f"{os.getloadavg()[0]:.1f}; --threads N to choose)", flush=True)
+        print(f"{jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
+              f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)",
+              flush=True)
+        started = time.perf_counter()
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
         if args.findings:
             if args.tag or args.full:
@@ -699,13 +733,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "from its file and writes under figures/<model>/)")
             records = run_findings(args.findings, args.notebooks_only, model=model, parameters=params,
                                    root=args.output or FIGURES_DIR, kernel=args.kernel, force=args.force,
-                                   timeout=args.cell_timeout)
+                                   timeout=args.cell_timeout, jobs=jobs)
         else:
             per_notebook = read_full_size() if args.full else None
             records = run_series(None if args.all else args.notebooks, model=model, parameters=params,
                                  output=args.output or Path("runs"), kernel=args.kernel,
                                  tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
-                                 force=args.force, timeout=args.cell_timeout)
+                                 force=args.force, timeout=args.cell_timeout, jobs=jobs)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")
         series = bool(args.all or args.findings)
@@ -718,7 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ran = [r for r in records if not r.skipped]
     total = sum(r.seconds for r in ran)
     skipped = len(records) - len(ran)
-    print(f"{len(ran)} notebook(s) ran in {total:.0f} s" + (f" ({skipped} already done, skipped)" if skipped else "")
+    wall = time.perf_counter() - started
+    print(f"{len(ran)} notebook(s) ran in {wall:.0f} s" + (f" (their own times add up to {total:.0f} s)"
+                                                          if jobs > 1 and ran else "")
+          + (f" ({skipped} already done, skipped)" if skipped else "")
           + (": " + ", ".join(f"{r.notebook} {r.seconds:.0f} s" for r in ran) if ran else ""))
     return 0
 
