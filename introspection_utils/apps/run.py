@@ -711,16 +711,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             params["ray_address"] = args.address
         model = params.pop("model", args.model)  # -p model ID works as well as --model ID
         model = None if model is None else str(model)
-        jobs = args.jobs
-        if jobs is None:  # side by side by default only for the embedded models' series (small, on the CPU)
-            from introspection_utils.apps.side_by_side import default_jobs
-            from introspection_utils.models.embedded import EMBEDDED
+        # The embedded models' series: side by side, one thread per kernel, so that its figures are the same floats
+        # whatever the load (a kernel's thread count changes the last bits, and so the committed PNGs).
+        from introspection_utils.apps.side_by_side import default_jobs
+        from introspection_utils.models.embedded import EMBEDDED, QWEN_MODEL
 
-            series_model = resolve_model(model or _default_model())
-            jobs = default_jobs(series_model, tuple(EMBEDDED), default_threads()) if args.all else 1
+        small = tuple(name for name in EMBEDDED if name != QWEN_MODEL)  # the 135M/270M models, not the 1.5B
+        series_model = resolve_model(model or _default_model())
+        small_series = bool(args.all) and series_model in small
+        jobs = args.jobs or (default_jobs(series_model, small, default_threads()) if small_series else 1)
         if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
-            # side by side, one thread per kernel: the CPUs are shared out by kernels, not by threads
-            threads = args.threads or (1 if jobs > 1 else default_threads())
+            threads = args.threads or (1 if jobs > 1 or small_series else default_threads())
             os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the kernels papermill starts
         print(f"{jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
               f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)",

@@ -99,10 +99,10 @@ def interrupt_children() -> list[int]:
     return pids
 
 
-def default_jobs(model: str, embedded: Sequence[str], free_cpus: int) -> int:
-    """How many notebooks run at once by default: the CPUs free now for an embedded (small, CPU) model; 1 for any
-    other model (two kernels would each load it: twice the memory, and on one GPU, twice its weights)."""
-    return max(1, free_cpus) if model in embedded else 1
+def default_jobs(model: str, small: Sequence[str], free_cpus: int) -> int:
+    """How many notebooks run at once by default: the CPUs free now for a ``small`` model (the 135M/270M embedded
+    ones); 1 for any other (two kernels would each load it: twice the memory, and on one GPU twice its weights)."""
+    return max(1, free_cpus) if model in small else 1
 
 
 def describe(jobs: int, threads: Any) -> str:
