@@ -111,3 +111,24 @@ def test_run_notebooks_side_by_side_keeps_records_and_timings(tmp_path, monkeypa
 def test_jobs_is_checked_before_anything_runs(capsys):
     assert pytest.raises(SystemExit, run.main, ["--all", "--jobs", "0"]).value.code == 2
     assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_series_time_is_recorded_cold_and_warm_and_written_into_the_docs(tmp_path, monkeypatch):
+    folder = tmp_path / "runs" / "smollm2-135m-instruct"
+    run.write_timings([run.RunRecord("00_quickstart.ipynb", folder, 20.0),
+                       run.RunRecord("01_concept_vectors.ipynb", folder, 30.0)], folder / "timings.csv",
+                      "smollm2-135m-instruct")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run.write_series_time(folder / "series.json", cold=True, seconds=200.0, jobs=2, notebooks=2)
+    run.write_series_time(folder / "series.json", cold=False, seconds=90.0, jobs=2, notebooks=2)
+    line = run.series_markdown(folder / "series.json")
+    assert line.startswith("`make demo` took 3.3 min cold") and "1.5 min warm" in line
+    assert "2 notebooks 2 at a time with 1 thread(s) each" in line
+    docs, readme = tmp_path / "notebooks.md", tmp_path / "README.md"
+    docs.write_text("a\n<!-- timings:start -->\nold\n<!-- timings:end -->\nb\n")
+    readme.write_text("c\n<!-- demo_time:start -->\nold\n<!-- demo_time:end -->\nd\n")
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--write-times", str(docs), str(readme)]) == 0
+    table = docs.read_text()
+    assert "| `00_quickstart.ipynb` | 20 s |" in table and line in table and "add up to 0.8 min" in table
+    assert readme.read_text() == f"c\n<!-- demo_time:start -->\n{line}\n<!-- demo_time:end -->\nd\n"

@@ -477,6 +477,15 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
                          timeout=timeout, jobs=jobs)
 
 
+def _model_cached(model: str) -> bool:
+    """Whether an embedded model's converted weights are in the cache already (a warm start)."""
+    from introspection_utils.models import embedded
+
+    folder = embedded.cache_dir() / "models"
+    return model not in embedded.EMBEDDED or (folder.is_dir() and any(p.name.startswith(f"{model}-")
+                                                                       for p in folder.iterdir()))
+
+
 def _default_model() -> str:
     from introspection_utils.models.embedded import DEFAULT_MODEL
 
@@ -568,6 +577,39 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
     return records
 
 
+def write_series_time(path: Path, *, cold: bool, seconds: float, jobs: int, notebooks: int) -> Path:
+    """Record a whole series' wall time in ``path`` (``runs/<model>/series.json``) under ``"cold"`` (the model's
+    converted weights were not in the cache when it started: a fresh clone's first ``make demo``) or ``"warm"``,
+    with how it ran: notebooks side by side, threads per kernel, CPUs and the load average at its end."""
+    from introspection_utils.core.paths import atomic_write
+
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    record["cold" if cold else "warm"] = {"seconds": round(seconds, 1), "notebooks": notebooks, "jobs": jobs,
+                                          "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+                                          "load_avg": load}
+    return atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def series_markdown(path: Path) -> str:
+    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm."""
+    record = json.loads(Path(path).read_text())
+    parts = []
+    for kind, what in (("cold", "cold (empty cache: the model converted, every vector computed)"),
+                       ("warm", "warm (cache filled, `FORCE=1`)")):
+        if kind in record:
+            r = record[kind]
+            parts.append(f"{r['seconds'] / 60:.1f} min {what}, {r['notebooks']} notebooks {r['jobs']} at a time with "
+                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s), load average {r['load_avg']} at "
+                         "the end")
+    if not parts:
+        raise ValueError(f"{path} has no series time: run `make demo` first")
+    return "`make demo` took " + "; ".join(parts) + "."
+
+
 def timings_markdown(path: Path) -> str:
     """A ``timings.csv`` as the notebook guide's table (``docs/notebooks.md``): each notebook's wall time, the total,
     the threads and the load average when each finished (so a reader can plan by it and see how busy the machine
@@ -582,11 +624,13 @@ def timings_markdown(path: Path) -> str:
     cpus = sorted({r.get("cpus") or "?" for r in rows})
     lines = ["| notebook | wall time | load average at its end |", "|---|---|---|"]
     lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('load_avg') or '?'} |" for r in rows]
-    lines += ["", f"Total {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on {', '.join(cpus)} "
-                  f"CPU(s), {', '.join(threads)} thread(s) per kernel"
+    series = path.parent / "series.json"
+    lines += ["", series_markdown(series)] if series.is_file() else []
+    lines += ["", f"Their times add up to {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on "
+                  f"{', '.join(cpus)} CPU(s), {', '.join(threads)} thread(s) per kernel"
               + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
               + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
-                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md`."]
+                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md README.md`."]
     return "\n".join(lines)
 
 
@@ -628,9 +672,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the series with a findings file's parameters, all outputs under figures/<model>/ "
                             "(--notebooks-only NN ... for a part of it; -p and --model override the file)")
     which.add_argument("--strip", action="store_true", help="strip outputs from notebooks/*.ipynb and exit")
-    which.add_argument("--write-times", type=Path, metavar="FILE",
-                       help="put runs/<model>/timings.csv (the last make demo) into FILE's timings block "
-                            "(docs/notebooks.md) and exit")
+    which.add_argument("--write-times", type=Path, nargs="+", metavar="FILE",
+                       help="put runs/<model>/timings.csv and series.json (the last make demo) into each FILE's "
+                            "timings / demo_time block (docs/notebooks.md README.md) and exit")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (Python/JSON literal); repeatable; makes the run one of its own "
                              "(runs/<model>/<tag or p-hash>/), never touching committed figures")
@@ -689,8 +733,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not timings.is_file():
             print(f"error: {timings} does not exist: run `make demo` first", file=sys.stderr)
             return 1
-        replace_block(args.write_times, "timings", timings_markdown(timings.resolve()))
-        print(f"wrote the timings of {timings} into {args.write_times}")
+        for path in args.write_times:  # docs/notebooks.md's table; README.md's one line (its demo_time block)
+            text = path.read_text(encoding="utf-8")
+            if "<!-- timings:start -->" in text:
+                replace_block(path, "timings", timings_markdown(timings.resolve()))
+            if "<!-- demo_time:start -->" in text:
+                replace_block(path, "demo_time", series_markdown(timings.parent / "series.json"))
+            print(f"wrote the timings of {timings} into {path}")
         return 0
     if args.address is not None and args.executor != "ray":
         parser.error("--address needs --executor ray")
@@ -727,6 +776,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)",
               flush=True)
         started = time.perf_counter()
+        # a complete reference series (make demo) records its wall time, cold or warm, in series.json
+        whole = placement(series_model, {k: v for k, v in params.items() if k not in EXECUTION},
+                          output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
+                          default_model=_default_model())
+        cold = not _model_cached(series_model)
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
         if args.findings:
             if args.tag or args.full:
@@ -754,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = sum(r.seconds for r in ran)
     skipped = len(records) - len(ran)
     wall = time.perf_counter() - started
+    if args.all and whole.reference and ran and not skipped:
+        write_series_time(whole.folder / "series.json", cold=cold, seconds=wall, jobs=jobs, notebooks=len(ran))
     print(f"{len(ran)} notebook(s) ran in {wall:.0f} s" + (f" (their own times add up to {total:.0f} s)"
                                                           if jobs > 1 and ran else "")
           + (f" ({skipped} already done, skipped)" if skipped else "")
