@@ -47,7 +47,7 @@ test: $(STAMP) $(QWEN_STAMP) $(RAY_STAMP) browser
 
 # The whole notebook series on the embedded model: executed copies in runs/<model>/, figures in figures/<model>/.
 # Notebooks already done with the same parameters and code are skipped (make demo FORCE=1 reruns them all);
-# 07, 08 and 10 run at demo size (make demo FULL=1: full size, data/full_size.toml, into runs/<model>/full/).
+# The notebooks run at demo size (make demo FULL=1: full size, data/full_size.toml, into runs/<model>/full/).
 demo: $(STAMP)
 	$(PY) -m introspection_utils.run --all --output runs/ $(if $(FORCE),--force) $(if $(FULL),--full)
 

@@ -142,8 +142,14 @@ def test_a_run_with_parameters_goes_to_its_own_folder():
     assert demo.reference and demo.parameters == {"figures_dir": str(run.FIGURES_DIR / "smollm2-135m-instruct")}
 
 
-def test_threads_default_to_the_free_cpus():
+def test_threads_default_to_the_free_cpus(monkeypatch):
     assert 1 <= run.default_threads() <= (os.cpu_count() or 1)
+    if os.path.exists("/proc/stat"):  # sampled now, not the lagging load average
+        assert 0.0 <= run._busy_cpus(0.2) <= (os.cpu_count() or 1) + 1e-9
+    monkeypatch.setattr(run, "_busy_cpus", lambda: float(os.cpu_count() or 1))  # every CPU busy: still 1
+    assert run.default_threads() == 1
+    monkeypatch.setattr(run, "_busy_cpus", lambda: 0.0)  # all idle: all of them
+    assert run.default_threads() == min(os.cpu_count() or 1, len(os.sched_getaffinity(0)))
 
 
 # notebook 02 on tiny-llama with a sweep long enough to interrupt: 13 questions, one checkpoint each (~0.1 s apiece
@@ -196,7 +202,7 @@ def test_an_interrupted_run_says_how_to_resume_and_the_resume_finishes(tmp_path)
 
 def test_full_size_parameters_are_declared_and_differ_from_the_demo_defaults():
     full = run.read_full_size()
-    assert set(full) == {"07", "08", "10"}
+    assert set(full) == {"02", "03", "04", "07", "08", "09", "10", "11", "13"}
     plans = {p.name[:2]: params for p, params in run.plan_runs(run.notebooks(list(full)), {}, full)}
     for prefix, params in full.items():
         defaults = run.declared_parameters(run.notebooks([prefix])[0])

@@ -245,3 +245,18 @@ def test_question_prompts_are_the_introspection_question_then_the_controls(tiny_
     assert [p.kind for p in prompts] == ["introspection", "control", "control", "control"]
     assert [p.question for p in prompts[1:]] == control_questions(3)
     assert [p.kind for p in question_prompts(tiny_llama, 0)] == ["introspection"]
+
+
+def test_the_demo_pair_is_the_paper_line_and_its_inverted_twin():
+    from introspection_utils.core.data import load_questions
+    from introspection_utils.engine.prompts import default_wordings, introspection_questions, select_wordings
+
+    pair = select_wordings("pair")
+    wordings, _ = load_questions()
+    by_text = {w.text: w for w in wordings}
+    assert [by_text[q].polarity for q in pair] == [1, -1]  # both polarities
+    assert pair[0] == introspection_questions(["paper"])[0] and by_text[pair[1]].counterpart == "paper"
+    assert set(pair) <= set(default_wordings())
+    assert select_wordings("default") == default_wordings() and select_wordings("all") == introspection_questions()
+    with pytest.raises(ValueError, match="wordings 'two': use 'default', 'pair', 'all' or a list of wording ids"):
+        select_wordings("two")

@@ -228,14 +228,34 @@ def run_key(path: Path, parameters: Mapping[str, Any], code: str | None = None) 
 
 
 def default_threads() -> int:
-    """CPU threads for each kernel: the CPUs this process may use minus the current 1-minute load (at least 1), so
-    a shared or busy machine is not oversubscribed."""
+    """CPU threads for each kernel: the CPUs this process may use that are idle now (at least 1), so a shared or
+    busy machine is not oversubscribed. "Now" is a 0.5 s sample of ``/proc/stat`` where there is one (the 1-minute
+    load average lags: just after an install it still counts the install); elsewhere the load average."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = _busy_cpus()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    return max(1, min(cpus, round(cpus - busy)))
+
+
+def _busy_cpus(seconds: float = 0.5) -> float | None:
+    """How many CPUs were busy over the last ``seconds`` (from ``/proc/stat``), or ``None`` where it can't be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(cpus, round(cpus - load)))
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 # ------------------------------------------------------------------ executing
@@ -684,7 +704,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--notebooks-only", nargs="+", metavar="NN", default=None,
                         help="with --findings: run only these notebooks (11.binary: only that variant)")
     parser.add_argument("--full", action="store_true",
-                        help="the full-size runs of the notebooks that make demo runs at demo size (07, 08, 10: "
+                        help="the full-size runs of the notebooks that make demo runs at demo size ("
                              "data/full_size.toml), into runs/<model>/full/ (or --tag)")
     parser.add_argument("--force", action="store_true", help="rerun notebooks already done with the same parameters")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")

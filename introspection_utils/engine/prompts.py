@@ -220,13 +220,23 @@ def default_wordings() -> list[str]:
     return [w.text for w in wordings if w.default]
 
 
+def paper_pair() -> list[str]:
+    """The smallest design with both polarities: the paper's trial line and its inverted counterpart (the first
+    wording whose ``counterpart`` is ``paper`` in ``data/questions.toml``) — what the demo-sized notebooks ask."""
+    wordings, _ = load_questions()
+    inverted = next(w for w in wordings if w.counterpart == "paper")
+    return introspection_questions(["paper", inverted.id])
+
+
 def select_wordings(choice: str | Sequence[str] = "default") -> list[str]:
     """A notebook's ``wordings`` parameter as question texts: "default" (:func:`default_wordings`, both
-    polarities), "all" (every wording of ``data/questions.toml``) or a list of wording ids."""
+    polarities, 3 + 3), "pair" (:func:`paper_pair`: the paper's line and its inverted twin), "all" (every wording of
+    ``data/questions.toml``) or a list of wording ids."""
     if isinstance(choice, str):
-        if choice not in ("default", "all"):
-            raise ValueError(f"wordings {choice!r}: use 'default', 'all' or a list of wording ids")
-        return default_wordings() if choice == "default" else introspection_questions()
+        choices = {"default": default_wordings, "pair": paper_pair, "all": introspection_questions}
+        if choice not in choices:
+            raise ValueError(f"wordings {choice!r}: use {', '.join(map(repr, choices))} or a list of wording ids")
+        return choices[choice]()
     return introspection_questions(list(choice))
 
 
