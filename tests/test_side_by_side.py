@@ -3,6 +3,7 @@ starting nothing new, and the same records and timings as one at a time (no kern
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_run_notebooks_side_by_side_keeps_records_and_timings(tmp_path, monkeypa
     records the same as one at a time."""
     calls = []
 
-    def fake(path: Path, output_dir: Path, params, *, kernel=None, timeout=None, variant=None):
+    def fake(path: Path, output_dir: Path, params, *, kernel=None, timeout=None, variant=None, warm=None):
         calls.append(path.name)
         time.sleep(0.05)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -132,3 +133,36 @@ def test_the_series_time_is_recorded_cold_and_warm_and_written_into_the_docs(tmp
     table = docs.read_text()
     assert "| `00_quickstart.ipynb` | 20 s |" in table and line in table and "add up to 0.8 min" in table
     assert readme.read_text() == f"c\n<!-- demo_time:start -->\n{line}\n<!-- demo_time:end -->\nd\n"
+
+
+def test_a_notebook_in_a_used_warm_kernel_saves_what_a_fresh_kernel_saves(tmp_path, monkeypatch):
+    """Warm kernels (make demo) are put back to how they started between notebooks: 02 run after 01 and 03 in the
+    same kernel saves byte-identical tables and figures to 02 run alone in a new kernel."""
+    from introspection_utils.apps import side_by_side
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    started = []
+
+    class Counted(side_by_side.WarmKernel):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(side_by_side, "WarmKernel", Counted)
+    _, common, per_notebook = run.read_findings(Path(__file__).parent / "tiny_findings.toml")
+    saved = {}
+    for how, selection, reuse in (("fresh", ["02"], False), ("warm", ["01", "03", "02"], True)):
+        folder = tmp_path / how
+        params = {"model": "tiny-llama", **common, "figures_dir": str(folder / "figures"),
+                  "results_dir": str(folder / "results")}
+        paths = [run.notebooks([n])[0] for n in selection]
+        records = run.run_notebooks(paths, folder / "out", params, per_notebook=per_notebook,
+                                    reuse_kernels=reuse)
+        assert [r.notebook[:2] for r in records] == selection
+        kept = [p for p in folder.rglob("*") if p.name.startswith("02_") and p.suffix == ".png"
+                or p.name == "scale_sweep.csv"]
+        saved[how] = {p.relative_to(folder): p.read_bytes() for p in kept}
+    assert len(started) == 1  # the three warm notebooks ran in one kernel
+    assert saved["fresh"] and saved["fresh"] == saved["warm"]
+    executed = json.loads((tmp_path / "warm" / "out" / "02_scale_sweep.ipynb").read_text())
+    counts = [c.get("execution_count") for c in executed["cells"] if c["cell_type"] == "code"]
+    assert counts[0] == 1  # the used kernel's count was reset too

@@ -57,6 +57,10 @@ TIMINGS_HEADER = ["model", "notebook", "seconds", "cpus", "omp_num_threads", "lo
 # Started in every kernel: the package's progress bars as text (streamed to the runner's terminal, kept readable in
 # the executed copies) instead of widgets nobody sees in a headless run.
 KERNEL_STARTUP = ["import tqdm.auto, tqdm.std; tqdm.auto.tqdm = tqdm.std.tqdm"]
+# The kernel's "running over TCP without encryption" warning once per notebook says nothing to act on (the kernel
+# listens on 127.0.0.1 only); its own log level goes to CRITICAL: after a Ctrl-C its shutdown logs a ZMQ traceback
+# and "KeyboardInterrupt caught in kernel" (the cells' own errors come back over ZMQ).
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL", f"--IPKernelApp.exec_lines={json.dumps(KERNEL_STARTUP)}"]
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BARE_WORD = re.compile(r"^(?![-+.\d])[\w./:@~+-]+$")  # a name, a hub id or a path, taken as a string as it is
 _PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[|it/s|s/it")
@@ -307,12 +311,13 @@ def variant_name(path: Path, variant: str | None = None) -> str:
 
 def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, kernel: str | None = None,
                  timeout: int | None = DEFAULT_CELL_TIMEOUT, progress: bool = True,
-                 variant: str | None = None) -> RunRecord:
+                 variant: str | None = None, warm: Any = None) -> RunRecord:
     """Execute one notebook with ``parameters`` into ``output_dir/<name>`` (:func:`variant_name`); raise
     :class:`NotebookError` on failure.
 
     ``timeout``: seconds per cell (``None`` or 0: none). ``progress``: print each code cell as it starts and the
-    package's progress bars."""
+    package's progress bars. ``warm``: a :class:`~introspection_utils.apps.side_by_side.WarmKernel` to run in
+    (reset first if it ran a notebook before) instead of a new kernel."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -322,16 +327,16 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
     hooks = _Progress(path.name, _n_code_cells(path)) if progress else None
     extra = {"on_cell_start": hooks.on_cell_start, "stderr_file": hooks} if hooks else {}
     start = time.perf_counter()
+    if warm is not None:
+        if warm.used:
+            warm.reset()
+        warm.used = True
+        extra["km"] = warm.km
     try:
         papermill.execute_notebook(
             str(path), str(output), parameters=parameters, kernel_name=kernel, cwd=str(path.parent),
             progress_bar=False, execution_timeout=timeout or None, log_output=False,
-            # the kernel's "running over TCP without encryption" warning once per notebook says nothing to act on
-            # (the kernel listens on 127.0.0.1 only); its own log level goes to CRITICAL: after a Ctrl-C its shutdown
-            # logs a ZMQ traceback and "KeyboardInterrupt caught in kernel" (the cells' own errors come back over ZMQ).
-            extra_arguments=["--IPKernelApp.log_level=CRITICAL",
-                             f"--IPKernelApp.exec_lines={json.dumps(KERNEL_STARTUP)}"],
-            **extra)
+            extra_arguments=KERNEL_ARGUMENTS, **extra)
     except PapermillExecutionError as err:
         if hooks:
             hooks._end_line()
@@ -356,10 +361,11 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
                   per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
                   timings: Path | None = None, model: str | None = None, skip_done: bool = False,
                   timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None,
-                  jobs: int = 1) -> list[RunRecord]:
+                  jobs: int = 1, reuse_kernels: bool = False) -> list[RunRecord]:
     """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
     each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. ``jobs``: up
-    to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`). With
+    to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`); ``reuse_kernels``: each kernel
+    runs the next notebook too, reset in between (:class:`~introspection_utils.apps.side_by_side.WarmKernel`). With
     ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
     skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
     Ctrl-C raises :class:`Interrupted` with what finished."""
@@ -377,9 +383,21 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
             continue
         tasks.append((name, path, params, key))
 
+    kernels = _KernelPool(kernel or _kernel_name(paths[0]) if paths else "python3", str(NOTEBOOKS_DIR)) \
+        if reuse_kernels else None
+
     def run_one(path: Path, params: dict[str, Any], key: str) -> RunRecord:
         print(f"running {variant_name(path, variant)} on {params.get('model')} ...", flush=True)
-        record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant)
+        warm = kernels.take() if kernels else None
+        try:
+            record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant,
+                                  warm=warm)
+        except BaseException:
+            if warm is not None:
+                warm.shutdown()  # a failed or interrupted notebook's kernel is not reused
+            raise
+        if warm is not None:
+            kernels.give_back(warm)
         return RunRecord(record.notebook, record.output, record.seconds, key)
 
     def finished(name: str, record: RunRecord) -> None:
@@ -403,7 +421,46 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
     except KeyboardInterrupt as err:
         current = ", ".join(getattr(err, "running", ())) or current
         raise Interrupted(records, current, output_dir) from None
+    finally:
+        if kernels:
+            kernels.close()
     return records
+
+
+class _KernelPool:
+    """Warm kernels for notebooks run one after another (or side by side): a notebook takes an idle one (or a new
+    one) and gives it back when it succeeded."""
+
+    def __init__(self, kernel_name: str, cwd: str) -> None:
+        import threading
+
+        self.kernel_name, self.cwd, self.idle, self.all = kernel_name, cwd, [], []
+        self.lock = threading.Lock()
+
+    def take(self) -> Any:
+        from introspection_utils.apps.side_by_side import WarmKernel
+
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        warm = WarmKernel(self.kernel_name, KERNEL_ARGUMENTS, self.cwd)
+        with self.lock:
+            self.all.append(warm)
+        return warm
+
+    def give_back(self, warm: Any) -> None:
+        with self.lock:
+            self.idle.append(warm)
+
+    def close(self) -> None:
+        for warm in self.all:
+            warm.shutdown()
+
+
+def _kernel_name(path: Path) -> str:
+    import nbformat
+
+    return nbformat.read(path, as_version=4).metadata.get("kernelspec", {}).get("name", "python3")
 
 
 def _done_keys(path: Path, model: str | None) -> dict[str, str]:
@@ -471,8 +528,10 @@ def placement(model: str, overrides: Mapping[str, Any], *, output: Path = Path("
 def run_series(selection: Sequence[str] | None, *, model: str | None = None, parameters: dict[str, Any] | None = None,
                output: Path = Path("runs"), kernel: str | None = None,
                per_notebook: Mapping[str, Mapping[str, Any]] | None = None, tag: str | None = None,
-               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1) -> list[RunRecord]:
-    """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time; stop at the first failure.
+               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1,
+               reuse_kernels: bool = False) -> list[RunRecord]:
+    """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time (``reuse_kernels``: in warm
+    kernels, :func:`run_notebooks`); stop at the first failure.
 
     Where it writes: :func:`placement`. ``parameters`` go to every notebook that declares them; ``per_notebook``
     adds parameters by notebook prefix (``{"02": {"scales": [0, 4]}}``). Everything is checked before the first
@@ -494,7 +553,7 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
             {"model": model, "tag": tag, "parameters": overrides}, indent=1, sort_keys=True, default=str) + "\n")
     return run_notebooks(paths, place.folder, params, per_notebook=per_notebook, kernel=kernel,
                          timings=place.folder / "timings.csv", model=model, skip_done=selection is None and not force,
-                         timeout=timeout, jobs=jobs)
+                         timeout=timeout, jobs=jobs, reuse_kernels=reuse_kernels)
 
 
 def _model_cached(model: str) -> bool:
@@ -780,8 +839,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             params["ray_address"] = args.address
         model = params.pop("model", args.model)  # -p model ID works as well as --model ID
         model = None if model is None else str(model)
-        # The embedded models' series: side by side, one thread per kernel, so that its figures are the same floats
-        # whatever the load (a kernel's thread count changes the last bits, and so the committed PNGs).
+        # The small embedded models' series (make demo): side by side, in warm kernels (start-up is most of a
+        # demo-sized notebook), one thread per kernel so that its figures are the same floats whatever the load (a
+        # kernel's thread count changes the last bits, and so the committed PNGs).
         from introspection_utils.apps.side_by_side import default_jobs
         from introspection_utils.models.embedded import EMBEDDED, QWEN_MODEL
 
@@ -801,6 +861,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                           output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
                           default_model=_default_model())
         cold = not _model_cached(series_model)
+        if cold and jobs > 1 and small_series:  # once here, not once per kernel side by side
+            from introspection_utils.models import embedded
+
+            plan_runs(notebooks(), {"model": series_model, **params}, read_full_size() if args.full else None,
+                      where_declared=RUNNER_PLACED)  # a bad -p is refused before anything is converted
+
+            print(f"converting {series_model} into the cache once, before the kernels start ...", flush=True)
+            embedded.converted_dir(series_model)
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
         if args.findings:
             if args.tag or args.full:
@@ -814,7 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             records = run_series(None if args.all else args.notebooks, model=model, parameters=params,
                                  output=args.output or Path("runs"), kernel=args.kernel,
                                  tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
-                                 force=args.force, timeout=args.cell_timeout, jobs=jobs)
+                                 force=args.force, timeout=args.cell_timeout, jobs=jobs,
+                                 reuse_kernels=small_series)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")
         series = bool(args.all or args.findings)

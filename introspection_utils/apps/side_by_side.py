@@ -5,6 +5,13 @@ work that one thread cannot keep two cores busy with, so two one-thread kernels 
 wall time of one two-thread kernel. A one-thread kernel also computes the same floats whatever else is running, so
 the committed demo figures are the same run to run.
 
+Warm kernels: the embedded models' series also keeps each kernel for the next notebook (:class:`WarmKernel`):
+the imports (~10 s of a demo-sized notebook's ~15 s start-up here) happen once per kernel. Between notebooks the
+kernel is put back to how it started: its namespace reset (``%reset -f``), figures closed, matplotlib's settings
+and torch's global random state as they were after start-up, the execution count at 1; every model is loaded
+anew by the next notebook (nothing in the package caches a model). ``tests/test_side_by_side.py`` holds that a
+notebook run in a used kernel saves the same tables and figures as in a fresh one.
+
 Order: notebooks start in series order; a notebook that reads what another saves (:data:`AFTER`) starts only after
 that one finished. The first failure starts nothing new; the notebooks already running finish, then the failure is
 raised. Ctrl-C interrupts every running kernel (SIGINT to this process's children) and raises ``KeyboardInterrupt``
@@ -13,6 +20,7 @@ with the names that were running in ``err.running``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -75,6 +83,83 @@ def run_side_by_side(tasks: Sequence[tuple[str, Callable[[], T]]], jobs: int, *,
     if failure is not None:
         raise failure
     return [results[name] for name in names if name in results]
+
+
+_FRESH: dict[str, Any] = {}  # in a warm kernel: its state just after start-up (remember_fresh_state)
+
+
+def remember_fresh_state() -> None:
+    """Run in a warm kernel at start-up (its ``exec_lines``): import what every notebook imports (so the next
+    notebooks find it loaded) and keep matplotlib's settings and torch's global random state as they are now."""
+    import matplotlib.pyplot  # noqa: F401  (the kernel's inline backend sets its rcParams on this import)
+    import torch
+
+    import introspection_utils  # noqa: F401
+    import introspection_utils.models.handle  # noqa: F401  (torch, transformers, nnsight)
+
+    _FRESH.update(rc=dict(matplotlib.rcParams), torch_rng=torch.get_rng_state())
+
+
+def restore_fresh_state() -> None:
+    """Run in a warm kernel between notebooks, after ``%reset -f``: figures closed, matplotlib's settings and
+    torch's global random state back to :func:`remember_fresh_state`'s, the execution count at 1."""
+    import warnings
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import torch
+    from IPython import get_ipython
+
+    plt.close("all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few rcParams are deprecated aliases: setting them back warns
+        matplotlib.rcParams.update(_FRESH["rc"])
+    torch.set_rng_state(_FRESH["torch_rng"])
+    shell = get_ipython()
+    if shell is not None:
+        shell.execution_count = 1
+
+
+RESET = ("get_ipython().run_line_magic('reset', '-f')\n"
+         "from introspection_utils.apps.side_by_side import restore_fresh_state\n"
+         "restore_fresh_state()\n"
+         "get_ipython().run_line_magic('reset', '-f')\n")
+
+
+class WarmKernel:
+    """A Jupyter kernel kept for several notebooks (papermill's ``km``): started once with ``extra_arguments``
+    (plus :func:`remember_fresh_state`) in ``cwd``, :meth:`reset` before each notebook after the first, shut down at
+    the end (or after a notebook failed in it)."""
+
+    def __init__(self, kernel_name: str, extra_arguments: Sequence[str], cwd: str) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.km = KernelManager(kernel_name=kernel_name)
+        lines = [a for a in extra_arguments if not a.startswith("--IPKernelApp.exec_lines=")]
+        startup = [a for a in extra_arguments if a.startswith("--IPKernelApp.exec_lines=")]
+        exec_lines = (json.loads(startup[0].split("=", 1)[1]) if startup else []) + [
+            "from introspection_utils.apps.side_by_side import remember_fresh_state; remember_fresh_state()"]
+        self.km.start_kernel(extra_arguments=[*lines, f"--IPKernelApp.exec_lines={json.dumps(exec_lines)}"],
+                             cwd=cwd)
+        self.used = False
+
+    def reset(self) -> None:
+        """Back to how it started (see the module docstring); a kernel that can't be reset raises."""
+        client = self.km.client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=120)
+            reply = client.execute_interactive(RESET, timeout=120, store_history=False, output_hook=lambda msg: None)
+        finally:
+            client.stop_channels()
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"could not reset the kernel: {reply['content'].get('evalue')}")
+
+    def shutdown(self) -> None:
+        try:
+            self.km.shutdown_kernel(now=True)
+        except Exception:  # already gone (a failed notebook, Ctrl-C): nothing left to stop
+            pass
 
 
 def interrupt_children() -> list[int]:
