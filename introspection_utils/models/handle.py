@@ -16,7 +16,6 @@ answered here and nowhere else.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import importlib.metadata
@@ -24,7 +23,6 @@ import json
 import numbers
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 from nnsight import CONFIG, TransformersModel
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from introspection_utils.core import data
 from introspection_utils.core.paths import model_name
@@ -150,31 +143,6 @@ class ModelHandle:
     @property
     def device(self) -> torch.device:
         return next(self.torch_model.parameters()).device
-
-    def prefix_cache(self, prefix_ids: torch.Tensor, edit: Callable[[], None] | None = None) -> DynamicCache:
-        """The KV cache of ``prefix_ids [1, start]`` (the tokens every trial of a prompt shares, untouched by the
-        injection), run once without gradients; ``edit()`` is called inside the trace to apply an edit every row
-        shares (an ablation) before the cache is filled."""
-        cache = DynamicCache(config=self.torch_model.config)  # filled in place by the forward
-        with torch.no_grad(), self.model.trace(prefix_ids, cache=cache, use_cache=True, logits_to_keep=1):
-            if edit is not None:
-                edit()
-        return cache
-
-    @staticmethod
-    def suffix_inputs(cache: DynamicCache | None, start: int, total: int, rows: int, device: torch.device) -> dict:
-        """Keyword arguments of a trace over the suffix ``[rows, total − start]``: the attention mask
-        ``[rows, total]``, position ids from ``start``, and a private copy of the prefix ``cache`` for ``rows`` rows
-        (the forward appends the suffix to it in place), or no cache when ``cache`` is None."""
-        inputs = {"attention_mask": torch.ones(rows, total, dtype=torch.long, device=device),
-                  "position_ids": torch.arange(start, total, device=device)[None].expand(rows, -1),
-                  "use_cache": False}
-        if cache is not None:
-            cache = copy.deepcopy(cache)
-            if rows > 1:
-                cache.batch_repeat_interleave(rows)
-            inputs.update(cache=cache, use_cache=True)
-        return inputs
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if it is a valid decoder-layer index, else raise one clear ``ValueError``."""
