@@ -17,7 +17,8 @@ skips layers) is :mod:`introspection_utils.engine.injection`, the window rule is
 :meth:`introspection_utils.engine.trials.Trial.weights_at`, the answer-set readout is
 :mod:`introspection_utils.engine.readout`; components, generation and the refusal experiment's logits call them
 too. Traces that only read activations and inject nothing (concept vectors in :mod:`vectors`, SAE training
-activations, the refusal candidates' activations, the benchmark) do not go through it.
+activations, the refusal candidates' activations) do not go through it, nor does the benchmark's naive baseline
+(``apps.bench.naive_logit_diff``, the one-trace forward the engine is timed against).
 
 Shapes: a tensor in a public signature is annotated with its shape (``PerTrialLayerHead`` is a tensor
 ``[n_trials, n_layers, n_heads]``; see the aliases below), and docstrings write shapes in brackets after the name.

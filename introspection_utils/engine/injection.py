@@ -17,8 +17,9 @@ Who calls it: :mod:`introspection_utils.engine.inject` (``measure``, ``answer_lo
 :mod:`introspection_utils.engine.components` (its site edits, reads and gradients ride along as :class:`Within`
 hooks), :mod:`introspection_utils.engine.generation` (one pass per generated token) and
 ``experiments.refusal.last_logits`` (:func:`padded_pass`). Traces that only read activations and inject nothing
-(``engine.vectors``, ``experiments.sae_train``, ``experiments.refusal.post_instruction_activations``,
-``apps.bench``) stay where they are; ``tests/test_one_injection_pass.py`` holds both rules.
+(``engine.vectors``, ``experiments.sae_train``, ``experiments.refusal.post_instruction_activations``) stay where
+they are, as does ``apps.bench.naive_logit_diff``, the deliberately naive one-trace baseline the benchmark times
+this pass against; ``tests/test_one_injection_pass.py`` holds these rules.
 """
 
 from __future__ import annotations
