@@ -159,6 +159,10 @@ class PassResult:
         """This pass with the per-layer reads of layers ``< first`` (skipped: the same in every row) taken from the
         uninjected ``baseline``, which must have read them."""
         shared = baseline.expand(rows)
+        missing = [name for name in ("last", "lens", "attention")
+                   if getattr(self, name) is not None and getattr(shared, name) is None]
+        if missing:
+            raise ValueError(f"the baseline did not read {missing}: compute it with the same reads to skip layers")
         if self.last is not None:
             self.last = [*shared.last[:first], *self.last]
         if self.lens is not None:
@@ -337,7 +341,9 @@ class PromptRun:
             lowest += [injection.layer] if injection is not None else []
             lowest += [within.lowest_layer] if within is not None and within.lowest_layer is not None else []
             first = min(lowest)
-        below = self.baseline(remote=remote).hidden[:first] if first else ()
+        if first and self.baseline(remote=remote).hidden is None:
+            raise ValueError("the baseline kept no layer outputs (keep_hidden=False): the layer skip has none to serve")
+        below = self._baseline.hidden[:first] if first else ()
         result = traced_pass(self.handle, self.ids[:, self.start:].expand(rows, -1), self.inputs(rows),
                              injection=injection, ablation=self.ablation, reads=reads, within=within, skip=below,
                              remote=remote)
