@@ -5,14 +5,14 @@ A *component* is something that adds to the residual stream: the token embedding
 layer's attention output and MLP output (what is added before the residual add — Gemma-2/3's post-attention and
 post-feedforward norms included) and each attention head, whose output is its slice of the output projection's
 input (``z [B, T, n_heads × head_dim]``, head ``h`` in columns ``h × head_dim …``). :mod:`attribution`,
-:mod:`patching` build on :func:`forward`; the measurement engine (:mod:`inject`) stays the reference for plain
-trials and is what the unedited rows here are tested against.
+:mod:`patching` build on :meth:`PromptPass.forward`; the measurement engine (:mod:`inject`) stays the reference
+for plain trials and is what the unedited rows here are tested against.
 
-**Prefix cache and layer skip**, both exact, as in the engine. Tokens before ``start`` (the injection window's
-start, and no later than any edited or read position) are the same in every row and untouched by the injection and
-the edits, so :class:`PromptPass` runs them once (KV cache) and every batch runs only the suffix. With ``skip``, the
-suffix's layers below the lowest injected or edited layer are the same in every row too: they are computed once
-(uninjected) and skipped (``Envoy.skip``) in the batched trace.
+No second engine: :class:`PromptPass` is a :class:`injection.PromptRun` (the prefix cache and the layer skip, both
+exact) and every forward is the one injection pass (:func:`injection.traced_pass`), the injection built from the
+trials by :meth:`PromptPass.injection` (the window rule). What is component-specific — editing and reading the sites,
+their gradients — rides along inside the pass's layers as :class:`injection.Within` hooks (:class:`_Sites`), and
+what comes back is a typed :class:`ComponentReadout`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Literal
 import nnsight
 import torch
 
+from introspection_utils.engine.injection import Injection, PromptRun, Within
+
 if TYPE_CHECKING:
+    from introspection_utils.engine.trials import Trial
     from introspection_utils.models.handle import ModelHandle
 
 Kind = Literal["attn", "mlp", "head"]
@@ -134,6 +137,140 @@ def _activation_grads(handle: ModelHandle):
             p.requires_grad_(True)
 
 
+@dataclass(frozen=True)
+class ComponentReadout:
+    """What one :meth:`PromptPass.forward` of ``R`` rows read, float32 on the CPU (``P``: the read positions;
+    ``None`` where not asked; the per-layer lists hold ``None`` for the layers not read).
+
+    * ``logits [R, k]``: the model's final logits of the answer tokens at the last position (yes, no first);
+    * with ``read``: ``embed [R, P, D]`` (the residual entering layer 0); per layer ``z [R, P, n_heads × head_dim]``
+      (the heads' outputs, the output projection's input), ``attn [R, P, D]`` and ``mlp [R, P, D]`` (what attention
+      and the MLP add to the residual stream), all after the edits; ``final_in`` / ``final_out [R, D]``: the final
+      norm's input and output at the last position;
+    * with ``grad``: ``grad_z``, ``grad_attn``, ``grad_mlp``, shaped like ``z``, ``attn``, ``mlp``: the gradient of
+      the summed yes−no logit difference (after any softcap) with respect to those outputs (rows are independent,
+      so each row gets its own gradient).
+    """
+
+    logits: torch.Tensor
+    head_dim: int
+    embed: torch.Tensor | None = None
+    final_in: torch.Tensor | None = None
+    final_out: torch.Tensor | None = None
+    z: list[torch.Tensor | None] | None = None
+    attn: list[torch.Tensor | None] | None = None
+    mlp: list[torch.Tensor | None] | None = None
+    grad_z: list[torch.Tensor | None] | None = None
+    grad_attn: list[torch.Tensor | None] | None = None
+    grad_mlp: list[torch.Tensor | None] | None = None
+
+    def output(self, site: Site, row: int) -> torch.Tensor:
+        """``site``'s output in row ``row`` at the read positions: ``[P, width]`` (``head_dim`` for a head, else
+        ``d_model``)."""
+        return self._at(self.z, self.attn, self.mlp, site, row)
+
+    def gradient(self, site: Site, row: int) -> torch.Tensor:
+        """The gradient at ``site``'s output in row ``row``: ``[P, width]`` (a forward with ``grad``)."""
+        return self._at(self.grad_z, self.grad_attn, self.grad_mlp, site, row)
+
+    def _at(self, z, attn, mlp, site: Site, row: int) -> torch.Tensor:
+        if site.kind == "head":
+            return z[site.layer][row, :, site.head * self.head_dim:(site.head + 1) * self.head_dim]
+        return (attn if site.kind == "attn" else mlp)[site.layer][row]
+
+
+class _HeadValues(Within):
+    """Heads set to fixed values over every position of a pass (the prefix ablation every row shares)."""
+
+    def __init__(self, heads: dict[tuple[int, int], torch.Tensor], head_dim: int) -> None:
+        self.heads, self.head_dim = sorted(heads.items()), head_dim
+
+    def layer(self, handle: ModelHandle, i: int) -> None:
+        dh = self.head_dim
+        for (layer, head), value in self.heads:
+            if layer == i:
+                handle.output_projection(layer).input[..., head * dh:(head + 1) * dh] = value
+
+
+class _Sites(Within):
+    """The edits, reads and gradients of one :meth:`PromptPass.forward`, inside the pass's layers."""
+
+    reads_logits = True
+
+    def __init__(self, handle: ModelHandle, start: int, edits: Sequence[Edit], answer_ids: torch.Tensor,
+                 read: torch.Tensor | None, read_layers: Sequence[int] | None, grad: bool) -> None:
+        self.offset, self.answer_ids, self.grad = start, answer_ids, grad  # offset: the suffix's first position
+        self.at: dict[tuple[int, str], list[Edit]] = {}
+        for e in edits:
+            self.at.setdefault((e.site.layer, e.site.kind), []).append(e)
+        self.lowest_layer = min((e.site.layer for e in edits), default=None)
+        self.rel = read - start if read is not None else None
+        self.wanted = set(range(handle.arch.n_layers) if read_layers is None else read_layers)
+        self.n_layers, self.head_dim = handle.arch.n_layers, handle.head_dim
+        self.outputs: dict[int, tuple] = {}  # layer -> (z, attn, mlp) over the suffix, inside the trace
+
+    def context(self, handle: ModelHandle):
+        return _activation_grads(handle) if self.grad else torch.no_grad()
+
+    def start(self, handle: ModelHandle) -> None:
+        if self.grad:  # everything downstream of the embeddings gets a gradient; the weights get none
+            handle.embeddings.output.requires_grad_(True)
+        if self.rel is not None:
+            self.embed = handle.layers[0].input[:, self.rel].save()
+
+    def layer(self, handle: ModelHandle, i: int) -> None:
+        dh, start = self.head_dim, self.offset
+        z = handle.output_projection(i).input
+        for e in self.at.get((i, "head"), []):
+            cols = slice(e.site.head * dh, (e.site.head + 1) * dh)
+            z[e.rows[:, None], (e.positions - start)[None], cols] = e.values
+        attn = _hidden(handle.attention_out(i).output)
+        for e in self.at.get((i, "attn"), []):
+            attn[e.rows[:, None], (e.positions - start)[None]] = e.values
+        mlp = handle.mlp_out(i).output
+        for e in self.at.get((i, "mlp"), []):
+            mlp[e.rows[:, None], (e.positions - start)[None]] = e.values
+        if self.rel is not None and i in self.wanted:
+            self.outputs[i] = (z, attn, mlp)
+
+    def after_layers(self, handle: ModelHandle) -> None:
+        if self.rel is not None:
+            rel = self.rel
+            self.final_in = handle.final_norm.input[:, -1].save()
+            self.final_out = handle.final_norm.output[:, -1].save()
+            self.reads = nnsight.save([tuple(x[:, rel] for x in self.outputs[i]) if i in self.outputs else None
+                                       for i in range(self.n_layers)])
+
+    def logits(self, handle: ModelHandle, final: torch.Tensor) -> None:
+        answer_ids = self.answer_ids
+        self.logits_read = final[:, answer_ids].save()
+        if self.grad:
+            rel, grads = self.rel, nnsight.save([])
+            metric = (final[:, answer_ids[0]] - final[:, answer_ids[1]]).float().sum()
+            with metric.backward():
+                for i in reversed(range(self.n_layers)):  # gradients arrive last layer first
+                    if i not in self.outputs:
+                        grads.append(None)
+                    else:
+                        z, attn, mlp = self.outputs[i]
+                        grads.append((mlp.grad[:, rel], attn.grad[:, rel], z.grad[:, rel]))
+            self.grads = grads
+
+    def readout(self) -> ComponentReadout:
+        """The reads as float32 CPU tensors, after the pass."""
+        out = {"logits": self.logits_read.detach().float().cpu()}
+        if self.rel is not None:
+            reads = self.reads
+            out.update(embed=_cpu(self.embed), final_in=_cpu(self.final_in), final_out=_cpu(self.final_out),
+                       z=[_cpu(r, 0) for r in reads], attn=[_cpu(r, 1) for r in reads],
+                       mlp=[_cpu(r, 2) for r in reads])
+        if self.grad:
+            grads = self.grads[::-1]
+            out.update(grad_mlp=[_cpu(g, 0) for g in grads], grad_attn=[_cpu(g, 1) for g in grads],
+                       grad_z=[_cpu(g, 2) for g in grads])
+        return ComponentReadout(head_dim=self.head_dim, **out)
+
+
 class PromptPass:
     """One prompt with the tokens before ``start`` run once (KV cache, uninjected and unedited); :meth:`forward`
     runs the suffix for a batch of rows. ``start=0`` recomputes everything (edits before the window need it)."""
@@ -143,116 +280,34 @@ class PromptPass:
         """``prefix_heads``: ``{(layer, head): value [head_dim]}`` heads set to ``value`` over the whole prefix (an
         ablation shared by every row; the rows must then set them over the suffix too)."""
         self.handle, self.start = handle, start
-        self.ids = torch.tensor([list(input_ids)], device=handle.device)
-        self._hidden: list[torch.Tensor] | None = None
         self.head_dim = handle.head_dim
-        self.cache = handle.prefix_cache(self.ids[:, :start], lambda: self._set_heads(prefix_heads)) \
-            if start > 0 else None
+        prefix = _HeadValues(prefix_heads, self.head_dim) if prefix_heads else None
+        self.run = PromptRun(handle, input_ids, start, prefix=prefix)
 
-    def _set_heads(self, heads: dict[tuple[int, int], torch.Tensor] | None) -> None:
-        dh = self.head_dim
-        for (layer, head), value in sorted((heads or {}).items()):
-            self.handle.output_projection(layer).input[..., head * dh:(head + 1) * dh] = value
+    def injection(self, trials: Sequence[Trial], *, layer: int | None = None) -> Injection | None:
+        """The injection of ``trials`` (one row each, on this prompt) over the suffix, by the window rule; ``layer``:
+        where (default: the injected trials' layer; rows that inject nothing add zeros there). ``None`` when nothing
+        is injected and no layer is given."""
+        return Injection.of(self.handle, trials, self.run.positions, layer=layer)
 
-    def _kwargs(self, rows: int) -> dict:
-        return self.handle.suffix_inputs(self.cache, self.start, self.ids.shape[1], rows, self.ids.device)
+    def forward(self, rows: int, *, answer_ids: torch.Tensor, injection: Injection | None = None,
+                edits: Sequence[Edit] = (), read: torch.Tensor | None = None, read_layers: Sequence[int] | None = None,
+                grad: bool = False, skip: bool = False) -> ComponentReadout:
+        """Run the suffix for ``rows`` rows: inject ``injection`` (:meth:`injection`), apply ``edits`` and read the
+        answer tokens' logits, plus the sites at absolute positions ``read [P]`` (``read_layers``: only those
+        layers) and, with ``grad``, their gradients: a :class:`ComponentReadout`.
 
-    def hidden(self) -> list[torch.Tensor]:
-        """Each layer's output over the suffix without injection or edits, ``[1, S, D]`` per layer (computed once)."""
-        if self._hidden is None:
-            layers = self.handle.layers
-            with torch.no_grad(), self.handle.model.trace(self.ids[:, self.start:], logits_to_keep=1,
-                                                          **self._kwargs(1)):
-                hidden = nnsight.save([layer.output for layer in layers])
-            self._hidden = list(hidden)
-        return self._hidden
-
-    def forward(self, rows: int, *, answer_ids: torch.Tensor, layer: int | None = None,
-                add: torch.Tensor | None = None, mask: torch.Tensor | None = None, edits: Sequence[Edit] = (),
-                read: torch.Tensor | None = None, read_layers: Sequence[int] | None = None, grad: bool = False,
-                skip: bool = False) -> dict:
-        """Run the suffix for ``rows`` rows: inject ``add [rows, D] × mask [T]`` at ``layer``'s output, apply
-        ``edits``, and return float32 CPU tensors:
-
-        * ``logits [rows, k]``: the final logits of ``answer_ids`` at the last position (yes, no first);
-        * with ``read`` (absolute positions ``[P]``): ``z``, ``attn``, ``mlp`` — lists over layers of
-          ``[rows, P, n_heads × head_dim]``, ``[rows, P, D]``, ``[rows, P, D]`` (outputs after the edits); ``embed
-          [rows, P, D]`` (the residual entering layer 0), ``final_in`` / ``final_out [rows, D]`` (the final norm's
-          input and output at the last position); ``read_layers`` limits the layers read (the others are ``None``);
-        * with ``grad``: ``grad_z``, ``grad_attn``, ``grad_mlp`` at ``read``: the gradient of the summed yes−no
-          logit difference (after any softcap) with respect to those outputs, layer order (rows are independent,
-          so each row gets its own gradient).
-
-        ``skip`` (no ``read``, no ``grad``): layers below the lowest injected or edited layer come from
-        :meth:`hidden` instead of being recomputed.
+        ``skip`` (no ``read``, no ``grad``): layers below the lowest injected or edited layer come from the shared
+        uninjected pass instead of being recomputed.
         """
-        handle, n_layers, start = self.handle, self.handle.arch.n_layers, self.start
-        suffix = self.ids[:, start:].expand(rows, -1)
-        kwargs = self._kwargs(rows)
+        start = self.start
         if skip and (read is not None or grad):
             raise ValueError("skip needs every layer's output from the shared pass: no read or grad with it")
-        first = min([layer if add is not None else n_layers] + [e.site.layer for e in edits]) if skip else 0
-        below = self.hidden()[:first] if first else []
         if read is not None and int(read.min()) < start or any(int(e.positions.min()) < start for e in edits):
             raise ValueError(f"positions before the cached prefix ({start}) cannot be read or edited")
-        at = {(e.site.layer, e.site.kind): [] for e in edits}
-        for e in edits:
-            at[(e.site.layer, e.site.kind)].append(e)
-        rel = read - start if read is not None else None
-        wanted = set(range(n_layers) if read_layers is None else read_layers)
-        dh = handle.head_dim
-        context = _activation_grads(handle) if grad else torch.no_grad()
-        with context, handle.model.trace(suffix, logits_to_keep=1, **kwargs):
-            if grad:  # everything downstream of the embeddings gets a gradient; the weights get none
-                handle.embeddings.output.requires_grad_(True)
-            if rel is not None:
-                embed = handle.layers[0].input[:, rel].save()
-            for i in range(first):  # identical in every row: served from the shared pass
-                handle.layers[i].skip(below[i].expand(rows, -1, -1))
-            z_all, attn_all, mlp_all = [None] * first, [None] * first, [None] * first
-            for i in range(first, n_layers):
-                z = handle.output_projection(i).input
-                for e in at.get((i, "head"), []):
-                    cols = slice(e.site.head * dh, (e.site.head + 1) * dh)
-                    z[e.rows[:, None], (e.positions - start)[None], cols] = e.values
-                attn = _hidden(handle.attention_out(i).output)
-                for e in at.get((i, "attn"), []):
-                    attn[e.rows[:, None], (e.positions - start)[None]] = e.values
-                mlp = handle.mlp_out(i).output
-                for e in at.get((i, "mlp"), []):
-                    mlp[e.rows[:, None], (e.positions - start)[None]] = e.values
-                if i == layer and add is not None:
-                    handle.layers[i].output += add[:, None, :] * mask[start:, None].to(add.dtype)
-                if rel is not None and i in wanted:
-                    z_all.append(z), attn_all.append(attn), mlp_all.append(mlp)
-                else:
-                    z_all.append(None), attn_all.append(None), mlp_all.append(None)
-            if rel is not None:
-                final_in = handle.final_norm.input[:, -1].save()
-                final_out = handle.final_norm.output[:, -1].save()
-                reads = nnsight.save([(z[:, rel], a[:, rel], m[:, rel]) if z is not None else None
-                                      for z, a, m in zip(z_all, attn_all, mlp_all, strict=True)])
-            final = handle.model.output.logits[:, -1, :]
-            logits = final[:, answer_ids].save()
-            if grad:
-                grads = nnsight.save([])
-                metric = (final[:, answer_ids[0]] - final[:, answer_ids[1]]).float().sum()
-                with metric.backward():
-                    for i in reversed(range(n_layers)):  # gradients arrive last layer first
-                        if z_all[i] is None:
-                            grads.append(None)
-                        else:
-                            grads.append((mlp_all[i].grad[:, rel], attn_all[i].grad[:, rel], z_all[i].grad[:, rel]))
-        out = {"logits": logits.detach().float().cpu()}
-        if rel is not None:
-            out.update(embed=_cpu(embed), final_in=_cpu(final_in), final_out=_cpu(final_out),
-                       z=[_cpu(r, 0) for r in reads], attn=[_cpu(r, 1) for r in reads],
-                       mlp=[_cpu(r, 2) for r in reads])
-        if grad:
-            grads = grads[::-1]
-            out.update(grad_mlp=[_cpu(g, 0) for g in grads], grad_attn=[_cpu(g, 1) for g in grads],
-                       grad_z=[_cpu(g, 2) for g in grads])
-        return out
+        sites = _Sites(self.handle, start, edits, answer_ids, read, read_layers, grad)
+        self.run.forward(rows, injection=injection, within=sites, skip=skip)
+        return sites.readout()
 
 
 def _cpu(value, index: int | None = None) -> torch.Tensor | None:

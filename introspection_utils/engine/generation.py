@@ -1,7 +1,8 @@
 """Generation under injection: the injection continues on every generated token (the paper's protocol).
 
-A plain loop of traced forwards with a KV cache, one token per step, so each step's injection is the same trace
-block as the readouts' and sampling is seeded by a ``torch.Generator`` of our own (same seed, same text).
+A plain loop of traced forwards with a KV cache, one token per step: each step is the one injection pass
+(:func:`introspection_utils.engine.injection.traced_pass`, the same trace as the readouts'), its weights the window
+rule at that step's positions, and sampling is seeded by a ``torch.Generator`` of our own (same seed, same text).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from introspection_utils.engine.inject import Trial, check_trials
+from introspection_utils.engine.injection import Injection, Reads, traced_pass
 from introspection_utils.engine.prompts import conversation_text, introspection_prompt
+from introspection_utils.engine.trials import Trial, check_trials
 from introspection_utils.engine.vectors import concept_vectors, left_pad
 
 if TYPE_CHECKING:
@@ -77,27 +79,16 @@ def _generate_batch(handle: ModelHandle, trials: list[Trial], layer: int | None,
     each row cut at its first stop token."""
     rows, device = len(trials), handle.device
     ids, attention, positions = left_pad([t.prompt.input_ids for t in trials], handle.tokenizer.pad_token_id)
-    spans = [t.span() for t in trials]
-    window_start = torch.tensor([s for s, _ in spans])
-    window_end = torch.tensor([e if e is not None else 1 << 40 for _, e in spans])
-    add = None
-    if layer is not None:
-        add = torch.stack([t.scale * t.vector.vector for t in trials]).to(device, handle.dtype)  # [B, D]
     cache = DynamicCache(config=handle.torch_model.config)
     generated: list[torch.Tensor] = []
     done = torch.zeros(rows, dtype=torch.bool)
     for _ in range(max_new_tokens):
         token_pos = positions if not generated else positions[:, -1:]  # each row's own token positions
-        in_window = (token_pos >= window_start[:, None]) & (token_pos < window_end[:, None])
-        if not generated:
-            in_window &= attention.bool()  # never inject into padding
-        with torch.no_grad(), handle.model.trace(
-                ids.to(device), attention_mask=attention.to(device), position_ids=token_pos.to(device), cache=cache,
-                use_cache=True, logits_to_keep=1):
-            if add is not None:
-                handle.layers[layer].output += add[:, None, :] * in_window.to(device, handle.dtype)[:, :, None]
-            logits = handle.model.output.logits[:, -1, :].save()
-        logits = logits.float().cpu()
+        # The window rule at this step's positions (never into the prompt's padding).
+        injection = Injection.of(handle, trials, token_pos, layer=layer, valid=None if generated else attention)
+        inputs = {"attention_mask": attention.to(device), "position_ids": token_pos.to(device), "cache": cache,
+                  "use_cache": True, "logits_to_keep": 1}
+        logits = traced_pass(handle, ids.to(device), inputs, injection=injection, reads=Reads(logits=True)).logits
         if temperature == 0:
             next_ids = logits.argmax(-1)
         else:

@@ -96,39 +96,35 @@ def direct_logit_attribution(handle: ModelHandle, trials: Sequence[Trial], *, an
 
     frames: list[pd.DataFrame | None] = [None] * len(trials)
     bar = tqdm(total=len(trials), desc="attribution", disable=not progress)
-    for (prompt, layer, (start, end)), members in groups.items():
+    for (prompt, layer, _span), members in groups.items():
         last = len(prompt) - 1
         cached = min([last] + [trials[i].span()[0] for i in members])
         if prompt not in passes or passes[prompt].start > cached:
             passes[prompt] = PromptPass(handle, prompt.input_ids, cached)
         run = passes[prompt]
-        mask = torch.zeros(len(prompt), device=handle.device)
-        mask[start:end] = 1
-        add = torch.stack([(trials[i].scale * trials[i].vector.vector) if trials[i].injected
-                           else torch.zeros(d) for i in members]).to(handle.device, handle.dtype)
-        out = run.forward(len(members), answer_ids=answer_ids, layer=layer, add=add if layer is not None else None,
-                          mask=mask, read=torch.tensor([last]))
-        scale_f = frozen_scale(out["final_in"], out["final_out"], g_final)  # [R]
+        injection = run.injection([trials[i] for i in members], layer=layer)
+        out = run.forward(len(members), answer_ids=answer_ids, injection=injection, read=torch.tensor([last]))
+        scale_f = frozen_scale(out.final_in, out.final_out, g_final)  # [R]
 
         for r, index in enumerate(members):
-            rows: list[tuple] = [("embed", None, None, project(out["embed"][r, 0], scale_f[r]))]
-            if trials[index].injected and bool(mask[last]):
-                rows.append(("injection", layer, None, project(add[r].float().cpu(), scale_f[r])))
+            rows: list[tuple] = [("embed", None, None, project(out.embed[r, 0], scale_f[r]))]
+            if trials[index].injected and bool(trials[index].weights()[last]):
+                rows.append(("injection", layer, None, project(injection.add[r].float().cpu(), scale_f[r])))
             for i in range(n_layers):
-                z = out["z"][i][r, 0].view(n_heads, dh)  # [H, dh]
+                z = out.z[i][r, 0].view(n_heads, dh)  # [H, dh]
                 heads = torch.einsum("hk,dhk->hd", z, w_o[i].view(d, n_heads, dh))  # [H, D] through W_O
                 bias = b_o[i]
                 if g_attn[i] is not None:  # Gemma-2/3: the post-attention norm with its scale frozen
                     raw = heads.sum(0) + (bias if bias is not None else 0)
-                    s = frozen_scale(raw, out["attn"][i][r, 0], g_attn[i])
+                    s = frozen_scale(raw, out.attn[i][r, 0], g_attn[i])
                     heads = s * heads * g_attn[i]
                     bias = s * bias * g_attn[i] if bias is not None else None
-                rows.append(("attn", i, None, project(out["attn"][i][r, 0], scale_f[r])))
+                rows.append(("attn", i, None, project(out.attn[i][r, 0], scale_f[r])))
                 shares = project(heads, scale_f[r])
                 rows += [("head", i, h, shares[h]) for h in range(n_heads)]
                 if bias is not None:
                     rows.append(("attn_bias", i, None, project(bias, scale_f[r])))
-                rows.append(("mlp", i, None, project(out["mlp"][i][r, 0], scale_f[r])))
+                rows.append(("mlp", i, None, project(out.mlp[i][r, 0], scale_f[r])))
             if b_u is not None:
                 rows.append(("unembed_bias", None, None, b_u))
             values = torch.stack([v for *_, v in rows]).numpy()

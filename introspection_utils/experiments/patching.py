@@ -26,6 +26,7 @@ Every table is tidy (one row per trial × direction × component) and carries th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -79,24 +80,13 @@ def _check(handle: ModelHandle, trials: Sequence[Trial], sites: Sequence[Site], 
     return check_sites(handle, sites)
 
 
-def _pass_and_injection(handle: ModelHandle, trial: Trial, positions: torch.Tensor
-                        ) -> tuple[PromptPass, torch.Tensor, torch.Tensor]:
-    """The prompt's prefix pass (cached up to the window or the span, whichever starts first), the window mask
-    ``[T]`` and the injected vector ``[D]``, on the model's device and dtype."""
-    start, end = trial.span()
+def _pass_and_pair(handle: ModelHandle, trial: Trial, positions: torch.Tensor) -> tuple[PromptPass, list[Trial]]:
+    """The prompt's prefix pass (cached up to the window or the span, whichever starts first) and the trial's two
+    rows: injected, and the same trial uninjected (scale 0)."""
+    start, _ = trial.span()
     last = len(trial.prompt) - 1
     run = PromptPass(handle, trial.prompt.input_ids, min(start, int(positions.min()), last))
-    mask = torch.zeros(len(trial.prompt), device=handle.device)
-    mask[start:end] = 1
-    add = (trial.scale * trial.vector.vector).to(handle.device, handle.dtype)
-    return run, mask, add
-
-
-def _value(read: dict, site: Site, row: int, head_dim: int) -> torch.Tensor:
-    """Site ``site``'s output in row ``row`` of a :meth:`PromptPass.forward` read: ``[P, width]``."""
-    if site.kind == "head":
-        return read["z"][site.layer][row, :, site.head * head_dim:(site.head + 1) * head_dim]
-    return read[site.kind][site.layer][row]
+    return run, [trial, replace(trial, scale=0.0)]
 
 
 def _site_columns(site: Site) -> dict:
@@ -133,17 +123,16 @@ def activation_patching(handle: ModelHandle, trials: Sequence[Trial], sites: Seq
     _check(handle, trials, sites or [Site(0, "attn")], span, directions)
     answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
     batch_size = batch_size or DEFAULT_BATCH
-    dh = handle.head_dim
     rows = []
     bar = tqdm(total=len(trials), desc="patching", disable=not progress)
     for trial in trials:
         trial_sites = check_sites(handle, sites) if sites is not None else default_sites(handle,
                                                                                           trial.injection_layer)
         positions = _positions(trial, span)
-        run, mask, add = _pass_and_injection(handle, trial, positions)
-        both = run.forward(2, answer_ids=answer_ids, layer=trial.injection_layer,
-                           add=torch.stack([add, torch.zeros_like(add)]), mask=mask, read=positions)
-        diff = both["logits"][:, 0] - both["logits"][:, 1]  # injected, uninjected
+        run, pair = _pass_and_pair(handle, trial, positions)
+        layer = trial.injection_layer
+        both = run.forward(2, answer_ids=answer_ids, injection=run.injection(pair, layer=layer), read=positions)
+        diff = both.logits[:, 0] - both.logits[:, 1]  # injected, uninjected
         meta = trial_metadata(handle, trial)
         meta.pop("injected")
         for direction in directions:
@@ -151,12 +140,11 @@ def activation_patching(handle: ModelHandle, trials: Sequence[Trial], sites: Seq
             for chunk_start in range(0, len(trial_sites), batch_size):
                 chunk = trial_sites[chunk_start:chunk_start + batch_size]
                 edits = [Edit(site, torch.tensor([r]), positions,
-                              _value(both, site, source, dh)[None].to(handle.device, handle.dtype))
+                              both.output(site, source)[None].to(handle.device, handle.dtype))
                          for r, site in enumerate(chunk)]
-                inject = add if target == 0 else torch.zeros_like(add)
-                out = run.forward(len(chunk), answer_ids=answer_ids, layer=trial.injection_layer,
-                                  add=inject.expand(len(chunk), -1), mask=mask, edits=edits, skip=True)
-                patched = out["logits"][:, 0] - out["logits"][:, 1]
+                out = run.forward(len(chunk), answer_ids=answer_ids, edits=edits, skip=True,
+                                  injection=run.injection([pair[target]] * len(chunk), layer=layer))
+                patched = out.logits[:, 0] - out.logits[:, 1]
                 for site, value in zip(chunk, patched.tolist(), strict=True):
                     rows.append({**meta, "direction": direction, "span": _span_label(span), **_site_columns(site),
                                  "source": float(diff[source]), "target": float(diff[target]), "patched": value})
@@ -187,25 +175,22 @@ def attribution_patching(handle: ModelHandle, trials: Sequence[Trial], sites: Se
     """
     _check(handle, trials, sites or [Site(0, "attn")], span, directions)
     answer_ids = torch.tensor(yes_no_ids(handle, *(answers or (None, None))), device=handle.device)
-    dh = handle.head_dim
     rows = []
     for trial in tqdm(trials, desc="attribution patching", disable=not progress):
         trial_sites = check_sites(handle, sites) if sites is not None else default_sites(handle,
                                                                                           trial.injection_layer)
         positions = _positions(trial, span)
-        run, mask, add = _pass_and_injection(handle, trial, positions)
-        out = run.forward(2, answer_ids=answer_ids, layer=trial.injection_layer,
-                          add=torch.stack([add, torch.zeros_like(add)]), mask=mask, read=positions,
-                          read_layers=sorted({s.layer for s in trial_sites}), grad=True)
-        diff = out["logits"][:, 0] - out["logits"][:, 1]
+        run, pair = _pass_and_pair(handle, trial, positions)
+        out = run.forward(2, answer_ids=answer_ids, injection=run.injection(pair, layer=trial.injection_layer),
+                          read=positions, read_layers=sorted({s.layer for s in trial_sites}), grad=True)
+        diff = out.logits[:, 0] - out.logits[:, 1]
         meta = trial_metadata(handle, trial)
         meta.pop("injected")
-        grads = {"z": out["grad_z"], "attn": out["grad_attn"], "mlp": out["grad_mlp"]}
         for direction in directions:
             source, target = (0, 1) if direction == "sufficiency" else (1, 0)
             for site in trial_sites:
-                delta = _value(out, site, source, dh) - _value(out, site, target, dh)  # [P, width]
-                g = _value(grads, site, target, dh)
+                delta = out.output(site, source) - out.output(site, target)  # [P, width]
+                g = out.gradient(site, target)
                 rows.append({**meta, "direction": direction, "span": _span_label(span), **_site_columns(site),
                              "source": float(diff[source]), "target": float(diff[target]),
                              "estimate": float((delta * g).sum())})
@@ -261,7 +246,7 @@ def head_means(handle: ModelHandle, prompts: Sequence, heads: Sequence[tuple[int
         out = PromptPass(handle, prompt.input_ids, 0).forward(1, answer_ids=answer_ids,
                                                                 read=torch.arange(len(prompt)), read_layers=layers)
         for k, (layer, head) in enumerate(heads):
-            sums[k] += out["z"][layer][0, :, head * dh:(head + 1) * dh].sum(0)
+            sums[k] += out.z[layer][0, :, head * dh:(head + 1) * dh].sum(0)
         count += len(prompt)
     return sums / count
 
@@ -289,7 +274,7 @@ def ablated_logit_diff(handle: ModelHandle, trials: Sequence[Trial], heads: Sequ
     for index, trial in enumerate(trials):
         groups.setdefault((trial.prompt, trial.injection_layer if trial.injected else None, trial.span()),
                           []).append(index)
-    for (prompt, layer, (start, end)), members in groups.items():
+    for (prompt, layer, (start, _end)), members in groups.items():
         n = len(members) + 1  # row 0: the prompt uninjected, ablated
         values = {pair: (torch.zeros(dh) if mode == "zero" else means[k]).to(handle.device, handle.dtype)
                   for k, pair in enumerate(heads)}
@@ -299,14 +284,10 @@ def ablated_logit_diff(handle: ModelHandle, trials: Sequence[Trial], heads: Sequ
         suffix = torch.arange(cached, len(prompt))
         edits = [Edit(Site(hl, "head", hh), torch.arange(n), suffix, value.expand(n, len(suffix), dh))
                  for (hl, hh), value in values.items()]
-        mask = torch.zeros(len(prompt), device=handle.device)
-        mask[start:end] = 1
-        add = torch.stack([torch.zeros(handle.arch.d_model)] + [
-            trials[i].scale * trials[i].vector.vector if trials[i].injected else torch.zeros(handle.arch.d_model)
-            for i in members]).to(handle.device, handle.dtype)
-        out = run.forward(n, answer_ids=answer_ids, layer=layer, add=add if layer is not None else None, mask=mask,
-                          edits=edits, skip=True)  # layers below the first ablated or injected one: shared
-        diff = out["logits"][:, 0] - out["logits"][:, 1]
+        injection = run.injection([Trial(prompt)] + [trials[i] for i in members], layer=layer)
+        out = run.forward(n, answer_ids=answer_ids, injection=injection, edits=edits,
+                          skip=True)  # layers below the first ablated or injected one: shared
+        diff = out.logits[:, 0] - out.logits[:, 1]
         logit_diff[torch.tensor(members)] = diff[1:]
         baseline[torch.tensor(members)] = diff[0]
     return logit_diff, baseline

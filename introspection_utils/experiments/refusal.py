@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import checkpoint
 from introspection_utils.engine.inject import AblateAt, Trial, measure
+from introspection_utils.engine.injection import Ablation, padded_pass
 from introspection_utils.engine.prompts import Prompt, answer_token_id, chat_prompt, question_prompts
 from introspection_utils.engine.vectors import VectorBank, concept_vectors, last_token_activations, left_pad
 
@@ -216,27 +217,19 @@ def last_logits(handle: ModelHandle, prompts: Sequence[Prompt], *, ablate: torch
 
     ``ablate``: a direction ``[d_model]`` (normalised here) projected out of the embeddings and every layer's
     output at every position. ``add``: a vector ``[d_model]`` added to decoder layer ``layer``'s output at every
-    position (Arditi's activation addition). Prompts are left-padded into batches.
+    position (Arditi's activation addition). Prompts are left-padded into batches; each batch is the one injection
+    pass (:func:`introspection_utils.engine.injection.padded_pass`).
     """
     if (add is None) != (layer is None):
         raise ValueError("add and layer go together")
     if layer is not None:
         handle.check_layer(layer)
-    unit = None if ablate is None else torch.nn.functional.normalize(ablate.float(), dim=-1).to(handle.device,
-                                                                                                 handle.dtype)
-    add = None if add is None else add.to(handle.device, handle.dtype)
+    ablation = None if ablate is None else Ablation.of(handle, ablate)
+    # Activation addition is a trial like any other: ``add`` at ``layer`` over the whole prompt (window "all").
+    trials = [Trial(p, add, 1.0, layer=layer, window="all") if add is not None else Trial(p) for p in prompts]
     out = []
-    for _, kwargs in _left_padded(handle, prompts, batch_size, progress, "logits"):
-        with torch.no_grad(), handle.model.trace(kwargs.pop("input_ids"), **kwargs):
-            if unit is not None:
-                handle.embeddings.output -= (handle.embeddings.output @ unit)[..., None] * unit
-            for i, module in enumerate(handle.layers):
-                if i == layer:
-                    module.output += add
-                if unit is not None:
-                    module.output -= (module.output @ unit)[..., None] * unit
-            logits = handle.model.output.logits[:, -1, :].save()
-        out.append(logits.float().cpu())
+    for start in tqdm(range(0, len(trials), batch_size), desc="logits", disable=not progress):
+        out.append(padded_pass(handle, trials[start:start + batch_size], ablation=ablation).logits)
     return torch.cat(out)
 
 

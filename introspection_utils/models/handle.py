@@ -11,20 +11,18 @@ Kinds of source, one code path after loading:
 * ``"random:<config>"``: a randomly initialised model of a real model's exact shape (``data/model_configs/``).
 
 Everything model-specific (where the layers are, the final norm, the logit softcap, the system-role rule) is
-answered here and nowhere else.
+answered here and nowhere else. Which model a name means is :mod:`introspection_utils.models.names`
+(``resolve_name``, ``known_names``, ``HUB_ALIASES`` are importable from here too).
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import hashlib
 import importlib.metadata
 import json
 import numbers
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 from nnsight import CONFIG, TransformersModel
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from introspection_utils.core import data
 from introspection_utils.core.paths import model_name
@@ -52,6 +45,9 @@ from introspection_utils.models.embedded import (
 )
 from introspection_utils.models.families import FAMILIES, TINY, TINY_FAMILIES, TINY_FIELDS, Family
 from introspection_utils.models.memory import check_fits
+from introspection_utils.models.names import HUB_ALIASES as HUB_ALIASES  # re-exported: names used from here
+from introspection_utils.models.names import _check_device, _hub_offline_check, resolve_name
+from introspection_utils.models.names import known_names as known_names
 
 
 @dataclass(frozen=True)
@@ -150,31 +146,6 @@ class ModelHandle:
     @property
     def device(self) -> torch.device:
         return next(self.torch_model.parameters()).device
-
-    def prefix_cache(self, prefix_ids: torch.Tensor, edit: Callable[[], None] | None = None) -> DynamicCache:
-        """The KV cache of ``prefix_ids [1, start]`` (the tokens every trial of a prompt shares, untouched by the
-        injection), run once without gradients; ``edit()`` is called inside the trace to apply an edit every row
-        shares (an ablation) before the cache is filled."""
-        cache = DynamicCache(config=self.torch_model.config)  # filled in place by the forward
-        with torch.no_grad(), self.model.trace(prefix_ids, cache=cache, use_cache=True, logits_to_keep=1):
-            if edit is not None:
-                edit()
-        return cache
-
-    @staticmethod
-    def suffix_inputs(cache: DynamicCache | None, start: int, total: int, rows: int, device: torch.device) -> dict:
-        """Keyword arguments of a trace over the suffix ``[rows, total − start]``: the attention mask
-        ``[rows, total]``, position ids from ``start``, and a private copy of the prefix ``cache`` for ``rows`` rows
-        (the forward appends the suffix to it in place), or no cache when ``cache`` is None."""
-        inputs = {"attention_mask": torch.ones(rows, total, dtype=torch.long, device=device),
-                  "position_ids": torch.arange(start, total, device=device)[None].expand(rows, -1),
-                  "use_cache": False}
-        if cache is not None:
-            cache = copy.deepcopy(cache)
-            if rows > 1:
-                cache.batch_repeat_interleave(rows)
-            inputs.update(cache=cache, use_cache=True)
-        return inputs
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if it is a valid decoder-layer index, else raise one clear ``ValueError``."""
@@ -306,87 +277,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(map(repr, DTYPES))}")
     return dtype
-
-
-# The embedded models answer to the hub ids of the models they are quantised from (their GGUF conversions, so
-# numbers differ slightly from the hub's full-precision weights; pass a local folder of those to use them instead).
-HUB_ALIASES = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": DEFAULT_MODEL,
-    "Qwen/Qwen2.5-Coder-1.5B-Instruct": "qwen2.5-coder-1.5b-instruct",
-    "google/gemma-3-270m": "gemma3-270m",
-}
-
-
-def known_names() -> list[str]:
-    """The model names ``load_model`` knows without a path or a hub id: embedded, their hub ids, tiny test models."""
-    return [*EMBEDDED, *(f"tiny-{f}" for f in TINY_FAMILIES), *sorted(HUB_ALIASES)]
-
-
-def resolve_name(name: str) -> str:
-    """``name`` as :func:`load_model` loads it, checked without loading anything: an embedded model (also by its hub
-    id, case-insensitive), a ``tiny-*`` or ``random:*`` test model, a local ``.gguf`` file or folder (which must
-    exist), or a hub id ``org/name``. Anything else is one ``ValueError`` with the closest known names."""
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"model name must be a non-empty string, got {name!r}")
-    if name in EMBEDDED or name.startswith(("random:", "tiny-")):  # tiny-<family>, random:<config>: checked by loading
-        return name
-    aliases = {k.lower(): v for k, v in HUB_ALIASES.items()}
-    if name.lower() in aliases:
-        return aliases[name.lower()]
-    if name.lower() in EMBEDDED:
-        return name.lower()
-    if is_gguf_path(name):
-        if not Path(name).expanduser().is_file():
-            raise ValueError(f"no GGUF file at {Path(name).expanduser().resolve()} (model {name!r})")
-        return name
-    if Path(name).expanduser().is_dir():
-        return name
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/")):
-        return name  # a hub id: whether it can be had is checked when it loads (fast when offline)
-    if "/" in name or name.startswith((".", "~")):
-        raise ValueError(f"model folder {name!r} does not exist")
-    by_lower = {k.lower(): k for k in known_names()}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.4)
-    close += [k for k in by_lower if name.lower() in k and k not in close][:3 - len(close)]
-    close = [by_lower[k] for k in close]
-    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-    raise ValueError(f"unknown model {name!r}: {hint}Use one of {', '.join(map(repr, EMBEDDED))} (embedded), "
-                     f"{', '.join('tiny-' + f for f in TINY_FAMILIES)}, a Hugging Face hub id "
-                     f"(e.g. 'google/gemma-2-9b-it'), a local folder or a local .gguf file")
-
-
-def _hub_offline_check(name: str) -> bool:
-    """For a hub id: ``True`` when it must load from the local cache only (offline), after checking it is there;
-    raises one ``ValueError`` at once when it is neither cached nor reachable (instead of retrying for ~20 s)."""
-    if Path(name).expanduser().is_dir():
-        return False
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    if not offline:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        except OSError:
-            offline = True
-    if offline and not cached:
-        raise ValueError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
-                         f"(offline or HF_HUB_OFFLINE set). Download it where there is network "
-                         f"(`huggingface-cli download {name}`) and pass its folder, or use an embedded model: "
-                         f"{', '.join(map(repr, EMBEDDED))}")
-    return offline
-
-
-def _check_device(device: str) -> None:
-    kind = str(device).split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
-                         f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use "
-                         f"device='cpu' or leave device=None to pick what is present")
-    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r}: Apple MPS is not available here; use device='cpu' or None")
-    if kind not in {"cpu", "cuda", "mps", "meta", "xpu"}:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or None (what is present)")
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
