@@ -571,6 +571,41 @@ def timings_markdown(path: Path) -> str:
     return "\n".join(lines)
 
 
+def listing() -> str:
+    """The series as the registry holds it (``run --list``): per notebook, what computes it, the functions its
+    readings come from, its figures and tables (``{part}``: filled in by the run), and its findings table and
+    reader."""
+    from introspection_utils.core.registry import EXPERIMENTS
+
+    lines = []
+    for e in EXPERIMENTS:
+        findings = f'findings: ["{e.findings_table}"] parameters; ' + (
+            f"readings from its tables by {e.findings}" if e.findings else "no section of its own")
+        lines += [f"{e.notebook} · {e.title}",
+                  f"    computes: {', '.join(e.modules)}",
+                  f"    reads:    {', '.join(e.readings)}",
+                  f"    figures:  {', '.join(e.figures)}",
+                  f"    tables:   {', '.join(e.tables) or '(none)'}",
+                  f"    {findings}"]
+    return "\n".join(lines)
+
+
+def guide_markdown(path: Path, figures_model: str | None = None) -> str:
+    """The notebook guide's table from the registry, its links relative to ``path`` (the file it goes into, e.g.
+    ``docs/notebooks.md``), each row with the figure of the reference run of ``figures_model`` (default: the
+    embedded model) that the entry names (``guide_figure``)."""
+    from introspection_utils.core.registry import EXPERIMENTS
+
+    here = Path(path).resolve().parent
+    notebooks_dir = Path(os.path.relpath(NOTEBOOKS_DIR, here)).as_posix()
+    figures = Path(os.path.relpath(FIGURES_DIR / model_name(figures_model or _default_model()), here)).as_posix()
+    lines = ["| notebook | the question it answers | figure (embedded 135M model — pipeline demo only) |",
+             "|---|---|---|"]
+    lines += [f"| [`{e.notebook}`]({notebooks_dir}/{e.notebook}.ipynb) | {e.question} | "
+              f'<img src="{figures}/{e.guide_figure}.png" width="260" alt="{e.alt}"> |' for e in EXPERIMENTS]
+    return "\n".join(lines)
+
+
 def strip_outputs(paths: Sequence[Path]) -> list[Path]:
     """Remove outputs and execution counts from notebooks in place; returns those that changed."""
     import nbformat
@@ -612,6 +647,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--write-times", type=Path, metavar="FILE",
                        help="put runs/<model>/timings.csv (the last make demo) into FILE's timings block "
                             "(docs/notebooks.md) and exit")
+    which.add_argument("--list", action="store_true",
+                       help="list the series from the experiment registry (what each notebook computes, reads, "
+                            "draws and saves, and its findings table) and exit")
+    which.add_argument("--write-guide", type=Path, metavar="FILE",
+                       help="put the registry's notebook table into FILE's notebooks block (docs/notebooks.md) "
+                            "and exit")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (Python/JSON literal); repeatable; makes the run one of its own "
                              "(runs/<model>/<tag or p-hash>/), never touching committed figures")
@@ -659,6 +700,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strip:
         for path in strip_outputs(notebooks()):
             print(f"stripped {path}")
+        return 0
+    if args.list:
+        print(listing())
+        return 0
+    if args.write_guide:
+        from introspection_utils.core.paths import replace_block
+
+        replace_block(args.write_guide, "notebooks", guide_markdown(args.write_guide))
+        print(f"wrote the notebook table of the experiment registry into {args.write_guide}")
         return 0
     if args.write_times:
         from introspection_utils.core.paths import replace_block
