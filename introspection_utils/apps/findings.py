@@ -26,20 +26,15 @@ from introspection_utils.experiments import localization, tasks
 from introspection_utils.experiments.atlas import atlas_name
 from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.terms import MIN_ANSWER_MASS
-from introspection_utils.stats.verdicts import EFFECT_THRESHOLD, class_counts, null_medians, random_null
+from introspection_utils.stats.verdicts import (
+    EFFECT_THRESHOLD,
+    class_counts,
+    describe_verdict,
+    null_medians,
+    random_null,
+)
 
 FINDINGS_MODEL = "qwen2.5-coder-1.5b-instruct"
-
-
-def _verdict(row: pd.Series) -> str:
-    if "I" not in row.index or pd.isna(row.get("I")):  # an atlas table saved before I existed
-        residual = "I not in this table (saved before it was the statistic)"
-    else:
-        residual = (f"I = {row['I']:+.2f} at scale {row['peak_scale']:g} beyond the controls' line (b = "
-                    f"{row['b']:+.2f}, c = {row['c']:+.2f})")
-    return (f"{row['class']} ({residual}, q = {row['q_value']:.2g}; S = {row['shift']:+.2f}; "
-            f"at scale {row['effect_scale']:g} introspection Δ {row['introspection_delta']:+.2f}, control Δ "
-            f"{row['control_delta']:+.2f}; answer mass {row['answer_mass']:.2f})")
 
 
 def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -54,7 +49,7 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
     def case(claim: str, concept: str, wanted: set[str]) -> None:
         if concept not in by.index:
             return add(claim, concept, "not in the atlas", None)
-        add(claim, concept, _verdict(by.loc[concept]), by.loc[concept, "class"] in wanted)
+        add(claim, concept, describe_verdict(by.loc[concept], brief=True), by.loc[concept, "class"] in wanted)
 
     case("a clean, introspection-specific separation ('sandwich')", "Sandwich", {"introspection-specific"})
     case("a muddy case: both questions shift together ('water')", "Water", {"shared yes-shift"})
@@ -63,9 +58,9 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
         row = by.loc["Confusion"]
         r = curve_correlation(interference, "Confusion") if interference is not None else float("nan")
         together = row["class"] in {"shared yes-shift", "shared suppression"}
+        correlation = f"; curves correlate r = {r:+.2f} over scales (notebook 06)" if not np.isnan(r) else ""
         add("'confusion': introspection and control move together", "Confusion",
-            _verdict(row) + (f"; curves correlate r = {r:+.2f} over scales (notebook 06)" if not np.isnan(r) else ""),
-            together)
+            describe_verdict(row, brief=True) + correlation, together)
     case("the introspection question alone lifts ('logic', Gemma-2-27B)", "Logic", {"introspection-specific"})
     paper = [c for c in load_list("concept_words") if c in by.index]
     if paper:
