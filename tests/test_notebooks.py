@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -258,17 +259,43 @@ def _git_status() -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-@pytest.mark.parametrize("path", SERIES_ALL, ids=lambda p: p.stem)
-def test_each_notebook_runs_alone_first_on_an_unseen_model(path, tmp_path, monkeypatch):
-    """The findings machinery on tiny-llama, one notebook at a time, with empty results and cache folders (only
-    the converted models are shared): what `--notebooks NN -p model <new model>` meets on a fresh machine."""
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def alone_runs(tmp_path_factory):
+    """Every notebook through the findings machinery on tiny-llama, each its own run (own results, figures and
+    timings folders) against an empty cache folder (only the converted models are shared): what `--notebooks NN -p
+    model <new model>` meets on a fresh machine. Two at a time (each kernel one thread), as `run --jobs 2` runs them:
+    the kernels' start-up, not tiny-llama's compute, is what these runs spend their time on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("alone")
+    cache = tmp / "cache"
     cache.mkdir()
     (cache / "models").symlink_to(embedded.converted_smollm2_dir().parent, target_is_directory=True)
-    monkeypatch.setenv("INTROSPECTION_CACHE", str(cache))  # inherited by the notebook's kernel
+    saved = {k: os.environ.get(k) for k in ("INTROSPECTION_CACHE", "OMP_NUM_THREADS")}
+    os.environ.update(INTROSPECTION_CACHE=str(cache), OMP_NUM_THREADS="1")  # inherited by the kernels
     before = _git_status()
-    records = run.run_findings(TINY_FINDINGS, [path.name[:2]], root=tmp_path / "out")
-    folder = tmp_path / "out" / "tiny-llama"
+
+    def alone(path: Path):
+        try:
+            return path, run.run_findings(TINY_FINDINGS, [path.name[:2]], root=tmp / path.stem), None
+        except Exception as err:  # reported by the notebook's own test
+            return path, None, err
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = {path.name: (records, err) for path, records, err in pool.map(alone, SERIES_ALL)}
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return tmp, outcomes, before, _git_status()
+
+
+@pytest.mark.parametrize("path", SERIES_ALL, ids=lambda p: p.stem)
+def test_each_notebook_runs_alone_first_on_an_unseen_model(path, alone_runs):
+    tmp, outcomes, before, after = alone_runs
+    records, err = outcomes[path.name]
+    if err is not None:
+        raise err
+    folder = tmp / path.stem / "tiny-llama"
     assert [r.output for r in records] == [folder / "notebooks" / path.name] and records[0].output.is_file()
     assert list(folder.glob(f"{path.name[:2]}_*.png")), "the notebook saved no figure into figures_dir"
     timings = (folder / "timings.csv").read_text().splitlines()
@@ -277,7 +304,7 @@ def test_each_notebook_runs_alone_first_on_an_unseen_model(path, tmp_path, monke
     if path.name[:2] in tables:  # 05 and 09 once wrote into a results folder they had not created
         assert (folder / "results" / tables[path.name[:2]]).is_file()
         assert (folder / "results" / tables[path.name[:2]]).with_suffix(".meta.json").is_file()  # model, seed, ...
-    assert _git_status() == before
+    assert after == before, "the notebook runs changed the working tree"
 
 
 def test_timings_keep_the_notebooks_not_rerun(tmp_path):

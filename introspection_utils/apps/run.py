@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from introspection_utils.apps.run_checks import (
     NotebookError,
     Placement,
     _default_model,
+    _model_cached,
     check_tag,
     declared_parameters,
     default_threads,
@@ -69,6 +72,7 @@ from introspection_utils.apps.run_execute import (
     run_notebooks,
     run_series,
     variant_name,
+    write_series_time,
     write_timings,
 )
 from introspection_utils.apps.run_findings import read_findings, run_findings, split_variants
@@ -80,9 +84,25 @@ __all__ = [
     "ROOT", "RUNNER_PLACED", "TIMINGS_HEADER", "Interrupted", "NotebookError", "Placement", "RunRecord", "check_tag",
     "declared_parameters", "default_threads", "guide_markdown", "listing", "main", "notebooks", "parse_value",
     "placement", "plan_runs", "read_findings", "read_full_size", "resolve_model", "run_findings", "run_key",
-    "run_notebook", "run_notebooks", "run_series", "split_variants", "strip_outputs", "timings_markdown",
-    "variant_name", "write_timings",
+    "run_notebook", "run_notebooks", "run_series", "series_markdown", "split_variants", "strip_outputs",
+    "timings_markdown", "variant_name", "write_series_time", "write_timings",
 ]
+
+
+def series_markdown(path: Path) -> str:
+    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm."""
+    record = json.loads(Path(path).read_text())
+    parts = []
+    for kind, what in (("cold", "cold (empty cache: the model converted, every vector computed)"),
+                       ("warm", "warm (cache filled, `FORCE=1`)")):
+        if kind in record:
+            r = record[kind]
+            parts.append(f"{r['seconds'] / 60:.1f} min {what}, {r['notebooks']} notebooks {r['jobs']} at a time with "
+                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s), load average {r['load_avg']} at "
+                         "the end")
+    if not parts:
+        raise ValueError(f"{path} has no series time: run `make demo` first")
+    return "`make demo` took " + "; ".join(parts) + "."
 
 
 def timings_markdown(path: Path) -> str:
@@ -99,11 +119,13 @@ def timings_markdown(path: Path) -> str:
     cpus = sorted({r.get("cpus") or "?" for r in rows})
     lines = ["| notebook | wall time | load average at its end |", "|---|---|---|"]
     lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('load_avg') or '?'} |" for r in rows]
-    lines += ["", f"Total {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on {', '.join(cpus)} "
-                  f"CPU(s), {', '.join(threads)} thread(s) per kernel"
+    series = path.parent / "series.json"
+    lines += ["", series_markdown(series)] if series.is_file() else []
+    lines += ["", f"Their times add up to {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on "
+                  f"{', '.join(cpus)} CPU(s), {', '.join(threads)} thread(s) per kernel"
               + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
               + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
-                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md`."]
+                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md README.md`."]
     return "\n".join(lines)
 
 
@@ -184,9 +206,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the series with a findings file's parameters, all outputs under figures/<model>/ "
                             "(--notebooks-only NN ... for a part of it; -p and --model override the file)")
     which.add_argument("--strip", action="store_true", help="strip outputs from notebooks/*.ipynb and exit")
-    which.add_argument("--write-times", type=Path, metavar="FILE",
-                       help="put runs/<model>/timings.csv (the last make demo) into FILE's timings block "
-                            "(docs/notebooks.md) and exit")
+    which.add_argument("--write-times", type=Path, nargs="+", metavar="FILE",
+                       help="put runs/<model>/timings.csv and series.json (the last make demo) into each FILE's "
+                            "timings / demo_time block (docs/notebooks.md README.md) and exit")
     which.add_argument("--list", action="store_true",
                        help="list the series from the experiment registry (what each notebook computes, reads, "
                             "draws and saves, and its findings table) and exit")
@@ -209,6 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per kernel (sets OMP_NUM_THREADS); default: the CPUs free now "
                              "(CPUs minus the load average, at least 1)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="notebooks run at once, each in its own kernel (with 1 thread each unless --threads); "
+                             "default: for --all on an embedded model the CPUs free now, else 1")
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, metavar="SECONDS",
                         help=f"the longest one cell may run (default {DEFAULT_CELL_TIMEOUT}; 0: no limit)")
     parser.add_argument("--executor", choices=("local", "ray"), default=None,
@@ -259,13 +284,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not timings.is_file():
             print(f"error: {timings} does not exist: run `make demo` first", file=sys.stderr)
             return 1
-        replace_block(args.write_times, "timings", timings_markdown(timings.resolve()))
-        print(f"wrote the timings of {timings} into {args.write_times}")
+        for path in args.write_times:  # docs/notebooks.md's table; README.md's one line (its demo_time block)
+            text = path.read_text(encoding="utf-8")
+            if "<!-- timings:start -->" in text:
+                replace_block(path, "timings", timings_markdown(timings.resolve()))
+            if "<!-- demo_time:start -->" in text:
+                replace_block(path, "demo_time", series_markdown(timings.parent / "series.json"))
+            print(f"wrote the timings of {timings} into {path}")
         return 0
     if args.address is not None and args.executor != "ray":
         parser.error("--address needs --executor ray")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.cell_timeout < 0:
         parser.error(f"--cell-timeout must be >= 0 seconds, got {args.cell_timeout}")
     if args.notebooks_only and not args.findings:
@@ -279,11 +311,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             params["ray_address"] = args.address
         model = params.pop("model", args.model)  # -p model ID works as well as --model ID
         model = None if model is None else str(model)
+        # The embedded models' series: side by side, one thread per kernel, so that its figures are the same floats
+        # whatever the load (a kernel's thread count changes the last bits, and so the committed PNGs).
+        from introspection_utils.apps.side_by_side import default_jobs
+        from introspection_utils.models.embedded import EMBEDDED, QWEN_MODEL
+
+        small = tuple(name for name in EMBEDDED if name != QWEN_MODEL)  # the 135M/270M models, not the 1.5B
+        series_model = resolve_model(model or _default_model())
+        small_series = bool(args.all) and series_model in small
+        jobs = args.jobs or (default_jobs(series_model, small, default_threads()) if small_series else 1)
         if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
-            threads = args.threads or default_threads()
+            threads = args.threads or (1 if jobs > 1 or small_series else default_threads())
             os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the kernels papermill starts
-            print(f"threads per kernel: {threads} (CPUs {os.cpu_count()}, load average "
-                  f"{os.getloadavg()[0]:.1f}; --threads N to choose)", flush=True)
+        print(f"{jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
+              f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)",
+              flush=True)
+        started = time.perf_counter()
+        # a complete reference series (make demo) records its wall time, cold or warm, in series.json
+        whole = placement(series_model, {k: v for k, v in params.items() if k not in EXECUTION},
+                          output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
+                          default_model=_default_model())
+        cold = not _model_cached(series_model)
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
         if args.findings:
             if args.tag or args.full:
@@ -291,13 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "from its file and writes under figures/<model>/)")
             records = run_findings(args.findings, args.notebooks_only, model=model, parameters=params,
                                    root=args.output or FIGURES_DIR, kernel=args.kernel, force=args.force,
-                                   timeout=args.cell_timeout)
+                                   timeout=args.cell_timeout, jobs=jobs)
         else:
             per_notebook = read_full_size() if args.full else None
             records = run_series(None if args.all else args.notebooks, model=model, parameters=params,
                                  output=args.output or Path("runs"), kernel=args.kernel,
                                  tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
-                                 force=args.force, timeout=args.cell_timeout)
+                                 force=args.force, timeout=args.cell_timeout, jobs=jobs)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")
         series = bool(args.all or args.findings)
@@ -310,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ran = [r for r in records if not r.skipped]
     total = sum(r.seconds for r in ran)
     skipped = len(records) - len(ran)
-    print(f"{len(ran)} notebook(s) ran in {total:.0f} s" + (f" ({skipped} already done, skipped)" if skipped else "")
+    wall = time.perf_counter() - started
+    if args.all and whole.reference and ran and not skipped:
+        write_series_time(whole.folder / "series.json", cold=cold, seconds=wall, jobs=jobs, notebooks=len(ran))
+    print(f"{len(ran)} notebook(s) ran in {wall:.0f} s" + (f" (their own times add up to {total:.0f} s)"
+                                                          if jobs > 1 and ran else "")
+          + (f" ({skipped} already done, skipped)" if skipped else "")
           + (": " + ", ".join(f"{r.notebook} {r.seconds:.0f} s" for r in ran) if ran else ""))
     return 0
 

@@ -140,6 +140,15 @@ def resolve_model(model: str) -> str:
 
 
 
+def _model_cached(model: str) -> bool:
+    """Whether an embedded model's converted weights are in the cache already (a warm start)."""
+    from introspection_utils.models import embedded
+
+    folder = embedded.cache_dir() / "models"
+    return model not in embedded.EMBEDDED or (folder.is_dir() and any(p.name.startswith(f"{model}-")
+                                                                       for p in folder.iterdir()))
+
+
 def _default_model() -> str:
     from introspection_utils.models.embedded import DEFAULT_MODEL
 

@@ -83,7 +83,7 @@ class _Progress:
         for part in re.split(r"(?<=[\r\n])", text):
             line = part.strip("\r\n")
             if _PROGRESS_LINE.search(line):
-                self.stream.write("\r     " + line)
+                self.stream.write(f"\r  {self.name[:2]} " + line)  # named: notebooks may run side by side
                 self.open_line = True
         self.stream.flush()
 
@@ -159,9 +159,11 @@ def _parameters_cell(path: Path) -> int:
 def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str, Any], *,
                   per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
                   timings: Path | None = None, model: str | None = None, skip_done: bool = False,
-                  timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None) -> list[RunRecord]:
+                  timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None,
+                  jobs: int = 1) -> list[RunRecord]:
     """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
-    each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. With
+    each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. ``jobs``: up
+    to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`). With
     ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
     skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
     Ctrl-C raises :class:`Interrupted` with what finished."""
@@ -169,25 +171,41 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
     done_keys = _done_keys(timings, model) if (skip_done and timings is not None) else {}
     code = _code_hash()
     records: list[RunRecord] = []
+    tasks = []
+    for path, params in plans:
+        key = run_key(path, params, code)
+        name = variant_name(path, variant)
+        if done_keys.get(name) == key and (output_dir / name).is_file():
+            print(f"skipping {name}: done with the same parameters and code (--force reruns it)", flush=True)
+            records.append(RunRecord(name, output_dir / name, 0.0, key, skipped=True))
+            continue
+        tasks.append((name, path, params, key))
+
+    def run_one(path: Path, params: dict[str, Any], key: str) -> RunRecord:
+        print(f"running {variant_name(path, variant)} on {params.get('model')} ...", flush=True)
+        record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant)
+        return RunRecord(record.notebook, record.output, record.seconds, key)
+
+    def finished(name: str, record: RunRecord) -> None:
+        print(f"  {name} done in {record.seconds:.1f} s -> {record.output}", flush=True)
+        records.append(record)
+        if timings is not None:
+            write_timings([record], timings, model or str(parameters.get("model")))
+
     current = None
     try:
-        for path, params in plans:
-            key = run_key(path, params, code)
-            name = variant_name(path, variant)
-            if done_keys.get(name) == key and (output_dir / name).is_file():
-                print(f"skipping {name}: done with the same parameters and code (--force reruns it)", flush=True)
-                records.append(RunRecord(name, output_dir / name, 0.0, key, skipped=True))
-                continue
-            current = name
-            print(f"running {name} on {params.get('model')} ...", flush=True)
-            record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant)
-            record = RunRecord(record.notebook, record.output, record.seconds, key)
-            print(f"  done in {record.seconds:.1f} s -> {record.output}", flush=True)
-            records.append(record)
-            if timings is not None:
-                write_timings([record], timings, model or str(params.get("model")))
-            current = None
-    except KeyboardInterrupt:
+        if jobs > 1 and len(tasks) > 1:
+            from introspection_utils.apps.side_by_side import run_side_by_side
+
+            run_side_by_side([(name, lambda p=path, q=params, k=key: run_one(p, q, k)) for name, path, params, key
+                              in tasks], jobs, on_done=finished)
+        else:
+            for name, path, params, key in tasks:
+                current = name
+                finished(name, run_one(path, params, key))
+                current = None
+    except KeyboardInterrupt as err:
+        current = ", ".join(getattr(err, "running", ())) or current
         raise Interrupted(records, current, output_dir) from None
     return records
 
@@ -229,12 +247,29 @@ def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
     return path
 
 
+def write_series_time(path: Path, *, cold: bool, seconds: float, jobs: int, notebooks: int) -> Path:
+    """Record a whole series' wall time in ``path`` (``runs/<model>/series.json``) under ``"cold"`` (the model's
+    converted weights were not in the cache when it started: a fresh clone's first ``make demo``) or ``"warm"``,
+    with how it ran: notebooks side by side, threads per kernel, CPUs and the load average at its end."""
+    from introspection_utils.core.paths import atomic_write
+
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    record["cold" if cold else "warm"] = {"seconds": round(seconds, 1), "notebooks": notebooks, "jobs": jobs,
+                                          "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+                                          "load_avg": load}
+    return atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
 
 def run_series(selection: Sequence[str] | None, *, model: str | None = None, parameters: dict[str, Any] | None = None,
                output: Path = Path("runs"), kernel: str | None = None,
                per_notebook: Mapping[str, Mapping[str, Any]] | None = None, tag: str | None = None,
-               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT) -> list[RunRecord]:
-    """Run the selected notebooks (all if ``None``) on ``model``; stop at the first failure.
+               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1) -> list[RunRecord]:
+    """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time; stop at the first failure.
 
     Where it writes: :func:`placement`. ``parameters`` go to every notebook that declares them; ``per_notebook``
     adds parameters by notebook prefix (``{"02": {"scales": [0, 4]}}``). Everything is checked before the first
@@ -256,5 +291,5 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
             {"model": model, "tag": tag, "parameters": overrides}, indent=1, sort_keys=True, default=str) + "\n")
     return run_notebooks(paths, place.folder, params, per_notebook=per_notebook, kernel=kernel,
                          timings=place.folder / "timings.csv", model=model, skip_done=selection is None and not force,
-                         timeout=timeout)
+                         timeout=timeout, jobs=jobs)
 

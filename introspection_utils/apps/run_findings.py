@@ -57,7 +57,7 @@ def split_variants(per_notebook: Mapping[str, Mapping[str, Any]]
 
 def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: str | None = None,
                  parameters: dict[str, Any] | None = None, root: Path = FIGURES_DIR, kernel: str | None = None,
-                 force: bool = True, timeout: int | None = DEFAULT_CELL_TIMEOUT) -> list[RunRecord]:
+                 force: bool = True, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1) -> list[RunRecord]:
     """The science run: the series with the parameters of findings file ``path``, everything under
     ``root/<model>/``: figures, ``results/`` (tables), ``notebooks/`` (executed copies), ``timings.csv`` and
     ``findings.json`` (the parameters used). ``model`` and ``parameters`` (for every notebook) override the file's
@@ -84,7 +84,8 @@ def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: s
     records = []
     if paths:
         records = run_notebooks(paths, folder / "notebooks", params, per_notebook=base, kernel=kernel,
-                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout)
+                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout,
+                                jobs=jobs)
     for prefix, name, extra in variants:
         records += run_notebooks(notebooks([prefix]), folder / "notebooks", params, per_notebook={prefix: extra},
                                  kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
