@@ -47,8 +47,13 @@ def test_claims_follow_the_verdicts():
         "concept vectors act more strongly than random vectors of the same norm": "yes",
         "a 'yes' is the model's answer (answer mass)": "yes",
     }
-    assert "introspection-specific (I = " in table.loc["a clean, introspection-specific separation ('sandwich')",
-                                                       "evidence"]
+    by = atlas.set_index("concept")
+    assert table.loc["a clean, introspection-specific separation ('sandwich')", "evidence"] == \
+        verdicts.describe_verdict(by.loc["Sandwich"], brief=True)  # the one function that words a verdict
+    assert table.loc["a clean, introspection-specific separation ('sandwich')", "evidence"].startswith(
+        "introspection-specific (I = ")
+    assert table.loc["'confusion': introspection and control move together", "evidence"].startswith(
+        verdicts.describe_verdict(by.loc["Confusion"], brief=True) + "; curves correlate r = ")
     random = table.loc["concept vectors act more strongly than random vectors of the same norm", "evidence"]
     assert "introspection residual I: random vectors median" in random and "The contrast S: random median" in random
     low = findings.claims(atlas.assign(low_mass=True), df).set_index("claim")

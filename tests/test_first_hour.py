@@ -143,12 +143,14 @@ def test_a_run_with_parameters_goes_to_its_own_folder():
 
 
 def test_threads_default_to_the_free_cpus(monkeypatch):
+    from introspection_utils.apps import run_checks
+
     assert 1 <= run.default_threads() <= (os.cpu_count() or 1)
     if os.path.exists("/proc/stat"):  # sampled now, not the lagging load average
-        assert 0.0 <= run._busy_cpus(0.2) <= (os.cpu_count() or 1) + 1e-9
-    monkeypatch.setattr(run, "_busy_cpus", lambda: float(os.cpu_count() or 1))  # every CPU busy: still 1
+        assert 0.0 <= run_checks._busy_cpus(0.2) <= (os.cpu_count() or 1) + 1e-9
+    monkeypatch.setattr(run_checks, "_busy_cpus", lambda: float(os.cpu_count() or 1))  # every CPU busy: still 1
     assert run.default_threads() == 1
-    monkeypatch.setattr(run, "_busy_cpus", lambda: 0.0)  # all idle: all of them
+    monkeypatch.setattr(run_checks, "_busy_cpus", lambda: 0.0)  # all idle: all of them
     assert run.default_threads() == min(os.cpu_count() or 1, len(os.sched_getaffinity(0)))
 
 

@@ -20,7 +20,7 @@ FOLDERS = {
     "models": 1,       # the handle, the embedded models, memory estimates
     "engine": 2,       # prompts, vectors, the injection pass, components, generation, executors
     "stats": 3,        # pure table code: every definition and test
-    "experiments": 4,  # one module per experiment
+    "experiments": 4,  # one module per experiment, each serving an entry of core/registry.py
     "readings": 5,     # sentences
     "plotting": 5,     # figures
     "apps": 6,         # runner, explorer, bench, demo, frozen prompts, findings
@@ -32,6 +32,9 @@ ENTRY_POINTS = {
 }
 # Known, owned exceptions: (importer, imported) -> why it is still here.
 EXCEPTIONS: dict[tuple[str, str], str] = {}
+MAX_LINES = 500  # a module longer than this holds more than one role: split it along them
+# Modules still over MAX_LINES -> why (remove the entry when the module is split).
+LONG_MODULES: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -111,3 +114,31 @@ def test_entry_points_only_run_their_command(name):
     assert f'runpy.run_module("introspection_utils.{ENTRY_POINTS[name]}", run_name="__main__"' in text
     assert (PACKAGE / Path(*ENTRY_POINTS[name].split("."))).with_suffix(".py").is_file()
     assert not _package_imports(PACKAGE / f"{name}.py"), f"{name}.py imports package code; it should only run it"
+
+
+def test_every_experiment_module_serves_a_registry_entry():
+    """``experiments/`` holds experiments: each module is named by an entry of the experiment registry
+    (``core/registry.py``) or imported, directly or not, by one that is (``attribution`` by ``mechanisms``)."""
+    from introspection_utils.core.registry import EXPERIMENTS
+
+    graph = _graph()
+    named = {m for e in EXPERIMENTS for m in e.modules}
+    unknown = sorted(named - set(graph))
+    assert not unknown, f"registry entries name modules that do not exist: {unknown}"
+    served, todo = set(), sorted(named)
+    while todo:
+        module = todo.pop()
+        if module not in served:
+            served.add(module)
+            todo += sorted(graph[module])
+    orphans = sorted(m for m in graph if m.startswith("experiments.") and m not in served)
+    assert not orphans, f"experiments/ modules no registry entry uses: {orphans} (add them to an entry's modules)"
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_no_module_is_over_the_line_limit(module):
+    lines = len(_modules()[module].read_text(encoding="utf-8").splitlines())
+    if module in LONG_MODULES:
+        assert lines > MAX_LINES, f"{module} is {lines} lines now: remove it from LONG_MODULES"
+    else:
+        assert lines <= MAX_LINES, f"{module} is {lines} lines (> {MAX_LINES}): split it by role"

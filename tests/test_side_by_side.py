@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from introspection_utils.apps import run
+from introspection_utils.apps import run, run_execute
 from introspection_utils.apps.side_by_side import AFTER, default_jobs, run_side_by_side
 
 
@@ -93,7 +93,7 @@ def test_run_notebooks_side_by_side_keeps_records_and_timings(tmp_path, monkeypa
         (output_dir / path.name).write_text("{}")
         return run.RunRecord(path.name, output_dir / path.name, 0.05)
 
-    monkeypatch.setattr(run, "run_notebook", fake)
+    monkeypatch.setattr(run_execute, "run_notebook", fake)  # what run_notebooks calls
     paths = run.notebooks(["01", "02", "03", "04"])
     params = {"model": "smollm2-135m-instruct"}
     both = {}

@@ -314,6 +314,14 @@ def test_atlas_classes_pvalues_and_reproducibility():
     assert ("4 concepts at layer 3: 1 introspection-specific, 1 shared yes-shift, 1 shared suppression, "
             "1 compression") in text
     assert "'sandwich' is introspection-specific" in text
+    # the atlas's summary words each specific concept by the one function that words a verdict
+    assert f"'sandwich' is {verdicts.describe_verdict(sandwich, brief=True)}." in text
+    assert verdicts.describe_verdict(sandwich, brief=True).startswith(
+        f"introspection-specific (I = {sandwich['I']:+.2f} at scale 4 beyond the controls' line")
+    none = metrics.summary(table[table["concept"] != "sandwich"], df)
+    best = table[table["concept"] != "sandwich"].iloc[0]
+    assert f"the smallest q-value is '{best['concept']}': {verdicts.describe_verdict(best, brief=True)}." in none
+    assert "I not in this table" in verdicts.describe_verdict(sandwich.drop("I"), brief=True)
     words = verdicts.describe_verdict(sandwich.to_dict() | {"concept": "sandwich"})
     assert "introspection-specific" in words and "I = +" in words and "S (introspection Δ − control Δ)" in words
     assert "with no inverted wording" in words  # one polarity only: the sentence says what that cannot rule out
@@ -325,6 +333,42 @@ def test_bootstrap_interval_of_I_covers_it():
     ci = verdicts.bootstrap_interval(c, 3, rng=np.random.default_rng(0), n_boot=500)
     assert ci["I_ci_low"] <= c.residual()[3] <= ci["I_ci_high"]
     assert ci["shift_ci_low"] <= c.shift()[3] <= ci["shift_ci_high"]
+
+
+def test_bootstrap_point_estimate_is_the_table_I_and_S():
+    """A resample that draws every question once is the table: its I and S are the verdict table's (the bootstrap
+    computes them with the one definition, terms.statistic_weights, and no arithmetic of its own)."""
+    concepts, randoms, base = _atlas_cases()
+    df = _table(concepts, randoms=randoms, baseline=base)
+    table = verdicts.verdicts(df, n_boot=50).set_index("concept")
+    curves = terms.question_curves(df)
+    for concept in concepts:
+        c, row = curves[(concept, 3, "concept", None)], table.loc[concept]
+        ones = np.ones((1, len(c.questions)))
+        peak = int(np.flatnonzero(c.x == row["peak_scale"])[0])
+        at_shift = int(np.flatnonzero(c.x == row["shift_scale"])[0])
+        effect = int(np.flatnonzero(c.x == row["effect_scale"])[0])
+        assert verdicts.resampled(c, peak, ones)["I"][0] == pytest.approx(row["I"], abs=1e-12)
+        assert verdicts.resampled(c, at_shift, ones)["S"][0] == pytest.approx(row["shift"], abs=1e-12)
+        point = verdicts.resampled(c, effect, ones)
+        assert point["introspection"][0] == pytest.approx(row["introspection_delta"], abs=1e-12)
+        assert point["control"][0] == pytest.approx(row["control_delta"], abs=1e-12)
+
+
+def test_a_resample_is_the_statistic_of_its_questions_drawn_again():
+    """A resample's I and S equal those of the questions listed as often as they are drawn (np.polyfit by hand)."""
+    concepts, randoms, base = _atlas_cases()
+    c = terms.question_curves(_table(concepts, randoms=randoms, baseline=base))[("squeeze", 3, "concept", None)]
+    counts = verdicts.resample_counts(c, rng=np.random.default_rng(5), n_boot=20)
+    assert counts.shape == (20, len(c.questions)) and (counts[:, c.is_intro].sum(1) == c.is_intro.sum()).all()
+    stats = verdicts.resampled(c, 2, counts)
+    for b, k in enumerate(counts.astype(int)):
+        rows = np.repeat(np.arange(len(k)), k)
+        d, x, roles = c.delta[rows, 2:3], c.baseline[rows], c.polarity[rows]
+        assert stats["I"][b] == pytest.approx(_residual_by_hand(d, x, roles)[0], abs=1e-9)
+        assert stats["S"][b] == pytest.approx(d[roles != 0].mean() - d[roles == 0].mean(), abs=1e-12)
+    with pytest.raises(ValueError, match="counts of shape"):
+        terms.statistic_weights(c.baseline, c.polarity, "I", counts=-np.ones(len(c.questions)))
 
 
 def test_random_null_and_its_medians_hold_I_and_S():

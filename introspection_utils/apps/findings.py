@@ -11,6 +11,7 @@ through the same reading functions the notebooks print; nothing is typed by hand
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +19,22 @@ import pandas as pd
 
 from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
+from introspection_utils.core.registry import EXPERIMENTS, by_number, pattern, resolve
 from introspection_utils.core.results import load_result
 from introspection_utils.engine.prompts import ANSWER_FORMATS
-from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
+from introspection_utils.experiments import localization, tasks
 from introspection_utils.experiments.atlas import atlas_name
-from introspection_utils.readings import sentences as readings
 from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.terms import MIN_ANSWER_MASS
-from introspection_utils.stats.verdicts import EFFECT_THRESHOLD, class_counts, null_medians, random_null
+from introspection_utils.stats.verdicts import (
+    EFFECT_THRESHOLD,
+    class_counts,
+    describe_verdict,
+    null_medians,
+    random_null,
+)
 
 FINDINGS_MODEL = "qwen2.5-coder-1.5b-instruct"
-
-
-def _verdict(row: pd.Series) -> str:
-    if "I" not in row.index or pd.isna(row.get("I")):  # an atlas table saved before I existed
-        residual = "I not in this table (saved before it was the statistic)"
-    else:
-        residual = (f"I = {row['I']:+.2f} at scale {row['peak_scale']:g} beyond the controls' line (b = "
-                    f"{row['b']:+.2f}, c = {row['c']:+.2f})")
-    return (f"{row['class']} ({residual}, q = {row['q_value']:.2g}; S = {row['shift']:+.2f}; "
-            f"at scale {row['effect_scale']:g} introspection Δ {row['introspection_delta']:+.2f}, control Δ "
-            f"{row['control_delta']:+.2f}; answer mass {row['answer_mass']:.2f})")
 
 
 def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -53,7 +49,7 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
     def case(claim: str, concept: str, wanted: set[str]) -> None:
         if concept not in by.index:
             return add(claim, concept, "not in the atlas", None)
-        add(claim, concept, _verdict(by.loc[concept]), by.loc[concept, "class"] in wanted)
+        add(claim, concept, describe_verdict(by.loc[concept], brief=True), by.loc[concept, "class"] in wanted)
 
     case("a clean, introspection-specific separation ('sandwich')", "Sandwich", {"introspection-specific"})
     case("a muddy case: both questions shift together ('water')", "Water", {"shared yes-shift"})
@@ -62,9 +58,9 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
         row = by.loc["Confusion"]
         r = curve_correlation(interference, "Confusion") if interference is not None else float("nan")
         together = row["class"] in {"shared yes-shift", "shared suppression"}
+        correlation = f"; curves correlate r = {r:+.2f} over scales (notebook 06)" if not np.isnan(r) else ""
         add("'confusion': introspection and control move together", "Confusion",
-            _verdict(row) + (f"; curves correlate r = {r:+.2f} over scales (notebook 06)" if not np.isnan(r) else ""),
-            together)
+            describe_verdict(row, brief=True) + correlation, together)
     case("the introspection question alone lifts ('logic', Gemma-2-27B)", "Logic", {"introspection-specific"})
     paper = [c for c in load_list("concept_words") if c in by.index]
     if paper:
@@ -179,106 +175,13 @@ def tasks_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _concepts(df: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(df.loc[df["vector_kind"] == "concept", "concept"]))
+def _series() -> dict[str, tuple[str, Callable[[Path], list[str]]]]:
+    """notebook → (title, its readings from the tables it saved in a results folder): the registry's entries that
+    have a findings reader, in series order."""
+    return {e.number: (e.title, resolve(e.findings)) for e in EXPERIMENTS if e.findings is not None}
 
 
-def _sweep_readings(results: Path, name: str, describe) -> list[str]:
-    if not (results / f"{name}.csv").is_file():
-        return []
-    df = load_result(results / f"{name}.csv").df
-    return [describe(df, c) for c in _concepts(df)]
-
-
-def _attention(results: Path) -> list[str]:
-    texts = []
-    if (results / "attention_top_heads.csv").is_file():
-        top = pd.read_csv(results / "attention_top_heads.csv")
-        text = readings.describe_top_heads(top.head(3))
-        texts.append(text[0].upper() + text[1:])
-    if (results / "attention_head_ablation.csv").is_file():
-        texts.append(mechanisms.describe_ablation(pd.read_csv(results / "attention_head_ablation.csv")))
-    return texts
-
-
-def _interference(results: Path) -> list[str]:
-    texts = []
-    if (results / "interference_layer_sweep.csv").is_file():
-        texts.append(readings.describe_below_baseline(load_result(results / "interference_layer_sweep.csv").df,
-                                                      "Bomb", x="layer"))
-    if (results / "interference_scale_sweep.csv").is_file():
-        df = load_result(results / "interference_scale_sweep.csv").df
-        texts += [readings.describe_below_baseline(df, "Bomb"), readings.describe_comovement(df, "Confusion")]
-    return texts
-
-
-def _refusal(results: Path) -> list[str]:
-    texts = []
-    if (results / "refusal_direction_scores.csv").is_file():
-        texts.append(refusal.describe_direction(pd.read_csv(results / "refusal_direction_scores.csv")))
-    if (results / "refusal_sweep.csv").is_file() and (results / "refusal_sweep_ablated.csv").is_file():
-        plain, ablated = (load_result(results / f"{n}.csv").df for n in ("refusal_sweep", "refusal_sweep_ablated"))
-        texts += [readings.describe_ablation(plain, ablated, c, from_scale=readings.choose_switch_scale(plain, c)[0])
-                  for c in _concepts(plain)]
-    if (results / "refusal_ablation_points.csv").is_file():
-        points = pd.read_csv(results / "refusal_ablation_points.csv")
-        texts += [refusal.describe_ablation_points(points, c) for c in dict.fromkeys(points["concept"])]
-    return texts
-
-
-def _sae(results: Path) -> list[str]:
-    if not ((results / "sae_features.csv").is_file() and (results / "sae_yes_features.csv").is_file()):
-        return []
-    table, yes = pd.read_csv(results / "sae_features.csv"), pd.read_csv(results / "sae_yes_features.csv")
-    quality = ([sae.describe_quality(pd.read_csv(results / "sae_quality.csv"))]
-               if (results / "sae_quality.csv").is_file() else [])
-    return quality + [sae.describe_sae_features(table, yes, c) for c in _concepts(table)]
-
-
-def _grading(results: Path) -> list[str]:
-    path = results / "graded_responses.csv"
-    return [grading.describe_grading(pd.read_csv(path))] if path.is_file() else []
-
-
-def _localization(results: Path) -> list[str]:
-    path = results / "localization.csv"
-    return [localization.reading(load_result(path))] if path.is_file() else []
-
-
-def _tasks(results: Path) -> list[str]:
-    """Notebook 13: each task's reading from its saved table (forced choice, congruence, strength, localization)."""
-    out = []
-    for name, summarise, describe in (("forced_choice", tasks.forced_choice_summary, tasks.describe_forced_choice),
-                                      ("congruence", tasks.congruence_summary, tasks.describe_congruence),
-                                      ("strength_comparison", tasks.strength_summary, tasks.describe_strength)):
-        if (results / f"{name}.csv").is_file():
-            out.append(describe(summarise(load_result(results / name).df)))
-    if (results / "localization_13.csv").is_file():
-        out.append(localization.reading(load_result(results / "localization_13")))
-    return out
-
-
-def _mechanisms(results: Path) -> list[str]:
-    if not (results / "mechanisms_agreement.csv").is_file():
-        return []
-    maps = mechanisms.load_maps(results)
-    return [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]
-
-
-# notebook → (title, its readings from the tables it saved in a results folder)
-SERIES = {
-    "02": ("Scale sweep", lambda r: _sweep_readings(r, "scale_sweep", readings.describe_scale_sweep)),
-    "03": ("Layer sweep", lambda r: _sweep_readings(r, "layer_sweep", readings.describe_layer_sweep)),
-    "04": ("Logit lens", lambda r: _sweep_readings(r, "logit_lens", readings.describe_lens)),
-    "05": ("Attention heads", _attention),
-    "06": ("Semantic interference", _interference),
-    "07": ("Generation and self-grading", _grading),
-    "08": ("Refusal direction and its ablation", _refusal),
-    "09": ("SAE features", _sae),
-    "10": ("Localization", _localization),
-    "12": ("Mechanisms", _mechanisms),
-    "13": ("Tasks a yes-bias cannot score", _tasks),
-}
+SERIES = _series()
 
 
 def series(model: str = FINDINGS_MODEL) -> list[tuple[str, str, list[str], list[str]]]:
@@ -290,7 +193,8 @@ def series(model: str = FINDINGS_MODEL) -> list[tuple[str, str, list[str], list[
     for notebook, (title, read) in SERIES.items():
         texts = read(folder / "results")
         if texts:
-            figures = sorted(p.name for p in folder.glob(f"{notebook}_*.png"))
+            figures = sorted({p.name for name in by_number(notebook).figures
+                              for p in folder.glob(f"{pattern(name)}.png")})
             out.append((notebook, title, figures, texts))
     return out
 

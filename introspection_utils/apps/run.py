@@ -21,656 +21,72 @@ its default, the model name resolves (``load_model``'s names, with "did you mean
 (``--all``, ``--findings``) skips notebooks already done with the same parameters, notebook and package code
 (``--force`` reruns them); each notebook's wall time is written to ``timings.csv`` as it finishes, with the load
 average. Ctrl-C stops with one line naming what was saved and the command that resumes.
+
+This module is the command line and what it writes into documents (the timings table, the registry's list and
+notebook table); the checks and plans are in ``run_checks``, the execution in ``run_execute``, the findings run in
+``run_findings``, and every runner name is importable from here.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import hashlib
 import json
 import os
-import re
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from introspection_utils.core.data import tomllib
-from introspection_utils.core.paths import content_hash, model_name
-
-ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOKS_DIR = ROOT / "notebooks"
-FIGURES_DIR = ROOT / "figures"
-# Parameters the runner passes only to the notebooks that declare them: where tables go, and where sweeps run
-# (``--executor``/``--address``, or ``executor``/``ray_address`` in a findings file; see docs/scale_out.md).
-RUNNER_PLACED = ("results_dir", "executor", "ray_address")
-EXECUTION = ("executor", "ray_address")  # where the work runs, not what it computes: not part of a run's identity
-FULL_SIZE = ROOT / "data" / "full_size.toml"  # --full: the full-size parameters of the demo-sized notebooks
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_CELL_TIMEOUT = 1800  # seconds; --cell-timeout 0 for none
-TIMINGS_HEADER = ["model", "notebook", "seconds", "cpus", "omp_num_threads", "load_avg", "key"]
-# Started in every kernel: the package's progress bars as text (streamed to the runner's terminal, kept readable in
-# the executed copies) instead of widgets nobody sees in a headless run.
-KERNEL_STARTUP = ["import tqdm.auto, tqdm.std; tqdm.auto.tqdm = tqdm.std.tqdm"]
-# The kernel's "running over TCP without encryption" warning once per notebook says nothing to act on (the kernel
-# listens on 127.0.0.1 only); its own log level goes to CRITICAL: after a Ctrl-C its shutdown logs a ZMQ traceback
-# and "KeyboardInterrupt caught in kernel" (the cells' own errors come back over ZMQ).
-KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL", f"--IPKernelApp.exec_lines={json.dumps(KERNEL_STARTUP)}"]
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_BARE_WORD = re.compile(r"^(?![-+.\d])[\w./:@~+-]+$")  # a name, a hub id or a path, taken as a string as it is
-_PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[|it/s|s/it")
-
-
-class NotebookError(RuntimeError):
-    """A notebook failed: ``notebook``, ``cell`` (0-based index among all cells), the error and the output path."""
-
-    def __init__(self, notebook: str, cell: int | None, message: str, output: Path | None = None) -> None:
-        self.notebook, self.cell, self.output = notebook, cell, output
-        where = f"failed at cell {cell}" if cell is not None else "was not started"
-        super().__init__(f"notebook {notebook} {where}: {message}" + (f" (executed copy: {output})" if output else ""))
-
-
-class Interrupted(RuntimeError):
-    """Ctrl-C during a run: ``done`` the records of notebooks that finished, ``current`` the one interrupted."""
-
-    def __init__(self, done: list[RunRecord], current: str | None, folder: Path | None) -> None:
-        self.done, self.current, self.folder = done, current, folder
-        super().__init__(f"interrupted during {current}")
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    notebook: str
-    output: Path
-    seconds: float
-    key: str = ""
-    skipped: bool = False
-
-
-# ------------------------------------------------------------------ checking what the user typed
-
-
-def parse_value(text: str, name: str | None = None) -> Any:
-    """A parameter value from the command line: a Python/JSON literal (``[0,2,4]``, ``3``, ``None``, ``true``,
-    ``'Sandwich'``), or a bare word taken as a string (``Sandwich``, ``google/gemma-2-9b-it``, ``/path/model.gguf``).
-    Anything else (``[0,2,``, ``list(range(3))``, ``ice cream`` unquoted) is a ``ValueError`` naming ``name``."""
-    for parse in (ast.literal_eval, _json_literal):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-    if not _BARE_WORD.match(text):
-        what = f"parameter {name!r}" if name else "a parameter"
-        raise ValueError(f"{what}: {text!r} is not a Python/JSON literal; write e.g. \"[0, 2, 4]\", 3, 0.5, None, "
-                         f"\"'a string'\" (a bare word such as Sandwich is taken as a string)")
-    return text
-
-
-def _json_literal(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(str(err)) from err
-
-
-def notebooks(selection: Sequence[str] | None = None, folder: Path = NOTEBOOKS_DIR) -> list[Path]:
-    """The notebooks matching ``selection`` (prefixes like ``"02"`` or file names), in series order; all if ``None``."""
-    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if not found:
-        raise FileNotFoundError(f"no notebooks in {folder}")
-    if selection is None:
-        return found
-    chosen = []
-    for item in selection:
-        item = str(item)
-        matches = [p for p in found if p.name.startswith(item) or p.stem == item or p.name == item]
-        if len(matches) != 1:
-            names = ", ".join(p.name[:2] for p in found)
-            raise ValueError(f"notebook {item!r} matches {len(matches)} notebooks; choose from {names}")
-        chosen.append(matches[0])
-    return chosen
-
-
-def declared_parameters(path: Path) -> dict[str, Any]:
-    """The parameters a notebook declares in its cell tagged ``parameters`` (name → papermill's description:
-    ``default``, ``inferred_type_name``, ``help``)."""
-    import papermill
-
-    return {p: info for p, info in papermill.inspect_notebook(str(path)).items()}
-
-
-def _type_error(name: str, value: Any, info: Mapping[str, Any]) -> str | None:
-    """Why ``value`` cannot stand where the notebook's default of ``name`` stands, or ``None``."""
-    try:
-        default = ast.literal_eval(info.get("default", "None"))
-    except (ValueError, SyntaxError):
-        return None
-    if default is None or value is None:
-        return None
-    kinds = [((list, tuple), (list, tuple), "a list such as [0, 2, 4]"), (bool, bool, "True or False"),
-             ((int, float), (int, float), "a number"), (str, str, "a string")]
-    for default_kind, allowed, described in kinds:
-        if isinstance(default, default_kind):
-            ok = isinstance(value, allowed) and not (allowed == (int, float) and isinstance(value, bool))
-            if default_kind is str and isinstance(value, list):
-                ok = True  # e.g. wordings = "all" or a list of ids
-            return None if ok else (f"parameter {name!r} takes {described} (its default is {info['default']}), "
-                                    f"got {value!r}")
-    return None
-
-
-def check_tag(tag: str | None) -> str | None:
-    if tag is not None and not _TAG.match(tag):
-        raise ValueError(f"--tag {tag!r}: use letters, digits, '.', '_' or '-' (up to 64), starting with a letter "
-                         f"or digit")
-    return tag
-
-
-def resolve_model(model: str) -> str:
-    """``model`` as ``load_model`` will name it (checked: an unknown name is a ``ValueError`` with "did you mean")."""
-    from introspection_utils.models.handle import resolve_name
-
-    return resolve_name(model)
-
-
-# ------------------------------------------------------------------ planning a run
-
-
-def plan_runs(paths: Sequence[Path], parameters: dict[str, Any],
-              per_notebook: Mapping[str, Mapping[str, Any]] | None = None, *,
-              where_declared: Sequence[str] = ()) -> list[tuple[Path, dict[str, Any]]]:
-    """Each notebook with its parameters (``parameters`` plus its ``per_notebook`` entry, by prefix); raises when a
-    notebook does not declare one of its own (``per_notebook``) parameters, when no notebook declares a series-wide
-    one, when a value is not of its default's type, or when a ``per_notebook`` key names no notebook. Series-wide
-    parameters and ``where_declared`` (the runner's own placements, e.g. ``results_dir``) go only to the notebooks
-    that declare them."""
-    per_notebook = dict(per_notebook or {})
-    unmatched = [k for k in per_notebook if not any(p.name.startswith(k) for p in notebooks())]
-    if unmatched:
-        raise ValueError(f"parameters for unknown notebook(s) {unmatched}")
-    plans = []
-    declared_by = {path: declared_parameters(path) for path in paths}
-    # A series-wide parameter goes to the notebooks that declare it (`--all -p n_controls 20`); one that none of
-    # them declares is still an error.
-    somewhere = set(where_declared) | {k for k in parameters if any(k in d for d in declared_by.values())}
-    for path in paths:
-        declared = declared_by[path]
-        if not declared:
-            raise NotebookError(path.name, None, "it has no cell tagged 'parameters'")
-        params = {k: v for k, v in parameters.items() if k in declared or k not in somewhere}
-        params |= {k: v for prefix, extra in per_notebook.items() if path.name.startswith(prefix)
-                   for k, v in extra.items()}
-        unknown = sorted(set(params) - set(declared))
-        if unknown:
-            raise NotebookError(path.name, None, f"unknown parameter(s) {unknown}; it declares {sorted(declared)}")
-        for name, value in params.items():
-            problem = _type_error(name, value, declared[name])
-            if problem:
-                raise NotebookError(path.name, None, problem)
-        plans.append((path, params))
-    return plans
-
-
-def _code_hash() -> str:
-    """A hash of the package's source: a notebook done before a code change is not "done" after it."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def run_key(path: Path, parameters: Mapping[str, Any], code: str | None = None) -> str:
-    """What a finished notebook was run with: its parameters, its own text and the package code."""
-    notebook = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return content_hash({"parameters": {k: parameters[k] for k in sorted(parameters)}, "notebook": notebook,
-                         "code": code or _code_hash()})
-
-
-def default_threads() -> int:
-    """CPU threads for each kernel: the CPUs this process may use that are idle now (at least 1), so a shared or
-    busy machine is not oversubscribed. "Now" is a 0.5 s sample of ``/proc/stat`` where there is one (the 1-minute
-    load average lags: just after an install it still counts the install); elsewhere the load average."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = _busy_cpus()
-    if busy is None:
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:
-            busy = 0.0
-    return max(1, min(cpus, round(cpus - busy)))
-
-
-def _busy_cpus(seconds: float = 0.5) -> float | None:
-    """How many CPUs were busy over the last ``seconds`` (from ``/proc/stat``), or ``None`` where it can't be read."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
-
-
-# ------------------------------------------------------------------ executing
-
-
-class _Progress:
-    """papermill's hooks: "cell n of m" for each code cell, and the package's text progress bars passed through."""
-
-    def __init__(self, name: str, n_code: int, stream: Any = None) -> None:
-        self.name, self.n_code, self.seen, self.stream = name, n_code, 0, stream or sys.stderr
-        self.open_line = False  # a progress line was written without its newline
-
-    def on_cell_start(self, cell: Any, cell_index: int) -> None:
-        if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", []):
-            self.seen += 1
-            first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
-            self._end_line()
-            print(f"  {self.name[:2]} cell {self.seen}/{self.n_code}: {first}", flush=True)
-
-    def _end_line(self) -> None:
-        if self.open_line:
-            self.stream.write("\n")
-            self.open_line = False
-
-    def write(self, text: str) -> None:
-        for part in re.split(r"(?<=[\r\n])", text):
-            line = part.strip("\r\n")
-            if _PROGRESS_LINE.search(line):
-                self.stream.write(f"\r  {self.name[:2]} " + line)  # named: notebooks may run side by side
-                self.open_line = True
-        self.stream.flush()
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _n_code_cells(path: Path) -> int:
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    return sum(c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []) for c in nb.cells) + 1
-
-
-def variant_name(path: Path, variant: str | None = None) -> str:
-    """The executed copy's file name: the notebook's own, or ``<stem>.<variant>.ipynb`` for a findings variant
-    (``11_atlas.binary.ipynb``)."""
-    return path.name if not variant else f"{path.stem}.{variant}{path.suffix}"
-
-
-def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, kernel: str | None = None,
-                 timeout: int | None = DEFAULT_CELL_TIMEOUT, progress: bool = True,
-                 variant: str | None = None, warm: Any = None) -> RunRecord:
-    """Execute one notebook with ``parameters`` into ``output_dir/<name>`` (:func:`variant_name`); raise
-    :class:`NotebookError` on failure.
-
-    ``timeout``: seconds per cell (``None`` or 0: none). ``progress``: print each code cell as it starts and the
-    package's progress bars. ``warm``: a :class:`~introspection_utils.apps.side_by_side.WarmKernel` to run in
-    (reset first if it ran a notebook before) instead of a new kernel."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
-    plan_runs([path], parameters)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    output = output_dir / variant_name(path, variant)
-    hooks = _Progress(path.name, _n_code_cells(path)) if progress else None
-    extra = {"on_cell_start": hooks.on_cell_start, "stderr_file": hooks} if hooks else {}
-    start = time.perf_counter()
-    if warm is not None:
-        if warm.used:
-            warm.reset()
-        warm.used = True
-        extra["km"] = warm.km
-    try:
-        papermill.execute_notebook(
-            str(path), str(output), parameters=parameters, kernel_name=kernel, cwd=str(path.parent),
-            progress_bar=False, execution_timeout=timeout or None, log_output=False,
-            extra_arguments=KERNEL_ARGUMENTS, **extra)
-    except PapermillExecutionError as err:
-        if hooks:
-            hooks._end_line()
-        if err.ename == "KeyboardInterrupt":
-            raise KeyboardInterrupt from err
-        # papermill inserts an injected-parameters cell after the parameters cell: map back to the source cell.
-        cell = err.cell_index - 1 if parameters and err.cell_index > _parameters_cell(path) else err.cell_index
-        raise NotebookError(path.name, cell, f"{err.ename}: {err.evalue}", output) from err
-    if hooks:
-        hooks._end_line()
-    return RunRecord(output.name, output, time.perf_counter() - start)
-
-
-def _parameters_cell(path: Path) -> int:
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    return next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
-
-
-def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str, Any], *,
-                  per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
-                  timings: Path | None = None, model: str | None = None, skip_done: bool = False,
-                  timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None,
-                  jobs: int = 1, reuse_kernels: bool = False) -> list[RunRecord]:
-    """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
-    each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. ``jobs``: up
-    to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`); ``reuse_kernels``: each kernel
-    runs the next notebook too, reset in between (:class:`~introspection_utils.apps.side_by_side.WarmKernel`). With
-    ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
-    skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
-    Ctrl-C raises :class:`Interrupted` with what finished."""
-    plans = plan_runs(paths, parameters, per_notebook, where_declared=RUNNER_PLACED)
-    done_keys = _done_keys(timings, model) if (skip_done and timings is not None) else {}
-    code = _code_hash()
-    records: list[RunRecord] = []
-    tasks = []
-    for path, params in plans:
-        key = run_key(path, params, code)
-        name = variant_name(path, variant)
-        if done_keys.get(name) == key and (output_dir / name).is_file():
-            print(f"skipping {name}: done with the same parameters and code (--force reruns it)", flush=True)
-            records.append(RunRecord(name, output_dir / name, 0.0, key, skipped=True))
-            continue
-        tasks.append((name, path, params, key))
-
-    kernels = _KernelPool(kernel or _kernel_name(paths[0]) if paths else "python3", str(NOTEBOOKS_DIR)) \
-        if reuse_kernels else None
-
-    def run_one(path: Path, params: dict[str, Any], key: str) -> RunRecord:
-        print(f"running {variant_name(path, variant)} on {params.get('model')} ...", flush=True)
-        warm = kernels.take() if kernels else None
-        try:
-            record = run_notebook(path, output_dir, params, kernel=kernel, timeout=timeout, variant=variant,
-                                  warm=warm)
-        except BaseException:
-            if warm is not None:
-                warm.shutdown()  # a failed or interrupted notebook's kernel is not reused
-            raise
-        if warm is not None:
-            kernels.give_back(warm)
-        return RunRecord(record.notebook, record.output, record.seconds, key)
-
-    def finished(name: str, record: RunRecord) -> None:
-        print(f"  {name} done in {record.seconds:.1f} s -> {record.output}", flush=True)
-        records.append(record)
-        if timings is not None:
-            write_timings([record], timings, model or str(parameters.get("model")))
-
-    current = None
-    try:
-        if jobs > 1 and len(tasks) > 1:
-            from introspection_utils.apps.side_by_side import run_side_by_side
-
-            run_side_by_side([(name, lambda p=path, q=params, k=key: run_one(p, q, k)) for name, path, params, key
-                              in tasks], jobs, on_done=finished)
-        else:
-            for name, path, params, key in tasks:
-                current = name
-                finished(name, run_one(path, params, key))
-                current = None
-    except KeyboardInterrupt as err:
-        current = ", ".join(getattr(err, "running", ())) or current
-        raise Interrupted(records, current, output_dir) from None
-    finally:
-        if kernels:
-            kernels.close()
-    return records
-
-
-class _KernelPool:
-    """Warm kernels for notebooks run one after another (or side by side): a notebook takes an idle one (or a new
-    one) and gives it back when it succeeded."""
-
-    def __init__(self, kernel_name: str, cwd: str) -> None:
-        import threading
-
-        self.kernel_name, self.cwd, self.idle, self.all = kernel_name, cwd, [], []
-        self.lock = threading.Lock()
-
-    def take(self) -> Any:
-        from introspection_utils.apps.side_by_side import WarmKernel
-
-        with self.lock:
-            if self.idle:
-                return self.idle.pop()
-        warm = WarmKernel(self.kernel_name, KERNEL_ARGUMENTS, self.cwd)
-        with self.lock:
-            self.all.append(warm)
-        return warm
-
-    def give_back(self, warm: Any) -> None:
-        with self.lock:
-            self.idle.append(warm)
-
-    def close(self) -> None:
-        for warm in self.all:
-            warm.shutdown()
-
-
-def _kernel_name(path: Path) -> str:
-    import nbformat
-
-    return nbformat.read(path, as_version=4).metadata.get("kernelspec", {}).get("name", "python3")
-
-
-def _done_keys(path: Path, model: str | None) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as f:
-        return {r["notebook"]: r.get("key") or "" for r in csv.DictReader(f) if model is None or r["model"] == model}
-
-
-def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
-    """``path`` as a CSV, one row per notebook in series order (model, notebook, wall seconds, CPU count,
-    OMP_NUM_THREADS, 1-minute load average when it finished, run key); rows of notebooks not run this time are kept
-    from an earlier run of the same model. Skipped records leave their row as it was."""
-    rows = {}
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = {r["notebook"]: r for r in csv.DictReader(f) if r.get("model") == model}
-    try:
-        load = f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        load = ""
-    for r in records:
-        if r.skipped:
-            continue
-        rows[r.notebook] = {"model": model, "notebook": r.notebook, "seconds": f"{r.seconds:.1f}",
-                            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
-                            "load_avg": load, "key": r.key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TIMINGS_HEADER, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows[name] for name in sorted(rows))
-    tmp.replace(path)
-    return path
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a run writes: ``folder`` (executed notebooks, timings.csv), and the parameters placing its figures and
-    tables; ``reference`` when it is the run whose figures are committed (``make demo``)."""
-
-    folder: Path
-    parameters: dict[str, Any]
-    reference: bool
-
-
-def placement(model: str, overrides: Mapping[str, Any], *, output: Path = Path("runs"), tag: str | None = None,
-              default_model: str | None = None) -> Placement:
-    """Where a run of ``model`` with ``overrides`` (the ``-p`` values other than the model) goes: the reference run
-    (``default_model``, no overrides, no tag) to ``output/<model>/`` with figures in ``figures/<model>/``; any other
-    to ``output/<model>/<tag | p-hash | default>/`` with its own ``figures/`` and ``results/`` (explicit
-    ``figures_dir`` / ``results_dir`` overrides win)."""
-    if default_model is None:
-        from introspection_utils.models.embedded import DEFAULT_MODEL as default_model
-    check_tag(tag)
-    base = Path(output).resolve() / model_name(model)  # absolute: the kernels run in notebooks/
-    if model == default_model and not overrides and tag is None:
-        return Placement(base, {"figures_dir": str(FIGURES_DIR / model_name(model))}, True)
-    name = tag or (f"p-{content_hash(dict(sorted(overrides.items())))[:8]}" if overrides else "default")
-    folder = base / name
-    return Placement(folder, {"figures_dir": str(folder / "figures"), "results_dir": str(folder / "results")}, False)
-
-
-def run_series(selection: Sequence[str] | None, *, model: str | None = None, parameters: dict[str, Any] | None = None,
-               output: Path = Path("runs"), kernel: str | None = None,
-               per_notebook: Mapping[str, Mapping[str, Any]] | None = None, tag: str | None = None,
-               force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1,
-               reuse_kernels: bool = False) -> list[RunRecord]:
-    """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time (``reuse_kernels``: in warm
-    kernels, :func:`run_notebooks`); stop at the first failure.
-
-    Where it writes: :func:`placement`. ``parameters`` go to every notebook that declares them; ``per_notebook``
-    adds parameters by notebook prefix (``{"02": {"scales": [0, 4]}}``). Everything is checked before the first
-    kernel starts, and nothing is created when a check fails. Each notebook's wall time is printed and written to
-    ``<folder>/timings.csv`` as it finishes. The whole series (``selection=None``) skips notebooks already done with
-    the same key unless ``force``.
-    """
-    overrides = dict(parameters or {})
-    model = resolve_model(model or _default_model())
-    paths = notebooks(selection)
-    changed = {**{k: v for k, v in overrides.items() if k not in EXECUTION},
-               **({"per_notebook": dict(per_notebook)} if per_notebook else {})}
-    place = placement(model, changed, output=output, tag=tag, default_model=_default_model())
-    params = {"model": model, **place.parameters, **overrides}
-    plan_runs(paths, params, per_notebook, where_declared=RUNNER_PLACED)  # raises before anything is created
-    if not place.reference:
-        place.folder.mkdir(parents=True, exist_ok=True)
-        (place.folder / "parameters.json").write_text(json.dumps(
-            {"model": model, "tag": tag, "parameters": overrides}, indent=1, sort_keys=True, default=str) + "\n")
-    return run_notebooks(paths, place.folder, params, per_notebook=per_notebook, kernel=kernel,
-                         timings=place.folder / "timings.csv", model=model, skip_done=selection is None and not force,
-                         timeout=timeout, jobs=jobs, reuse_kernels=reuse_kernels)
-
-
-def _model_cached(model: str) -> bool:
-    """Whether an embedded model's converted weights are in the cache already (a warm start)."""
-    from introspection_utils.models import embedded
-
-    folder = embedded.cache_dir() / "models"
-    return model not in embedded.EMBEDDED or (folder.is_dir() and any(p.name.startswith(f"{model}-")
-                                                                       for p in folder.iterdir()))
-
-
-def _default_model() -> str:
-    from introspection_utils.models.embedded import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
-
-
-def read_full_size(path: Path = FULL_SIZE) -> dict[str, dict[str, Any]]:
-    """The full-size parameters (``--full``), one table per notebook prefix."""
-    tables = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    if not all(isinstance(v, dict) for v in tables.values()):
-        raise ValueError(f"{path}: only [\"NN\"] tables of parameters")
-    return tables
-
-
-def read_findings(path: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
-    """A findings file: ``model = "..."``, ``[all]`` (parameters for every notebook) and one table per notebook
-    prefix (``["02"]``), plus variants: ``["11.binary"]`` runs notebook 11 once more with its ``["11"]`` parameters
-    updated by the variant's (executed copy ``11_atlas.binary.ipynb``). Returns ``(model, all, per_notebook)``, the
-    variants' keys as written (see :func:`split_variants`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"findings file {path} does not exist (see data/findings/)")
-    config = tomllib.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(config.get("model"), str):
-        raise ValueError(f"{path}: needs a top-level model = \"...\"")
-    tables = {k: v for k, v in config.items() if isinstance(v, dict)}
-    others = sorted(set(config) - set(tables) - {"model"})
-    if others:
-        raise ValueError(f"{path}: unexpected top-level keys {others}; parameters go in [all] or [\"NN\"] tables")
-    return config["model"], tables.pop("all", {}), tables
-
-
-def split_variants(per_notebook: Mapping[str, Mapping[str, Any]]
-                   ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
-    """``per_notebook`` as ``(base tables, [(prefix, variant, base | variant parameters), ...])``: a key
-    ``"11.binary"`` is variant ``binary`` of notebook ``11``; a variant of a notebook with no base table, or an
-    empty / non-identifier variant name, is an error."""
-    base = {k: dict(v) for k, v in per_notebook.items() if "." not in k}
-    variants = []
-    for key, extra in per_notebook.items():
-        if "." not in key:
-            continue
-        prefix, variant = key.split(".", 1)
-        if prefix not in base:
-            raise ValueError(f"findings variant [{key!r}] needs a [{prefix!r}] table of its notebook's parameters")
-        if not variant.isidentifier():
-            raise ValueError(f"findings variant [{key!r}]: the name after the dot must be a word, e.g. \"11.binary\"")
-        variants.append((prefix, variant, {**base[prefix], **extra}))
-    return base, variants
-
-
-def run_findings(path: Path, selection: Sequence[str] | None = None, *, model: str | None = None,
-                 parameters: dict[str, Any] | None = None, root: Path = FIGURES_DIR, kernel: str | None = None,
-                 force: bool = True, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1) -> list[RunRecord]:
-    """The science run: the series with the parameters of findings file ``path``, everything under
-    ``root/<model>/``: figures, ``results/`` (tables), ``notebooks/`` (executed copies), ``timings.csv`` and
-    ``findings.json`` (the parameters used). ``model`` and ``parameters`` (for every notebook) override the file's
-    (a smoke test on a tiny model). ``force=False`` skips notebooks already done with the same key."""
-    file_model, common, per_notebook = read_findings(path)
-    base, variants = split_variants(per_notebook)
-    model = resolve_model(model or file_model)
-    common = {**common, **(parameters or {})}
-    folder = root / model_name(model)
-    params = {"model": model, "figures_dir": str(folder), "results_dir": str(folder / "results"), **common}
-    # a selection item "11.binary" runs that variant alone; "11" runs the notebook and its variants
-    only = {str(item) for item in selection or () if "." in str(item)}
-    unknown = sorted(only - {f"{prefix}.{name}" for prefix, name, _ in variants})
-    if unknown:
-        raise ValueError(f"no findings variant {unknown} in {path}; it has "
-                         f"{[f'{prefix}.{name}' for prefix, name, _ in variants]}")
-    plain = [item for item in selection or () if "." not in str(item)]
-    paths = notebooks(plain) if selection is not None else notebooks()
-    chosen = {p.name[:2] for p in paths}
-    variants = [(prefix, name, extra) for prefix, name, extra in variants
-                if prefix in chosen or f"{prefix}.{name}" in only]
-    for prefix, _, extra in variants:  # every variant checked before the first kernel starts
-        plan_runs(notebooks([prefix]), params, {prefix: extra}, where_declared=RUNNER_PLACED)
-    records = []
-    if paths:
-        records = run_notebooks(paths, folder / "notebooks", params, per_notebook=base, kernel=kernel,
-                                timings=folder / "timings.csv", model=model, skip_done=not force, timeout=timeout,
-                                jobs=jobs)
-    for prefix, name, extra in variants:
-        records += run_notebooks(notebooks([prefix]), folder / "notebooks", params, per_notebook={prefix: extra},
-                                 kernel=kernel, timings=folder / "timings.csv", model=model, skip_done=not force,
-                                 timeout=timeout, variant=name)
-    (folder / "findings.json").write_text(json.dumps(
-        {"findings_file": Path(path).name, "model": model, "all": common, "notebooks": per_notebook}, indent=1) + "\n")
-    return records
-
-
-def write_series_time(path: Path, *, cold: bool, seconds: float, jobs: int, notebooks: int) -> Path:
-    """Record a whole series' wall time in ``path`` (``runs/<model>/series.json``) under ``"cold"`` (the model's
-    converted weights were not in the cache when it started: a fresh clone's first ``make demo``) or ``"warm"``,
-    with how it ran: notebooks side by side, threads per kernel, CPUs and the load average at its end."""
-    from introspection_utils.core.paths import atomic_write
-
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except OSError:
-        load = None
-    record["cold" if cold else "warm"] = {"seconds": round(seconds, 1), "notebooks": notebooks, "jobs": jobs,
-                                          "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
-                                          "load_avg": load}
-    return atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+from introspection_utils.apps.run_checks import (
+    EXECUTION,
+    FIGURES_DIR,
+    FULL_SIZE,
+    NOTEBOOKS_DIR,
+    PACKAGE_DIR,
+    ROOT,
+    RUNNER_PLACED,
+    NotebookError,
+    Placement,
+    _default_model,
+    _model_cached,
+    check_tag,
+    declared_parameters,
+    default_threads,
+    notebooks,
+    parse_value,
+    placement,
+    plan_runs,
+    read_full_size,
+    resolve_model,
+    run_key,
+)
+from introspection_utils.apps.run_execute import (
+    DEFAULT_CELL_TIMEOUT,
+    KERNEL_STARTUP,
+    TIMINGS_HEADER,
+    Interrupted,
+    RunRecord,
+    run_notebook,
+    run_notebooks,
+    run_series,
+    variant_name,
+    write_series_time,
+    write_timings,
+)
+from introspection_utils.apps.run_findings import read_findings, run_findings, split_variants
+from introspection_utils.core.paths import model_name
+
+# The runner's names, wherever they are defined (``run_checks``, ``run_execute``, ``run_findings``, here).
+__all__ = [
+    "DEFAULT_CELL_TIMEOUT", "EXECUTION", "FIGURES_DIR", "FULL_SIZE", "KERNEL_STARTUP", "NOTEBOOKS_DIR", "PACKAGE_DIR",
+    "ROOT", "RUNNER_PLACED", "TIMINGS_HEADER", "Interrupted", "NotebookError", "Placement", "RunRecord", "check_tag",
+    "declared_parameters", "default_threads", "guide_markdown", "listing", "main", "notebooks", "parse_value",
+    "placement", "plan_runs", "read_findings", "read_full_size", "resolve_model", "run_findings", "run_key",
+    "run_notebook", "run_notebooks", "run_series", "series_markdown", "split_variants", "strip_outputs",
+    "timings_markdown", "variant_name", "write_series_time", "write_timings",
+]
 
 
 def series_markdown(path: Path) -> str:
@@ -713,6 +129,44 @@ def timings_markdown(path: Path) -> str:
     return "\n".join(lines)
 
 
+
+def listing() -> str:
+    """The series as the registry holds it (``run --list``): per notebook, what computes it, the functions its
+    readings come from, its figures and tables (``{part}``: filled in by the run), and its findings table and
+    reader."""
+    from introspection_utils.core.registry import EXPERIMENTS
+
+    lines = []
+    for e in EXPERIMENTS:
+        findings = f'findings: ["{e.findings_table}"] parameters; ' + (
+            f"readings from its tables by {e.findings}" if e.findings else "no section of its own")
+        lines += [f"{e.notebook} · {e.title}",
+                  f"    computes: {', '.join(e.modules)}",
+                  f"    reads:    {', '.join(e.readings)}",
+                  f"    figures:  {', '.join(e.figures)}",
+                  f"    tables:   {', '.join(e.tables) or '(none)'}",
+                  f"    {findings}"]
+    return "\n".join(lines)
+
+
+
+def guide_markdown(path: Path, figures_model: str | None = None) -> str:
+    """The notebook guide's table from the registry, its links relative to ``path`` (the file it goes into, e.g.
+    ``docs/notebooks.md``), each row with the figure of the reference run of ``figures_model`` (default: the
+    embedded model) that the entry names (``guide_figure``)."""
+    from introspection_utils.core.registry import EXPERIMENTS
+
+    here = Path(path).resolve().parent
+    notebooks_dir = Path(os.path.relpath(NOTEBOOKS_DIR, here)).as_posix()
+    figures = Path(os.path.relpath(FIGURES_DIR / model_name(figures_model or _default_model()), here)).as_posix()
+    lines = ["| notebook | the question it answers | figure (embedded 135M model — pipeline demo only) |",
+             "|---|---|---|"]
+    lines += [f"| [`{e.notebook}`]({notebooks_dir}/{e.notebook}.ipynb) | {e.question} | "
+              f'<img src="{figures}/{e.guide_figure}.png" width="260" alt="{e.alt}"> |' for e in EXPERIMENTS]
+    return "\n".join(lines)
+
+
+
 def strip_outputs(paths: Sequence[Path]) -> list[Path]:
     """Remove outputs and execution counts from notebooks in place; returns those that changed."""
     import nbformat
@@ -732,6 +186,7 @@ def strip_outputs(paths: Sequence[Path]) -> list[Path]:
             nbformat.write(nb, path)
             changed.append(path)
     return changed
+
 
 
 # ------------------------------------------------------------------ the command line
@@ -754,6 +209,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--write-times", type=Path, nargs="+", metavar="FILE",
                        help="put runs/<model>/timings.csv and series.json (the last make demo) into each FILE's "
                             "timings / demo_time block (docs/notebooks.md README.md) and exit")
+    which.add_argument("--list", action="store_true",
+                       help="list the series from the experiment registry (what each notebook computes, reads, "
+                            "draws and saves, and its findings table) and exit")
+    which.add_argument("--write-guide", type=Path, metavar="FILE",
+                       help="put the registry's notebook table into FILE's notebooks block (docs/notebooks.md) "
+                            "and exit")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (Python/JSON literal); repeatable; makes the run one of its own "
                              "(runs/<model>/<tag or p-hash>/), never touching committed figures")
@@ -783,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+
 def _resume_command(argv: Sequence[str], err: Interrupted, series: bool) -> str:
     args = list(argv)
     if not series and "--notebooks" in args and err.current:
@@ -797,6 +259,7 @@ def _resume_command(argv: Sequence[str], err: Interrupted, series: bool) -> str:
     return f"{python} -m introspection_utils.run " + shlex.join(args)
 
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -804,6 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strip:
         for path in strip_outputs(notebooks()):
             print(f"stripped {path}")
+        return 0
+    if args.list:
+        print(listing())
+        return 0
+    if args.write_guide:
+        from introspection_utils.core.paths import replace_block
+
+        replace_block(args.write_guide, "notebooks", guide_markdown(args.write_guide))
+        print(f"wrote the notebook table of the experiment registry into {args.write_guide}")
         return 0
     if args.write_times:
         from introspection_utils.core.paths import replace_block
@@ -866,7 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             plan_runs(notebooks(), {"model": series_model, **params}, read_full_size() if args.full else None,
                       where_declared=RUNNER_PLACED)  # a bad -p is refused before anything is converted
-
             print(f"converting {series_model} into the cache once, before the kernels start ...", flush=True)
             embedded.converted_dir(series_model)
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
@@ -904,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f" ({skipped} already done, skipped)" if skipped else "")
           + (": " + ", ".join(f"{r.notebook} {r.seconds:.0f} s" for r in ran) if ran else ""))
     return 0
+
 
 
 if __name__ == "__main__":

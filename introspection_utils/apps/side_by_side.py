@@ -162,6 +162,36 @@ class WarmKernel:
             pass
 
 
+class KernelPool:
+    """Warm kernels for notebooks run one after another or side by side: a notebook takes an idle one (or a new one,
+    started with ``extra_arguments`` in ``cwd``) and gives it back when it succeeded; :meth:`close` shuts all down."""
+
+    def __init__(self, kernel_name: str, extra_arguments: Sequence[str], cwd: str) -> None:
+        import threading
+
+        self.kernel_name, self.extra_arguments, self.cwd = kernel_name, list(extra_arguments), cwd
+        self.idle: list[WarmKernel] = []
+        self.started: list[WarmKernel] = []
+        self.lock = threading.Lock()
+
+    def take(self) -> WarmKernel:
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        warm = WarmKernel(self.kernel_name, self.extra_arguments, self.cwd)
+        with self.lock:
+            self.started.append(warm)
+        return warm
+
+    def give_back(self, warm: WarmKernel) -> None:
+        with self.lock:
+            self.idle.append(warm)
+
+    def close(self) -> None:
+        for warm in self.started:
+            warm.shutdown()
+
+
 def interrupt_children() -> list[int]:
     """Send SIGINT to this process's child processes (the kernels papermill started, which a Ctrl-C in a terminal
     reaches but a signal sent to the runner alone does not); returns their pids."""

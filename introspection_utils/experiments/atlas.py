@@ -25,6 +25,7 @@ from introspection_utils.stats.verdicts import (
     MIN_RANDOM,
     N_BOOT,
     class_counts,
+    describe_verdict,
     random_null,
     verdicts,
 )
@@ -128,22 +129,18 @@ def null_p_values(df: pd.DataFrame, nulls: Sequence[str], *, seed: int = 0) -> p
 
 def summary(table: pd.DataFrame, df: pd.DataFrame, *, alpha: float = ALPHA) -> str:
     """Sentences computed from a verdict table and its sweep: the class counts, each introspection-specific concept
-    with its I, interval, the controls' line and q-value (S beside it), degenerate fits, the random-vector null (I and
-    S), and how many readings sit at a low answer mass."""
+    in :func:`verdicts.describe_verdict`'s brief words (or the concept with the smallest q-value when none is),
+    degenerate fits, the random-vector null (I and S), and how many readings sit at a low answer mass."""
     counts = class_counts(table)
     parts = [f"{len(table)} concepts at layer {', '.join(map(str, sorted(table['layer'].unique())))}: "
              + ", ".join(f"{n} {c}" for c, n in counts.items()) + f" (α = {alpha:g}, Benjamini–Hochberg)."]
     specific = table[table["class"] == "introspection-specific"]
-    for r in specific.itertuples():
-        parts.append(f"'{r.concept}' is introspection-specific: I = {r.I:+.2f} at scale {r.peak_scale:g} "
-                     f"(95% CI {r.I_ci_low:+.2f} to {r.I_ci_high:+.2f}; the controls' line b = {r.b:+.2f}, c = "
-                     f"{r.c:+.2f}), p_questions = {r.p_questions:.3g}, p_random = {r.p_random:.3g}, q = "
-                     f"{r.q_value:.3g}; S = {r.shift:+.2f}.")
+    parts += [f"'{row['concept']}' is {describe_verdict(row, alpha=alpha, brief=True)}."
+              for _, row in specific.iterrows()]
     if specific.empty:
         best = table.iloc[0]
-        parts.append(f"None is introspection-specific; the smallest q-value is '{best['concept']}' (q = "
-                     f"{best['q_value']:.3g}, I = {best['I']:+.2f} at scale {best['peak_scale']:g}, p_questions "
-                     f"= {best['p_questions']:.3g}, p_random = {best['p_random']:.3g}; S = {best['shift']:+.2f}).")
+        parts.append(f"None is introspection-specific; the smallest q-value is '{best['concept']}': "
+                     f"{describe_verdict(best, alpha=alpha, brief=True)}.")
     degenerate = int((~table["fit_ok"].astype(bool)).sum())
     if degenerate:
         parts.append(f"For {degenerate} of {len(table)} concepts the controls' fit is degenerate (fewer than "

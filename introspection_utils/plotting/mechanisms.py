@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from introspection_utils.experiments.attribution import difference_in_differences
-from introspection_utils.plotting.series import PALETTE
+from introspection_utils.plotting.style import PALETTE
 
 if TYPE_CHECKING:
     from introspection_utils.experiments.mechanisms import MechanismMaps

@@ -1,14 +1,30 @@
 """Figures of the refusal step (08): the causal scores of every candidate direction (Arditi et al. 2024's three
-panels) and the ablation points (none / after / before the injection). Plots only: the numbers come from
-:mod:`introspection_utils.experiments.refusal`."""
+panels), the ablation points (none / after / before the injection), the refusal projection by layer, and sweeps or
+lenses with and without the ablation side by side. Plots only: the numbers come from
+:mod:`introspection_utils.experiments.refusal` and the sweeps."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from introspection_utils.plotting.series import PALETTE
+from introspection_utils.core.paths import model_name
+from introspection_utils.core.results import concept_rows
+from introspection_utils.plotting.style import (
+    LENS_XLABEL,
+    LENS_YLABEL,
+    PALETTE,
+    _axes,
+    _finish,
+    _only,
+    plot_grid,
+    scale_label,
+)
+from introspection_utils.stats import terms
 
 SCORE_PANELS = (("bypass", "harmful prompts, direction ablated", "baseline_harmful"),
                 ("induce", "harmless prompts, direction added at its layer", "baseline_harmless"),
@@ -74,3 +90,81 @@ def plot_ablation_points(df: pd.DataFrame) -> plt.Figure:
     fig.suptitle(f"{df['model'].iloc[0]} · refusal direction ablated after vs before the injection")
     fig.tight_layout()
     return fig
+
+
+def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.Axes | None = None) -> plt.Figure:
+    """Held-out separation (Cohen's d) of the refusal direction at every layer, the eligible depth window shaded and
+    the chosen layer marked. ``table``: :func:`refusal.refusal_directions`' table."""
+    fig, ax = _axes(ax)
+    eligible = table[table["eligible"]]
+    if len(eligible):
+        ax.axvspan(eligible["layer"].min() - 0.5, eligible["layer"].max() + 0.5, color=PALETTE["baseline"],
+                   alpha=0.12, lw=0, label="eligible layers (depth window)")
+    ax.plot(table["layer"], table["heldout_d"], color="black", marker="o", ms=4, lw=1.6,
+            label="held-out Cohen's d (harmful vs harmless projections)")
+    d = float(table.loc[table["layer"] == best, "heldout_d"].iloc[0])
+    ax.plot([best], [d], marker="*", ms=18, color="#D55E00", ls="none", zorder=5,
+            label=f"chosen: layer {best} (d = {d:.2f})")
+    _finish(ax, f"{model_name(model)} · refusal direction (mean harmful − mean harmless) · layers "
+                f"0–{int(table['layer'].max())}\nheld-out separation by layer; chosen = largest d among eligible "
+                f"layers",
+            "layer (decoder-layer index)", ylabel="held-out Cohen's d (projection separation)")
+    return fig
+
+
+
+def _ablation_lines(df: pd.DataFrame, concept: str, x: str) -> dict[str, pd.Series]:
+    """Introspection, control mean and the introspection no-injection baseline of a scale sweep (``x="scale"``) or
+    of a logit-lens table (``x="lens_layer"``), concept vector only (:func:`terms.curve_table`)."""
+    y, base = ("logit_diff", "baseline_logit_diff") if x == "scale" else ("lens_diff", "baseline_lens_diff")
+    c = terms.curve_table(df, concept, x=x, y=y, baseline=base)
+    return {"introspection": c["introspection"], "control": c["control_mean"], "baseline": c["introspection_baseline"]}
+
+
+
+def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, x: str = "scale",
+                             mark: float | None = None, ax: plt.Axes | None = None) -> plt.Figure:
+    """Introspection and control mean without (solid) and with (dashed) the refusal direction ablated, with the
+    introspection no-injection baseline (grey) of each. ``x="scale"``: two :func:`sweeps.scale_sweep` tables (one
+    layer); ``x="lens_layer"``: two :func:`logit_lens.lens_profile` tables (one scale per concept). ``mark``: a scale
+    to mark with a vertical line (e.g. where the answer switches back to no)."""
+    if x not in ("scale", "lens_layer"):
+        raise ValueError(f"x {x!r}: use 'scale' (sweep tables) or 'lens_layer' (logit-lens tables)")
+    a, b = concept_rows(plain, concept), concept_rows(ablated, concept)
+    if x == "scale":
+        a, layer = _only(a, "layer", None, "layer")
+        b, _ = _only(b, "layer", layer, "layer")
+    fig, ax = _axes(ax)
+    for df, ls, suffix in ((a, "-", ""), (b, "--", ", refusal direction ablated")):
+        lines = _ablation_lines(df, concept, x)
+        ax.plot(lines["control"].index, lines["control"].values, color=PALETTE["control"], lw=2.0, ls=ls,
+                marker="s", ms=4, label=f"control mean{suffix}")
+        ax.plot(lines["introspection"].index, lines["introspection"].values, color=PALETTE["introspection"], lw=2.4,
+                ls=ls, marker="o", ms=5, label=f"introspection question{suffix}")
+        ax.plot(lines["baseline"].index, lines["baseline"].values, color=PALETTE["baseline"], lw=1.2, ls=ls,
+                label=f"no injection: introspection{suffix}")
+    ax.axhline(0.0, color="black", lw=0.6, alpha=0.6)
+    layer = int(a["layer"].iloc[0])
+    if mark is not None:
+        ax.axvline(mark, color="#D55E00", ls=":", lw=1.4, label=f"switch-back scale {mark:g}")
+    if x == "scale":
+        norm = float(a.loc[a["vector_kind"] == "concept", "vector_norm"].iloc[0])
+        _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep with and without "
+                    f"refusal-direction ablation", scale_label(norm))
+    else:
+        ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
+        _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}, scale "
+                    f"{float(a['scale'].iloc[0]):g}\nlogit lens with and without refusal-direction ablation",
+                LENS_XLABEL, ylabel=LENS_YLABEL)
+    return fig
+
+
+
+def ablation_panels(plain: pd.DataFrame, ablated: pd.DataFrame, concepts: Sequence[str], *, x: str = "scale",
+                    marks: dict[str, float] | None = None, **kwargs: Any) -> plt.Figure:
+    """One :func:`plot_ablation_comparison` panel per concept, side by side (``marks``: a scale per concept)."""
+    marks = marks or {}
+    return plot_grid(lambda concept, ax, **kw: plot_ablation_comparison(
+        plain, ablated, concept, x=x, mark=marks.get(concept) if x == "scale" else None, ax=ax, **kw),
+        list(concepts), **kwargs)
+

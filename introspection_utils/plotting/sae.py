@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.experiments.sae import reconstruction_errors, top_gained, yes_feature_gain
-from introspection_utils.plotting.series import PALETTE, RANDOM_ALPHA
+from introspection_utils.plotting.style import PALETTE, RANDOM_ALPHA
 
 
 def plot_sae_features(table: pd.DataFrame, yes: pd.DataFrame, concept: str, *, k: int = 10) -> plt.Figure:

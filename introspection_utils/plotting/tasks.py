@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.experiments.tasks import confusion_matrix, congruence_gaps
-from introspection_utils.plotting.series import PALETTE, _finish
+from introspection_utils.plotting.style import PALETTE, _finish
 
 NULL_COLORS: dict[str, str] = {
     "isotropic": PALETTE["random"],

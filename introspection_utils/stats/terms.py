@@ -122,15 +122,19 @@ def fit_note(n_controls: int, span: float) -> str:
             f"cannot be told from introspection, so no test was run")
 
 
-def statistic_weights(baseline: np.ndarray, roles: np.ndarray, statistic: str = "I") -> np.ndarray:
+def statistic_weights(baseline: np.ndarray, roles: np.ndarray, statistic: str = "I",
+                      counts: np.ndarray | None = None) -> np.ndarray:
     """The weights that make a statistic a linear form of the per-question Δ: stat = weights @ Δ.
 
     ``baseline [Q]`` (each question's no-injection yes − no), ``roles [Q]`` or ``[P, Q]`` ints (+1 detect wording, −1
-    inverted wording, 0 control; P labellings at once) → weights of the same shape.
+    inverted wording, 0 control; P labellings at once) → weights of the same shape. ``counts`` (same shape as
+    ``roles``, default 1 everywhere): how many times each question is drawn — a bootstrap resample is a labelling
+    whose questions come 0, 1, 2, … times, and its statistic is this one definition with those multiplicities.
 
     ``"I"``: the mean over wordings of p_w·(Δ_w − b − c·x_w), with b, c the least-squares line over the controls:
     w_w = p_w / m on a wording; on a control q, −(1/m)·[Σp / n + (x_q − x̄)·Σ_w p_w (x_w − x̄) / Sxx] (x̄, Sxx
-    over the controls). Where the controls' baselines do not vary (Sxx ≈ 0) the slope term is dropped (b alone).
+    over the controls; with ``counts`` every sum counts each question as often as it is drawn). Where the controls'
+    baselines do not vary (Sxx ≈ 0) the slope term is dropped (b alone).
     ``"S"``: 1/m on every wording (unsigned), −1/n on every control.
     """
     if statistic not in STATISTICS:
@@ -138,14 +142,19 @@ def statistic_weights(baseline: np.ndarray, roles: np.ndarray, statistic: str = 
     roles = np.asarray(roles)
     single = roles.ndim == 1
     roles = np.atleast_2d(roles).astype(float)
+    k = np.ones_like(roles) if counts is None else np.asarray(counts, float)
+    if k.shape != roles.shape[-k.ndim:] or (k < 0).any():
+        raise ValueError(f"counts of shape {k.shape} must be non-negative and shaped like roles {roles.shape}")
+    is_control = roles == 0
+    ctrl, wording = is_control * k, ~is_control * k  # each question as often as it is drawn
+    roles = roles * k
     x = np.asarray(baseline, float)
-    ctrl = (roles == 0).astype(float)
-    m = roles.shape[1] - ctrl.sum(axis=1, keepdims=True)
+    m = wording.sum(axis=1, keepdims=True)
     n = ctrl.sum(axis=1, keepdims=True)
     if (m == 0).any() or (n == 0).any():
         raise ValueError("every labelling needs at least one wording and one control")
     if statistic == "S":
-        weights = (1.0 - ctrl) / m - ctrl / n
+        weights = wording / m - ctrl / n
     else:
         xbar = (ctrl @ x)[:, None] / n  # [P, 1]: the controls' mean baseline
         sxx = (ctrl @ (x * x))[:, None] - n * xbar ** 2  # their sum of squares about it

@@ -240,27 +240,40 @@ def _quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def resample_counts(concept: QuestionCurves, *, rng: np.random.Generator, n_boot: int = N_BOOT) -> np.ndarray:
+    """``[n_boot, Q]``: how many times each question is drawn in each bootstrap resample — the controls, then the
+    wordings within each polarity (so the balance stays), each with replacement and as many as there are."""
+    pol = concept.polarity
+    controls = np.flatnonzero(~concept.is_intro)
+    drawn = [controls[rng.integers(0, len(controls), (n_boot, len(controls)))]]
+    drawn += [w[rng.integers(0, len(w), (n_boot, len(w)))]
+              for w in (np.flatnonzero(pol == 1), np.flatnonzero(pol == -1)) if len(w)]
+    counts = np.zeros((n_boot, len(pol)))
+    np.add.at(counts, (np.arange(n_boot)[:, None], np.concatenate(drawn, axis=1)), 1.0)
+    return counts
+
+
+def resampled(concept: QuestionCurves, index: int, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """I, S, the signed introspection Δ and the control Δ at x index ``index`` of each resample ``counts [B, Q]``
+    (:func:`resample_counts`) → each ``[B]``. I and S are :func:`terms.statistic_weights` with the resample's
+    multiplicities (I refits the controls' line on each resample): all-ones counts give the table's I and S."""
+    d, pol = concept.delta[:, index], concept.polarity
+    roles = np.broadcast_to(pol, counts.shape)
+    wording, control = counts * concept.is_intro, counts * ~concept.is_intro
+    return {"I": statistic_weights(concept.baseline, roles, "I", counts) @ d,
+            "S": statistic_weights(concept.baseline, roles, "S", counts) @ d,
+            "introspection": (wording * pol) @ d / wording.sum(axis=1), "control": control @ d / control.sum(axis=1)}
+
+
 def bootstrap_interval(concept: QuestionCurves, index: int, *, rng: np.random.Generator, n_boot: int = N_BOOT,
                        level: float = CONFIDENCE) -> dict[str, float]:
     """Percentile intervals at x index ``index`` of S, I, the (signed) introspection Δ and the control Δ, resampling
-    the wordings (within each polarity, so the balance stays) and the controls, with replacement; I refits the
-    controls' line on each resample (a resample whose baselines do not vary keeps b alone)."""
-    d, base, pol = concept.delta[:, index], concept.baseline, concept.polarity
-    controls = np.flatnonzero(~concept.is_intro)
-    ci = controls[rng.integers(0, len(controls), (n_boot, len(controls)))]  # [B, n]
-    wi = np.concatenate([w[rng.integers(0, len(w), (n_boot, len(w)))]
-                         for w in (np.flatnonzero(pol == 1), np.flatnonzero(pol == -1)) if len(w)], axis=1)  # [B, m]
-    xc, dc = base[ci], d[ci]
-    dx = xc - xc.mean(axis=1, keepdims=True)
-    sxx = (dx ** 2).sum(axis=1)
-    c = np.divide((dx * dc).sum(axis=1), sxx, out=np.zeros(n_boot), where=sxx > 1e-9)
-    b = dc.mean(axis=1) - c * xc.mean(axis=1)
-    residual = (pol[wi] * (d[wi] - b[:, None] - c[:, None] * base[wi])).mean(axis=1)
-    intro_signed = (pol[wi] * d[wi]).mean(axis=1)
-    intro_plain = d[wi].mean(axis=1)
-    control = dc.mean(axis=1)
-    (s_lo, s_hi), (r_lo, r_hi) = _quantiles(intro_plain - control, level), _quantiles(residual, level)
-    (i_lo, i_hi), (c_lo, c_hi) = _quantiles(intro_signed, level), _quantiles(control, level)
+    the wordings (within each polarity, so the balance stays) and the controls, with replacement
+    (:func:`resample_counts`, :func:`resampled`); I refits the controls' line on each resample (a resample whose
+    baselines do not vary keeps b alone)."""
+    stats = resampled(concept, index, resample_counts(concept, rng=rng, n_boot=n_boot))
+    (s_lo, s_hi), (r_lo, r_hi) = _quantiles(stats["S"], level), _quantiles(stats["I"], level)
+    (i_lo, i_hi), (c_lo, c_hi) = _quantiles(stats["introspection"], level), _quantiles(stats["control"], level)
     return {"shift_ci_low": s_lo, "shift_ci_high": s_hi, "I_ci_low": r_lo, "I_ci_high": r_hi,
             "introspection_ci_low": i_lo, "introspection_ci_high": i_hi, "control_ci_low": c_lo,
             "control_ci_high": c_hi}
@@ -432,10 +445,25 @@ def _polarity_words(r: dict) -> tuple[str, str]:
     return f"{n - inverted} detect and {inverted} inverted wordings", ""
 
 
-def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA) -> str:
-    """One sentence on one concept's verdict (a row of :func:`verdicts`): the class, I with its interval and
-    p-values, the controls' fit (b, c, R², span), S beside it, and the answer mass."""
+def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA, brief: bool = False) -> str:
+    """A verdict in words — the one place a row of :func:`verdicts` is put into words (the notebook, the atlas's
+    :func:`~introspection_utils.experiments.atlas.summary` and the findings' claims table all call it).
+
+    By default one sentence on the concept: the class, I with its interval and p-values, the controls' fit (b, c, R²,
+    span), S beside it, and the answer mass. ``brief``: the class and, in brackets, I at its peak scale beyond the
+    controls' line (b, c), q, S, the introspection and control Δ at the effect scale and the answer mass — a table
+    cell or a summary line (``"shared yes-shift (I = +0.12 at scale 8 beyond the controls' line (b = …"``); a table
+    saved before I existed says so."""
     r = dict(row)
+    if brief:
+        if pd.isna(r.get("I", np.nan)):  # an atlas table saved before I existed
+            residual = "I not in this table (saved before it was the statistic)"
+        else:
+            residual = (f"I = {r['I']:+.2f} at scale {r['peak_scale']:g} beyond the controls' line (b = "
+                        f"{r['b']:+.2f}, c = {r['c']:+.2f})")
+        return (f"{r['class']} ({residual}, q = {r['q_value']:.2g}; S = {r['shift']:+.2f}; at scale "
+                f"{r['effect_scale']:g} introspection Δ {r['introspection_delta']:+.2f}, control Δ "
+                f"{r['control_delta']:+.2f}; answer mass {r['answer_mass']:.2f})")
     note = fit_note(int(r["n_controls"]), float(r["control_span"]))
     head = (f"{r['concept']} (layer {r['layer']}): {r['class']} — largest introspection residual I = {r['I']:+.2f} "
             f"at scale {r['peak_scale']:g} ({CONFIDENCE:.0%} CI {r['I_ci_low']:+.2f} to {r['I_ci_high']:+.2f}): the "
