@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -269,3 +270,21 @@ def test_a_gguf_file_path_loads_the_same_model_as_its_name(smollm, oracle):
     torch.testing.assert_close(measure(from_file, trials).logit_diff, measure(smollm, trials).logit_diff,
                                atol=0, rtol=0)
     oracle.assert_close(measure(from_file, trials).logit_diff, oracle.logit_diff(smollm, trials))
+
+
+def test_parsing_the_gguf_once_converts_to_the_same_bytes(tmp_path, monkeypatch):
+    """The conversion shares one GGUF reader and one tensor-name map (embedded._gguf_parsed_once, half the time of a
+    cold conversion); the folder it writes is byte for byte what transformers' own three parses write."""
+    gguf = embedded.smollm2_gguf_path()
+    shared, plain = tmp_path / "shared", tmp_path / "plain"
+    for out in (shared, plain):
+        out.mkdir()
+    embedded._convert_gguf(gguf, shared, None)
+    import gguf as gguf_lib
+    assert gguf_lib.GGUFReader.__name__ == "GGUFReader"  # put back after the conversion
+    monkeypatch.setattr(embedded, "_gguf_parsed_once", contextlib.nullcontext)  # transformers' three parses
+    embedded._convert_gguf(gguf, plain, None)
+    names = sorted(p.name for p in shared.iterdir())
+    assert names == sorted(p.name for p in plain.iterdir()) and "model.safetensors" in names
+    for name in names:
+        assert (shared / name).read_bytes() == (plain / name).read_bytes(), name

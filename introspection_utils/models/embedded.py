@@ -14,6 +14,8 @@ only when complete (the folder with a manifest checked on every read), so a run 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -22,9 +24,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -264,9 +267,35 @@ def gguf_revision(folder: Path) -> str:
     return "gguf-sha256:" + json.loads((folder / "manifest.json").read_text())["gguf_sha256"]
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While converting: one ``GGUFReader`` per file and one tensor-name map per (architecture, depth). transformers
+    parses the GGUF three times (config, tokenizer, weights; ~6 s each for SmolLM2's 49k-token vocabulary) and
+    rebuilds the name map once per tensor (~8 s); both are read-only, so sharing them changes no byte of the output
+    (``tests/test_models.py``) and halves a cold conversion."""
+    import gguf as gguf_lib
+
+    reader, name_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf_lib.GGUFReader = shared_reader
+    gguf_lib.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader, name_map
+
+
 def _convert_gguf(gguf: Path, out: Path, chat_template: str | None, dtype: torch.dtype = torch.float32) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.to(dtype)  # dequantised in float32, then rounded once (a no-op for float32)
     # save_pretrained refuses GGUF-quantised objects; the dequantised weights are plain fp32 tensors.
     config = model.config.to_dict()
