@@ -333,13 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                           output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
                           default_model=_default_model())
         cold = not _model_cached(series_model)
-        if cold and jobs > 1 and small_series:  # once here, not once per kernel side by side
+        prepare = None
+        if cold and jobs > 1 and small_series:  # once, while the kernels start, not once per kernel side by side
             from introspection_utils.models import embedded
 
-            plan_runs(notebooks(), {"model": series_model, **params}, read_full_size() if args.full else None,
-                      where_declared=RUNNER_PLACED)  # a bad -p is refused before anything is converted
-            print(f"converting {series_model} into the cache once, before the kernels start ...", flush=True)
-            embedded.converted_dir(series_model)
+            def prepare() -> None:
+                print(f"converting {series_model} into the cache once ...", flush=True)
+                embedded.converted_dir(series_model)
         os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
         if args.findings:
             if args.tag or args.full:
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  output=args.output or Path("runs"), kernel=args.kernel,
                                  tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
                                  force=args.force, timeout=args.cell_timeout, jobs=jobs,
-                                 reuse_kernels=small_series)
+                                 reuse_kernels=small_series, prepare=prepare)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")
         series = bool(args.all or args.findings)

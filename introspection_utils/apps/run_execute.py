@@ -165,11 +165,12 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
                   per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
                   timings: Path | None = None, model: str | None = None, skip_done: bool = False,
                   timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None,
-                  jobs: int = 1, reuse_kernels: bool = False) -> list[RunRecord]:
+                  jobs: int = 1, reuse_kernels: bool = False, prepare: Any = None) -> list[RunRecord]:
     """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
     each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. ``jobs``: up
     to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`); ``reuse_kernels``: each kernel
-    runs the next notebook too, reset in between (:class:`~introspection_utils.apps.side_by_side.WarmKernel`). With
+    runs the next notebook too, reset in between (:class:`~introspection_utils.apps.side_by_side.WarmKernel`), the
+    first ``jobs`` started before ``prepare()`` (e.g. converting the model) so that their imports overlap it. With
     ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
     skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
     Ctrl-C raises :class:`Interrupted` with what finished."""
@@ -192,6 +193,9 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
         from introspection_utils.apps.side_by_side import KernelPool
 
         kernels = KernelPool(kernel or _kernel_name(paths[0]), KERNEL_ARGUMENTS, str(paths[0].parent))
+        kernels.prestart(min(jobs, len(tasks)))
+    if prepare is not None and tasks:
+        prepare()
 
     def run_one(path: Path, params: dict[str, Any], key: str) -> RunRecord:
         print(f"running {variant_name(path, variant)} on {params.get('model')} ...", flush=True)
@@ -299,9 +303,9 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
                output: Path = Path("runs"), kernel: str | None = None,
                per_notebook: Mapping[str, Mapping[str, Any]] | None = None, tag: str | None = None,
                force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1,
-               reuse_kernels: bool = False) -> list[RunRecord]:
+               reuse_kernels: bool = False, prepare: Any = None) -> list[RunRecord]:
     """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time (``reuse_kernels``: in warm
-    kernels, :func:`run_notebooks`); stop at the first failure.
+    kernels; ``prepare``: called once before the first notebook; :func:`run_notebooks`); stop at the first failure.
 
     Where it writes: :func:`placement`. ``parameters`` go to every notebook that declares them; ``per_notebook``
     adds parameters by notebook prefix (``{"02": {"scales": [0, 4]}}``). Everything is checked before the first
@@ -323,5 +327,5 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
             {"model": model, "tag": tag, "parameters": overrides}, indent=1, sort_keys=True, default=str) + "\n")
     return run_notebooks(paths, place.folder, params, per_notebook=per_notebook, kernel=kernel,
                          timings=place.folder / "timings.csv", model=model, skip_done=selection is None and not force,
-                         timeout=timeout, jobs=jobs, reuse_kernels=reuse_kernels)
+                         timeout=timeout, jobs=jobs, reuse_kernels=reuse_kernels, prepare=prepare)
 

@@ -174,6 +174,14 @@ class KernelPool:
         self.started: list[WarmKernel] = []
         self.lock = threading.Lock()
 
+    def prestart(self, n: int) -> None:
+        """Start ``n`` kernels now (their start-up imports run while the caller goes on)."""
+        for _ in range(n):
+            warm = WarmKernel(self.kernel_name, self.extra_arguments, self.cwd)
+            with self.lock:
+                self.started.append(warm)
+                self.idle.append(warm)
+
     def take(self) -> WarmKernel:
         with self.lock:
             if self.idle:
