@@ -302,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--cell-timeout must be >= 0 seconds, got {args.cell_timeout}")
     if args.notebooks_only and not args.findings:
         parser.error("--notebooks-only goes with --findings (use --notebooks NN ... otherwise)")
+    started = time.perf_counter()  # the series' wall time counts this process's own start-up too
+    early = None  # warm kernels started before the checks (make demo on the default model)
     try:
         check_tag(args.tag)
         params = {name: parse_value(value, name) for name, value in args.parameter}
@@ -313,21 +315,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = None if model is None else str(model)
         # The small embedded models' series (make demo): side by side, in warm kernels (start-up is most of a
         # demo-sized notebook), one thread per kernel so that its figures are the same floats whatever the load (a
-        # kernel's thread count changes the last bits, and so the committed PNGs).
+        # kernel's thread count changes the last bits, and so the committed PNGs). For the default model the
+        # kernels start first, so that their imports overlap this process's own (checks, the model's name).
+        if args.all and not args.findings and model is None:
+            from introspection_utils.apps.run_execute import KERNEL_ARGUMENTS
+            from introspection_utils.apps.side_by_side import KernelPool
+
+            early_jobs = args.jobs or default_threads()
+            if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
+                os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)  # before the kernels start: they inherit it
+            early = KernelPool(args.kernel or "python3", KERNEL_ARGUMENTS, str(NOTEBOOKS_DIR))
+            early.prestart(early_jobs)
         from introspection_utils.apps.side_by_side import default_jobs
         from introspection_utils.models.embedded import EMBEDDED, QWEN_MODEL
 
         small = tuple(name for name in EMBEDDED if name != QWEN_MODEL)  # the 135M/270M models, not the 1.5B
         series_model = resolve_model(model or _default_model())
         small_series = bool(args.all) and series_model in small
-        jobs = args.jobs or (default_jobs(series_model, small, default_threads()) if small_series else 1)
+        jobs = args.jobs or (early_jobs if early else
+                             default_jobs(series_model, small, default_threads()) if small_series else 1)
         if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
             threads = args.threads or (1 if jobs > 1 or small_series else default_threads())
             os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the kernels papermill starts
         print(f"{jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
               f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)",
               flush=True)
-        started = time.perf_counter()
         # a complete reference series (make demo) records its wall time, cold or warm, in series.json
         whole = placement(series_model, {k: v for k, v in params.items() if k not in EXECUTION},
                           output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
@@ -354,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  output=args.output or Path("runs"), kernel=args.kernel,
                                  tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
                                  force=args.force, timeout=args.cell_timeout, jobs=jobs,
-                                 reuse_kernels=small_series, prepare=prepare)
+                                 reuse_kernels=early or small_series, prepare=prepare)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")
         series = bool(args.all or args.findings)
@@ -364,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotebookError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if early is not None:
+            early.close()  # run_notebooks closes it when it ran; a refused run never used it
     ran = [r for r in records if not r.skipped]
     total = sum(r.seconds for r in ran)
     skipped = len(records) - len(ran)

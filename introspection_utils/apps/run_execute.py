@@ -165,12 +165,13 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
                   per_notebook: Mapping[str, Mapping[str, Any]] | None = None, kernel: str | None = None,
                   timings: Path | None = None, model: str | None = None, skip_done: bool = False,
                   timeout: int | None = DEFAULT_CELL_TIMEOUT, variant: str | None = None,
-                  jobs: int = 1, reuse_kernels: bool = False, prepare: Any = None) -> list[RunRecord]:
+                  jobs: int = 1, reuse_kernels: Any = False, prepare: Any = None) -> list[RunRecord]:
     """Execute ``paths`` in order into ``output_dir``, printing each wall time and writing it to ``timings`` as
     each finishes; every notebook's parameters are checked (:func:`plan_runs`) before anything runs. ``jobs``: up
     to that many notebooks at once (:mod:`~introspection_utils.apps.side_by_side`); ``reuse_kernels``: each kernel
-    runs the next notebook too, reset in between (:class:`~introspection_utils.apps.side_by_side.WarmKernel`), the
-    first ``jobs`` started before ``prepare()`` (e.g. converting the model) so that their imports overlap it. With
+    runs the next notebook too, reset in between (:class:`~introspection_utils.apps.side_by_side.WarmKernel`; or a
+    :class:`~introspection_utils.apps.side_by_side.KernelPool` the caller started early), the first ``jobs`` started
+    before ``prepare()`` (e.g. converting the model) so that their imports overlap it. With
     ``skip_done``, a notebook whose executed copy and ``timings`` row show the same key (:func:`run_key`) is
     skipped. ``variant``: the executed copies and timings rows are named ``<stem>.<variant>`` (a findings variant).
     Ctrl-C raises :class:`Interrupted` with what finished."""
@@ -189,11 +190,14 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
         tasks.append((name, path, params, key))
 
     kernels = None
-    if reuse_kernels and paths:
+    if reuse_kernels is not False and reuse_kernels is not None and paths:
         from introspection_utils.apps.side_by_side import KernelPool
 
-        kernels = KernelPool(kernel or _kernel_name(paths[0]), KERNEL_ARGUMENTS, str(paths[0].parent))
-        kernels.prestart(min(jobs, len(tasks)))
+        if isinstance(reuse_kernels, KernelPool):  # started by the caller (already importing)
+            kernels = reuse_kernels
+        else:
+            kernels = KernelPool(kernel or _kernel_name(paths[0]), KERNEL_ARGUMENTS, str(paths[0].parent))
+            kernels.prestart(min(jobs, len(tasks)))
     if prepare is not None and tasks:
         prepare()
 
@@ -303,7 +307,7 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
                output: Path = Path("runs"), kernel: str | None = None,
                per_notebook: Mapping[str, Mapping[str, Any]] | None = None, tag: str | None = None,
                force: bool = False, timeout: int | None = DEFAULT_CELL_TIMEOUT, jobs: int = 1,
-               reuse_kernels: bool = False, prepare: Any = None) -> list[RunRecord]:
+               reuse_kernels: Any = False, prepare: Any = None) -> list[RunRecord]:
     """Run the selected notebooks (all if ``None``) on ``model``, ``jobs`` at a time (``reuse_kernels``: in warm
     kernels; ``prepare``: called once before the first notebook; :func:`run_notebooks`); stop at the first failure.
 
