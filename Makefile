@@ -37,12 +37,15 @@ $(RAY_STAMP): $(STAMP)
 
 # Unit + integration tests (Qwen2.5-Coder-1.5B included), then every notebook executed on the embedded model through
 # nbval. Tests write only to temporary folders: the run fails if `git status` differs afterwards (in a git checkout).
-# Both run on TEST_JOBS workers (pytest-xdist; a test file, or a notebook, stays on one worker: its fixtures once).
+# Both run on TEST_JOBS workers (pytest-xdist; a test file, or a notebook, stays on one worker: its fixtures once),
+# each with TEST_THREADS torch threads (two workers of two threads on two cores spin against each other).
 TEST_JOBS ?= 2
+TEST_THREADS ?= 1
 test: $(STAMP) $(QWEN_STAMP) $(RAY_STAMP) browser
 	@before="$$(git status --porcelain 2>/dev/null)"; \
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile && \
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --nbval-lax notebooks/ || exit 1; \
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile && \
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --nbval-lax notebooks/ \
+	  || exit 1; \
 	after="$$(git status --porcelain 2>/dev/null)"; \
 	if [ "$$before" != "$$after" ]; then \
 	  echo "the tests changed the working tree (git status --porcelain before/after):"; \
