@@ -190,7 +190,7 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
         tasks.append((name, path, params, key))
 
     kernels = None
-    if reuse_kernels is not False and reuse_kernels is not None and paths:
+    if reuse_kernels and paths:
         from introspection_utils.apps.side_by_side import KernelPool
 
         if isinstance(reuse_kernels, KernelPool):  # started by the caller (already importing)

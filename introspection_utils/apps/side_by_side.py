@@ -226,9 +226,3 @@ def default_jobs(model: str, small: Sequence[str], free_cpus: int) -> int:
     """How many notebooks run at once by default: the CPUs free now for a ``small`` model (the 135M/270M embedded
     ones); 1 for any other (two kernels would each load it: twice the memory, and on one GPU twice its weights)."""
     return max(1, free_cpus) if model in small else 1
-
-
-def describe(jobs: int, threads: Any) -> str:
-    """One line for the runner's start: how the series is spread over the CPUs."""
-    return (f"{jobs} notebook(s) at a time, {threads} thread(s) per kernel "
-            f"(CPUs {os.cpu_count()}; --jobs N / --threads N to choose)")

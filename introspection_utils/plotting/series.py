@@ -1,23 +1,11 @@
-"""Figures for the notebook series: one palette for the conditions, labelled axes with units, a legend, a title that
-names the model, the concept and the layer, and :func:`save_figure` writing PNGs under ``figures/<model>/``.
-
-Conditions and their colours (the same in every figure of the series):
-
-* ``introspection`` — the injected-thought question ("Do you detect an injected thought?"), concept vector;
-* ``control``       — the paper's control questions (answer always "no"), each thin, their mean thick with ±1 std;
-* ``baseline``      — the same questions with no injection (horizontal reference lines);
-* ``random``        — norm-matched random vectors, translucent (introspection solid, control mean dashed).
-
-The scale multiplies the *raw* concept vector (activation(word) − baseline mean), not a unit vector: scale 4 adds
-4 × v, whose norm is 4 × ‖v‖. The x labels say so and give ‖v‖.
-
-Inputs are the tidy tables of :mod:`introspection_utils.experiments.sweeps` and
-:mod:`introspection_utils.experiments.logit_lens` and
-:mod:`introspection_utils.experiments.attention`.
+"""Figures for the notebook series, by the name the notebooks import them (``plots.save_figure``): one palette for
+the conditions, labelled axes with units, a legend, a title that names the model, the concept and the layer, and
+:func:`save_figure` writing PNGs under ``figures/<model>/``.
 
 The figures live by kind — :mod:`.style` (palette, labels, layout, :func:`save_figure`), :mod:`.curves` (sweeps,
-lens, attention, vectors), :mod:`.summaries` (localization, atlas, detection rates), :mod:`.refusal` (with and without
-the refusal ablation) — and every name the notebooks use is importable from here (``plots.save_figure``).
+lens, attention, vectors; the conditions and their colours are described there, once), :mod:`.summaries`
+(localization, atlas, detection rates), :mod:`.refusal` (with and without the refusal ablation) — and every name the
+notebooks use is importable from here.
 """
 
 from __future__ import annotations
