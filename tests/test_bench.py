@@ -13,8 +13,9 @@ def test_bench_runs_both_ways_in_both_dtypes_and_writes_its_readme_block(tmp_pat
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
     bench.main(["--model", "tiny-llama", "--naive-trials", "8", "--trials", "176", "--peak-size", "256",
-                "--readme", str(readme)])
+                "--device", "cpu", "--readme", str(readme)])
     out = capsys.readouterr().out
+    assert "model tiny-llama on cpu" in out
     for dtype in ("float32", "bfloat16"):
         assert f"[{dtype}] ratio :" in out and f"[{dtype}] max |engine - naive| over 8 trials" in out
         assert f"of the measured {dtype} matmul peak" in out
@@ -27,6 +28,7 @@ def test_bench_runs_both_ways_in_both_dtypes_and_writes_its_readme_block(tmp_pat
     assert "**engine, float32**" in block and "**engine, bfloat16**" in block and "bf16 engine vs fp32" in block
     assert "(8 spread trials timed, extrapolated)" in block and "load average" in block and "bf16 CPU flags" in block
     assert "`python -m introspection_utils.bench --model tiny-llama --naive-trials 8 --trials 176" in block
+    assert "--device cpu" in block
     assert readme.read_text().endswith("after\n")
 
 
@@ -49,3 +51,14 @@ def test_the_benchmark_doc_holds_a_measurement_written_by_the_script():
         f"run `python -m introspection_utils.bench --naive-trials 44 --readme {bench.BENCH_DOC}` on a quiet machine"
     assert "**engine, float32**" in block and "**engine, bfloat16**" in block and "bf16 engine vs fp32" in block
     assert "written by `python -m introspection_utils.bench" in block
+
+
+def test_the_gpu_and_amx_blocks_hold_measurements_written_by_the_script():
+    """Measured once on a lent H200 machine (docs/benchmark.md says how); rerun there to update."""
+    doc = project_root() / bench.BENCH_DOC
+    gpu, amx = read_block(doc, "bench-gpu"), read_block(doc, "bench-amx")
+    assert gpu.startswith("| random:gemma-2-9b-it, layer 21, 880 trials |") and "on NVIDIA " in gpu
+    assert "**engine, bfloat16**" in gpu and ", GPU " in gpu
+    assert "written by `python -m introspection_utils.bench" in gpu
+    assert amx.startswith("| random:qwen2.5-coder-1.5b-instruct, layer 14, ") and "bf16 CPU flags: amx_bf16" in amx
+    assert "--device cpu" in amx and "bf16 engine vs fp32 engine" in amx

@@ -13,7 +13,6 @@ import copy
 
 import pytest
 import torch
-from nnsight import TransformersModel
 
 from introspection_utils.engine.generation import generate
 from introspection_utils.engine.inject import Trial, measure, readout_logits, residuals
@@ -22,7 +21,7 @@ from introspection_utils.engine.vectors import ConceptVector, concept_vectors
 from introspection_utils.experiments import attribution, patching
 from introspection_utils.experiments.refusal import instruction_prompts, last_logits
 from introspection_utils.models import handle as models
-from introspection_utils.models.handle import ModelHandle, load_model
+from introspection_utils.models.handle import ModelHandle, load_model, wrap_model
 
 LOGIT_TOL = 0.04  # |bf16 − fp32| ≤ 0.04 × max(1, max|fp32|) for logits and their differences
 MASS_TOL = 0.02  # answer mass (a probability): absolute
@@ -34,7 +33,7 @@ DEEP_TOL = 0.08  # the embedded 30-layer model: rounding compounds over 15 times
 def as_bfloat16(handle: ModelHandle) -> ModelHandle:
     """A bf16 copy of ``handle`` (same weights rounded to bfloat16, same tokenizer and architecture)."""
     model = copy.deepcopy(handle.torch_model).to(torch.bfloat16)
-    return ModelHandle(handle.name, TransformersModel(model, tokenizer=handle.tokenizer), handle.tokenizer,
+    return ModelHandle(handle.name, wrap_model(model, handle.tokenizer), handle.tokenizer,
                        handle.arch, revision=handle.revision + "-bf16", dtype=torch.bfloat16)
 
 
@@ -269,6 +268,15 @@ def test_auto_dtype_on_cuda_asks_for_native_bf16(monkeypatch):
 def test_unknown_dtype_names_the_allowed_ones(bad):
     with pytest.raises(ValueError, match="unknown dtype .*'auto', 'float32', 'bfloat16', 'float16'"):
         load_model("tiny-llama", dtype=bad)
+
+
+def test_a_model_asked_for_on_the_cpu_stays_there_on_a_gpu_machine(monkeypatch):
+    """nnsight wraps the model in a transformers pipeline, which moves a model given no device to the first GPU:
+    on an H200 ``load_model(..., device="cpu")`` came back on ``cuda:0``. Here CUDA is made to look present (any
+    move towards it would fail on this CPU build of torch)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    handle = load_model("tiny-llama", device="cpu", dtype="float32")
+    assert handle.device == torch.device("cpu")
 
 
 def test_device_map_path_places_and_casts_on_cpu():

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=None, help="only the first N trials of the standard sweep")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: a GPU if one is visible, else the CPU)")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="n of the n×n matmul peak (default 1024 on CPU, 8192 on CUDA)")
     parser.add_argument("--readme", default=None, help="write the measurement into this file's bench block")
@@ -185,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--trials {args.trials} is too few; use at least 8")
     load = os.getloadavg()[0]  # before anything of ours runs: a busy machine's numbers are not the engine's
 
-    if args.model.startswith("random:") and not torch.cuda.is_available():
+    if args.model.startswith("random:") and args.device is None and not torch.cuda.is_available():
         print(f"skipped: {args.model} is a full-size randomly initialised model for the GPU benchmark and needs a "
-              f"CUDA device; none is present here")
+              f"CUDA device; none is present here (--device cpu runs it on the CPU anyway)")
         return
     runs: dict[str, dict] = {}
     trials: list[Trial] = []
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         _reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        handle = load_model(args.model, dtype=dtype)
+        handle = load_model(args.model, dtype=dtype, device=args.device)
         if not trials:  # the same trials (and float32-stored concept vectors) for every dtype
             layer = handle.check_layer(args.layer if args.layer is not None else handle.arch.n_layers // 2)
             trials = standard_trials(handle, layer)[:args.trials]
@@ -242,7 +244,8 @@ def _command(args: argparse.Namespace) -> str:
     if args.model != DEFAULT_MODEL:
         parts.append(f"--model {args.model}")
     for flag, value in (("--layer", args.layer), ("--naive-trials", args.naive_trials), ("--trials", args.trials),
-                        ("--batch-size", args.batch_size), ("--peak-size", args.peak_size)):
+                        ("--batch-size", args.batch_size), ("--peak-size", args.peak_size),
+                        ("--device", args.device)):
         if value is not None:
             parts.append(f"{flag} {value}")
     if args.dtypes != "float32,bfloat16":

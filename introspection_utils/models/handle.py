@@ -158,6 +158,19 @@ class ModelHandle:
         return int(layer)
 
 
+def wrap_model(hf_model: Any, tokenizer: Any) -> TransformersModel:
+    """``hf_model`` wrapped for tracing, left on the device it is on.
+
+    nnsight wraps a loaded module in a transformers pipeline, and a pipeline given no device moves the model to the
+    first GPU when one is visible: ``load_model(..., device="cpu")`` on a GPU machine came back on ``cuda:0``
+    (seen on an H200). Naming the model's own device keeps it where it was put; a model sharded by ``device_map``
+    is never moved by the pipeline, so it is given none.
+    """
+    if getattr(hf_model, "hf_device_map", None):
+        return TransformersModel(hf_model, tokenizer=tokenizer)
+    return TransformersModel(hf_model, tokenizer=tokenizer, device=next(hf_model.parameters()).device)
+
+
 def _get_path(obj: Any, path: str) -> Any:
     for attr in path.split("."):
         obj = getattr(obj, attr)
@@ -344,7 +357,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     if device_map is None:
         hf_model.to(device)
     hf_model.eval()
-    model = TransformersModel(hf_model, tokenizer=tokenizer)
+    model = wrap_model(hf_model, tokenizer)
     short = model_name(name).removesuffix(".gguf")
     return ModelHandle(short, model, tokenizer, arch, revision=revision, dtype=torch_dtype, base_model=base_model,
                        remote=remote, source=name)
