@@ -30,11 +30,16 @@ COSINE_MIN = 0.995  # concept vectors: bf16 vs fp32 direction
 DEEP_TOL = 0.08  # the embedded 30-layer model: rounding compounds over 15 times the tiny models' depth
 
 
+def copied(handle: ModelHandle, dtype: torch.dtype, device: str = "cpu") -> ModelHandle:
+    """A copy of ``handle`` with its weights cast to ``dtype`` on ``device`` (same tokenizer and architecture)."""
+    model = copy.deepcopy(handle.torch_model).to(device, dtype)
+    return ModelHandle(handle.name, wrap_model(model, handle.tokenizer), handle.tokenizer, handle.arch,
+                       revision=f"{handle.revision}-{device}-{str(dtype).removeprefix('torch.')}", dtype=dtype)
+
+
 def as_bfloat16(handle: ModelHandle) -> ModelHandle:
     """A bf16 copy of ``handle`` (same weights rounded to bfloat16, same tokenizer and architecture)."""
-    model = copy.deepcopy(handle.torch_model).to(torch.bfloat16)
-    return ModelHandle(handle.name, wrap_model(model, handle.tokenizer), handle.tokenizer,
-                       handle.arch, revision=handle.revision + "-bf16", dtype=torch.bfloat16)
+    return copied(handle, torch.bfloat16)
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,10 @@ the CPU in float32 whatever the model's device (``engine/injection.py``), which 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from test_bfloat16 import (  # noqa: F401  (collected here again with this module's ``pair``)
+    copied,
     test_bf16_ablated_logits_agree_with_float32,
     test_bf16_attention_agrees_with_the_float32_reference,
     test_bf16_attribution_and_patching_agree_with_float32,
@@ -29,7 +28,7 @@ from transformers import AutoConfig
 
 from introspection_utils.engine import inject
 from introspection_utils.engine.inject import measure, residuals
-from introspection_utils.models.handle import ModelHandle, load_model, wrap_model
+from introspection_utils.models.handle import load_model
 from introspection_utils.models.memory import check_fits, model_bytes
 
 pytestmark = [pytest.mark.cuda,
@@ -38,22 +37,15 @@ pytestmark = [pytest.mark.cuda,
 FP32_TOL = 1e-3  # GPU float32 vs CPU float32: other reduction orders, no TF32 (torch's default for matmuls)
 
 
-def on_cuda(handle: ModelHandle, dtype: torch.dtype) -> ModelHandle:
-    """``handle``'s weights copied to the GPU in ``dtype`` (same tokenizer and architecture)."""
-    model = copy.deepcopy(handle.torch_model).to("cuda", dtype)
-    return ModelHandle(handle.name, wrap_model(model, handle.tokenizer), handle.tokenizer,
-                       handle.arch, revision=f"{handle.revision}-cuda-{dtype}", dtype=dtype)
-
-
 @pytest.fixture(scope="module")
 def pair(tiny_perturbed):
     """``(CPU float32 reference, its CUDA bfloat16 copy)`` for each tiny family."""
-    return tiny_perturbed, on_cuda(tiny_perturbed, torch.bfloat16)
+    return tiny_perturbed, copied(tiny_perturbed, torch.bfloat16, "cuda")
 
 
 @pytest.fixture(scope="module")
 def fp32_pair(tiny_perturbed):
-    return tiny_perturbed, on_cuda(tiny_perturbed, torch.float32)
+    return tiny_perturbed, copied(tiny_perturbed, torch.float32, "cuda")
 
 
 def test_cuda_float32_measure_equals_the_cpu_reference(fp32_pair, oracle):
