@@ -9,7 +9,9 @@ it is saved to ``test-artifacts/explorer_web.png``.
 The test waits on readiness, never on a clock: on the server's own signal (the command prints "is served at" once Voilà
 accepts connections) and on the page's computed state (the explorer's status line says "ready" once the notebook has
 run and drawn). The bounds are generous (a loaded 2-core machine, the kernel importing torch and running a sweep)
-and only there to end a hung run; a run that hits one fails saying what it was waiting for, with the server's log.
+and only there to end a hung run; a run that hits one fails saying what it was waiting for, with the server's log and
+every thread's stack in the kernel at that moment (an IPython startup file in a private ``IPYTHONDIR`` registers
+``faulthandler`` on SIGUSR1, writing to a file the test reads), so a hang says where it is.
 """
 
 from __future__ import annotations
@@ -44,14 +46,26 @@ pytestmark = pytest.mark.skipif(
            "chromium-driver); Playwright is used with the system browser and never downloads one")
 
 
+STACKS: dict = {}  # "file": where the served kernel writes its threads' stacks on SIGUSR1; "server": its pid
+FAULTHANDLER_STARTUP = """import faulthandler, os, signal
+faulthandler.register(signal.SIGUSR1, file=open(os.environ["IU_TEST_KERNEL_STACKS"], "a"), all_threads=True)
+"""
+
+
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     """``(url, log)``: the explorer served on a free loopback port; always stopped (process group killed)."""
     port = explore.free_port()
     command = [sys.executable, "-m", "introspection_utils.explore", "--model", MODEL, "--port", str(port),
                "--startup-timeout", str(SERVER_BOUND_S)]
+    ipython_dir = tmp_path_factory.mktemp("ipython")
+    (ipython_dir / "profile_default" / "startup").mkdir(parents=True)
+    (ipython_dir / "profile_default" / "startup" / "00-stacks-on-sigusr1.py").write_text(FAULTHANDLER_STARTUP)
+    STACKS["file"] = ipython_dir / "kernel-stacks.txt"
+    env = {**os.environ, "IPYTHONDIR": str(ipython_dir), "IU_TEST_KERNEL_STACKS": str(STACKS["file"])}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env=env)
+    STACKS["server"] = process.pid
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
 
@@ -90,7 +104,34 @@ def waiting_for(what: str, bound_s: float, log: list[str]) -> Iterator[float]:
         yield bound_s * 1000
     except Exception as err:  # playwright's TimeoutError, expect()'s AssertionError
         raise AssertionError(f"waited {time.monotonic() - started:.0f} s (bound {bound_s:g} s) for {what}: {err}\n"
-                             "server log:\n" + "".join(log)) from err
+                             "server log:\n" + "".join(log) + "\n" + _kernel_stacks()) from err
+
+
+def _kernel_stacks() -> str:
+    """Every thread's stack in the served kernel(s), now: SIGUSR1 to each ipykernel process descended from the
+    server (its startup file registered faulthandler on it), then what they wrote."""
+    parents, cmdlines = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # the fields after the name: state, ppid, ...
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdlines[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == STACKS.get("server"):
+                return True
+        return False
+
+    kernels = [pid for pid in parents if b"ipykernel" in cmdlines.get(pid, b"") and descends(pid)]
+    for pid in kernels:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(3)
+    path = STACKS.get("file")
+    text = path.read_text() if path and path.is_file() else "(nothing written)"
+    return f"the kernel's threads (pids {kernels}) when the wait ended:\n{text}"
 
 
 def _kill(process: subprocess.Popen) -> None:
