@@ -147,12 +147,14 @@ def _kill(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def reference():
-    """The explorer's computing part in this process, with the notebook's own defaults (its parameters cell)."""
+    """The explorer's computing part in this process, with the notebook's own defaults (its parameters cell),
+    its dtype included: ``"auto"`` is bfloat16 on a CPU with AMX or AVX-512 BF16, whose numbers differ from float32's
+    in the second decimal the page prints."""
     from introspection_utils import default_layer, load_model
     from introspection_utils.apps.widgets import ExplorerState
 
     p = explore.notebook_defaults()
-    handle = load_model(MODEL)
+    handle = load_model(MODEL, dtype=p["dtype"])
     state = ExplorerState(handle, p["concepts"], scales=p["scales"], n_controls=p["n_controls"], seed=p["seed"])
     return state, default_layer(handle, p["layer"])
 
