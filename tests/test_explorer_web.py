@@ -184,7 +184,7 @@ def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference,
             with waiting_for(f"the first bytes of {url}", SERVER_BOUND_S, log) as ms:
                 page.goto(url, wait_until="commit", timeout=ms)  # Voilà streams the page while the notebook runs
             intro, control = page.locator(".iu-introspection"), page.locator(".iu-control-mean")
-            status, figure = page.locator(".iu-status"), page.locator(".iu-figure img")
+            status, figure = page.locator(".iu-status"), page.locator("img.iu-figure")
 
             def expect_numbers(concept: str, scale: float) -> None:
                 want = _printed(state, concept, layer, scale)
@@ -205,7 +205,7 @@ def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference,
                 with waiting_for("a new figure (the image's src to change)", STEP_BOUND_S, log) as ms:
                     page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel); "
                                            "return img !== null && img.getAttribute('src') !== old; }",
-                                           arg=[".iu-figure img", old], timeout=ms)
+                                           arg=["img.iu-figure", old], timeout=ms)
                 return figure.first.get_attribute("src")
 
             shown = wait_for_new_figure(None)

@@ -92,3 +92,17 @@ def test_numbers_include_the_controls_prediction_and_I(state):
     text = state.describe(v)
     assert "controls' line predicts" in text and f"I = {v['residual']:+.2f}" in text
     assert "degenerate" in text  # two controls: the slope is not identified, and the line says so
+
+
+def test_the_figure_is_an_image_and_only_a_controls_sweep_uses_an_output(state):
+    """No ``Output`` widget while the notebook executes (a headless executor's mimic of one raced the cell's reply):
+    the figure is PNG bytes in an ``Image``; the first render leaves the progress area untouched, and a control's
+    new sweep clears its bar when done."""
+    ui = Explorer(state, layer=1)
+    ui.render()
+    assert ui.figure.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ui.progress.outputs == ()
+    first = ui.figure.value
+    ui.concept.value = "Water"  # a new (concept, layer): computed in the callback, with progress
+    assert ui.figure.value != first and ui.progress.outputs == ()
+    assert "ready · " in ui.status.value

@@ -9,6 +9,7 @@ recomputes, and returning to a layer reuses it.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +124,16 @@ class ExplorerState:
 
 class Explorer:
     """ipywidgets around an :class:`ExplorerState`: concept dropdown, layer slider, scale slider, question selector,
-    random-vector toggle; every change redraws the figure and the numbers (sliders update on release)."""
+    random-vector toggle; every change redraws the figure and the numbers (sliders update on release).
+
+    The figure is an ``Image`` widget (PNG bytes), not an ``Output`` widget, and the first render, which runs while
+    the notebook itself executes, draws no progress bar: a headless executor (nbclient, under Voilà, papermill and
+    nbval) mimics a front end for ``Output`` widgets by sending ``comm_msg`` messages to the kernel on the shell channel
+    while it awaits the cell's ``execute_reply`` on that same socket, and under load that reply was never seen
+    (the page hung on "Executing 3 of 5"; the kernel was idle, its cell done). A sweep started from a control
+    later shows its progress in an ``Output`` (``progress``), cleared when it finishes: by then the page's own
+    front end, not the executor, holds the kernel connection.
+    """
 
     def __init__(self, state: ExplorerState, *, layer: int | None = None) -> None:
         import ipywidgets as w
@@ -141,31 +151,38 @@ class Explorer:
                                      "random vector instead of the concept vector")
         self.numbers = w.HTML()
         self.status = w.HTML()
-        self.output = w.Output()
+        self.progress = w.Output()  # a control's new sweep: its progress bar, cleared when done
+        self.figure = w.Image(format="png")
         # Stable CSS hooks for the web page (introspection_utils.apps.explore) and its browser test.
         for widget, name in ((self.concept, "concept"), (self.layer, "layer"), (self.scale, "scale"),
                              (self.question, "question"), (self.random, "random"), (self.numbers, "numbers"),
-                             (self.status, "status"), (self.output, "figure")):
+                             (self.status, "status"), (self.progress, "progress"), (self.figure, "figure")):
             widget.add_class(f"iu-{name}")
         for control in (self.concept, self.layer, self.scale, self.question, self.random):
             control.observe(self._on_change, names="value")
         self.box = w.VBox([w.HBox([self.concept, self.layer, self.scale]), w.HBox([self.question, self.random]),
-                           self.status, self.numbers, self.output])
+                           self.status, self.numbers, self.progress, self.figure])
 
     def current(self) -> dict[str, Any]:
         return {"concept": self.concept.value, "layer": self.layer.value, "scale": self.scale.value,
                 "question": self.question.value, "random": self.random.value}
 
-    def render(self) -> plt.Figure:
-        """Recompute (or reuse) the current state; update the numbers and the figure; return the figure."""
+    def render(self, progress: bool = False) -> plt.Figure:
+        """Recompute (or reuse) the current state; update the numbers and the figure; return the figure.
+        ``progress``: show a new sweep's progress bar in ``self.progress`` (the controls' callbacks do; the first
+        render, inside the notebook's own execution, does not: see the class docstring)."""
         current = self.current()
         key = (current["concept"], current["layer"])
         if key not in self.state.cache:  # sent to the page before the long computation starts
             self.status.value = (f"<i>computing the scale sweep of {key[0]} at layer {key[1]} "
                                  f"({len(self.state.scales)} scales × {len(self.state.questions)} questions × "
                                  f"concept and random vector)…</i>")
-            with self.output:  # the sweep's progress bar shows where the figure will be
-                self.state.sweep(*key, progress=True)
+            if progress:
+                with self.progress:
+                    self.state.sweep(*key, progress=True)
+                self.progress.clear_output()
+            else:
+                self.state.sweep(*key, progress=False)
         v = self.state.values(**current)
         self.numbers.value = (f"<b>introspection yes−no</b> <span class='iu-introspection'>{v['introspection']:+.2f}"
                               f"</span> &nbsp; <b>control mean</b> <span class='iu-control-mean'>"
@@ -174,18 +191,16 @@ class Explorer:
                               f"<span class='iu-residual'>{v['residual']:+.2f}</span>"
                               f"<br><code>{self.state.describe(v)}</code>")
         fig = self.state.figure(**current)
-        with self.output:
-            self.output.clear_output(wait=True)
-            from IPython.display import display
-
-            display(fig)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", bbox_inches="tight")  # as the inline backend draws it
+        self.figure.value = png.getvalue()
         plt.close(fig)
         self.status.value = (f"ready · {len(self.state.cache)} (concept, layer) sweep(s) cached; moving the scale, "
                              f"question or random toggle reuses them")
         return fig
 
     def _on_change(self, _change: dict) -> None:
-        self.render()
+        self.render(progress=True)
 
 
 def explorer(handle: ModelHandle, concepts: Sequence[str], *, layer: int | None = None,
