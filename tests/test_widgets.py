@@ -106,3 +106,12 @@ def test_the_figure_is_an_image_and_only_a_controls_sweep_uses_an_output(state):
     ui.concept.value = "Water"  # a new (concept, layer): computed in the callback, with progress
     assert ui.figure.value != first and ui.progress.outputs == ()
     assert "ready · " in ui.status.value
+    # Two controls: their baselines span too little for a fit; the sweep's warning is on the status line.
+    assert "⚠" in ui.status.value and "spans" in ui.status.value
+
+
+def test_the_answer_mass_is_said_once(state):
+    v = state.values("Water", 1, 8)
+    for mass in (0.09, 0.9):
+        text = state.describe({**v, "answer_mass": mass})
+        assert text.count("answer mass") == 1 and f"{mass:.2f}" in text

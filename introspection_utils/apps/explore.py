@@ -104,7 +104,8 @@ def start(parameters: dict[str, Any], port: int, notebook: Path = NOTEBOOK, **po
     check_parameters(parameters, notebook)
     if not port_is_free(port):
         raise ValueError(f"port {port} on {HOST} is in use: choose another with --port")
-    env = {**os.environ, ENV: json.dumps(parameters)}
+    # HF_HUB_DISABLE_PROGRESS_BARS: transformers' "Loading weights 100%" bar would stay on the page above the explorer.
+    env = {**os.environ, ENV: json.dumps(parameters), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     return subprocess.Popen(voila_command(port, notebook), cwd=notebook.parent, env=env, **popen)
 
 
@@ -152,7 +153,7 @@ def screenshot(url: str, path: str | Path, *, width: int = 1200, height: int = 1
             page = context.pages[0] if context.pages else context.new_page()
             page.goto(url, wait_until="commit")  # Voilà streams the page while the notebook runs
             page.locator(".iu-status", has_text="ready").wait_for(timeout=timeout * 1000)
-            page.locator(".iu-figure img").wait_for(timeout=timeout * 1000)
+            page.locator("img.iu-figure").wait_for(timeout=timeout * 1000)
             page.screenshot(path=str(path))
         finally:
             context.close()

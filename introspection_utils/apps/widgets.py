@@ -9,7 +9,9 @@ recomputes, and returning to a layer reuses it.
 
 from __future__ import annotations
 
+import html
 import io
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +112,9 @@ class ExplorerState:
                 f"introspection yes−no {v['introspection']:+.2f}, control mean {v['control_mean']:+.2f}; the "
                 f"controls' line predicts {v['predicted']:+.2f} for the introspection answer at its own baseline, so "
                 f"I = {v['residual']:+.2f}{fit}; "
-                f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}; answer mass "
-                f"P(yes)+P(no) {v['answer_mass']:.2f}){terms.mass_note(v['answer_mass'])}.")
+                f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}"
+                + (f"){note}." if (note := terms.mass_note(v["answer_mass"]))  # the mass, said once
+                   else f"; answer mass P(yes)+P(no) {v['answer_mass']:.2f})."))
 
     def figure(self, concept: str, layer: int, scale: float, question: str = INTROSPECTION,
                random: bool = False) -> plt.Figure:
@@ -153,6 +156,7 @@ class Explorer:
         self.status = w.HTML()
         self.progress = w.Output()  # a control's new sweep: its progress bar, cleared when done
         self.figure = w.Image(format="png")
+        self.notes: dict[tuple[str, int], list[str]] = {}  # (concept, layer) → the warnings its sweep raised
         # Stable CSS hooks for the web page (introspection_utils.apps.explore) and its browser test.
         for widget, name in ((self.concept, "concept"), (self.layer, "layer"), (self.scale, "scale"),
                              (self.question, "question"), (self.random, "random"), (self.numbers, "numbers"),
@@ -177,12 +181,15 @@ class Explorer:
             self.status.value = (f"<i>computing the scale sweep of {key[0]} at layer {key[1]} "
                                  f"({len(self.state.scales)} scales × {len(self.state.questions)} questions × "
                                  f"concept and random vector)…</i>")
-            if progress:
-                with self.progress:
-                    self.state.sweep(*key, progress=True)
-                self.progress.clear_output()
-            else:
-                self.state.sweep(*key, progress=False)
+            with warnings.catch_warnings(record=True) as caught:  # shown on the status line, not as stderr boxes
+                warnings.simplefilter("always")
+                if progress:
+                    with self.progress:
+                        self.state.sweep(*key, progress=True)
+                    self.progress.clear_output()
+                else:
+                    self.state.sweep(*key, progress=False)
+            self.notes[key] = list(dict.fromkeys(str(w.message) for w in caught))
         v = self.state.values(**current)
         self.numbers.value = (f"<b>introspection yes−no</b> <span class='iu-introspection'>{v['introspection']:+.2f}"
                               f"</span> &nbsp; <b>control mean</b> <span class='iu-control-mean'>"
@@ -195,8 +202,9 @@ class Explorer:
         fig.savefig(png, format="png", bbox_inches="tight")  # as the inline backend draws it
         self.figure.value = png.getvalue()
         plt.close(fig)
+        notes = "".join(f"<br><small>⚠ {html.escape(note)}</small>" for note in self.notes.get(key, ()))
         self.status.value = (f"ready · {len(self.state.cache)} (concept, layer) sweep(s) cached; moving the scale, "
-                             f"question or random toggle reuses them")
+                             f"question or random toggle reuses them{notes}")
         return fig
 
     def _on_change(self, _change: dict) -> None:
