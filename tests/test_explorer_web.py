@@ -236,3 +236,12 @@ def test_page_numbers_follow_the_scale_slider_and_the_concept(server, reference,
             page.screenshot(path=str(ARTIFACTS / "explorer_web.png"))
             context.close()
     assert (ARTIFACTS / "explorer_web.png").stat().st_size > 10_000
+
+
+def test_screenshot_waits_for_the_drawn_explorer(server, tmp_path):
+    """``explore --screenshot``'s capture: it returns once the page says "ready" and shows the figure's image."""
+    pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
+    url, log = server
+    with waiting_for("explore.screenshot to capture the drawn page", PAGE_BOUND_S, log):
+        path = explore.screenshot(url, tmp_path / "page.png", timeout=PAGE_BOUND_S)
+    assert path.stat().st_size > 10_000
