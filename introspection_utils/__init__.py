@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from introspection_utils.core.results import load_result
-    from introspection_utils.engine.inject import Trial, measure
+    from introspection_utils.engine.measure import Trial, measure
     from introspection_utils.engine.metadata import save_table
     from introspection_utils.engine.prompts import control_questions, introspection_prompt
     from introspection_utils.engine.vectors import (
@@ -40,7 +40,7 @@ _HOMES = {
     "introspection_prompt": "engine.prompts", "control_questions": "engine.prompts",
     "concept_vectors": "engine.vectors", "random_vector": "engine.vectors", "ConceptVector": "engine.vectors",
     "default_layer": "engine.vectors", "default_layers": "engine.vectors",
-    "Trial": "engine.inject", "measure": "engine.inject",
+    "Trial": "engine.measure", "measure": "engine.measure",
     "scale_sweep": "experiments.sweeps", "layer_sweep": "experiments.sweeps", "load_result": "core.results",
     "save_table": "engine.metadata",
     "run_atlas": "experiments.atlas",

@@ -4,7 +4,7 @@ The bf16 model under test is the float32 one cast to bfloat16 (``as_bfloat16``),
 reference is the dtype. Tolerances are stated per readout and sized to bf16's 8-bit mantissa (relative rounding
 2⁻⁹ per operation, compounded over the layers): logits within ``LOGIT_TOL × max(1, max|reference|)``, and the sign of
 yes − no the same wherever the reference is further than that from zero (a flip there would change a reading).
-The readout itself is float32 (:func:`introspection_utils.engine.inject.readout_logits`): tested directly below.
+The readout itself is float32 (:func:`introspection_utils.engine.measure.readout_logits`): tested directly below.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from introspection_utils.engine.generation import generate
-from introspection_utils.engine.inject import Trial, measure, readout_logits, residuals
+from introspection_utils.engine.measure import Trial, measure, readout_logits, residuals
 from introspection_utils.engine.prompts import control_questions, introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector, concept_vectors
 from introspection_utils.experiments import attribution, patching

@@ -5,7 +5,7 @@ numbers come from the CPU float32 tiny families (``tests/conftest.py`` pins them
 under test are the same weights moved to the GPU, in float32 and in bfloat16 (the dtype researchers run Gemma-2 in).
 The bf16 checks are ``tests/test_bfloat16.py``'s own tests, collected here a second time with ``pair`` meaning
 (CPU float32 reference, CUDA bf16 copy): one set of tolerances for both devices. The engine returns its readouts on
-the CPU in float32 whatever the model's device (``engine/injection.py``), which the comparisons rely on.
+the CPU in float32 whatever the model's device (``engine/traced_pass.py``), which the comparisons rely on.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from test_bfloat16 import (  # noqa: F401  (collected here again with this modul
 )
 from transformers import AutoConfig
 
-from introspection_utils.engine import inject
-from introspection_utils.engine.inject import measure, residuals
+from introspection_utils.engine import measure as measure_module
+from introspection_utils.engine.measure import measure, residuals
 from introspection_utils.models.handle import load_model
 from introspection_utils.models.memory import check_fits, model_bytes
 
@@ -83,8 +83,9 @@ def test_cuda_batch_size_comes_from_free_memory(pair):
     """On a GPU the engine sizes its batches from the free memory (on a CPU it keeps ``DEFAULT_BATCH``)."""
     cpu, gpu = pair
     trials = trials_of(cpu)
-    assert inject._auto_batch_size(cpu, trials) == inject.DEFAULT_BATCH
-    assert inject._auto_batch_size(gpu, trials) > inject.DEFAULT_BATCH  # a tiny model on a GPU: the limit
+    assert measure_module._auto_batch_size(cpu, trials) == measure_module.DEFAULT_BATCH
+    assert measure_module._auto_batch_size(gpu, trials) > measure_module.DEFAULT_BATCH
+    # a tiny model on a GPU: the limit
 
 
 def test_a_model_too_large_for_the_gpu_is_refused_before_loading():

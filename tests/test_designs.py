@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from introspection_utils.core.data import load_prompts
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.vectors import contrastive_vectors
 

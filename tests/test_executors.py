@@ -162,7 +162,7 @@ def test_a_driver_killed_mid_sweep_resumes_from_the_chunks_written(ray_report):
 
 
 def test_the_runner_passes_the_executor_to_the_notebooks_that_declare_it():
-    from introspection_utils.apps import run
+    from introspection_utils.apps.runner import cli as run
 
     params = {"model": "tiny-llama", "executor": "ray", "ray_address": "auto"}
     plans = dict(run.plan_runs(run.notebooks(["02", "03", "04", "11"]), params, where_declared=run.RUNNER_PLACED))

@@ -10,7 +10,8 @@ from test_verdicts import _scaled, _spread, _table
 from introspection_utils.apps import findings
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.core.results import SweepResult
-from introspection_utils.experiments import mechanisms, tasks
+from introspection_utils.experiments import mechanisms
+from introspection_utils.experiments.tasks import forced_choice
 from introspection_utils.stats import verdicts
 
 
@@ -124,8 +125,8 @@ def test_task_rows_are_the_notebooks_readings_and_rules(tmp_path):
     df["correct"] = df["target"] == df["chosen"]
     SweepResult(df, {}).save(tmp_path / "forced_choice")
     rows = findings.task_rows(tmp_path)
-    summary = tasks.forced_choice_summary(df)
+    summary = forced_choice.forced_choice_summary(df)
     assert rows.to_dict("records") == [{"task": "forced choice among concepts",
-                                        "evidence": tasks.describe_forced_choice(summary), "found": "yes"}]
+                                        "evidence": forced_choice.describe_forced_choice(summary), "found": "yes"}]
     assert "| forced choice among concepts |" in findings.tasks_markdown(rows)
     assert findings.task_rows(tmp_path / "nothing").empty

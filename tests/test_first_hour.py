@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from introspection_utils.apps import run
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.apps.runner import cli as run
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector, concept_vectors
 from introspection_utils.models.handle import load_model, resolve_name
@@ -124,7 +124,7 @@ def test_the_runner_refuses_before_any_kernel_starts_and_creates_nothing(argv, m
 
 
 def test_help_answers_without_importing_torch():
-    code = "import sys, introspection_utils.apps.run as r\n" \
+    code = "import sys, introspection_utils.apps.runner.cli as r\n" \
            "try:\n    r.main(['--help'])\nexcept SystemExit:\n    pass\n" \
            "assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -143,7 +143,7 @@ def test_a_run_with_parameters_goes_to_its_own_folder():
 
 
 def test_threads_default_to_the_free_cpus(monkeypatch):
-    from introspection_utils.apps import run_checks
+    from introspection_utils.apps.runner import checks as run_checks
 
     assert 1 <= run.default_threads() <= (os.cpu_count() or 1)
     if os.path.exists("/proc/stat"):  # sampled now, not the lagging load average

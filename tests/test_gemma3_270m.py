@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import introspection_prompt, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector
 

@@ -9,7 +9,7 @@ import torch
 
 from introspection_utils.engine import generation
 from introspection_utils.engine.generation import generate, stop_token_ids
-from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.measure import Trial
 from introspection_utils.engine.prompts import chat_prompt, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector
 

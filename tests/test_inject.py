@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from introspection_utils.engine.generation import generate
-from introspection_utils.engine.inject import (
+from introspection_utils.engine.measure import (
     Readout,
     Trial,
     attention_to_injection,

@@ -27,8 +27,8 @@ FOLDERS = {
 }
 # The commands' short forms at the top level -> the module each one runs (and nothing else).
 ENTRY_POINTS = {
-    "run": "apps.run", "findings": "apps.findings", "bench": "apps.bench", "explore": "apps.explore",
-    "demo": "apps.demo", "frozen_prompts": "apps.frozen_prompts", "calibration": "stats.calibration",
+    "run": "apps.runner.cli", "findings": "apps.findings", "bench": "apps.bench", "explore": "apps.explore",
+    "demo": "apps.demo", "frozen_prompts": "apps.frozen_prompts", "calibration": "stats.synthetic_calibration",
 }
 # Known, owned exceptions: (importer, imported) -> why it is still here.
 EXCEPTIONS: dict[tuple[str, str], str] = {}
@@ -38,13 +38,21 @@ LONG_MODULES: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
-    """Every package module in a role folder, as ``"folder.module"``."""
-    return {f"{p.parent.name}.{p.stem}": p for p in sorted(PACKAGE.glob("*/*.py")) if p.stem != "__init__"}
+    """Every package module in a role folder or a sub-package of one, as ``"folder.module"`` or
+    ``"folder.package.module"``; a deprecated path (a shim of :mod:`introspection_utils.core.deprecation`) is not
+    one."""
+    return {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in sorted(PACKAGE.glob("*/**/*.py"))
+            if p.stem != "__init__" and not _is_shim(p)}
+
+
+def _is_shim(path: Path) -> bool:
+    """A deprecated import path kept one release: it only forwards names to their new home."""
+    return "__getattr__ = moved(" in path.read_text(encoding="utf-8")
 
 
 def _package_imports(path: Path) -> set[str]:
-    """The package modules ``path`` imports (``"folder.module"``, or ``"folder"`` for the folder itself), outside
-    ``if TYPE_CHECKING:`` blocks."""
+    """The package modules ``path`` imports (``"folder.module"``, ``"folder.package.module"``, or ``"folder"`` for the
+    folder itself), outside ``if TYPE_CHECKING:`` blocks."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
                and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
@@ -55,20 +63,23 @@ def _package_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module == "introspection_utils":
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("introspection_utils."):
-            parts = node.module.split(".")[1:]
-            found |= ({".".join(parts)} if len(parts) == 2 else {f"{parts[0]}.{a.name}" for a in node.names})
+            base = node.module.removeprefix("introspection_utils.")
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}  # a name may be a submodule
         elif isinstance(node, ast.Import):
-            found |= {".".join(a.name.split(".")[1:3]) for a in node.names if a.name.startswith("introspection_utils.")}
+            found |= {a.name.removeprefix("introspection_utils.") for a in node.names
+                      if a.name.startswith("introspection_utils.")}
     return found
 
 
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {name: _package_imports(path) & set(modules) for name, path in modules.items()}
+    return {name: _package_imports(path) & set(modules) - {name} for name, path in modules.items()}
 
 
 def test_every_module_lives_in_a_role_folder():
     folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    nested = {p.parent.relative_to(PACKAGE).parts[0] for p in PACKAGE.glob("*/*/__init__.py")}
+    assert nested <= set(FOLDERS), f"sub-packages outside a role folder: {nested - set(FOLDERS)}"
     assert folders == set(FOLDERS), f"folders {sorted(folders)} differ from FOLDERS {sorted(FOLDERS)}"
     loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert loose == set(ENTRY_POINTS), f"top-level modules that are not entry points: {loose - set(ENTRY_POINTS)}"

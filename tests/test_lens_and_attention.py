@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.vectors import concept_vectors
 from introspection_utils.experiments import attention, logit_lens

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from introspection_utils.engine.inject import Trial, answer_logits, measure
+from introspection_utils.engine.measure import Trial, answer_logits, measure
 from introspection_utils.engine.vectors import ConceptVector
 from introspection_utils.experiments import localization as loc
 

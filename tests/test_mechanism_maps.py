@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from introspection_utils.engine.inject import measure
+from introspection_utils.engine.measure import measure
 from introspection_utils.engine.prompts import paper_answers
 from introspection_utils.experiments import mechanisms, patching
 from introspection_utils.plotting import mechanisms as plots_mechanisms

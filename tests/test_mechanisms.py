@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from introspection_utils.engine.components import Site
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import control_questions, introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector
 from introspection_utils.experiments import attribution, patching

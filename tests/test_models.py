@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector
 from introspection_utils.models import embedded

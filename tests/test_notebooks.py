@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from introspection_utils.apps import run
+from introspection_utils.apps.runner import cli as run
 from introspection_utils.core.data import load_list
 from introspection_utils.models import embedded
 

@@ -1,8 +1,8 @@
-"""One injection pass: only ``engine/injection.py`` edits the residual stream, and every caller of it (components,
+"""One injection pass: only ``engine/traced_pass.py`` edits the residual stream, and every caller of it (components,
 generation, the refusal experiment's logits) agrees with the measurement engine (``inject``) on the same trials.
 
 The structural half reads the package's source (no model): a second trace that injects or ablates, wherever it is
-written, fails it. The numeric half runs each caller and ``inject.measure`` / ``inject.answer_logits`` on the same
+written, fails it. The numeric half runs each caller and ``measure.measure`` / ``measure.answer_logits`` on the same
 trials of every tiny family (``inject`` itself is held to the plain-PyTorch reference in ``tests/test_inject.py``).
 """
 
@@ -18,13 +18,13 @@ import torch
 from introspection_utils.engine import generation
 from introspection_utils.engine.components import Edit, PromptPass, Site
 from introspection_utils.engine.generation import generate
-from introspection_utils.engine.inject import Trial, answer_logits, measure
+from introspection_utils.engine.measure import Trial, answer_logits, measure
 from introspection_utils.engine.prompts import answer_set, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector
 from introspection_utils.experiments.refusal import instruction_prompts, last_logits
 
 PACKAGE = Path(__file__).resolve().parent.parent / "introspection_utils"
-THE_PASS = "engine/injection.py"
+THE_PASS = "engine/traced_pass.py"
 # Modules whose traces only read activations (they inject and ablate nothing): what each reads.
 READ_ONLY = {
     "engine/vectors.py": "concept vectors and residual norms: the last token's layer outputs",
@@ -78,7 +78,7 @@ def _residual_edits(node: ast.AST) -> list[str]:
 
 def test_the_injection_module_holds_the_one_injecting_trace():
     tree = _tree(THE_PASS)
-    assert len(_traces(tree)) == 1, "engine/injection.py should hold exactly one trace: traced_pass"
+    assert len(_traces(tree)) == 1, "engine/traced_pass.py should hold exactly one trace: traced_pass"
     assert _residual_edits(tree), "the pass no longer edits the residual stream: did the injection move?"
 
 
@@ -91,7 +91,7 @@ def test_no_second_injection_pass(module):
     traces = _traces(tree)
     assert not traces or module in READ_ONLY, (
         f"{module} opens a trace at line(s) {[t.lineno for t in traces]}: an injecting forward goes through "
-        f"introspection_utils.engine.injection.traced_pass; a read-only trace is listed in READ_ONLY")
+        f"introspection_utils.engine.traced_pass.traced_pass; a read-only trace is listed in READ_ONLY")
     for block in traces:
         edits = [f"line {n.lineno}: {ast.unparse(n)[:80]}" for body in block.body for n in ast.walk(body)
                  if isinstance(n, (ast.Assign, ast.AugAssign)) and not all(

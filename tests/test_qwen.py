@@ -15,7 +15,7 @@ import torch
 from introspection_utils import load_model
 from introspection_utils.apps import frozen_prompts
 from introspection_utils.core.data import load_prompts
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import control_questions, introspection_prompt, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector
 from introspection_utils.models import embedded

@@ -9,7 +9,7 @@ import pytest
 import reference as ref
 import torch
 
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import chat_prompt, introspection_prompt, paper_answers, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector
 from introspection_utils.experiments.refusal import best_layer, refusal_directions, unit_direction

@@ -78,13 +78,17 @@ def test_entry_figures_are_what_the_notebook_saves(entry):
         assert len(matching) == 1, f"{entry.notebook} saves {name!r}; its entry's figures {entry.figures}"
 
 
+def _is_module(name: str) -> bool:
+    return (PACKAGE / Path(*name.split("."))).with_suffix(".py").is_file()
+
+
 @pytest.mark.parametrize("entry", EXPERIMENTS, ids=lambda e: e.number)
 def test_entry_modules_are_what_the_notebook_calls(entry):
     """Every ``experiments/`` module the notebook imports is in the entry, and every module of the entry is
     imported by the notebook (for 00 and 01, the engine modules that compute)."""
-    imported = {v.rsplit(".", 1)[0] if v.count(".") > 1 else v for v in _aliases(_code(entry.notebook)).values()}
-    imported |= set(_aliases(_code(entry.notebook)).values())
-    assert {m for m in imported if m.startswith("experiments.") and m.count(".") == 1} == \
+    names = set(_aliases(_code(entry.notebook)).values())  # modules, and names imported from modules
+    imported = {v if _is_module(v) else v.rsplit(".", 1)[0] for v in names} | names
+    assert {m for m in imported if m.startswith("experiments.") and _is_module(m)} == \
         {m for m in entry.modules if m.startswith("experiments.")}
     assert set(entry.modules) <= imported, f"{entry.notebook} does not import {set(entry.modules) - imported}"
     for module in entry.modules:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from introspection_utils.engine.inject import Trial, residuals
+from introspection_utils.engine.measure import Trial, residuals
 from introspection_utils.engine.prompts import control_questions, introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector
 

@@ -7,12 +7,12 @@ import typing
 import pytest
 import torch
 
-from introspection_utils.engine import inject, prompts, vectors
+from introspection_utils.engine import measure, prompts, vectors
 from introspection_utils.models import handle as models
 
 NAMES = {"ModelHandle": models.ModelHandle, "Prompt": prompts.Prompt, "ConceptVector": vectors.ConceptVector}
-PUBLIC = [inject.measure, inject.answer_logits, inject.yes_no_logit_diff, inject.logit_lens,
-          inject.attention_to_injection, inject.residuals, inject.Readout, vectors.ConceptVector, vectors.VectorBank,
+PUBLIC = [measure.measure, measure.answer_logits, measure.yes_no_logit_diff, measure.logit_lens,
+          measure.attention_to_injection, measure.residuals, measure.Readout, vectors.ConceptVector, vectors.VectorBank,
           vectors.last_token_activations, vectors.word_activations, vectors.cosine_similarity_matrix]
 
 
@@ -27,12 +27,12 @@ def _bare_tensors(hint) -> list:
 
 @pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__qualname__)
 def test_every_tensor_in_a_public_signature_has_a_shape(obj):
-    hints = typing.get_type_hints(obj, globalns={**vars(inject), **vars(vectors), **NAMES}, include_extras=True)
+    hints = typing.get_type_hints(obj, globalns={**vars(measure), **vars(vectors), **NAMES}, include_extras=True)
     bare = {name: hint for name, hint in hints.items() if _bare_tensors(hint)}
     assert not bare, f"{obj.__qualname__}: tensors without a shape: {bare}"
 
 
 def test_the_shape_reads_like_the_docstrings():
-    hints = typing.get_type_hints(inject.attention_to_injection, globalns={**vars(inject), **NAMES},
+    hints = typing.get_type_hints(measure.attention_to_injection, globalns={**vars(measure), **NAMES},
                                   include_extras=True)
     assert str(hints["return"]).count("[n_trials, n_layers, n_heads]") == 2

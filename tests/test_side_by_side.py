@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from introspection_utils.apps import run, run_execute
-from introspection_utils.apps.side_by_side import AFTER, default_jobs, run_side_by_side
+from introspection_utils.apps.runner import cli as run
+from introspection_utils.apps.runner import execute as run_execute
+from introspection_utils.apps.runner.kernels import AFTER, default_jobs, run_side_by_side
 
 
 class Recorder:
@@ -138,7 +139,7 @@ def test_the_series_time_is_recorded_cold_and_warm_and_written_into_the_docs(tmp
 def test_a_notebook_in_a_used_warm_kernel_saves_what_a_fresh_kernel_saves(tmp_path, monkeypatch):
     """Warm kernels (make demo) are put back to how they started between notebooks: 02 run after 01 and 03 in the
     same kernel saves byte-identical tables and figures to 02 run alone in a new kernel."""
-    from introspection_utils.apps import side_by_side
+    from introspection_utils.apps.runner import kernels as side_by_side
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     started = []

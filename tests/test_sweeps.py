@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from introspection_utils.core.results import load_result
-from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.measure import Trial
 from introspection_utils.engine.metadata import metadata, save_table
 from introspection_utils.engine.prompts import answer_set, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import concept_vectors, random_vector

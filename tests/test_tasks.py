@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from introspection_utils.engine.generation import generate
-from introspection_utils.engine.inject import Trial, answer_logits, measure
+from introspection_utils.engine.measure import Trial, answer_logits, measure
 from introspection_utils.engine.prompts import answer_set, introspection_prompt
 from introspection_utils.engine.vectors import (
     NULL_KINDS,
@@ -24,8 +24,8 @@ from introspection_utils.engine.vectors import (
     with_random,
 )
 from introspection_utils.experiments import atlas as metrics
-from introspection_utils.experiments import tasks
 from introspection_utils.experiments.sweeps import scale_sweep
+from introspection_utils.experiments.tasks import common, congruence, forced_choice, strength
 from tests import reference
 
 WORDS = ("Dust", "Satellites", "Trumpets")
@@ -61,17 +61,17 @@ def reference_last_logits(handle, prompt, spans=(), vector=None, layer=None):
 def test_forced_choice_probabilities_match_the_reference_and_map_shuffled_labels_back(tiny_llama):
     h = tiny_llama
     bank = random_bank(h)
-    result = tasks.run_forced_choice(h, WORDS, layer=1, scales=[6.0], n_orders=3, n_random=1,
+    result = forced_choice.run_forced_choice(h, WORDS, layer=1, scales=[6.0], n_orders=3, n_random=1,
                                      nulls=["isotropic"], bank=bank, seed=3, progress=False)
     df = result.df
     assert set(df["condition"]) == {"concept", "random", "none"}
-    orders = tasks.shuffled_orders(3, 3, 3)
+    orders = forced_choice.shuffled_orders(3, 3, 3)
     assert [o.split(",") for o in df["order"].unique()] == [[WORDS[i] for i in o] for o in orders]
     concept_rows = df[df["condition"] == "concept"]
     assert len(concept_rows) == 3 * 3
     for row in concept_rows.itertuples():
         shown = row.order.split(",")
-        prompt = tasks.forced_choice_prompt(h, shown)
+        prompt = forced_choice.forced_choice_prompt(h, shown)
         ids = label_ids_independently(h, prompt, ["1", "2", "3"])
         start = prompt.injection_start
         logits = reference_last_logits(h, prompt, [(start, len(prompt), 6.0)], bank.get(row.target, 1).vector,
@@ -90,18 +90,18 @@ def test_forced_choice_probabilities_match_the_reference_and_map_shuffled_labels
 
 def test_choices_from_logits_maps_positions_to_canonical_concepts():
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
-    chosen, probs = tasks.choices_from_logits(logits, [2, 0, 1])  # position 0 shows concept 2, ...
+    chosen, probs = forced_choice.choices_from_logits(logits, [2, 0, 1])  # position 0 shows concept 2, ...
     assert chosen.tolist() == [0, 2]
     assert torch.allclose(probs[0], logits[0].softmax(-1)[[1, 2, 0]])
 
 
 def test_a_label_of_several_tokens_is_an_error_naming_it(tiny_llama):
-    prompt = tasks.forced_choice_prompt(tiny_llama, list(WORDS))
-    assert len(tasks.label_token_ids(tiny_llama, prompt, ["1", "2", "3"])) == 3
+    prompt = forced_choice.forced_choice_prompt(tiny_llama, list(WORDS))
+    assert len(common.label_token_ids(tiny_llama, prompt, ["1", "2", "3"])) == 3
     with pytest.raises(ValueError, match="label '12' is not a single token"):
-        tasks.label_token_ids(tiny_llama, prompt, ["1", "12"])
+        common.label_token_ids(tiny_llama, prompt, ["1", "12"])
     with pytest.raises(ValueError, match="forced choice needs 2..9 distinct concepts"):
-        tasks.run_forced_choice(tiny_llama, ["Dust"], progress=False)
+        forced_choice.run_forced_choice(tiny_llama, ["Dust"], progress=False)
 
 
 def test_mutual_information_is_zero_at_chance_and_finds_a_planted_signal():
@@ -110,13 +110,13 @@ def test_mutual_information_is_zero_at_chance_and_finds_a_planted_signal():
     n = 4000
     targets = rng.choice(labels, n)
     chance_choice = rng.choice(labels, n)
-    mi, p, _ = tasks.mi_permutation_test(targets, chance_choice, labels, n_permutations=200)
+    mi, p, _ = forced_choice.mi_permutation_test(targets, chance_choice, labels, n_permutations=200)
     assert mi < 0.01 and p > 0.01
     planted = np.where(rng.random(n) < 0.5, targets, chance_choice)
-    mi, p, null_mean = tasks.mi_permutation_test(targets, planted, labels, n_permutations=200)
+    mi, p, null_mean = forced_choice.mi_permutation_test(targets, planted, labels, n_permutations=200)
     assert mi > 0.2 and p < 0.01 and null_mean < 0.01
-    assert tasks.mutual_information(np.eye(4) * 10) == pytest.approx(2.0)  # a perfect 4-way code: 2 bits
-    assert tasks.mutual_information(np.ones((4, 4))) == pytest.approx(0.0)
+    assert forced_choice.mutual_information(np.eye(4) * 10) == pytest.approx(2.0)  # a perfect 4-way code: 2 bits
+    assert forced_choice.mutual_information(np.ones((4, 4))) == pytest.approx(0.0)
 
 
 def test_forced_choice_summary_puts_chance_in_the_interval_and_the_planted_signal_above_it():
@@ -130,18 +130,18 @@ def test_forced_choice_summary_puts_chance_in_the_interval_and_the_planted_signa
                        "scale": [0.0] * n + [4.0] * n, "target": np.r_[targets, targets],
                        "chosen": np.r_[chance, planted]})
     df["correct"] = df["target"] == df["chosen"]
-    summary = tasks.forced_choice_summary(df, n_permutations=200).set_index("condition")
+    summary = forced_choice.forced_choice_summary(df, n_permutations=200).set_index("condition")
     assert summary.loc["none", "ci_low"] < 1 / 3 < summary.loc["none", "ci_high"]
     assert summary.loc["concept", "ci_low"] > 1 / 3 and summary.loc["concept", "mi_p"] < 0.01
-    assert "above chance" in tasks.describe_forced_choice(summary.reset_index())
-    assert tasks.forced_choice_found(summary.reset_index())
+    assert "above chance" in forced_choice.describe_forced_choice(summary.reset_index())
+    assert forced_choice.forced_choice_found(summary.reset_index())
     # a null vector kind that names the concept as well as the concept vectors do: not found
     null = df[df["condition"] == "concept"].assign(condition="random", null_kind="isotropic")
-    both = tasks.forced_choice_summary(pd.concat([df, null]), n_permutations=200)
-    assert not tasks.forced_choice_found(both)
+    both = forced_choice.forced_choice_summary(pd.concat([df, null]), n_permutations=200)
+    assert not forced_choice.forced_choice_found(both)
     chance_only = df.assign(chosen=np.r_[chance, chance])
     chance_only["correct"] = chance_only["target"] == chance_only["chosen"]
-    assert not tasks.forced_choice_found(tasks.forced_choice_summary(chance_only, n_permutations=200))
+    assert not forced_choice.forced_choice_found(forced_choice.forced_choice_summary(chance_only, n_permutations=200))
 
 
 # ------------------------------------------------------------------------------------------------ congruence
@@ -149,7 +149,7 @@ def test_forced_choice_summary_puts_chance_in_the_interval_and_the_planted_signa
 
 def test_congruence_prompts_name_the_concept_and_inject_from_the_trial_line(tiny_llama):
     h = tiny_llama
-    prompt = tasks.congruence_prompt(h, "Dust")
+    prompt = congruence.congruence_prompt(h, "Dust")
     assert prompt.question == "Trial 1: Do you detect an injected thought about dust?"
     paper = introspection_prompt(h)
     assert prompt.injection_start == paper.injection_start  # the same frame: the "\n\n" before the trial line
@@ -162,12 +162,12 @@ def test_congruence_pairs_each_concept_with_its_most_anti_aligned_and_matches_th
     a, b = torch.randn(h.arch.d_model, generator=g), torch.randn(h.arch.d_model, generator=g)
     vecs = torch.stack([a, b, -a * 0.9 + 0.1 * b])[:, None, :].expand(3, h.arch.n_layers, -1) * 2
     bank = VectorBank(("Dust", "Satellites", "Trumpets"), vecs.contiguous(), model=h.name)
-    assert tasks.incongruent_partners(bank, 1)["Dust"] == "Trumpets"
-    result = tasks.run_congruence(h, bank.words, layer=1, scales=[5.0], n_random=1, bank=bank, progress=False)
+    assert congruence.incongruent_partners(bank, 1)["Dust"] == "Trumpets"
+    result = congruence.run_congruence(h, bank.words, layer=1, scales=[5.0], n_random=1, bank=bank, progress=False)
     df = result.df
     assert result.meta["spec"]["partners"]["Dust"] == "Trumpets"
     for row in df[df["condition"] == "concept"].itertuples():
-        prompt = tasks.congruence_prompt(h, row.named)
+        prompt = congruence.congruence_prompt(h, row.named)
         assert row.congruent == (row.named == row.concept)
         sets = answer_set(h)  # the engine reads yes and no as log-sum-exp over their token variants
         vec = bank.get(row.concept, 1).vector
@@ -182,10 +182,10 @@ def test_congruence_pairs_each_concept_with_its_most_anti_aligned_and_matches_th
 
 
 def test_sign_flip_and_congruence_summary_on_synthetic_gaps():
-    assert tasks.sign_flip_test([1.0] * 8) == pytest.approx(1 / 256)
+    assert congruence.sign_flip_test([1.0] * 8) == pytest.approx(1 / 256)
     rng = np.random.default_rng(2)
     null = rng.normal(0, 1, 12)
-    assert tasks.sign_flip_test(np.r_[null, -null]) > 0.3  # symmetric around 0
+    assert congruence.sign_flip_test(np.r_[null, -null]) > 0.3  # symmetric around 0
     rows = []
     for k, concept in enumerate(f"c{i}" for i in range(10)):
         shared = rng.normal(2, 1)  # a yes-bias: both questions lifted alike
@@ -194,22 +194,22 @@ def test_sign_flip_and_congruence_summary_on_synthetic_gaps():
                       "vector_seed": pd.NA if condition == "concept" else 0, "concept": concept, "layer": 1,
                       "scale": 4.0, "congruent": c, "delta": shared + (gap if c else 0.0) + rng.normal(0, 0.01)}
                      for c in (True, False)]
-    summary = tasks.congruence_summary(pd.DataFrame(rows)).set_index("condition")
+    summary = congruence.congruence_summary(pd.DataFrame(rows)).set_index("condition")
     assert summary.loc["concept", "p_signflip"] < 0.01 and summary.loc["concept", "n_positive"] == 10
     assert abs(summary.loc["random", "mean_gap"]) < 0.05 and summary.loc["random", "p_signflip"] > 0.01
     assert summary.loc["concept", "mean_gap"] == pytest.approx(1.45, abs=0.02)
-    assert tasks.congruence_found(summary.reset_index())
+    assert congruence.congruence_found(summary.reset_index())
     shared_only = pd.DataFrame(rows)  # the planted gaps taken out: the yes-bias lifts both questions alike
     planted = shared_only["congruent"] & (shared_only["condition"] == "concept")
     shared_only["delta"] -= np.where(planted, 1.0 + 0.1 * shared_only["concept"].str[1:].astype(int), 0.0)
-    assert not tasks.congruence_found(tasks.congruence_summary(shared_only))
+    assert not congruence.congruence_found(congruence.congruence_summary(shared_only))
 
 
 # ------------------------------------------------------------------------------------------------ strength comparison
 
 
 def test_strength_prompt_spans_cover_each_sentence(tiny_llama):
-    two = tasks.strength_prompt(tiny_llama, ["The dog barks loudly.", "It rained all day."])
+    two = strength.strength_prompt(tiny_llama, ["The dog barks loudly.", "It rained all day."])
     for (start, end), sentence in zip(two.spans, two.sentences, strict=True):
         text = tiny_llama.tokenizer.decode(list(two.prompt.input_ids[start:end]))
         assert text.strip() == sentence
@@ -218,11 +218,11 @@ def test_strength_prompt_spans_cover_each_sentence(tiny_llama):
 
 def test_two_strengths_in_one_prompt_match_two_plain_hooks(tiny_llama):
     h = tiny_llama
-    two = tasks.strength_prompt(h, ["The dog barks loudly.", "It rained all day."])
+    two = strength.strength_prompt(h, ["The dog barks loudly.", "It rained all day."])
     v = random_bank(h).get("Dust", 0)
     ids = label_ids_independently(h, two.prompt, ["1", "2"])
-    trials = [tasks.strength_trial(two, v, 6.0, 2.0), tasks.strength_trial(two, v, 2.0, 6.0),
-              tasks.strength_trial(two, None, 0, 0)]
+    trials = [strength.strength_trial(two, v, 6.0, 2.0), strength.strength_trial(two, v, 2.0, 6.0),
+              strength.strength_trial(two, None, 0, 0)]
     got = answer_logits(h, trials, ids)
     (a1, b1), (a2, b2) = two.spans
     for (first, second), row in zip( [(6.0, 2.0), (2.0, 6.0), (0.0, 0.0)], got, strict=True):
@@ -234,12 +234,12 @@ def test_two_strengths_in_one_prompt_match_two_plain_hooks(tiny_llama):
     torch.testing.assert_close(full, got[:2], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="weighted span"):
         measure(h, [Trial(two.prompt, v, 1.0, window=((a1, b1, 1.0), (a2, len(two.prompt) + 5, 1.0)))])
-    with pytest.raises(ValueError, match="weighted spans are read by inject.measure"):
+    with pytest.raises(ValueError, match="weighted spans are read by measure.measure"):
         generate(h, trials[:1], max_new_tokens=1)
 
 
 def test_strength_comparison_is_counterbalanced_and_its_summary_reads_chance_and_signal(tiny_llama):
-    result = tasks.run_strength_comparison(tiny_llama, ["Dust"], layers=[0, 1], pairs=[(2.0, 6.0)], n_sets=1,
+    result = strength.run_strength_comparison(tiny_llama, ["Dust"], layers=[0, 1], pairs=[(2.0, 6.0)], n_sets=1,
                                            n_random=1, bank=random_bank(tiny_llama), progress=False)
     df = result.df
     injected = df[df["condition"] != "none"]
@@ -249,17 +249,17 @@ def test_strength_comparison_is_counterbalanced_and_its_summary_reads_chance_and
     always_one = pd.DataFrame({"condition": "concept", "null_kind": "", "layer": 1, "stronger": [1, 2] * 50,
                                "chosen": 1})
     always_one["correct"] = always_one["chosen"] == always_one["stronger"]
-    s = tasks.strength_summary(always_one).iloc[0]
+    s = strength.strength_summary(always_one).iloc[0]
     assert s["accuracy"] == 0.5 and s["first_bias"] == 1.0 and s["ci_low"] < 0.5 < s["ci_high"]
     good = always_one.assign(chosen=np.where(np.arange(100) % 10 == 0, 3 - always_one["stronger"],
                                              always_one["stronger"]))
     good["correct"] = good["chosen"] == good["stronger"]
-    s = tasks.strength_summary(good).iloc[0]
+    s = strength.strength_summary(good).iloc[0]
     assert s["accuracy"] == 0.9 and s["ci_low"] > 0.5 and s["p_binomial"] < 1e-6
-    assert tasks.strength_found(tasks.strength_summary(good))
-    assert not tasks.strength_found(tasks.strength_summary(always_one))  # a position bias is not strength
+    assert strength.strength_found(strength.strength_summary(good))
+    assert not strength.strength_found(strength.strength_summary(always_one))  # a position bias is not strength
     as_good = good.assign(condition="random", null_kind="isotropic")
-    assert not tasks.strength_found(tasks.strength_summary(pd.concat([good, as_good])))
+    assert not strength.strength_found(strength.strength_summary(pd.concat([good, as_good])))
 
 
 # ------------------------------------------------------------------------------------------------ null kinds

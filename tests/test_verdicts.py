@@ -20,8 +20,13 @@ from introspection_utils.experiments import atlas as metrics
 from introspection_utils.experiments import sweeps
 from introspection_utils.experiments.sweeps import COLUMNS
 from introspection_utils.readings import sentences as readings
-from introspection_utils.stats import calibration, terms, verdicts
-from introspection_utils.stats.terms import QuestionCurves
+from introspection_utils.stats import introspection_residual, synthetic_calibration, verdicts
+from introspection_utils.stats.introspection_residual import (
+    QuestionCurves,
+    flip_scale,
+    question_curves,
+    statistic_weights,
+)
 
 SCALES = [0.0, 1.0, 2.0, 4.0]
 SPREAD = [-3.0, -1.0, 1.0, 3.0, 5.0, -2.0, 0.0, 2.0]  # control baselines spanning 8 logits (cycled)
@@ -84,15 +89,15 @@ def _residual_by_hand(delta: np.ndarray, base: np.ndarray, roles: np.ndarray) ->
 # ---------------------------------------------------------------------------------------------------- definitions
 
 def test_flip_scale_needs_a_no_baseline_and_a_yes_answer():
-    assert terms.flip_scale(SCALES, [-2.0, -1.0, 0.5, 2.0], -2.0) == 2.0
-    assert math.isnan(terms.flip_scale(SCALES, [-2.0, -1.0, -0.5, -0.1], -2.0))  # never flips
-    assert math.isnan(terms.flip_scale(SCALES, [0.5, 1.0, 2.0, 3.0], 0.5))  # already yes: nothing to flip
-    assert terms.flip_scale([0.0, 1.0], [1.0, 1.0], 0.0) == 1.0  # scale 0 is never a flip
+    assert flip_scale(SCALES, [-2.0, -1.0, 0.5, 2.0], -2.0) == 2.0
+    assert math.isnan(flip_scale(SCALES, [-2.0, -1.0, -0.5, -0.1], -2.0))  # never flips
+    assert math.isnan(flip_scale(SCALES, [0.5, 1.0, 2.0, 3.0], 0.5))  # already yes: nothing to flip
+    assert flip_scale([0.0, 1.0], [1.0, 1.0], 0.0) == 1.0  # scale 0 is never a flip
 
 
 def test_curve_table_means_and_shift_by_hand():
     deltas = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]  # 2 wordings, 2 controls
-    c = terms.curve_table(_table({"x": (deltas, 2)}), "x")
+    c = introspection_residual.curve_table(_table({"x": (deltas, 2)}), "x")
     assert list(c["introspection"]) == pytest.approx([-2.0, 0.0, 1.0, 2.0])
     assert list(c["control_mean"]) == pytest.approx([-2.0, -2.0, -1.5, -1.0])
     assert list(c["shift"]) == pytest.approx([0.0, 2.0, 2.5, 3.0])
@@ -104,13 +109,13 @@ def test_curve_table_means_and_shift_by_hand():
 
 
 def test_answer_mass_below_the_threshold_is_said():
-    assert terms.mass_note(0.9) == ""
-    assert "yes over no, not the model's answer" in terms.mass_note(0.12)
+    assert introspection_residual.mass_note(0.9) == ""
+    assert "yes over no, not the model's answer" in introspection_residual.mass_note(0.12)
 
 
 def test_question_curves_order_and_labels():
     deltas = [[1.0, 2.0, 3.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
-    curves = terms.question_curves(_table({"x": (deltas, 1)}))
+    curves = question_curves(_table({"x": (deltas, 1)}))
     c = curves[("x", 3, "concept", None)]
     assert c.is_intro.tolist() == [True, False, False] and c.delta.shape == (3, 4)
     assert c.shift().tolist() == pytest.approx([0.0, 1.0, 1.5, 2.0])
@@ -123,16 +128,16 @@ def test_statistic_weights_are_the_least_squares_residual():
     rng = np.random.default_rng(1)
     base, delta = rng.normal(0, 2, 9), rng.normal(0, 1, (9, 4))
     roles = np.array([1, -1, 1, 0, 0, 0, 0, 0, 0])
-    assert terms.statistic_weights(base, roles) @ delta == pytest.approx(_residual_by_hand(delta, base, roles))
+    assert statistic_weights(base, roles) @ delta == pytest.approx(_residual_by_hand(delta, base, roles))
     many = np.array([roles, np.roll(roles, 3), np.roll(roles, 5)])
     by_hand = np.array([_residual_by_hand(delta, base, r) for r in many])
-    assert terms.statistic_weights(base, many) @ delta == pytest.approx(by_hand)
-    s = terms.statistic_weights(base, roles, "S") @ delta
+    assert statistic_weights(base, many) @ delta == pytest.approx(by_hand)
+    s = statistic_weights(base, roles, "S") @ delta
     assert s == pytest.approx(delta[:3].mean(axis=0) - delta[3:].mean(axis=0))
-    flat = terms.statistic_weights(np.full(9, 0.5), roles) @ delta  # no spread: the line is b alone
+    flat = statistic_weights(np.full(9, 0.5), roles) @ delta  # no spread: the line is b alone
     assert flat == pytest.approx((roles[:3, None] * (delta[:3] - delta[3:].mean(axis=0))).mean(axis=0))
     with pytest.raises(ValueError, match="choose one of"):
-        terms.statistic_weights(base, roles, "T")
+        statistic_weights(base, roles, "T")
 
 
 def test_shared_shift_compression_and_a_balanced_bias_cancel_in_I_but_not_in_S():
@@ -159,14 +164,14 @@ def test_polarity_defaults_for_old_tables_and_is_read_from_new_ones():
     deltas = _scaled([1.0, -1.0, 0.0, 0.1, -0.1, 0.0])
     old = _table({"x": (deltas, 2)}, with_polarity=False, baseline=_spread(2, 4))
     new = _table({"x": (deltas, 2)}, polarity=[1, -1], baseline=_spread(2, 4))
-    assert terms.question_curves(old)[("x", 3, "concept", None)].polarity.tolist() == [1, 1, 0, 0, 0, 0]
-    c = terms.question_curves(new)[("x", 3, "concept", None)]
+    assert question_curves(old)[("x", 3, "concept", None)].polarity.tolist() == [1, 1, 0, 0, 0, 0]
+    c = question_curves(new)[("x", 3, "concept", None)]
     assert c.polarity.tolist() == [1, -1, 0, 0, 0, 0]
     assert c.group_delta(True)[1:] == pytest.approx(np.array(SCALES[1:]))  # the inverted one fell: detection
-    table = terms.curve_table(new, "x")
+    table = introspection_residual.curve_table(new, "x")
     assert list(table["residual"]) == pytest.approx(list(c.residual()))
     with pytest.raises(ValueError, match="polarity"):
-        terms.question_curves(new.assign(polarity=new["polarity"].replace(-1, 2)))
+        question_curves(new.assign(polarity=new["polarity"].replace(-1, 2)))
 
 
 # -------------------------------------------------------------------------------------------------------- the test
@@ -236,7 +241,7 @@ def test_a_degenerate_fit_runs_no_test_and_says_so(baseline, n_controls):
     base = baseline if baseline is not None else _spread(2, n_controls)
     randoms = [_scaled([0.0] * len(slopes))] * 4
     df = _table({"x": (_scaled(slopes), 2)}, randoms=randoms, baseline=base)
-    c = terms.question_curves(df)[("x", 3, "concept", None)]
+    c = question_curves(df)[("x", 3, "concept", None)]
     assert not c.fit_ok
     table = verdicts.verdicts(df, n_boot=100)
     row = table.iloc[0]
@@ -329,7 +334,7 @@ def test_atlas_classes_pvalues_and_reproducibility():
 
 def test_bootstrap_interval_of_I_covers_it():
     concepts, randoms, base = _atlas_cases()
-    c = terms.question_curves(_table(concepts, randoms=randoms, baseline=base))[("sandwich", 3, "concept", None)]
+    c = question_curves(_table(concepts, randoms=randoms, baseline=base))[("sandwich", 3, "concept", None)]
     ci = verdicts.bootstrap_interval(c, 3, rng=np.random.default_rng(0), n_boot=500)
     assert ci["I_ci_low"] <= c.residual()[3] <= ci["I_ci_high"]
     assert ci["shift_ci_low"] <= c.shift()[3] <= ci["shift_ci_high"]
@@ -337,11 +342,11 @@ def test_bootstrap_interval_of_I_covers_it():
 
 def test_bootstrap_point_estimate_is_the_table_I_and_S():
     """A resample that draws every question once is the table: its I and S are the verdict table's (the bootstrap
-    computes them with the one definition, terms.statistic_weights, and no arithmetic of its own)."""
+    computes them with the one definition, introspection_residual.statistic_weights, and no arithmetic of its own)."""
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)
     table = verdicts.verdicts(df, n_boot=50).set_index("concept")
-    curves = terms.question_curves(df)
+    curves = question_curves(df)
     for concept in concepts:
         c, row = curves[(concept, 3, "concept", None)], table.loc[concept]
         ones = np.ones((1, len(c.questions)))
@@ -358,7 +363,7 @@ def test_bootstrap_point_estimate_is_the_table_I_and_S():
 def test_a_resample_is_the_statistic_of_its_questions_drawn_again():
     """A resample's I and S equal those of the questions listed as often as they are drawn (np.polyfit by hand)."""
     concepts, randoms, base = _atlas_cases()
-    c = terms.question_curves(_table(concepts, randoms=randoms, baseline=base))[("squeeze", 3, "concept", None)]
+    c = question_curves(_table(concepts, randoms=randoms, baseline=base))[("squeeze", 3, "concept", None)]
     counts = verdicts.resample_counts(c, rng=np.random.default_rng(5), n_boot=20)
     assert counts.shape == (20, len(c.questions)) and (counts[:, c.is_intro].sum(1) == c.is_intro.sum()).all()
     stats = verdicts.resampled(c, 2, counts)
@@ -368,7 +373,7 @@ def test_a_resample_is_the_statistic_of_its_questions_drawn_again():
         assert stats["I"][b] == pytest.approx(_residual_by_hand(d, x, roles)[0], abs=1e-9)
         assert stats["S"][b] == pytest.approx(d[roles != 0].mean() - d[roles == 0].mean(), abs=1e-12)
     with pytest.raises(ValueError, match="counts of shape"):
-        terms.statistic_weights(c.baseline, c.polarity, "I", counts=-np.ones(len(c.questions)))
+        statistic_weights(c.baseline, c.polarity, "I", counts=-np.ones(len(c.questions)))
 
 
 def test_random_null_and_its_medians_hold_I_and_S():
@@ -459,12 +464,12 @@ def test_calibration_false_positives_and_power():
     a shift), a relabelled control and 'random vectors alike' are called introspection-specific by I at most at the
     nominal rate; a planted effect is found with the stated power; S, tested the same way, is fooled by compression
     and by the bias (the reason I decides)."""
-    table = calibration.calibrate(n_concepts=1000, progress=False).set_index("scenario")
+    table = synthetic_calibration.calibrate(n_concepts=1000, progress=False).set_index("scenario")
     print("\ncalibration (α = 0.05, 2 detect + 2 inverted wordings, 10 controls, 2 random vectors, atlases of 50):")
     print(table[["called", "p_below_alpha", "p_questions_below_alpha", "S_called", "S_p_below_alpha", "truth"]]
           .to_string())
-    margin = calibration.binomial_margin(0.05, 1000)  # 3 standard errors at n = 1000: 0.021
-    for scenario in calibration.FALSE_POSITIVE_SCENARIOS:
+    margin = synthetic_calibration.binomial_margin(0.05, 1000)  # 3 standard errors at n = 1000: 0.021
+    for scenario in synthetic_calibration.FALSE_POSITIVE_SCENARIOS:
         assert table.loc[scenario, "called"] <= 0.05
         # uncorrected, per concept: the nominal 5% within binomial error
         assert table.loc[scenario, "p_below_alpha"] <= 0.05 + margin, scenario
@@ -476,8 +481,8 @@ def test_calibration_false_positives_and_power():
     assert table.loc["planted δ=0.05", "called"] < table.loc["planted δ=0.1", "called"] <= table.loc[
         "planted δ=0.25", "called"]
     # docs/verdicts.md's table is this run's (deterministic: the same seed gives the same numbers)
-    assert read_block(project_root() / calibration.CALIBRATION_DOC,
-                      "calibration") == calibration.markdown(table.reset_index())
+    assert read_block(project_root() / synthetic_calibration.CALIBRATION_DOC,
+                      "calibration") == synthetic_calibration.markdown(table.reset_index())
 
 
 def test_planted_compression_on_smollm_is_not_introspection(smollm):

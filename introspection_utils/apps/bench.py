@@ -8,7 +8,7 @@
 Standard sweep: concepts sandwich, water, bomb, confusion, logic × scales 0,1,2,3,4,6,8,12 × (the introspection
 question + the first 10 control questions) × (concept vector + 1 random vector) at one middle layer = 880 trials
 (``--trials N``: its first N). Naive = one traced forward per trial over the whole prompt (what a first script does).
-Engine = ``inject.measure`` (prefix KV cache + layer skip + batching). For each dtype (``--dtypes``, default float32
+Engine = ``measure.measure`` (prefix KV cache + layer skip + batching). For each dtype (``--dtypes``, default float32
 and bfloat16; the same trials and float32 concept vectors for both), in one run: trials/s both ways, the ratio, the
 largest engine − naive difference (they must agree), peak RSS, and the engine's useful GFLOP/s against a matmul
 peak measured in that dtype in the same run; then the bf16 engine against the fp32 engine (speed ratio, max and
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from introspection_utils.core.paths import replace_block
-from introspection_utils.engine.inject import Trial, measure, readout_logits, trial_grid, yes_minus_no
+from introspection_utils.engine.measure import Trial, measure, readout_logits, trial_grid, yes_minus_no
 from introspection_utils.engine.prompts import answer_set, question_prompts
 from introspection_utils.engine.vectors import concept_vectors, with_random
 from introspection_utils.models.handle import BF16_CPU_FLAGS, DEFAULT_MODEL, ModelHandle, cpu_flags, load_model

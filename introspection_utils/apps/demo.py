@@ -6,7 +6,7 @@ yes−no logit difference of the injected-thought question and of one control qu
 
 from __future__ import annotations
 
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import control_questions, introspection_prompt
 from introspection_utils.engine.vectors import concept_vectors
 from introspection_utils.models.handle import load_model

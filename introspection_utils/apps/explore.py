@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from introspection_utils.apps.run import declared_parameters, parse_value
+from introspection_utils.apps.runner.cli import declared_parameters, parse_value
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explorer.ipynb"
 ENV = "INTROSPECTION_EXPLORER_PARAMETERS"

@@ -22,10 +22,11 @@ from introspection_utils.core.paths import atomic_write, figures_dir, project_ro
 from introspection_utils.core.registry import EXPERIMENTS, by_number, pattern, resolve
 from introspection_utils.core.results import load_result
 from introspection_utils.engine.prompts import ANSWER_FORMATS
-from introspection_utils.experiments import localization, tasks
+from introspection_utils.experiments import localization
 from introspection_utils.experiments.atlas import atlas_name
+from introspection_utils.experiments.tasks import congruence, forced_choice, strength
+from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS
 from introspection_utils.stats.shifts import curve_correlation
-from introspection_utils.stats.terms import MIN_ANSWER_MASS
 from introspection_utils.stats.verdicts import (
     EFFECT_THRESHOLD,
     class_counts,
@@ -149,12 +150,13 @@ def task_rows(results: Path) -> pd.DataFrame:
     task's own rule in :mod:`tasks` / :mod:`localization`)."""
     rows = []
     for name, title, summarise, describe, found in (
-            ("forced_choice", "forced choice among concepts", tasks.forced_choice_summary,
-             tasks.describe_forced_choice, tasks.forced_choice_found),
-            ("congruence", "named-concept congruence", tasks.congruence_summary, tasks.describe_congruence,
-             tasks.congruence_found),
-            ("strength_comparison", "which injection was stronger", tasks.strength_summary, tasks.describe_strength,
-             tasks.strength_found)):
+            ("forced_choice", "forced choice among concepts", forced_choice.forced_choice_summary,
+             forced_choice.describe_forced_choice, forced_choice.forced_choice_found),
+            ("congruence", "named-concept congruence", congruence.congruence_summary, congruence.describe_congruence,
+             congruence.congruence_found),
+            ("strength_comparison", "which injection was stronger", strength.strength_summary,
+             strength.describe_strength,
+             strength.strength_found)):
         if (results / f"{name}.csv").is_file():
             summary = summarise(load_result(results / name).df)
             rows.append({"task": title, "evidence": describe(summary), "found": "yes" if found(summary) else "no"})

@@ -107,7 +107,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         question=("One injected trial and its control, in numbers; the same trial as one raw nnsight trace "
                   "(inject, then read), checked equal to `measure`; then the explorer (concept, layer, scale, "
                   "question, concept-vs-random vector)"),
-        modules=("engine.inject",),
+        modules=("engine.measure",),
         figures=("00_explorer_initial",),
         tables=(),
         readings=("readings.sentences.describe_readout",),
@@ -264,11 +264,13 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                   'stronger?" (both orders, vs 50%, by layer) and localization — each against no injection and '
                   "four kinds of norm-matched null vectors (isotropic, shuffled, covariance, other-word). Strength "
                   "conventions: [docs/strength.md](strength.md)"),
-        modules=("experiments.localization", "experiments.tasks"),
+        modules=("experiments.localization", "experiments.tasks.forced_choice", "experiments.tasks.congruence",
+                 "experiments.tasks.strength"),
         figures=("13_forced_choice", "13_congruence", "13_strength_comparison", "13_localization"),
         tables=("forced_choice", "congruence", "strength_comparison", "localization_13"),
-        readings=("experiments.tasks.describe_forced_choice", "experiments.tasks.describe_congruence",
-                  "experiments.tasks.describe_strength", "experiments.localization.reading"),
+        readings=("experiments.tasks.forced_choice.describe_forced_choice",
+                  "experiments.tasks.congruence.describe_congruence",
+                  "experiments.tasks.strength.describe_strength", "experiments.localization.reading"),
         findings="readings.saved.task_readings",
         guide_figure="13_forced_choice", alt="forced-choice confusion matrix and accuracy vs scale against the nulls"),
 )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import nnsight
 import torch
 
-from introspection_utils.engine.injection import Injection, PromptRun, Within
+from introspection_utils.engine.traced_pass import Injection, PromptRun, Within
 
 if TYPE_CHECKING:
     from introspection_utils.engine.trials import Trial

@@ -1,7 +1,7 @@
 """Generation under injection: the injection continues on every generated token (the paper's protocol).
 
 A plain loop of traced forwards with a KV cache, one token per step: each step is the one injection pass
-(:func:`introspection_utils.engine.injection.traced_pass`, the same trace as the readouts'), its weights the window
+(:func:`introspection_utils.engine.traced_pass.traced_pass`, the same trace as the readouts'), its weights the window
 rule at that step's positions, and sampling is seeded by a ``torch.Generator`` of our own (same seed, same text).
 """
 
@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from introspection_utils.engine.injection import Injection, Reads, traced_pass
 from introspection_utils.engine.prompts import conversation_text, introspection_prompt
+from introspection_utils.engine.traced_pass import Injection, Reads, traced_pass
 from introspection_utils.engine.trials import Trial, check_trials
 from introspection_utils.engine.vectors import concept_vectors, left_pad
 

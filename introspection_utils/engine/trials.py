@@ -2,7 +2,7 @@
 
 A :class:`Trial` is ``prompt`` with ``scale × vector`` added to decoder layer ``layer``'s output over ``window``.
 :meth:`Trial.weights_at` is **the window rule**, written once: the multiple of ``scale × vector`` added at any token
-position, generated positions included. Every injecting pass (:mod:`introspection_utils.engine.injection`) builds
+position, generated positions included. Every injecting pass (:mod:`introspection_utils.engine.traced_pass`) builds
 its per-row weights from it, so a change to the window rule is an edit here and nowhere else.
 """
 
@@ -137,7 +137,7 @@ def check_trials(handle: ModelHandle, trials: Sequence[Trial], *, weighted: bool
         window = trial.window
         if _weighted(window):
             if not weighted:
-                raise ValueError(f"window {window!r}: weighted spans are read by inject.measure, answer_logits and "
+                raise ValueError(f"window {window!r}: weighted spans are read by measure.measure, answer_logits and "
                                  f"residuals only; this readout injects one contiguous window")
             n = len(trial.prompt)
             for piece in window:

@@ -27,7 +27,7 @@ from introspection_utils.models.embedded import cache_dir
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
 
-# Tensor shapes in signatures (as in :mod:`introspection_utils.engine.inject`).
+# Tensor shapes in signatures (as in :mod:`introspection_utils.engine.measure`).
 Vector = Annotated[torch.Tensor, "[d_model]"]
 LastTokenActivations = Annotated[torch.Tensor, "[n_prompts, n_layers, d_model]"]
 WordActivations = Annotated[torch.Tensor, "[n_words, n_layers, d_model]"]

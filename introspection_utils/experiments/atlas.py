@@ -18,7 +18,7 @@ from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.prompts import ANSWER_FORMATS, default_wordings
 from introspection_utils.engine.vectors import check_nulls, default_layer
 from introspection_utils.experiments.sweeps import scale_sweep
-from introspection_utils.stats.terms import MIN_ANSWER_MASS, MIN_CONTROL_SPAN, MIN_FIT_CONTROLS
+from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS, MIN_CONTROL_SPAN, MIN_FIT_CONTROLS
 from introspection_utils.stats.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,

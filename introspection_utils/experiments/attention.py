@@ -1,7 +1,8 @@
 """Attention from a prefilled answer token to the injected positions, per layer and head, for the introspection
 and control questions answered "Yes" (with and without injection).
 
-A thin composition of :func:`introspection_utils.engine.inject.measure` (which computes the attention); this module only
+A thin composition of :func:`introspection_utils.engine.measure.measure` (which computes the attention); this module
+only
 builds the trials and lays the maps out for :mod:`introspection_utils.plotting.series` and
 :mod:`introspection_utils.readings.sentences`.
 """
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import answer_token_id, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import VectorBank, concept_vectors
 

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from introspection_utils.engine.components import PromptPass, frozen_scale, rms_gain
-from introspection_utils.engine.inject import Trial, check_trials
+from introspection_utils.engine.measure import Trial, check_trials
 from introspection_utils.engine.prompts import Prompt, question_prompts, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector, concept_vectors
 from introspection_utils.stats.shifts import specific

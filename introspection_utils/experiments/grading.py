@@ -27,7 +27,7 @@ from introspection_utils.core.intervals import wilson_interval
 from introspection_utils.core.paths import checkpoint
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.generation import generate, response_table
-from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.measure import Trial
 from introspection_utils.engine.metadata import metadata
 from introspection_utils.engine.prompts import chat_prompt, introspection_prompt
 from introspection_utils.models.handle import ModelHandle, load_model

@@ -38,7 +38,7 @@ from introspection_utils.core.data import load_list, load_prompts
 from introspection_utils.core.intervals import wilson_interval, z_score
 from introspection_utils.core.paths import checkpoint, content_hash
 from introspection_utils.core.results import SweepResult
-from introspection_utils.engine.inject import Trial, answer_logits
+from introspection_utils.engine.measure import Trial, answer_logits
 from introspection_utils.engine.metadata import metadata
 from introspection_utils.engine.prompts import Prompt, answer_token_id, chat_prompt
 from introspection_utils.engine.vectors import (
@@ -78,7 +78,7 @@ class LocalizationPrompt:
     question_kind: str
 
     def window(self, index: int) -> tuple[int, int]:
-        """The injection window of sentence ``index`` (0-based), for :class:`inject.Trial`."""
+        """The injection window of sentence ``index`` (0-based), for :class:`measure.Trial`."""
         return self.spans[index]
 
 

@@ -1,7 +1,7 @@
 """The yes−no logit lens as a tidy table: at every layer, for the introspection question, control questions and
 random vectors, each row beside the same question's lens without injection.
 
-A thin composition of :func:`introspection_utils.engine.inject.measure` (which computes the lens); this module only
+A thin composition of :func:`introspection_utils.engine.measure.measure` (which computes the lens); this module only
 builds the trials and lays the numbers out for :mod:`introspection_utils.plotting.series` and
 :mod:`introspection_utils.readings.sentences`.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from introspection_utils.engine.inject import Trial, measure, trial_grid
+from introspection_utils.engine.measure import Trial, measure, trial_grid
 from introspection_utils.engine.prompts import question_prompts
 from introspection_utils.engine.vectors import VectorBank, concept_vectors, with_random
 
@@ -36,7 +36,7 @@ def lens_profile(handle: ModelHandle, concepts: Sequence[str], scales: float | d
     concepts or ``{concept: scale}``), on the introspection question and ``n_controls`` control questions, with the
     concept vector and ``n_random`` norm-matched random vectors; each row also carries the same question's lens
     without injection. Columns: :data:`LENS_COLUMNS` (one row per trial × read-out layer). ``ablate``: a direction
-    projected out of the residual stream in every pass (see :func:`introspection_utils.engine.inject.measure`).
+    projected out of the residual stream in every pass (see :func:`introspection_utils.engine.measure.measure`).
     """
     handle.check_layer(layer)
     per_concept = scales if isinstance(scales, dict) else {c: float(scales) for c in concepts}

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from introspection_utils.engine.components import Edit, PromptPass, Site, all_sites, check_heads, check_sites
-from introspection_utils.engine.inject import DEFAULT_BATCH, Trial, check_trials, measure
+from introspection_utils.engine.measure import DEFAULT_BATCH, Trial, check_trials, measure
 from introspection_utils.engine.prompts import paper_answers, question_prompts, yes_no_ids
 from introspection_utils.engine.vectors import ConceptVector, concept_vectors
 from introspection_utils.experiments.attribution import TRIAL_COLUMNS, trial_metadata
@@ -254,7 +254,7 @@ def head_means(handle: ModelHandle, prompts: Sequence, heads: Sequence[tuple[int
 def ablated_logit_diff(handle: ModelHandle, trials: Sequence[Trial], heads: Sequence[tuple[int, int]], *,
                        mode: AblationMode = "zero", answers: tuple[str, str] | None = None,
                        means: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`introspection_utils.engine.inject.measure` with ``heads`` (``(layer, head)`` pairs) ablated at every
+    """Like :func:`introspection_utils.engine.measure.measure` with ``heads`` (``(layer, head)`` pairs) ablated at every
     position: ``(logit_diff [n], baseline [n])``, the baseline being each trial's prompt uninjected with the same
     heads ablated. ``mode``: "zero", or "mean" (``means [len(heads), head_dim]``, default :func:`head_means` over
     the trials' prompts).

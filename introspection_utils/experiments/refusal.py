@@ -19,7 +19,7 @@ andyrdt/refusal_direction ``pipeline/submodules/select_direction.py``):
 
 The older correlational view is kept: :func:`refusal_directions` (last token only, held-out Cohen's d per layer).
 
-Ablating it while injecting (``inject.measure(..., ablate=direction, ablate_at=...)``) comes in two forms
+Ablating it while injecting (``measure.measure(..., ablate=direction, ablate_at=...)``) comes in two forms
 (:func:`ablation_points`): **after** the injection (the residual stream never carries the direction, the injected
 vector's own component included: Arditi's directional ablation) or **before** it (only the model's own component
 is removed; the injected vector keeps its component along the direction).
@@ -46,9 +46,9 @@ from tqdm.auto import tqdm
 
 from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import checkpoint
-from introspection_utils.engine.inject import AblateAt, Trial, measure
-from introspection_utils.engine.injection import Ablation, padded_pass
+from introspection_utils.engine.measure import AblateAt, Trial, measure
 from introspection_utils.engine.prompts import Prompt, answer_token_id, chat_prompt, question_prompts
+from introspection_utils.engine.traced_pass import Ablation, padded_pass
 from introspection_utils.engine.vectors import VectorBank, concept_vectors, last_token_activations, left_pad
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def last_logits(handle: ModelHandle, prompts: Sequence[Prompt], *, ablate: torch
     ``ablate``: a direction ``[d_model]`` (normalised here) projected out of the embeddings and every layer's
     output at every position. ``add``: a vector ``[d_model]`` added to decoder layer ``layer``'s output at every
     position (Arditi's activation addition). Prompts are left-padded into batches; each batch is the one injection
-    pass (:func:`introspection_utils.engine.injection.padded_pass`).
+    pass (:func:`introspection_utils.engine.traced_pass.padded_pass`).
     """
     if (add is None) != (layer is None):
         raise ValueError("add and layer go together")

@@ -4,7 +4,7 @@
 The SAEs come from :mod:`introspection_utils.experiments.sae_train` (pretrained Gemma Scope, or small ones trained
 here).
 Feature readouts are at the answer position (the last prompt token), from the engine's batched trace
-(:func:`introspection_utils.engine.inject.residuals`), with and without the injection. Every reading carries the SAE's
+(:func:`introspection_utils.engine.measure.residuals`), with and without the injection. Every reading carries the SAE's
 quality on what it reads: the relative reconstruction error of the very residuals it encodes (injected and not),
 and, for the SAE itself, variance explained and L0 on this model's activations (:func:`sae_quality`; held out by
 text for the SAEs trained here).
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from introspection_utils.core.data import load_list
-from introspection_utils.engine.inject import Trial, residuals
+from introspection_utils.engine.measure import Trial, residuals
 from introspection_utils.engine.prompts import chat_prompt, question_prompts, yes_no_ids
 from introspection_utils.engine.vectors import concept_vectors, with_random
 from introspection_utils.experiments.sae_train import as_layer_map, reconstruction, token_activations
@@ -124,7 +124,7 @@ def encode_injected(handle: ModelHandle, saes: Any, trials: Sequence[Trial], *, 
 
     ``saes``: ``{layer: SAE}`` or one SAE that names its layer. Returns ``{layer: (with_injection, without)}``,
     each ``[n_trials, d_sae]`` (float32, CPU); ``without`` encodes the same prompt uninjected. One batched engine
-    call (:func:`introspection_utils.engine.inject.residuals`) reads every layer for all trials.
+    call (:func:`introspection_utils.engine.measure.residuals`) reads every layer for all trials.
     """
     encoded = encode_with_error(handle, saes, trials, batch_size=batch_size)
     return {layer: (a_with, a_without) for layer, (a_with, a_without, _, _) in encoded.items()}

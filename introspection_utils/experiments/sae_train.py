@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from introspection_utils.core.data import load_list, load_prompts
 from introspection_utils.core.paths import atomic_write
 from introspection_utils.engine.generation import generate
-from introspection_utils.engine.inject import Trial
+from introspection_utils.engine.measure import Trial
 from introspection_utils.engine.prompts import chat_prompt, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import left_pad
 from introspection_utils.models.embedded import cache_dir

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from introspection_utils.core.paths import atomic_write, content_hash
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.executors import LocalExecutor, ModelRecipe, RayExecutor, executor_for
-from introspection_utils.engine.inject import Trial, measure
+from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.metadata import metadata, save_table
 from introspection_utils.engine.prompts import (
     CONTROL_CELLS,

@@ -303,7 +303,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     run proving the experiment's trace code would run remotely.
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA; ``"auto"`` picks bfloat16 where the device runs it
     fast (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16) and float32 elsewhere. In bfloat16 the readouts are
-    still float32 (:func:`introspection_utils.engine.inject.readout_logits`). ``device_map="auto"`` shards a hub or
+    still float32 (:func:`introspection_utils.engine.measure.readout_logits`). ``device_map="auto"`` shards a hub or
     local model
     over the visible GPUs (accelerate); without it, a model whose weights cannot fit on ``device`` is refused
     before loading, with the sizes in the message.

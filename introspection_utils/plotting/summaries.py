@@ -64,7 +64,9 @@ def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Fig
     for cls, color in CLASS_COLORS.items():
         rows = ranked[ranked["class"] == cls]
         if len(rows):
-            err = np.vstack([rows["I"] - rows["I_ci_low"], rows["I_ci_high"] - rows["I"]])
+            # a percentile bootstrap interval need not contain the point estimate (seen on a random tiny model):
+            # the bar then stops at the point rather than making matplotlib refuse the figure
+            err = np.clip(np.vstack([rows["I"] - rows["I_ci_low"], rows["I_ci_high"] - rows["I"]]), 0, None)
             ax.errorbar(rows["I"], rows.index, xerr=err, fmt="o", ms=6, capsize=3, color=color,
                         label=f"{cls} ({len(rows)})")
     ax.scatter(ranked["shift"], ranked.index, marker="D", s=18, facecolors="none", edgecolors="#555555", lw=0.8,

@@ -36,7 +36,8 @@ def _label(condition: str, null_kind: str) -> str:
 def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
     """Left: the confusion matrix (rows injected, columns chosen, fractions per row) of the concept vectors at the
     scale with the most mutual information; right: accuracy vs scale per condition with Wilson 95% intervals,
-    chance dashed. ``result``: :func:`tasks.run_forced_choice`; ``summary``: :func:`tasks.forced_choice_summary`."""
+    chance dashed. ``result``: :func:`forced_choice.run_forced_choice`; ``summary``:
+    :func:`forced_choice.forced_choice_summary`."""
     df, spec = result.df, result.meta["spec"]
     concepts = spec["concepts"]
     conc = summary[summary["condition"] == "concept"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from introspection_utils.core.results import load_result
-from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae, tasks
+from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae
+from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.readings import sentences as readings
 
 
@@ -107,9 +108,10 @@ def localization_accuracy(results: Path) -> list[str]:
 def task_readings(results: Path) -> list[str]:
     """Notebook 13: each task's reading from its saved table (forced choice, congruence, strength, localization)."""
     out = []
-    for name, summarise, describe in (("forced_choice", tasks.forced_choice_summary, tasks.describe_forced_choice),
-                                      ("congruence", tasks.congruence_summary, tasks.describe_congruence),
-                                      ("strength_comparison", tasks.strength_summary, tasks.describe_strength)):
+    for name, summarise, describe in (("forced_choice", forced_choice.forced_choice_summary,
+                                       forced_choice.describe_forced_choice),
+                                      ("congruence", congruence.congruence_summary, congruence.describe_congruence),
+                                      ("strength_comparison", strength.strength_summary, strength.describe_strength)):
         if (results / f"{name}.csv").is_file():
             out.append(describe(summarise(load_result(results / name).df)))
     if (results / "localization_13.csv").is_file():

@@ -17,7 +17,8 @@ import pandas as pd
 
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
-from introspection_utils.stats import terms, verdicts
+from introspection_utils.stats import introspection_residual, verdicts
+from introspection_utils.stats.introspection_residual import curve_table, mass_note
 from introspection_utils.stats.shifts import (
     COMOVEMENT_R,
     MOST_POINTS,
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 
 
 def curves(df: pd.DataFrame, concept: str, **kwargs) -> pd.DataFrame:
-    """The introspection and control curves of one concept: :func:`terms.curve_table`."""
-    return terms.curve_table(df, concept, **kwargs)
+    """The introspection and control curves of one concept: :func:`introspection_residual.curve_table`."""
+    return curve_table(df, concept, **kwargs)
 
 
 def _fmt(x: float) -> str:
@@ -49,17 +50,18 @@ def _none_if_nan(x: float) -> float | None:
 
 def flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None,
                question_kind: str = "introspection") -> float | None:
-    """The :func:`terms.flip_scale` of the introspection curve (or ``question_kind="control"``: the control
+    """The :func:`~introspection_residual.flip_scale`
+    of the introspection curve (or ``question_kind="control"``: the control
     mean) of ``concept``; ``None`` when it never flips or already leans "yes" without injection."""
     c = curves(df, concept, layer=layer)
     column, base = (("introspection", "introspection_baseline") if question_kind == "introspection" else
                     ("control_mean", "control_baseline"))
-    return _none_if_nan(terms.flip_scale(c.index, c[column], float(c[base].iloc[0])))
+    return _none_if_nan(introspection_residual.flip_scale(c.index, c[column], float(c[base].iloc[0])))
 
 
 def _flip_words(flip: str, at: float, mass: float) -> str:
     """``"<flip> at scale s"``, or, where the answer mass is low, that it is yes over no and not a flip."""
-    if np.isnan(mass) or mass >= terms.MIN_ANSWER_MASS:
+    if np.isnan(mass) or mass >= introspection_residual.MIN_ANSWER_MASS:
         return f"{flip} at scale {_fmt(at)}"
     return (f"{flip.replace('flips to yes', 'puts yes over no').replace('crosses zero to yes', 'puts yes over no')} "
             f"at scale {_fmt(at)}, but its answer mass there is {mass:.2f}: not a flip of the model's answer")
@@ -85,7 +87,7 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
     flips = []
     for name, column, base in (("introspection answer", "introspection", "introspection_baseline"),
                                ("control mean", "control_mean", "control_baseline")):
-        at = terms.flip_scale(c.index, c[column], float(c[base].iloc[0]))
+        at = introspection_residual.flip_scale(c.index, c[column], float(c[base].iloc[0]))
         if c[base].iloc[0] > 0:
             flips.append(f"the {name} already leans yes without injection ({c[base].iloc[0]:+.2f})")
         elif np.isnan(at):
@@ -94,7 +96,7 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
             flips.append(_flip_words(f"the {name} flips to yes", at, c.loc[at, f"{column.split('_')[0]}_mass"]))
     return scale, (f"{concept}: the introspection residual is largest at scale {_fmt(scale)} ("
                    f"{_residual_words(row)}; introspection {row['introspection']:+.2f}, control mean "
-                   f"{row['control_mean']:+.2f}); {flips[0]}, {flips[1]}{terms.mass_note(row['introspection_mass'])}"
+                   f"{row['control_mean']:+.2f}); {flips[0]}, {flips[1]}{mass_note(row['introspection_mass'])}"
                    f"; using scale {_fmt(scale)}.")
 
 
@@ -103,12 +105,12 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
     introspection residual I (the verdict's statistic) beside the contrast S, the concept vector against the random
     ones, and the question-null p-value."""
     c = curves(df, concept, layer=layer)
-    layer = int(terms.select(df, concept)["layer"].iloc[0]) if layer is None else layer
+    layer = int(introspection_residual.select(df, concept)["layer"].iloc[0]) if layer is None else layer
     ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
     parts = [f"{concept} (layer {layer}): without injection, introspection {ib:+.2f} and control mean {cb:+.2f}."]
 
     def crossing(name: str, column: str, base: float) -> str:
-        at = terms.flip_scale(c.index, c[column], base)
+        at = introspection_residual.flip_scale(c.index, c[column], base)
         if base > 0:
             return f"the {name} already leans yes without injection"
         if np.isnan(at):
@@ -122,7 +124,7 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
     injected = c.loc[c.index != 0, "shift"]
     parts.append(f"Largest introspection residual I (the wordings' Δ beyond what the controls' line predicts at their "
                  f"baselines) over injected scales: at scale {_fmt(peak)}, {_residual_words(c.loc[peak])}"
-                 f"{terms.mass_note(c.loc[peak, 'introspection_mass'])}; the contrast S (introspection Δ − "
+                 f"{mass_note(c.loc[peak, 'introspection_mass'])}; the contrast S (introspection Δ − "
                  f"control-mean Δ) peaks at S = {injected.max():+.2f} (scale {_fmt(injected.idxmax())}).")
     if c["random_introspection"].notna().any():
         top = float(c.index.max())
@@ -143,7 +145,7 @@ def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None 
     """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, and the layer with the
     largest introspection residual I (with S there)."""
     c = curves(df, concept, x="layer", scale=scale)
-    scale = float(terms.select(df, concept)["scale"].iloc[0]) if scale is None else scale
+    scale = float(introspection_residual.select(df, concept)["scale"].iloc[0]) if scale is None else scale
     best = c["residual"].idxmax()
     intro_yes = [int(i) for i in c.index[c["introspection"] > 0]]
     control_yes = [int(i) for i in c.index[c["control_mean"] > 0]]
@@ -153,20 +155,21 @@ def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None 
             f"({c['control_mean'].max():+.2f}). Layers where introspection leans yes: {intro_yes or 'none'}; "
             f"control mean: {control_yes or 'none'}. Largest introspection residual at layer {int(best)}: "
             f"{_residual_words(c.loc[best])} (S there {c.loc[best, 'shift']:+.2f})"
-            f"{terms.mass_note(c.loc[best, 'introspection_mass'])}.")
+            f"{mass_note(c.loc[best, 'introspection_mass'])}.")
 
 
 def describe_lens(lens: pd.DataFrame, concept: str) -> str:
     """Sentences on one concept's logit lens: the final-layer shift of introspection and control (concept vs random)
-    and the read-out layer where the contrast S (introspection Δ − control-mean Δ, :func:`terms.curve_table`) is
+    and the read-out layer where the contrast S (introspection Δ − control-mean Δ,
+    :func:`introspection_residual.curve_table`) is
     largest — where in depth the two questions part, a description, not the verdict."""
-    sub = terms.select(lens, concept)
+    sub = introspection_residual.select(lens, concept)
     sub = sub.assign(shift=sub["lens_diff"] - sub["baseline_lens_diff"])
     last = int(sub["lens_layer"].max())
     inj = int(sub["layer"].iloc[0])
     shift = sub.groupby(["vector_kind", "question_kind", "lens_layer"])["shift"].mean()
     intro, control = shift.loc[("concept", "introspection")], shift.loc[("concept", "control")]
-    gap = terms.curve_table(lens, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")[
+    gap = curve_table(lens, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")[
         "shift"].loc[inj:]
     text = (f"{concept} (injected at layer {inj}, scale {_fmt(float(sub['scale'].iloc[0]))}): at the last layer the "
             f"injection shifts introspection by {intro.loc[last]:+.2f} and the control mean by "
@@ -179,7 +182,7 @@ def describe_lens(lens: pd.DataFrame, concept: str) -> str:
                  f"layer: the concept vector's effect is {ratio:.2g}× the random one's.")
     if "answer_mass" in sub.columns:
         mass = sub[(sub["vector_kind"] == "concept") & (sub["question_kind"] == "introspection")]["answer_mass"].mean()
-        text += f" Answer mass P(yes)+P(no) of the injected introspection answer: {mass:.2f}{terms.mass_note(mass)}."
+        text += f" Answer mass P(yes)+P(no) of the injected introspection answer: {mass:.2f}{mass_note(mass)}."
     return text
 
 
@@ -260,7 +263,7 @@ def describe_comovement(df: pd.DataFrame, concept: str, *, x: str = "scale", **k
 # ------------------------------------------------------------------------------------------------ single trials
 
 def describe_readout(readout, labels: list[str]) -> str:
-    """One line per trial of an :class:`inject.Readout`: yes−no, the no-injection baseline, the delta."""
+    """One line per trial of an :class:`measure.Readout`: yes−no, the no-injection baseline, the delta."""
     lines = []
     for label, diff, base in zip(labels, readout.logit_diff.tolist(), readout.baseline.tolist(), strict=True):
         answer = "yes" if diff > 0 else "no"
@@ -352,7 +355,7 @@ def describe_lens_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: 
     concept: the last-layer read-outs and the read-out layer where the ablation changes the introspection answer
     most."""
     def lines(lens):
-        sub = terms.select(lens, concept)
+        sub = introspection_residual.select(lens, concept)
         sub = sub[sub["vector_kind"] == "concept"]
         mean = sub.groupby(["question_kind", "lens_layer"])["lens_diff"].mean()
         return mean.loc["introspection"], mean.loc["control"], sub

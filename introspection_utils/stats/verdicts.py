@@ -2,7 +2,7 @@
 shared "yes", or every answer drawn towards indifference), the classes, and one sentence per verdict.
 
 The terms it is built on (Δ, polarity, the controls' line b + c·x, the introspection residual I, the contrast S, flip
-scale, answer mass, peak and effect scales) are defined once in :mod:`introspection_utils.stats.terms`.
+scale, answer mass, peak and effect scales) are defined once in :mod:`introspection_utils.stats.introspection_residual`.
 
 **The test** (one concept at one layer; :func:`shift_test`). Statistic T = max over injected scales of I(s) — scale
 selection is part of the statistic, and each null takes the same maximum, so picking the best scale is paid for.
@@ -50,12 +50,14 @@ b, c and I read at the effect scale):
 **Other contrasts that are not the verdict.** ``mechanisms``, ``patching`` and ``attribution`` decompose the
 difference-in-differences "introspection effect − mean control effect" at one scale: that is S at one scale (weights
 1/m on the wordings, −1/n on the controls; :func:`introspection_utils.stats.shifts.specific`), a linear target that
-attribution can split into components exactly. I is linear too (``terms.statistic_weights``), so a decomposition
+attribution can split into components exactly. I is linear too (``introspection_residual.statistic_weights``), so a
+decomposition
 of I is those same per-question effects weighted by I's weights instead; until those modules take the weights,
 their maps locate where S is made, which includes any compression. ``readings.top_heads``'
 ``introspection_minus_control`` is an attention difference, not a logit one.
 
-Calibration: :mod:`introspection_utils.stats.calibration` runs the test on synthetic sweeps whose truth is known; its
+Calibration: :mod:`introspection_utils.stats.synthetic_calibration` runs the test on synthetic sweeps whose truth is
+known; its
 false-positive rates and power are asserted in ``tests/test_verdicts.py`` and stated in ``docs/verdicts.md``.
 """
 
@@ -71,7 +73,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from introspection_utils.stats.terms import (
+from introspection_utils.stats.introspection_residual import (
     MIN_ANSWER_MASS,
     QuestionCurves,
     fit_note,
@@ -255,7 +257,8 @@ def resample_counts(concept: QuestionCurves, *, rng: np.random.Generator, n_boot
 
 def resampled(concept: QuestionCurves, index: int, counts: np.ndarray) -> dict[str, np.ndarray]:
     """I, S, the signed introspection Δ and the control Δ at x index ``index`` of each resample ``counts [B, Q]``
-    (:func:`resample_counts`) → each ``[B]``. I and S are :func:`terms.statistic_weights` with the resample's
+    (:func:`resample_counts`) → each ``[B]``. I and S are :func:`introspection_residual.statistic_weights` with the
+    resample's
     multiplicities (I refits the controls' line on each resample): all-ones counts give the table's I and S."""
     d, pol = concept.delta[:, index], concept.polarity
     roles = np.broadcast_to(pol, counts.shape)

@@ -1,0 +1,248 @@
+"""Forced choice among concepts (acsresearch/latent-introspection-code, arXiv 2602.20031), one of the tasks a
+yes-bias cannot score (:mod:`introspection_utils.experiments.tasks`): one of N concepts is injected; the model picks its
+number from a list of the N, listed in a shuffled order per trial (seeded) and mapped back to the concept. The
+readout is the N label tokens' logits at the answer position (a prefilled stem); the outputs an N×N confusion
+matrix, accuracy against chance 1/N (Wilson interval) and the mutual information between injected and chosen
+concept in bits, with a permutation null. The same with no injection and with norm-matched null vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from introspection_utils.core.data import load_prompts
+from introspection_utils.core.intervals import wilson_interval, z_score
+from introspection_utils.core.results import SweepResult
+from introspection_utils.engine.measure import Trial, answer_logits
+from introspection_utils.engine.prompts import Prompt, chat_prompt
+from introspection_utils.engine.vectors import (
+    VectorBank,
+    check_nulls,
+    concept_vectors,
+    default_layer,
+    residual_norms,
+)
+from introspection_utils.experiments.tasks.common import (
+    DEFAULT_CONCEPTS,
+    TASK_ALPHA,
+    best_row,
+    check_task_inputs,
+    condition_name,
+    label_token_ids,
+    save_task_table,
+    strength_columns,
+    task_null_vectors,
+    vector_columns,
+)
+
+if TYPE_CHECKING:
+    from introspection_utils.models.handle import ModelHandle
+
+N_PERMUTATIONS = 2000  # permutation draws of the mutual-information null
+
+
+
+def forced_choice_prompt(handle: ModelHandle, options: Sequence[str], *, labels: Sequence[str] | None = None,
+                         system: str | None = None) -> Prompt:
+    """The paper's frame with the forced-choice trial: ``options`` (concepts, in the order shown) numbered by
+    ``labels`` (default "1".."N"), the answer prefilled with "The answer is " (``data/prompts.toml``
+    [forced_choice]). The injection starts on the "\\n\\n" before the trial line."""
+    options = list(options)
+    labels = list(labels) if labels is not None else [str(i + 1) for i in range(len(options))]
+    if not 2 <= len(options) <= 9 and labels == [str(i + 1) for i in range(len(options))]:
+        raise ValueError(f"{len(options)} options given; digit labels cover 2..9 (pass letters for more)")
+    if len(labels) != len(options):
+        raise ValueError(f"{len(labels)} labels for {len(options)} options")
+    p, frame = load_prompts()["forced_choice"], load_prompts()["injected_thought"]
+    listing = "\n".join(p["option_format"].format(label=lab, concept=c) for lab, c in zip(labels, options,
+                                                                                          strict=True))
+    trial = p["trial"].format(options=listing)
+    last = frame["trial_lead"] + frame["separator"] + trial
+    messages = [{"role": "user", "content": frame["preamble"]},
+                {"role": "assistant", "content": frame["assistant_ack"]}, {"role": "user", "content": last}]
+    return chat_prompt(handle, messages, injection_from=len(frame["trial_lead"]), prefill=p["prefill"],
+                       kind="forced-choice", question=trial, system=system)
+
+
+
+def shuffled_orders(n: int, n_orders: int, seed: int) -> list[list[int]]:
+    """``n_orders`` seeded permutations of ``range(n)``: ``order[i]`` is the concept shown at position ``i``."""
+    if n_orders < 1:
+        raise ValueError(f"n_orders must be >= 1, got {n_orders}")
+    rng = np.random.default_rng([int(seed), n, 13])
+    return [[int(i) for i in rng.permutation(n)] for _ in range(n_orders)]
+
+
+
+def choices_from_logits(logits: torch.Tensor, order: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label logits ``[n, N]`` (positions in the shown order) mapped back to the canonical concepts:
+    ``(chosen concept index [n], probabilities [n, N])``, probabilities = softmax over the N labels, column ``c``
+    the probability of concept ``c`` (whichever position it was shown at)."""
+    probs_by_position = logits.float().softmax(-1)
+    canonical = torch.empty_like(probs_by_position)
+    canonical[:, torch.as_tensor(list(order))] = probs_by_position
+    return torch.as_tensor(list(order))[logits.argmax(-1)], canonical
+
+
+
+def run_forced_choice(handle: ModelHandle, concepts: Sequence[str] = DEFAULT_CONCEPTS, *, layer: int | None = None,
+                      scales: Sequence[float] = (4.0, 8.0), n_orders: int = 4, n_random: int = 1,
+                      nulls: Sequence[str] = ("isotropic",), seed: int = 0, bank: VectorBank | None = None,
+                      results_dir: str | Path | None = None, name: str = "forced_choice",
+                      batch_size: int | None = None, progress: bool = True) -> SweepResult:
+    """Forced choice among ``concepts`` (2..9): every concept injected at every scale under ``n_orders`` shuffled
+    listings, plus each listing without injection, plus ``n_random`` null vectors of each kind in ``nulls`` per
+    concept (norm-matched to it, its "target" being that concept).
+
+    One row per trial: ``model, condition ("concept", "random", "none"), vector_kind, null_kind, vector_seed,
+    vector_norm, layer, scale, effective_strength, relative_strength, order_index, order, target, chosen,
+    chosen_label, correct, p_target, p_<concept>…`` (probabilities over the N labels, canonical concept order).
+    A no-injection row is repeated once per target concept (its choice cannot depend on it), so every condition
+    has the same targets. ``layer=None``: 2/3 of the depth.
+    """
+    concepts = list(concepts)
+    if not 2 <= len(concepts) <= 9 or len(set(concepts)) != len(concepts):
+        raise ValueError(f"forced choice needs 2..9 distinct concepts, got {concepts}")
+    layer = default_layer(handle, layer)
+    check_task_inputs(handle, scales, n_random)
+    check_nulls(nulls)
+    orders = shuffled_orders(len(concepts), n_orders, seed)
+    bank = bank or concept_vectors(handle, concepts, progress=progress)
+    vectors = [bank.get(c, layer) for c in concepts]
+    randoms = task_null_vectors(handle, vectors, nulls, n_random, seed)
+    labels = [str(i + 1) for i in range(len(concepts))]
+    rows, prompts = [], []
+    for k, order in enumerate(orders):
+        prompt = forced_choice_prompt(handle, [concepts[i] for i in order], labels=labels)
+        prompts.append(prompt)
+        ids = label_token_ids(handle, prompt, labels)
+        trials = [Trial(prompt, v, float(s)) for v in (*vectors, *randoms) for s in scales] + [Trial(prompt)]
+        logits = answer_logits(handle, trials, ids, batch_size=batch_size)  # [n, N], positions as shown
+        chosen, probs = choices_from_logits(logits, order)
+        h_norm = residual_norms(handle, prompt)
+        eff, rel = strength_columns(trials, h_norm)
+        for i, trial in enumerate(trials):
+            targets = range(len(concepts)) if trial.vector is None else [concepts.index(trial.vector.concept)]
+            for target in targets:
+                rows.append((k, order, trial, target, int(chosen[i]), probs[i], eff[i], rel[i]))
+    df = pd.DataFrame({
+        "model": handle.name,
+        "condition": [condition_name(r[2].vector) for r in rows],
+        **vector_columns([r[2].vector for r in rows]),
+        "layer": layer,
+        "scale": [r[2].scale for r in rows],
+        "effective_strength": [r[6] for r in rows],
+        "relative_strength": [r[7] for r in rows],
+        "order_index": [r[0] for r in rows],
+        "order": [",".join(concepts[i] for i in r[1]) for r in rows],
+        "target": [concepts[r[3]] for r in rows],
+        "chosen": [concepts[r[4]] for r in rows],
+        "chosen_label": [labels[r[1].index(r[4])] for r in rows],
+        "p_target": [float(r[5][r[3]]) for r in rows],
+        **{f"p_{c}": [float(r[5][j]) for r in rows] for j, c in enumerate(concepts)},
+    })
+    df["correct"] = df["target"] == df["chosen"]
+    spec = {"task": "forced_choice", "concepts": concepts, "layer": layer, "scales": [float(s) for s in scales],
+            "n_orders": n_orders, "n_random": n_random, "nulls": list(nulls), "seed": seed, "labels": labels}
+    return save_task_table(handle, df, spec, prompts, results_dir, name)
+
+
+
+def confusion_matrix(targets: Sequence, chosen: Sequence, labels: Sequence) -> np.ndarray:
+    """``[N, N]`` counts: row = injected (target) concept, column = chosen concept, in the order of ``labels``."""
+    index = {c: i for i, c in enumerate(labels)}
+    out = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, c in zip(targets, chosen, strict=True):
+        out[index[t], index[c]] += 1
+    return out
+
+
+
+def mutual_information(confusion: np.ndarray) -> float:
+    """Plug-in mutual information (bits) between rows and columns of a count matrix ``[N, M]``:
+    Σ p(t,c) log2 p(t,c) / (p(t) p(c)). 0 when the choice does not depend on the target."""
+    joint = np.asarray(confusion, dtype=float)
+    total = joint.sum()
+    if total == 0:
+        return float("nan")
+    joint = joint / total
+    outer = joint.sum(1, keepdims=True) @ joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float(max((joint[nz] * np.log2(joint[nz] / outer[nz])).sum(), 0.0))
+
+
+
+def mi_permutation_test(targets: Sequence, chosen: Sequence, labels: Sequence, *, n_permutations: int = N_PERMUTATIONS,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """``(mi, p, null_mean)``: the mutual information of (target, chosen) and its permutation p-value — the
+    choices shuffled against the targets ``n_permutations`` times (seeded), p = (1 + #{MI_perm ≥ MI}) / (1 + n).
+    ``null_mean`` is the permutation mean (the plug-in estimate's bias at this n)."""
+    labels = list(labels)
+    t = np.array([labels.index(x) for x in targets])
+    c = np.array([labels.index(x) for x in chosen])
+    n = len(labels)
+    mi = mutual_information(np.bincount(t * n + c, minlength=n * n).reshape(n, n))
+    rng = np.random.default_rng([int(seed), 7])
+    perm = np.array([mutual_information(np.bincount(t * n + rng.permutation(c), minlength=n * n).reshape(n, n))
+                     for _ in range(n_permutations)])
+    p = float((1 + (perm >= mi - 1e-12).sum()) / (1 + n_permutations))
+    return mi, p, float(perm.mean())
+
+
+
+def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95, n_permutations: int = N_PERMUTATIONS,
+                          seed: int = 0) -> pd.DataFrame:
+    """Per (condition, null_kind, layer, scale): ``n, correct, accuracy, chance (1/N), ci_low, ci_high`` (Wilson),
+    ``mi_bits``, ``mi_p`` (permutation), ``mi_null_mean``. The no-injection rows form one group (scale 0)."""
+    concepts = sorted(set(df["target"]))
+    chance = 1.0 / len(concepts)
+    rows = []
+    keys = ["condition", "null_kind", "layer", "scale"]
+    for key, group in df.groupby(keys, sort=True, dropna=False):
+        mi, p, null_mean = mi_permutation_test(group["target"], group["chosen"], concepts,
+                                               n_permutations=n_permutations, seed=seed)
+        n, k = len(group), int(group["correct"].sum())
+        low, high = wilson_interval(k, n, z=z_score(level))
+        rows.append({**dict(zip(keys, key, strict=True)), "n": n, "correct": k, "accuracy": k / n, "chance": chance,
+                     "ci_low": low, "ci_high": high, "mi_bits": mi, "mi_p": p, "mi_null_mean": null_mean})
+    return pd.DataFrame(rows)
+
+
+
+def forced_choice_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
+    """Whether the concept vectors are identified (:func:`forced_choice_summary`): at their best scale by MI the
+    accuracy's interval lies above chance, MI beats its permutation null (p < ``alpha``), and every null vector kind
+    at that scale scores below the interval's low end."""
+    best = best_row(summary, "mi_bits")
+    nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
+    return bool(best["ci_low"] > best["chance"] and best["mi_p"] < alpha
+                and (nulls["accuracy"] < best["ci_low"]).all())
+
+
+
+def describe_forced_choice(summary: pd.DataFrame) -> str:
+    """Sentences from :func:`forced_choice_summary`: the concept vectors' best scale against chance and MI's null,
+    and what no injection and the null vectors do."""
+    best = best_row(summary, "mi_bits")
+    chance = float(best["chance"])
+    rel = "above" if best["ci_low"] > chance else "below" if best["ci_high"] < chance else "not distinguishable from"
+    parts = [f"Forced choice among {round(1 / chance)} concepts (chance {chance:.0%}): the concept vectors are "
+             f"identified best at scale {best['scale']:g}, {best['accuracy']:.0%} correct (95% CI "
+             f"{best['ci_low']:.0%}–{best['ci_high']:.0%}, n={int(best['n'])}), {rel} chance; mutual information "
+             f"{best['mi_bits']:.2f} bits (permutation p = {best['mi_p']:.3g}, permutation mean "
+             f"{best['mi_null_mean']:.2f})."]
+    none = summary[summary["condition"] == "none"]
+    if len(none):
+        r = none.iloc[0]
+        parts.append(f"Without injection {r['accuracy']:.0%} (MI {r['mi_bits']:.2f} bits, p = {r['mi_p']:.3g}).")
+    rand = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
+    for r in rand.itertuples():
+        parts.append(f"{r.null_kind} null vectors at that scale: {r.accuracy:.0%} (MI {r.mi_bits:.2f} bits, "
+                     f"p = {r.mi_p:.3g}).")
+    return " ".join(parts)
+
