@@ -31,11 +31,11 @@ LAYER = 20
 
 def sweep(handle, bank, results_dir, **kwargs):
     from introspection_utils.engine.prompts import introspection_questions
-    from introspection_utils.experiments.sweeps import scale_sweep
+    from introspection_utils.experiments.sweeps import SweepSpec, scale_sweep
 
-    return scale_sweep(handle, CONCEPTS, SCALES, layer=LAYER, n_controls=N_CONTROLS, n_random=1, bank=bank,
-                       introspection=introspection_questions(["paper"]), results_dir=results_dir, name="sweep",
-                       progress=False, **kwargs)
+    spec = SweepSpec.build(CONCEPTS, SCALES, [LAYER], n_controls=N_CONTROLS, n_random=1,
+                           introspection=introspection_questions(["paper"]))
+    return scale_sweep(handle, spec, bank=bank, results_dir=results_dir, name="sweep", progress=False, **kwargs)
 
 
 def fail_on_two(handle, payload):

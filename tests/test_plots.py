@@ -22,14 +22,16 @@ from introspection_utils.stats import shifts  # noqa: E402
 
 @pytest.fixture(scope="module")
 def scale_df(tiny_llama):
-    return sweeps.scale_sweep(tiny_llama, ["Sandwich", "Water"], [0, 1, 2, 4], layer=1, n_controls=3, n_random=2,
-                              introspection=prompts.introspection_questions(["paper"]), progress=False).df
+    spec = sweeps.SweepSpec.build(["Sandwich", "Water"], [0, 1, 2, 4], [1], n_controls=3, n_random=2,
+                                  introspection=prompts.introspection_questions(["paper"]))
+    return sweeps.scale_sweep(tiny_llama, spec, progress=False).df
 
 
 @pytest.fixture(scope="module")
 def layer_df(tiny_llama):
-    return sweeps.layer_sweep(tiny_llama, ["Bomb"], [0, 1], scale=4.0, n_controls=2, n_random=1,
-                              introspection=prompts.introspection_questions(["paper"]), progress=False).df
+    spec = sweeps.SweepSpec.build(["Bomb"], [4.0], [0, 1], n_controls=2, n_random=1,
+                                  introspection=prompts.introspection_questions(["paper"]))
+    return sweeps.layer_sweep(tiny_llama, spec, progress=False).df
 
 
 def _check_axes(ax, *, title_has=(), legend=True):

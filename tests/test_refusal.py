@@ -138,9 +138,9 @@ def test_ablated_sweep_names_its_direction_and_never_reuses_unablated_chunks(tin
     from introspection_utils.experiments.sweeps import SweepSpec, direction_id, run_sweep, scale_sweep
 
     direction = _direction(tiny_llama)
-    kwargs = dict(layer=1, n_controls=1, n_random=0, results_dir=tmp_path, progress=False)
-    plain = scale_sweep(tiny_llama, ["Dust"], [0, 4], **kwargs)
-    ablated = scale_sweep(tiny_llama, ["Dust"], [0, 4], ablate=direction, **kwargs)
+    spec = SweepSpec.build(["Dust"], [0, 4], [1], n_controls=1, n_random=0)
+    plain = scale_sweep(tiny_llama, spec, results_dir=tmp_path, progress=False)
+    ablated = scale_sweep(tiny_llama, spec, ablate=direction, results_dir=tmp_path, progress=False)
     assert plain.meta["spec"]["ablation"] is None
     assert ablated.meta["spec"]["ablation"] == direction_id(direction) == direction_id(7 * direction)
     assert not plain.df["logit_diff"].equals(ablated.df["logit_diff"])

@@ -12,7 +12,7 @@ from introspection_utils import load_model
 from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.prompts import control_questions, introspection_prompt
 from introspection_utils.engine.vectors import ConceptVector
-from introspection_utils.experiments.sweeps import scale_sweep
+from introspection_utils.experiments.sweeps import SweepSpec, scale_sweep
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def test_the_engine_gives_the_same_numbers_through_the_remote_path(dry_run, tiny
 
 
 def test_a_sweep_runs_unchanged_through_the_remote_path(dry_run, tiny_llama):
-    kwargs = dict(layer=1, n_controls=2, n_random=1, progress=False)
-    remote = scale_sweep(dry_run, ["Dust"], [0, 2, 8], **kwargs).df
-    local = scale_sweep(tiny_llama, ["Dust"], [0, 2, 8], **kwargs).df
+    spec = SweepSpec.build(["Dust"], [0, 2, 8], [1], n_controls=2, n_random=1)
+    remote = scale_sweep(dry_run, spec, progress=False).df
+    local = scale_sweep(tiny_llama, spec, progress=False).df
     torch.testing.assert_close(torch.tensor(remote["delta"].values), torch.tensor(local["delta"].values),
                                atol=1e-5, rtol=0)
 

@@ -14,7 +14,7 @@ from introspection_utils.engine.metadata import metadata, save_table
 from introspection_utils.engine.prompts import answer_set, control_questions, introspection_prompt
 from introspection_utils.engine.vectors import concept_vectors, random_vector
 from introspection_utils.experiments import sweeps
-from introspection_utils.experiments.sweeps import COLUMNS, layer_sweep, scale_sweep, summarize
+from introspection_utils.experiments.sweeps import COLUMNS, SweepSpec, layer_sweep, scale_sweep, summarize
 from introspection_utils.models.handle import package_version
 
 CONCEPTS = ["Dust", "Satellites"]
@@ -29,9 +29,16 @@ def bank(tiny_llama):
                            progress=False)
 
 
+RUN_OPTIONS = {"results_dir", "name", "bank", "batch_size", "progress", "ablate", "executor", "address"}
+
+
 def run_scale_sweep(handle, bank, **kwargs):
-    options = dict(layer=1, n_controls=2, n_random=2, bank=bank, progress=False, introspection=TRIAL)
-    return scale_sweep(handle, CONCEPTS, SCALES, **{**options, **kwargs})
+    """scale_sweep of CONCEPTS × SCALES at layer 1 through the front door: ``kwargs`` split into the spec's fields
+    and the execution options."""
+    options = {"bank": bank, "progress": False, **{k: v for k, v in kwargs.items() if k in RUN_OPTIONS}}
+    fields = {"n_controls": 2, "n_random": 2, "introspection": TRIAL,
+              **{k: v for k, v in kwargs.items() if k not in RUN_OPTIONS}}
+    return scale_sweep(handle, SweepSpec.build(CONCEPTS, SCALES, [1], **fields), **options)
 
 
 @pytest.fixture
@@ -89,8 +96,8 @@ def test_sweep_values_equal_the_reference(tiny_llama, bank, oracle):
 
 
 def test_layer_sweep_gives_one_row_per_layer_and_trial(tiny_llama, bank):
-    result = layer_sweep(tiny_llama, ["Dust"], [0, 1], scale=3.0, n_controls=1, n_random=1, bank=bank,
-                         progress=False, introspection=TRIAL)
+    spec = SweepSpec.build(["Dust"], [3.0], [0, 1], n_controls=1, n_random=1, introspection=TRIAL)
+    result = layer_sweep(tiny_llama, spec, bank=bank, progress=False)
     df = result.df
     assert list(df.columns) == COLUMNS and len(df) == 2 * 2 * 2  # questions × layers × (concept + random)
     assert df.groupby(["layer", "vector_kind"]).size().to_dict() == {
@@ -137,14 +144,16 @@ def test_results_are_saved_and_load_back(tiny_llama, bank, tmp_path):
     assert loaded.meta["spec_hash"] == result.meta["spec_hash"]
 
 
-def test_resume_recomputes_only_the_missing_question(tiny_llama, bank, tmp_path, count_measure):
+def test_resume_recomputes_only_the_missing_question(tiny_llama, bank, tmp_path, count_measure, capsys):
     first = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
     chunks = sorted((tmp_path / ".chunks").glob("resume-*/*.csv"))
     assert len(chunks) == 3 and len(count_measure.calls) == 3
     chunks[1].unlink()
     count_measure.calls.clear()
-    again = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
+    again = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume", progress=True)
     assert count_measure.calls == [control_questions(1)[0]]
+    said = capsys.readouterr()
+    assert "resume: resumed from" in said.out and "kept 2 of 3 questions (36 rows); 1 left to measure" in said.out
     pd.testing.assert_frame_equal(again.df, first.df)
     count_measure.calls.clear()
     run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
@@ -185,7 +194,7 @@ def test_summary_averages_delta_per_condition(tiny_llama, bank):
     ({"scales": []}, "no scales given"),
     ({"scales": [1.0, math.nan]}, "scale nan must be a finite number"),
     ({"scales": ["3"]}, "scale '3' must be a finite number"),
-    ({"layer": 2}, r"layer 2 is out of range for tiny-llama \(0\.\.1\)"),
+    ({"layers": [2]}, r"layer 2 is out of range for tiny-llama \(0\.\.1\)"),
     ({"n_random": -1}, "n_random must be >= 0"),
     ({"concepts": ["Dust", "a whole sentence of many words"], "bank": None},
      "a concept is a word or a phrase of up to"),
@@ -194,20 +203,28 @@ def test_summary_averages_delta_per_condition(tiny_llama, bank):
 def test_bad_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, forbid_compute, tmp_path, kwargs,
                                                         message):
     forbid_compute(tiny_llama)
-    options = dict(concepts=CONCEPTS, scales=SCALES, layer=1, n_controls=2, bank=bank, progress=False,
-                   results_dir=tmp_path)
-    options.update(kwargs)
+    fields = dict(concepts=CONCEPTS, scales=SCALES, layers=[1], n_controls=2)
+    options = dict(bank=bank, progress=False, results_dir=tmp_path)
+    for key, value in kwargs.items():
+        (options if key in RUN_OPTIONS else fields)[key] = value
     with pytest.raises(ValueError, match=message):
-        scale_sweep(tiny_llama, options.pop("concepts"), options.pop("scales"), **options)
+        scale_sweep(tiny_llama, SweepSpec.build(fields.pop("concepts"), fields.pop("scales"), fields.pop("layers"),
+                                                **fields), **options)
     assert not list(tmp_path.rglob("*.csv"))
 
 
 def test_bad_layer_sweep_input_is_rejected_before_any_compute(tiny_llama, bank, forbid_compute):
     forbid_compute(tiny_llama)
     with pytest.raises(ValueError, match="no layers given"):
-        layer_sweep(tiny_llama, CONCEPTS, [], scale=1.0, bank=bank, progress=False)
+        layer_sweep(tiny_llama, SweepSpec.build(CONCEPTS, [1.0], []), bank=bank, progress=False)
     with pytest.raises(ValueError, match="scale inf must be a finite number"):
-        layer_sweep(tiny_llama, CONCEPTS, [0], scale=math.inf, bank=bank, progress=False)
+        layer_sweep(tiny_llama, SweepSpec.build(CONCEPTS, [math.inf], [0]), bank=bank, progress=False)
+    with pytest.raises(ValueError, match=r"layer_sweep measures one scale; the spec has scales \[1.0, 2.0\]"):
+        layer_sweep(tiny_llama, SweepSpec.build(CONCEPTS, [1.0, 2.0], [0]), bank=bank, progress=False)
+    with pytest.raises(ValueError, match=r"scale_sweep measures one layer; the spec has layers \[0, 1\]"):
+        scale_sweep(tiny_llama, SweepSpec.build(CONCEPTS, [1.0], [0, 1]), bank=bank, progress=False)
+    with pytest.raises(TypeError, match="only execution options may follow it"):
+        scale_sweep(tiny_llama, SweepSpec.build(CONCEPTS, [1.0], [0]), n_random=3, bank=bank, progress=False)
 
 
 def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path):
@@ -227,8 +244,8 @@ def test_any_result_table_is_saved_with_the_sweeps_metadata(tiny_llama, tmp_path
 def test_default_sweep_asks_both_polarities_and_tags_every_row(tiny_llama, bank):
     from introspection_utils.engine.prompts import default_wordings, question_tags
 
-    result = scale_sweep(tiny_llama, ["Dust"], [0.0, 2.0], layer=1, n_controls=6, n_random=0, bank=bank,
-                         progress=False)
+    result = scale_sweep(tiny_llama, SweepSpec.build(["Dust"], [0.0, 2.0], [1], n_controls=6, n_random=0),
+                         bank=bank, progress=False)
     df = result.df
     assert list(df.columns) == COLUMNS
     assert {"polarity", "expected", "question_about", "answer_format"} <= set(df.columns)
@@ -249,8 +266,9 @@ def test_default_sweep_asks_both_polarities_and_tags_every_row(tiny_llama, bank)
 
 @pytest.mark.parametrize("answer_format", ["binary", "prefill"])
 def test_answer_format_is_asked_recorded_and_read_like_the_reference(tiny_llama, bank, oracle, answer_format):
-    result = layer_sweep(tiny_llama, ["Dust"], [1], scale=3.0, n_controls=2, n_random=0, bank=bank,
-                         progress=False, introspection=TRIAL, answer_format=answer_format)
+    spec = SweepSpec.build(["Dust"], [3.0], [1], n_controls=2, n_random=0, introspection=TRIAL,
+                           answer_format=answer_format)
+    result = layer_sweep(tiny_llama, spec, bank=bank, progress=False)
     df = result.df
     assert (df["answer_format"] == answer_format).all() and result.meta["answer_format"] == answer_format
     assert result.meta["spec"]["answer_format"] == answer_format
@@ -259,7 +277,8 @@ def test_answer_format_is_asked_recorded_and_read_like_the_reference(tiny_llama,
     expected = oracle.logit_diff(tiny_llama, [Trial(prompt, bank.get("Dust", 1), 3.0)])
     oracle.assert_close(torch.tensor(row["logit_diff"].to_numpy()), expected)
     with pytest.raises(ValueError, match="unknown answer_format 'chat'"):
-        layer_sweep(tiny_llama, ["Dust"], [1], scale=3.0, bank=bank, progress=False, answer_format="chat")
+        layer_sweep(tiny_llama, SweepSpec.build(["Dust"], [3.0], [1], answer_format="chat"), bank=bank,
+                    progress=False)
 
 
 def test_saved_tables_carry_the_answer_set_and_format(tiny_llama, tmp_path):
@@ -323,3 +342,31 @@ def test_a_sweep_whose_controls_span_little_warns_and_records_the_span(tiny_llam
     with pytest.warns(UserWarning, match=r"control questions' no-injection yes−no spans .* logits \(< 2\)"):
         result = run_scale_sweep(tiny_llama, bank, n_random=0)
     assert result.meta["control_span"] < sweeps.MIN_CONTROL_SPAN
+
+
+def test_the_old_keyword_form_warns_and_measures_the_same_spec(tiny_llama, bank, tmp_path):
+    """``scale_sweep(h, concepts, scales, layer=..., ...)`` (the form before the spec) still runs for one release:
+    a DeprecationWarning, and the same table, spec hash and chunk folder as the spec form."""
+    new = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path / "new", name="s")
+    with pytest.warns(DeprecationWarning, match=r"scale_sweep\(handle, concepts, ...\) .* is deprecated"):
+        old = scale_sweep(tiny_llama, CONCEPTS, SCALES, layer=1, n_controls=2, n_random=2, introspection=TRIAL,
+                          bank=bank, progress=False, results_dir=tmp_path / "old", name="s")
+    pd.testing.assert_frame_equal(old.df, new.df)
+    assert old.meta["spec"] == new.meta["spec"] and old.meta["spec_hash"] == new.meta["spec_hash"]
+    assert [p.name for p in (tmp_path / "old" / ".chunks").iterdir()] == [
+        p.name for p in (tmp_path / "new" / ".chunks").iterdir()]
+    with pytest.warns(DeprecationWarning):
+        layered = layer_sweep(tiny_llama, ["Dust"], [0, 1], scale=3.0, n_controls=1, n_random=0,
+                              introspection=TRIAL, bank=bank, progress=False)
+    spec = SweepSpec.build(["Dust"], [3.0], [0, 1], n_controls=1, n_random=0, introspection=TRIAL)
+    pd.testing.assert_frame_equal(layered.df, layer_sweep(tiny_llama, spec, bank=bank, progress=False).df)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['colour'\]"):
+        scale_sweep(tiny_llama, CONCEPTS, SCALES, layer=1, colour=1)
+
+
+def test_an_ablated_direction_names_itself_in_the_spec(tiny_llama, bank):
+    direction = torch.ones(tiny_llama.arch.d_model)
+    spec = SweepSpec.build(["Dust"], [0.0, 4.0], [1], n_controls=1, n_random=0, introspection=TRIAL)
+    result = scale_sweep(tiny_llama, spec, ablate=direction, bank=bank, progress=False)
+    assert result.meta["spec"]["ablation"] == sweeps.direction_id(direction) is not None
+    assert spec.ablation is None  # the caller's spec is left as it was (frozen; a copy names the direction)

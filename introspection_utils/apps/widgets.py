@@ -21,7 +21,7 @@ import pandas as pd
 
 from introspection_utils.engine.prompts import control_questions, introspection_questions
 from introspection_utils.engine.vectors import concept_vectors, default_layer
-from introspection_utils.experiments.sweeps import scale_sweep
+from introspection_utils.experiments.sweeps import SweepSpec, scale_sweep
 from introspection_utils.plotting import series as plots
 from introspection_utils.stats import introspection_residual
 
@@ -76,9 +76,9 @@ class ExplorerState:
         self.misses += 1
         # one wording, the paper's trial line: the explorer shows one introspection curve, so its I is that curve's
         # distance from the controls' line (the atlas averages over wordings of both polarities)
-        result = scale_sweep(self.handle, [concept], self.scales, layer=key[1], controls=self.controls, n_random=1,
-                             introspection=introspection_questions(["paper"])[0], seed=self.seed, bank=self.bank,
-                             progress=progress)
+        spec = SweepSpec.build([concept], self.scales, [key[1]], controls=self.controls, n_random=1,
+                               introspection=introspection_questions(["paper"])[0], seed=self.seed)
+        result = scale_sweep(self.handle, spec, bank=self.bank, progress=progress)
         self.cache[key] = result.df
         return result.df
 

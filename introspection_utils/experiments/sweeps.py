@@ -1,18 +1,7 @@
-"""Sweeps over concepts × scales × layers × questions × vector kinds → tidy DataFrames with metadata, resumable.
+"""Sweeps over concepts × scales × layers × questions × vector kinds (:class:`SweepSpec` → a tidy table with its
+metadata, resumable one question at a time); notebooks 02–06 and 08, the atlas and the explorer call them.
 
-One row per trial: ``model, concept, vector_kind, vector_seed, vector_norm, layer, scale, question_kind, question,
-question_about, polarity, expected, answer_format, logit_diff, baseline_logit_diff, delta, answer_mass,
-baseline_answer_mass, null_kind, effective_strength, relative_strength`` (``delta = logit_diff − baseline_logit_diff``,
-the question's own no-injection baseline; ``question_about`` "self" or "world" (every introspection wording is about
-the self); ``polarity`` +1 a detect wording, −1 an inverted one, 0 a control; ``expected`` a control's expected
-answer ("yes", "no", "ambiguous") or the answer of a wording that reports an injected thought; ``answer_format`` how
-the answer was asked for (prompts.ANSWER_FORMATS); ``logit_diff`` = logsumexp over the yes set − logsumexp over the
-no set and ``answer_mass`` = the probability of both sets at the answer position, injected and not; the sets are in
-the metadata's ``answer_set``; ``null_kind`` which null a random vector is, :data:`vectors.NULL_KINDS`, empty for
-concept vectors; ``effective_strength`` = s·‖v‖ and ``relative_strength`` = s·‖v‖ / ‖h‖ (‖h‖:
-:func:`vectors.residual_norms` of the sweep's reference prompt, the first question in the sweep's frame and answer
-format, at the row's layer)). Work is done one question at a time and each finished question is written to disk, so
-an interrupted sweep picks up where it stopped.
+The columns are :data:`COLUMNS`, defined in ``docs/design.md`` ("The sweep table").
 """
 
 from __future__ import annotations
@@ -20,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,11 +58,14 @@ STRENGTHS = ("raw", "relative")  # how a sweep's scales are read (see SweepSpec)
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What a sweep measures. ``introspection``: the introspection wording(s) (``None`` = the paper's trial line; a
-    tuple asks each, e.g. :func:`prompts.introspection_questions`), then the ``controls``; ``n_random``
-    norm-matched null vectors per concept and null kind in ``nulls`` (seeds ``seed..seed+k-1``).
-    ``strength="raw"``: ``scales`` are the multiples s of each vector (the paper's convention); ``"relative"``:
-    they are relative strengths r, and each concept is injected at s = r·‖h‖/‖v‖ (its random vectors too)."""
+    """What a sweep measures: the front door of :func:`scale_sweep`, :func:`layer_sweep` and :func:`run_sweep`
+    (build one with the series' defaults with :meth:`build`). ``introspection``: the introspection wording(s)
+    (``None`` = the paper's trial line; a tuple asks each, e.g. :func:`prompts.introspection_questions`), then the
+    ``controls``; ``n_random`` norm-matched null vectors per concept and null kind in ``nulls`` (seeds
+    ``seed..seed+k-1``). ``strength="raw"``: ``scales`` are the multiples s of each vector (the paper's convention;
+    a negative s injects −|s|·v, the vector's opposite); ``"relative"``: they are relative strengths r, and each
+    concept is injected at s = r·‖h‖/‖v‖ (its random vectors too). Its fields are saved in the table's metadata and
+    its :attr:`hash` names the resumable chunks."""
 
     concepts: tuple[str, ...]
     scales: tuple[float, ...]
@@ -88,6 +80,27 @@ class SweepSpec:
     answer_format: str = "open"  # prompts.ANSWER_FORMATS
     nulls: tuple[str, ...] = ("isotropic",)
     strength: str = "raw"
+
+    @classmethod
+    def build(cls, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,
+              n_controls: int | None = 10, controls: Sequence[str] | None = None,
+              introspection: str | Sequence[str] | None = None, nulls: Sequence[str] = ("isotropic",),
+              **fields) -> SweepSpec:
+        """A spec with the series' defaults: the first ``n_controls`` balanced control questions
+        (:func:`prompts.control_questions`; ``0``: none) unless ``controls`` are given, and the default wordings of
+        both polarities (:func:`prompts.default_wordings`) unless ``introspection`` names the wording(s) (one string:
+        that wording alone). ``fields``: the other fields (``n_random``, ``seed``, ``frame``, ``answers``,
+        ``answer_format``, ``strength``). A negative scale injects the vector's opposite (−s·v)."""
+        if controls is None:
+            controls = control_questions(n_controls) if n_controls != 0 else []
+        if introspection is None:
+            introspection = tuple(default_wordings())
+        elif not isinstance(introspection, str):
+            introspection = tuple(introspection)
+            if not introspection:
+                raise ValueError("introspection: give at least one wording (or None for the default wordings)")
+        return cls(concepts=tuple(concepts), scales=tuple(scales), layers=tuple(layers), controls=tuple(controls),
+                   introspection=introspection, nulls=tuple(nulls), **fields)
 
     @property
     def hash(self) -> str:
@@ -237,6 +250,10 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
             continue
         todo.append((index, _Unit(kind, prompt, pairs, spec.answers, spec.answer_format,
                                   tuple(float(x) for x in h_norm), batch_size, ablate), chunk_path))
+    if frames and progress:  # a resumed run says what it kept and what is left
+        kept = sum(len(f) for f in frames.values())
+        tqdm.write(f"{name}: resumed from {chunk_dir}: kept {len(frames)} of {len(questions)} questions "
+                   f"({kept} rows); {len(todo)} left to measure")
     where = " (Ray)" if runner.name == "ray" else ""
     bar = tqdm(total=len(frames) + len(todo), initial=len(frames), desc=f"{name}: questions{where}",
                disable=not progress)
@@ -271,61 +288,79 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     return result
 
 
-def _spec(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], layers: Sequence[int], *,
-          n_controls: int | None, controls: Sequence[str] | None, introspection: str | Sequence[str] | None,
-          **kwargs) -> SweepSpec:
-    if controls is None:
-        controls = control_questions(n_controls) if n_controls != 0 else []
-    if introspection is None:
-        introspection = tuple(default_wordings())
-    elif not isinstance(introspection, str):
-        introspection = tuple(introspection)
-        if not introspection:
-            raise ValueError("introspection: give at least one wording (or None for the paper's trial line)")
-    return SweepSpec(concepts=tuple(concepts), scales=tuple(scales), layers=tuple(layers), controls=tuple(controls),
-                     introspection=introspection, **kwargs)
+_LEGACY = ("layer", "scale", "n_controls", "controls", "introspection", "n_random", "seed", "frame", "answers",
+           "answer_format", "nulls", "strength")  # the fields the keyword form of scale_sweep/layer_sweep spelled out
 
 
-def scale_sweep(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[float], *, layer: int,
-                n_controls: int | None = 10, controls: Sequence[str] | None = None,
-                introspection: str | Sequence[str] | None = None, n_random: int = 1,
-                seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
-                answer_format: str = "open", results_dir: str | Path | None = None, name: str = "scale_sweep",
-                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
-                nulls: Sequence[str] = ("isotropic",), strength: str = "raw",
-                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
-    """Yes−no logit difference vs injection scale at one ``layer``, for the introspection question and the first
-    ``n_controls`` control questions (balanced self/world; or the given ``controls``), concept vectors and
-    ``n_random`` random ones. ``introspection``: the wording(s) asked (default the paper's trial line; pass
-    :func:`prompts.introspection_questions` for all of them, as the verdicts need).
-    ``ablate``: a direction projected out of the residual stream in every pass (e.g. the refusal direction).
-    ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`, ``n_random`` of each).
-    ``strength="relative"``: ``scales`` are relative strengths r = s·‖v‖/‖h‖ (each concept gets s = r·‖h‖/‖v‖).
-    ``executor``, ``address``: where the questions run (``"local"``, ``"ray"``; see :func:`run_sweep`)."""
-    spec = _spec(handle, concepts, scales, [layer], n_controls=n_controls, controls=controls,
-                 introspection=introspection, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
-                 nulls=tuple(nulls), strength=strength)
-    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
-                     ablate=ablate, executor=executor, address=address)
+def _legacy_spec(spec: SweepSpec | Sequence[str], args: tuple, keywords: dict, *, sweep: str) -> SweepSpec:
+    """The spec of a call in the old keyword form (``scale_sweep(h, concepts, scales, layer=..., n_controls=...)``),
+    with a ``DeprecationWarning``; a call with a :class:`SweepSpec` passes through."""
+    if isinstance(spec, SweepSpec):
+        if args or keywords:
+            raise TypeError(f"{sweep}_sweep(handle, spec, ...): the spec holds what is measured; only execution "
+                            f"options may follow it (got {[*map(repr, args), *keywords]})")
+        return spec
+    unknown = sorted(set(keywords) - {*_LEGACY, "scales", "layers"})
+    if unknown:
+        raise TypeError(f"{sweep}_sweep() got unexpected keyword argument(s) {unknown}")
+    warnings.warn(f"{sweep}_sweep(handle, concepts, ...) with the spec's fields as keywords is deprecated; pass a "
+                  f"spec: {sweep}_sweep(handle, SweepSpec.build(concepts, ...), results_dir=..., ...)",
+                  DeprecationWarning, stacklevel=3)
+    axis = "scales" if sweep == "scale" else "layers"
+    grid = args[0] if args else keywords.pop(axis)
+    if len(args) > 1:
+        raise TypeError(f"{sweep}_sweep() takes handle, concepts and {axis} positionally")
+    single = {"scale": "layer", "layer": "scale"}[sweep]
+    if single not in keywords:
+        raise TypeError(f"{sweep}_sweep() missing the keyword argument {single!r}")
+    point = [keywords.pop(single)]
+    scales, layers = (grid, point) if sweep == "scale" else (point, grid)
+    return SweepSpec.build(spec, scales, layers, **keywords)
 
 
-def layer_sweep(handle: ModelHandle, concepts: Sequence[str], layers: Sequence[int], *, scale: float,
-                n_controls: int | None = 10, controls: Sequence[str] | None = None,
-                introspection: str | Sequence[str] | None = None, n_random: int = 1,
-                seed: int = 0, frame: str = "paper", answers: tuple[str, str] | None = None,
-                answer_format: str = "open", results_dir: str | Path | None = None, name: str = "layer_sweep",
-                bank: VectorBank | None = None, progress: bool = True, ablate: torch.Tensor | None = None,
-                nulls: Sequence[str] = ("isotropic",), strength: str = "raw",
-                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
-    """Yes−no logit difference vs injection layer at one ``scale`` (same questions and vectors as
-    :func:`scale_sweep`; ``strength="relative"``: ``scale`` is a relative strength, read at each layer's ‖h‖)."""
-    spec = _spec(handle, concepts, [scale], layers, n_controls=n_controls, controls=controls,
-                 introspection=introspection, n_random=n_random,
-                 seed=seed, frame=frame, answers=answers, ablation=direction_id(ablate), answer_format=answer_format,
-                 nulls=tuple(nulls), strength=strength)
-    return run_sweep(handle, spec, bank=bank, results_dir=results_dir, name=name, progress=progress,
-                     ablate=ablate, executor=executor, address=address)
+def _run(handle: ModelHandle, spec: SweepSpec, ablate: torch.Tensor | None, **options) -> SweepResult:
+    """Run a front door's spec: a direction given as ``ablate`` names itself in a spec that names none."""
+    if ablate is not None and spec.ablation is None:
+        spec = replace(spec, ablation=direction_id(ablate))
+    return run_sweep(handle, spec, ablate=ablate, **options)
+
+
+def scale_sweep(handle: ModelHandle, spec: SweepSpec, /, *legacy, results_dir: str | Path | None = None,
+                name: str = "scale_sweep", bank: VectorBank | None = None, batch_size: int | None = None,
+                progress: bool = True, ablate: torch.Tensor | None = None,
+                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None,
+                **legacy_fields) -> SweepResult:
+    """Yes−no logit difference vs injection scale at the one layer of ``spec`` (build it with
+    :meth:`SweepSpec.build`: the introspection wordings and balanced controls, concept vectors and norm-matched random
+    ones). The rest are execution options: ``results_dir``/``name`` (saved table and resumable chunks), ``bank``
+    (concept vectors already computed), ``batch_size``, ``progress``, ``ablate`` (a direction projected out of the
+    residual stream in every pass, e.g. the refusal direction; the spec records its :func:`direction_id`),
+    ``executor``/``address`` (where the questions run: ``"local"``, ``"ray"``; see :func:`run_sweep`).
+
+    The old form ``scale_sweep(handle, concepts, scales, layer=..., n_controls=..., ...)`` still works for one
+    release and warns (``DeprecationWarning``)."""
+    spec = _legacy_spec(spec, legacy, legacy_fields, sweep="scale")
+    if len(spec.layers) != 1:
+        raise ValueError(f"scale_sweep measures one layer; the spec has layers {list(spec.layers)} "
+                         f"(layer_sweep or run_sweep take several)")
+    return _run(handle, spec, ablate, bank=bank, results_dir=results_dir, name=name, batch_size=batch_size,
+                progress=progress, executor=executor, address=address)
+
+
+def layer_sweep(handle: ModelHandle, spec: SweepSpec, /, *legacy, results_dir: str | Path | None = None,
+                name: str = "layer_sweep", bank: VectorBank | None = None, batch_size: int | None = None,
+                progress: bool = True, ablate: torch.Tensor | None = None,
+                executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None,
+                **legacy_fields) -> SweepResult:
+    """Yes−no logit difference vs injection layer at the one scale of ``spec`` (same questions, vectors and
+    execution options as :func:`scale_sweep`; ``strength="relative"``: the scale is a relative strength, read at each
+    layer's ‖h‖). The old keyword form (``layer_sweep(handle, concepts, layers, scale=..., ...)``) warns."""
+    spec = _legacy_spec(spec, legacy, legacy_fields, sweep="layer")
+    if len(spec.scales) != 1:
+        raise ValueError(f"layer_sweep measures one scale; the spec has scales {list(spec.scales)} "
+                         f"(scale_sweep or run_sweep take several)")
+    return _run(handle, spec, ablate, bank=bank, results_dir=results_dir, name=name, batch_size=batch_size,
+                progress=progress, executor=executor, address=address)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
