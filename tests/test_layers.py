@@ -20,7 +20,7 @@ FOLDERS = {
     "models": 1,       # the handle, the embedded models, memory estimates
     "engine": 2,       # prompts, vectors, the injection pass, components, generation, executors
     "stats": 3,        # pure table code: every definition and test
-    "experiments": 4,  # one module per experiment, each serving an entry of core/registry.py
+    "experiments": 4,  # one module per experiment, each serving an entry of the registry (apps/catalog.py)
     "readings": 5,     # sentences
     "plotting": 5,     # figures
     "apps": 6,         # runner, explorer, bench, demo, frozen prompts, findings
@@ -129,11 +129,11 @@ def test_entry_points_only_run_their_command(name):
 
 def test_every_experiment_module_serves_a_registry_entry():
     """``experiments/`` holds experiments: each module is named by an entry of the experiment registry
-    (``core/registry.py``) or imported, directly or not, by one that is (``attribution`` by ``mechanisms``)."""
-    from introspection_utils.core.registry import EXPERIMENTS
+    (``apps/catalog.py``) or imported, directly or not, by one that is (``attribution`` by ``mechanisms``)."""
+    from introspection_utils.apps.catalog import EXPERIMENTS
 
     graph = _graph()
-    named = {m for e in EXPERIMENTS for m in e.modules}
+    named = {m for e in EXPERIMENTS for m in e.module_names}
     unknown = sorted(named - set(graph))
     assert not unknown, f"registry entries name modules that do not exist: {unknown}"
     served, todo = set(), sorted(named)

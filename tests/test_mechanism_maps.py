@@ -52,12 +52,12 @@ def test_most_separated_and_the_ablation_reading(tiny_llama, two_maps, tmp_path)
     heads = mechanisms.top_heads(best, 2)
     assert len(heads) == 2 and all(0 <= layer < 2 for layer, _ in heads)
     table = patching.head_ablation(tiny_llama, best.concept, 4.0, heads, layer=0, n_controls=2)
-    text = mechanisms.describe_ablation(table)
+    text = mechanisms.describe_head_ablation(table)
     intact = patching.specific_shift(table).set_index("ablation").loc["none", "specific"]
     assert f"{intact:+.2f} logits with every head intact" in text and "zero-ablated" in text
     assert np.isclose(intact, best.shift, atol=1e-4)  # no ablation: the same trials as the maps
     table.to_csv(tmp_path / "ablation.csv", index=False)  # as notebook 05 saves it; the findings read it back
-    assert mechanisms.describe_ablation(pd.read_csv(tmp_path / "ablation.csv")) == text
+    assert mechanisms.describe_head_ablation(pd.read_csv(tmp_path / "ablation.csv")) == text
 
 
 def test_the_mechanism_figure_is_labelled(two_maps):

@@ -201,9 +201,9 @@ def test_agreement_of_perfect_and_reversed_estimates():
     base = {"question": "q", "concept": "c", "scale": 1.0, "direction": "sufficiency", "span": "answer"}
     real = pd.DataFrame([{**base, "site": f"s{i}", "effect": float(i ** 2)} for i in range(5)])
     same = real.rename(columns={"effect": "estimate"})
-    assert patching.agreement(real, same)["spearman"] == pytest.approx(1.0)
+    assert patching.attribution_agreement(real, same)["spearman"] == pytest.approx(1.0)
     flipped = same.assign(estimate=-same["estimate"])
-    result = patching.agreement(real, flipped)
+    result = patching.attribution_agreement(real, flipped)
     assert result["pearson"] == pytest.approx(-1.0) and result["n"] == 5
 
 
@@ -272,7 +272,7 @@ def test_attribution_patching_agrees_with_real_patching_over_every_head_on_the_e
     trials = patching.concept_trials(smollm, "Sandwich", 4.0, layer=20, n_controls=0)
     real = patching.activation_patching(smollm, trials)
     estimated = patching.attribution_patching(smollm, trials)
-    result = patching.agreement(real, estimated)
+    result = patching.attribution_agreement(real, estimated)
     print(f"attribution patching vs patching on {smollm.name}: {result}")
     assert result["n"] == 2 * 9 * (2 + smollm.arch.n_heads)
     assert result["pearson"] > 0.8 and result["spearman"] > 0.8

@@ -136,7 +136,7 @@ def test_attention_figure_and_top_heads(maps):
     for ax in shown:
         _check_axes(ax)
     plt.close(fig)
-    top = readings.top_heads(maps, 3)
+    top = readings.attention_top_heads(maps, 3)
     assert len(top) == 3 and top["rise_vs_no_injection"].is_monotonic_decreasing
     row = top.iloc[0]
     rise = row["introspection_injected"] - row["introspection_no_injection"]
@@ -164,7 +164,7 @@ def _frame(intro, control, baseline_intro, baseline_control, scales=(0, 1, 2, 4)
 
 def test_flip_scale_is_where_introspection_turns_yes_while_the_control_stays_no():
     df = _frame([-1, -0.5, 0.5, 2], [-2, -2, -1.5, 0.5], -1, -2)
-    assert readings.flip_scale(df, "X") == 2
+    assert readings.sweep_flip_scale(df, "X") == 2
     assert "crosses zero to yes at scale 2" in readings.describe_scale_sweep(df, "X")
     scale, why = readings.choose_scale(df, "X")
     assert scale == 2 and "flips to yes at scale 2" in why
@@ -175,11 +175,12 @@ def test_flip_scale_is_per_curve_and_none_when_the_baseline_is_yes():
     # is the
     # introspection-specific shift's business, not the flip's.
     both = _frame([-1, -0.5, 0.5, 2], [-2, -1, 0.5, 1], -1, -2)
-    assert readings.flip_scale(both, "X") == 2 and readings.flip_scale(both, "X", question_kind="control") == 2
+    assert readings.sweep_flip_scale(both, "X") == 2
+    assert readings.sweep_flip_scale(both, "X", question_kind="control") == 2
     scale, why = readings.choose_scale(both, "X")
     assert scale == 4 and "control mean flips to yes at scale 2" in why  # S: 0, 0.5, 0.5, 1 → peak at 4
     already = _frame([0.5, 1, 2, 3], [-2, -2, -2, -2], 0.5, -2)
-    assert readings.flip_scale(already, "X") is None
+    assert readings.sweep_flip_scale(already, "X") is None
     assert "already leans yes" in readings.choose_scale(already, "X")[1]
 
 

@@ -97,7 +97,7 @@ def test_ablation_effect_averages_the_high_scales():
     assert e["control"] == pytest.approx(0.0)         # (+0.2, −0.2) / 2
     assert e["baseline"] == pytest.approx(0.5) and e["introspection_delta"] == pytest.approx(2.0)
     assert e["n"] == 2 and e["switch_plain"] == 8 and e["switch_ablated"] is None
-    text = readings.describe_ablation(plain, ablated, "X", from_scale=8)
+    text = readings.describe_refusal_ablation(plain, ablated, "X", from_scale=8)
     assert "raises the introspection curve at scales ≥ 8 by 2.50 logits on average (2 scale(s))" in text
     assert "the control mean moves by +0.00" in text and "the change is +2.00" in text
     assert "Without ablation the introspection answer switches back at scale 8" in text
@@ -107,7 +107,7 @@ def test_ablation_effect_averages_the_high_scales():
 def test_ablation_reading_says_when_the_curve_never_rises():
     plain = _frame([-1, 0.5, 2, 1, -0.5, -2], [-2] * 6, -1, -2)
     ablated = _frame([-1, -2, -3, -4, -5, -6], [-2] * 6, -1, -2)
-    text = readings.describe_ablation(plain, ablated, "X", from_scale=8)
+    text = readings.describe_refusal_ablation(plain, ablated, "X", from_scale=8)
     assert "lowers the introspection curve" in text and "never rises above zero or its baseline" in text
 
 

@@ -1,21 +1,24 @@
-"""The experiment registry (``core/registry.py``) is the series: one entry per notebook and one notebook per entry,
-each entry saying what its notebook really calls, draws and saves (read from the notebook's code), and the runner's
-list, the notebook guide's table and the findings all read it."""
+"""The experiment registry (``core/registry.py``; the series' entries in ``apps/catalog.py``) is the series: one
+entry per notebook and one notebook per entry, each entry holding the modules and functions its notebook really
+calls, and naming what it draws and saves (read from the notebook's code); the runner's list, the notebook guide's
+table and the findings all read it, and it refuses a duplicate."""
 
 from __future__ import annotations
 
 import ast
 import re
 from fnmatch import fnmatchcase
+from importlib import import_module
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from introspection_utils.apps import findings, run
+from introspection_utils.apps.catalog import EXPERIMENTS
 from introspection_utils.core.data import tomllib
 from introspection_utils.core.paths import read_block
-from introspection_utils.core.registry import EXPERIMENTS, Experiment, by_number, pattern, resolve
+from introspection_utils.core.registry import Experiment, Registry, pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "introspection_utils"
@@ -39,6 +42,12 @@ def _aliases(trees: list[ast.Module]) -> dict[str, str]:
                 base = node.module.removeprefix("introspection_utils.")
                 out |= {a.asname or a.name: f"{base}.{a.name}" for a in node.names}
     return out
+
+
+def _resolve(name: str):
+    """The function a notebook's ``"folder.module.function"`` denotes (a re-export is the same object)."""
+    module, _, attribute = name.rpartition(".")
+    return getattr(import_module(f"introspection_utils.{module}"), attribute)
 
 
 def _name(node: ast.expr) -> str | None:
@@ -89,10 +98,8 @@ def test_entry_modules_are_what_the_notebook_calls(entry):
     names = set(_aliases(_code(entry.notebook)).values())  # modules, and names imported from modules
     imported = {v if _is_module(v) else v.rsplit(".", 1)[0] for v in names} | names
     assert {m for m in imported if m.startswith("experiments.") and _is_module(m)} == \
-        {m for m in entry.modules if m.startswith("experiments.")}
-    assert set(entry.modules) <= imported, f"{entry.notebook} does not import {set(entry.modules) - imported}"
-    for module in entry.modules:
-        assert (PACKAGE / Path(*module.split("."))).with_suffix(".py").is_file(), module
+        {m for m in entry.module_names if m.startswith("experiments.")}
+    assert set(entry.module_names) <= imported, f"{entry.notebook} does not import {set(entry.module_names) - imported}"
 
 
 @pytest.mark.parametrize("entry", EXPERIMENTS, ids=lambda e: e.number)
@@ -103,8 +110,7 @@ def test_entry_readings_are_the_functions_the_notebook_prints_with(entry):
               if alias in aliases and READING_CALL.match(attr)}
     called |= {aliases[c.func.id] for c in _calls(trees) if isinstance(c.func, ast.Name) and c.func.id in aliases
                and READING_CALL.match(c.func.id)}
-    assert called == set(entry.readings)
-    assert all(callable(resolve(name)) for name in entry.readings)
+    assert {_resolve(name) for name in called} == set(entry.readings)
 
 
 @pytest.mark.parametrize("entry", EXPERIMENTS, ids=lambda e: e.number)
@@ -116,7 +122,9 @@ def test_entry_tables_are_the_tables_the_notebook_saves(entry):
     written |= {_name(c.args[3]) for c in calls if isinstance(c.func, ast.Name) and c.func.id == "save_table"}
     written.discard(None)
     assert written <= set(entry.tables), f"{entry.notebook} saves {written - set(entry.tables)} not in its entry"
-    sources = "".join((PACKAGE / Path(*m.split("."))).with_suffix(".py").read_text() for m in entry.modules)
+    files = [p for m in entry.modules for p in (sorted(Path(m.__file__).parent.glob("*.py"))
+                                                 if Path(m.__file__).name == "__init__.py" else [Path(m.__file__)])]
+    sources = "".join(p.read_text() for p in files)
     for table in set(entry.tables) - written:
         words = [w for w in re.split(r"\{[^{}]*\}", table) if w]
         assert words and all(w in sources for w in words), f"{entry.notebook}: table {table!r} is saved by nothing"
@@ -133,7 +141,7 @@ def test_findings_readers_are_the_registry_and_read_nothing_from_an_empty_folder
     assert list(findings.SERIES) == [e.number for e in with_reader]
     for e in with_reader:
         title, read = findings.SERIES[e.number]
-        assert title == e.title and read is resolve(e.findings) and read(tmp_path) == []
+        assert title == e.title and read is e.findings and read(tmp_path) == []
 
 
 def test_the_notebook_guide_table_is_the_registry():
@@ -148,15 +156,36 @@ def test_run_list_prints_every_entry(capsys):
     out = capsys.readouterr().out
     for e in EXPERIMENTS:
         block = out.split(f"{e.notebook} · {e.title}\n")[1].split("\n\n")[0]
-        assert all(f in block for f in e.figures) and all(m in block for m in e.modules)
+        assert all(f in block for f in e.figures) and all(m in block for m in e.module_names)
+        assert all(r in block for r in e.reading_names)
 
 
 def test_an_entry_is_checked_when_it_is_made():
-    fields = dict(title="t", question="q", modules=("experiments.sweeps",), figures=("99_x",), tables=(),
-                  readings=(), alt="a")
+    from introspection_utils.experiments import sweeps
+    from introspection_utils.readings import saved, sentences
+
+    fields = dict(title="t", question="q", modules=(sweeps,), figures=("99_x",), tables=(), alt="a",
+                  readings=(sentences.describe_scale_sweep,), findings=saved.scale_sweep_sentences)
     with pytest.raises(ValueError, match="guide_figure '99_y' is none of its figures"):
         Experiment("99_new", guide_figure="99_y", **fields)
     with pytest.raises(ValueError, match="file's stem"):
         Experiment("new", guide_figure="99_x", **fields)
+    with pytest.raises(TypeError, match="the package's modules themselves, not 'experiments.sweeps'"):
+        Experiment("99_new", guide_figure="99_x", **{**fields, "modules": ("experiments.sweeps",)})
+    with pytest.raises(TypeError, match="hold functions, not 'readings.saved.scale_sweep_sentences'"):
+        Experiment("99_new", guide_figure="99_x", **{**fields, "findings": "readings.saved.scale_sweep_sentences"})
     with pytest.raises(KeyError, match="no experiment '99'"):
-        by_number("99")
+        EXPERIMENTS.by_number("99")
+
+
+def test_the_registry_refuses_a_second_entry_for_a_number_or_a_notebook():
+    from introspection_utils.experiments import sweeps
+
+    fields = dict(title="t", question="q", modules=(sweeps,), figures=("99_x",), tables=(), readings=(), alt="a",
+                  guide_figure="99_x")
+    registry = Registry((Experiment("99_new", **fields),))
+    with pytest.raises(ValueError, match="'99_other' is registered already \\(as '99_new', number 99\\)"):
+        registry.register(Experiment("99_other", **fields))
+    with pytest.raises(ValueError, match="registered already"):
+        Registry((EXPERIMENTS.by_number("02"), EXPERIMENTS.by_number("02")))
+    assert [e.notebook for e in registry] == ["99_new"] and len(registry) == 1  # the refused entry left no trace

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from introspection_utils.apps.catalog import EXPERIMENTS
 from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
-from introspection_utils.core.registry import EXPERIMENTS, by_number, pattern, resolve
+from introspection_utils.core.registry import pattern
 from introspection_utils.core.results import load_result
 from introspection_utils.engine.prompts import ANSWER_FORMATS
 from introspection_utils.experiments import localization
@@ -180,7 +181,7 @@ def tasks_markdown(rows: pd.DataFrame) -> str:
 def _series() -> dict[str, tuple[str, Callable[[Path], list[str]]]]:
     """notebook → (title, its readings from the tables it saved in a results folder): the registry's entries that
     have a findings reader, in series order."""
-    return {e.number: (e.title, resolve(e.findings)) for e in EXPERIMENTS if e.findings is not None}
+    return {e.number: (e.title, e.findings) for e in EXPERIMENTS if e.findings is not None}
 
 
 SERIES = _series()
@@ -195,7 +196,7 @@ def series(model: str = FINDINGS_MODEL) -> list[tuple[str, str, list[str], list[
     for notebook, (title, read) in SERIES.items():
         texts = read(folder / "results")
         if texts:
-            figures = sorted({p.name for name in by_number(notebook).figures
+            figures = sorted({p.name for name in EXPERIMENTS.by_number(notebook).figures
                               for p in folder.glob(f"{pattern(name)}.png")})
             out.append((notebook, title, figures, texts))
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import checkpoint
+from introspection_utils.core.renames import renamed
 from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.vectors import concept_vectors
 from introspection_utils.experiments.attribution import (
@@ -27,7 +28,7 @@ from introspection_utils.experiments.attribution import (
 )
 from introspection_utils.experiments.patching import (
     activation_patching,
-    agreement,
+    attribution_agreement,
     attribution_patching,
     concept_trials,
     default_sites,
@@ -106,7 +107,7 @@ def _assemble(model: str, concept: str, layer: int, scale: float, n_controls: in
               shift: float, patched: pd.DataFrame, estimated: pd.DataFrame) -> MechanismMaps:
     return MechanismMaps(model, concept, layer, scale, n_controls, cells, did_by_layer(cells),
                          difference_in_differences(cells[cells["component"] == "head"]), shift, patched, estimated,
-                         agreement(patched, estimated))
+                         attribution_agreement(patched, estimated))
 
 
 def load_maps(folder: Path) -> list[MechanismMaps]:
@@ -163,7 +164,7 @@ def top_heads(maps: MechanismMaps, k: int = 2) -> list[tuple[int, int]]:
     return [(int(r.comp_layer), int(r.head)) for r in maps.did_heads.head(k).itertuples()]
 
 
-def describe_ablation(table: pd.DataFrame) -> str:
+def describe_head_ablation(table: pd.DataFrame) -> str:
     """A reading of :func:`introspection_utils.experiments.patching.head_ablation`: does the introspection-specific
     shift
     survive without the heads?"""
@@ -211,3 +212,7 @@ def agreement_table(maps: Sequence[MechanismMaps]) -> pd.DataFrame:
 def most_separated(maps: Sequence[MechanismMaps]) -> MechanismMaps:
     """The concept whose introspection shift goes furthest towards yes beyond the controls' (largest DiD)."""
     return max(maps, key=lambda m: m.shift)
+
+
+# the old name, one release
+__getattr__ = renamed(__name__, globals(), {"describe_ablation": "describe_head_ablation"})

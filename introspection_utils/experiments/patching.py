@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from introspection_utils.core.renames import renamed
 from introspection_utils.engine.components import Edit, PromptPass, Site, all_sites, check_heads, check_sites
 from introspection_utils.engine.measure import DEFAULT_BATCH, Trial, check_trials, measure
 from introspection_utils.engine.prompts import paper_answers, question_prompts, yes_no_ids
@@ -198,7 +199,7 @@ def attribution_patching(handle: ModelHandle, trials: Sequence[Trial], sites: Se
     return _finish(rows)[columns]
 
 
-def agreement(patched: pd.DataFrame, estimated: pd.DataFrame) -> dict:
+def attribution_agreement(patched: pd.DataFrame, estimated: pd.DataFrame) -> dict:
     """How well attribution patching agrees with activation patching over the components both tables hold:
     Pearson and Spearman correlations of ``estimate`` against ``effect``, and their number ``n``."""
     keys = ["question", "concept", "scale", "direction", "span", "site"]
@@ -331,3 +332,7 @@ def specific_shift(df: pd.DataFrame) -> pd.DataFrame:
     """Per ablation mode of :func:`head_ablation`: the introspection shift, the control questions' mean shift, and
     ``specific = introspection − control`` (the introspection-specific part of the injection's push)."""
     return question_contrast(df, "shift", ["ablation"], sort=False).reset_index()
+
+
+# the old name, one release
+__getattr__ = renamed(__name__, globals(), {"agreement": "attribution_agreement"})

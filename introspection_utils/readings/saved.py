@@ -1,9 +1,5 @@
-"""Each notebook's readings recomputed from the tables it saved: ``reader(results) -> list[str]``, one sentence per
-reading, by the same functions the notebook prints them with; an empty list when the tables are not in ``results``.
-
-The registry (:mod:`introspection_utils.core.registry`, an entry's ``findings``) names the reader of each notebook;
-``apps/findings.py`` writes them into ``findings.md``.
-"""
+"""Each notebook's sentences recomputed from the tables it saved (``<notebook>_sentences(results) -> list[str]``,
+empty when the tables are absent); the registry's entries point at them and ``apps/findings.py`` writes them out."""
 
 from __future__ import annotations
 
@@ -29,22 +25,22 @@ def _sweep_readings(results: Path, name: str, describe: Callable[[pd.DataFrame, 
     return [describe(df, c) for c in _concepts(df)]
 
 
-def scale_sweep(results: Path) -> list[str]:
+def scale_sweep_sentences(results: Path) -> list[str]:
     """Notebook 02: each concept's scale-sweep reading (``scale_sweep``)."""
     return _sweep_readings(results, "scale_sweep", readings.describe_scale_sweep)
 
 
-def layer_sweep(results: Path) -> list[str]:
+def layer_sweep_sentences(results: Path) -> list[str]:
     """Notebook 03: each concept's layer-sweep reading (``layer_sweep``)."""
     return _sweep_readings(results, "layer_sweep", readings.describe_layer_sweep)
 
 
-def logit_lens(results: Path) -> list[str]:
+def logit_lens_sentences(results: Path) -> list[str]:
     """Notebook 04: each concept's logit-lens reading (``logit_lens``)."""
     return _sweep_readings(results, "logit_lens", readings.describe_lens)
 
 
-def attention(results: Path) -> list[str]:
+def attention_sentences(results: Path) -> list[str]:
     """Notebook 05: the top heads (``attention_top_heads``) and their ablation (``attention_head_ablation``)."""
     texts = []
     if (results / "attention_top_heads.csv").is_file():
@@ -52,11 +48,11 @@ def attention(results: Path) -> list[str]:
         text = readings.describe_top_heads(top.head(3))
         texts.append(text[0].upper() + text[1:])
     if (results / "attention_head_ablation.csv").is_file():
-        texts.append(mechanisms.describe_ablation(pd.read_csv(results / "attention_head_ablation.csv")))
+        texts.append(mechanisms.describe_head_ablation(pd.read_csv(results / "attention_head_ablation.csv")))
     return texts
 
 
-def interference(results: Path) -> list[str]:
+def interference_sentences(results: Path) -> list[str]:
     """Notebook 06: bomb below baseline (layer and scale sweeps), confusion's co-movement."""
     texts = []
     if (results / "interference_layer_sweep.csv").is_file():
@@ -68,20 +64,21 @@ def interference(results: Path) -> list[str]:
     return texts
 
 
-def grading_rates(results: Path) -> list[str]:
+def grading_sentences(results: Path) -> list[str]:
     """Notebook 07: the graded answers' rates (``graded_responses``)."""
     path = results / "graded_responses.csv"
     return [grading.describe_grading(pd.read_csv(path))] if path.is_file() else []
 
 
-def refusal_ablation(results: Path) -> list[str]:
+def refusal_ablation_sentences(results: Path) -> list[str]:
     """Notebook 08: the refusal direction, each concept's sweep with and without its ablation, the ablation points."""
     texts = []
     if (results / "refusal_direction_scores.csv").is_file():
         texts.append(refusal.describe_direction(pd.read_csv(results / "refusal_direction_scores.csv")))
     if (results / "refusal_sweep.csv").is_file() and (results / "refusal_sweep_ablated.csv").is_file():
         plain, ablated = (load_result(results / f"{n}.csv").df for n in ("refusal_sweep", "refusal_sweep_ablated"))
-        texts += [readings.describe_ablation(plain, ablated, c, from_scale=readings.choose_switch_scale(plain, c)[0])
+        texts += [readings.describe_refusal_ablation(plain, ablated, c,
+                                                     from_scale=readings.choose_switch_scale(plain, c)[0])
                   for c in _concepts(plain)]
     if (results / "refusal_ablation_points.csv").is_file():
         points = pd.read_csv(results / "refusal_ablation_points.csv")
@@ -89,7 +86,7 @@ def refusal_ablation(results: Path) -> list[str]:
     return texts
 
 
-def sae_features(results: Path) -> list[str]:
+def sae_sentences(results: Path) -> list[str]:
     """Notebook 09: the SAEs' quality and each concept's features (``sae_features``, ``sae_yes_features``)."""
     if not ((results / "sae_features.csv").is_file() and (results / "sae_yes_features.csv").is_file()):
         return []
@@ -99,13 +96,13 @@ def sae_features(results: Path) -> list[str]:
     return quality + [sae.describe_sae_features(table, yes, c) for c in _concepts(table)]
 
 
-def localization_accuracy(results: Path) -> list[str]:
+def localization_sentences(results: Path) -> list[str]:
     """Notebook 10: the localization reading (``localization``)."""
     path = results / "localization.csv"
     return [localization.reading(load_result(path))] if path.is_file() else []
 
 
-def task_readings(results: Path) -> list[str]:
+def task_sentences(results: Path) -> list[str]:
     """Notebook 13: each task's reading from its saved table (forced choice, congruence, strength, localization)."""
     out = []
     for name, summarise, describe in (("forced_choice", forced_choice.forced_choice_summary,
@@ -119,7 +116,7 @@ def task_readings(results: Path) -> list[str]:
     return out
 
 
-def mechanism_maps(results: Path) -> list[str]:
+def mechanism_sentences(results: Path) -> list[str]:
     """Notebook 12: each concept's attribution and patching reading and their contrast (``mechanisms_*``)."""
     if not (results / "mechanisms_agreement.csv").is_file():
         return []

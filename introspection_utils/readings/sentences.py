@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from introspection_utils.core.renames import renamed
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
 from introspection_utils.stats import introspection_residual, verdicts
@@ -48,7 +49,7 @@ def _none_if_nan(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
-def flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None,
+def sweep_flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None,
                question_kind: str = "introspection") -> float | None:
     """The :func:`~introspection_residual.flip_scale`
     of the introspection curve (or ``question_kind="control"``: the control
@@ -188,7 +189,7 @@ def describe_lens(lens: pd.DataFrame, concept: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------- attention
 
-def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
+def attention_top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
     """The ``k`` (layer, head) pairs whose attention to the injected positions rises most from the uninjected to the
     injected introspection trial, with every condition's value and the introspection−control difference."""
     n_layers, n_heads = maps.maps[INTRO_INJ].shape
@@ -206,8 +207,8 @@ def top_heads(maps: AttentionMaps, k: int = 10) -> pd.DataFrame:
 
 
 def head_pairs(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
-    """The first ``k`` ``(layer, head)`` pairs of a head table such as :func:`top_heads`, in its order — the form
-    :func:`introspection_utils.experiments.patching.head_ablation` takes."""
+    """The first ``k`` ``(layer, head)`` pairs of a head table such as :func:`attention_top_heads`, in its order —
+    the form :func:`introspection_utils.experiments.patching.head_ablation` takes."""
     return [(int(r.layer), int(r.head)) for r in table.head(k).itertuples()]
 
 
@@ -216,14 +217,15 @@ def describe_attention(maps: AttentionMaps, k: int = 3) -> str:
     the control questions (the write-up found the pattern similar in both)."""
     effect = maps.injection_effects()["introspection"]
     below = float(np.abs(effect[: maps.layer + 1]).max())  # added to layer L's output: attention moves from L + 1
-    return (f"{maps.concept} at scale {_fmt(maps.scale)}: " + describe_top_heads(top_heads(maps, k))
+    return (f"{maps.concept} at scale {_fmt(maps.scale)}: " + describe_top_heads(attention_top_heads(maps, k))
             + f" Largest change at or below the injection layer {maps.layer}: {below:.1e} (the vector is added to "
               f"its output, so no attention there can see it).")
 
 
 def describe_top_heads(top: pd.DataFrame) -> str:
-    """Sentences on a :func:`top_heads` table (also as saved by notebook 05): the heads that rise most, and how
-    many rise at least half as much on the control questions (shared) — the write-up's "similar in both cases"."""
+    """Sentences on an :func:`attention_top_heads` table (also as saved by notebook 05): the heads that rise most,
+    and how many rise at least half as much on the control questions (shared) — the write-up's "similar in both
+    cases"."""
     k = len(top)
     heads = ", ".join(f"L{r.layer}H{r.head} (+{r.rise_vs_no_injection:.3f})" for r in top.itertuples())
     similar = int(shared_rise(top["rise_vs_no_injection"], top["control_rise"]).sum())
@@ -326,7 +328,7 @@ def choose_switch_scale(df: pd.DataFrame, concept: str, *, layer: int | None = N
     return fallback, f"{head}; {why}; fallback: {rule}, {_fmt(fallback)} ({intro.loc[fallback]:+.2f})."
 
 
-def describe_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, from_scale: float = 0.0,
+def describe_refusal_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: str, *, from_scale: float = 0.0,
                       layer: int | None = None) -> str:
     """Sentences on :func:`ablation_effect`: how ablating the refusal direction moves the introspection curve and
     the control mean at high scales, and whether the answer still switches back to no."""
@@ -395,3 +397,8 @@ def describe_refusal_layers(table: pd.DataFrame, best: int) -> str:
     if top == chosen:
         return text + "it is also the largest over all layers."
     return text + f"over all layers the largest is at layer {top} (d = {rows.loc[top, 'heldout_d']:.2f})."
+
+
+# the old names, one release
+__getattr__ = renamed(__name__, globals(), {"flip_scale": "sweep_flip_scale", "top_heads": "attention_top_heads",
+                                            "describe_ablation": "describe_refusal_ablation"})

@@ -134,15 +134,16 @@ def listing() -> str:
     """The series as the registry holds it (``run --list``): per notebook, what computes it, the functions its
     readings come from, its figures and tables (``{part}``: filled in by the run), and its findings table and
     reader."""
-    from introspection_utils.core.registry import EXPERIMENTS
+    from introspection_utils.apps.catalog import EXPERIMENTS
+    from introspection_utils.core.registry import name_of
 
     lines = []
     for e in EXPERIMENTS:
         findings = f'findings: ["{e.findings_table}"] parameters; ' + (
-            f"readings from its tables by {e.findings}" if e.findings else "no section of its own")
+            f"readings from its tables by {name_of(e.findings)}" if e.findings else "no section of its own")
         lines += [f"{e.notebook} · {e.title}",
-                  f"    computes: {', '.join(e.modules)}",
-                  f"    reads:    {', '.join(e.readings)}",
+                  f"    computes: {', '.join(e.module_names)}",
+                  f"    reads:    {', '.join(e.reading_names)}",
                   f"    figures:  {', '.join(e.figures)}",
                   f"    tables:   {', '.join(e.tables) or '(none)'}",
                   f"    {findings}"]
@@ -154,7 +155,7 @@ def guide_markdown(path: Path, figures_model: str | None = None) -> str:
     """The notebook guide's table from the registry, its links relative to ``path`` (the file it goes into, e.g.
     ``docs/notebooks.md``), each row with the figure of the reference run of ``figures_model`` (default: the
     embedded model) that the entry names (``guide_figure``)."""
-    from introspection_utils.core.registry import EXPERIMENTS
+    from introspection_utils.apps.catalog import EXPERIMENTS
 
     here = Path(path).resolve().parent
     notebooks_dir = Path(os.path.relpath(NOTEBOOKS_DIR, here)).as_posix()
