@@ -70,7 +70,7 @@ def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- findings:start -->\nold\n<!-- findings:end -->\nafter\n")
     monkeypatch.setenv("INTROSPECTION_FIGURES", str(tmp_path / "figures"))
-    path = findings.write("m", readme=readme)
+    path = findings.write_findings("m", readme=readme)
     text = path.read_text()
     assert text.startswith("From `make findings` on **m**") and "| write-up case |" in text
     assert read_block(readme, "findings") == text.strip() and readme.read_text().endswith("after\n")
@@ -98,7 +98,7 @@ def test_the_readme_shows_the_committed_findings():
     committed run's tables (every notebook's reading included): no number in them can go stale."""
     committed = project_root() / "figures" / findings.FINDINGS_MODEL / "findings.md"
     assert committed.is_file(), "run `make findings` and `python -m introspection_utils.findings`"
-    document, table, agreement = findings.render()
+    document, table, agreement = findings.render_findings()
     assert committed.read_text() == document
     assert read_block(project_root() / "README.md", "findings") == table
     assert agreement is not None and read_block(project_root() / "README.md", "agreement") == agreement

@@ -267,3 +267,17 @@ def test_save_figure_formats_and_dpi_are_checked(tmp_path):
     with pytest.raises(ValueError, match="dpi 5 must be a number from 20 to 1200"):
         plots.save_figure(fig, "m", "x", folder=tmp_path, dpi=5)
     plt.close("all")
+
+
+def test_a_notebook_figure_is_saved_only_where_figures_dir_says(tmp_path, capsys):
+    from introspection_utils.plotting.style import save_notebook_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    for off in (None, ""):
+        save_notebook_figure(fig, "tiny-llama", "00_x", off)
+    assert capsys.readouterr().out == "" and not list(tmp_path.rglob("*.png"))
+    save_notebook_figure(fig, "tiny-llama", "00_x", tmp_path / "figs")
+    written = tmp_path / "figs" / "00_x.png"
+    assert capsys.readouterr().out.strip() == str(written) and written.stat().st_size > 1000
+    plt.close(fig)

@@ -93,7 +93,7 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, model: str, atlas: pd.DataFrame) -> str:
+def claims_markdown(table: pd.DataFrame, model: str, atlas: pd.DataFrame) -> str:
     """The claims as a Markdown table, headed by the run it comes from."""
     layer = ", ".join(map(str, sorted(atlas["layer"].unique())))
     head = (f"From `make findings` on **{model}** (the atlas of notebook 11: {len(atlas)} concepts at layer {layer}, "
@@ -212,7 +212,7 @@ def wall_times(model: str = FINDINGS_MODEL) -> dict[str, float]:
             if row.notebook.count(".") == 1}  # a variant's row (11_atlas.binary.ipynb) is not its notebook's time
 
 
-def series_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:
+def notebooks_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:
     """The readings as Markdown, one section per notebook with its figures (paths relative to the model folder)
     and its wall time in the last run (``seconds``, by notebook prefix)."""
     lines = ["## Notebook by notebook", "",
@@ -243,7 +243,7 @@ def agreement_markdown(model: str = FINDINGS_MODEL) -> str | None:
             f"`python -m introspection_utils.findings`.")
 
 
-def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
+def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     """``(findings.md, the README's claims table, the README's agreement sentence or None)`` computed from
     ``figures/<model>/results/``."""
     results = figures_dir(model) / "results"
@@ -254,18 +254,18 @@ def render(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     interference = results / "interference_scale_sweep.csv"
     inter = load_result(interference).df if interference.is_file() else None
     formats, task_table = format_rows(results), task_rows(results)
-    table = (markdown(claims(atlas, sweep, inter), model, atlas)
+    table = (claims_markdown(claims(atlas, sweep, inter), model, atlas)
              + ("\n\n" + formats_markdown(formats) if len(formats) else "")
              + ("\n\n" + tasks_markdown(task_table) if len(task_table) else ""))
     sections = series(model)
-    document = table + ("\n\n" + series_markdown(sections, wall_times(model)) if sections else "") + "\n"
+    document = table + ("\n\n" + notebooks_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)
 
 
-def write(model: str = FINDINGS_MODEL, *, readme: Path | None = None) -> Path:
+def write_findings(model: str = FINDINGS_MODEL, *, readme: Path | None = None) -> Path:
     """Compute the findings of ``model`` from ``figures/<model>/results/`` and write ``findings.md`` (and the
     README blocks when ``readme`` is given). Returns the Markdown file's path."""
-    document, table, agreement = render(model)
+    document, table, agreement = render_findings(model)
     path = atomic_write(figures_dir(model) / "findings.md", document)
     if readme is not None:
         replace_block(readme, "findings", table)
@@ -278,4 +278,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=FINDINGS_MODEL)
     args = parser.parse_args()
-    print(write(args.model, readme=project_root() / "README.md").read_text())
+    print(write_findings(args.model, readme=project_root() / "README.md").read_text())

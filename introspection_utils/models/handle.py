@@ -46,7 +46,7 @@ from introspection_utils.models.embedded import (
 from introspection_utils.models.families import FAMILIES, TINY, TINY_FAMILIES, TINY_FIELDS, Family
 from introspection_utils.models.memory import check_fits
 from introspection_utils.models.names import HUB_ALIASES as HUB_ALIASES  # re-exported: names used from here
-from introspection_utils.models.names import _check_device, _hub_offline_check, resolve_name
+from introspection_utils.models.names import check_device, hub_offline_check, resolve_name
 from introspection_utils.models.names import known_names as known_names
 
 
@@ -314,7 +314,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
         return _load_remote(name)
     name = resolve_name(name)
     if device is not None:
-        _check_device(device)
+        check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
     base_model = False
@@ -331,7 +331,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     elif name.startswith("random:"):
         hf_model, tokenizer, revision = _load_random(name.removeprefix("random:"), torch_dtype, attn, device)
     elif Path(name).is_dir() or "/" in name:
-        local = {"local_files_only": True} if _hub_offline_check(name) else {}
+        local = {"local_files_only": True} if hub_offline_check(name) else {}
         try:
             if device_map is None:
                 check_fits(AutoConfig.from_pretrained(name, **local), torch_dtype, torch.device(device), name=name)

@@ -61,7 +61,7 @@ def resolve_name(name: str) -> str:
                      f"(e.g. 'google/gemma-2-9b-it'), a local folder or a local .gguf file")
 
 
-def _hub_offline_check(name: str) -> bool:
+def hub_offline_check(name: str) -> bool:
     """For a hub id: ``True`` when it must load from the local cache only (offline), after checking it is there;
     raises one ``ValueError`` at once when it is neither cached nor reachable (instead of retrying for ~20 s)."""
     if Path(name).expanduser().is_dir():
@@ -83,7 +83,7 @@ def _hub_offline_check(name: str) -> bool:
     return offline
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     kind = str(device).split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "

@@ -32,9 +32,9 @@ from introspection_utils.plotting.style import (
     LENS_YLABEL,
     PALETTE,
     RANDOM_ALPHA,
-    _axes,
-    _finish,
-    _only,
+    finish_axes,
+    new_axes,
+    only_value,
     plot_grid,
     scale_label,
 )
@@ -95,13 +95,13 @@ def plot_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None
     Introspection solid; each control question thin; control mean with a ±1 std band; no-injection baselines as
     horizontal lines; random vectors translucent. ``mark=(scale, value)`` marks one point (the explorer's).
     """
-    sub, layer = _only(concept_rows(df, concept), "layer", layer, "layer")
-    fig, ax = _axes(ax)
+    sub, layer = only_value(concept_rows(df, concept), "layer", layer, "layer")
+    fig, ax = new_axes(ax)
     _draw_conditions(ax, sub, "scale", show_controls=show_controls, show_random=show_random, show_baselines=True)
     if mark is not None:
         ax.plot([mark[0]], [mark[1]], marker="*", ms=16, color="black", ls="none", label=mark_label, zorder=5)
     norm = float(sub.loc[sub["vector_kind"] == "concept", "vector_norm"].iloc[0])
-    _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep", scale_label(norm))
+    finish_axes(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep", scale_label(norm))
     return fig
 
 
@@ -109,13 +109,13 @@ def plot_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None
 def plot_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None, ax: plt.Axes | None = None,
                      show_controls: bool = True, show_random: bool = True) -> plt.Figure:
     """Yes−no logit difference vs injection layer at one ``scale`` (a :func:`sweeps.layer_sweep` table)."""
-    sub, scale = _only(concept_rows(df, concept), "scale", scale, "scale")
-    fig, ax = _axes(ax)
+    sub, scale = only_value(concept_rows(df, concept), "scale", scale, "scale")
+    fig, ax = new_axes(ax)
     _draw_conditions(ax, sub, "layer", show_controls=show_controls, show_random=show_random, show_baselines=True)
     layers = sorted(sub["layer"].unique())
-    _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · layers {layers[0]}–{layers[-1]}\n"
-                f"layer sweep at scale {scale:g} (× each layer's raw concept vector)",
-            "injection layer (decoder-layer index)")
+    finish_axes(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · layers {layers[0]}–{layers[-1]}\n"
+                    f"layer sweep at scale {scale:g} (× each layer's raw concept vector)",
+                "injection layer (decoder-layer index)")
     return fig
 
 
@@ -129,7 +129,7 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
     """
     sub = concept_rows(lens, concept)
     layer, scale = int(sub["layer"].iloc[0]), float(sub["scale"].iloc[0])
-    fig, ax = _axes(ax)
+    fig, ax = new_axes(ax)
     _draw_conditions(ax, sub, "lens_layer", show_controls=False, show_random=show_random, show_baselines=False,
                      y="lens_diff", baseline="baseline_lens_diff")
     c = introspection_residual.curve_table(sub, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")
@@ -139,9 +139,9 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
             label = "no injection: introspection" if kind == "introspection" else "no injection: control mean"
             ax.plot(base.index, base.values, color=PALETTE["baseline"], ls=ls, lw=1.3, label=label)
     ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
-    _finish(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}\n"
-                f"logit lens at the answer position, scale {scale:g} (× raw concept vector)",
-            LENS_XLABEL, ylabel=LENS_YLABEL)
+    finish_axes(ax, f"{sub['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}\n"
+                    f"logit lens at the answer position, scale {scale:g} (× raw concept vector)",
+                LENS_XLABEL, ylabel=LENS_YLABEL)
     return fig
 
 
@@ -187,12 +187,12 @@ def _attention_axes(ax: plt.Axes, maps: AttentionMaps, name: str, color: str) ->
 def plot_vector_norms(bank: VectorBank, *, ax: plt.Axes | None = None) -> plt.Figure:
     """L2 norm of each concept vector at every layer (the scale of a sweep multiplies these raw vectors)."""
     norms = bank.norms().numpy()
-    fig, ax = _axes(ax)
+    fig, ax = new_axes(ax)
     for word, row in zip(bank.words, norms, strict=True):
         ax.plot(np.arange(len(row)), row, marker="o", ms=3, lw=1.5, label=word)
-    _finish(ax, f"{bank.model} · concepts {', '.join(bank.words)} · all layers\nconcept-vector norms "
-                f"(word − mean of baseline words)", "layer (decoder-layer index)",
-            ylabel="‖v‖ (L2 norm, residual-stream units)")
+    finish_axes(ax, f"{bank.model} · concepts {', '.join(bank.words)} · all layers\nconcept-vector norms "
+                    f"(word − mean of baseline words)", "layer (decoder-layer index)",
+                ylabel="‖v‖ (L2 norm, residual-stream units)")
     return fig
 
 
@@ -201,7 +201,7 @@ def plot_cosine_matrix(bank: VectorBank, layer: int, *, ax: plt.Axes | None = No
     """Cosine similarity between the bank's concept vectors at ``layer`` (a heatmap, values written in)."""
     sim = cosine_similarity_matrix(bank, layer).numpy()
     n = len(bank.words)
-    fig, ax = _axes(ax, size=(1.0 + 0.55 * n + 2, 0.55 * n + 2))
+    fig, ax = new_axes(ax, size=(1.0 + 0.55 * n + 2, 0.55 * n + 2))
     im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(n), bank.words, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), bank.words, fontsize=8)

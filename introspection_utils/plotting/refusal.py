@@ -18,9 +18,9 @@ from introspection_utils.plotting.style import (
     LENS_XLABEL,
     LENS_YLABEL,
     PALETTE,
-    _axes,
-    _finish,
-    _only,
+    finish_axes,
+    new_axes,
+    only_value,
     plot_grid,
     scale_label,
 )
@@ -95,7 +95,7 @@ def plot_ablation_points(df: pd.DataFrame) -> plt.Figure:
 def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.Axes | None = None) -> plt.Figure:
     """Held-out separation (Cohen's d) of the refusal direction at every layer, the eligible depth window shaded and
     the chosen layer marked. ``table``: :func:`refusal.refusal_directions`' table."""
-    fig, ax = _axes(ax)
+    fig, ax = new_axes(ax)
     eligible = table[table["eligible"]]
     if len(eligible):
         ax.axvspan(eligible["layer"].min() - 0.5, eligible["layer"].max() + 0.5, color=PALETTE["baseline"],
@@ -105,10 +105,10 @@ def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.A
     d = float(table.loc[table["layer"] == best, "heldout_d"].iloc[0])
     ax.plot([best], [d], marker="*", ms=18, color="#D55E00", ls="none", zorder=5,
             label=f"chosen: layer {best} (d = {d:.2f})")
-    _finish(ax, f"{model_name(model)} · refusal direction (mean harmful − mean harmless) · layers "
-                f"0–{int(table['layer'].max())}\nheld-out separation by layer; chosen = largest d among eligible "
-                f"layers",
-            "layer (decoder-layer index)", ylabel="held-out Cohen's d (projection separation)")
+    finish_axes(ax, f"{model_name(model)} · refusal direction (mean harmful − mean harmless) · layers "
+                    f"0–{int(table['layer'].max())}\nheld-out separation by layer; chosen = largest d among eligible "
+                    f"layers",
+                "layer (decoder-layer index)", ylabel="held-out Cohen's d (projection separation)")
     return fig
 
 
@@ -132,9 +132,9 @@ def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept
         raise ValueError(f"x {x!r}: use 'scale' (sweep tables) or 'lens_layer' (logit-lens tables)")
     a, b = concept_rows(plain, concept), concept_rows(ablated, concept)
     if x == "scale":
-        a, layer = _only(a, "layer", None, "layer")
-        b, _ = _only(b, "layer", layer, "layer")
-    fig, ax = _axes(ax)
+        a, layer = only_value(a, "layer", None, "layer")
+        b, _ = only_value(b, "layer", layer, "layer")
+    fig, ax = new_axes(ax)
     for df, ls, suffix in ((a, "-", ""), (b, "--", ", refusal direction ablated")):
         lines = _ablation_lines(df, concept, x)
         ax.plot(lines["control"].index, lines["control"].values, color=PALETTE["control"], lw=2.0, ls=ls,
@@ -149,13 +149,13 @@ def plot_ablation_comparison(plain: pd.DataFrame, ablated: pd.DataFrame, concept
         ax.axvline(mark, color="#D55E00", ls=":", lw=1.4, label=f"switch-back scale {mark:g}")
     if x == "scale":
         norm = float(a.loc[a["vector_kind"] == "concept", "vector_norm"].iloc[0])
-        _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep with and without "
-                    f"refusal-direction ablation", scale_label(norm))
+        finish_axes(ax, f"{a['model'].iloc[0]} · concept '{concept}' · layer {layer}\nscale sweep with and without "
+                        f"refusal-direction ablation", scale_label(norm))
     else:
         ax.axvline(layer, color="black", ls="-.", lw=0.9, alpha=0.7, label=f"injection layer {layer}")
-        _finish(ax, f"{a['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}, scale "
-                    f"{float(a['scale'].iloc[0]):g}\nlogit lens with and without refusal-direction ablation",
-                LENS_XLABEL, ylabel=LENS_YLABEL)
+        finish_axes(ax, f"{a['model'].iloc[0]} · concept '{concept}' · injected at layer {layer}, scale "
+                        f"{float(a['scale'].iloc[0]):g}\nlogit lens with and without refusal-direction ablation",
+                    LENS_XLABEL, ylabel=LENS_YLABEL)
     return fig
 
 

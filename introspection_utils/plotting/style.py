@@ -149,7 +149,17 @@ def save_figure(fig: plt.Figure, model: Any, name: str, *, folder: str | Path | 
 
 
 
-def _only(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.DataFrame, Any]:
+def save_notebook_figure(fig: plt.Figure, model: Any, name: str, figures_dir: str | Path | None) -> None:
+    """A notebook's figure: saved by :func:`save_figure` as ``<figures_dir>/<name>.png``, its path printed, when the
+    notebook was given a ``figures_dir`` (the runner: ``make demo``, ``make findings``); with ``None`` (nbval, or a
+    notebook run by hand) only shown, so no tracked file changes. Prints rather than returns, so a cell that ends
+    with it shows the path once."""
+    if figures_dir:
+        print(save_figure(fig, model, name, folder=figures_dir))
+
+
+
+def only_value(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.DataFrame, Any]:
     """Filter ``df`` on ``column == value``; ``value=None`` requires the column to hold a single value."""
     values = sorted(df[column].unique())
     if value is None:
@@ -162,7 +172,7 @@ def _only(df: pd.DataFrame, column: str, value: Any, what: str) -> tuple[pd.Data
 
 
 
-def _finish(ax: plt.Axes, title: str, xlabel: str, ylabel: str = YLABEL, legend_loc: str = "outside") -> None:
+def finish_axes(ax: plt.Axes, title: str, xlabel: str, ylabel: str = YLABEL, legend_loc: str = "outside") -> None:
     """Title, labels, grid and the legend: by default outside the axes on the right, so it never covers data."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
@@ -182,7 +192,7 @@ def scale_label(norm: float | None) -> str:
 
 
 
-def _axes(ax: plt.Axes | None, size: tuple[float, float] = (7.5, 4.6)) -> tuple[plt.Figure, plt.Axes]:
+def new_axes(ax: plt.Axes | None, size: tuple[float, float] = (7.5, 4.6)) -> tuple[plt.Figure, plt.Axes]:
     if ax is None:
         fig, ax = plt.subplots(figsize=size)
         return fig, ax

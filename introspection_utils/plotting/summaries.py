@@ -16,8 +16,8 @@ from introspection_utils.plotting.style import (
     CLASS_COLORS,
     LOCALIZATION_COLORS,
     PALETTE,
-    _axes,
-    _finish,
+    finish_axes,
+    new_axes,
 )
 
 
@@ -42,12 +42,12 @@ def plot_localization(result: Any) -> plt.Figure:
         ax.axhline(chance, color=PALETTE["baseline"], ls="--", lw=1.2, label=f"chance (1/{spec['n_sentences']})")
         ax.set_ylim(-0.02, 1.02)
     n = int(result.df.groupby(["condition", "layer", "scale"]).size().max())
-    _finish(axes[0], f"{result.meta['model']} · {spec['vectors']} vectors · layer {spec['layer']}\n"
-                     f"localization accuracy vs scale ({spec['n_sentences']} sentences, n≤{n} per point)",
-            "scale (× raw vector of that layer)", ylabel="accuracy (fraction of trials)")
-    _finish(axes[1], f"{result.meta['model']} · {spec['vectors']} vectors · scale {spec['scale']:g}\n"
-                     f"localization accuracy vs injection layer", "injection layer (decoder-layer index)",
-            ylabel="accuracy (fraction of trials)")
+    finish_axes(axes[0], f"{result.meta['model']} · {spec['vectors']} vectors · layer {spec['layer']}\n"
+                         f"localization accuracy vs scale ({spec['n_sentences']} sentences, n≤{n} per point)",
+                "scale (× raw vector of that layer)", ylabel="accuracy (fraction of trials)")
+    finish_axes(axes[1], f"{result.meta['model']} · {spec['vectors']} vectors · scale {spec['scale']:g}\n"
+                         f"localization accuracy vs injection layer", "injection layer (decoder-layer index)",
+                ylabel="accuracy (fraction of trials)")
     fig.tight_layout()
     return fig
 
@@ -82,9 +82,9 @@ def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Fig
     ax.set_yticks(np.arange(len(ranked)), ranked["concept"], fontsize=8)
     layers = ", ".join(map(str, sorted(table["layer"].unique())))
     model = table["model"].iloc[0] if len(table) else ""
-    _finish(ax, f"{model} · {len(table)} concepts · layer {layers}\nintrospection residual I at its peak scale, "
-                f"95% bootstrap interval (wordings × controls); colour = verdict",
-            "I = wordings' Δ − controls' prediction b + c·baseline (logits, signed by polarity)", ylabel="concept")
+    finish_axes(ax, f"{model} · {len(table)} concepts · layer {layers}\nintrospection residual I at its peak scale, "
+                    f"95% bootstrap interval (wordings × controls); colour = verdict",
+                "I = wordings' Δ − controls' prediction b + c·baseline (logits, signed by polarity)", ylabel="concept")
     values = [table["I"].to_numpy(), randoms["statistic"].to_numpy(float)]
     bins = np.histogram_bin_edges(np.concatenate(values), bins=15)
     ax_null.hist(table["I"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
@@ -92,8 +92,8 @@ def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Fig
         ax_null.hist(randoms["statistic"], bins=bins, color=PALETTE["random"], alpha=0.5,
                      label=f"random vectors ({len(randoms)})")
     ax_null.axvline(0, color="black", lw=0.7)
-    _finish(ax_null, "the null: random vectors of the same norm", "largest I over scales (logits)",
-            ylabel="number of vectors")
+    finish_axes(ax_null, "the null: random vectors of the same norm", "largest I over scales (logits)",
+                ylabel="number of vectors")
     fig.tight_layout()
     return fig
 
@@ -103,7 +103,7 @@ def plot_detection_rates(graded: pd.DataFrame, *, ax: plt.Axes | None = None) ->
     """Detection rate (injected answers) and false-positive rate (no-injection answers, scale 0) vs scale, from the
     judge and from the pre-grade, with Wilson 95% intervals. ``graded``: a :func:`grading.grade` table."""
     table = detection_rates(graded)
-    fig, ax = _axes(ax)
+    fig, ax = new_axes(ax)
     span = float(graded["scale"].max() - graded["scale"].min()) or 1.0
     labels = {("detection", "judge"): "detection, judge (coherent AND correct identification)",
               ("false positive", "judge"): "false positive, judge (claims a thought, no injection)",
@@ -123,8 +123,8 @@ def plot_detection_rates(graded: pd.DataFrame, *, ax: plt.Axes | None = None) ->
                     label=f"{labels[(measure, source)]}, n≤{int(group['n'].max())}")
     ax.set_ylim(-0.03, 1.03)
     concepts = ", ".join(str(c) for c in dict.fromkeys(graded["concept"]))
-    _finish(ax, f"{graded['model'].iloc[0]} · concepts {concepts} · layer {int(graded['layer'].iloc[0])}\n"
-                f"free-text answers graded by {graded['judge'].iloc[0]} (Wilson 95% intervals)",
-            "scale (× raw concept vector; 0 = no injection)", ylabel="rate (fraction of gradable answers)")
+    finish_axes(ax, f"{graded['model'].iloc[0]} · concepts {concepts} · layer {int(graded['layer'].iloc[0])}\n"
+                    f"free-text answers graded by {graded['judge'].iloc[0]} (Wilson 95% intervals)",
+                "scale (× raw concept vector; 0 = no injection)", ylabel="rate (fraction of gradable answers)")
     return fig
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.experiments.tasks import confusion_matrix, congruence_gaps
-from introspection_utils.plotting.style import PALETTE, _finish
+from introspection_utils.plotting.style import PALETTE, finish_axes
 
 NULL_COLORS: dict[str, str] = {
     "isotropic": PALETTE["random"],
@@ -70,8 +70,8 @@ def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
                     lw=2.4 if condition == "concept" else 1.3, label=_label(condition, null_kind))
     ax.axhline(best["chance"], color="black", ls="--", lw=1, label=f"chance (1/{len(concepts)})")
     ax.set_ylim(-0.02, 1.02)
-    _finish(ax, f"forced choice among {len(concepts)} concepts ({spec['n_orders']} shuffled listings)",
-            "scale (× raw concept vector of that layer)", ylabel=ACCURACY)
+    finish_axes(ax, f"forced choice among {len(concepts)} concepts ({spec['n_orders']} shuffled listings)",
+                "scale (× raw concept vector of that layer)", ylabel=ACCURACY)
     fig.tight_layout()
     return fig
 
@@ -92,17 +92,17 @@ def plot_congruence(result: Any, summary: pd.DataFrame) -> plt.Figure:
                 label="names its most anti-aligned concept")
     axes[0].set_xticks(x, [f"{c}\n(vs {spec['partners'][c]})" for c in at.index], fontsize=8)
     axes[0].axhline(0, color="black", lw=0.8)
-    _finish(axes[0], f"{result.meta['model']} · layer {spec['layer']} · scale {best['scale']:g}\n"
-                     f"'Do you detect an injected thought about X?'", "injected concept",
-            ylabel="Δ yes − no vs no injection (logits)")
+    finish_axes(axes[0], f"{result.meta['model']} · layer {spec['layer']} · scale {best['scale']:g}\n"
+                         f"'Do you detect an injected thought about X?'", "injected concept",
+                ylabel="Δ yes − no vs no injection (logits)")
     for (condition, null_kind), g in summary.groupby(["condition", "null_kind"], sort=False):
         g = g.sort_values("scale")
         axes[1].plot(g["scale"], g["mean_gap"], marker="o", color=_color(condition, null_kind),
                      lw=2.4 if condition == "concept" else 1.3, label=_label(condition, null_kind))
     axes[1].axhline(0, color="black", ls="--", lw=1, label="no congruence effect")
-    _finish(axes[1], f"congruence gap across {int(best['n_concepts'])} concepts (sign-flip p = "
-                     f"{best['p_signflip']:.3g} at scale {best['scale']:g})",
-            "scale (× raw concept vector of that layer)", ylabel="mean gap: congruent − incongruent Δ (logits)")
+    finish_axes(axes[1], f"congruence gap across {int(best['n_concepts'])} concepts (sign-flip p = "
+                         f"{best['p_signflip']:.3g} at scale {best['scale']:g})",
+                "scale (× raw concept vector of that layer)", ylabel="mean gap: congruent − incongruent Δ (logits)")
     fig.tight_layout()
     return fig
 
@@ -126,7 +126,7 @@ def plot_strength(result: Any, summary: pd.DataFrame) -> plt.Figure:
     ax.axhline(0.5, color="black", ls="--", lw=1, label=f"chance (50%){bias}")
     ax.set_ylim(-0.02, 1.02)
     pairs = ", ".join(f"{w:g} vs {s:g}" for w, s in spec["pairs"])
-    _finish(ax, f"{result.meta['model']} · which of two injections is stronger?\n(scales {pairs}, both orders)",
-            "injection layer (decoder-layer index)", ylabel=ACCURACY)
+    finish_axes(ax, f"{result.meta['model']} · which of two injections is stronger?\n(scales {pairs}, both orders)",
+                "injection layer (decoder-layer index)", ylabel=ACCURACY)
     fig.tight_layout()
     return fig
