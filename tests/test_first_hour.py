@@ -46,8 +46,8 @@ def test_a_fractional_layer_is_refused_by_name(tiny_llama, forbid_compute):
 
 def test_a_fractional_layer_on_a_vector_bank_is_refused(tiny_llama, isolated_cache):
     bank = concept_vectors(tiny_llama, ["Sandwich"], baseline_words=["Apple", "River"])
-    with pytest.raises(ValueError, match=r"layer 2\.5 is out of range"):
-        bank.get("Sandwich", 2.5)
+    with pytest.raises(ValueError, match=r"layer 2\.5 is not a layer index: tiny-llama has decoder layers 0\.\.1"):
+        bank.get("Sandwich", 2.5)  # the same words as the handle's check: one message for one mistake
 
 
 def test_trial_takes_a_users_own_tensor_with_a_layer_and_measures_it_like_a_concept_vector(tiny_llama, isolated_cache):

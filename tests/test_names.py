@@ -8,12 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "introspection_utils"
-# Private names still lent across modules, by the module that lends them -> who owns the fix. The list only
-# shrinks: an entry that no longer lends anything fails the test below (remove it), and nothing may be added.
-PRIVATE_LENDERS_TO_EMPTY_AT_MERGE: dict[str, str] = {
-    "experiments.task_common": "the statistics helper (experiments/tasks/ becomes a sub-package with public helpers)",
-}
 # Public names several modules define on purpose, each the same role in its own module -> why.
 SHARED_NAMES: dict[str, str] = {
     "main": "each command's module has its command line as main() (python -m introspection_utils.<command>)",
@@ -63,15 +60,9 @@ def _private_borrowings(package: Path = PACKAGE) -> list[tuple[str, str, str]]:
 
 
 def test_no_module_borrows_another_modules_private_name():
-    borrowed = [b for b in _private_borrowings() if b[1] not in PRIVATE_LENDERS_TO_EMPTY_AT_MERGE]
+    borrowed = _private_borrowings()
     assert not borrowed, ("make these public in the module that defines them (or move them to where they are "
                           f"used): {[f'{i} takes {lender}.{name}' for i, lender, name in borrowed]}")
-
-
-def test_the_private_lenders_list_only_shrinks():
-    lenders = {lender for _, lender, _ in _private_borrowings()}
-    stale = sorted(set(PRIVATE_LENDERS_TO_EMPTY_AT_MERGE) - lenders)
-    assert not stale, f"these modules lend no private name now; remove them from the allow-list: {stale}"
 
 
 def test_the_check_sees_a_private_import_and_a_private_attribute(tmp_path):
@@ -97,3 +88,20 @@ def test_a_public_name_is_defined_in_one_module():
                 where.setdefault(node.name, []).append(module)
     twice = {name: modules for name, modules in where.items() if len(modules) > 1 and name not in SHARED_NAMES}
     assert not twice, f"one name, several things: {twice}"
+
+
+@pytest.mark.parametrize("module, old, new", [
+    ("readings.sentences", "flip_scale", "sweep_flip_scale"),
+    ("readings.sentences", "top_heads", "attention_top_heads"),
+    ("readings.sentences", "describe_ablation", "describe_refusal_ablation"),
+    ("experiments.mechanisms", "describe_ablation", "describe_head_ablation"),
+    ("experiments.patching", "agreement", "attribution_agreement"),
+])
+def test_a_renamed_function_answers_by_its_old_name_for_one_release_and_warns(module, old, new):
+    from importlib import import_module
+
+    mod = import_module(f"introspection_utils.{module}")
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is renamed introspection_utils\.{module}\.{new}"):
+        assert getattr(mod, old) is getattr(mod, new)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        mod.nothing_here

@@ -150,9 +150,14 @@ def test_multi_token_answer_word_raises_unless_first_token_allowed(tiny_llama):
 def test_control_questions_count_and_bounds():
     assert len(control_questions()) == 60 and len(control_questions(extended=True)) == 80
     assert control_questions(3) == control_questions()[:3]
-    for bad in (0, -1, 61):
-        with pytest.raises(ValueError, match=f"n={bad} control questions requested; there are 60"):
+    with pytest.raises(ValueError, match="n=61 control questions requested; there are 60"):
+        control_questions(61)
+    for bad in (0, -1):  # too few reads as too few, and says how a sweep goes without controls
+        with pytest.raises(ValueError, match=rf"n={bad} control questions requested: ask for at least 1 \(of 60; "
+                                             r"None: all\)\. For a sweep without controls, pass n_controls=0"):
             control_questions(bad)
+    with pytest.raises(ValueError, match=r"n=2\.5 control questions: give a whole number from 1 to 60"):
+        control_questions(2.5)
 
 
 def test_every_prefix_of_the_controls_keeps_both_balances():

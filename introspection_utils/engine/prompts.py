@@ -195,7 +195,12 @@ def control_questions(n: int | None = None, *, extended: bool = False) -> list[s
     ``data/questions.toml``.
     """
     questions = [q.text for q in _control_set(extended)]
-    if n is not None and not 1 <= n <= len(questions):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise ValueError(f"n={n!r} control questions: give a whole number from 1 to {len(questions)} (None: all)")
+    if n is not None and n < 1:
+        raise ValueError(f"n={n} control questions requested: ask for at least 1 (of {len(questions)}; None: all). "
+                         f"For a sweep without controls, pass n_controls=0 to SweepSpec.build")
+    if n is not None and n > len(questions):
         raise ValueError(f"n={n} control questions requested; there are {len(questions)}")
     return questions[:n]
 

@@ -23,6 +23,7 @@ from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import atomic_write, content_hash
 from introspection_utils.engine.prompts import Prompt, chat_prompt, extraction_prompt
 from introspection_utils.models.embedded import cache_dir
+from introspection_utils.models.handle import check_layer_index
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -189,9 +190,7 @@ class VectorBank:
         """The vector of ``word`` at ``layer``; an unknown word or layer is a ``ValueError``."""
         if word not in self.words:
             raise ValueError(f"concept {word!r} is not in this bank ({', '.join(self.words)})")
-        integral = isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
-        if not integral or not 0 <= layer < self.vectors.shape[1]:
-            raise ValueError(f"layer {layer} is out of range for {self.model} (0..{self.vectors.shape[1] - 1})")
+        check_layer_index(layer, self.vectors.shape[1], self.model)
         return ConceptVector(word, layer, self.vectors[self.words.index(word), layer], kind=self.kind,
                              model=self.model)
 
@@ -330,8 +329,11 @@ def concept_vectors(handle: ModelHandle, words: Iterable[str], *, baseline_words
                     cache: bool = True, batch_size: int = 16, progress: bool = True) -> VectorBank:
     """Concept vectors for ``words`` at every layer: activation(word) − mean over ``baseline_words``.
 
-    ``baseline_words`` defaults to the paper's 100 (``data/baseline_words.txt``). Returns a :class:`VectorBank`
-    with ``vectors [n_words, n_layers, d_model]``.
+    The activation is the residual stream after each decoder layer at one token: the last token of the chat-formatted
+    prompt "Tell me about {word}" (:func:`prompts.extraction_prompt`, word lowercased) with the assistant turn opened,
+    i.e. the final token of the assistant header, just before the model's first answer token (for ChatML the newline
+    after ``<|im_start|>assistant``), as in the paper. ``baseline_words`` defaults to the paper's 100
+    (``data/baseline_words.txt``). Returns a :class:`VectorBank` with ``vectors [n_words, n_layers, d_model]``.
     """
     words = tuple(validate_concept(w) for w in words)
     if not words:

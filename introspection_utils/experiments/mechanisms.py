@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from introspection_utils.core.deprecation import renamed
 from introspection_utils.core.paths import checkpoint
-from introspection_utils.core.renames import renamed
 from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.vectors import concept_vectors
 from introspection_utils.experiments.attribution import (

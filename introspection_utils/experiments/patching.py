@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from introspection_utils.core.renames import renamed
+from introspection_utils.core.deprecation import renamed
 from introspection_utils.engine.components import Edit, PromptPass, Site, all_sites, check_heads, check_sites
 from introspection_utils.engine.measure import DEFAULT_BATCH, Trial, check_trials, measure
 from introspection_utils.engine.prompts import paper_answers, question_prompts, yes_no_ids

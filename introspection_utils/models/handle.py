@@ -149,13 +149,18 @@ class ModelHandle:
 
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if it is a valid decoder-layer index, else raise one clear ``ValueError``."""
-        allowed = f"0..{self.arch.n_layers - 1}"
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise ValueError(f"layer {layer!r} is not a layer index: {self.name} has decoder layers {allowed} "
-                             f"(integers; out of range for anything else)")
-        if not 0 <= layer < self.arch.n_layers:
-            raise ValueError(f"layer {layer!r} is out of range for {self.name} ({allowed})")
-        return int(layer)
+        return check_layer_index(layer, self.arch.n_layers, self.name)
+
+
+def check_layer_index(layer: Any, n_layers: int, model: str) -> int:
+    """``layer`` as an int if it indexes one of ``model``'s ``n_layers`` decoder layers; else the one ``ValueError``
+    every layer check in the package raises (a handle's, a vector bank's, the runner's before a kernel starts)."""
+    allowed = f"0..{n_layers - 1}"
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise ValueError(f"layer {layer!r} is not a layer index: {model} has decoder layers {allowed} (integers)")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer!r} is out of range for {model} ({allowed})")
+    return int(layer)
 
 
 def wrap_model(hf_model: Any, tokenizer: Any) -> TransformersModel:

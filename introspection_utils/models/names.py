@@ -78,7 +78,7 @@ def hub_offline_check(name: str) -> bool:
     if offline and not cached:
         raise ValueError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
                          f"(offline or HF_HUB_OFFLINE set). Download it where there is network "
-                         f"(`huggingface-cli download {name}`) and pass its folder, or use an embedded model: "
+                         f"(`hf download {name}`, the CLI of huggingface_hub) and pass its folder, or use an embedded model: "
                          f"{', '.join(map(repr, EMBEDDED))}")
     return offline
 

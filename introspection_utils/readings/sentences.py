@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from introspection_utils.core.renames import renamed
+from introspection_utils.core.deprecation import renamed
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
 from introspection_utils.stats import introspection_residual, verdicts
