@@ -104,4 +104,4 @@ def test_a_renamed_function_answers_by_its_old_name_for_one_release_and_warns(mo
     with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is renamed introspection_utils\.{module}\.{new}"):
         assert getattr(mod, old) is getattr(mod, new)
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
-        mod.nothing_here
+        _ = mod.nothing_here

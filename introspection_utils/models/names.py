@@ -78,8 +78,8 @@ def hub_offline_check(name: str) -> bool:
     if offline and not cached:
         raise ValueError(f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
                          f"(offline or HF_HUB_OFFLINE set). Download it where there is network "
-                         f"(`hf download {name}`, the CLI of huggingface_hub) and pass its folder, or use an embedded model: "
-                         f"{', '.join(map(repr, EMBEDDED))}")
+                         f"(`hf download {name}`, the CLI of huggingface_hub) and pass its folder, or use an "
+                         f"embedded model: {', '.join(map(repr, EMBEDDED))}")
     return offline
 
 
