@@ -81,9 +81,10 @@ def test_a_hub_id_offline_fails_at_once(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"'someone/not-a-model' is not in the local Hugging Face cache"):
+    with pytest.raises(ValueError, match=r"'someone/not-a-model' is not in the local Hugging Face cache") as err:
         load_model("someone/not-a-model")
     assert time.perf_counter() - start < 5, "no retries"
+    assert "`hf download someone/not-a-model`" in str(err.value)  # the CLI the venv has (not huggingface-cli)
 
 
 def test_embedded_models_answer_to_their_hub_ids_and_unknown_names_get_a_suggestion():

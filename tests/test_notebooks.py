@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-from itertools import pairwise
 from pathlib import Path
 
 import nbformat
@@ -169,12 +168,61 @@ def test_cli_exits_non_zero_on_a_failing_notebook(tmp_path):
     assert code != 0
 
 
-def test_make_test_runs_the_notebooks_through_nbval():
-    makefile = (ROOT / "Makefile").read_text()
-    test_target = makefile.split("\ntest:")[1].split("\n\n")[0]
-    assert "--nbval-lax notebooks/" in test_target
-    demo_target = makefile.split("\ndemo:")[1].split("\n\n")[0]
-    assert "-m introspection_utils.run --all" in demo_target
+FAKE_PYTHON = """#!/bin/sh
+# Records how make called the venv's python (its arguments and OMP_NUM_THREADS), one line each; on the call numbered
+# $DIRTY_ON it leaves a new file in the working tree, as a test that wrote into the checkout would.
+n=$(( $(cat "$LOG" 2>/dev/null | wc -l) + 1 ))
+echo "OMP=$OMP_NUM_THREADS $*" >> "$LOG"
+if [ "$n" = "${DIRTY_ON:-0}" ]; then touch stray_output.png; fi
+"""
+
+
+def _make(target: str, tmp_path: Path, *variables: str, dirty_on: int = 0) -> tuple[int, list[str], str]:
+    """Run ``make <target>`` of this Makefile in a scratch git checkout with the venv's python replaced by a recorder
+    and the install steps taken as done: ``(exit code, the python calls it made, make's output)``."""
+    if shutil.which("make") is None or shutil.which("git") is None:
+        pytest.skip("make or git not installed")
+    work = tmp_path / "checkout"
+    work.mkdir()
+    shutil.copy(ROOT / "Makefile", work / "Makefile")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    for cmd in (["git", "init", "-q"], ["git", "add", "Makefile"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m"]):
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MAKEFLAGS")}
+    env |= {"LOG": str(log), "DIRTY_ON": str(dirty_on)}
+    done = ["-o", "browser", "-o", ".venv/.installed", "-o", ".venv/.installed-qwen", "-o", ".venv/.installed-ray"]
+    proc = subprocess.run(["make", "-s", *done, target, f"PY={fake}", *variables], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.is_file() else []
+    return proc.returncode, calls, proc.stdout + proc.stderr
+
+
+def test_make_test_runs_pytest_then_the_notebooks_through_nbval_one_thread_each(tmp_path):
+    code, calls, out = _make("test", tmp_path)
+    assert code == 0, out
+    assert calls == ["OMP=1 -m pytest -q -n 2 --dist loadfile",
+                     "OMP=1 -m pytest -q -n 2 --dist loadfile --nbval-lax notebooks/"]
+
+
+def test_make_test_fails_when_the_tests_changed_the_working_tree(tmp_path):
+    code, calls, out = _make("test", tmp_path, dirty_on=2)
+    assert code != 0 and len(calls) == 2
+    assert "the tests changed the working tree" in out and "stray_output.png" in out
+
+
+def test_make_demo_and_make_findings_run_the_runner(tmp_path):
+    (tmp_path / "demo").mkdir()
+    code, calls, out = _make("demo", tmp_path / "demo", "FORCE=1")
+    assert code == 0 and calls == ["OMP= -m introspection_utils.run --all --output runs/ --force"], out
+    (tmp_path / "findings").mkdir()
+    code, calls, out = _make("findings", tmp_path / "findings", "NOTEBOOKS=02 04")
+    assert code == 0, out
+    assert calls == ["OMP= -m introspection_utils.run --findings data/findings/qwen2.5-coder-1.5b-instruct.toml "
+                     "--notebooks-only 02 04"]
 
 
 @pytest.mark.skipif(shutil.which("jupyter") is None and not (Path(sys.executable).parent / "jupyter").exists(),
@@ -189,23 +237,17 @@ def test_kernel_is_available():
 
 
 @pytest.mark.parametrize("path", SERIES_ALL, ids=lambda p: p.stem)
-def test_notebook_saves_figures_only_where_figures_dir_says(path):
-    """Run by hand or by nbval (``figures_dir = None``) a notebook only shows its figures: no tracked PNG changes."""
-    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
-    assert "\nfigures_dir = None " in "\n" + code[0]
-    saves = [line for cell in code for line in cell.splitlines() if "save_figure(" in line]
-    guarded = [line for cell in code for previous, line in pairwise(cell.splitlines())
-               if "save_figure(" in line and previous.strip() == "if figures_dir:"]
-    assert saves and saves == guarded, f"{path.name}: every save_figure needs `if figures_dir:` before it"
-
-
-def test_make_test_checks_the_working_tree_and_make_findings_runs_the_qwen_file():
-    makefile = (ROOT / "Makefile").read_text()
-    test_target = makefile.split("\ntest:")[1].split("\n\n")[0]
-    assert "$(QWEN_STAMP)" in test_target and 'if [ "$$before" != "$$after" ]' in test_target
-    assert "FINDINGS ?= data/findings/qwen2.5-coder-1.5b-instruct.toml" in makefile
-    findings_target = makefile.split("\nfindings:")[1].split("\n\n")[0]
-    assert "-m introspection_utils.run --findings $(FINDINGS)" in findings_target
+def test_notebook_saves_figures_through_the_helper_that_honours_figures_dir(path):
+    """Run by hand or by nbval (``figures_dir = None``) a notebook only shows its figures: it saves each one through
+    ``style.save_notebook_figure`` (which writes nothing without a folder; tests/test_plots.py) with the notebook's
+    ``figures_dir``, never through ``save_figure`` itself."""
+    trees = [ast.parse(c.source) for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    assert any(isinstance(n, ast.Assign) and n.targets[0].id == "figures_dir" and n.value.value is None
+               for n in trees[0].body if isinstance(n, ast.Assign)), "figures_dir = None by default"
+    calls = [n for t in trees for n in ast.walk(t) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    helper = [c for c in calls if c.func.attr == "save_notebook_figure"]
+    assert helper and not [c for c in calls if c.func.attr == "save_figure"]
+    assert all(isinstance(c.args[3], ast.Name) and c.args[3].id == "figures_dir" for c in helper)
 
 
 def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_concepts():

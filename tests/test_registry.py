@@ -78,7 +78,7 @@ def test_every_notebook_has_exactly_one_entry_and_every_entry_a_notebook():
 @pytest.mark.parametrize("entry", EXPERIMENTS, ids=lambda e: e.number)
 def test_entry_figures_are_what_the_notebook_saves(entry):
     saved = [c.args[2] for c in _calls(_code(entry.notebook))
-             if isinstance(c.func, ast.Attribute) and c.func.attr == "save_figure" and len(c.args) >= 3]
+             if isinstance(c.func, ast.Attribute) and c.func.attr == "save_notebook_figure" and len(c.args) >= 3]
     names = [_name(a) for a in saved]
     assert None not in names, f"{entry.notebook}: a save_figure name that is neither a string nor an f-string"
     assert len(names) == len(entry.figures), f"{entry.notebook} saves {names}, its entry says {entry.figures}"
