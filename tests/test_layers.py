@@ -9,6 +9,7 @@ entry forms (``python -m introspection_utils.run``), each of which only runs its
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,11 @@ ENTRY_POINTS = {
     "run": "apps.runner.cli", "findings": "apps.findings", "bench": "apps.bench", "explore": "apps.explore",
     "demo": "apps.demo", "frozen_prompts": "apps.frozen_prompts", "calibration": "stats.synthetic_calibration",
 }
-# Known, owned exceptions: (importer, imported) -> why it is still here.
-EXCEPTIONS: dict[tuple[str, str], str] = {}
-MAX_LINES = 500  # a module longer than this holds more than one role: split it along them
-# Modules still over MAX_LINES -> why (remove the entry when the module is split).
-LONG_MODULES: dict[str, str] = {}
+MAX_LINES = 400  # a module longer than this says why at its top (LONG_REASON), or is split along its roles
+HARD_LINES = 500  # no module is longer than this, whatever its reason
+LONG_REASON = re.compile(r"over 400 lines because \w", re.IGNORECASE)  # in the module docstring
+# Modules whose reason is being written on another branch -> who writes it. Only shrinks; empty it at merge.
+REASON_FROM_ANOTHER_BRANCH: dict[str, str] = {"stats.verdicts": "the statistics helper (stats/ is theirs)"}
 
 
 def _modules() -> dict[str, Path]:
@@ -90,7 +91,7 @@ def test_module_imports_only_from_its_folder_or_below(module):
     rank = FOLDERS[module.split(".")[0]]
     imported = _graph()[module]
     upward = sorted(m for m in imported if m.split(".")[0] != module.split(".")[0]
-                    and FOLDERS[m.split(".")[0]] >= rank and (module, m) not in EXCEPTIONS)
+                    and FOLDERS[m.split(".")[0]] >= rank)
     assert not upward, f"{module} (rank {rank}) imports {[(m, FOLDERS[m.split('.')[0]]) for m in upward]}"
 
 
@@ -111,12 +112,6 @@ def test_no_import_cycle():
     for start in sorted(graph):
         if start not in state:
             visit(start, [start])
-
-
-def test_the_exceptions_are_still_needed():
-    graph = _graph()
-    stale = [pair for pair in EXCEPTIONS if pair[1] not in graph.get(pair[0], set())]
-    assert not stale, f"these exceptions no longer happen; remove them: {stale}"
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
@@ -146,10 +141,31 @@ def test_every_experiment_module_serves_a_registry_entry():
     assert not orphans, f"experiments/ modules no registry entry uses: {orphans} (add them to an entry's modules)"
 
 
+def _length_problem(text: str) -> str | None:
+    """Why a module's text breaks the length rule, or ``None``: up to MAX_LINES lines is fine; up to HARD_LINES
+    with a reason in its docstring ("over 400 lines because ..."); longer never."""
+    lines = len(text.splitlines())
+    if lines > HARD_LINES:
+        return f"{lines} lines (> {HARD_LINES}): split it by role"
+    if lines > MAX_LINES and not LONG_REASON.search(ast.get_docstring(ast.parse(text)) or ""):
+        return f"{lines} lines (> {MAX_LINES}) and no reason at its top: split it, or say \"over 400 lines because\""
+    return None
+
+
 @pytest.mark.parametrize("module", sorted(_modules()))
-def test_no_module_is_over_the_line_limit(module):
-    lines = len(_modules()[module].read_text(encoding="utf-8").splitlines())
-    if module in LONG_MODULES:
-        assert lines > MAX_LINES, f"{module} is {lines} lines now: remove it from LONG_MODULES"
-    else:
-        assert lines <= MAX_LINES, f"{module} is {lines} lines (> {MAX_LINES}): split it by role"
+def test_a_module_over_400_lines_says_why_at_its_top(module):
+    if module in REASON_FROM_ANOTHER_BRANCH:
+        pytest.skip(f"its reason comes from {REASON_FROM_ANOTHER_BRANCH[module]}")
+    problem = _length_problem(_modules()[module].read_text(encoding="utf-8"))
+    assert problem is None, f"{module}: {problem}"
+
+
+def test_the_length_rule_reads_the_reason_and_caps_at_500():
+    short, body = '"""A module."""\n', "x = 1\n" * 420
+    assert _length_problem(short + "x = 1\n" * 10) is None
+    assert "no reason at its top" in _length_problem(short + body)
+    assert _length_problem('"""A module, over 400 lines because its one table is long."""\n' + body) is None
+    assert "split it by role" in _length_problem('"""Over 400 lines because reasons."""\n' + "x = 1\n" * 520)
+    stale = [m for m in REASON_FROM_ANOTHER_BRANCH
+             if m not in _modules() or _length_problem(_modules()[m].read_text(encoding="utf-8")) is None]
+    assert not stale, f"these modules meet the rule now; remove them from REASON_FROM_ANOTHER_BRANCH: {stale}"
