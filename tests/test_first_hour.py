@@ -115,6 +115,14 @@ def test_a_phrase_is_a_concept(tiny_llama, isolated_cache):
     (["--notebooks", "2x"], r"notebook '2x' matches 0 notebooks; choose from 00, 01"),
     (["--notebooks", "02", "-p", "colour", "1"], r"02_scale_sweep.ipynb was not started: unknown parameter"),
     (["--notebooks", "02", "--tag", "a b"], r"--tag 'a b': use letters"),
+    (["--notebooks", "02", "-p", "concepts", "Volcano"], r"parameter 'concepts' takes a list of words such as "
+     r"\['Sandwich', 'Water'\]; got the single word 'Volcano': write it as a list, -p concepts \"\['Volcano'\]\""),
+    (["--notebooks", "02", "-p", "concepts", "['Dust', 'a sentence of far too many words']"],
+     r"parameter 'concepts': concept 'a sentence of far too many words': a concept is a word or a phrase"),
+    (["--notebooks", "02", "--model", "tiny-llama", "-p", "layer", "99"],
+     r"parameter 'layer': layer 99 is out of range for tiny-llama \(0\.\.1\)"),
+    (["--notebooks", "03", "--model", "tiny-llama", "-p", "layers", "[0, 2.5]"],
+     r"parameter 'layers': layer 2\.5 is not a layer index: tiny-llama has decoder layers 0\.\.1"),
 ])
 def test_the_runner_refuses_before_any_kernel_starts_and_creates_nothing(argv, message, tmp_path, capsys):
     assert run.main([*argv, "--output", str(tmp_path / "runs")]) == 1
@@ -122,6 +130,24 @@ def test_the_runner_refuses_before_any_kernel_starts_and_creates_nothing(argv, m
     assert re.search(message, err), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_runner_and_the_explorer_refuse_a_hub_id_they_cannot_have_before_any_kernel(monkeypatch, tmp_path, capsys):
+    from introspection_utils.apps import explore
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    argv = ["--notebooks", "02", "--model", "someone/not-a-model", "--output", str(tmp_path / "runs")]
+    assert run.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "'someone/not-a-model' is not in the local Hugging Face cache" in err and "hf download" in err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="is not in the local Hugging Face cache"):
+        explore.check_parameters({"model": "someone/not-a-model"})
+    with pytest.raises(ValueError, match=r"parameter 'layer': layer 5 is out of range for tiny-llama"):
+        explore.check_parameters({"model": "tiny-llama", "layer": 5})  # the runner's check, word for word
+    with pytest.raises(ValueError, match=r"parameter 'concepts' takes a list of words"):
+        explore.check_parameters({"model": "tiny-llama", "concepts": "Volcano"})
 
 
 def test_help_answers_without_importing_torch():

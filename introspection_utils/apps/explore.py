@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from introspection_utils.apps.runner.cli import declared_parameters, parse_value
+from introspection_utils.apps.runner import checks
+from introspection_utils.apps.runner.checks import declared_parameters, parse_value
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explorer.ipynb"
 ENV = "INTROSPECTION_EXPLORER_PARAMETERS"
@@ -66,15 +67,13 @@ def notebook_defaults(notebook: Path = NOTEBOOK) -> dict[str, Any]:
 
 
 def check_parameters(parameters: dict[str, Any], notebook: Path = NOTEBOOK) -> None:
-    """Raise ``ValueError`` for a name the notebook's ``parameters`` cell lacks or a value JSON cannot carry."""
-    declared = notebook_defaults(notebook)
-    unknown = sorted(set(parameters) - set(declared))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for {notebook.name}; it declares {sorted(declared)}")
+    """The runner's checks, before the server starts: the values against the notebook's ``parameters`` cell
+    (:func:`checks.check_parameters`) and the model with its layer (:func:`checks.check_model`). ``ValueError``."""
     try:
-        json.dumps(parameters)
-    except TypeError as err:
-        raise ValueError(f"parameters must be JSON literals (numbers, strings, lists, None): {err}") from err
+        checks.check_parameters(notebook.name, parameters, declared_parameters(notebook))
+    except checks.NotebookError as err:
+        raise ValueError(str(err)) from None
+    checks.check_model(parameters.get("model") or notebook_defaults(notebook)["model"], parameters)
 
 
 def port_is_free(port: int, host: str = HOST) -> bool:

@@ -8,6 +8,7 @@ __getattr__ = moved(
     "introspection_utils.apps.runner.checks",
     "introspection_utils.apps.runner.execute",
     "introspection_utils.apps.runner.findings",
+    "introspection_utils.apps.runner.documents",
 )
 
 if __name__ == "__main__":

@@ -192,3 +192,23 @@ def chat_template(name: str) -> str:
     if not path.is_file():
         raise ValueError(f"no chat template {name!r} in {path.parent}")
     return path.read_text(encoding="utf-8")
+
+
+MAX_CONCEPT_WORDS = 4
+
+
+def validate_concept(word: str) -> str:
+    """A concept is a word from the data lists, or any word or short phrase (up to :data:`MAX_CONCEPT_WORDS` words,
+    one line, with letters: "ice cream" works, the paper's recipe asks "Tell me about ice cream"); anything else is a
+    ``ValueError`` that points to contrastive vectors for longer text."""
+    known = {w for name in ("concept_words", "baseline_words", "writeup_concepts") for w in load_list(name)}
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"concept {word!r} is empty or not a string")
+    if word in known:
+        return word
+    if word != word.strip() or "\n" in word or not any(c.isalpha() for c in word) \
+            or len(word.split()) > MAX_CONCEPT_WORDS:
+        raise ValueError(f"concept {word!r}: a concept is a word or a phrase of up to {MAX_CONCEPT_WORDS} words on "
+                         f"one line, with letters and no surrounding spaces; for a sentence or a contrast, use "
+                         f"contrastive_vectors(handle, [(generic_text, specific_text)])")
+    return word

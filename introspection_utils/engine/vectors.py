@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from introspection_utils.core.data import load_list
+from introspection_utils.core.data import MAX_CONCEPT_WORDS, load_list, validate_concept  # noqa: F401 (re-exported)
 from introspection_utils.core.paths import atomic_write, content_hash
 from introspection_utils.engine.prompts import Prompt, chat_prompt, extraction_prompt
 from introspection_utils.models.embedded import cache_dir
@@ -211,26 +211,6 @@ def default_layers(handle: ModelHandle, layers: Sequence[int] | None = None, *, 
     if layers is None:
         return sorted({int(round(x)) for x in np.linspace(0, handle.arch.n_layers - 1, n)})
     return [handle.check_layer(int(x) if isinstance(x, float) and x.is_integer() else x) for x in layers]
-
-
-MAX_CONCEPT_WORDS = 4
-
-
-def validate_concept(word: str) -> str:
-    """A concept is a word from the data lists, or any word or short phrase (up to :data:`MAX_CONCEPT_WORDS` words,
-    one line, with letters: "ice cream" works, the paper's recipe asks "Tell me about ice cream"); anything else is a
-    ``ValueError`` that points to contrastive vectors for longer text."""
-    known = {w for name in ("concept_words", "baseline_words", "writeup_concepts") for w in load_list(name)}
-    if not isinstance(word, str) or not word.strip():
-        raise ValueError(f"concept {word!r} is empty or not a string")
-    if word in known:
-        return word
-    if word != word.strip() or "\n" in word or not any(c.isalpha() for c in word) \
-            or len(word.split()) > MAX_CONCEPT_WORDS:
-        raise ValueError(f"concept {word!r}: a concept is a word or a phrase of up to {MAX_CONCEPT_WORDS} words on "
-                         f"one line, with letters and no surrounding spaces; for a sentence or a contrast, use "
-                         f"contrastive_vectors(handle, [(generic_text, specific_text)])")
-    return word
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

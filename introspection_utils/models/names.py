@@ -61,6 +61,45 @@ def resolve_name(name: str) -> str:
                      f"(e.g. 'google/gemma-2-9b-it'), a local folder or a local .gguf file")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether a :func:`resolve_name` result is a hub id (``org/name``) rather than an embedded, test or local model."""
+    return (name not in EMBEDDED and not name.startswith(("random:", "tiny-")) and not is_gguf_path(name)
+            and not Path(name).expanduser().is_dir() and name.count("/") == 1)
+
+
+def layer_count(name: str) -> int | None:
+    """How many decoder layers model ``name`` has, read from its config alone (no weights): a tiny or ``random:``
+    model, an embedded model once converted, a local folder, a hub id in the local cache. ``None`` where only
+    loading would tell (a GGUF not yet converted, a hub id not cached): the check then happens at load."""
+    import json
+
+    from introspection_utils.core.data import data_dir
+    from introspection_utils.models.embedded import cache_dir
+    from introspection_utils.models.families import TINY_FIELDS
+
+    name = resolve_name(name)
+    if name.startswith("tiny-"):
+        return TINY_FIELDS["num_hidden_layers"]
+    path: Path | None = None
+    if name.startswith("random:"):
+        path = data_dir() / "model_configs" / f"{name.removeprefix('random:')}.json"
+    elif name in EMBEDDED:
+        folders = sorted((cache_dir() / "models").glob(f"{name}-*/config.json"))
+        path = folders[0] if folders else None
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser() / "config.json"
+    elif not is_gguf_path(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    layers = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+    return int(layers) if layers else None
+
+
 def hub_offline_check(name: str) -> bool:
     """For a hub id: ``True`` when it must load from the local cache only (offline), after checking it is there;
     raises one ``ValueError`` at once when it is neither cached nor reachable (instead of retrying for ~20 s)."""

@@ -112,8 +112,15 @@ def _type_error(name: str, value: Any, info: Mapping[str, Any]) -> str | None:
         return None
     if default is None or value is None:
         return None
-    kinds = [((list, tuple), (list, tuple), "a list such as [0, 2, 4]"), (bool, bool, "True or False"),
-             ((int, float), (int, float), "a number"), (str, str, "a string")]
+    if isinstance(default, (list, tuple)) and default and all(isinstance(x, str) for x in default):
+        listed = "a list of words such as " + repr(list(default)[:2])
+        if isinstance(value, str):  # -p concepts Volcano: one bare word where a list of words goes
+            return (f"parameter {name!r} takes {listed}; got the single word {value!r}: write it as a list, "
+                    f"-p {name} \"['{value}']\"")
+        kinds = [((list, tuple), (list, tuple), listed)]
+    else:
+        kinds = [((list, tuple), (list, tuple), "a list such as [0, 2, 4]"), (bool, bool, "True or False"),
+                 ((int, float), (int, float), "a number"), (str, str, "a string")]
     for default_kind, allowed, described in kinds:
         if isinstance(default, default_kind):
             ok = isinstance(value, allowed) and not (allowed == (int, float) and isinstance(value, bool))
@@ -141,7 +148,7 @@ def resolve_model(model: str) -> str:
 
 
 
-def _model_cached(model: str) -> bool:
+def model_cached(model: str) -> bool:
     """Whether an embedded model's converted weights are in the cache already (a warm start)."""
     from introspection_utils.models import embedded
 
@@ -150,11 +157,62 @@ def _model_cached(model: str) -> bool:
                                                                        for p in folder.iterdir()))
 
 
-def _default_model() -> str:
+def default_model() -> str:
     from introspection_utils.models.embedded import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
+
+
+LAYER_PARAMETERS = ("layer", "layers", "later_layer", "strength_layers")  # notebook parameters that index layers
+WORD_PARAMETERS = ("concept", "concepts", "strength_concepts")  # notebook parameters that name concepts
+
+
+def check_parameters(notebook: str, parameters: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> None:
+    """The one check of a notebook's parameters, for the runner (each notebook of a plan) and the explorer (before
+    Voilà starts): each name declared by the notebook's ``parameters`` cell, each value of its default's type and
+    carried by JSON, each concept a word or a short phrase. A :class:`NotebookError` naming the notebook."""
+    from introspection_utils.core.data import validate_concept
+
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise NotebookError(notebook, None, f"unknown parameter(s) {unknown}; it declares {sorted(declared)}")
+    for name, value in parameters.items():
+        problem = _type_error(name, value, declared[name])
+        if problem:
+            raise NotebookError(notebook, None, problem)
+        if name in WORD_PARAMETERS and value is not None:
+            for word in (value if isinstance(value, (list, tuple)) else [value]):
+                try:
+                    validate_concept(word)
+                except ValueError as err:
+                    raise NotebookError(notebook, None, f"parameter {name!r}: {err}") from None
+    try:
+        json.dumps(dict(parameters))
+    except TypeError as err:
+        raise NotebookError(notebook, None, f"parameters must be JSON literals (numbers, strings, lists, None): "
+                                            f"{err}") from None
+
+
+def check_model(model: str, parameters: Mapping[str, Any] = {}) -> str:  # noqa: B006 (read only)
+    """The model a run names, checked before any kernel starts: known to ``load_model`` (with "did you mean"), a hub
+    id in the local cache or the hub reachable, and every layer parameter within its depth (read from its config,
+    where that needs no weights). Returns the name as ``load_model`` takes it; a ``ValueError`` otherwise."""
+    from introspection_utils.models.handle import check_layer_index
+    from introspection_utils.models.names import hub_offline_check, is_hub_id, layer_count, resolve_name
+
+    name = resolve_name(model)
+    if is_hub_id(name):
+        hub_offline_check(name)
+    layers = {k: v for k, v in parameters.items() if k in LAYER_PARAMETERS and v is not None}
+    depth = layer_count(name) if layers else None
+    for key, value in layers.items() if depth is not None else ():
+        for layer in value if isinstance(value, (list, tuple)) else [value]:
+            try:
+                check_layer_index(layer, depth, name)
+            except ValueError as err:
+                raise ValueError(f"parameter {key!r}: {err}") from None
+    return name
 
 
 def plan_runs(paths: Sequence[Path], parameters: dict[str, Any],
@@ -181,19 +239,17 @@ def plan_runs(paths: Sequence[Path], parameters: dict[str, Any],
         params = {k: v for k, v in parameters.items() if k in declared or k not in somewhere}
         params |= {k: v for prefix, extra in per_notebook.items() if path.name.startswith(prefix)
                    for k, v in extra.items()}
-        unknown = sorted(set(params) - set(declared))
-        if unknown:
-            raise NotebookError(path.name, None, f"unknown parameter(s) {unknown}; it declares {sorted(declared)}")
-        for name, value in params.items():
-            problem = _type_error(name, value, declared[name])
-            if problem:
-                raise NotebookError(path.name, None, problem)
+        check_parameters(path.name, params, declared)
         plans.append((path, params))
+    for model in dict.fromkeys(str(p["model"]) for _, p in plans if p.get("model")):
+        check_model(model, {k: [v for _, p in plans if p.get("model") == model and p.get(k) is not None
+                                for v in (p[k] if isinstance(p[k], (list, tuple)) else [p[k]])]
+                            for k in LAYER_PARAMETERS})
     return plans
 
 
 
-def _code_hash() -> str:
+def code_hash() -> str:
     """A hash of the package's source: a notebook done before a code change is not "done" after it."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
@@ -206,7 +262,7 @@ def run_key(path: Path, parameters: Mapping[str, Any], code: str | None = None) 
     """What a finished notebook was run with: its parameters, its own text and the package code."""
     notebook = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return content_hash({"parameters": {k: parameters[k] for k in sorted(parameters)}, "notebook": notebook,
-                         "code": code or _code_hash()})
+                         "code": code or code_hash()})
 
 
 

@@ -30,14 +30,14 @@ notebook table); the checks and plans are in ``run_checks``, the execution in ``
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from introspection_utils.apps.runner.checks import (
     EXECUTION,
@@ -49,11 +49,12 @@ from introspection_utils.apps.runner.checks import (
     RUNNER_PLACED,
     NotebookError,
     Placement,
-    _default_model,
-    _model_cached,
+    check_model,
     check_tag,
     declared_parameters,
+    default_model,
     default_threads,
+    model_cached,
     notebooks,
     parse_value,
     placement,
@@ -62,6 +63,7 @@ from introspection_utils.apps.runner.checks import (
     resolve_model,
     run_key,
 )
+from introspection_utils.apps.runner.documents import guide_markdown, listing, series_markdown, timings_markdown
 from introspection_utils.apps.runner.execute import (
     DEFAULT_CELL_TIMEOUT,
     KERNEL_STARTUP,
@@ -87,85 +89,6 @@ __all__ = [
     "run_notebook", "run_notebooks", "run_series", "series_markdown", "split_variants", "strip_outputs",
     "timings_markdown", "variant_name", "write_series_time", "write_timings",
 ]
-
-
-def series_markdown(path: Path) -> str:
-    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm."""
-    record = json.loads(Path(path).read_text())
-    parts = []
-    for kind, what in (("cold", "cold (empty cache: the model converted, every vector computed)"),
-                       ("warm", "warm (cache filled, `FORCE=1`)")):
-        if kind in record:
-            r = record[kind]
-            parts.append(f"{r['seconds'] / 60:.1f} min {what}, {r['notebooks']} notebooks {r['jobs']} at a time with "
-                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s), load average {r['load_avg']} at "
-                         "the end")
-    if not parts:
-        raise ValueError(f"{path} has no series time: run `make demo` first")
-    return "`make demo` took " + "; ".join(parts) + "."
-
-
-def timings_markdown(path: Path) -> str:
-    """A ``timings.csv`` as the notebook guide's table (``docs/notebooks.md``): each notebook's wall time, the total,
-    the threads and the load average when each finished (so a reader can plan by it and see how busy the machine
-    was)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path} has no rows: run `make demo` first")
-    total = sum(float(r["seconds"]) for r in rows)
-    loads = [float(r["load_avg"]) for r in rows if r.get("load_avg")]
-    threads = sorted({r.get("omp_num_threads") or "?" for r in rows})
-    cpus = sorted({r.get("cpus") or "?" for r in rows})
-    lines = ["| notebook | wall time | load average at its end |", "|---|---|---|"]
-    lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('load_avg') or '?'} |" for r in rows]
-    series = path.parent / "series.json"
-    lines += ["", series_markdown(series)] if series.is_file() else []
-    lines += ["", f"Their times add up to {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on "
-                  f"{', '.join(cpus)} CPU(s), {', '.join(threads)} thread(s) per kernel"
-              + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
-              + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
-                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md README.md`."]
-    return "\n".join(lines)
-
-
-
-def listing() -> str:
-    """The series as the registry holds it (``run --list``): per notebook, what computes it, the functions its
-    readings come from, its figures and tables (``{part}``: filled in by the run), and its findings table and
-    reader."""
-    from introspection_utils.apps.catalog import EXPERIMENTS
-    from introspection_utils.core.registry import name_of
-
-    lines = []
-    for e in EXPERIMENTS:
-        findings = f'findings: ["{e.findings_table}"] parameters; ' + (
-            f"readings from its tables by {name_of(e.findings)}" if e.findings else "no section of its own")
-        lines += [f"{e.notebook} · {e.title}",
-                  f"    computes: {', '.join(e.module_names)}",
-                  f"    reads:    {', '.join(e.reading_names)}",
-                  f"    figures:  {', '.join(e.figures)}",
-                  f"    tables:   {', '.join(e.tables) or '(none)'}",
-                  f"    {findings}"]
-    return "\n".join(lines)
-
-
-
-def guide_markdown(path: Path, figures_model: str | None = None) -> str:
-    """The notebook guide's table from the registry, its links relative to ``path`` (the file it goes into, e.g.
-    ``docs/notebooks.md``), each row with the figure of the reference run of ``figures_model`` (default: the
-    embedded model) that the entry names (``guide_figure``)."""
-    from introspection_utils.apps.catalog import EXPERIMENTS
-
-    here = Path(path).resolve().parent
-    notebooks_dir = Path(os.path.relpath(NOTEBOOKS_DIR, here)).as_posix()
-    figures = Path(os.path.relpath(FIGURES_DIR / model_name(figures_model or _default_model()), here)).as_posix()
-    lines = ["| notebook | the question it answers | figure (embedded 135M model — pipeline demo only) |",
-             "|---|---|---|"]
-    lines += [f"| [`{e.notebook}`]({notebooks_dir}/{e.notebook}.ipynb) | {e.question} | "
-              f'<img src="{figures}/{e.guide_figure}.png" width="260" alt="{e.alt}"> |' for e in EXPERIMENTS]
-    return "\n".join(lines)
-
 
 
 def strip_outputs(paths: Sequence[Path]) -> list[Path]:
@@ -261,113 +184,166 @@ def _resume_command(argv: Sequence[str], err: Interrupted, series: bool) -> str:
 
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.strip:
-        for path in strip_outputs(notebooks()):
-            print(f"stripped {path}")
-        return 0
-    if args.list:
-        print(listing())
-        return 0
-    if args.write_guide:
-        from introspection_utils.core.paths import replace_block
+def _strip(args: argparse.Namespace) -> int:
+    for path in strip_outputs(notebooks()):
+        print(f"stripped {path}")
+    return 0
 
-        replace_block(args.write_guide, "notebooks", guide_markdown(args.write_guide))
-        print(f"wrote the notebook table of the experiment registry into {args.write_guide}")
-        return 0
-    if args.write_times:
-        from introspection_utils.core.paths import replace_block
 
-        timings = (args.output or Path("runs")) / model_name(args.model or _default_model()) / "timings.csv"
-        if not timings.is_file():
-            print(f"error: {timings} does not exist: run `make demo` first", file=sys.stderr)
-            return 1
-        for path in args.write_times:  # docs/notebooks.md's table; README.md's one line (its demo_time block)
-            text = path.read_text(encoding="utf-8")
-            if "<!-- timings:start -->" in text:
-                replace_block(path, "timings", timings_markdown(timings.resolve()))
-            if "<!-- demo_time:start -->" in text:
-                replace_block(path, "demo_time", series_markdown(timings.parent / "series.json"))
-            print(f"wrote the timings of {timings} into {path}")
-        return 0
+def _list(args: argparse.Namespace) -> int:
+    print(listing())
+    return 0
+
+
+def _write_guide(args: argparse.Namespace) -> int:
+    from introspection_utils.core.paths import replace_block
+
+    replace_block(args.write_guide, "notebooks", guide_markdown(args.write_guide))
+    print(f"wrote the notebook table of the experiment registry into {args.write_guide}")
+    return 0
+
+
+def _write_times(args: argparse.Namespace) -> int:
+    from introspection_utils.core.paths import replace_block
+
+    timings = (args.output or Path("runs")) / model_name(args.model or default_model()) / "timings.csv"
+    if not timings.is_file():
+        print(f"error: {timings} does not exist: run `make demo` first", file=sys.stderr)
+        return 1
+    for path in args.write_times:  # docs/notebooks.md's table; README.md's one line (its demo_time block)
+        text = path.read_text(encoding="utf-8")
+        if "<!-- timings:start -->" in text:
+            replace_block(path, "timings", timings_markdown(timings.resolve()))
+        if "<!-- demo_time:start -->" in text:
+            replace_block(path, "demo_time", series_markdown(timings.parent / "series.json"))
+        print(f"wrote the timings of {timings} into {path}")
+    return 0
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags that only make sense together, refused before anything starts (``parser.error`` exits 2)."""
     if args.address is not None and args.executor != "ray":
         parser.error("--address needs --executor ray")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.jobs is not None and args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.cell_timeout < 0:
-        parser.error(f"--cell-timeout must be >= 0 seconds, got {args.cell_timeout}")
+    for flag, value, least in (("--threads", args.threads, 1), ("--jobs", args.jobs, 1),
+                               ("--cell-timeout", args.cell_timeout, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
     if args.notebooks_only and not args.findings:
         parser.error("--notebooks-only goes with --findings (use --notebooks NN ... otherwise)")
-    started = time.perf_counter()  # the series' wall time counts this process's own start-up too
-    early = None  # warm kernels started before the checks (make demo on the default model)
-    try:
-        check_tag(args.tag)
-        params = {name: parse_value(value, name) for name, value in args.parameter}
-        if args.executor is not None:
-            params["executor"] = args.executor
-        if args.address is not None:
-            params["ray_address"] = args.address
-        model = params.pop("model", args.model)  # -p model ID works as well as --model ID
-        model = None if model is None else str(model)
-        # The small embedded models' series (make demo): side by side, in warm kernels (start-up is most of a
-        # demo-sized notebook), one thread per kernel so that its figures are the same floats whatever the load (a
-        # kernel's thread count changes the last bits, and so the committed PNGs). For the default model the
-        # kernels start first, so that their imports overlap this process's own (checks, the model's name).
-        if args.all and not args.findings and model is None:
-            from introspection_utils.apps.runner.execute import KERNEL_ARGUMENTS
-            from introspection_utils.apps.runner.kernels import KernelPool
+    if args.findings and (args.tag or args.full):
+        parser.error("--tag and --full do not go with --findings (a findings run takes its parameters from its file "
+                     "and writes under figures/<model>/)")
 
-            early_jobs = args.jobs or default_threads()
-            if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
-                os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)  # before the kernels start: they inherit it
-            early = KernelPool(args.kernel or "python3", KERNEL_ARGUMENTS, str(NOTEBOOKS_DIR))
-            early.prestart(early_jobs)
-        from introspection_utils.apps.runner.kernels import default_jobs
-        from introspection_utils.models.embedded import EMBEDDED, QWEN_MODEL
 
-        small = tuple(name for name in EMBEDDED if name != QWEN_MODEL)  # the 135M/270M models, not the 1.5B
-        series_model = resolve_model(model or _default_model())
-        small_series = bool(args.all) and series_model in small
-        jobs = args.jobs or (early_jobs if early else
-                             default_jobs(series_model, small, default_threads()) if small_series else 1)
+@dataclass
+class ExecutionPlan:
+    """How a run of the series executes, decided before any notebook runs: the model as typed (``None``: the
+    default, or the findings file's) and as it loads, the parameters from ``-p``, how many notebooks at once and how
+    many threads each, whether the small-model series runs side by side in warm kernels (``pool``, started early
+    for the default model) and whether its model still has to be converted (``cold``)."""
+
+    model: str | None
+    series_model: str
+    parameters: dict[str, Any]
+    jobs: int
+    small_series: bool
+    cold: bool
+    whole: Placement
+    pool: Any = None  # a KernelPool started before the checks of the default model's series, or None
+    prepare: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()  # run_notebooks closes it when it ran; a refused run never used it
+
+
+def plan_execution(args: argparse.Namespace) -> ExecutionPlan:
+    """Parameters parsed and checked (values, the model, its layers) before any kernel starts, then the job and
+    thread policy: the small embedded models' series (make demo) runs side by side in warm kernels, one thread per
+    kernel, so that its figures are the same floats whatever the load (a kernel's thread count changes the last
+    bits, and so the committed PNGs); otherwise one notebook at a time with the CPUs free now."""
+    from introspection_utils.apps.runner.kernels import default_jobs
+    from introspection_utils.models.embedded import EMBEDDED, QWEN_MODEL
+
+    check_tag(args.tag)
+    params = {name: parse_value(value, name) for name, value in args.parameter}
+    if args.executor is not None:
+        params["executor"] = args.executor
+    if args.address is not None:
+        params["ray_address"] = args.address
+    model = params.pop("model", args.model)  # -p model ID works as well as --model ID
+    model = None if model is None else str(model)
+    if model is not None or params:
+        check_model(model or default_model(), params)  # before the kernels below start
+    pool, early_jobs = None, None
+    if args.all and not args.findings and model is None:  # the kernels' imports overlap this process's own
+        from introspection_utils.apps.runner.execute import KERNEL_ARGUMENTS
+        from introspection_utils.apps.runner.kernels import KernelPool
+
+        early_jobs = args.jobs or default_threads()
         if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
-            threads = args.threads or (1 if jobs > 1 or small_series else default_threads())
-            os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the kernels papermill starts
-        print(f"{jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
-              f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)",
-              flush=True)
-        # a complete reference series (make demo) records its wall time, cold or warm, in series.json
-        whole = placement(series_model, {k: v for k, v in params.items() if k not in EXECUTION},
-                          output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
-                          default_model=_default_model())
-        cold = not _model_cached(series_model)
-        prepare = None
-        if cold and jobs > 1 and small_series:  # once, while the kernels start, not once per kernel side by side
-            from introspection_utils.models import embedded
+            os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)  # before the kernels start: they inherit it
+        pool = KernelPool(args.kernel or "python3", KERNEL_ARGUMENTS, str(NOTEBOOKS_DIR))
+        pool.prestart(early_jobs)
+    small = tuple(name for name in EMBEDDED if name != QWEN_MODEL)  # the 135M/270M models, not the 1.5B
+    series_model = resolve_model(model or default_model())
+    small_series = bool(args.all) and series_model in small
+    jobs = args.jobs or early_jobs or (default_jobs(series_model, small, default_threads()) if small_series else 1)
+    if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
+        threads = args.threads or (1 if jobs > 1 or small_series else default_threads())
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the kernels papermill starts
+    whole = placement(series_model, {k: v for k, v in params.items() if k not in EXECUTION},
+                      output=args.output or Path("runs"), tag=args.tag or ("full" if args.full else None),
+                      default_model=default_model())
+    cold = not model_cached(series_model)
+    prepare = None
+    if cold and jobs > 1 and small_series:  # once, while the kernels start, not once per kernel side by side
+        from introspection_utils.models import embedded
 
-            def prepare() -> None:
-                print(f"converting {series_model} into the cache once ...", flush=True)
-                embedded.converted_dir(series_model)
-        os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
-        if args.findings:
-            if args.tag or args.full:
-                raise ValueError("--tag and --full do not go with --findings (a findings run takes its parameters "
-                                 "from its file and writes under figures/<model>/)")
-            records = run_findings(args.findings, args.notebooks_only, model=model, parameters=params,
-                                   root=args.output or FIGURES_DIR, kernel=args.kernel, force=args.force,
-                                   timeout=args.cell_timeout, jobs=jobs)
-        else:
-            per_notebook = read_full_size() if args.full else None
-            records = run_series(None if args.all else args.notebooks, model=model, parameters=params,
-                                 output=args.output or Path("runs"), kernel=args.kernel,
-                                 tag=args.tag or ("full" if args.full else None), per_notebook=per_notebook,
-                                 force=args.force, timeout=args.cell_timeout, jobs=jobs,
-                                 reuse_kernels=early or small_series, prepare=prepare)
+        def prepare() -> None:
+            print(f"converting {series_model} into the cache once ...", flush=True)
+            embedded.converted_dir(series_model)
+    return ExecutionPlan(model, series_model, params, jobs, small_series, cold, whole, pool, prepare)
+
+
+def _execute(args: argparse.Namespace, plan: ExecutionPlan) -> list[RunRecord]:
+    print(f"{plan.jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
+          f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)", flush=True)
+    os.environ.setdefault("TQDM_MININTERVAL", "2")  # progress lines every 2 s, not every trial
+    if args.findings:
+        return run_findings(args.findings, args.notebooks_only, model=plan.model, parameters=plan.parameters,
+                            root=args.output or FIGURES_DIR, kernel=args.kernel, force=args.force,
+                            timeout=args.cell_timeout, jobs=plan.jobs)
+    return run_series(None if args.all else args.notebooks, model=plan.model, parameters=plan.parameters,
+                      output=args.output or Path("runs"), kernel=args.kernel,
+                      tag=args.tag or ("full" if args.full else None),
+                      per_notebook=read_full_size() if args.full else None, force=args.force,
+                      timeout=args.cell_timeout, jobs=plan.jobs, reuse_kernels=plan.pool or plan.small_series,
+                      prepare=plan.prepare)
+
+
+def _report(args: argparse.Namespace, plan: ExecutionPlan, records: list[RunRecord], wall: float) -> None:
+    """One line on what ran; a complete reference series (make demo) records its wall time in series.json."""
+    ran = [r for r in records if not r.skipped]
+    total = sum(r.seconds for r in ran)
+    skipped = len(records) - len(ran)
+    if args.all and plan.whole.reference and ran and not skipped:
+        write_series_time(plan.whole.folder / "series.json", cold=plan.cold, seconds=wall, jobs=plan.jobs,
+                          notebooks=len(ran))
+    print(f"{len(ran)} notebook(s) ran in {wall:.0f} s" + (f" (their own times add up to {total:.0f} s)"
+                                                          if plan.jobs > 1 and ran else "")
+          + (f" ({skipped} already done, skipped)" if skipped else "")
+          + (": " + ", ".join(f"{r.notebook} {r.seconds:.0f} s" for r in ran) if ran else ""))
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--notebooks``, ``--all``, ``--findings``: plan, execute, report; Ctrl-C names what was kept and how to
+    resume."""
+    started = time.perf_counter()  # the series' wall time counts this process's own start-up too
+    plan = None
+    try:
+        plan = plan_execution(args)
+        records = _execute(args, plan)
     except Interrupted as err:
         done = f"{len(err.done)} notebook(s) finished" + (f" ({err.folder}/timings.csv)" if err.done else "")
         series = bool(args.all or args.findings)
@@ -378,20 +354,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        if early is not None:
-            early.close()  # run_notebooks closes it when it ran; a refused run never used it
-    ran = [r for r in records if not r.skipped]
-    total = sum(r.seconds for r in ran)
-    skipped = len(records) - len(ran)
-    wall = time.perf_counter() - started
-    if args.all and whole.reference and ran and not skipped:
-        write_series_time(whole.folder / "series.json", cold=cold, seconds=wall, jobs=jobs, notebooks=len(ran))
-    print(f"{len(ran)} notebook(s) ran in {wall:.0f} s" + (f" (their own times add up to {total:.0f} s)"
-                                                          if jobs > 1 and ran else "")
-          + (f" ({skipped} already done, skipped)" if skipped else "")
-          + (": " + ", ".join(f"{r.notebook} {r.seconds:.0f} s" for r in ran) if ran else ""))
+        if plan is not None:
+            plan.close()
+    _report(args, plan, records, time.perf_counter() - started)
     return 0
 
+
+COMMANDS = {"strip": _strip, "list": _list, "write_guide": _write_guide, "write_times": _write_times}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: one function per subcommand (``--strip``, ``--list``, ``--write-guide``, ``--write-times``;
+    any run of notebooks is :func:`_run`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for flag, command in COMMANDS.items():
+        if getattr(args, flag):
+            return command(args)
+    _check_flags(parser, args)
+    return _run(args, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from introspection_utils.apps.runner.checks import (
     EXECUTION,
     RUNNER_PLACED,
     NotebookError,
-    _code_hash,
-    _default_model,
+    code_hash,
+    default_model,
     notebooks,
     placement,
     plan_runs,
@@ -177,7 +177,7 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
     Ctrl-C raises :class:`Interrupted` with what finished."""
     plans = plan_runs(paths, parameters, per_notebook, where_declared=RUNNER_PLACED)
     done_keys = _done_keys(timings, model) if (skip_done and timings is not None) else {}
-    code = _code_hash()
+    code = code_hash()
     records: list[RunRecord] = []
     tasks = []
     for path, params in plans:
@@ -318,11 +318,11 @@ def run_series(selection: Sequence[str] | None, *, model: str | None = None, par
     the same key unless ``force``.
     """
     overrides = dict(parameters or {})
-    model = resolve_model(model or _default_model())
+    model = resolve_model(model or default_model())
     paths = notebooks(selection)
     changed = {**{k: v for k, v in overrides.items() if k not in EXECUTION},
                **({"per_notebook": dict(per_notebook)} if per_notebook else {})}
-    place = placement(model, changed, output=output, tag=tag, default_model=_default_model())
+    place = placement(model, changed, output=output, tag=tag, default_model=default_model())
     params = {"model": model, **place.parameters, **overrides}
     plan_runs(paths, params, per_notebook, where_declared=RUNNER_PLACED)  # raises before anything is created
     if not place.reference:

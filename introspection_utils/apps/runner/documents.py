@@ -1,0 +1,90 @@
+"""What the runner writes into documents: ``make demo``'s wall time and the timings table (``--write-times``), the
+registry's list (``--list``) and the notebook guide's table (``--write-guide``); :mod:`.cli` calls them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from introspection_utils.apps.runner.checks import FIGURES_DIR, NOTEBOOKS_DIR, default_model
+from introspection_utils.core.paths import model_name
+
+
+def series_markdown(path: Path) -> str:
+    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm."""
+    record = json.loads(Path(path).read_text())
+    parts = []
+    for kind, what in (("cold", "cold (empty cache: the model converted, every vector computed)"),
+                       ("warm", "warm (cache filled, `FORCE=1`)")):
+        if kind in record:
+            r = record[kind]
+            parts.append(f"{r['seconds'] / 60:.1f} min {what}, {r['notebooks']} notebooks {r['jobs']} at a time with "
+                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s), load average {r['load_avg']} at "
+                         "the end")
+    if not parts:
+        raise ValueError(f"{path} has no series time: run `make demo` first")
+    return "`make demo` took " + "; ".join(parts) + "."
+
+
+def timings_markdown(path: Path) -> str:
+    """A ``timings.csv`` as the notebook guide's table (``docs/notebooks.md``): each notebook's wall time, the total,
+    the threads and the load average when each finished (so a reader can plan by it and see how busy the machine
+    was)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} has no rows: run `make demo` first")
+    total = sum(float(r["seconds"]) for r in rows)
+    loads = [float(r["load_avg"]) for r in rows if r.get("load_avg")]
+    threads = sorted({r.get("omp_num_threads") or "?" for r in rows})
+    cpus = sorted({r.get("cpus") or "?" for r in rows})
+    lines = ["| notebook | wall time | load average at its end |", "|---|---|---|"]
+    lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('load_avg') or '?'} |" for r in rows]
+    series = path.parent / "series.json"
+    lines += ["", series_markdown(series)] if series.is_file() else []
+    lines += ["", f"Their times add up to {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on "
+                  f"{', '.join(cpus)} CPU(s), {', '.join(threads)} thread(s) per kernel"
+              + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
+              + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
+                f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md README.md`."]
+    return "\n".join(lines)
+
+
+
+def listing() -> str:
+    """The series as the registry holds it (``run --list``): per notebook, what computes it, the functions its
+    readings come from, its figures and tables (``{part}``: filled in by the run), and its findings table and
+    reader."""
+    from introspection_utils.apps.catalog import EXPERIMENTS
+    from introspection_utils.core.registry import name_of
+
+    lines = []
+    for e in EXPERIMENTS:
+        findings = f'findings: ["{e.findings_table}"] parameters; ' + (
+            f"readings from its tables by {name_of(e.findings)}" if e.findings else "no section of its own")
+        lines += [f"{e.notebook} · {e.title}",
+                  f"    computes: {', '.join(e.module_names)}",
+                  f"    reads:    {', '.join(e.reading_names)}",
+                  f"    figures:  {', '.join(e.figures)}",
+                  f"    tables:   {', '.join(e.tables) or '(none)'}",
+                  f"    {findings}"]
+    return "\n".join(lines)
+
+
+
+def guide_markdown(path: Path, figures_model: str | None = None) -> str:
+    """The notebook guide's table from the registry, its links relative to ``path`` (the file it goes into, e.g.
+    ``docs/notebooks.md``), each row with the figure of the reference run of ``figures_model`` (default: the
+    embedded model) that the entry names (``guide_figure``)."""
+    from introspection_utils.apps.catalog import EXPERIMENTS
+
+    here = Path(path).resolve().parent
+    notebooks_dir = Path(os.path.relpath(NOTEBOOKS_DIR, here)).as_posix()
+    figures = Path(os.path.relpath(FIGURES_DIR / model_name(figures_model or default_model()), here)).as_posix()
+    lines = ["| notebook | the question it answers | figure (embedded 135M model — pipeline demo only) |",
+             "|---|---|---|"]
+    lines += [f"| [`{e.notebook}`]({notebooks_dir}/{e.notebook}.ipynb) | {e.question} | "
+              f'<img src="{figures}/{e.guide_figure}.png" width="260" alt="{e.alt}"> |' for e in EXPERIMENTS]
+    return "\n".join(lines)
