@@ -281,3 +281,26 @@ def test_a_notebook_figure_is_saved_only_where_figures_dir_says(tmp_path, capsys
     written = tmp_path / "figs" / "00_x.png"
     assert capsys.readouterr().out.strip() == str(written) and written.stat().st_size > 1000
     plt.close(fig)
+
+
+def test_atlas_class_colours_are_told_apart_and_keep_the_conditions_meaning():
+    """Orange means the controls and reddish purple the random vectors in every figure: no verdict class takes
+    them, and the two shared shifts are far apart in colour (not orange beside vermillion)."""
+    from matplotlib.colors import to_rgb
+
+    from introspection_utils.plotting.style import CLASS_COLORS, PALETTE
+
+    colours = list(CLASS_COLORS.values())
+    assert len(set(colours)) == len(colours)
+    assert PALETTE["control"] not in colours and PALETTE["random"] not in colours
+    yes, suppression = (np.array(to_rgb(CLASS_COLORS[c])) for c in ("shared yes-shift", "shared suppression"))
+    assert np.abs(yes - suppression).sum() > 1.0  # sum of RGB differences, 0..3
+
+
+def test_sweep_panels_share_one_legend_under_the_panels(scale_df):
+    fig = plots.sweep_panels(scale_df, ["Sandwich", "Water"], kind="scale")
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert "control mean (n=3)" in plots.legend_labels(fig)
+    width = [ax.get_position().width for ax in fig.axes]
+    assert min(width) > 0.35  # each panel keeps most of its half of the figure (a legend beside it took ~2/3)
+    plt.close(fig)

@@ -60,12 +60,12 @@ def _did_heads(fig: plt.Figure, ax: plt.Axes, m: MechanismMaps) -> None:
     grid[heads["comp_layer"].astype(int), heads["head"].astype(int)] = heads["did"]
     span = float(np.abs(grid).max()) or 1.0
     im = ax.imshow(grid, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-span, vmax=span)
-    ax.axhline(m.layer + 0.5, color="black", ls="--", lw=1, label=f"injected after layer {m.layer}")
+    ax.axhline(m.layer + 0.5, color="black", ls="--", lw=1)  # said in the title: a legend would cover heads
     fig.colorbar(im, ax=ax, label="DiD (raw logits)")
     ax.set_xlabel("attention head")
     ax.set_ylabel("layer")
-    ax.set_title(f"'{m.concept}': attribution per head\n(red: pushes towards yes on introspection only)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"'{m.concept}': attribution per head (red: pushes towards yes\non introspection only; dashed "
+                 f"line: injected after layer {m.layer})", fontsize=9)
 
 
 def _patching_layers(ax: plt.Axes, m: MechanismMaps) -> None:

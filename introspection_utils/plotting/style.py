@@ -35,13 +35,15 @@ LOCALIZATION_COLORS: dict[str, str] = {
     "shuffled": "#56B4E9",  # sky blue
 }
 
+# (11_atlas) One colour per verdict class. Orange (the controls) and reddish purple (random vectors) keep their
+# meaning, so no class takes them; the two shared shifts sit at opposite ends (warm vermillion, cool sky blue).
 CLASS_COLORS: dict[str, str] = {
-    "introspection-specific": PALETTE["introspection"],
-    "shared yes-shift": PALETTE["control"],
-    "shared suppression": "#D55E00",  # vermillion
+    "introspection-specific": PALETTE["introspection"],  # blue: the introspection question's own shift
+    "shared yes-shift": "#D55E00",  # vermillion
+    "shared suppression": "#56B4E9",  # sky blue
     "opposite": "#009E73",  # bluish green
-    "one-sided": "#56B4E9",  # sky blue
-    "compression": "#CC79A7",  # reddish purple
+    "one-sided": "#000000",  # black
+    "compression": "#8C6D00",  # dark gold (Okabe–Ito's yellow, darkened to read on white)
     "no effect": PALETTE["baseline"],
 }
 
@@ -211,11 +213,27 @@ def plot_grid(plot: Any, items: Sequence[Any], *, ncols: int = 2, size: tuple[fl
     for ax in list(axes.flat)[len(items):]:
         ax.axis("off")
     fig.tight_layout()
+    shared_legend(fig, list(axes.flat)[:len(items)])
     return fig
+
+
+def shared_legend(fig: plt.Figure, axes: Sequence[plt.Axes]) -> None:
+    """Panels whose legends say the same thing get one legend under the figure instead of one beside each panel
+    (which squeezed each panel to a third of its width); panels whose legends differ keep their own."""
+    entries = [ax.get_legend_handles_labels() for ax in axes if ax.get_legend() is not None]
+    if len(entries) < 2 or len(entries) != len(axes) or any(labels != entries[0][1] for _, labels in entries):
+        return
+    for ax in axes:
+        ax.get_legend().remove()
+    fig.tight_layout()  # the panels take back the width their legends had
+    handles, labels = entries[0]
+    ncol = 3 if max(map(len, labels)) < 40 else 2
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=8, frameon=False)
 
 
 
 def legend_labels(fig: plt.Figure) -> list[str]:
     """Every legend entry of ``fig`` (for checks)."""
-    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
 
