@@ -1,16 +1,5 @@
-"""introspection_utils: concept-injection ("injected thought") experiments on open chat models, traced with nnsight.
-
-The package is in role folders, imports running one way (``tests/test_layers.py`` holds the order):
-``core`` (paths, data, intervals) → ``models`` (the handle, embedded models, memory) → ``engine`` (prompts, vectors,
-the injection pass, generation, executors) → ``stats`` (every definition: Δ, I, S, the verdicts, calibration) →
-``experiments`` (one module per experiment) → ``readings`` (sentences) / ``plotting`` (figures) → ``apps`` (the
-runner, explorer, bench, demo, frozen prompts, findings). ``docs/design.md`` describes the layout.
-
-The names a user touches are here (``__all__``), imported on first use so that ``import introspection_utils`` and
-``python -m introspection_utils.run --help`` answer without loading torch. The top-level modules ``run``,
-``findings``, ``bench``, ``calibration``, ``explore``, ``demo`` and ``frozen_prompts`` are the commands' short
-forms (``python -m introspection_utils.run``); each only runs its module in ``apps/`` or ``stats/``.
-"""
+"""introspection_utils: concept-injection ("injected thought") experiments on open chat models, traced with
+nnsight; the names a user touches (``__all__``), imported on first use."""
 
 from __future__ import annotations
 

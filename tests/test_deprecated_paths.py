@@ -17,7 +17,8 @@ MOVED = {  # old module -> (a name it had, its new module)
     "experiments.task_congruence": ("run_congruence", "experiments.tasks.congruence"),
     "experiments.task_strength": ("run_strength_comparison", "experiments.tasks.strength"),
     "experiments.tasks": ("describe_forced_choice", "experiments.tasks.forced_choice"),
-    "plotting.series": ("save_figure", "plotting.style"),
+    "plotting.series": ("save_figure", "plotting.saving"),
+    "plotting.style": ("save_figure", "plotting.saving"),  # a name that left a module that stays
     "apps.run": ("main", "apps.runner.cli"),
     "apps.run_checks": ("plan_runs", "apps.runner.checks"),
     "apps.run_execute": ("run_notebooks", "apps.runner.execute"),

@@ -239,7 +239,7 @@ def test_kernel_is_available():
 @pytest.mark.parametrize("path", SERIES_ALL, ids=lambda p: p.stem)
 def test_notebook_saves_figures_through_the_helper_that_honours_figures_dir(path):
     """Run by hand or by nbval (``figures_dir = None``) a notebook only shows its figures: it saves each one through
-    ``style.save_notebook_figure`` (which writes nothing without a folder; tests/test_plots.py) with the notebook's
+    ``saving.save_notebook_figure`` (which writes nothing without a folder; tests/test_plots.py) with the notebook's
     ``figures_dir``, never through ``save_figure`` itself."""
     trees = [ast.parse(c.source) for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
     assert any(isinstance(n, ast.Assign) and n.targets[0].id == "figures_dir" and n.value.value is None

@@ -270,7 +270,7 @@ def test_save_figure_formats_and_dpi_are_checked(tmp_path):
 
 
 def test_a_notebook_figure_is_saved_only_where_figures_dir_says(tmp_path, capsys):
-    from introspection_utils.plotting.style import save_notebook_figure
+    from introspection_utils.plotting.saving import save_notebook_figure
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])

@@ -1,8 +1,4 @@
-"""A short end-to-end trial on the embedded model: ``python -m introspection_utils.demo``.
-
-Loads SmolLM2-135M-Instruct (offline), builds the concept vector for "Sandwich" at a middle layer, and prints the
-yes−no logit difference of the injected-thought question and of one control question, with and without injection.
-"""
+"""One injected trial and its control on the embedded model, printed: ``python -m introspection_utils.demo``."""
 
 from __future__ import annotations
 

@@ -1,22 +1,5 @@
-"""Serve the slider explorer (``notebooks/explorer.ipynb``) as a standalone web page with Voilà, on loopback.
-
-    python -m introspection_utils.explore                                  # embedded model, http://127.0.0.1:8866/
-    python -m introspection_utils.explore --model google/gemma-2-9b-it --port 8870 -p concepts "['Sandwich','Bomb']"
-    make explore MODEL=tiny-llama PORT=8870
-    python -m introspection_utils.explore --screenshot figures/explorer_screenshot.png   # serve, capture, stop
-
-The notebook's ``parameters`` cell is the one place of defaults. Values given here travel in one environment variable,
-:data:`ENV` (a JSON object), to the kernel that Voilà starts; the notebook's next cell applies them with
-:func:`served`. Names are checked against the ``parameters`` cell before the server starts, and the model id never
-comes from the browser (no query-string parameters).
-
-Voilà executes the notebook on the server and shows only its outputs (no code cells); the page's kernel connection is
-limited to widget (comm) messages, so nothing runs from the browser beyond the widgets' own callbacks. The server
-listens on 127.0.0.1 only.
-
-``--screenshot`` opens the page in Debian's Chromium (``/usr/bin/chromium``, driven by Playwright; no browser is ever
-downloaded), waits until the explorer is drawn, saves a PNG and stops the server.
-"""
+"""Serve the slider explorer (``notebooks/explorer.ipynb``) as a web page with Voilà on 127.0.0.1: what
+``python -m introspection_utils.explore`` and ``make explore`` run."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The findings of a science run, computed from its saved tables: which of the write-up's cases reproduce on a model.
-
-``python -m introspection_utils.findings [MODEL]`` reads ``figures/<model>/results/`` (written by ``make findings``:
-the atlas of notebook 11 and the interference sweep of notebook 06 for the claims table; every notebook's tables for
-the readings notebook by notebook), writes ``figures/<model>/findings.md`` and puts the claims table in the README
-between ``<!-- findings:start -->`` and ``<!-- findings:end -->``, and notebook 12's attribution-patching agreement
-between ``<!-- agreement:start -->`` and ``<!-- agreement:end -->``. Every number in it comes from those tables,
-through the same reading functions the notebooks print; nothing is typed by hand.
-"""
+"""The findings of a science run, recomputed from its saved tables (which of the write-up's cases reproduce):
+``python -m introspection_utils.findings`` writes ``figures/<model>/findings.md`` and the README's blocks."""
 
 from __future__ import annotations
 

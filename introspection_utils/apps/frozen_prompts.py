@@ -1,13 +1,5 @@
-"""Frozen rendered prompts: each model's introspection and control prompts as the chat template renders them,
-committed under ``data/rendered_prompts/<model>.json`` so that a change of template, tokenizer or prompt text shows
-up as a diff (and fails ``tests/test_frozen_prompts.py``) instead of silently moving every result.
-
-Per prompt: the rendered text, the token count, the injection start (token index) with the text from there on (what
-the injection covers), and the prompt's hash (token ids + injection start, as in results' metadata)::
-
-    python -m introspection_utils.frozen_prompts smollm2-135m-instruct gemma3-270m   # (re)write the files
-    python -m introspection_utils.frozen_prompts --check smollm2-135m-instruct       # compare, exit 1 on a change
-"""
+"""Frozen rendered prompts (``data/rendered_prompts/<model>.json``), so that a template change shows as a diff:
+``python -m introspection_utils.frozen_prompts`` writes them, ``--check`` compares."""
 
 from __future__ import annotations
 

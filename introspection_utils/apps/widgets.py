@@ -1,11 +1,5 @@
-"""The interactive explorer: pick a concept, an injection layer, a scale, a question and concept-vs-random, and see
-the scale sweep with the current trial marked and its numbers.
-
-The computing part is :class:`ExplorerState` (no widgets: a test drives it directly); :class:`Explorer` only wires
-ipywidgets to it. Results are memoised in ``ExplorerState.cache`` — an explicit dict on the object, keyed by
-``(concept, layer)`` and holding that pair's whole scale sweep — so moving the scale, question or random toggle never
-recomputes, and returning to a layer reuses it.
-"""
+"""The interactive explorer: :class:`ExplorerState` computes (memoised per concept and layer), :class:`Explorer`
+wires ipywidgets to it; notebook 00 and ``explorer.ipynb`` call :func:`explorer`."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Where things go and what they are called: the repository root, the figures and results folders of a model, the
-model's short name, and one atomic write (temp file beside the target, then rename) for every file the package saves.
-
-The bottom layer of the package: it imports nothing from it.
-"""
+"""Where things go and what they are called (the repository root, a model's figures and results folders, its short
+name), one atomic write, one content hash and the README's generated blocks; every folder above uses it."""
 
 from __future__ import annotations
 

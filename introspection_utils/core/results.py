@@ -1,9 +1,5 @@
-"""The results store: a result table with the metadata that says exactly how it was made, written and read back as
-``<name>.csv`` beside ``<name>.meta.json`` (atomically), and the table helpers every experiment shares.
-
-Any experiment's table goes through here (sweeps, the atlas, refusal scores, SAE features, top heads, ...); the
-metadata itself is written by :func:`introspection_utils.engine.metadata.metadata` (it needs the model and prompts).
-"""
+"""The results store: a table beside the metadata that says how it was made (``<name>.csv`` + ``<name>.meta.json``,
+written atomically); every experiment saves through it and :func:`load_result` reads it back."""
 
 from __future__ import annotations
 

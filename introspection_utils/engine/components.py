@@ -1,19 +1,5 @@
-"""The model's components as places to read, patch and ablate: one traced forward that injects, edits component
-outputs at chosen rows and positions, and reads them back (with gradients of the yes−no difference if asked).
-
-A *component* is something that adds to the residual stream: the token embedding, the injected vector, each
-layer's attention output and MLP output (what is added before the residual add — Gemma-2/3's post-attention and
-post-feedforward norms included) and each attention head, whose output is its slice of the output projection's
-input (``z [B, T, n_heads × head_dim]``, head ``h`` in columns ``h × head_dim …``). :mod:`attribution`,
-:mod:`patching` build on :meth:`PromptPass.forward`; the measurement engine (:mod:`inject`) stays the reference
-for plain trials and is what the unedited rows here are tested against.
-
-No second engine: :class:`PromptPass` is a :class:`injection.PromptRun` (the prefix cache and the layer skip, both
-exact) and every forward is the one injection pass (:func:`injection.traced_pass`), the injection built from the
-trials by :meth:`PromptPass.injection` (the window rule). What is component-specific — editing and reading the sites,
-their gradients — rides along inside the pass's layers as :class:`injection.Within` hooks (:class:`_Sites`), and
-what comes back is a typed :class:`ComponentReadout`.
-"""
+"""A model's components (embedding, injected vector, attention and MLP outputs, heads) as places to read, patch and
+ablate inside the one injection pass; :mod:`attribution` and :mod:`patching` call it."""
 
 from __future__ import annotations
 

@@ -1,19 +1,5 @@
-"""Where a sweep's units run: here, one after the other (``"local"``, the default), or on the actors of a Ray
-cluster (``"ray"``: one actor per GPU, or per CPU worker where the cluster has no GPU), each of which loads the model
-once (by the source, dtype, attention and revision the driver's handle records) and keeps it.
-
-A unit is what the sweep runner resumes by (one question's trials). An executor is given a work function
-``work(handle, payload) -> result`` (a module-level function, so that Ray can send it by name) and the payloads, and
-yields ``(index, result)`` as units finish, in whatever order they finish: the caller writes each result (its
-resumable chunk) as it arrives and assembles the table by index, so neither the numbers nor the table depend on which
-actor ran what or when. Inside a unit the engine is the local one (prefix cache, layer skip), on the actor's model.
-
-Faults: a unit whose actor dies (killed, out of memory, node lost) is handed to another actor and the dead actor is
-replaced (up to ``restarts`` times); a unit whose work raises is retried once on another actor. A unit that fails
-twice is not retried again: the other units run on and :class:`UnitsFailed` names the failed units' trials at the end
-(their chunks are missing, so a rerun computes just those). Ray is imported only when a Ray executor runs (the
-optional ``ray`` extra: ``pip install -e ".[ray]"``).
-"""
+"""Where a sweep's units run: here in order (``"local"``) or on the actors of a Ray cluster (``"ray"``);
+:func:`introspection_utils.experiments.sweeps.run_sweep` calls it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Generation under injection: the injection continues on every generated token (the paper's protocol).
-
-A plain loop of traced forwards with a KV cache, one token per step: each step is the one injection pass
-(:func:`introspection_utils.engine.traced_pass.traced_pass`, the same trace as the readouts'), its weights the window
-rule at that step's positions, and sampling is seeded by a ``torch.Generator`` of our own (same seed, same text).
-"""
+"""Generation under injection, the injection continuing on every generated token (the paper's protocol), one pass
+per token; notebook 07's grading calls it."""
 
 from __future__ import annotations
 

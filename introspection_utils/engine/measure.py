@@ -1,28 +1,5 @@
-"""The measurement engine: trials of (prompt, vector, scale, layer, window) → yes−no logit differences, the logit
-lens, attention to the injected positions, residuals (generation under injection is :mod:`generation`).
-
-Injection adds ``scale × vector`` to the residual stream (decoder-layer ``layer``'s output) at the window's
-positions. Two levers make a batch of trials on one prompt cheap, both exact:
-
-* **prefix cache**: tokens before the window are the same in every trial and untouched by the injection, so
-  they run once (KV cache) and each trial runs only the suffix;
-* **layer skip**: the suffix's hidden states below the injection layer are the same in every trial too, so they
-  are computed once and layers ``< layer`` are skipped (``Envoy.skip``) in the batched trace.
-
-``strategy="full"`` recomputes the whole prompt per batch instead (the reference the levers are tested against,
-and the only form that runs on NDIF).
-
-This module owns the one injection pass: the pass itself (the trace that injects, ablates, caches the prefix and
-skips layers) is :mod:`introspection_utils.engine.traced_pass`, the window rule is
-:meth:`introspection_utils.engine.trials.Trial.weights_at`, the answer-set readout is
-:mod:`introspection_utils.engine.readout`; components, generation and the refusal experiment's logits call them
-too. Traces that only read activations and inject nothing (concept vectors in :mod:`vectors`, SAE training
-activations, the refusal candidates' activations) do not go through it, nor does the benchmark's naive baseline
-(``apps.bench.naive_logit_diff``, the one-trace forward the engine is timed against).
-
-Shapes: a tensor in a public signature is annotated with its shape (``PerTrialLayerHead`` is a tensor
-``[n_trials, n_layers, n_heads]``; see the aliases below), and docstrings write shapes in brackets after the name.
-"""
+"""The measurement API: trials → yes−no logit differences, answer mass, the logit lens, attention and residuals,
+batched through the one injection pass; every experiment calls :func:`measure`."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Chat-formatted prompts built with the tokenizer's own chat template, and the answer tokens.
-
-A :class:`Prompt` is the token ids of one conversation plus ``injection_start``: the index of the first token that
-the paper's protocol injects into (the double newline before "Trial 1" or before a control question), located by
-character offsets so it is right whether the tokenizer merges newlines with neighbouring text or not.
-"""
+"""Chat-formatted prompts through the tokenizer's own template (the paper's conversation, the controls, the
+extraction prompt), the injection start and the answer tokens; the engine and every experiment build on them."""
 
 from __future__ import annotations
 

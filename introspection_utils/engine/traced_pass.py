@@ -1,26 +1,5 @@
-"""The one injection pass: every traced forward that adds a vector to the residual stream or ablates a direction
-from it runs :func:`traced_pass`, the only trace in the package that edits the residual stream.
-
-Written here once, each in one place:
-
-* **the injection**: ``add × weight`` added to decoder layer ``layer``'s output, ``add [B, D]`` each row's
-  ``scale × vector`` and the weight per row and position from the window rule
-  (:meth:`introspection_utils.engine.trials.Trial.weights_at`), 0 on padding (:meth:`Injection.of`);
-* **the ablation** (:class:`Ablation`): a unit direction projected out of the embeddings and every layer's output,
-  after the injection (the stream never carries it) or before it (the injection keeps its own component, which the
-  residual connection carries to every later layer);
-* **the prefix cache** and **the layer skip** (:class:`PromptRun`): tokens before the first position that differs
-  between rows run once into a KV cache, and the suffix's layers below the lowest injected or edited layer run once
-  (uninjected) and are skipped (``Envoy.skip``) in every batch.
-
-Who calls it: :mod:`introspection_utils.engine.measure` (``measure``, ``answer_logits``, ``residuals``),
-:mod:`introspection_utils.engine.components` (its site edits, reads and gradients ride along as :class:`Within`
-hooks), :mod:`introspection_utils.engine.generation` (one pass per generated token) and
-``experiments.refusal.last_logits`` (:func:`padded_pass`). Traces that only read activations and inject nothing
-(``engine.vectors``, ``experiments.sae_train``, ``experiments.refusal.post_instruction_activations``) stay where
-they are, as does ``apps.bench.naive_logit_diff``, the deliberately naive one-trace baseline the benchmark times
-this pass against; ``tests/test_one_injection_pass.py`` holds these rules.
-"""
+"""The one injection pass (:func:`traced_pass`), the only trace that edits the residual stream: injection, ablation,
+prefix cache, layer skip; :mod:`.measure`, :mod:`.components`, :mod:`.generation` and the refusal experiment call it."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Trials and the window rule: what one measurement injects, where, and how strongly at each token position.
-
-A :class:`Trial` is ``prompt`` with ``scale × vector`` added to decoder layer ``layer``'s output over ``window``.
-:meth:`Trial.weights_at` is **the window rule**, written once: the multiple of ``scale × vector`` added at any token
-position, generated positions included. Every injecting pass (:mod:`introspection_utils.engine.traced_pass`) builds
-its per-row weights from it, so a change to the window rule is an edit here and nowhere else.
-"""
+"""Trials and the window rule (:meth:`Trial.weights_at`): what one measurement injects, where, and how strongly at
+each position; every injecting pass builds its weights from it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Concept vectors: activation(word) − mean activation over the baseline words, at every layer, cached on disk.
+"""Concept vectors (activation(word) − the baseline words' mean, every layer, cached on disk), norm-matched null
+vectors and residual norms; the sweeps and every experiment that injects call them.
 
-The activation is the residual stream (decoder-layer output) at the last token of the chat-templated
-"Tell me about {word}" prompt, i.e. the token just before the assistant's answer, as in the paper.
-All layers come from one forward pass per batch of words.
-"""
+Over 400 lines because concept, contrastive and the four null kinds of vectors share one record, one norm rule
+and one disk cache."""
 
 from __future__ import annotations
 

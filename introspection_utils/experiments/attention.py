@@ -1,11 +1,5 @@
-"""Attention from a prefilled answer token to the injected positions, per layer and head, for the introspection
-and control questions answered "Yes" (with and without injection).
-
-A thin composition of :func:`introspection_utils.engine.measure.measure` (which computes the attention); this module
-only
-builds the trials and lays the maps out for :mod:`introspection_utils.plotting.series` and
-:mod:`introspection_utils.readings.sentences`.
-"""
+"""Attention from a prefilled answer token to the injected positions, per layer and head (notebook 05): the trials
+for :func:`measure` and the maps it returns."""
 
 from __future__ import annotations
 

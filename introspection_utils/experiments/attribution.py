@@ -1,23 +1,5 @@
-"""Direct logit attribution of the yes−no difference: which components write the "yes" at the answer position, and
-which write the part of it that the control questions do not get.
-
-The residual stream at the answer position (the last prompt token) is a sum: the token embedding, the injected
-vector (if the window covers that position), and each layer's attention output and MLP output; each attention
-output is in turn a sum over heads (head ``h``'s slice of the output projection's input times the matching columns
-of W_O). Each piece is carried to the logits of "yes" and "no" through the final RMS norm **with its scale frozen
-at the value it had in the actual run** (``1 / rms`` of the whole residual, read off the run), so the map is linear
-and the pieces add up exactly. Gemma-2/3 also norm the attention and MLP outputs before the residual add: their
-scales are frozen the same way, so the heads still add up to the attention output.
-
-**Gemma-2's final logit softcap** (``cap · tanh(logit / cap)``) is not linear: the decomposition is of the
-*pre-softcap* logits. The components of "yes" sum to the raw yes logit, those of "no" to the raw no logit, and
-``cap·tanh(yes/cap) − cap·tanh(no/cap)`` of those sums is the model's yes−no difference (tested).
-
-The four cells that matter — introspection / control question × injected / not — give the
-difference-in-differences per component: ``(intro injected − intro uninjected) − mean over controls (control
-injected − control uninjected)``, the part of each component's push towards "yes" that only the introspection
-question gets.
-"""
+"""Direct logit attribution of the yes−no difference and its difference-in-differences (introspection effect −
+control effect); :mod:`.mechanisms` (notebook 12) calls it."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Grading free-text answers with the paper's four criteria, a pluggable judge, and a deterministic pre-grade.
-
-Judges: :class:`LocalJudge` (any chat model through ``load_model``; the embedded model by default, so it runs
-offline) or :class:`HTTPJudge` (any OpenAI-compatible ``/chat/completions`` endpoint, key from the environment).
-The judge's verdict is parsed strictly: the last word of its last line must be YES or NO; anything else is recorded
-as ``"unparseable"``, never guessed.
-"""
+"""Free-text answers under injection graded with the paper's four criteria by a pluggable judge, beside a
+deterministic pre-grade (notebook 07)."""
 
 from __future__ import annotations
 

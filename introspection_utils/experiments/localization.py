@@ -1,26 +1,5 @@
-"""Localization (Godet, "Introspection via localization"): which of N sentences carried the injected vector?
-
-The prompt lists N numbered sentences ("SENTENCE 1: The dog barks loudly. SENTENCE 2: ..."), the vector is added at
-every token of one sentence (its span, located by character offsets), and the assistant's answer is prefilled with
-"Yes, I detect an injected thought. It is located in SENTENCE ". The prediction is the argmax of the logits of the
-digit tokens "1".."N" at the last position; accuracy is compared with chance, 1/N.
-
-Every sentence of a set is the target once, so a model that ignores the injection scores exactly chance. Beside the
-injected result, the confound controls (each a ``condition`` in the tidy table):
-
-* ``abstract`` / ``concrete``: the same sentences and the same injection, but a prompt that never mentions an
-  injection and asks which sentence is the most abstract (most concrete). If the vector just makes its sentence
-  read as abstract (Godet's specific → generic pairs may encode abstractness), "most abstract" finds it as well as
-  the introspection question does, and "most concrete" avoids it (below chance).
-* ``no injection``: each question without injection (``injected`` False): chance by construction, and which
-  sentence each question picks on its own.
-* ``random``: norm-matched random vectors instead of the concept vector, introspection question.
-* ``shuffled``: the same sentences in another order, the same sentence injected: localization that follows the
-  injection keeps its accuracy; a position or content preference does not move with it.
-
-Accuracy is measured along two lines through (layer, scale): across ``scales`` at ``layer`` and across ``layers``
-at ``scale``.
-"""
+"""Localization (Godet): which of N sentences carried the injected vector, against chance and its confounds
+(notebooks 10 and 13)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""The yes−no logit lens as a tidy table: at every layer, for the introspection question, control questions and
-random vectors, each row beside the same question's lens without injection.
-
-A thin composition of :func:`introspection_utils.engine.measure.measure` (which computes the lens); this module only
-builds the trials and lays the numbers out for :mod:`introspection_utils.plotting.series` and
-:mod:`introspection_utils.readings.sentences`.
-"""
+"""The yes−no logit lens as a tidy table, each row beside the same question without injection (notebooks 04 and 08)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Where is the introspection-specific "yes" made? One concept's attribution and patching maps in one call.
-
-Composes :mod:`attribution` (which components write the yes−no difference, and the difference-in-differences:
-introspection effect − control effect) and :mod:`patching` (which components carry it causally, real and
-attribution patching, and how well the fast estimate agrees) for notebook 12 and its figure.
-"""
+"""Where the introspection-specific "yes" is made: one concept's attribution and patching maps in one call, and their
+readings (notebooks 05 and 12)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,5 @@
-"""Causal tests of where the injected "yes" is made: activation patching, attribution patching and head ablation.
-
-**Activation patching.** For an injected trial, a component's output (an attention output, an MLP output, or one
-head's slice of the output projection's input) at the answer position or over a token span is copied from one run
-into the other:
-
-* ``"sufficiency"``: injected → uninjected. Does this component alone, carrying what it computed under injection,
-  move the uninjected answer towards the injected one?
-* ``"necessity"``: uninjected → injected. Does removing what the injection changed in this component alone undo
-  the injected answer?
-
-Components at or below the injection layer compute the same thing with and without the injection (the vector is
-added to that layer's *output*), so patching them is an exact no-op; the default sweep starts one layer above.
-
-**Attribution patching** (Nanda 2023; Syed et al. 2023) is its first-order estimate: ``(source − target) ·
-∂(yes−no)/∂output`` at the target run, for every component from two backward passes per trial — the fast sweep
-over all heads; :func:`agreement` says how well it ranks the components that real patching finds.
-
-**Head ablation** replaces chosen heads' outputs by zero or by their mean (over every position of the uninjected
-prompts of the call) at every position, in the injected run *and* its uninjected baseline, so the injection's
-effect is measured within the ablated model (the prefix before the window is ablated once and cached).
-
-Every table is tidy (one row per trial × direction × component) and carries the trial's metadata.
-"""
+"""Causal tests of where the injected "yes" is made: activation patching, attribution patching and head ablation;
+:mod:`.mechanisms` (notebooks 05 and 12) calls them."""
 
 from __future__ import annotations
 

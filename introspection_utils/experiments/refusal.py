@@ -1,34 +1,8 @@
-"""The refusal direction (difference of means, harmful vs harmless instructions), selected by causal scores.
+"""The refusal direction by the book (Arditi et al. 2024: difference-of-means candidates chosen by causal scores) and
+its ablation while injecting (notebook 08).
 
-**By the book** (Arditi et al. 2024, "Refusal in language models is mediated by a single direction"; their code
-andyrdt/refusal_direction ``pipeline/submodules/select_direction.py``):
-
-1. *Candidates* (:func:`candidate_directions`): at each post-instruction token position (the chat template's
-   tokens after the user's instruction, ``<|im_end|>\n<|im_start|>assistant\n`` for SmolLM2) and each layer, the
-   mean residual stream (decoder-layer output) over the training split of harmful instructions minus that over
-   harmless ones: ``[n_positions, n_layers, d_model]``.
-2. *Causal scores* on the validation split (:func:`direction_scores`), with the refusal score of a prompt = the
-   log-odds of the refusal tokens at the last position, ``log P(R) − log(1 − P(R))`` (R: the first token of
-   "I cannot…"/"As an AI…", :data:`REFUSAL_WORDS`): **bypass** = mean refusal score on harmful prompts with the unit
-   direction ablated (projected out of the embeddings and every layer's output, every position); **induce** =
-   mean refusal score on harmless prompts with the raw direction added at its layer (every position); **KL** = mean
-   KL(unablated ‖ ablated) of the next-token distribution at the last position of harmless prompts.
-3. *Selection* (:func:`select_direction`): drop the last 20% of layers, candidates with KL ≥ 0.1 and with induce ≤ 0;
-   of the rest, the lowest bypass score. When no candidate passes every filter (a small model that barely refuses),
-   the stated fallback relaxes the induce filter, then the KL filter, and the reason says which held.
-
-The older correlational view is kept: :func:`refusal_directions` (last token only, held-out Cohen's d per layer).
-
-Ablating it while injecting (``measure.measure(..., ablate=direction, ablate_at=...)``) comes in two forms
-(:func:`ablation_points`): **after** the injection (the residual stream never carries the direction, the injected
-vector's own component included: Arditi's directional ablation) or **before** it (only the model's own component
-is removed; the injected vector keeps its component along the direction).
-
-Best layer of the correlational view: split the prompts in half (even / odd lines); compute each layer's direction
-on one half and score it on the other by the separation of the two sets' projections onto the unit direction
-(Cohen's d: difference of means over the pooled standard deviation), averaged over both splits. The best layer is
-the one with the largest held-out d among layers between ``lo`` and ``hi`` of the depth (default 20%–80%).
-"""
+Over 400 lines because Arditi et al.'s selection (candidates, three causal scores, the filters) is one procedure,
+read in one place."""
 
 from __future__ import annotations
 

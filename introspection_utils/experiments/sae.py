@@ -1,14 +1,5 @@
-"""SAE features under injection: does a sparse autoencoder at the injection layer see the injected concept, and do
-"yes"-like features rise in later layers?
-
-The SAEs come from :mod:`introspection_utils.experiments.sae_train` (pretrained Gemma Scope, or small ones trained
-here).
-Feature readouts are at the answer position (the last prompt token), from the engine's batched trace
-(:func:`introspection_utils.engine.measure.residuals`), with and without the injection. Every reading carries the SAE's
-quality on what it reads: the relative reconstruction error of the very residuals it encodes (injected and not),
-and, for the SAE itself, variance explained and L0 on this model's activations (:func:`sae_quality`; held out by
-text for the SAEs trained here).
-"""
+"""SAE features under injection (notebook 09): does an SAE at the injection layer see the concept, and do
+"yes"-like features rise later?"""
 
 from __future__ import annotations
 

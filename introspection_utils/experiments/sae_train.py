@@ -1,37 +1,8 @@
-"""SAEs for the SAE experiment (09): loading pretrained ones, and training small ones on the model's own text.
+"""SAEs for notebook 09: pretrained ones (Gemma Scope, by sae-lens release and id) or small ones trained here on the
+model's own text (the optional ``sae`` extra).
 
-Needs the optional extra ``sae`` (``pip install -e '.[sae]'``: sae-lens 6.54, which pulls transformer-lens, wandb,
-datasets; it keeps this stack's torch, transformers and nnsight). Two sources of SAEs, one analysis:
-
-* **pretrained** (:func:`load_sae`, needs network once): Gemma Scope for Gemma-2, by sae-lens release and id, e.g.
-
-  ============================  =====================================  ===========================  =============
-  model                         release                                sae_id                       layers
-  ============================  =====================================  ===========================  =============
-  google/gemma-2-9b-it          ``gemma-scope-9b-it-res-canonical``    ``layer_{L}/width_16k/canonical``  9, 20, 31
-  google/gemma-2-9b-it          ``gemma-scope-9b-pt-res-canonical``    ``layer_{L}/width_16k/canonical``  0 … 41
-  google/gemma-2-27b-it         ``gemma-scope-27b-pt-res-canonical``   ``layer_{L}/width_131k/canonical`` 10, 22, 34
-  ============================  =====================================  ===========================  =============
-
-  (``pt`` SAEs were trained on the base model; Gemma Scope reports they transfer to the instruction-tuned model.)
-  All are residual-stream SAEs (``blocks.L.hook_resid_post`` = decoder layer L's output, what the engine injects
-  into and reads). :data:`GEMMA_SCOPE` holds the table.
-* **trained here** (:func:`train_saes`): the embedded model has no pretrained SAE, so a small standard (ReLU, L1)
-  SAE is trained with sae-lens's own ``SAETrainer`` on activations the model produces itself: its greedy/sampled
-  answers to "Tell me about {word}" for the paper's concept words, to the paper's 50 sentences, and to the
-  injected-thought and control questions (made offline with :func:`introspection_utils.engine.generation.generate`).
-  ``SAETrainer`` takes any iterator of activation batches, so the in-memory activations feed it directly (no
-  ``HookedTransformer``, no dataset download). The SAEs are cached in
-  :func:`introspection_utils.models.handle.cache_dir`
-  keyed by model, revision, corpus, layer and every training setting.
-
-**Held-out quality, by text.** A trained SAE's reported reconstruction (variance explained, L0, dead features) is
-measured on whole texts kept out of training (:func:`heldout_split`), and of those texts' tokens only the ones whose
-token prefix never occurs in a training text: every corpus text starts with the same chat template, so such
-tokens have bit-identical activations in training (a token split had 52% of its held-out tokens duplicated so).
-
-The readouts that use these SAEs are in :mod:`introspection_utils.experiments.sae`.
-"""
+Over 400 lines because the pretrained and the trained SAEs share one activation corpus, one quality check and one
+cache, and split apart would each import the other."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Sweeps over concepts × scales × layers × questions × vector kinds (:class:`SweepSpec` → a tidy table with its
 metadata, resumable one question at a time); notebooks 02–06 and 08, the atlas and the explorer call them.
 
-The columns are :data:`COLUMNS`, defined in ``docs/design.md`` ("The sweep table").
-"""
+The columns are :data:`COLUMNS`, defined in ``docs/design.md`` ("The sweep table"). Over 400 lines because the
+front doors keep their old keyword form for one release (it goes in 0.3)."""
 
 from __future__ import annotations
 

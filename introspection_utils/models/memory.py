@@ -1,9 +1,5 @@
-"""Memory estimates: what a model and a batch of trials need, used to pick the batch size and to refuse early.
-
-Estimates, not measurements: weights = parameters × bytes per element; a batch of trials on one prompt holds
-the KV cache of every row over the whole prompt, the suffix's activations, eager attention weights of one layer
-at a time, and last-position logits. The figures err on the high side (a 25% margin on the transient terms).
-"""
+"""Memory estimates of a model and a batch of trials: the batch size the engine picks, and the load the handle
+refuses when it cannot fit."""
 
 from __future__ import annotations
 

@@ -1,20 +1,5 @@
-"""Curves and maps of the series (01–06): scale and layer sweeps, the logit lens, attention maps, concept-vector norms
-and similarities, each against its x with the conditions in the series' colours (:mod:`.style`).
-
-Conditions and their colours (the same in every figure of the series):
-
-* ``introspection`` — the injected-thought question ("Do you detect an injected thought?"), concept vector;
-* ``control``       — the paper's control questions (answer always "no"), each thin, their mean thick with ±1 std;
-* ``baseline``      — the same questions with no injection (horizontal reference lines);
-* ``random``        — norm-matched random vectors, translucent (introspection solid, control mean dashed).
-
-The scale multiplies the *raw* concept vector (activation(word) − baseline mean), not a unit vector: scale 4 adds
-4 × v, whose norm is 4 × ‖v‖. The x labels say so and give ‖v‖.
-
-Inputs are the tidy tables of :mod:`introspection_utils.experiments.sweeps` and
-:mod:`introspection_utils.experiments.logit_lens` and
-:mod:`introspection_utils.experiments.attention`.
-"""
+"""Curves and maps of notebooks 01–06 (sweeps, the logit lens, attention maps, vector norms and similarities) in
+the series' colours (:mod:`.style`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Figures of the refusal step (08): the causal scores of every candidate direction (Arditi et al. 2024's three
-panels), the ablation points (none / after / before the injection), the refusal projection by layer, and sweeps or
-lenses with and without the ablation side by side. Plots only: the numbers come from
-:mod:`introspection_utils.experiments.refusal` and the sweeps."""
+"""Figures of notebook 08: the candidate directions' causal scores, the ablation points, and sweeps or lenses with
+and without the refusal ablation."""
 
 from __future__ import annotations
 

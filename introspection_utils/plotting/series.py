@@ -6,6 +6,7 @@ __getattr__ = moved(
     __name__,
     "introspection_utils.plotting.curves",
     "introspection_utils.plotting.style",
+    "introspection_utils.plotting.saving",
     "introspection_utils.plotting.summaries",
     "introspection_utils.plotting.refusal",
     "introspection_utils.core.paths",

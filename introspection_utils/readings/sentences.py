@@ -1,11 +1,5 @@
-"""Computed readings of the series' results: numbers (a flip scale, a correlation, a table of heads) and sentences
-built from them — never a sentence that would read the same whatever the numbers were.
-
-Inputs are the tidy tables of :mod:`introspection_utils.experiments.sweeps` (scale and layer sweeps),
-:mod:`introspection_utils.experiments.logit_lens` and :mod:`introspection_utils.experiments.attention`. Conventions:
-``logit_diff`` > 0 means the model prefers "Yes"; a question's *baseline* is its logit difference without injection;
-*delta* = logit_diff − baseline.
-"""
+"""The sentences a notebook prints under its figure, computed from its tables (never one that would read the same
+whatever the numbers); the notebooks and :mod:`.saved` call them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""The runner's checks and plans (``python -m introspection_utils.run``): what the user typed — parameter values,
-notebook selections, tags, model names — checked before any kernel starts, each notebook's parameters planned and
-type-checked against its ``parameters`` cell, where a run writes (:func:`placement`), and the key that says a
-notebook is already done (:func:`run_key`)."""
+"""What the runner checks before any kernel starts (parameters, notebooks, tags, the model and its layers; the
+explorer uses the same checks) and where a run writes; :mod:`.cli` and :mod:`.execute` call it."""
 
 from __future__ import annotations
 

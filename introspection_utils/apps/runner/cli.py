@@ -1,31 +1,5 @@
-"""Run the notebook series headless with papermill.
-
-    make demo                                                     # the whole series on the embedded model
-    .venv/bin/python -m introspection_utils.run --notebooks 02 04 -p scales "[0,2,4,8]"   # a run of its own
-    .venv/bin/python -m introspection_utils.run --notebooks 02 --tag wide -p scales "[0,4,8,16,32]"
-    .venv/bin/python -m introspection_utils.run --findings data/findings/qwen2.5-coder-1.5b-instruct.toml
-    .venv/bin/python -m introspection_utils.run --strip           # remove outputs from notebooks/*.ipynb
-    .venv/bin/python -m introspection_utils.run --notebooks 11 --executor ray --address auto   # the atlas on Ray
-
-Where things go. The *reference run* — the embedded model with every notebook's defaults, no ``-p`` and no
-``--tag`` (``make demo``) — writes the executed notebooks and ``timings.csv`` to ``<output>/<model>/`` and the
-committed figures to ``figures/<model>/``. Every other run (any ``-p``, another model, a ``--tag``) is a run of its
-own and never touches a committed file: executed notebooks, ``timings.csv``, ``figures/`` and ``results/`` all go
-to ``<output>/<model>/<tag>/`` (``--tag NAME``; else ``p-<hash of the parameters>``, or ``default`` for another
-model at its defaults), with ``parameters.json`` saying what was set. ``--findings FILE`` (``make findings``) runs
-the series with a TOML file's parameters and writes under ``figures/<model>/``.
-
-Before any kernel starts, everything is checked: each ``-p`` value is a Python/JSON literal (a bare word is a
-string; ``"[0,2,"`` is an error naming the parameter), every parameter is declared by a notebook and has the type of
-its default, the model name resolves (``load_model``'s names, with "did you mean"), the notebooks exist. A series
-(``--all``, ``--findings``) skips notebooks already done with the same parameters, notebook and package code
-(``--force`` reruns them); each notebook's wall time is written to ``timings.csv`` as it finishes, with the load
-average. Ctrl-C stops with one line naming what was saved and the command that resumes.
-
-This module is the command line and what it writes into documents (the timings table, the registry's list and
-notebook table); the checks and plans are in ``run_checks``, the execution in ``run_execute``, the findings run in
-``run_findings``, and every runner name is importable from here.
-"""
+"""Run the notebook series headless with papermill: the command line of ``python -m introspection_utils.run``
+(``make demo``, ``make findings``), one function per subcommand."""
 
 from __future__ import annotations
 
@@ -118,8 +92,8 @@ def strip_outputs(paths: Sequence[Path]) -> list[Path]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m introspection_utils.run", description=__doc__.split("\n")[0],
-                                     epilog="Details: the module docstring (python -c 'import "
-                                            "introspection_utils.apps.runner.cli as r; help(r)') and the README.")
+                                     epilog="Details: docs/notebooks.md (the runner: where a run writes, "
+                                            "-p, --tag, resume) and docs/design.md (\"Module notes\").")
     parser.add_argument("--model", default=None, help="model id (default: the embedded smollm2-135m-instruct; "
                                                       "with --findings, the file's model)")
     which = parser.add_mutually_exclusive_group(required=True)

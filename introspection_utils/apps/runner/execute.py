@@ -1,7 +1,5 @@
-"""The runner's execution (``python -m introspection_utils.run``): each notebook through papermill with its cells
-and the package's progress bars printed, failures named by notebook and cell, wall times written to
-``timings.csv`` as each notebook finishes, notebooks already done skipped, Ctrl-C turned into :class:`Interrupted`
-with what finished; :func:`run_series` is a run of the series (``--notebooks``/``--all``)."""
+"""The runner's execution: each notebook through papermill, failures named by notebook and cell, timings written as
+each finishes, notebooks already done skipped; :mod:`.cli` and :mod:`.findings` call it."""
 
 from __future__ import annotations
 

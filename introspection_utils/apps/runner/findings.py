@@ -1,7 +1,5 @@
-"""The runner's science run (``python -m introspection_utils.run --findings FILE``, ``make findings``): a findings
-file's parameters (``[all]``, one table per notebook, and variants such as ``["11.binary"]`` that run a notebook
-again with other settings), every notebook and variant checked before the first kernel starts, everything written
-under ``figures/<model>/``."""
+"""The runner's science run from a findings file (``run --findings FILE``, ``make findings``): its parameters and
+variants checked, then every notebook run under ``figures/<model>/``."""
 
 from __future__ import annotations
 

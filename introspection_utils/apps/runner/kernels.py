@@ -1,22 +1,5 @@
-"""Notebooks side by side: the runner's ``--jobs N`` executes up to N notebooks at once, each in its own kernel.
-
-Why: on a small CPU most of a demo-sized notebook is start-up (a kernel, ~7 s of imports, loading the model) and
-work that one thread cannot keep two cores busy with, so two one-thread kernels finish the series in about half the
-wall time of one two-thread kernel. A one-thread kernel also computes the same floats whatever else is running, so
-the committed demo figures are the same run to run.
-
-Warm kernels: the embedded models' series also keeps each kernel for the next notebook (:class:`WarmKernel`):
-the imports (~10 s of a demo-sized notebook's ~15 s start-up here) happen once per kernel. Between notebooks the
-kernel is put back to how it started: its namespace reset (``%reset -f``), figures closed, matplotlib's settings
-and torch's global random state as they were after start-up, the execution count at 1; every model is loaded
-anew by the next notebook (nothing in the package caches a model). ``tests/test_side_by_side.py`` holds that a
-notebook run in a used kernel saves the same tables and figures as in a fresh one.
-
-Order: notebooks start in series order; a notebook that reads what another saves (:data:`AFTER`) starts only after
-that one finished. The first failure starts nothing new; the notebooks already running finish, then the failure is
-raised. Ctrl-C interrupts every running kernel (SIGINT to this process's children) and raises ``KeyboardInterrupt``
-with the names that were running in ``err.running``.
-"""
+"""Notebooks side by side, each in its own warm one-thread kernel (the runner's ``--jobs N``); why, and how a kernel
+is reused, is in ``docs/design.md`` ("Module notes")."""
 
 from __future__ import annotations
 
