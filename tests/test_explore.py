@@ -31,8 +31,8 @@ def test_the_notebook_declares_the_defaults_the_launcher_checks_against():
     assert defaults["model"] == "smollm2-135m-instruct"
     assert {"concepts", "layer", "scales", "n_controls", "seed"} <= set(defaults)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['colour'\]"):
-        explore.check_parameters({"model": "tiny-llama", "colour": 1})
-    explore.check_parameters({"model": "tiny-llama", "concepts": ["Sandwich"]})
+        explore.check_served_parameters({"model": "tiny-llama", "colour": 1})
+    explore.check_served_parameters({"model": "tiny-llama", "concepts": ["Sandwich"]})
 
 
 def test_voila_listens_on_loopback_on_exactly_the_given_port():

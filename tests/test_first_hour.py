@@ -143,11 +143,11 @@ def test_the_runner_and_the_explorer_refuse_a_hub_id_they_cannot_have_before_any
     assert "'someone/not-a-model' is not in the local Hugging Face cache" in err and "hf download" in err
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="is not in the local Hugging Face cache"):
-        explore.check_parameters({"model": "someone/not-a-model"})
+        explore.check_served_parameters({"model": "someone/not-a-model"})
     with pytest.raises(ValueError, match=r"parameter 'layer': layer 5 is out of range for tiny-llama"):
-        explore.check_parameters({"model": "tiny-llama", "layer": 5})  # the runner's check, word for word
+        explore.check_served_parameters({"model": "tiny-llama", "layer": 5})  # the runner's check, word for word
     with pytest.raises(ValueError, match=r"parameter 'concepts' takes a list of words"):
-        explore.check_parameters({"model": "tiny-llama", "concepts": "Volcano"})
+        explore.check_served_parameters({"model": "tiny-llama", "concepts": "Volcano"})
 
 
 def test_help_answers_without_importing_torch():

@@ -96,6 +96,7 @@ def test_a_public_name_is_defined_in_one_module():
     ("readings.sentences", "describe_ablation", "describe_refusal_ablation"),
     ("experiments.mechanisms", "describe_ablation", "describe_head_ablation"),
     ("experiments.patching", "agreement", "attribution_agreement"),
+    ("apps.explore", "check_parameters", "check_served_parameters"),
 ])
 def test_a_renamed_function_answers_by_its_old_name_for_one_release_and_warns(module, old, new):
     from importlib import import_module
@@ -105,3 +106,26 @@ def test_a_renamed_function_answers_by_its_old_name_for_one_release_and_warns(mo
         assert getattr(mod, old) is getattr(mod, new)
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
         _ = mod.nothing_here
+
+
+def test_the_map_in_the_design_doc_points_at_real_modules_and_names():
+    """docs/design.md's map ("Where things live"): every path it names is a module of the package and defines the
+    names listed beside it (a rename that forgets the map fails here)."""
+    import re
+
+    doc = (PACKAGE.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    table = doc.split("## Where things live: the map", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == 8
+    for row in rows:
+        _, where, names = (cell.strip() for cell in row.strip("|").split(" | "))
+        path = PACKAGE / where.strip("`")
+        assert path.is_file(), f"the map points at {where}, which does not exist"
+        defined = {n.name for n in ast.parse(path.read_text(encoding="utf-8")).body
+                   if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.Assign)
+                    for t in n.targets if isinstance(t, ast.Name)}
+        defined |= {n.target.id for n in ast.parse(path.read_text(encoding="utf-8")).body
+                    if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        missing = [name for name in re.findall(r"`(\w+)`", names) if name not in defined]
+        assert not missing, f"{where} does not define {missing}"

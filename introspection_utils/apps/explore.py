@@ -20,6 +20,7 @@ from typing import Any
 
 from introspection_utils.apps.runner import checks
 from introspection_utils.apps.runner.checks import declared_parameters, parse_value
+from introspection_utils.core.deprecation import renamed
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explorer.ipynb"
 ENV = "INTROSPECTION_EXPLORER_PARAMETERS"
@@ -49,7 +50,7 @@ def notebook_defaults(notebook: Path = NOTEBOOK) -> dict[str, Any]:
     return {name: ast.literal_eval(info["default"]) for name, info in declared_parameters(notebook).items()}
 
 
-def check_parameters(parameters: dict[str, Any], notebook: Path = NOTEBOOK) -> None:
+def check_served_parameters(parameters: dict[str, Any], notebook: Path = NOTEBOOK) -> None:
     """The runner's checks, before the server starts: the values against the notebook's ``parameters`` cell
     (:func:`checks.check_parameters`) and the model with its layer (:func:`checks.check_model`). ``ValueError``."""
     try:
@@ -83,7 +84,7 @@ def voila_command(port: int, notebook: Path = NOTEBOOK) -> list[str]:
 
 def start(parameters: dict[str, Any], port: int, notebook: Path = NOTEBOOK, **popen: Any) -> subprocess.Popen:
     """Start Voilà on ``notebook`` with ``parameters`` (validated first) on ``127.0.0.1:port``; return the process."""
-    check_parameters(parameters, notebook)
+    check_served_parameters(parameters, notebook)
     if not port_is_free(port):
         raise ValueError(f"port {port} on {HOST} is in use: choose another with --port")
     # HF_HUB_DISABLE_PROGRESS_BARS: transformers' "Loading weights 100%" bar would stay on the page above the explorer.
@@ -176,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         stop(process)
+
+
+__getattr__ = renamed(__name__, globals(), {"check_parameters": "check_served_parameters"})  # the old name, one release
 
 
 if __name__ == "__main__":
