@@ -27,7 +27,9 @@ Window = Literal["suffix", "last", "all"] | tuple[int, int | None] | tuple[tuple
 class Trial:
     """One measurement: ``prompt`` with ``scale × vector`` added at ``layer`` over ``window``.
 
-    ``vector=None`` or ``scale=0`` is the no-injection baseline. ``layer=None`` takes the vector's own layer.
+    ``vector=None`` or ``scale=0`` is the no-injection baseline; a negative ``scale`` is accepted on purpose and
+    injects the vector's opposite (−|scale|·vector, steering away from the concept). ``layer=None`` takes the vector's
+    own layer.
     ``vector`` may also be your own ``[d_model]`` tensor, with ``layer`` given: it is wrapped in a
     :class:`ConceptVector` of kind ``"user"`` (``Trial(prompt, my_tensor, 4.0, layer=20)``).
     """
