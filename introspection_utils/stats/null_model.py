@@ -1,0 +1,289 @@
+"""The introspection score learned from the model's own nulls: how each introspection wording responds to a generic
+perturbation is estimated on the random (null) vectors, and a concept's score is what its wordings do beyond that
+prediction, signed by polarity.
+
+Why (issue #30): the controls' line b + c·x assumes the wordings respond to an injection as a control at their own
+baseline would. On Qwen2.5-Coder-1.5B they do not (their loadings on the controls' slope are not their baselines), so
+the line's residual I carries the wordings' own scatter and its tests are nearly blind. Here the prediction is the
+model's own, fitted on vectors that are not concepts:
+
+* **prediction** (:func:`fit_prediction`): for wording w at injected scale s,
+  Δ_w(v, s) ≈ α_w(s) + Σ_q L_wq·Δ_q(v, s), the sum over the control questions q — loadings L shared by the scales, an
+  intercept α per scale, ridge ``ridge`` on L, least squares over every null vector and injected scale. α_w(s) is
+  what *any* injection does to the wording beyond what the controls' Δ predict (its **generic response**).
+* **residual** r_ws(v) = Δ_w − α_w(s) − L_w·Δ_C: what the wording does beyond a null vector with the same effect on
+  the controls. The **controls-only residual** r + α drops the intercept: beyond what the controls predict alone.
+* **the score** δ̂(v) = a·r(v) (logits per unit scale): a planted wording effect Δ_w += δ·s·p_w (p_w the polarity)
+  gives E δ̂ = δ, because the weights a (:func:`score_weights`) are the least-variance unbiased ones under the nulls'
+  residual covariance (shrunk to its diagonal by ``shrinkage``), constrained so that at every scale they sum to zero
+  over the wordings (a push shared by every wording, e.g. a "yes" on self questions, does not enter) and — with
+  ``compression_proof`` — are orthogonal to the wordings' baselines (a push proportional to the baseline,
+  i.e. linear compression, does not enter). **I** = δ̂·max(s): the same in logits at the largest scale.
+* **effect matching**: concept vectors push the controls harder than norm-matched random ones, and residuals grow
+  with the push. The score's variance is modelled on the nulls as σ0² + σ1²·m(v)², m(v) the root-mean-square Δ of
+  the controls over the injected scales; z(v) = δ̂ / √(σ0² + σ1²·m²).
+* **p-values by rank** (no t-tail): ``p_random`` = (1 + #{z_null ≥ z}) / (1 + R) over the R null vectors, each
+  null's z computed from a prediction fitted without its own group (its concept's random vectors: leave-one-group-out,
+  so the reference is out of sample like the concept); ``p_controls`` = the same rank of the controls-only z
+  (beyond the controls, the nulls' generic response included). A concept beyond random vectors is
+  introspection-specific; beyond the controls only, an injection detector that is not concept-specific.
+
+Records are frozen dataclasses (:class:`Prediction`, :class:`NullModel`, :class:`ScoreTest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+RIDGE = 1.0  # ridge on the loadings (logits², summed over null vectors × scales)
+MIN_NULLS = 6  # null vectors the prediction needs (beyond its 12-odd loadings the ridge carries it)
+
+
+@dataclass(frozen=True)
+class Design:
+    """Which questions are what, at which injected scales: ``wordings [m]`` and ``controls [n]`` (indices into the
+    question axis), ``polarity [m]`` (+1 detect, −1 inverted), ``baseline [Q]`` (no-injection yes − no),
+    ``scales [S]`` (the injected scales, > 0)."""
+
+    wordings: np.ndarray
+    controls: np.ndarray
+    polarity: np.ndarray
+    baseline: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def signal(self) -> np.ndarray:
+        """``[S, m]``: a wording effect of 1 logit per unit scale, signed by polarity (s·p_w)."""
+        return np.outer(self.scales, self.polarity).astype(float)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The nulls' prediction for the wordings: ``intercept [S, m]`` (the generic response α) and ``loadings [n, m]``
+    on the controls' Δ."""
+
+    intercept: np.ndarray
+    loadings: np.ndarray
+
+    def controls_part(self, delta: np.ndarray, design: Design) -> np.ndarray:
+        """``delta [V, Q, S]`` → ``[V, S, m]``: Σ_q L_wq·Δ_q."""
+        return np.einsum("vqs,qm->vsm", delta[:, design.controls, :], self.loadings)
+
+    def residual(self, delta: np.ndarray, design: Design, *, controls_only: bool = False) -> np.ndarray:
+        """``delta [V, Q, S]`` → ``[V, S, m]``: the wordings' Δ beyond the prediction (``controls_only``: beyond the
+        controls' part alone, the intercept kept in)."""
+        wordings = np.transpose(delta[:, design.wordings, :], (0, 2, 1))
+        out = wordings - self.controls_part(delta, design)
+        return out if controls_only else out - self.intercept[None]
+
+
+def fit_prediction(null_delta: np.ndarray, design: Design, *, ridge: float = RIDGE) -> Prediction:
+    """Least squares of every wording's Δ on the controls' Δ over the null vectors ``null_delta [R, Q, S]`` and the
+    injected scales, one intercept per scale, ridge ``ridge`` on the loadings (not the intercepts)."""
+    r, _, s = null_delta.shape
+    n = len(design.controls)
+    features = np.transpose(null_delta[:, design.controls, :], (0, 2, 1)).reshape(r * s, n)
+    onehot = np.tile(np.eye(s), (r, 1))
+    x = np.concatenate([features, onehot], axis=1)
+    y = np.transpose(null_delta[:, design.wordings, :], (0, 2, 1)).reshape(r * s, -1)
+    penalty = np.diag(np.r_[np.full(n, float(ridge)), np.zeros(s)])
+    coef = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+    return Prediction(intercept=coef[n:], loadings=coef[:n])
+
+
+def constraints(design: Design, *, compression_proof: bool = False) -> np.ndarray:
+    """``[S·m, k]``: the directions the weights must be orthogonal to — at each scale the all-wordings vector (a
+    shared push) and, with ``compression_proof``, the wordings' baselines (a push proportional to x_w)."""
+    s, m = len(design.scales), len(design.wordings)
+    x = design.baseline[design.wordings]
+    cols = []
+    for i in range(s):
+        for pattern in ([np.ones(m)] + ([x - x.mean()] if compression_proof else [])):
+            col = np.zeros((s, m))
+            col[i] = pattern
+            cols.append(col.ravel())
+    return np.stack(cols, axis=1)
+
+
+SHRINKAGE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def choose_shrinkage(residuals: np.ndarray, groups: np.ndarray, grid: Sequence[float] = SHRINKAGE_GRID) -> float:
+    """The shrinkage of the residual covariance towards its diagonal that best predicts held-out nulls: the largest
+    Gaussian log-likelihood of each group's ``residuals [R, k]`` under the covariance of the other groups', summed
+    over ``groups [R]`` (cross-validation; ties go to the larger shrinkage)."""
+    best, best_ll = 1.0, -np.inf
+    for lam in sorted(grid, reverse=True):
+        ll = 0.0
+        for g in np.unique(groups):
+            held = groups == g
+            train = residuals[~held]
+            cov = np.cov(train.T)
+            sigma = (1 - lam) * cov + lam * np.diag(np.diag(cov))
+            sign, logdet = np.linalg.slogdet(sigma)
+            if sign <= 0:
+                ll = -np.inf
+                break
+            d = residuals[held] - train.mean(axis=0)
+            ll -= 0.5 * (logdet * len(d) + float(np.einsum("ij,jk,ik->", d, np.linalg.inv(sigma), d)))
+        if ll > best_ll + 1e-9:
+            best, best_ll = lam, ll
+    return best
+
+
+def score_weights(covariance: np.ndarray, design: Design, *, compression_proof: bool = False) -> np.ndarray:
+    """``[S·m]``: the least-variance weights a under ``covariance [S·m, S·m]`` with a·signal = 1, a ⟂
+    :func:`constraints`, and every wording counted towards reporting detection (p_w·a_ws ≥ 0: a weight never turns a
+    wording's move towards detection into evidence against it, so the score does not depend on the exact shape of an
+    effect across scales). Solved as non-negative least squares with the equalities as heavy penalty rows."""
+    from scipy.optimize import nnls
+
+    sign = np.tile(design.polarity, len(design.scales)).astype(float)
+    sigma = covariance * np.outer(sign, sign)  # in b = sign·a ≥ 0
+    equal = np.vstack([design.signal.ravel() * sign, (constraints(design, compression_proof=compression_proof)
+                                                      * sign[:, None]).T])
+    target = np.r_[1.0, np.zeros(len(equal) - 1)]
+    jitter = 1e-9 * float(np.trace(sigma)) / len(sigma)
+    root = np.linalg.cholesky(sigma + jitter * np.eye(len(sigma))).T
+    heavy = 1e4 * float(np.sqrt(np.trace(sigma) / len(sigma))) / max(1.0, float(np.abs(equal).max()))
+    b, _ = nnls(np.vstack([root, heavy * equal]), np.r_[np.zeros(len(root)), heavy * target], maxiter=2000)
+    a = sign * b
+    scale = float(a @ design.signal.ravel())
+    if not np.isfinite(scale) or abs(scale) < 1e-12:
+        raise ValueError("no weights score the polarity-signed signal under the constraints")
+    return a / scale
+
+
+def control_push(delta: np.ndarray, design: Design) -> np.ndarray:
+    """``delta [V, Q, S]`` → ``[V]``: m(v), the root-mean-square Δ of the controls over the injected scales — how
+    hard the vector pushes questions that are not about it."""
+    return np.sqrt((delta[:, design.controls, :] ** 2).mean(axis=(1, 2)))
+
+
+def pooled_covariance(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """The covariance of residuals ``[n_i, k]`` pooled over ``blocks``, each centred on its own mean (so a shift
+    shared by one block — a planted effect on every concept — does not enter it)."""
+    blocks = [b for b in blocks if len(b) > 1]
+    centred = np.vstack([b - b.mean(axis=0) for b in blocks])
+    return centred.T @ centred / (len(centred) - len(blocks))
+
+
+def shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
+    """``covariance`` shrunk towards its diagonal by ``shrinkage`` ∈ [0, 1]."""
+    return (1 - shrinkage) * covariance + shrinkage * np.diag(np.diag(covariance))
+
+
+@dataclass(frozen=True)
+class ScoreTest:
+    """The test of every concept of one layer against the nulls (:func:`score_test`): ``delta_hat [V]`` (δ̂, logits
+    per unit scale), ``I [V]`` (δ̂ at the largest scale, logits), ``controls_only [V]`` (the same beyond the controls'
+    part alone: δ̂ + the generic response), ``p_random [V]`` (beyond random vectors), ``p_controls [V]`` (beyond the
+    controls; both 1 where not ``covered``), ``covered [V]`` (the vector's ``noise`` lies within the nulls'
+    ``null_noise``: the vector null covers it), ``noise [V]`` and ``null_noise [R]`` (:func:`noise_ratio`),
+    ``null_delta_hat [R]`` (each null out of sample), ``generic`` (a·α, logits per unit scale),
+    ``weights [S·m]`` (a, from every vector), ``prediction``, ``shrinkage``, ``push [V]`` and ``null_push [R]`` (m),
+    ``top_scale``."""
+
+    delta_hat: np.ndarray
+    I: np.ndarray  # noqa: E741 — the project's name for the score
+    controls_only: np.ndarray
+    p_random: np.ndarray
+    p_controls: np.ndarray
+    covered: np.ndarray
+    noise: np.ndarray
+    null_noise: np.ndarray
+    null_delta_hat: np.ndarray
+    generic: float
+    weights: np.ndarray
+    prediction: Prediction
+    shrinkage: float
+    push: np.ndarray
+    null_push: np.ndarray
+    top_scale: float
+
+    @property
+    def null_sd(self) -> float:
+        """The spread of the nulls' out-of-sample δ̂ (logits per unit scale)."""
+        return float(np.std(self.null_delta_hat, ddof=1))
+
+
+def noise_ratio(residuals: np.ndarray, weights: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """``residuals [V, k]`` → ``[V]``: how noisy each vector's residual is relative to ``sigma`` once the scored
+    direction is taken out — √((r'Σ⁻¹r − δ̂²/var δ̂) / (k − 1)), ≈ 1 for a vector as noisy as the nulls. A vector
+    k times noisier than the nulls (e.g. one that pushes everything k times harder, its noise with it) reads ≈ k."""
+    est = residuals @ weights
+    var = float(weights @ sigma @ weights)
+    energy = np.einsum("ij,ij->i", residuals, np.linalg.solve(sigma, residuals.T).T) - est ** 2 / var
+    return np.sqrt(np.maximum(energy, 0.0) / (residuals.shape[1] - 1))
+
+
+def rank_p(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``[V]``: (1 + #{reference ≥ value}) / (1 + R) — the one-sided rank p-value of each value among ``reference``
+    (exact under exchangeability, never below 1 / (R + 1))."""
+    ref = np.sort(np.asarray(reference, float))
+    above = len(ref) - np.searchsorted(ref, np.asarray(values, float), side="left")
+    return (1 + above) / (1 + len(ref))
+
+
+def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design, *,
+               groups: Sequence | np.ndarray | None = None, ridge: float = RIDGE, shrinkage: float | None = None,
+               compression_proof: bool = False) -> ScoreTest:
+    """Test ``concept_delta [V, Q, S]`` against ``null_delta [R, Q, S]`` (``groups [R]``: which nulls belong
+    together — a concept's own random vectors — left out together; default each its own).
+
+    Every vector is scored out of sample: a null's residual comes from a prediction fitted without its group, a
+    concept's from the prediction fitted on every null; each vector's weights come from the residual covariance of
+    every *other* vector (nulls and concepts, each kind centred on its own mean, shrunk towards its diagonal by
+    ``shrinkage``, default chosen by cross-validation on the nulls: :func:`choose_shrinkage`). Pooling the concepts'
+    residuals into the covariance matches the weights to the concepts' own noise (they push the controls harder than
+    norm-matched random vectors); because each kind is centred, a shift every concept shares (the effect sought) does
+    not enter the weights. ``compression_proof``: weights also orthogonal to the wordings' baselines."""
+    if len(null_delta) < MIN_NULLS:
+        raise ValueError(f"the null model needs at least {MIN_NULLS} null vectors, got {len(null_delta)}")
+    if concept_delta.shape[1:] != null_delta.shape[1:]:
+        raise ValueError(f"concepts {concept_delta.shape[1:]} and nulls {null_delta.shape[1:]} must be measured "
+                         f"with the same questions at the same scales")
+    groups = np.arange(len(null_delta)) if groups is None else np.asarray(groups)
+    n_c, n_r = len(concept_delta), len(null_delta)
+    prediction = fit_prediction(null_delta, design, ridge=ridge)
+    held = np.empty((n_r, len(design.scales), len(design.wordings)))
+    for g in np.unique(groups):
+        out = groups == g
+        held[out] = fit_prediction(null_delta[~out], design, ridge=ridge).residual(null_delta[out], design)
+    null_res = held.reshape(n_r, -1)
+    concept_res = prediction.residual(concept_delta, design).reshape(n_c, -1)
+    concept_controls = prediction.residual(concept_delta, design, controls_only=True).reshape(n_c, -1)
+    lam = choose_shrinkage(null_res, groups) if shrinkage is None else float(shrinkage)
+
+    def weights(drop_null: np.ndarray, drop_concept: int | None) -> tuple[np.ndarray, np.ndarray]:
+        keep = np.ones(n_c, bool)
+        if drop_concept is not None:
+            keep[drop_concept] = False
+        sigma = shrunk(pooled_covariance([null_res[~drop_null], concept_res[keep]]), lam)
+        return score_weights(sigma, design, compression_proof=compression_proof), sigma
+
+    none = np.zeros(n_r, bool)
+    null_hat, null_noise = np.empty(n_r), np.empty(n_r)
+    for g in np.unique(groups):
+        out = groups == g
+        a, sigma = weights(out, None)
+        null_hat[out] = null_res[out] @ a
+        null_noise[out] = noise_ratio(null_res[out], a, sigma)
+    est, controls_only, noise = np.empty(n_c), np.empty(n_c), np.empty(n_c)
+    for i in range(n_c):
+        a, sigma = weights(none, i)
+        est[i], controls_only[i] = concept_res[i] @ a, concept_controls[i] @ a
+        noise[i] = noise_ratio(concept_res[i:i + 1], a, sigma)[0]
+    a_all, _ = weights(none, None)
+    top = float(design.scales.max())
+    covered = noise <= null_noise.max()
+    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only,
+                     p_random=np.where(covered, rank_p(est, null_hat), 1.0),
+                     p_controls=np.where(covered, rank_p(controls_only, null_hat), 1.0), covered=covered,
+                     noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
+                     generic=float(prediction.intercept.ravel() @ a_all), weights=a_all, prediction=prediction,
+                     shrinkage=lam, push=control_push(concept_delta, design),
+                     null_push=control_push(null_delta, design), top_scale=top)

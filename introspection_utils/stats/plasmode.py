@@ -1,0 +1,215 @@
+"""Plasmode: effects planted into a model's own sweep, so the verdict's power and false-positive rate are measured on
+the model's real noise and geometry instead of synthetic tables.
+
+A :class:`Panel` holds one layer of a committed scale sweep as arrays: every concept's and every random (null)
+vector's Δ per question and injected scale, with the design (wordings, polarity, controls, baselines, which questions
+are about the model). An :class:`Effect` is planted into those arrays:
+
+* ``wording`` δ: every wording's Δ += δ·s·p_w (logits per unit scale, signed by polarity: towards reporting
+  detection) — the effect sought. I = δ·max(s) is the same in logits at the largest scale.
+* ``self push`` θ: every question about the model (the wordings and the self controls) += θ·s.
+* ``yes-shift`` β: every question += β·s.
+* ``compression`` γ: each injected answer y = x + Δ drawn towards indifference non-linearly,
+  y ← (1 − κ)·y + κ·tanh(y) with κ = γ·(1 − e^(−s/4)) / (1 − e^(−max(s)/4)) (γ at the largest scale): large answers
+  shrink, small ones hardly move, so the wordings (low baselines) and the controls (high ones) compress differently.
+* ``stronger`` k: every Δ × k — a vector that pushes everything k times harder than the nulls it is tested against.
+
+Power (:func:`power_curve`): the wording effect planted into every real concept, the atlas tested as
+:func:`verdicts.verdicts` would (Benjamini–Hochberg across concepts), the fraction called, over a grid of δ; the
+**MDE** (:func:`mde`) is the smallest effect called with 80% power, interpolated on the grid. False-positive rates
+(:func:`false_positive_rate`): each real null vector's group (its concept's random vectors) in turn held out and
+tested as if it were a concept against the others — leave-one-out on the real nulls — with a confound planted into it
+or not; the truth is "no introspection", so the rate of p ≤ α is the test's size there.
+
+A method maps ``(concept_delta [V, Q, S], null_delta [R, Q, S], panel)`` to p-values ``[V]``: :func:`score_method`
+(the verdict's statistic, :mod:`.null_model`) and :func:`residual_method` (the controls'-line residual I that it
+replaced, with its two nulls) are compared on the same plantings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from introspection_utils.stats.null_model import Design, score_test
+from introspection_utils.stats.terms import QuestionCurves, question_curves
+from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg, max_over_scales, shift_test
+
+POWER = 0.8
+EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One layer of a sweep as arrays: ``design`` (:class:`null_model.Design`), ``concept_delta [V, Q, S]``,
+    ``null_delta [R, Q, S]`` (injected scales only), ``groups [R]`` (each null's concept), ``concepts [V]``,
+    ``about_self [Q]`` (bool: the question is about the model), ``questions [Q]``, ``layer``, ``model``,
+    ``answer_format``."""
+
+    design: Design
+    concept_delta: np.ndarray
+    null_delta: np.ndarray
+    groups: np.ndarray
+    concepts: tuple[str, ...]
+    about_self: np.ndarray
+    questions: tuple[str, ...]
+    layer: int
+    model: str = ""
+    answer_format: str = ""
+
+    @property
+    def top_scale(self) -> float:
+        return float(self.design.scales.max())
+
+
+def panel(df: pd.DataFrame, *, layer: int | None = None) -> Panel:
+    """The :class:`Panel` of a scale-sweep table (``sweeps.COLUMNS``) at ``layer`` (default: its only layer)."""
+    layers = sorted(df["layer"].unique())
+    if layer is None:
+        if len(layers) > 1:
+            raise ValueError(f"the table holds several layers ({layers}); pass layer=")
+        layer = int(layers[0])
+    curves = question_curves(df[df["layer"] == layer])
+    concepts = [(k[0], c) for k, c in curves.items() if k[2] == "concept"]
+    nulls = [(k[0], c) for k, c in curves.items() if k[2] == "random"]
+    if not concepts or not nulls:
+        raise ValueError("the sweep needs concept and random (null) vectors")
+    first = concepts[0][1]
+    injected = first.injected
+    if any(c.questions != first.questions or not np.array_equal(c.x, first.x) for _, c in concepts + nulls):
+        raise ValueError("every vector must be measured with the same questions at the same scales")
+    about = df.drop_duplicates("question").set_index("question")
+    about_self = (np.array([about.loc[q, "question_about"] == "self" for q in first.questions])
+                  if "question_about" in about else first.is_intro.copy())
+    design = Design(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
+                    polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
+                    scales=first.x[injected].astype(float))
+    meta = df.iloc[0]
+    return Panel(design=design, concept_delta=np.stack([c.delta[:, injected] for _, c in concepts]),
+                 null_delta=np.stack([c.delta[:, injected] for _, c in nulls]),
+                 groups=np.array([name for name, _ in nulls]), concepts=tuple(name for name, _ in concepts),
+                 about_self=about_self, questions=first.questions, layer=int(layer),
+                 model=str(meta.get("model", "")), answer_format=str(meta.get("answer_format", "")))
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What is planted: ``kind`` (one of :data:`EFFECT_KINDS`) and its ``size`` (δ, θ, β per unit scale; γ; k)."""
+
+    kind: str
+    size: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in EFFECT_KINDS:
+            raise ValueError(f"unknown effect {self.kind!r}; choose one of {', '.join(EFFECT_KINDS)}")
+
+    def apply(self, delta: np.ndarray, p: Panel) -> np.ndarray:
+        """``delta [V, Q, S]`` with the effect planted (a new array)."""
+        d, s = p.design, p.design.scales
+        out = np.array(delta, float, copy=True)
+        if self.kind == "wording":
+            out[:, d.wordings, :] += self.size * d.signal.T[None]
+        elif self.kind == "self push":
+            out[:, p.about_self, :] += self.size * s[None, None, :]
+        elif self.kind == "yes-shift":
+            out += self.size * s[None, None, :]
+        elif self.kind == "compression":
+            kappa = self.size * (1 - np.exp(-s / 4)) / (1 - np.exp(-s.max() / 4))
+            y = out + d.baseline[None, :, None]
+            out = (1 - kappa) * y + kappa * np.tanh(y) - d.baseline[None, :, None]
+        else:  # stronger
+            out *= self.size
+        return out
+
+
+Method = Callable[[np.ndarray, np.ndarray, Panel, np.ndarray], np.ndarray]
+
+
+def score_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray) -> np.ndarray:
+    """p-values of the verdict's test (:func:`null_model.score_test`): beyond random vectors and beyond the controls
+    (the larger of the two)."""
+    test = score_test(concept_delta, null_delta, p.design, groups=groups)
+    return np.maximum(test.p_random, test.p_controls)
+
+
+def _curves(delta: np.ndarray, p: Panel) -> QuestionCurves:
+    is_intro = np.zeros(len(p.questions), bool)
+    is_intro[p.design.wordings] = True
+    polarity = np.zeros(len(p.questions), int)
+    polarity[p.design.wordings] = p.design.polarity
+    return QuestionCurves(p.design.scales, delta, delta + p.design.baseline[:, None], p.design.baseline,
+                          np.full(delta.shape, np.nan), is_intro, p.questions, polarity)
+
+
+def residual_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray, *,
+                    seed: int = 0) -> np.ndarray:
+    """p-values of the controls'-line residual I with its question and norm-matched random-vector nulls (the
+    statistic the verdict used before :mod:`.null_model`; ``verdicts.shift_test``)."""
+    randoms = [_curves(d, p) for d in null_delta]
+    t_rand = np.array([max_over_scales(r) for r in randoms])
+    rng = np.random.default_rng(seed)
+    return np.array([shift_test(_curves(d, p), randoms, rng=rng, random_statistics=t_rand)["p_value"]
+                     for d in concept_delta])
+
+
+METHODS: dict[str, Method] = {"null-learned score": score_method, "controls' line I (before)": residual_method}
+
+
+def called_fraction(p_values: np.ndarray, *, alpha: float = ALPHA) -> float:
+    """The fraction of an atlas's concepts called after Benjamini–Hochberg at ``alpha``."""
+    return float((benjamini_hochberg(p_values) <= alpha).mean())
+
+
+def power_curve(p: Panel, sizes: Sequence[float], *, method: Method = score_method, alpha: float = ALPHA,
+                kind: str = "wording") -> pd.DataFrame:
+    """The wording effect δ (per unit scale) of every ``sizes`` planted into every real concept at once and the
+    atlas tested: ``delta``, ``I`` (δ at the largest scale, logits), ``called`` (after BH), ``p_below_alpha``
+    (uncorrected)."""
+    rows = []
+    for size in sizes:
+        pv = method(Effect(kind, size).apply(p.concept_delta, p), p.null_delta, p, p.groups)
+        rows.append({"delta": float(size), "I": float(size) * p.top_scale, "called": called_fraction(pv, alpha=alpha),
+                     "p_below_alpha": float((pv <= alpha).mean())})
+    return pd.DataFrame(rows)
+
+
+def mde(curve: pd.DataFrame, *, power: float = POWER, column: str = "called") -> float:
+    """The smallest effect (in the curve's ``I`` units, logits at the largest scale) found with ``power``: linear
+    interpolation between the first grid point that reaches it and the one before; NaN when none does."""
+    c = curve.sort_values("I")
+    values, effects = c[column].to_numpy(float), c["I"].to_numpy(float)
+    hit = np.flatnonzero(values >= power)
+    if not len(hit):
+        return float("nan")
+    i = int(hit[0])
+    if i == 0 or values[i] == values[i - 1]:
+        return float(effects[i])
+    return float(effects[i - 1] + (power - values[i - 1]) / (values[i] - values[i - 1]) * (effects[i] - effects[i - 1]))
+
+
+def false_positive_rate(p: Panel, effect: Effect | None = None, *, method: Method = score_method,
+                        alpha: float = ALPHA, to_all_nulls: bool = False) -> float:
+    """Leave-one-out on the real nulls: each null group held out and tested as concepts against the other nulls,
+    with ``effect`` planted into it (``to_all_nulls``: into every null — the case where random vectors share an
+    effect); the fraction of held-out null vectors with p ≤ ``alpha`` (uncorrected)."""
+    nulls = effect.apply(p.null_delta, p) if effect is not None else p.null_delta
+    hits = 0
+    for g in np.unique(p.groups):
+        out = p.groups == g
+        held = nulls[out] if (effect is None or to_all_nulls) else effect.apply(p.null_delta[out], p)
+        pv = method(held, nulls[~out] if to_all_nulls else p.null_delta[~out], p, p.groups[~out])
+        hits += int((pv <= alpha).sum())
+    return hits / len(p.null_delta)
+
+
+def subsample(p: Panel, n_concepts: int, *, seed: int = 0) -> Panel:
+    """A panel with ``n_concepts`` of the concepts and their random vectors (for fast tests)."""
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(p.concepts), n_concepts, replace=False))
+    names = [p.concepts[i] for i in keep]
+    mask = np.isin(p.groups, names)
+    return replace(p, concept_delta=p.concept_delta[keep], null_delta=p.null_delta[mask], groups=p.groups[mask],
+                   concepts=tuple(names))
