@@ -39,7 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 
 RIDGE = 1.0  # ridge on the loadings (logits², summed over null vectors × scales)
-MIN_NULLS = 6  # null vectors the prediction needs (beyond its 12-odd loadings the ridge carries it)
+MIN_NULLS = 3  # null vectors a test needs (the ridge carries the loadings; the p-value cannot go below 1 / (R + 1))
+POWER = 0.8  # the power an MDE is stated at
+GRID = (0.0125, 0.025, 0.0375, 0.05, 0.0625, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5)  # δ, logits per unit scale
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ def choose_shrinkage(residuals: np.ndarray, groups: np.ndarray, grid: Sequence[f
     Gaussian log-likelihood of each group's ``residuals [R, k]`` under the covariance of the other groups', summed
     over ``groups [R]`` (cross-validation; ties go to the larger shrinkage)."""
     best, best_ll = 1.0, -np.inf
+    if len(np.unique(groups)) < 3:
+        return best
     for lam in sorted(grid, reverse=True):
         ll = 0.0
         for g in np.unique(groups):
@@ -168,7 +172,9 @@ def pooled_covariance(blocks: Sequence[np.ndarray]) -> np.ndarray:
     shared by one block — a planted effect on every concept — does not enter it)."""
     blocks = [b for b in blocks if len(b) > 1]
     centred = np.vstack([b - b.mean(axis=0) for b in blocks])
-    return centred.T @ centred / (len(centred) - len(blocks))
+    cov = centred.T @ centred / max(1, len(centred) - len(blocks))
+    floor = 1e-6 * max(float(np.diag(cov).mean()), 1e-12)  # a question that never moves keeps a finite weight
+    return cov + floor * np.eye(len(cov))
 
 
 def shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
@@ -287,3 +293,55 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design
                      generic=float(prediction.intercept.ravel() @ a_all), weights=a_all, prediction=prediction,
                      shrinkage=lam, push=control_push(concept_delta, design),
                      null_push=control_push(null_delta, design), top_scale=top)
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values) ``[n]``, in the input order."""
+    p = np.asarray(p_values, float)
+    n = len(p)
+    if n == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * n / np.arange(1, n + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty(n)
+    out[order] = q
+    return out
+
+
+def plant(delta: np.ndarray, design: Design, size: float) -> np.ndarray:
+    """``delta [V, Q, S]`` with a wording effect of ``size`` logits per unit scale planted (every wording += size·s·p_w,
+    towards reporting detection): the effect the score is built to find."""
+    out = np.array(delta, float, copy=True)
+    out[:, design.wordings, :] += size * design.signal.T[None]
+    return out
+
+
+def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design, *,
+              groups: Sequence | np.ndarray | None = None, alpha: float = 0.05, power: float = POWER,
+              grid: Sequence[float] = GRID) -> float:
+    """The atlas's minimum detectable effect, on its own noise: the smallest I (logits at the largest scale) that,
+    planted into every concept (:func:`plant`), is called (q ≤ ``alpha`` after Benjamini–Hochberg, beyond random
+    vectors and the controls) for at least ``power`` of them — linear interpolation on ``grid`` (δ per unit scale);
+    NaN when no grid point reaches it (the design cannot call anything: too few nulls for its p-values to pass)."""
+    top = float(design.scales.max())
+    previous = (0.0, 0.0)
+    for size in sorted(grid):
+        test = score_test(plant(concept_delta, design, size), null_delta, design, groups=groups)
+        called = float((benjamini_hochberg(np.maximum(test.p_random, test.p_controls)) <= alpha).mean())
+        if called >= power:
+            (s0, c0) = previous
+            frac = (power - c0) / (called - c0) if called > c0 else 1.0
+            return float((s0 + frac * (size - s0)) * top)
+        previous = (size, called)
+    return float("nan")
+
+
+def population_p(delta_hat: np.ndarray, null_delta_hat: np.ndarray) -> float:
+    """Are the concepts, as a group, beyond their nulls? The one-sided Mann–Whitney p-value of the concepts' δ̂
+    against the nulls' out-of-sample δ̂ (ranks only)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(delta_hat) == 0 or len(null_delta_hat) == 0:
+        return float("nan")
+    return float(mannwhitneyu(delta_hat, null_delta_hat, alternative="greater").pvalue)

@@ -12,7 +12,11 @@ are about the model). An :class:`Effect` is planted into those arrays:
 * ``compression`` γ: each injected answer y = x + Δ drawn towards indifference non-linearly,
   y ← (1 − κ)·y + κ·tanh(y) with κ = γ·(1 − e^(−s/4)) / (1 − e^(−max(s)/4)) (γ at the largest scale): large answers
   shrink, small ones hardly move, so the wordings (low baselines) and the controls (high ones) compress differently.
-* ``stronger`` k: every Δ × k — a vector that pushes everything k times harder than the nulls it is tested against.
+* ``stronger`` k: every Δ × k — a vector that pushes everything k times harder than the nulls it is tested against,
+  its noise k times larger with it (a stress test: the model's concepts are not like this).
+* ``stronger as concepts are`` (k, ρ): the controls' Δ × k, the wordings at the nulls' prediction for that push plus
+  their own residual × ρ — k and ρ fitted to the model (:func:`fitted_scenarios`: the concepts' median push on the
+  controls and median residual noise, each over the nulls').
 
 Power (:func:`power_curve`): the wording effect planted into every real concept, the atlas tested as
 :func:`verdicts.verdicts` would (Benjamini–Hochberg across concepts), the fraction called, over a grid of δ; the
@@ -34,12 +38,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from introspection_utils.stats.null_model import Design, score_test
-from introspection_utils.stats.terms import QuestionCurves, question_curves
+from introspection_utils.core.paths import project_root, replace_block
+from introspection_utils.stats.null_model import GRID, POWER, Design, fit_prediction, plant, score_test
+from introspection_utils.stats.introspection_residual import QuestionCurves, question_curves
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg, max_over_scales, shift_test
 
-POWER = 0.8
-EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger")
+EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
+DOC = "docs/verdicts.md"  # the file whose plasmode block :func:`main` writes
+SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class Effect:
 
     kind: str
     size: float
+    noise: float = 1.0  # "stronger as concepts are": the residual's scale relative to the nulls'
 
     def __post_init__(self) -> None:
         if self.kind not in EFFECT_KINDS:
@@ -111,7 +118,7 @@ class Effect:
         d, s = p.design, p.design.scales
         out = np.array(delta, float, copy=True)
         if self.kind == "wording":
-            out[:, d.wordings, :] += self.size * d.signal.T[None]
+            out = plant(out, d, self.size)
         elif self.kind == "self push":
             out[:, p.about_self, :] += self.size * s[None, None, :]
         elif self.kind == "yes-shift":
@@ -120,8 +127,14 @@ class Effect:
             kappa = self.size * (1 - np.exp(-s / 4)) / (1 - np.exp(-s.max() / 4))
             y = out + d.baseline[None, :, None]
             out = (1 - kappa) * y + kappa * np.tanh(y) - d.baseline[None, :, None]
-        else:  # stronger
+        elif self.kind == "stronger":
             out *= self.size
+        else:  # stronger as concepts are: the controls and the prediction's part × size, the residual × noise
+            prediction = fit_prediction(p.null_delta, d)
+            residual = prediction.residual(out, d)  # [V, S, m]
+            out[:, d.controls, :] *= self.size
+            wordings = prediction.intercept[None] + prediction.controls_part(out, d) + self.noise * residual
+            out[:, d.wordings, :] = np.transpose(wordings, (0, 2, 1))
         return out
 
 
@@ -213,3 +226,98 @@ def subsample(p: Panel, n_concepts: int, *, seed: int = 0) -> Panel:
     mask = np.isin(p.groups, names)
     return replace(p, concept_delta=p.concept_delta[keep], null_delta=p.null_delta[mask], groups=p.groups[mask],
                    concepts=tuple(names))
+
+
+def fitted_scenarios(p: Panel) -> dict[str, Effect]:
+    """The confounds fitted to the model's own sweep (each a false positive when called), sized by what its concepts
+    do at the largest scale s: ``yes-shift`` β = the concepts' median shared push b of the controls' line / s (at
+    least 0.05); ``self push`` θ = their median (self − world control Δ) / s (at least 0.05); ``compression`` γ =
+    their median |slope c| (at least 0.5); ``stronger as concepts are`` k = the concepts' median push on the controls
+    over the nulls', ρ = their median residual noise over the nulls' (out of sample, as the test sees them:
+    :attr:`null_model.ScoreTest.noise`); ``stronger`` the same k with the noise k times larger (the stress test)."""
+    d = p.design
+    controls = p.concept_delta[:, d.controls, -1]  # [V, n] at the largest scale
+    x = d.baseline[d.controls]
+    slope = ((controls - controls.mean(axis=1, keepdims=True)) @ (x - x.mean())) / float(((x - x.mean()) ** 2).sum())
+    push = controls.mean(axis=1) - slope * x.mean()
+    about = p.about_self[d.controls]
+    self_gap = (controls[:, about].mean(axis=1) - controls[:, ~about].mean(axis=1)) if about.any() and (
+        ~about).any() else np.zeros(len(controls))
+    test = score_test(p.concept_delta, p.null_delta, d, groups=p.groups)
+    k = float(np.median(test.push) / np.median(test.null_push))
+    rho = float(np.median(test.noise) / np.median(test.null_noise))
+    s = p.top_scale
+    return {"yes-shift": Effect("yes-shift", round(max(0.05, float(np.median(push)) / s), 3)),
+            "self push": Effect("self push", round(max(0.05, float(np.median(self_gap)) / s), 3)),
+            "compression": Effect("compression", round(max(0.5, float(np.median(np.abs(slope)))), 2)),
+            "stronger as concepts are": Effect("stronger as concepts are", round(k, 2), round(rho, 2)),
+            "stronger": Effect("stronger", round(k, 2))}
+
+
+def report(p: Panel, *, methods: dict[str, Method] = METHODS, grid: Sequence[float] = GRID,
+           alpha: float = ALPHA) -> pd.DataFrame:
+    """Every method's power curve, MDE and false-positive rates on one panel: one row per (method, quantity) with
+    ``model, answer_format, n_concepts, n_nulls, method, quantity, truth, effect, value`` — power rows (``called at
+    I = …``, ``MDE``), and false-positive rates by leave-one-out on the real nulls (``no effect``, each of
+    :func:`fitted_scenarios`, and ``random vectors alike``: the wording effect at the MDE in every null)."""
+    rows = []
+    head = {"model": p.model, "answer_format": p.answer_format, "n_concepts": len(p.concepts),
+            "n_nulls": len(p.null_delta)}
+    scenarios = fitted_scenarios(p)
+    for name, method in methods.items():
+        curve = power_curve(p, grid, method=method, alpha=alpha)
+        found = mde(curve)
+        for r in curve.itertuples():
+            rows.append({**head, "method": name, "quantity": f"called at I = {r.I:.2f}", "truth": "power",
+                         "effect": f"δ = {r.delta:g}", "value": r.called})
+        rows.append({**head, "method": name, "quantity": "MDE (I, logits, 80% called)", "truth": "power",
+                     "effect": "", "value": found})
+        rows.append({**head, "method": name, "quantity": "FPR: no effect", "truth": "false positive", "effect": "",
+                     "value": false_positive_rate(p, method=method, alpha=alpha)})
+        for label, effect in scenarios.items():
+            size = f"{effect.size:g}" + (f", ρ = {effect.noise:g}" if effect.kind == "stronger as concepts are" else "")
+            rows.append({**head, "method": name, "quantity": f"FPR: {label}", "truth": "false positive",
+                         "effect": size, "value": false_positive_rate(p, effect, method=method, alpha=alpha)})
+        alike = Effect("wording", 0.1)
+        rows.append({**head, "method": name, "quantity": "FPR: random vectors alike", "truth": "false positive",
+                     "effect": "δ = 0.1 in every vector", "value": false_positive_rate(
+                         p, alike, method=method, alpha=alpha, to_all_nulls=True)})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
+    """The plasmode table as ``docs/verdicts.md`` shows it (``python -m introspection_utils.stats.plasmode``)."""
+    lines = []
+    for (model, fmt), group in table.groupby(["model", "answer_format"], sort=False):
+        methods = list(dict.fromkeys(group["method"]))
+        first = group.iloc[0]
+        lines += [f"**{model}, {fmt} format** ({first['n_concepts']} concepts, {first['n_nulls']} norm-matched "
+                  f"random vectors; α = {alpha:g}, Benjamini–Hochberg across concepts for \"called\"):", "",
+                  "| quantity | planted | truth | " + " | ".join(methods) + " |",
+                  "|---|---|---|" + "---|" * len(methods)]
+        for quantity, rows in group.groupby("quantity", sort=False):
+            values = [rows[rows["method"] == m]["value"].iloc[0] for m in methods]
+            cells = [(f"{v:.2f}" if quantity.startswith("MDE") else f"{v:.1%}") if np.isfinite(v) else "not reached"
+                     for v in values]
+            lines.append(f"| {quantity} | {rows['effect'].iloc[0]} | {rows['truth'].iloc[0]} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def committed_panels(model: str = "qwen2.5-coder-1.5b-instruct", sweeps: Sequence[str] = SWEEPS) -> list[Panel]:
+    """The panels of a model's committed atlas sweeps (``figures/<model>/results/<sweep>.csv``) that exist."""
+    folder = project_root() / "figures" / model / "results"
+    return [panel(pd.read_csv(folder / f"{name}.csv")) for name in sweeps if (folder / f"{name}.csv").exists()]
+
+
+def main() -> None:
+    """Rebuild the plasmode table from the committed sweeps and write it into :data:`DOC`'s ``plasmode`` block."""
+    table = pd.concat([report(p) for p in committed_panels()], ignore_index=True)
+    text = markdown(table)
+    print(text)
+    replace_block(project_root() / DOC, "plasmode", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,16 +83,24 @@ from introspection_utils.stats.introspection_residual import (
     select,
     statistic_weights,
 )
+from introspection_utils.stats.null_model import (
+    MIN_NULLS,
+    Design,
+    atlas_mde,
+    benjamini_hochberg,
+    population_p,
+    score_test,
+)
 
 EFFECT_THRESHOLD = 1.0  # logits: a |delta| below this counts as "no change"
 ALPHA = 0.05
 CONFIDENCE = 0.95
 N_BOOT = 2000
-MIN_RANDOM = 3  # random vectors needed for the random-vector null
+MIN_RANDOM = MIN_NULLS  # random vectors needed for the random-vector null
 MAX_EXACT = 20_000  # enumerate every relabeling up to this many
 N_PERMUTATIONS = 10_000  # else sample this many
-CLASSES = ("introspection-specific", "shared yes-shift", "shared suppression", "compression", "opposite", "one-sided",
-           "no effect")
+CLASSES = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression",
+           "opposite", "one-sided", "no effect")
 
 
 # ----------------------------------------------------------------------------------------------------- the test
@@ -222,20 +230,6 @@ def concept_test(df: pd.DataFrame, concept: str, *, layer: int | None = None, se
     return shift_test(concept_curves, randoms, rng=concept_rng(seed, concept, at))
 
 
-def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values) ``[n]``, in the input order."""
-    p = np.asarray(p_values, float)
-    n = len(p)
-    if n == 0:
-        return p
-    order = np.argsort(p)
-    ranked = p[order] * n / np.arange(1, n + 1)
-    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
-    out = np.empty(n)
-    out[order] = q
-    return out
-
-
 def _quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
     a = (1 - level) / 2
     lo, hi = np.quantile(values, [a, 1 - a])
@@ -283,13 +277,14 @@ def bootstrap_interval(concept: QuestionCurves, index: int, *, rng: np.random.Ge
 
 
 def movement(concept: QuestionCurves) -> dict[str, np.ndarray]:
-    """What the injection does at each x ``[S]``: ``b`` (shared push), ``c`` (slope), ``I``, ``compression`` (the
-    line's push on the most extreme control, |c|·max|x_q|) and ``size`` (the largest of |b|, |I|, compression)."""
+    """What the injection does to the questions at each x ``[S]``, on the controls' line: ``b`` (shared push), ``c``
+    (slope), ``r2``, ``compression`` (the line's push on the most extreme control, |c|·max|x_q|) and ``size`` (the
+    larger of |b| and compression). The descriptive classes are read at the effect scale, where ``size`` is largest;
+    the verdict's I (:mod:`.null_model`) is not a per-scale quantity and enters the classes on its own."""
     fit = concept.fit()
     compression = np.abs(fit["c"]) * float(np.abs(concept.baseline[~concept.is_intro]).max())
-    residual = concept.residual()
-    size = np.maximum.reduce([np.abs(fit["b"]), np.abs(residual), compression])
-    return {"b": fit["b"], "c": fit["c"], "r2": fit["r2"], "I": residual, "compression": compression, "size": size}
+    size = np.maximum(np.abs(fit["b"]), compression)
+    return {"b": fit["b"], "c": fit["c"], "r2": fit["r2"], "compression": compression, "size": size}
 
 
 def effect_index(concept: QuestionCurves) -> int:
@@ -299,20 +294,25 @@ def effect_index(concept: QuestionCurves) -> int:
     return int(injected[np.argmax(size[injected])])
 
 
-def classify(concept: QuestionCurves, q_value: float, *, alpha: float = ALPHA,
-             effect_threshold: float = EFFECT_THRESHOLD) -> str:
-    """The class of a concept (rules and order in the module docstring) — the one place the classes are decided."""
+def classify(concept: QuestionCurves, q_value: float, *, I: float = 0.0, q_controls: float = 1.0,  # noqa: E741
+             I_controls: float = 0.0, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD) -> str:  # noqa: N803
+    """The class of a concept (rules and order in the module docstring) — the one place the classes are decided.
+    ``q_value``: beyond random vectors and the controls; ``q_controls``: beyond the controls; ``I`` and
+    ``I_controls``: the score beyond the nulls' prediction and beyond the controls' part alone (logits at the largest
+    scale; :func:`null_model.score_test`). NaN q-values (no test) never decide a class."""
+    t = effect_threshold
     if q_value <= alpha:
         return "introspection-specific"
-    move, inj, t = movement(concept), concept.injected, effect_threshold
-    if np.all(move["size"][inj] < t):
+    if q_controls <= alpha and I_controls >= t:
+        return "injection detector"
+    move, inj = movement(concept), concept.injected
+    if np.all(move["size"][inj] < t) and abs(I) < t:
         return "no effect"
-    e = effect_index(concept)
-    b, residual = move["b"][e], move["I"][e]
-    if residual <= -t:
+    if I <= -t:
         return "opposite"
-    if residual >= t:
+    if I >= t:
         return "one-sided"
+    b = move["b"][effect_index(concept)]
     if b >= t:
         return "shared yes-shift"
     if b <= -t:
@@ -326,86 +326,134 @@ def concept_rng(seed: int, concept: str, layer: int) -> np.random.Generator:
 
 
 ATLAS_COLUMNS = ["model", "concept", "layer", "n_wordings", "n_inverted", "n_controls", "n_random", "control_span",
-                 "fit_ok", "peak_scale", "I", "I_ci_low", "I_ci_high", "b", "c", "fit_r2", "predicted_delta",
-                 "p_questions", "p_random", "random_rank", "p_value", "q_value", "shift_scale", "shift",
+                 "fit_ok", "I", "I_ci_low", "I_ci_high", "I_controls", "generic", "p_random", "p_controls", "p_value",
+                 "q_value", "q_controls", "min_p", "covered", "noise", "mde", "population_p", "shift_scale", "shift",
                  "shift_ci_low", "shift_ci_high", "effect_scale", "introspection_delta", "introspection_ci_low",
                  "introspection_ci_high", "control_delta", "control_ci_low", "control_ci_high", "effect_b",
-                 "effect_c", "effect_I", "introspection_flip", "control_flip", "answer_mass", "baseline_answer_mass",
+                 "effect_c", "effect_r2", "introspection_flip", "control_flip", "answer_mass", "baseline_answer_mass",
                  "low_mass", "class"]
 
 
-def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
-             n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0) -> pd.DataFrame:
-    """One row per (concept, layer) of a scale-sweep table: the test on I, its corrections, intervals, the controls'
-    fit, S, flips, answer mass and class (columns :data:`ATLAS_COLUMNS`), sorted by q-value then I.
+def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCurves], *,
+               groups: Sequence[str] | None = None, alpha: float = ALPHA, mde: bool = True) -> dict[str, object] | None:
+    """:func:`null_model.score_test` of one layer's concepts against its random vectors (each vector's injected
+    scales; ``groups``: each random vector's concept — one concept's random vectors are left out together), with the
+    atlas's MDE and the population test; None with fewer than :data:`MIN_RANDOM` random vectors (no test)."""
+    if len(randoms) < MIN_RANDOM:
+        return None
+    first = concepts[0]
+    if any(c.questions != first.questions or not np.array_equal(c.x, first.x) for c in [*concepts, *randoms]):
+        raise ValueError("the random vectors were measured at other scales or with other questions")
+    inj = first.injected
+    design = Design(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
+                    polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
+                    scales=first.x[inj].astype(float))
+    concept_delta = np.stack([c.delta[:, inj] for c in concepts])
+    null_delta = np.stack([r.delta[:, inj] for r in randoms])
+    groups = None if groups is None else np.asarray(groups)
+    test = score_test(concept_delta, null_delta, design, groups=groups)
+    return {"test": test, "design": design, "mde": atlas_mde(concept_delta, null_delta, design, groups=groups,
+                                                             alpha=alpha)
+            if mde else float("nan"), "population_p": population_p(test.delta_hat, test.null_delta_hat)}
 
-    ``peak_scale`` with ``I`` and its interval, ``b``, ``c``, ``fit_r2`` and ``predicted_delta`` (the controls'
-    prediction for the wordings' signed Δ): where I is largest; ``shift_scale`` with ``shift`` (S, the write-up's
-    contrast) and its interval: where S is largest; ``effect_scale`` with the (signed) introspection and control Δ
-    and their intervals, ``effect_b``, ``effect_c``, ``effect_I``: where the injection does the most (the class is
-    read there); ``control_span`` and ``fit_ok`` (the fit's identification); ``answer_mass``: mean P(yes)+P(no) of the
-    introspection wordings at the peak scale (``baseline_answer_mass`` without injection), ``low_mass`` when it is
-    below :data:`MIN_ANSWER_MASS`. Random vectors at a layer form that layer's null (pooled over concepts).
+
+def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
+             n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0, mde: bool = True) -> pd.DataFrame:
+    """One row per (concept, layer) of a scale-sweep table: the test (:func:`null_model.score_test`), its
+    corrections, the controls' line at the effect scale, S, flips, answer mass and class (columns
+    :data:`ATLAS_COLUMNS`), sorted by q-value then I.
+
+    ``I`` (logits at the largest scale) with ``I_ci_low``/``I_ci_high`` (the rank test inverted: I minus the nulls'
+    out-of-sample quantiles), ``I_controls`` (beyond the controls' part alone) and ``generic`` (the nulls' own
+    response beyond the controls, same units); ``p_random`` (beyond random vectors, by rank), ``p_controls`` (beyond
+    the controls), ``p_value`` (the larger), ``q_value`` and ``q_controls`` (Benjamini–Hochberg across the table's
+    concepts), ``min_p`` (1 / (R + 1): the smallest p the layer's R random vectors allow), ``covered`` and ``noise``
+    (the concept's residual noise within the nulls' range), ``mde`` (the atlas's smallest I called for 80% of its
+    concepts, on its own noise: :func:`null_model.atlas_mde`; ``mde=False`` skips it), ``population_p`` (are the
+    concepts as a group beyond their nulls); ``shift_scale`` with ``shift`` (S, the write-up's contrast) and its
+    interval; ``effect_scale`` (where the controls' line moves most: the descriptive classes are read there) with
+    the (signed) introspection and control Δ, their intervals, ``effect_b``, ``effect_c``, ``effect_r2``;
+    ``control_span`` and ``fit_ok`` (the line's identification — descriptive only: the test does not need it);
+    ``answer_mass`` (mean P(yes)+P(no) of the wordings at the largest scale, ``baseline_answer_mass`` without
+    injection; ``low_mass`` below :data:`MIN_ANSWER_MASS`). Random vectors at a layer form that layer's null (pooled
+    over concepts). With fewer than :data:`MIN_RANDOM` of them no test is run: the p- and q-values are NaN.
     """
     if effect_threshold <= 0:
         raise ValueError("effect_threshold must be > 0 (logits)")
     if not 0 < alpha < 1 or not 0 < level < 1:
         raise ValueError(f"alpha {alpha} and level {level} must be in (0, 1)")
     curves = question_curves(df)
-    rows = []
-    null: dict[int, tuple[list[QuestionCurves], np.ndarray]] = {}
-    for (concept, layer, kind, _), c in curves.items():
-        if kind != "concept":
-            continue
-        if layer not in null:
-            randoms = [r for (_, lr, k, _), r in curves.items() if k == "random" and lr == layer]
-            null[layer] = randoms, np.array([max_over_scales(r) for r in randoms])
-        randoms, t_rand = null[layer]
-        rng = concept_rng(seed, concept, layer)
-        test = shift_test(c, randoms, rng=rng, random_statistics=t_rand)
-        peak = peak_index(c)
-        s_peak = peak_index(c, "S")
-        effect = effect_index(c)
-        move = movement(c)
-        ci = bootstrap_interval(c, effect, rng=rng, n_boot=n_boot, level=level)
-        peak_ci = bootstrap_interval(c, peak, rng=rng, n_boot=n_boot, level=level)
-        shift_ci = bootstrap_interval(c, s_peak, rng=rng, n_boot=n_boot, level=level)
-        intro_logit = (c.polarity[c.is_intro, None] * c.logit[c.is_intro]).mean(axis=0)
-        control_logit = c.logit[~c.is_intro].mean(axis=0)
-        mass = float(np.nanmean(c.mass[c.is_intro, peak])) if np.isfinite(c.mass).any() else float("nan")
-        sub = df[(df["concept"] == concept) & (df["layer"] == layer) & (df["vector_kind"] == "concept")
-                 & (df["question_kind"] == "introspection")]
-        base_mass = float(sub["baseline_answer_mass"].mean()) if "baseline_answer_mass" in sub else float("nan")
-        rows.append({
-            "model": df["model"].iloc[0] if "model" in df else "", "concept": concept, "layer": int(layer),
-            "n_wordings": int(c.is_intro.sum()), "n_inverted": int((c.polarity < 0).sum()),
-            "n_controls": int((~c.is_intro).sum()), "n_random": len(randoms), "control_span": c.control_span,
-            "fit_ok": c.fit_ok, "peak_scale": test["peak_scale"], "I": test["statistic"],
-            "I_ci_low": peak_ci["I_ci_low"], "I_ci_high": peak_ci["I_ci_high"], "b": float(move["b"][peak]),
-            "c": float(move["c"][peak]), "fit_r2": float(move["r2"][peak]),
-            "predicted_delta": float(c.predicted()[peak]),
-            "p_questions": test["p_questions"], "p_random": test["p_random"], "random_rank": test["random_rank"],
-            "p_value": test["p_value"], "shift_scale": float(c.x[s_peak]), "shift": float(c.shift()[s_peak]),
-            "shift_ci_low": shift_ci["shift_ci_low"], "shift_ci_high": shift_ci["shift_ci_high"],
-            "effect_scale": float(c.x[effect]), "introspection_delta": float(c.group_delta(True)[effect]),
-            "introspection_ci_low": ci["introspection_ci_low"], "introspection_ci_high": ci["introspection_ci_high"],
-            "control_delta": float(c.group_delta(False)[effect]),
-            "control_ci_low": ci["control_ci_low"], "control_ci_high": ci["control_ci_high"],
-            "effect_b": float(move["b"][effect]), "effect_c": float(move["c"][effect]),
-            "effect_I": float(move["I"][effect]),
-            "introspection_flip": flip_scale(c.x, intro_logit, float((c.polarity * c.baseline)[c.is_intro].mean())),
-            "control_flip": flip_scale(c.x, control_logit, float(c.baseline[~c.is_intro].mean())),
-            "answer_mass": mass, "baseline_answer_mass": base_mass,
-            "low_mass": bool(mass < MIN_ANSWER_MASS) if not np.isnan(mass) else False,
-        })
-    if not rows:
+    layers = sorted({k[1] for k in curves if k[2] == "concept"})
+    if not layers:
         raise ValueError("the table has no concept-vector rows (vector_kind == 'concept')")
+    rows = []
+    for layer in layers:
+        names = [k[0] for k in curves if k[2] == "concept" and k[1] == layer]
+        concepts = [curves[(name, layer, "concept", None)] for name in names]
+        null_keys = [k for k in curves if k[2] == "random" and k[1] == layer]
+        randoms = [curves[k] for k in null_keys]
+        tested = layer_test(concepts, randoms, groups=[k[0] for k in null_keys], alpha=alpha, mde=mde)
+        nan = np.full(len(concepts), np.nan)
+        if tested is not None:
+            test = tested["test"]
+            top = test.top_scale
+            lo, hi = np.quantile(test.null_delta_hat, [(1 + level) / 2, (1 - level) / 2])
+            I, I_lo, I_hi = test.I, (test.delta_hat - lo) * top, (test.delta_hat - hi) * top  # noqa: E741, N806
+            I_controls, p_random, p_controls = test.controls_only * top, test.p_random, test.p_controls  # noqa: N806
+            covered, noise, generic = test.covered, test.noise, test.generic * top
+            min_p, layer_mde, pop = 1 / (len(randoms) + 1), tested["mde"], tested["population_p"]
+        else:
+            I, I_lo, I_hi, I_controls, p_random, p_controls, noise = nan, nan, nan, nan, nan, nan, nan  # noqa: E741, N806
+            covered, generic, min_p, layer_mde, pop = np.zeros(len(concepts), bool), np.nan, np.nan, np.nan, np.nan
+        for i, (concept, c) in enumerate(zip(names, concepts, strict=True)):
+            rng = concept_rng(seed, concept, layer)
+            s_peak = peak_index(c, "S")
+            effect = effect_index(c)
+            move = movement(c)
+            ci = bootstrap_interval(c, effect, rng=rng, n_boot=n_boot, level=level)
+            shift_ci = bootstrap_interval(c, s_peak, rng=rng, n_boot=n_boot, level=level)
+            intro_logit = (c.polarity[c.is_intro, None] * c.logit[c.is_intro]).mean(axis=0)
+            control_logit = c.logit[~c.is_intro].mean(axis=0)
+            mass = float(np.nanmean(c.mass[c.is_intro, -1])) if np.isfinite(c.mass).any() else float("nan")
+            sub = df[(df["concept"] == concept) & (df["layer"] == layer) & (df["vector_kind"] == "concept")
+                     & (df["question_kind"] == "introspection")]
+            base_mass = float(sub["baseline_answer_mass"].mean()) if "baseline_answer_mass" in sub else float("nan")
+            rows.append({
+                "model": df["model"].iloc[0] if "model" in df else "", "concept": concept, "layer": int(layer),
+                "n_wordings": int(c.is_intro.sum()), "n_inverted": int((c.polarity < 0).sum()),
+                "n_controls": int((~c.is_intro).sum()), "n_random": len(randoms), "control_span": c.control_span,
+                "fit_ok": c.fit_ok, "I": float(I[i]), "I_ci_low": float(I_lo[i]), "I_ci_high": float(I_hi[i]),
+                "I_controls": float(I_controls[i]), "generic": float(generic), "p_random": float(p_random[i]),
+                "p_controls": float(p_controls[i]), "p_value": float(max(p_random[i], p_controls[i])),
+                "min_p": float(min_p), "covered": bool(covered[i]), "noise": float(noise[i]),
+                "mde": float(layer_mde), "population_p": float(pop),
+                "shift_scale": float(c.x[s_peak]), "shift": float(c.shift()[s_peak]),
+                "shift_ci_low": shift_ci["shift_ci_low"], "shift_ci_high": shift_ci["shift_ci_high"],
+                "effect_scale": float(c.x[effect]), "introspection_delta": float(c.group_delta(True)[effect]),
+                "introspection_ci_low": ci["introspection_ci_low"],
+                "introspection_ci_high": ci["introspection_ci_high"],
+                "control_delta": float(c.group_delta(False)[effect]),
+                "control_ci_low": ci["control_ci_low"], "control_ci_high": ci["control_ci_high"],
+                "effect_b": float(move["b"][effect]), "effect_c": float(move["c"][effect]),
+                "effect_r2": float(move["r2"][effect]),
+                "introspection_flip": flip_scale(c.x, intro_logit, float((c.polarity * c.baseline)[c.is_intro].mean())),
+                "control_flip": flip_scale(c.x, control_logit, float(c.baseline[~c.is_intro].mean())),
+                "answer_mass": mass, "baseline_answer_mass": base_mass,
+                "low_mass": bool(mass < MIN_ANSWER_MASS) if not np.isnan(mass) else False,
+            })
     out = pd.DataFrame(rows)
-    out["q_value"] = benjamini_hochberg(out["p_value"])
-    out["class"] = [classify(curves[(r.concept, r.layer, "concept", None)], r.q_value, alpha=alpha,
+    tested_rows = out["p_value"].notna()
+    out["q_value"], out["q_controls"] = np.nan, np.nan
+    if tested_rows.any():
+        out.loc[tested_rows, "q_value"] = benjamini_hochberg(out.loc[tested_rows, "p_value"])
+        out.loc[tested_rows, "q_controls"] = benjamini_hochberg(out.loc[tested_rows, "p_controls"])
+    out["class"] = [classify(curves[(r.concept, r.layer, "concept", None)], r.q_value, I=r.I, q_controls=r.q_controls,
+                             I_controls=r.I_controls, alpha=alpha, effect_threshold=effect_threshold)
+                    if not np.isnan(r.q_value) else
+                    classify(curves[(r.concept, r.layer, "concept", None)], np.nan, alpha=alpha,
                              effect_threshold=effect_threshold) for r in out.itertuples()]
     return out[ATLAS_COLUMNS].sort_values(["q_value", "I", "concept"], ascending=[True, False, True],
-                                          ignore_index=True)
+                                          ignore_index=True, na_position="last")
 
 
 def class_counts(table: pd.DataFrame) -> pd.Series:
@@ -443,47 +491,76 @@ def _polarity_words(r: dict) -> tuple[str, str]:
     """``(the wordings in words, a caveat when they all have one polarity)``."""
     n, inverted = int(r["n_wordings"]), int(r.get("n_inverted", 0) or 0)
     if inverted == 0:
-        return (f"{n} detect wording(s)", "; with no inverted wording, a bias that pushes every introspection wording "
-                "towards yes more than the controls would not cancel in I")
+        return (f"{n} detect wording(s)", "; with no inverted wording, a push on every introspection wording "
+                "towards yes is not cancelled by a twin")
     return f"{n - inverted} detect and {inverted} inverted wordings", ""
+
+
+def _mde_words(r: dict) -> str:
+    """What the atlas could have found: its MDE (or that none is reachable, and why)."""
+    mde = r.get("mde", np.nan)
+    if mde is None or pd.isna(mde):
+        return (f"no effect size is called for 80% of the concepts with {int(r['n_random'])} random vectors "
+                f"(the smallest p they allow is {r['min_p']:.2g})" if not pd.isna(r.get("min_p", np.nan)) else
+                "MDE not computed")
+    return f"MDE I = {mde:.2f} (the smallest I called for 80% of concepts on this atlas's own noise)"
+
+
+def decided_by(r: dict, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD) -> str:
+    """The values a row's class was decided by, in words (the rule of :func:`classify` that fired, with its
+    numbers)."""
+    t, cls = effect_threshold, r["class"]
+    if cls == "introspection-specific":
+        return (f"q = {r['q_value']:.2g} ≤ {alpha:g}: I = {r['I']:+.2f} beyond random vectors (p = "
+                f"{r['p_random']:.2g}) and the controls (p = {r['p_controls']:.2g})")
+    if cls == "injection detector":
+        return (f"beyond the controls (I over the controls' part = {r['I_controls']:+.2f} ≥ {t:g}, q = "
+                f"{r['q_controls']:.2g}) but not beyond random vectors (q = {r['q_value']:.2g}; their own response "
+                f"{r['generic']:+.2f})")
+    if cls in ("opposite", "one-sided"):
+        return f"I = {r['I']:+.2f} {'≤ −' if cls == 'opposite' else '≥ '}{t:g}"
+    at = f"at scale {r['effect_scale']:g}"
+    if cls == "no effect":
+        return f"|b| = {abs(r['effect_b']):.2f}, |I| = {abs(r['I']):.2f} < {t:g} {at} where the line moves most"
+    if cls in ("shared yes-shift", "shared suppression"):
+        return f"b = {r['effect_b']:+.2f} {'≥ ' if cls == 'shared yes-shift' else '≤ −'}{t:g} {at}"
+    return f"|b| = {abs(r['effect_b']):.2f} < {t:g}, c = {r['effect_c']:+.2f} {at}"
 
 
 def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA, brief: bool = False) -> str:
     """A verdict in words — the one place a row of :func:`verdicts` is put into words (the notebook, the atlas's
     :func:`~introspection_utils.experiments.atlas.summary` and the findings' claims table all call it).
 
-    By default one sentence on the concept: the class, I with its interval and p-values, the controls' fit (b, c, R²,
-    span), S beside it, and the answer mass. ``brief``: the class and, in brackets, I at its peak scale beyond the
-    controls' line (b, c), q, S, the introspection and control Δ at the effect scale and the answer mass — a table
-    cell or a summary line (``"shared yes-shift (I = +0.12 at scale 8 beyond the controls' line (b = …"``); a table
-    saved before I existed says so."""
+    ``brief``: the class and, in brackets, the values it was decided by (:func:`decided_by`), I with its interval,
+    q (or "no test"), the MDE and the answer mass — a table cell or a summary line. By default one sentence on the
+    concept: the same, the test's p-values, the controls' line at the effect scale, S beside it, the introspection
+    and control Δ and the answer mass. A table saved before this statistic existed says so."""
     r = dict(row)
+    if "I_controls" not in r or "mde" not in r:  # an atlas table saved before the null-learned score
+        return f"{r.get('class', '?')} (table saved before the null-learned I: recompute it with verdicts.verdicts)"
+    tested = not pd.isna(r.get("q_value", np.nan))
+    interval = (f"I = {r['I']:+.2f} [{r['I_ci_low']:+.2f}, {r['I_ci_high']:+.2f}]" if tested else
+                f"no test: {int(r['n_random'])} random vectors (the test needs ≥ {MIN_RANDOM})")
+    mass = mass_note(r["answer_mass"]) or f"; answer mass {r['answer_mass']:.2f}"
+    q = f", q = {r['q_value']:.2g}" if tested else ""
+    found = "" if r["class"] == "introspection-specific" or not tested else f"; {_mde_words(r)}"
+    cover = "" if r.get("covered", True) or not tested else "; its residual is noisier than every null's: not tested"
     if brief:
-        if pd.isna(r.get("I", np.nan)):  # an atlas table saved before I existed
-            residual = "I not in this table (saved before it was the statistic)"
-        else:
-            residual = (f"I = {r['I']:+.2f} at scale {r['peak_scale']:g} beyond the controls' line (b = "
-                        f"{r['b']:+.2f}, c = {r['c']:+.2f})")
-        return (f"{r['class']} ({residual}, q = {r['q_value']:.2g}; S = {r['shift']:+.2f}; at scale "
-                f"{r['effect_scale']:g} introspection Δ {r['introspection_delta']:+.2f}, control Δ "
-                f"{r['control_delta']:+.2f}; answer mass {r['answer_mass']:.2f})")
-    note = fit_note(int(r["n_controls"]), float(r["control_span"]))
-    head = (f"{r['concept']} (layer {r['layer']}): {r['class']} — largest introspection residual I = {r['I']:+.2f} "
-            f"at scale {r['peak_scale']:g} ({CONFIDENCE:.0%} CI {r['I_ci_low']:+.2f} to {r['I_ci_high']:+.2f}): the "
-            f"wordings moved {r['predicted_delta'] + r['I']:+.2f} towards reporting detection where the controls' "
-            f"line predicts {r['predicted_delta']:+.2f} (shared push b = {r['b']:+.2f}, slope c = {r['c']:+.2f}"
-            f"{' — compression towards indifference' if r['c'] < 0 else ''}, R² = {r['fit_r2']:.2f}, controls "
-            f"spanning {r['control_span']:.1f} logits)")
-    if note:
-        test = f"; {note}"
-    else:
-        wordings, caveat = _polarity_words(r)
-        test = (f"; p_questions = {r['p_questions']:.3g} over {wordings} and {r['n_controls']} controls, "
-                f"p_random = {r['p_random']:.3g} against {r['n_random']} random vectors, q = {r['q_value']:.3g} at "
-                f"α = {alpha:g}{caveat}")
-    body = (f". The contrast S (introspection Δ − control Δ) is largest at scale {r['shift_scale']:g}: "
-            f"{r['shift']:+.2f} [{r['shift_ci_low']:+.2f}, {r['shift_ci_high']:+.2f}]; at scale {r['effect_scale']:g}"
-            f" the introspection Δ is {r['introspection_delta']:+.2f} [{r['introspection_ci_low']:+.2f}, "
-            f"{r['introspection_ci_high']:+.2f}] and the control Δ {r['control_delta']:+.2f} "
-            f"[{r['control_ci_low']:+.2f}, {r['control_ci_high']:+.2f}]")
-    return head + test + body + (mass_note(r["answer_mass"]) or f"; answer mass {r['answer_mass']:.2f}") + "."
+        return f"{r['class']} ({decided_by(r, alpha=alpha)}; {interval}{q}{found}{cover}{mass})"
+    wordings, caveat = _polarity_words(r)
+    test = (f"p_random = {r['p_random']:.3g} and p_controls = {r['p_controls']:.3g} by rank against "
+            f"{int(r['n_random'])} random vectors (the smallest p possible {r['min_p']:.2g}), q = "
+            f"{r['q_value']:.3g} at α = {alpha:g}, over {wordings} and {r['n_controls']} controls{caveat}"
+            if tested else interval)
+    head = (f"{r['concept']} (layer {r['layer']}): {r['class']} — {decided_by(r, alpha=alpha)}. "
+            + (f"The wordings' effect beyond the nulls' prediction {interval} logits at the largest scale "
+               f"(beyond the controls' part alone {r['I_controls']:+.2f}; the random vectors' own "
+               f"{r['generic']:+.2f}); {test}{found}{cover}" if tested else test))
+    line = (f". At scale {r['effect_scale']:g} the controls' line has b = {r['effect_b']:+.2f}, c = "
+            f"{r['effect_c']:+.2f} (R² = {r['effect_r2']:.2f}, controls spanning {r['control_span']:.1f} logits"
+            f"{'' if r['fit_ok'] else ': degenerate, the slope is not identified'}); the introspection Δ is "
+            f"{r['introspection_delta']:+.2f} [{r['introspection_ci_low']:+.2f}, {r['introspection_ci_high']:+.2f}] "
+            f"and the control Δ {r['control_delta']:+.2f} [{r['control_ci_low']:+.2f}, "
+            f"{r['control_ci_high']:+.2f}]; the contrast S is largest at scale {r['shift_scale']:g}: "
+            f"{r['shift']:+.2f} [{r['shift_ci_low']:+.2f}, {r['shift_ci_high']:+.2f}]")
+    return head + line + mass + "."
