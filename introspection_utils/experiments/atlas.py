@@ -18,7 +18,7 @@ from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.prompts import ANSWER_FORMATS, default_wordings
 from introspection_utils.engine.vectors import check_nulls, default_layer
 from introspection_utils.experiments.sweeps import scale_sweep
-from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS, MIN_CONTROL_SPAN, MIN_FIT_CONTROLS
+from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS
 from introspection_utils.stats.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,
@@ -26,7 +26,6 @@ from introspection_utils.stats.verdicts import (
     N_BOOT,
     class_counts,
     describe_verdict,
-    random_null,
     verdicts,
 )
 
@@ -121,7 +120,7 @@ def null_p_values(df: pd.DataFrame, nulls: Sequence[str], *, seed: int = 0) -> p
     out = None
     for kind in check_nulls(nulls):
         column = f"p_random_{kind.replace('-', '_')}"
-        table = verdicts(with_null(df, kind), seed=seed, n_boot=1)[["concept", "layer", "p_random"]]
+        table = verdicts(with_null(df, kind), seed=seed, n_boot=1, mde=False)[["concept", "layer", "p_random"]]
         table = table.rename(columns={"p_random": column})
         out = table if out is None else out.merge(table, on=["concept", "layer"], how="outer")
     return out
@@ -129,32 +128,36 @@ def null_p_values(df: pd.DataFrame, nulls: Sequence[str], *, seed: int = 0) -> p
 
 def summary(table: pd.DataFrame, df: pd.DataFrame, *, alpha: float = ALPHA) -> str:
     """Sentences computed from a verdict table and its sweep: the class counts, each introspection-specific concept
-    in :func:`verdicts.describe_verdict`'s brief words (or the concept with the smallest q-value when none is),
-    degenerate fits, the random-vector null (I and S), and how many readings sit at a low answer mass."""
+    (and each injection detector) in :func:`verdicts.describe_verdict`'s brief words (or the concept with the
+    smallest q-value when none is), what the atlas could have found (its MDE), whether the concepts as a group are
+    beyond their nulls, and how many readings sit at a low answer mass."""
     counts = class_counts(table)
     parts = [f"{len(table)} concepts at layer {', '.join(map(str, sorted(table['layer'].unique())))}: "
              + ", ".join(f"{n} {c}" for c, n in counts.items()) + f" (α = {alpha:g}, Benjamini–Hochberg)."]
-    specific = table[table["class"] == "introspection-specific"]
+    named = table[table["class"].isin(["introspection-specific", "injection detector"])]
     parts += [f"'{row['concept']}' is {describe_verdict(row, alpha=alpha, brief=True)}."
-              for _, row in specific.iterrows()]
-    if specific.empty:
+              for _, row in named.iterrows()]
+    if (table["class"] != "introspection-specific").all():
         best = table.iloc[0]
         parts.append(f"None is introspection-specific; the smallest q-value is '{best['concept']}': "
                      f"{describe_verdict(best, alpha=alpha, brief=True)}.")
-    degenerate = int((~table["fit_ok"].astype(bool)).sum())
-    if degenerate:
-        parts.append(f"For {degenerate} of {len(table)} concepts the controls' fit is degenerate (fewer than "
-                     f"{MIN_FIT_CONTROLS} controls or baselines spanning < {MIN_CONTROL_SPAN:g} logits): no test.")
-    null = random_null(df)
-    null = null[null["vector_kind"] == "random"]
-    if len(null):
-        beat = int((table["I"] > null["statistic"].max()).sum())
-        parts.append(f"The {len(null)} random vectors' largest I: median {null['statistic'].median():+.2f}, max "
-                     f"{null['statistic'].max():+.2f} (their largest S: median {null['shift'].median():+.2f}); "
-                     f"{beat} of {len(table)} concepts exceed every random vector on I.")
+    if table["q_value"].isna().all():
+        parts.append(f"No test was run: the layer has {int(table['n_random'].max())} random vectors (the test needs "
+                     f"≥ {MIN_RANDOM}).")
+    else:
+        first = table.iloc[0]
+        pop = first["population_p"]
+        parts.append(f"As a group the concepts are {'' if pop <= alpha else 'not '}beyond their random vectors "
+                     f"(one-sided rank test p = {pop:.2g}); the random vectors' own response beyond the controls is "
+                     f"I = {first['generic']:+.2f}.")
+        mde = first["mde"]
+        parts.append(f"This atlas would call a wording effect of I = {mde:.2f} logits for 80% of its concepts (its "
+                     f"MDE, on its own noise)." if not pd.isna(mde) else
+                     f"No wording effect up to the largest tried is called for 80% of its concepts: with "
+                     f"{int(first['n_random'])} random vectors no p-value goes below {first['min_p']:.2g}.")
     low = int(table["low_mass"].sum())
     if low:
         parts.append(f"{low} of {len(table)} concepts are read where the introspection answer mass P(yes)+P(no) is "
-                     f"below {MIN_ANSWER_MASS} (median {table['answer_mass'].median():.2f}): there 'yes over no' is "
-                     f"not the model's answer.")
+                     f"below {MIN_ANSWER_MASS} at the largest scale (median {table['answer_mass'].median():.2f}): "
+                     f"there 'yes over no' is not the model's answer.")
     return " ".join(parts)
