@@ -29,6 +29,7 @@ from introspection_utils.stats.introspection_residual import (
 )
 
 SCALES = [0.0, 1.0, 2.0, 4.0]
+N_RANDOM = 100  # random vectors in the hand-built atlas: a rank p-value reaches 1/101, so 4 concepts can pass BH
 SPREAD = [-3.0, -1.0, 1.0, 3.0, 5.0, -2.0, 0.0, 2.0]  # control baselines spanning 8 logits (cycled)
 
 
@@ -234,19 +235,33 @@ def test_random_null_is_a_prediction_test_against_the_random_vectors():
 
 
 @pytest.mark.parametrize("baseline,n_controls", [(-2.0, 6), (None, 2)])
-def test_a_degenerate_fit_runs_no_test_and_says_so(baseline, n_controls):
-    """Controls without spread (all at −2) or too few of them: the slope is not identified, p = 1 whatever the
-    data, and the verdict's sentence says why."""
+def test_a_degenerate_line_is_said_but_the_test_does_not_need_it(baseline, n_controls):
+    """Controls without spread (all at −2) or too few of them: the controls' line is not identified, which the
+    sentence says; the verdict's test (the nulls' prediction) runs regardless."""
     slopes = [3.0, 3.0] + [0.0] * n_controls
     base = baseline if baseline is not None else _spread(2, n_controls)
-    randoms = [_scaled([0.0] * len(slopes))] * 4
+    rng = np.random.default_rng(0)
+    randoms = [_scaled(rng.normal(0, 0.05, len(slopes))) for _ in range(30)]
     df = _table({"x": (_scaled(slopes), 2)}, randoms=randoms, baseline=base)
     c = question_curves(df)[("x", 3, "concept", None)]
     assert not c.fit_ok
-    table = verdicts.verdicts(df, n_boot=100)
-    row = table.iloc[0]
-    assert row["p_value"] == 1.0 and not row["fit_ok"] and row["class"] != "introspection-specific"
-    assert "degenerate" in verdicts.describe_verdict(row) and "no test was run" in verdicts.describe_verdict(row)
+    row = verdicts.verdicts(df, n_boot=100, mde=False).iloc[0]
+    assert not row["fit_ok"] and row["p_random"] == pytest.approx(1 / 31)
+    words = verdicts.describe_verdict(row)
+    assert "degenerate" in words and "no test" not in words
+
+
+def test_too_few_random_vectors_run_no_test_and_print_no_q():
+    """Below MIN_RANDOM random vectors there is no test: p and q are NaN, the class comes from the descriptive rules,
+    and no sentence prints a q."""
+    concepts, randoms, base = _atlas_cases()
+    df = _table({"sandwich": concepts["sandwich"]}, randoms=randoms[:verdicts.MIN_RANDOM - 1], baseline=base)
+    row = verdicts.verdicts(df, n_boot=50).iloc[0]
+    assert np.isnan(row["q_value"]) and np.isnan(row["p_value"]) and row["class"] != "introspection-specific"
+    for brief in (True, False):
+        words = verdicts.describe_verdict(row, brief=brief)
+        assert "no test" in words and "q =" not in words
+    assert "No test was run" in metrics.summary(verdicts.verdicts(df, n_boot=50), df)
 
 
 def test_benjamini_hochberg_matches_statsmodels():
@@ -272,8 +287,12 @@ def _class_case(name: str) -> QuestionCurves:
                                   "no effect"])
 def test_each_class_rule_on_hand_built_curves(name):
     c = _class_case(name)
-    assert verdicts.classify(c, q_value=1.0) == name
-    assert verdicts.classify(c, q_value=0.01) == "introspection-specific"  # the test decides first
+    score = {"opposite": -2.0, "one-sided": 2.0}.get(name, 0.0)  # the verdict's I enters the classes on its own
+    assert verdicts.classify(c, q_value=1.0, I=score) == name
+    assert verdicts.classify(c, q_value=0.01, I=score) == "introspection-specific"  # the test decides first
+    # beyond the controls, by at least the threshold, but not beyond random vectors: an injection detector
+    assert verdicts.classify(c, q_value=0.5, q_controls=0.01, I_controls=1.5, I=score) == "injection detector"
+    assert verdicts.classify(c, q_value=0.5, q_controls=0.01, I_controls=0.5, I=score) == name
 
 
 # ------------------------------------------------------------------------------------------------------ the atlas
@@ -282,7 +301,10 @@ def _atlas_cases():
     rng = np.random.default_rng(3)
     base = _spread(4, 8)
     squeeze = [-0.6 * x for x in base]  # compression: Δ = −0.6·x per unit scale
-    randoms = [_scaled(0.5 + rng.normal(0, 0.05, 12) + 0.3 * np.array(squeeze)) for _ in range(20)]
+    # random vectors of every size: a shared push b ∈ [−1.5, 1.5] and compression up to 1.5× the squeeze's, so the
+    # nulls' prediction covers what the concepts do to the controls
+    randoms = [_scaled(rng.uniform(-1.5, 1.5) + rng.normal(0, 0.05, 12) + rng.uniform(0, 1.5) * np.array(squeeze))
+               for _ in range(N_RANDOM)]
     concepts = {
         "sandwich": (_scaled([2.0, 2.1, 1.9, 2.0] + [0.1, 0.0, 0.05, 0.1] * 2), 4),  # only the wordings move
         "water": (_scaled([1.0, 1.05, 0.95, 1.0] + [1.0, 1.02, 0.98, 1.0] * 2), 4),  # everything moves alike
@@ -295,41 +317,44 @@ def _atlas_cases():
 def test_atlas_classes_pvalues_and_reproducibility():
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)
-    table = verdicts.verdicts(df, n_boot=300)
+    table = verdicts.verdicts(df, n_boot=300, mde=False)
     assert list(table.columns) == verdicts.ATLAS_COLUMNS
     got = dict(zip(table["concept"], table["class"], strict=True))
     assert got == {"sandwich": "introspection-specific", "water": "shared yes-shift", "bomb": "shared suppression",
                    "squeeze": "compression"}
     by = table.set_index("concept")
     sandwich = by.loc["sandwich"]
-    assert sandwich["p_questions"] == pytest.approx(1 / math.comb(12, 4))  # the observed labelling is the extreme
-    assert sandwich["peak_scale"] == 4.0 and sandwich["I_ci_low"] > 0 and sandwich["n_random"] == 20
+    # beyond every random vector and beyond the controls: the smallest rank p-value the 100 random vectors allow
+    assert sandwich["p_random"] == sandwich["p_controls"] == pytest.approx(1 / (N_RANDOM + 1)) == sandwich["min_p"]
+    assert sandwich["I_ci_low"] > 0 and sandwich["n_random"] == N_RANDOM and sandwich["covered"]
     assert sandwich["fit_ok"] and sandwich["control_span"] == pytest.approx(8.0)
     assert sandwich["answer_mass"] == pytest.approx(0.9) and not sandwich["low_mass"]
     # compression alone: S is large (the wordings start lower than the controls), I is ~0 and the test is not fooled
     squeeze = by.loc["squeeze"]
     assert squeeze["shift"] > 3.0 and abs(squeeze["I"]) < 0.3 and squeeze["q_value"] > 0.05
-    assert squeeze["c"] == pytest.approx(-0.6 * 4, abs=0.1) and squeeze["fit_r2"] > 0.99
+    assert squeeze["effect_c"] == pytest.approx(-0.6 * 4, abs=0.1) and squeeze["effect_r2"] > 0.99
     assert table["concept"].iloc[0] == "sandwich"  # ranked by q-value
-    alone = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=randoms, baseline=base),
-                              n_boot=300).iloc[0]
-    assert (alone["I_ci_low"], alone["I_ci_high"]) == (sandwich["I_ci_low"], sandwich["I_ci_high"])
-    assert table.equals(verdicts.verdicts(df, n_boot=300))
+    assert table.equals(verdicts.verdicts(df, n_boot=300, mde=False))
     text = metrics.summary(table, df)
-    assert ("4 concepts at layer 3: 1 introspection-specific, 1 shared yes-shift, 1 shared suppression, "
-            "1 compression") in text
+    assert ("4 concepts at layer 3: 1 introspection-specific, 0 injection detector, 1 shared yes-shift, 1 shared "
+            "suppression, 1 compression") in text
     assert "'sandwich' is introspection-specific" in text
     # the atlas's summary words each specific concept by the one function that words a verdict
     assert f"'sandwich' is {verdicts.describe_verdict(sandwich, brief=True)}." in text
     assert verdicts.describe_verdict(sandwich, brief=True).startswith(
-        f"introspection-specific (I = {sandwich['I']:+.2f} at scale 4 beyond the controls' line")
+        f"introspection-specific (q = {sandwich['q_value']:.2g} ≤ 0.05: I = {sandwich['I']:+.2f} beyond random vectors")
     none = metrics.summary(table[table["concept"] != "sandwich"], df)
     best = table[table["concept"] != "sandwich"].iloc[0]
     assert f"the smallest q-value is '{best['concept']}': {verdicts.describe_verdict(best, brief=True)}." in none
-    assert "I not in this table" in verdicts.describe_verdict(sandwich.drop("I"), brief=True)
+    assert "saved before the null-learned I" in verdicts.describe_verdict(sandwich.drop("I_controls"), brief=True)
     words = verdicts.describe_verdict(sandwich.to_dict() | {"concept": "sandwich"})
-    assert "introspection-specific" in words and "I = +" in words and "S (introspection Δ − control Δ)" in words
+    assert "introspection-specific" in words and "I = +" in words and "contrast S" in words
     assert "with no inverted wording" in words  # one polarity only: the sentence says what that cannot rule out
+    # every "no" states what the atlas could have found; a "yes" does not need to
+    water = by.loc["water"].to_dict() | {"concept": "water"}
+    assert "MDE" in verdicts.describe_verdict(water | {"mde": 0.5}, brief=True) and "MDE" not in words
+    # the sentence shows the value its class was decided by (b at the effect scale for a shared yes-shift)
+    assert f"b = {water['effect_b']:+.2f} ≥ 1 at scale {water['effect_scale']:g}" in verdicts.describe_verdict(water)
 
 
 def test_bootstrap_interval_of_I_covers_it():
@@ -345,15 +370,14 @@ def test_bootstrap_point_estimate_is_the_table_I_and_S():
     computes them with the one definition, introspection_residual.statistic_weights, and no arithmetic of its own)."""
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)
-    table = verdicts.verdicts(df, n_boot=50).set_index("concept")
+    table = verdicts.verdicts(df, n_boot=50, mde=False).set_index("concept")
     curves = question_curves(df)
     for concept in concepts:
         c, row = curves[(concept, 3, "concept", None)], table.loc[concept]
         ones = np.ones((1, len(c.questions)))
-        peak = int(np.flatnonzero(c.x == row["peak_scale"])[0])
         at_shift = int(np.flatnonzero(c.x == row["shift_scale"])[0])
         effect = int(np.flatnonzero(c.x == row["effect_scale"])[0])
-        assert verdicts.resampled(c, peak, ones)["I"][0] == pytest.approx(row["I"], abs=1e-12)
+        assert verdicts.resampled(c, effect, ones)["I"][0] == pytest.approx(c.residual()[effect], abs=1e-12)
         assert verdicts.resampled(c, at_shift, ones)["S"][0] == pytest.approx(row["shift"], abs=1e-12)
         point = verdicts.resampled(c, effect, ones)
         assert point["introspection"][0] == pytest.approx(row["introspection_delta"], abs=1e-12)
@@ -380,26 +404,27 @@ def test_random_null_and_its_medians_hold_I_and_S():
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)
     null = verdicts.random_null(df)
-    assert {"statistic", "shift"} <= set(null.columns) and len(null) == 4 + 20
+    assert {"statistic", "shift"} <= set(null.columns) and len(null) == 4 + N_RANDOM
     row = null[(null["concept"] == "squeeze")].iloc[0]
     assert row["shift"] > 3.0 and abs(row["statistic"]) < 0.3
     medians = verdicts.null_medians(null)
     assert medians["random_I"] == pytest.approx(null.loc[null["vector_kind"] == "random", "statistic"].median())
-    assert medians["random_S"] > medians["random_I"] and medians["n_random"] == 20
+    assert medians["random_S"] > medians["random_I"] and medians["n_random"] == N_RANDOM
 
 
 def test_a_concept_whose_random_vectors_do_the_same_is_not_specific():
     concepts, _, base = _atlas_cases()
     same = ([_scaled([2.0, 2.1, 1.9, 2.0] + [0.1, 0.0, 0.05, 0.1] * 2)] * 3
             + [_scaled([1.9, 2.0, 2.0, 1.9] + [0.0] * 8)] * 3)
-    table = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=same, baseline=base), n_boot=200)
+    table = verdicts.verdicts(_table({"sandwich": concepts["sandwich"]}, randoms=same, baseline=base), n_boot=200,
+                              mde=False)
     assert table["class"].iloc[0] != "introspection-specific" and table["p_random"].iloc[0] > 0.1
 
 
 def test_low_answer_mass_is_flagged():
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, mass=0.1, baseline=base)
-    table = verdicts.verdicts(df, n_boot=100)
+    table = verdicts.verdicts(df, n_boot=100, mde=False)
     assert table["low_mass"].all()
     assert "below 0.5" in metrics.summary(table, df)
 
@@ -422,10 +447,10 @@ def test_readings_use_the_peak_scale_and_the_one_flip_definition():
     scale, why = readings.choose_scale(df, "X")
     assert scale == verdicts.peak_scale(df, "X") == 4.0
     assert "flips to yes at scale 4" in why and "control mean never flips" in why
-    assert "I = " in why and "controls' line predicts" in why
+    assert "line residual" in why and "controls' line predicts" in why
     text = readings.describe_scale_sweep(df, "X")
-    assert "one wording: p cannot go below 1/(n+1)" in text and "p = 0.25" in text
-    assert "introspection residual I" in text and "S = " in text
+    assert "No test: the table holds 0 random vectors" in text
+    assert "residual beyond the controls' line" in text and "S = " in text
     low = _table({"X": (deltas, 1)}, mass=0.1, baseline=[-2.0, -3.0, -1.0, 1.0])
     assert "not the model's answer" in readings.choose_scale(low, "X")[1]
     assert "puts yes over no at scale 4, but its answer mass there is 0.10: not a flip" in readings.choose_scale(
@@ -521,10 +546,9 @@ def test_planted_compression_on_smollm_is_not_introspection(smollm):
     finally:
         for hook in hooks:
             hook.remove()
-    print("\n" + table[["concept", "I", "c", "fit_r2", "p_questions", "p_random", "q_value", "shift", "class"]]
-          .to_string())
-    assert table["fit_ok"].all() and (table["c"] < -0.8).all() and (table["fit_r2"] > 0.95).all()
-    assert (table["I"].abs() < 0.3).all()
+    print("\n" + table[["concept", "I", "effect_c", "effect_r2", "p_random", "p_controls", "q_value", "shift",
+                         "class"]].to_string())
+    assert table["fit_ok"].all() and (table["effect_c"] < -0.8).all() and (table["effect_r2"] > 0.95).all()
     # the hooks compress the paper's Yes/No pair; the readout sums every spelling, so part of the push can read as a
     # shared shift — what must never happen is an introspection verdict
     assert "introspection-specific" not in set(table["class"])

@@ -63,19 +63,19 @@ def _flip_words(flip: str, at: float, mass: float) -> str:
 
 
 def _residual_words(row: pd.Series) -> str:
-    """``I = … (the wordings moved … where the controls' line predicts …)`` at one row of :func:`curves`."""
+    """``line residual … (the wordings moved … where the controls' line predicts …)`` at one row of :func:`curves`
+    (descriptive: the verdict's I is the null-learned score, :mod:`introspection_utils.stats.null_model`)."""
     moved = row["introspection"] - row["introspection_baseline"]
     predicted = row["predicted"] - row["introspection_baseline"]
     fit = (f"b = {row['push']:+.2f}, c = {row['slope']:+.2f}" if row["fit_ok"] else
            "the controls' fit is degenerate: too few controls or too little spread in their baselines")
-    return (f"I = {row['residual']:+.2f}: the introspection answer moved {moved:+.2f} where the controls' line "
+    return (f"line residual {row['residual']:+.2f}: the introspection answer moved {moved:+.2f} where the controls' line "
             f"predicts {predicted:+.2f} at its own baseline ({fit})")
 
 
 def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
-    """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the introspection
-    residual I is largest, the scale the verdict's test picks) — and a sentence saying what happens there: I against
-    the controls' prediction, whether each curve has flipped to "yes", and the answer mass."""
+    """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the residual beyond
+    the controls' line is largest) — and a sentence saying what happens there: that residual against the line, whether each curve has flipped to "yes", and the answer mass."""
     c = curves(df, concept, layer=layer)
     scale = verdicts.peak_scale(df, concept, layer=layer)
     row = c.loc[scale]
@@ -89,7 +89,7 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
             flips.append(f"the {name} never flips to yes")
         else:
             flips.append(_flip_words(f"the {name} flips to yes", at, c.loc[at, f"{column.split('_')[0]}_mass"]))
-    return scale, (f"{concept}: the introspection residual is largest at scale {_fmt(scale)} ("
+    return scale, (f"{concept}: the residual beyond the controls' line is largest at scale {_fmt(scale)} ("
                    f"{_residual_words(row)}; introspection {row['introspection']:+.2f}, control mean "
                    f"{row['control_mean']:+.2f}); {flips[0]}, {flips[1]}{mass_note(row['introspection_mass'])}"
                    f"; using scale {_fmt(scale)}.")
@@ -97,8 +97,8 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
 
 def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> str:
     """Sentences on one concept's scale sweep: baselines and answer mass, where each curve flips to yes, the largest
-    introspection residual I (the verdict's statistic) beside the contrast S, the concept vector against the random
-    ones, and the question-null p-value."""
+    residual beyond the controls' line beside the contrast S, the concept vector against the random ones, and the
+    verdict's test (:func:`test_words`)."""
     c = curves(df, concept, layer=layer)
     layer = int(introspection_residual.select(df, concept)["layer"].iloc[0]) if layer is None else layer
     ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
@@ -117,7 +117,7 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
                  f"{crossing('control mean', 'control_mean', cb)}.")
     peak = verdicts.peak_scale(df, concept, layer=layer)
     injected = c.loc[c.index != 0, "shift"]
-    parts.append(f"Largest introspection residual I (the wordings' Δ beyond what the controls' line predicts at their "
+    parts.append(f"Largest residual beyond the controls' line (the wordings' Δ beyond what the line predicts at their "
                  f"baselines) over injected scales: at scale {_fmt(peak)}, {_residual_words(c.loc[peak])}"
                  f"{mass_note(c.loc[peak, 'introspection_mass'])}; the contrast S (introspection Δ − "
                  f"control-mean Δ) peaks at S = {injected.max():+.2f} (scale {_fmt(injected.idxmax())}).")
@@ -128,17 +128,28 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
         rel = "more" if mc > mr else "less"
         parts.append(f"At scale {_fmt(top)} the concept vector moves the introspection answer by {mc:.2f}, a random "
                      f"vector of the same norm by {mr:.2f} (the concept vector moves it {rel}).")
-    test = verdicts.concept_test(df, concept, layer=layer)
-    parts.append(f"Question null on I: p = {test['p_questions']:.3g} over {test['n_relabelings']:.0f} relabelings of "
-                 f"{int(c['n_wordings'].max())} wording(s) and {int(c['n_controls'].max())} controls"
-                 + (" (one wording: p cannot go below 1/(n+1); ask several)" if c["n_wordings"].max() == 1 else "")
-                 + ("" if test["fit_ok"] else "; the controls' fit is degenerate, so it decides nothing") + ".")
+    parts.append(test_words(df, concept, layer=layer))
     return " ".join(parts)
+
+
+def test_words(df: pd.DataFrame, concept: str, *, layer: int) -> str:
+    """The verdict's test of ``concept`` in words (:func:`verdicts.verdicts` on the table's concepts and random
+    vectors at ``layer``, without the MDE): I beyond the nulls' prediction and its two rank p-values, or why no
+    test was run."""
+    at = df[df["layer"] == layer]
+    n_random = int(at.loc[at["vector_kind"] == "random", ["concept", "vector_seed"]].drop_duplicates().shape[0])
+    if n_random < verdicts.MIN_RANDOM:
+        return (f"No test: the table holds {n_random} random vectors at layer {layer} (the test needs "
+                f"≥ {verdicts.MIN_RANDOM}).")
+    row = verdicts.verdicts(at, n_boot=1, mde=False).set_index("concept").loc[concept]
+    return (f"The verdict's test: I = {row['I']:+.2f} [{row['I_ci_low']:+.2f}, {row['I_ci_high']:+.2f}] beyond the "
+            f"random vectors' prediction, p_random = {row['p_random']:.3g} and p_controls = {row['p_controls']:.3g} "
+            f"by rank against {n_random} random vectors (the smallest p they allow is {row['min_p']:.2g}).")
 
 
 def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None) -> str:
     """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, and the layer with the
-    largest introspection residual I (with S there)."""
+    largest residual beyond the controls' line (with S there)."""
     c = curves(df, concept, x="layer", scale=scale)
     scale = float(introspection_residual.select(df, concept)["scale"].iloc[0]) if scale is None else scale
     best = c["residual"].idxmax()
@@ -148,7 +159,7 @@ def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None 
             f"{int(c['introspection'].idxmax())} "
             f"({c['introspection'].max():+.2f}), the control mean at layer {int(c['control_mean'].idxmax())} "
             f"({c['control_mean'].max():+.2f}). Layers where introspection leans yes: {intro_yes or 'none'}; "
-            f"control mean: {control_yes or 'none'}. Largest introspection residual at layer {int(best)}: "
+            f"control mean: {control_yes or 'none'}. Largest residual beyond the controls' line at layer {int(best)}: "
             f"{_residual_words(c.loc[best])} (S there {c.loc[best, 'shift']:+.2f})"
             f"{mass_note(c.loc[best, 'introspection_mass'])}.")
 

@@ -98,16 +98,20 @@ def fit_prediction(null_delta: np.ndarray, design: Design, *, ridge: float = RID
 
 def constraints(design: Design, *, compression_proof: bool = False) -> np.ndarray:
     """``[S·m, k]``: the directions the weights must be orthogonal to — at each scale the all-wordings vector (a
-    shared push) and, with ``compression_proof``, the wordings' baselines (a push proportional to x_w)."""
+    push shared by every wording; only when both polarities are asked: with one polarity it is the signal itself,
+    and nothing cancels such a push — the readings say so) and, with ``compression_proof``, the wordings' baselines
+    (a push proportional to x_w). ``[S·m, 0]`` when there is none."""
     s, m = len(design.scales), len(design.wordings)
     x = design.baseline[design.wordings]
+    patterns = ([np.ones(m)] if len(set(np.sign(design.polarity))) > 1 else []) + (
+        [x - x.mean()] if compression_proof else [])
     cols = []
     for i in range(s):
-        for pattern in ([np.ones(m)] + ([x - x.mean()] if compression_proof else [])):
+        for pattern in patterns:
             col = np.zeros((s, m))
             col[i] = pattern
             cols.append(col.ravel())
-    return np.stack(cols, axis=1)
+    return np.stack(cols, axis=1) if cols else np.zeros((s * m, 0))
 
 
 SHRINKAGE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -148,7 +152,7 @@ def score_weights(covariance: np.ndarray, design: Design, *, compression_proof: 
     sign = np.tile(design.polarity, len(design.scales)).astype(float)
     sigma = covariance * np.outer(sign, sign)  # in b = sign·a ≥ 0
     equal = np.vstack([design.signal.ravel() * sign, (constraints(design, compression_proof=compression_proof)
-                                                      * sign[:, None]).T])
+                                                      * sign[:, None]).T]).reshape(-1, len(sign))
     target = np.r_[1.0, np.zeros(len(equal) - 1)]
     jitter = 1e-9 * float(np.trace(sigma)) / len(sigma)
     root = np.linalg.cholesky(sigma + jitter * np.eye(len(sigma))).T
@@ -187,8 +191,9 @@ class ScoreTest:
     """The test of every concept of one layer against the nulls (:func:`score_test`): ``delta_hat [V]`` (δ̂, logits
     per unit scale), ``I [V]`` (δ̂ at the largest scale, logits), ``controls_only [V]`` (the same beyond the controls'
     part alone: δ̂ + the generic response), ``p_random [V]`` (beyond random vectors), ``p_controls [V]`` (beyond the
-    controls; both 1 where not ``covered``), ``covered [V]`` (the vector's ``noise`` lies within the nulls'
-    ``null_noise``: the vector null covers it), ``noise [V]`` and ``null_noise [R]`` (:func:`noise_ratio`),
+    controls), ``covered [V]`` (the vector's ``noise`` lies within the nulls' ``null_noise`` — a diagnostic the
+    readings state, not a gate: an effect whose shape across wordings and scales differs from s·p_w also raises
+    it), ``noise [V]`` and ``null_noise [R]`` (:func:`noise_ratio`),
     ``null_delta_hat [R]`` (each null out of sample), ``generic`` (a·α, logits per unit scale),
     ``weights [S·m]`` (a, from every vector), ``prediction``, ``shrinkage``, ``push [V]`` and ``null_push [R]`` (m),
     ``top_scale``."""
@@ -238,7 +243,8 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design
                groups: Sequence | np.ndarray | None = None, ridge: float = RIDGE, shrinkage: float | None = None,
                compression_proof: bool = False) -> ScoreTest:
     """Test ``concept_delta [V, Q, S]`` against ``null_delta [R, Q, S]`` (``groups [R]``: which nulls belong
-    together — a concept's own random vectors — left out together; default each its own).
+    together — a concept's own random vectors — left out together; default, or with fewer than :data:`MIN_NULLS`
+    groups, each its own).
 
     Every vector is scored out of sample: a null's residual comes from a prediction fitted without its group, a
     concept's from the prediction fitted on every null; each vector's weights come from the residual covariance of
@@ -252,7 +258,9 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design
     if concept_delta.shape[1:] != null_delta.shape[1:]:
         raise ValueError(f"concepts {concept_delta.shape[1:]} and nulls {null_delta.shape[1:]} must be measured "
                          f"with the same questions at the same scales")
-    groups = np.arange(len(null_delta)) if groups is None else np.asarray(groups)
+    groups = np.asarray(groups) if groups is not None else np.arange(len(null_delta))
+    if len(np.unique(groups)) < MIN_NULLS:  # too few groups to leave one out: each null its own
+        groups = np.arange(len(null_delta))
     n_c, n_r = len(concept_delta), len(null_delta)
     prediction = fit_prediction(null_delta, design, ridge=ridge)
     held = np.empty((n_r, len(design.scales), len(design.wordings)))
@@ -285,10 +293,8 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design
         noise[i] = noise_ratio(concept_res[i:i + 1], a, sigma)[0]
     a_all, _ = weights(none, None)
     top = float(design.scales.max())
-    covered = noise <= null_noise.max()
-    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only,
-                     p_random=np.where(covered, rank_p(est, null_hat), 1.0),
-                     p_controls=np.where(covered, rank_p(controls_only, null_hat), 1.0), covered=covered,
+    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, p_random=rank_p(est, null_hat),
+                     p_controls=rank_p(controls_only, null_hat), covered=noise <= null_noise.max(),
                      noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
                      generic=float(prediction.intercept.ravel() @ a_all), weights=a_all, prediction=prediction,
                      shrinkage=lam, push=control_push(concept_delta, design),

@@ -233,8 +233,9 @@ def fitted_scenarios(p: Panel) -> dict[str, Effect]:
     do at the largest scale s: ``yes-shift`` β = the concepts' median shared push b of the controls' line / s (at
     least 0.05); ``self push`` θ = their median (self − world control Δ) / s (at least 0.05); ``compression`` γ =
     their median |slope c| (at least 0.5); ``stronger as concepts are`` k = the concepts' median push on the controls
-    over the nulls', ρ = their median residual noise over the nulls' (out of sample, as the test sees them:
-    :attr:`null_model.ScoreTest.noise`); ``stronger`` the same k with the noise k times larger (the stress test)."""
+    over the nulls', ρ = the spread of the concepts' score δ̂ over the nulls' (out of sample, median absolute
+    deviations, at least 1: the noise the test's size depends on; an upper bound, since true differences between
+    concepts widen it too); ``stronger`` the same k with the noise k times larger (the stress test)."""
     d = p.design
     controls = p.concept_delta[:, d.controls, -1]  # [V, n] at the largest scale
     x = d.baseline[d.controls]
@@ -245,7 +246,8 @@ def fitted_scenarios(p: Panel) -> dict[str, Effect]:
         ~about).any() else np.zeros(len(controls))
     test = score_test(p.concept_delta, p.null_delta, d, groups=p.groups)
     k = float(np.median(test.push) / np.median(test.null_push))
-    rho = float(np.median(test.noise) / np.median(test.null_noise))
+    mad = lambda v: float(np.median(np.abs(v - np.median(v))))  # noqa: E731
+    rho = max(1.0, mad(test.delta_hat) / mad(test.null_delta_hat))  # never quieter than the nulls
     s = p.top_scale
     return {"yes-shift": Effect("yes-shift", round(max(0.05, float(np.median(push)) / s), 3)),
             "self push": Effect("self push", round(max(0.05, float(np.median(self_gap)) / s), 3)),

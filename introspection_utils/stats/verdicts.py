@@ -544,7 +544,9 @@ def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA, brief: bool
     mass = mass_note(r["answer_mass"]) or f"; answer mass {r['answer_mass']:.2f}"
     q = f", q = {r['q_value']:.2g}" if tested else ""
     found = "" if r["class"] == "introspection-specific" or not tested else f"; {_mde_words(r)}"
-    cover = "" if r.get("covered", True) or not tested else "; its residual is noisier than every null's: not tested"
+    cover = ("" if r.get("covered", True) or not tested else
+             f"; its residual is noisier than every random vector's (noise ratio {r['noise']:.2f}): the rank p-values "
+             f"assume it is not")
     if brief:
         return f"{r['class']} ({decided_by(r, alpha=alpha)}; {interval}{q}{found}{cover}{mass})"
     wordings, caveat = _polarity_words(r)
