@@ -1,0 +1,123 @@
+"""The null-learned score: its prediction is least squares on the nulls, its weights are the constrained least-variance
+ones, a hand-computed case, the planted-effect identity on the committed Qwen sweep, and the rank p-values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import minimize
+from statsmodels.stats.multitest import multipletests
+
+from introspection_utils.core.paths import project_root
+from introspection_utils.stats import null_model as nm
+from introspection_utils.stats.plasmode import panel
+
+
+def _design(m_detect: int = 2, m_inverted: int = 2, n_controls: int = 5, scales=(2.0, 4.0, 8.0), seed: int = 0
+            ) -> nm.Design:
+    rng = np.random.default_rng(seed)
+    m = m_detect + m_inverted
+    return nm.Design(wordings=np.arange(m), controls=np.arange(m, m + n_controls),
+                     polarity=np.r_[np.ones(m_detect), -np.ones(m_inverted)].astype(int),
+                     baseline=rng.normal(0, 2, m + n_controls), scales=np.asarray(scales, float))
+
+
+def test_prediction_is_least_squares_of_the_wordings_on_the_controls():
+    d = _design()
+    rng = np.random.default_rng(1)
+    nulls = rng.normal(0, 1, (30, 9, 3))
+    pred = nm.fit_prediction(nulls, d, ridge=0.0)
+    # by hand: one row per (null, scale), columns = the controls' Δ then one indicator per scale
+    rows, targets = [], []
+    for v in range(30):
+        for s in range(3):
+            rows.append(np.r_[nulls[v, d.controls, s], np.eye(3)[s]])
+            targets.append(nulls[v, d.wordings, s])
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
+    assert pred.loadings == pytest.approx(coef[:5], abs=1e-9) and pred.intercept == pytest.approx(coef[5:], abs=1e-9)
+    resid = pred.residual(nulls, d)
+    assert resid.shape == (30, 3, 4)
+    assert resid[4, 1] == pytest.approx(nulls[4, d.wordings, 1] - coef[5 + 1] - nulls[4, d.controls, 1] @ coef[:5])
+    # beyond the controls' part alone keeps the intercept in
+    assert pred.residual(nulls, d, controls_only=True) - resid == pytest.approx(
+        np.broadcast_to(pred.intercept, resid.shape))
+
+
+def test_weights_are_unbiased_orthogonal_to_a_shared_push_and_count_every_wording_towards_detection():
+    d = _design()
+    rng = np.random.default_rng(2)
+    root = rng.normal(0, 1, (12, 12))
+    sigma = root @ root.T + 0.1 * np.eye(12)
+    a = nm.score_weights(sigma, d)
+    u = d.signal.ravel()
+    sign = np.tile(d.polarity, 3)
+    assert a @ u == pytest.approx(1.0, abs=1e-6)
+    assert nm.constraints(d).T @ a == pytest.approx(np.zeros(3), abs=1e-6)
+    assert (sign * a >= -1e-9).all()
+    # no other weights meeting the same constraints have a smaller variance (an independent solver)
+    cons = [{"type": "eq", "fun": lambda w: np.r_[w @ u - 1, nm.constraints(d).T @ w]}]
+    best = minimize(lambda w: w @ sigma @ w, sign / (sign @ u), constraints=cons, method="SLSQP",
+                    bounds=[(0, None) if s > 0 else (None, 0) for s in sign], options={"ftol": 1e-14, "maxiter": 1000})
+    assert a @ sigma @ a <= best.fun * (1 + 1e-4)
+    # one polarity only: a push on every wording is the signal itself, so no such constraint
+    assert nm.constraints(_design(m_inverted=0)).shape == (6, 0)
+
+
+def test_a_hand_computed_score_with_one_detect_and_one_inverted_wording():
+    """One scale s, one detect and one inverted wording: the constraints leave one direction, a = (1, −1) / (2s), so
+    δ̂ = (r_detect − r_inverted) / (2s) whatever the covariance; the nulls' wordings are an exact linear function of
+    the controls, so the residual is what was planted."""
+    s = 4.0
+    d = nm.Design(wordings=np.array([0, 1]), controls=np.array([2, 3, 4]), polarity=np.array([1, -1]),
+                  baseline=np.array([-1.0, 1.0, 0.0, 2.0, 4.0]), scales=np.array([s]))
+    rng = np.random.default_rng(3)
+    loadings = np.array([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.6]])  # [controls, wordings]
+    intercept = np.array([0.3, -0.1])
+
+    def vectors(n, planted=(0.0, 0.0)):
+        out = np.zeros((n, 5, 1))
+        out[:, 2:, 0] = rng.normal(0, 1.5, (n, 3))
+        out[:, :2, 0] = out[:, 2:, 0] @ loadings + intercept + np.array(planted)
+        return out
+
+    nulls = vectors(12)
+    nulls[:, :2, 0] += rng.normal(0, 0.05, (12, 2))  # a little noise: the covariance is not singular
+    concept = vectors(3, planted=(0.8, -0.4))
+    test = nm.score_test(concept, nulls, d, ridge=0.0)
+    a = test.weights
+    assert a == pytest.approx(np.array([1.0, -1.0]) / (2 * s), abs=1e-6)
+    # the prediction is fitted on noisy nulls, so its own error enters: the planted residual (0.8, −0.4) to 0.05
+    assert test.delta_hat == pytest.approx(np.full(3, (0.8 + 0.4) / (2 * s)), abs=0.02)
+    assert test.I == pytest.approx(test.delta_hat * s)
+    assert (test.p_random == 1 / 13).all()  # beyond every null: the smallest rank p-value 12 nulls allow
+
+
+def test_rank_p_values_by_hand():
+    reference = np.array([0.1, 0.5, 0.5, 0.9])
+    # #{reference ≥ value}: 0, 3 (ties count), 4
+    assert nm.rank_p(np.array([1.0, 0.5, -1.0]), reference) == pytest.approx([1 / 5, 4 / 5, 5 / 5])
+
+
+def test_benjamini_hochberg_matches_statsmodels():
+    p = np.array([0.001, 0.04, 0.03, 0.5, 0.2, 0.011])
+    assert nm.benjamini_hochberg(p) == pytest.approx(multipletests(p, method="fdr_bh")[1])
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return panel(pd.read_csv(project_root() / "figures/qwen2.5-coder-1.5b-instruct/results/atlas_sweep.csv"))
+
+
+def test_a_planted_wording_effect_moves_every_concepts_score_by_exactly_its_size(qwen):
+    """δ̂ is linear in the Δ with a·signal = 1, and a shift every concept shares does not enter the weights (each kind
+    is centred): planting δ adds exactly δ — on the committed Qwen sweep's real noise."""
+    base = nm.score_test(qwen.concept_delta, qwen.null_delta, qwen.design, groups=qwen.groups)
+    planted = nm.score_test(nm.plant(qwen.concept_delta, qwen.design, 0.05), qwen.null_delta, qwen.design,
+                            groups=qwen.groups)
+    assert planted.delta_hat - base.delta_hat == pytest.approx(np.full(57, 0.05), abs=1e-9)
+    assert planted.null_delta_hat == pytest.approx(base.null_delta_hat, abs=1e-12)
+    assert base.I == pytest.approx(base.delta_hat * 8.0)
+    # the concepts' score is as noisy as the nulls' (effect-matched spread), and 57 + 114 vectors were scored
+    assert np.std(base.delta_hat) == pytest.approx(base.null_sd, rel=0.25)
+    assert len(base.null_delta_hat) == 114 and 0 <= base.shrinkage <= 1
