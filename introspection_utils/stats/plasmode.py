@@ -293,8 +293,12 @@ def markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
     for (model, fmt), group in table.groupby(["model", "answer_format"], sort=False):
         methods = list(dict.fromkeys(group["method"]))
         first = group.iloc[0]
-        lines += [f"**{model}, {fmt} format** ({first['n_concepts']} concepts, {first['n_nulls']} norm-matched "
-                  f"random vectors; α = {alpha:g}, Benjamini–Hochberg across concepts for \"called\"):", "",
+        r = int(first["n_nulls"])
+        lines += [f"**{model}, {fmt} format** ({first['n_concepts']} concepts, {r} norm-matched random vectors; "
+                  f"α = {alpha:g}, Benjamini–Hochberg across concepts for \"called\"; the smallest rank p-value is "
+                  f"1/{r + 1} = {1 / (r + 1):.3f}, in the leave-one-out 1/{r - 1} = {1 / (r - 1):.3f}"
+                  + (" — above α, so no held-out null can be a false positive there" if 1 / (r - 1) > alpha else "")
+                  + "):", "",
                   "| quantity | planted | truth | " + " | ".join(methods) + " |",
                   "|---|---|---|" + "---|" * len(methods)]
         for quantity, rows in group.groupby("quantity", sort=False):

@@ -19,14 +19,18 @@ drawn the same way with their own β and half the compression (on Qwen random ve
 vectors: −0.59 vs −0.78 at scale 8 — the case where the random-vector null alone does not protect S).
 
 Scenarios (:data:`SCENARIOS`), each run as atlases of ``concepts_per_atlas`` concepts whose q-values are corrected
-together, exactly as :func:`verdicts.verdicts` does, once with the verdict's statistic I and once with the contrast S:
+together, exactly as :func:`verdicts.verdicts` does, once with the verdict's test (:func:`null_model.score_test`:
+the null-learned I, beyond random vectors and beyond the controls) and once with the contrast S (the controls'-line
+test of :func:`verdicts.shift_test` on S). The real model's own noise is :mod:`.plasmode`'s; these synthetic tables
+keep what they were built for: confounds whose truth is known by construction.
 
 * ``shared yes-shift``: β only. ``question-specific bias``: β and θ = 0.3 on the concept vector.
   ``compression``: γ only. ``compression + shift``: β and γ.
 * ``relabelled control``: β, γ and heavy-tailed question sensitivities, so some ordinary question moves a lot — as if
   a control had been relabelled "introspection".
 * ``random vectors alike``: β, γ and δ > 0, but the random vectors get the same δ: the wordings respond to any
-  perturbation, not to the concept (the random-vector null must catch it).
+  perturbation, not to the concept (the random-vector null must catch it; ``detector`` counts how many land in the
+  class that says so, "injection detector").
 * ``planted δ=…``: β, γ and δ > 0 for the concept only: the power to find a real introspection effect beyond
   the controls' prediction.
 
@@ -45,7 +49,9 @@ from tqdm.auto import tqdm
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.introspection_residual import QuestionCurves
-from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg, classify, max_over_scales, shift_test
+from introspection_utils.stats.null_model import Design as ScoreDesign
+from introspection_utils.stats.null_model import benjamini_hochberg, score_test
+from introspection_utils.stats.verdicts import ALPHA, EFFECT_THRESHOLD, classify, max_over_scales, shift_test
 
 CALIBRATION_DOC = "docs/verdicts.md"  # the file whose calibration block this module writes
 SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
@@ -128,34 +134,51 @@ def synthetic_curves(rng: np.random.Generator, design: Design, scenario: Scenari
     return QuestionCurves.synthetic(s, curves, m, baseline=base, polarity=polarity[:m].astype(int))
 
 
+def score_atlas(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCurves], n_random: int,
+                alpha: float = ALPHA) -> dict[str, np.ndarray]:
+    """The verdict's test of one synthetic atlas (each concept's ``n_random`` random vectors left out together):
+    ``p`` (the larger of beyond random vectors and beyond the controls), ``q`` and the classes."""
+    first = concepts[0]
+    inj = first.injected
+    design = ScoreDesign(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
+                         polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline,
+                         scales=first.x[inj])
+    test = score_test(np.stack([c.delta[:, inj] for c in concepts]), np.stack([r.delta[:, inj] for r in randoms]),
+                      design, groups=np.arange(len(randoms)) // n_random)
+    p = np.maximum(test.p_random, test.p_controls)
+    q, q_controls = benjamini_hochberg(p), benjamini_hochberg(test.p_controls)
+    top = test.top_scale
+    classes = [classify(c, qv, I=i, q_controls=qc, I_controls=ic, alpha=alpha, effect_threshold=EFFECT_THRESHOLD)
+               for c, qv, i, qc, ic in zip(concepts, q, test.I, q_controls, test.controls_only * top, strict=True)]
+    return {"p": p, "q": q, "classes": np.array(classes)}
+
+
 def run_scenario(name: str, *, n_concepts: int = 1000, concepts_per_atlas: int = 50, design: Design = Design(),
                  alpha: float = ALPHA, seed: int = 0) -> dict[str, float]:
-    """Run one scenario of :data:`SCENARIOS` over ``n_concepts`` synthetic concepts, testing each with I (the
-    verdict) and with S (the contrast): ``called`` / ``S_called`` = the fraction classed introspection-specific
-    (after Benjamini–Hochberg within each atlas), ``p_below_alpha`` / ``S_p_below_alpha`` = the fraction with an
-    uncorrected p ≤ α, ``p_questions_below_alpha`` = the same for I's question null alone."""
+    """Run one scenario of :data:`SCENARIOS` over ``n_concepts`` synthetic concepts, testing each with the verdict's
+    test and with S (the contrast): ``called`` / ``S_called`` = the fraction classed introspection-specific (after
+    Benjamini–Hochberg within each atlas), ``p_below_alpha`` / ``S_p_below_alpha`` = the fraction with an
+    uncorrected p ≤ α, ``detector`` = the fraction classed "injection detector"."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
     spec = SCENARIOS[name]
     rng = np.random.default_rng([seed, sum(map(ord, name))])
-    counts = dict.fromkeys(("called", "p_below_alpha", "p_questions_below_alpha", "S_called", "S_p_below_alpha"), 0)
+    counts = dict.fromkeys(("called", "p_below_alpha", "detector", "S_called", "S_p_below_alpha"), 0)
     done = 0
     while done < n_concepts:
         k = min(concepts_per_atlas, n_concepts - done)
         base = baselines(rng, design)  # one question set per atlas: the concepts and random vectors share it
         concepts = [synthetic_curves(rng, design, spec, base) for _ in range(k)]
         randoms = [synthetic_curves(rng, design, spec, base, random=True) for _ in range(k * design.n_random)]
-        for statistic, prefix in (("I", ""), ("S", "S_")):
-            t_rand = np.array([max_over_scales(r, statistic) for r in randoms])
-            tests = [shift_test(c, randoms, rng=rng, statistic=statistic, random_statistics=t_rand) for c in concepts]
-            p = np.array([t["p_value"] for t in tests])
-            q = benjamini_hochberg(p)
-            counts[prefix + "called"] += sum(qv <= alpha for qv in q)
-            counts[prefix + "p_below_alpha"] += int((p <= alpha).sum())
-            if statistic == "I":
-                counts["p_questions_below_alpha"] += sum(t["p_questions"] <= alpha for t in tests)
-                assert all(classify(c, qv, alpha=alpha) == "introspection-specific" for c, qv in
-                           zip(concepts, q, strict=True) if qv <= alpha)
+        scored = score_atlas(concepts, randoms, design.n_random, alpha)
+        counts["called"] += int((scored["classes"] == "introspection-specific").sum())
+        counts["p_below_alpha"] += int((scored["p"] <= alpha).sum())
+        counts["detector"] += int((scored["classes"] == "injection detector").sum())
+        t_rand = np.array([max_over_scales(r, "S") for r in randoms])
+        p = np.array([shift_test(c, randoms, rng=rng, statistic="S", random_statistics=t_rand)["p_value"]
+                      for c in concepts])
+        counts["S_called"] += int((benjamini_hochberg(p) <= alpha).sum())
+        counts["S_p_below_alpha"] += int((p <= alpha).sum())
         done += k
     return {"scenario": name, "n_concepts": n_concepts, **{key: v / n_concepts for key, v in counts.items()}}
 
@@ -180,21 +203,22 @@ def binomial_margin(rate: float, n: int, *, sd: float = 3.0) -> float:
 
 def markdown(table: pd.DataFrame, design: Design = Design()) -> str:
     """The calibration table as ``docs/verdicts.md`` shows it (written by
-    ``python -m introspection_utils.calibration``)."""
+    ``python -m introspection_utils.stats.synthetic_calibration``)."""
     d = table.iloc[0]
     n = int(d["n_concepts"])
     lines = [f"Synthetic sweeps, {n} concepts per scenario in atlases of 50, {int(d['n_detect'])} detect and "
              f"{int(d['n_inverted'])} inverted wordings, {int(d['n_controls'])} controls spanning "
              f"{design.control_range[0]:+g} to {design.control_range[1]:+g} logits without injection, "
-             f"{int(d['n_random'])} random vectors per concept, α = {d['alpha']:g}. I is the verdict; S, tested the "
-             f"same way, is printed beside it (`tests/test_verdicts.py` asserts these; "
-             f"`python -m introspection_utils.calibration` rewrites this table):", "",
-             "| scenario | truth | I: called introspection-specific (after BH) | I: p ≤ α, uncorrected | I: question "
-             "null alone | S: called (after BH) | S: p ≤ α, uncorrected |",
+             f"{int(d['n_random'])} random vectors per concept, α = {d['alpha']:g}. The verdict's test (the "
+             f"null-learned I) decides; S, tested against the controls' line, is printed beside it "
+             f"(`tests/test_verdicts.py` asserts these; `python -m introspection_utils.calibration` rewrites this "
+             f"table):", "",
+             "| scenario | truth | called introspection-specific (after BH) | p ≤ α, uncorrected | called injection "
+             "detector | S: called (after BH) | S: p ≤ α, uncorrected |",
              "|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {r.scenario} | {r.truth} | {r.called:.1%} | {r.p_below_alpha:.1%} | "
-                     f"{r.p_questions_below_alpha:.1%} | {r.S_called:.1%} | {r.S_p_below_alpha:.1%} |")
+                     f"{r.detector:.1%} | {r.S_called:.1%} | {r.S_p_below_alpha:.1%} |")
     lines += ["", f"Uncorrected rates are single draws of {n} concepts: a true {ALPHA:.0%} shows as {ALPHA:.0%} ± "
               f"{binomial_margin(ALPHA, n):.1%} (3 standard errors)."]
     return "\n".join(lines)
