@@ -13,7 +13,6 @@ import pytest
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.stats import plasmode as pm
 from introspection_utils.stats import verdicts
-from introspection_utils.stats.null_model import plant
 
 SWEEP = project_root() / "figures/qwen2.5-coder-1.5b-instruct/results/atlas_sweep.csv"
 

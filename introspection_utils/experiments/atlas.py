@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from introspection_utils.core.paths import checkpoint
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.metadata import save_table
-from introspection_utils.engine.prompts import ANSWER_FORMATS, default_wordings
+from introspection_utils.engine.prompts import ANSWER_FORMATS, control_questions, default_wordings
 from introspection_utils.engine.vectors import check_nulls, default_layer
-from introspection_utils.experiments.sweeps import scale_sweep
+from introspection_utils.experiments.sweeps import control_battery, pick_controls, scale_sweep
+from introspection_utils.models.embedded import cache_dir
 from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS
 from introspection_utils.stats.verdicts import (
     ALPHA,
@@ -50,7 +52,7 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
               answer_format: str = "open", results_dir: str | Path | None = None, bank: VectorBank | None = None,
               progress: bool = True, nulls: Sequence[str] = ("isotropic",),
               executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None,
-              controls: Sequence[str] | None = None) -> tuple[pd.DataFrame, SweepResult]:
+              controls: Sequence[str] | str | None = "battery") -> tuple[pd.DataFrame, SweepResult]:
     """Measure every concept's scale sweep at one layer (default: 2/3 of the depth) with every introspection wording
     (``wordings``: default :func:`prompts.default_wordings`, detect and inverted), ``n_controls`` controls balanced by
     topic and expected answer, asked and read in ``answer_format`` (:data:`prompts.ANSWER_FORMATS`), and
@@ -59,8 +61,10 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
     ``nulls``: the null kinds of the random vectors (:data:`vectors.NULL_KINDS`; ``n_random`` of each per concept).
     The verdict is tested against the first; the table gains ``p_random_<kind>`` for every kind given
     (:func:`null_p_values`).
-    ``controls``: the control questions to ask instead of the first ``n_controls`` (e.g.
-    :func:`sweeps.pick_controls` of the model's :func:`sweeps.control_battery`, to span its baselines).
+    ``controls``: ``"battery"`` (default) — ``n_controls`` picked from the model's own battery so that their
+    no-injection answers span its range and the controls' line is identified (:func:`default_controls`, cached per
+    model); ``None`` — the first ``n_controls`` of :func:`prompts.control_questions` (as sweeps saved before this
+    default were asked); or the questions themselves.
 
     ``executor``, ``address``: where the sweep's questions run (``"ray"``: over the actors of a Ray cluster; see
     :func:`sweeps.run_sweep`); the verdicts are computed here from the assembled table.
@@ -78,6 +82,10 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
         raise ValueError(f"the random-vector null needs at least {MIN_RANDOM} random vectors at the layer; "
                          f"{len(concepts)} concept(s) × n_random={n_random} give {len(concepts) * n_random}")
     wordings = list(wordings) if wordings is not None else default_wordings()
+    if isinstance(controls, str):
+        if controls != "battery":
+            raise ValueError(f"controls must be 'battery', None or a list of questions, got {controls!r}")
+        controls = default_controls(handle, n_controls, answer_format=answer_format)
     sweep = scale_sweep(handle, concepts, scales, layer=layer, n_controls=n_controls, controls=controls,
                         introspection=wordings,
                         n_random=n_random, seed=seed, answer_format=answer_format, results_dir=results_dir,
@@ -91,6 +99,19 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
                    n_controls=n_controls, wordings=wordings, n_random=n_random, seed=seed, n_boot=n_boot,
                    alpha=alpha, effect_threshold=effect_threshold, answer_format=answer_format, nulls=list(nulls))
     return table, sweep
+
+
+def default_controls(handle: ModelHandle, n_controls: int, *, answer_format: str = "open") -> list[str]:
+    """``n_controls`` controls picked from ``handle``'s own no-injection answers to the whole battery
+    (:func:`sweeps.pick_controls` of :func:`sweeps.control_battery`), so that their baselines span the model's range:
+    the default 12 of the list span 1.73 logits on the embedded small model, where the controls' line cannot be
+    fitted. The battery's answers are cached per model (revision, dtype, answer format, questions) in the model
+    cache, so a second run asks nothing."""
+    questions = list(control_questions())
+    key = (handle.name, handle.revision, str(handle.dtype), answer_format, questions)
+    battery = checkpoint(cache_dir() / "control_batteries", f"battery-{handle.name}", key,
+                         lambda: control_battery(handle, answer_format=answer_format, questions=questions))
+    return pick_controls(battery, n_controls)
 
 
 def null_kinds(df: pd.DataFrame) -> pd.Series:

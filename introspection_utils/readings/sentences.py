@@ -69,13 +69,14 @@ def _residual_words(row: pd.Series) -> str:
     predicted = row["predicted"] - row["introspection_baseline"]
     fit = (f"b = {row['push']:+.2f}, c = {row['slope']:+.2f}" if row["fit_ok"] else
            "the controls' fit is degenerate: too few controls or too little spread in their baselines")
-    return (f"line residual {row['residual']:+.2f}: the introspection answer moved {moved:+.2f} where the controls' line "
-            f"predicts {predicted:+.2f} at its own baseline ({fit})")
+    return (f"line residual {row['residual']:+.2f}: the introspection answer moved {moved:+.2f} where the controls' "
+            f"line predicts {predicted:+.2f} at its own baseline ({fit})")
 
 
 def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
     """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the residual beyond
-    the controls' line is largest) — and a sentence saying what happens there: that residual against the line, whether each curve has flipped to "yes", and the answer mass."""
+    the controls' line is largest) — and a sentence saying what happens there: that residual against the line,
+    whether each curve has flipped to "yes", and the answer mass."""
     c = curves(df, concept, layer=layer)
     scale = verdicts.peak_scale(df, concept, layer=layer)
     row = c.loc[scale]

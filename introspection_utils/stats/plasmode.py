@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
-from introspection_utils.stats.null_model import GRID, POWER, Design, fit_prediction, plant, score_test
 from introspection_utils.stats.introspection_residual import QuestionCurves, question_curves
+from introspection_utils.stats.null_model import GRID, POWER, Design, fit_prediction, plant, score_test
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg, max_over_scales, shift_test
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")

@@ -76,7 +76,6 @@ from scipy import special
 from introspection_utils.stats.introspection_residual import (
     MIN_ANSWER_MASS,
     QuestionCurves,
-    fit_note,
     flip_scale,
     mass_note,
     question_curves,
