@@ -32,6 +32,17 @@ from introspection_utils.stats.verdicts import (
 FINDINGS_MODEL = "qwen2.5-coder-1.5b-instruct"
 
 
+def delta_rule(row: pd.Series, sign: int) -> tuple[bool, str]:
+    """Whether the introspection and control Δ at the effect scale both lie on the ``sign`` side of 0 (+1 above, −1
+    below: both intervals exclude 0 there), and the rule with its numbers in words."""
+    side = "above" if sign > 0 else "below"
+    ok = all((row[f"{k}_ci_low"] > 0) if sign > 0 else (row[f"{k}_ci_high"] < 0) for k in ("introspection", "control"))
+    words = (f"rule: both Δ's intervals {side} 0 at scale {row['effect_scale']:g} — introspection Δ "
+             f"{row['introspection_delta']:+.2f} [{row['introspection_ci_low']:+.2f}, "
+             f"{row['introspection_ci_high']:+.2f}], control Δ {row['control_delta']:+.2f} [{row['control_ci_low']:+.2f}, {row['control_ci_high']:+.2f}]")
+    return ok, words
+
+
 def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per write-up claim: ``claim, concepts, evidence, reproduces`` ("yes", "no" or "not measured")."""
     by = atlas.set_index("concept")
@@ -44,18 +55,30 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
     def case(claim: str, concept: str, wanted: set[str]) -> None:
         if concept not in by.index:
             return add(claim, concept, "not in the atlas", None)
-        add(claim, concept, describe_verdict(by.loc[concept], brief=True), by.loc[concept, "class"] in wanted)
+        row = by.loc[concept]
+        rule = f"rule: class {' or '.join(sorted(wanted))}; "
+        add(claim, concept, rule + describe_verdict(row, brief=True), row["class"] in wanted)
+
+    def both(claim: str, concept: str, sign: int) -> None:
+        """A claim about the two Δ's: reproduced when the introspection and the control Δ at the effect scale both
+        have intervals on the claimed side of 0 (the numbers the cell shows)."""
+        if concept not in by.index:
+            return add(claim, concept, "not in the atlas", None)
+        ok, words = delta_rule(by.loc[concept], sign)
+        add(claim, concept, words + "; " + describe_verdict(by.loc[concept], brief=True), ok)
 
     case("a clean, introspection-specific separation ('sandwich')", "Sandwich", {"introspection-specific"})
-    case("a muddy case: both questions shift together ('water')", "Water", {"shared yes-shift"})
-    case("safety suppression: both fall below baseline ('bomb')", "Bomb", {"shared suppression"})
+    both("a muddy case: both questions shift together ('water')", "Water", +1)
+    both("safety suppression: both fall below baseline ('bomb')", "Bomb", -1)
     if "Confusion" in by.index:
         row = by.loc["Confusion"]
         r = curve_correlation(interference, "Confusion") if interference is not None else float("nan")
-        together = row["class"] in {"shared yes-shift", "shared suppression"}
+        sign = 1 if row["control_delta"] >= 0 else -1
+        together, words = delta_rule(row, sign)
         correlation = f"; curves correlate r = {r:+.2f} over scales (notebook 06)" if not np.isnan(r) else ""
         add("'confusion': introspection and control move together", "Confusion",
-            describe_verdict(row, brief=True) + correlation, together)
+            words.replace("rule: both", "rule: both (the control's direction)") + "; "
+            + describe_verdict(row, brief=True) + correlation, together)
     case("the introspection question alone lifts ('logic', Gemma-2-27B)", "Logic", {"introspection-specific"})
     paper = [c for c in load_list("concept_words") if c in by.index]
     if paper:
@@ -71,7 +94,8 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
     medians = null_medians(null)
     beat = int(medians["beat_I"]) if len(randoms) else 0
     add("concept vectors act more strongly than random vectors of the same norm", f"{len(randoms)} random vectors",
-        f"max-over-scales introspection residual I: random vectors median {medians['random_I']:+.2f} (largest "
+        f"I beyond the random vectors' prediction: random vectors (out of sample) median {medians['random_I']:+.2f} "
+        f"(largest "
         f"{randoms['statistic'].max():+.2f}), concepts median {medians['concept_I']:+.2f}; {beat} of "
         f"{int(medians['n_concepts'])} concepts exceed every random vector on I. The contrast S: random median "
         f"{medians['random_S']:+.2f}, concepts {medians['concept_S']:+.2f}, {int(medians['beat_S'])} above every "
@@ -80,7 +104,7 @@ def claims(atlas: pd.DataFrame, sweep: pd.DataFrame, interference: pd.DataFrame 
         beat > 0)
     low = int(atlas["low_mass"].sum())
     add("a 'yes' is the model's answer (answer mass)", f"{len(atlas)} concepts",
-        f"median P(yes)+P(no) at the peak scale {atlas['answer_mass'].median():.2f}; {low} of {len(atlas)} below "
+        f"median P(yes)+P(no) at the largest scale {atlas['answer_mass'].median():.2f}; {low} of {len(atlas)} below "
         f"{MIN_ANSWER_MASS} (there yes − no orders two unlikely tokens); without injection "
         f"{atlas['baseline_answer_mass'].median():.2f}", low == 0)
     return pd.DataFrame(rows)
@@ -126,8 +150,8 @@ def formats_markdown(rows: pd.DataFrame) -> str:
     lines = ["## The atlas by answer format", "",
              "The same atlas (concepts, scales, wordings, controls, random vectors) asked in each answer format "
              "(`prompts.ANSWER_FORMATS`: the paper's open turn, a binary instruction on every question, a prefilled "
-             "\"The answer is\"). I is the control-calibrated introspection residual (max over scales), S the "
-             "contrast; a random vector's I should sit near 0.", "",
+             "\"The answer is\"). I is the wordings' effect beyond what the random vectors predict from the controls "
+             "(logits at the largest scale; a random vector's, out of sample, sits near 0), S the contrast.", "",
              "| format | concepts | introspection-specific | classes | random median I | concept median I | "
              "random median S | concept median S | concepts above every random I | answer mass (no injection) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from introspection_utils.core.paths import checkpoint
-from introspection_utils.core.results import SweepResult
+from introspection_utils.core.results import SweepResult, load_result
 from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.prompts import ANSWER_FORMATS, control_questions, default_wordings
 from introspection_utils.engine.vectors import check_nulls, default_layer
@@ -114,6 +114,28 @@ def default_controls(handle: ModelHandle, n_controls: int, *, answer_format: str
     return pick_controls(battery, n_controls)
 
 
+def recompute(results_dir: str | Path, answer_format: str = "open", *, n_boot: int | None = None) -> Path:
+    """Recompute an atlas's verdict table from its saved sweep, without the model: reads ``<name>_sweep.csv`` in
+    ``results_dir`` (:func:`atlas_name`), computes the verdicts exactly as :func:`run_atlas` does (the first null
+    kind's random vectors; ``p_random_<kind>`` for every kind) with the seed, α, threshold and ``n_boot`` (unless
+    given) of the saved table's spec, and writes ``<name>.csv`` beside a ``.meta.json`` that is the saved table's (or the sweep's) with
+    ``recomputed_from`` naming the sweep — how a change of statistic reaches committed results without re-measuring.
+    Returns the CSV path."""
+    folder, name = Path(results_dir), atlas_name(answer_format)
+    sweep = load_result(folder / f"{name}_sweep.csv")
+    old = folder / f"{name}.meta.json"
+    meta = load_result(folder / f"{name}.csv").meta if old.is_file() else dict(sweep.meta)
+    spec = meta.get("spec", {})
+    nulls = check_nulls(spec.get("nulls") or sweep.meta.get("spec", {}).get("nulls") or ("isotropic",))
+    seed = int(spec.get("seed", 0))
+    table = verdicts(with_null(sweep.df, nulls[0]), alpha=float(spec.get("alpha", ALPHA)),
+                     effect_threshold=float(spec.get("effect_threshold", EFFECT_THRESHOLD)),
+                     n_boot=int(n_boot if n_boot is not None else spec.get("n_boot", N_BOOT)), seed=seed)
+    table = table.merge(null_p_values(sweep.df, nulls, seed=seed), on=["concept", "layer"], how="left")
+    return SweepResult(table, {**meta, "recomputed_from": f"{name}_sweep.csv",
+                               "statistic": "null-learned I (stats.null_model)"}).save(folder / name)
+
+
 def null_kinds(df: pd.DataFrame) -> pd.Series:
     """Each row's null kind: the ``null_kind`` column, "isotropic" for random rows of a table without one (the
     only kind there was), "" for concept rows."""
@@ -182,3 +204,16 @@ def summary(table: pd.DataFrame, df: pd.DataFrame, *, alpha: float = ALPHA) -> s
                      f"below {MIN_ANSWER_MASS} at the largest scale (median {table['answer_mass'].median():.2f}): "
                      f"there 'yes over no' is not the model's answer.")
     return " ".join(parts)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Recompute saved atlases' verdict tables from their sweeps "
+                                                 "(no model needed).")
+    parser.add_argument("results_dir", help="e.g. figures/qwen2.5-coder-1.5b-instruct/results")
+    parser.add_argument("--formats", nargs="*", default=list(ANSWER_FORMATS))
+    args = parser.parse_args()
+    for answer_format in args.formats:
+        if (Path(args.results_dir) / f"{atlas_name(answer_format)}_sweep.csv").is_file():
+            print(recompute(args.results_dir, answer_format))

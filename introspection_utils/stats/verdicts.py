@@ -461,19 +461,34 @@ def class_counts(table: pd.DataFrame) -> pd.Series:
 
 
 def random_null(df: pd.DataFrame) -> pd.DataFrame:
-    """T of every vector of a scale-sweep table: ``concept, layer, vector_kind, vector_seed, statistic`` (max over
-    injected scales of I — the random rows are the null the concepts are tested against) and ``shift`` (max over
-    injected scales of S, the contrast, for comparison)."""
+    """The verdict's I of every vector of a scale-sweep table: ``concept, layer, vector_kind, vector_seed,
+    statistic`` (I, logits at the largest scale: a concept's from the prediction fitted on every random vector, a
+    random vector's out of sample — the null the concepts are ranked against; NaN at a layer with fewer than
+    :data:`MIN_RANDOM` random vectors) and ``shift`` (max over injected scales of S, the contrast, for comparison)."""
+    curves = question_curves(df)
+    score: dict[tuple, float] = {}
+    for layer in sorted({k[1] for k in curves}):
+        concept_keys = [k for k in curves if k[1] == layer and k[2] == "concept"]
+        null_keys = [k for k in curves if k[1] == layer and k[2] == "random"]
+        if not concept_keys:
+            continue
+        tested = layer_test([curves[k] for k in concept_keys], [curves[k] for k in null_keys],
+                            groups=[k[0] for k in null_keys], mde=False)
+        if tested is None:
+            continue
+        test = tested["test"]
+        score |= dict(zip(concept_keys, test.I, strict=True))
+        score |= dict(zip(null_keys, test.null_delta_hat * test.top_scale, strict=True))
     rows = [{"concept": c, "layer": layer, "vector_kind": k, "vector_seed": s,
-             "statistic": float(q.residual()[q.injected].max()), "shift": float(q.shift()[q.injected].max())}
-            for (c, layer, k, s), q in question_curves(df).items()]
+             "statistic": float(score.get((c, layer, k, s), np.nan)), "shift": float(q.shift()[q.injected].max())}
+            for (c, layer, k, s), q in curves.items()]
     out = pd.DataFrame(rows)
     out["vector_seed"] = out["vector_seed"].astype("Int64")
     return out
 
 
 def null_medians(null: pd.DataFrame) -> dict[str, float]:
-    """From a :func:`random_null` table: the medians of max-over-scales I and S of the concept vectors and of the
+    """From a :func:`random_null` table: the medians of I and of max-over-scales S of the concept vectors and of the
     random vectors (``concept_I``, ``random_I``, ``concept_S``, ``random_S``), and how many concepts exceed every
     random vector on each (``beat_I``, ``beat_S``): the numbers that show whether a statistic sits near 0 where only
     introspection should move it."""
