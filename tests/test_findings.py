@@ -25,15 +25,17 @@ def two_maps_tables(tiny_llama, tmp_path_factory):
 
 def _run():
     rng = np.random.default_rng(3)
-    randoms = [_scaled(0.5 + rng.normal(0, 0.05, 12)) for _ in range(20)]
-    controls = [0.1, 0.0, 0.05, 0.1, 0.0, 0.1, 0.05, 0.0]  # 8 controls: p_questions can reach 1/495
+    # 100 random vectors of every size (a shared push in [−1.5, 1.5]): the nulls' prediction covers the concepts, and
+    # a rank p-value reaches 1/101, small enough for five concepts to pass Benjamini–Hochberg
+    randoms = [_scaled(rng.uniform(-1.5, 1.5) + rng.normal(0, 0.05, 12)) for _ in range(100)]
+    controls = [0.1, 0.0, 0.05, 0.1, 0.0, 0.1, 0.05, 0.0]
     concepts = {"Sandwich": (_scaled([2.0, 2.1, 1.9, 2.0, *controls]), 4),
                 "Water": (_scaled([1.0, 1.05, 0.95, 1.0, *(1 + c for c in controls)]), 4),
                 "Bomb": (_scaled([-1.0, -1.1, -0.9, -1.0, *(-1 - c for c in controls)]), 4),
                 "Confusion": (_scaled([1.0, 1.0, 1.1, 0.9, *(1 + c for c in controls)]), 4),
                 "Logic": (_scaled([0.1] * 12), 4)}
     df = _table(concepts, randoms=randoms, baseline=_spread(4, 8))  # controls spanning 8 logits: the fit holds
-    return verdicts.verdicts(df, n_boot=200), df
+    return verdicts.verdicts(df, n_boot=200, mde=False), df
 
 
 def test_claims_follow_the_verdicts():
@@ -49,14 +51,18 @@ def test_claims_follow_the_verdicts():
         "a 'yes' is the model's answer (answer mass)": "yes",
     }
     by = atlas.set_index("concept")
-    assert table.loc["a clean, introspection-specific separation ('sandwich')", "evidence"] == \
-        verdicts.describe_verdict(by.loc["Sandwich"], brief=True)  # the one function that words a verdict
-    assert table.loc["a clean, introspection-specific separation ('sandwich')", "evidence"].startswith(
-        "introspection-specific (I = ")
-    assert table.loc["'confusion': introspection and control move together", "evidence"].startswith(
-        verdicts.describe_verdict(by.loc["Confusion"], brief=True) + "; curves correlate r = ")
+    # the stated rule, then the verdict in the one function that words a verdict
+    assert table.loc["a clean, introspection-specific separation ('sandwich')", "evidence"] == (
+        "rule: class introspection-specific; " + verdicts.describe_verdict(by.loc["Sandwich"], brief=True))
+    water = table.loc["a muddy case: both questions shift together ('water')", "evidence"]
+    w = by.loc["Water"]
+    assert water.startswith(f"rule: both Δ's intervals above 0 at scale {w['effect_scale']:g} — introspection Δ "
+                            f"{w['introspection_delta']:+.2f} [{w['introspection_ci_low']:+.2f}, ")
+    assert table.loc["'confusion': introspection and control move together", "evidence"].endswith(
+        verdicts.describe_verdict(by.loc["Confusion"], brief=True) + "; curves correlate r = +1.00 over scales "
+        "(notebook 06)")
     random = table.loc["concept vectors act more strongly than random vectors of the same norm", "evidence"]
-    assert "introspection residual I: random vectors median" in random and "The contrast S: random median" in random
+    assert "I beyond the random vectors' prediction: random vectors" in random and "The contrast S: random" in random
     low = findings.claims(atlas.assign(low_mass=True), df).set_index("claim")
     assert low.loc["a 'yes' is the model's answer (answer mass)", "reproduces"] == "no"
 
@@ -77,6 +83,17 @@ def test_write_reads_the_results_and_fills_the_readme(tmp_path, monkeypatch):
     assert "Notebook by notebook" not in text  # only the atlas was saved: no notebook readings to show
     assert isinstance(pd.read_csv(results / "atlas.csv"), pd.DataFrame)
     assert "| open | 5 |" in text and "| binary |" not in text  # one row per format that was run
+
+
+def test_a_claim_about_both_deltas_follows_the_numbers_it_shows():
+    """'Both fall below baseline' is reproduced only when both intervals are below 0 — a cell that shows an
+    introspection Δ above 0 says "no", whatever the class."""
+    atlas, _ = _run()
+    row = atlas.set_index("concept").loc["Bomb"].copy()
+    assert findings.delta_rule(row, -1)[0]
+    row["introspection_delta"], row["introspection_ci_low"], row["introspection_ci_high"] = 0.39, 0.1, 0.7
+    ok, words = findings.delta_rule(row, -1)
+    assert not ok and "introspection Δ +0.39 [+0.10, +0.70]" in words
 
 
 def test_the_formats_table_has_a_row_per_format_run(tmp_path):

@@ -39,7 +39,8 @@ def delta_rule(row: pd.Series, sign: int) -> tuple[bool, str]:
     ok = all((row[f"{k}_ci_low"] > 0) if sign > 0 else (row[f"{k}_ci_high"] < 0) for k in ("introspection", "control"))
     words = (f"rule: both Δ's intervals {side} 0 at scale {row['effect_scale']:g} — introspection Δ "
              f"{row['introspection_delta']:+.2f} [{row['introspection_ci_low']:+.2f}, "
-             f"{row['introspection_ci_high']:+.2f}], control Δ {row['control_delta']:+.2f} [{row['control_ci_low']:+.2f}, {row['control_ci_high']:+.2f}]")
+             f"{row['introspection_ci_high']:+.2f}], control Δ {row['control_delta']:+.2f} "
+             f"[{row['control_ci_low']:+.2f}, {row['control_ci_high']:+.2f}]")
     return ok, words
 
 

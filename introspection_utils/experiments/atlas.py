@@ -118,8 +118,9 @@ def recompute(results_dir: str | Path, answer_format: str = "open", *, n_boot: i
     """Recompute an atlas's verdict table from its saved sweep, without the model: reads ``<name>_sweep.csv`` in
     ``results_dir`` (:func:`atlas_name`), computes the verdicts exactly as :func:`run_atlas` does (the first null
     kind's random vectors; ``p_random_<kind>`` for every kind) with the seed, α, threshold and ``n_boot`` (unless
-    given) of the saved table's spec, and writes ``<name>.csv`` beside a ``.meta.json`` that is the saved table's (or the sweep's) with
-    ``recomputed_from`` naming the sweep — how a change of statistic reaches committed results without re-measuring.
+    given) of the saved table's spec, and writes ``<name>.csv`` beside a ``.meta.json`` that is the saved table's
+    (or the sweep's) with ``recomputed_from`` naming the sweep — how a change of statistic reaches committed results
+    without re-measuring.
     Returns the CSV path."""
     folder, name = Path(results_dir), atlas_name(answer_format)
     sweep = load_result(folder / f"{name}_sweep.csv")

@@ -365,6 +365,24 @@ class QuestionCurves:
                    tuple(f"q{i}" for i in range(q)), pol)
 
 
+def _grid(order: pd.DataFrame, x: str) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]] | None:
+    """The rows of one vector (sorted by question kind, question, ``x``) as ``[Q, S]`` arrays without a pivot, when
+    every question was measured once at every ``x`` (the sweeps' own tables); None otherwise."""
+    xs = np.unique(order[x].to_numpy(float))
+    if len(order) % len(xs):
+        return None
+    shape = (len(order) // len(xs), len(xs))
+    got = order[x].to_numpy(float).reshape(shape)
+    names = order["question"].to_numpy().reshape(shape)
+    if not (got == xs[None, :]).all() or not (names == names[:, :1]).all() or len(set(names[:, 0])) != shape[0]:
+        return None
+    columns = ["logit_diff", "delta", "baseline_logit_diff", "_polarity"] + (
+        ["answer_mass"] if "answer_mass" in order else [])
+    arrays = {c: order[c].to_numpy(float).reshape(shape) for c in columns}
+    arrays["is_intro"] = (order["question_kind"].to_numpy() == "introspection").reshape(shape)[:, 0]
+    return xs, list(names[:, 0]), arrays
+
+
 def question_curves(df: pd.DataFrame, *, x: str = "scale") -> dict[tuple[str, int, str, int | None], QuestionCurves]:
     """Split a sweep table into :class:`QuestionCurves`, keyed by ``(concept, layer, vector_kind, vector_seed)``
     (``x="layer"``: keyed by ``(concept, scale, …)`` instead). Questions are in a fixed (sorted) order within each
@@ -372,25 +390,33 @@ def question_curves(df: pd.DataFrame, *, x: str = "scale") -> dict[tuple[str, in
     _check_columns(df)
     df = df.assign(_polarity=polarity(df))
     other = "layer" if x == "scale" else "scale"
+    df = df.sort_values(["question_kind", "question", x], ascending=[False, True, True], kind="stable")
     out = {}
-    for key, group in df.groupby(["concept", other, "vector_kind", "vector_seed"], dropna=False, sort=True):
+    for key, order in df.groupby(["concept", other, "vector_kind", "vector_seed"], dropna=False, sort=True):
         concept, at, kind, seed = key
         seed = None if pd.isna(seed) else int(seed)
-        order = group.sort_values(["question_kind", "question"], ascending=[False, True])
-        logit = order.pivot_table(index="question", columns=x, values="logit_diff", sort=False)
-        if logit.isna().any().any():
-            raise ValueError(f"{concept!r} {other} {at} ({kind}): the questions were measured at different {x}s")
-        questions = list(dict.fromkeys(order["question"]))
-        logit = logit.loc[questions]
-        first = order.drop_duplicates("question").set_index("question").loc[questions]
-        is_intro = (first["question_kind"] == "introspection").to_numpy()
+        grid = _grid(order, x)
+        if grid is not None:  # one row per question and x: reshape, no pivot
+            xs, questions, a = grid
+            logit, delta, base = a["logit_diff"], a["delta"], a["baseline_logit_diff"].mean(axis=1)
+            mass = a.get("answer_mass", np.full(logit.shape, np.nan))
+            is_intro, pol = a["is_intro"], a["_polarity"][:, 0].astype(int)
+        else:  # repeated rows (averaged) or a question missing an x (an error)
+            questions = list(dict.fromkeys(order["question"]))
+            table = order.pivot_table(index="question", columns=x, values="logit_diff", sort=False)
+            if table.isna().any().any():
+                raise ValueError(f"{concept!r} {other} {at} ({kind}): the questions were measured at different "
+                                 f"{x}s")
+            xs, logit = table.columns.to_numpy(float), table.loc[questions].to_numpy(float)
+            first = order.drop_duplicates("question").set_index("question").loc[questions]
+            is_intro, pol = (first["question_kind"] == "introspection").to_numpy(), first["_polarity"].to_numpy(int)
+            base = order.groupby("question")["baseline_logit_diff"].mean().loc[questions].to_numpy(float)
+            delta = order.pivot_table(index="question", columns=x, values="delta", sort=False).loc[questions]
+            delta = delta.to_numpy(float)
+            mass = (order.pivot_table(index="question", columns=x, values="answer_mass", sort=False).loc[questions]
+                    .to_numpy(float) if "answer_mass" in order.columns else np.full(logit.shape, np.nan))
         if not is_intro.any() or is_intro.all():
             raise ValueError(f"{concept!r} {other} {at} ({kind}): needs introspection and control questions")
-        base = order.groupby("question")["baseline_logit_diff"].mean().loc[questions].to_numpy(float)
-        delta = order.pivot_table(index="question", columns=x, values="delta", sort=False).loc[questions]
-        mass = (order.pivot_table(index="question", columns=x, values="answer_mass", sort=False).loc[questions]
-                .to_numpy(float) if "answer_mass" in order.columns else np.full(logit.shape, np.nan))
         out[(concept, at.item() if hasattr(at, "item") else at, kind, seed)] = QuestionCurves(
-            logit.columns.to_numpy(float), delta.to_numpy(float), logit.to_numpy(float), base, mass, is_intro,
-            tuple(questions), first["_polarity"].to_numpy(int))
+            xs, delta, logit, base, mass, is_intro, tuple(questions), pol)
     return out
