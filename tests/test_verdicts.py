@@ -20,7 +20,7 @@ from introspection_utils.experiments import atlas as metrics
 from introspection_utils.experiments import sweeps
 from introspection_utils.experiments.sweeps import COLUMNS
 from introspection_utils.readings import sentences as readings
-from introspection_utils.stats import introspection_residual, synthetic_calibration, verdicts
+from introspection_utils.stats import introspection_residual, line_test, synthetic_calibration, verdicts
 from introspection_utils.stats.introspection_residual import (
     QuestionCurves,
     flip_scale,
@@ -193,7 +193,7 @@ def test_question_null_p_value_by_enumeration():
             roles[negative] = -1
             by_hand.append(_residual_by_hand(delta, base, roles)[1:].max())
     expected = np.mean(np.array(by_hand) >= t_obs - 1e-12)
-    test = verdicts.shift_test(c)
+    test = line_test.shift_test(c)
     assert test["exact"] == 1.0 and test["n_relabelings"] == math.comb(7, 3) * 3 == len(by_hand)
     assert test["p_questions"] == pytest.approx(expected)
     assert test["p_value"] == 1.0 and math.isnan(test["p_random"])  # no random vectors, no verdict
@@ -201,8 +201,8 @@ def test_question_null_p_value_by_enumeration():
 
 def test_sampled_relabelings_keep_the_sign_pattern():
     roles = np.array([1, 1, -1, -1] + [0] * 16)  # C(20, 4)·C(4, 2) > MAX_EXACT: sampled
-    sampled, exact = verdicts.relabelings(roles, np.random.default_rng(0))
-    assert not exact and sampled.shape == (verdicts.N_PERMUTATIONS, 20)
+    sampled, exact = line_test.relabelings(roles, np.random.default_rng(0))
+    assert not exact and sampled.shape == (line_test.N_PERMUTATIONS, 20)
     assert ((sampled == 1).sum(axis=1) == 2).all() and ((sampled == -1).sum(axis=1) == 2).all()
     assert (sampled[:, :4] == -1).any() and (sampled[:, 4:] != 0).any()  # signs and positions both move
 
@@ -210,7 +210,7 @@ def test_sampled_relabelings_keep_the_sign_pattern():
 def test_one_wording_cannot_go_below_one_over_n_plus_one():
     delta = np.zeros((11, 2))
     delta[0, 1] = 10.0  # the single wording moves far more than any control
-    test = verdicts.shift_test(QuestionCurves.synthetic([0.0, 1.0], delta, n_intro=1, baseline=_spread(1, 10)))
+    test = line_test.shift_test(QuestionCurves.synthetic([0.0, 1.0], delta, n_intro=1, baseline=_spread(1, 10)))
     assert test["p_questions"] == pytest.approx(1 / 11)
 
 
@@ -222,7 +222,7 @@ def test_random_null_is_a_prediction_test_against_the_random_vectors():
 
     c = curves(3.0)
     randoms = [curves(t) for t in (0.0, 1.0, 2.0, 1.0)]
-    test = verdicts.shift_test(c, randoms)
+    test = line_test.shift_test(c, randoms)
     t_rand = np.array([0.0, 1.0, 2.0, 1.0])
     z = (3.0 - t_rand.mean()) / (t_rand.std(ddof=1) * math.sqrt(1 + 1 / 4))
     from scipy import stats
@@ -231,7 +231,7 @@ def test_random_null_is_a_prediction_test_against_the_random_vectors():
     assert test["random_rank"] == pytest.approx(1 / 5)
     assert test["p_value"] == max(test["p_questions"], test["p_random"])
     with pytest.raises(ValueError, match="other scales or with other questions"):
-        verdicts.shift_test(c, [QuestionCurves.synthetic([0.0, 2.0], np.zeros((5, 2)), n_intro=1)] * 3)
+        line_test.shift_test(c, [QuestionCurves.synthetic([0.0, 2.0], np.zeros((5, 2)), n_intro=1)] * 3)
 
 
 @pytest.mark.parametrize("baseline,n_controls", [(-2.0, 6), (None, 2)])
@@ -360,7 +360,7 @@ def test_atlas_classes_pvalues_and_reproducibility():
 def test_bootstrap_interval_of_I_covers_it():
     concepts, randoms, base = _atlas_cases()
     c = question_curves(_table(concepts, randoms=randoms, baseline=base))[("sandwich", 3, "concept", None)]
-    ci = verdicts.bootstrap_interval(c, 3, rng=np.random.default_rng(0), n_boot=500)
+    ci = line_test.bootstrap_interval(c, 3, rng=np.random.default_rng(0), n_boot=500)
     assert ci["I_ci_low"] <= c.residual()[3] <= ci["I_ci_high"]
     assert ci["shift_ci_low"] <= c.shift()[3] <= ci["shift_ci_high"]
 
@@ -377,9 +377,9 @@ def test_bootstrap_point_estimate_is_the_table_I_and_S():
         ones = np.ones((1, len(c.questions)))
         at_shift = int(np.flatnonzero(c.x == row["shift_scale"])[0])
         effect = int(np.flatnonzero(c.x == row["effect_scale"])[0])
-        assert verdicts.resampled(c, effect, ones)["I"][0] == pytest.approx(c.residual()[effect], abs=1e-12)
-        assert verdicts.resampled(c, at_shift, ones)["S"][0] == pytest.approx(row["shift"], abs=1e-12)
-        point = verdicts.resampled(c, effect, ones)
+        assert line_test.resampled(c, effect, ones)["I"][0] == pytest.approx(c.residual()[effect], abs=1e-12)
+        assert line_test.resampled(c, at_shift, ones)["S"][0] == pytest.approx(row["shift"], abs=1e-12)
+        point = line_test.resampled(c, effect, ones)
         assert point["introspection"][0] == pytest.approx(row["introspection_delta"], abs=1e-12)
         assert point["control"][0] == pytest.approx(row["control_delta"], abs=1e-12)
 
@@ -388,9 +388,9 @@ def test_a_resample_is_the_statistic_of_its_questions_drawn_again():
     """A resample's I and S equal those of the questions listed as often as they are drawn (np.polyfit by hand)."""
     concepts, randoms, base = _atlas_cases()
     c = question_curves(_table(concepts, randoms=randoms, baseline=base))[("squeeze", 3, "concept", None)]
-    counts = verdicts.resample_counts(c, rng=np.random.default_rng(5), n_boot=20)
+    counts = line_test.resample_counts(c, rng=np.random.default_rng(5), n_boot=20)
     assert counts.shape == (20, len(c.questions)) and (counts[:, c.is_intro].sum(1) == c.is_intro.sum()).all()
-    stats = verdicts.resampled(c, 2, counts)
+    stats = line_test.resampled(c, 2, counts)
     for b, k in enumerate(counts.astype(int)):
         rows = np.repeat(np.arange(len(k)), k)
         d, x, roles = c.delta[rows, 2:3], c.baseline[rows], c.polarity[rows]
@@ -445,7 +445,7 @@ def test_readings_use_the_peak_scale_and_the_one_flip_definition():
     df = _table({"X": (deltas, 1)}, baseline=[-2.0, -3.0, -1.0, 1.0])
     assert readings.flip_scale(df, "X") == 4.0 and readings.flip_scale(df, "X", question_kind="control") is None
     scale, why = readings.choose_scale(df, "X")
-    assert scale == verdicts.peak_scale(df, "X") == 4.0
+    assert scale == line_test.peak_scale(df, "X") == 4.0
     assert "flips to yes at scale 4" in why and "control mean never flips" in why
     assert "line residual" in why and "controls' line predicts" in why
     text = readings.describe_scale_sweep(df, "X")

@@ -12,7 +12,7 @@ import pandas as pd
 from introspection_utils.core.deprecation import renamed
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
-from introspection_utils.stats import introspection_residual, verdicts
+from introspection_utils.stats import introspection_residual, line_test, verdicts
 from introspection_utils.stats.introspection_residual import curve_table, mass_note
 from introspection_utils.stats.shifts import (
     COMOVEMENT_R,
@@ -74,11 +74,11 @@ def _residual_words(row: pd.Series) -> str:
 
 
 def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> tuple[float, str]:
-    """The scale to probe ``concept`` at — its peak scale (:func:`verdicts.peak_scale`: where the residual beyond
+    """The scale to probe ``concept`` at — its peak scale (:func:`line_test.peak_scale`: where the residual beyond
     the controls' line is largest) — and a sentence saying what happens there: that residual against the line,
     whether each curve has flipped to "yes", and the answer mass."""
     c = curves(df, concept, layer=layer)
-    scale = verdicts.peak_scale(df, concept, layer=layer)
+    scale = line_test.peak_scale(df, concept, layer=layer)
     row = c.loc[scale]
     flips = []
     for name, column, base in (("introspection answer", "introspection", "introspection_baseline"),
@@ -116,7 +116,7 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
 
     parts.append(f"{crossing('introspection curve', 'introspection', ib).capitalize()}; "
                  f"{crossing('control mean', 'control_mean', cb)}.")
-    peak = verdicts.peak_scale(df, concept, layer=layer)
+    peak = line_test.peak_scale(df, concept, layer=layer)
     injected = c.loc[c.index != 0, "shift"]
     parts.append(f"Largest residual beyond the controls' line (the wordings' Δ beyond what the line predicts at their "
                  f"baselines) over injected scales: at scale {_fmt(peak)}, {_residual_words(c.loc[peak])}"

@@ -40,8 +40,9 @@ import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.introspection_residual import QuestionCurves, question_curves
+from introspection_utils.stats.line_test import max_over_scales, shift_test
 from introspection_utils.stats.null_model import GRID, POWER, Design, fit_prediction, plant, score_test
-from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg, max_over_scales, shift_test
+from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
 DOC = "docs/verdicts.md"  # the file whose plasmode block :func:`main` writes
@@ -160,7 +161,7 @@ def _curves(delta: np.ndarray, p: Panel) -> QuestionCurves:
 def residual_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray, *,
                     seed: int = 0) -> np.ndarray:
     """p-values of the controls'-line residual I with its question and norm-matched random-vector nulls (the
-    statistic the verdict used before :mod:`.null_model`; ``verdicts.shift_test``)."""
+    statistic the verdict used before :mod:`.null_model`; ``line_test.shift_test``)."""
     randoms = [_curves(d, p) for d in null_delta]
     t_rand = np.array([max_over_scales(r) for r in randoms])
     rng = np.random.default_rng(seed)

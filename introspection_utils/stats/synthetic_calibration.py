@@ -21,7 +21,7 @@ vectors: −0.59 vs −0.78 at scale 8 — the case where the random-vector null
 Scenarios (:data:`SCENARIOS`), each run as atlases of ``concepts_per_atlas`` concepts whose q-values are corrected
 together, exactly as :func:`verdicts.verdicts` does, once with the verdict's test (:func:`null_model.score_test`:
 the null-learned I, beyond random vectors and beyond the controls) and once with the contrast S (the controls'-line
-test of :func:`verdicts.shift_test` on S). The real model's own noise is :mod:`.plasmode`'s; these synthetic tables
+test of :func:`line_test.shift_test` on S). The real model's own noise is :mod:`.plasmode`'s; these synthetic tables
 keep what they were built for: confounds whose truth is known by construction.
 
 * ``shared yes-shift``: β only. ``question-specific bias``: β and θ = 0.3 on the concept vector.
@@ -49,9 +49,10 @@ from tqdm.auto import tqdm
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.introspection_residual import QuestionCurves
+from introspection_utils.stats.line_test import max_over_scales, shift_test
 from introspection_utils.stats.null_model import Design as ScoreDesign
 from introspection_utils.stats.null_model import benjamini_hochberg, score_test
-from introspection_utils.stats.verdicts import ALPHA, EFFECT_THRESHOLD, classify, max_over_scales, shift_test
+from introspection_utils.stats.verdicts import ALPHA, EFFECT_THRESHOLD, classify
 
 CALIBRATION_DOC = "docs/verdicts.md"  # the file whose calibration block this module writes
 SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)

@@ -1,77 +1,54 @@
 """Verdicts: the calibrated test that tells an introspection-specific answer from a generic push of the logits (a
-shared "yes", or every answer drawn towards indifference), the classes, and one sentence per verdict.
+shared "yes", every answer drawn towards indifference, or a report of *any* injection), the classes, and one sentence
+per verdict.
 
-The terms it is built on (Δ, polarity, the controls' line b + c·x, the introspection residual I, the contrast S, flip
-scale, answer mass, peak and effect scales) are defined once in :mod:`introspection_utils.stats.introspection_residual`.
+**The test** (all concepts of one layer at once; :func:`verdicts`, :func:`layer_test`) is
+:func:`introspection_utils.stats.null_model.score_test`: each wording's response to a generic perturbation is
+learned from the random (null) vectors — its loadings on the controls' Δ — and I is what the wordings do beyond that
+prediction, signed by polarity (logits at the largest scale). ``p_random`` ranks a concept's score among the random
+vectors' out-of-sample scores (beyond random vectors); ``p_controls`` ranks its score beyond the controls' part alone
+(beyond the controls); ``p_value`` is the larger, and Benjamini–Hochberg across the table's concepts gives
+``q_value`` (and ``q_controls``). Every row carries the atlas's MDE (:func:`null_model.atlas_mde`: the smallest I
+called for 80% of its concepts, on its own noise) and the smallest p its random vectors allow, so a "no" says what it
+could have found. Fewer than :data:`MIN_RANDOM` random vectors: no test (NaN p and q, and no sentence prints a q).
 
-**The test** (one concept at one layer; :func:`shift_test`). Statistic T = max over injected scales of I(s) — scale
-selection is part of the statistic, and each null takes the same maximum, so picking the best scale is paid for.
+**Classes** (exclusive, decided in this order by :func:`classify`; t = ``effect_threshold`` logits, α = ``alpha``):
 
-* *question null* (is the introspection question special among questions?). Each question has a role: detect
-  wording (+1), inverted wording (−1) or control (0). Under the null hypothesis — no introspection beyond the controls'
-  prediction — the residuals from the line fitted over the controls do not depend on which questions carry which
-  role, so the roles are exchangeable: a relabelling assigns the observed multiset of roles to the questions anew
-  (which m questions are wordings, and which of those are inverted; the other questions are refitted as the
-  controls). All distinct relabellings are enumerated when there are at most :data:`MAX_EXACT` of them, else
-  :data:`N_PERMUTATIONS` random permutations of the roles (seeded) are drawn; T is recomputed for each (refitting the
-  line on that relabelling's controls). ``p_questions`` = the fraction with T at least the observed one (the observed
-  labelling included, so p > 0). Why keep the sign pattern rather than relabel within polarity: a question's role
-  sign is what I multiplies its residual by, and under the null it is as arbitrary as its being a wording at all;
-  relabelling within polarity would need as many "yes"-reporting as "no"-reporting controls per relabelling and would
-  leave out relabellings the null makes equally likely. Where the questions are not exchangeable — a bias that pushes
-  self-questions and wordings more than world questions — the observed I cancels the bias between the two polarities,
-  while a relabelled set mixes self and world questions, which widens the null: the test becomes conservative, not
-  liberal (``calibration``'s "question-specific bias" scenario measures it). With one polarity only (old tables) such a
-  bias does not cancel: the readings say so. With one wording and n controls p cannot go below 1 / (n + 1).
-* *random-vector null* (does a direction of the same norm do it too?): T of every norm-matched random vector measured
-  at the same layer and scales with the same questions (all concepts' random vectors pooled: each is matched to its
-  own concept's norm). ``p_random`` is the one-sided prediction test of a new draw from that population,
-  P(t_{R−1} ≥ (T − mean) / (sd · √(1 + 1/R))) — exact for normal T_random, and not limited to 1 / (R + 1) as a rank
-  would be (with 50 concepts, Benjamini–Hochberg needs p ≈ 0.001 for a single discovery; a rank among 100 random
-  vectors cannot give it). ``random_rank`` = (1 + #{T_random ≥ T}) / (1 + R), the assumption-free version, is
-  reported beside it. Fewer than :data:`MIN_RANDOM` random vectors: no random-vector test (p_random NaN).
-* ``p_value`` = max(p_questions, p_random): the concept must beat both nulls (an intersection–union test, so the
-  level holds); 1 when there is no random-vector null or the controls' fit is degenerate (no verdict without them).
-  Across concepts, Benjamini–Hochberg ``q_value`` controls the false-discovery rate. The same test on S
-  (``statistic="S"``) is kept for the calibration, which shows why it no longer decides.
+1. ``introspection-specific``: q_value ≤ α (beyond random vectors and beyond the controls).
+2. ``injection detector``: q_controls ≤ α and I beyond the controls' part alone ≥ t, but not beyond random vectors:
+   the wordings report an injection for any vector — a detector that is not concept-specific.
+3. ``no effect``: at every injected scale |b| and the line's compression push |c|·max|x_q| are < t, and |I| < t.
+4. ``opposite``: I ≤ −t. 5. ``one-sided``: I ≥ t, and the test did not find it specific.
+6. ``shared yes-shift``: b ≥ t at the effect scale (every question pushed towards "yes").
+7. ``shared suppression``: b ≤ −t there (all pushed towards "no", e.g. "bomb").
+8. ``compression``: otherwise — the answers drawn towards indifference, the wordings with them.
 
-**Classes** (exclusive, decided in this order by :func:`classify`; t = ``effect_threshold`` logits, α = ``alpha``;
-b, c and I read at the effect scale):
+b and c are the controls' line Δ = b + c·x (:mod:`.introspection_residual`), read at the **effect scale** (where
+|b| or |c|·max|x_q| is largest); they describe, the test decides. :func:`decided_by` words the values a class was
+decided by, and :func:`describe_verdict` is the one place a row is put into words.
 
-1. ``introspection-specific``: q_value ≤ α (the wordings move towards reporting detection beyond the controls'
-   prediction, beyond both nulls).
-2. ``no effect``: at every injected scale |b|, |I| and |c|·max|x_q| are all < t.
-3. ``opposite``: I ≤ −t (the wordings move away from reporting detection, beyond what the controls predict).
-4. ``one-sided``: I ≥ t, and the test did not find it specific.
-5. ``shared yes-shift``: b ≥ t (every question pushed towards "yes", the wordings as the controls predict).
-6. ``shared suppression``: b ≤ −t (all pushed towards "no", e.g. "bomb").
-7. ``compression``: otherwise — the answers are drawn towards indifference (|c|·max|x_q| ≥ t), the wordings with them.
+**The controls'-line test it replaced** — :func:`.line_test.shift_test`: T = max over scales of the line's residual
+(or of the contrast S), a relabelling null over which questions are wordings and a t-tail prediction test against the
+random vectors — is kept for the contrast S (the synthetic calibration shows why S does not decide) and as the comparison
+column of :mod:`.plasmode`'s table; it decides nothing.
 
 **Other contrasts that are not the verdict.** ``mechanisms``, ``patching`` and ``attribution`` decompose the
 difference-in-differences "introspection effect − mean control effect" at one scale: that is S at one scale (weights
 1/m on the wordings, −1/n on the controls; :func:`introspection_utils.stats.shifts.specific`), a linear target that
-attribution can split into components exactly. I is linear too (``introspection_residual.statistic_weights``), so a
-decomposition
-of I is those same per-question effects weighted by I's weights instead; until those modules take the weights,
-their maps locate where S is made, which includes any compression. ``readings.top_heads``'
-``introspection_minus_control`` is an attention difference, not a logit one.
+attribution can split into components exactly; their maps locate where S is made, which includes any compression.
+``readings.top_heads``' ``introspection_minus_control`` is an attention difference, not a logit one.
 
-Calibration: :mod:`introspection_utils.stats.synthetic_calibration` runs the test on synthetic sweeps whose truth is
-known; its
-false-positive rates and power are asserted in ``tests/test_verdicts.py`` and stated in ``docs/verdicts.md``.
+Calibration: :mod:`.plasmode` on the model's own sweeps and :mod:`.synthetic_calibration` on synthetic sweeps whose
+truth is known; their tables are in ``docs/verdicts.md``, held by ``tests/test_plasmode.py`` and
+``tests/test_verdicts.py``.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import special
 
 from introspection_utils.stats.introspection_residual import (
     MIN_ANSWER_MASS,
@@ -79,9 +56,8 @@ from introspection_utils.stats.introspection_residual import (
     flip_scale,
     mass_note,
     question_curves,
-    select,
-    statistic_weights,
 )
+from introspection_utils.stats.line_test import CONFIDENCE, N_BOOT, bootstrap_interval, concept_rng, peak_index
 from introspection_utils.stats.null_model import (
     MIN_NULLS,
     Design,
@@ -93,187 +69,12 @@ from introspection_utils.stats.null_model import (
 
 EFFECT_THRESHOLD = 1.0  # logits: a |delta| below this counts as "no change"
 ALPHA = 0.05
-CONFIDENCE = 0.95
-N_BOOT = 2000
 MIN_RANDOM = MIN_NULLS  # random vectors needed for the random-vector null
-MAX_EXACT = 20_000  # enumerate every relabeling up to this many
-N_PERMUTATIONS = 10_000  # else sample this many
 CLASSES = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression",
            "opposite", "one-sided", "no effect")
 
 
 # ----------------------------------------------------------------------------------------------------- the test
-
-@functools.lru_cache(maxsize=16)
-def _all_relabelings(q: int, m: int, n_neg: int) -> np.ndarray:
-    """Every assignment of m wordings (n_neg of them inverted) to q questions: ``[C(q, m)·C(m, n_neg), q]`` int,
-    read-only (pure combinatorics, so memoised)."""
-    chosen = np.array(list(itertools.combinations(range(q), m)), int).reshape(-1, m)  # [C, m]
-    signs = np.ones((math.comb(m, n_neg), m), int)  # [K, m]
-    for row, negative in enumerate(itertools.combinations(range(m), n_neg)):
-        signs[row, list(negative)] = -1
-    rows = np.repeat(chosen, len(signs), axis=0)
-    out = np.zeros((len(rows), q), int)
-    np.put_along_axis(out, rows, np.tile(signs, (len(chosen), 1)), axis=1)
-    out.flags.writeable = False
-    return out
-
-
-def relabelings(roles: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-    """``([P, Q] int, exact)``: the observed roles (``roles [Q]``: +1 / −1 wordings, 0 controls) assigned to the
-    questions anew — every distinct assignment (which questions are wordings, and which of those are inverted) when
-    there are at most :data:`MAX_EXACT`, else :data:`N_PERMUTATIONS` random permutations of the roles (see the module
-    docstring for why the sign pattern travels with the relabelling)."""
-    roles = np.asarray(roles, int)
-    q = len(roles)
-    signs = roles[roles != 0]
-    m, n_neg = len(signs), int((signs < 0).sum())
-    if math.comb(q, m) * math.comb(m, n_neg) <= MAX_EXACT:
-        return _all_relabelings(q, m, n_neg), True
-    order = np.argsort(rng.random((N_PERMUTATIONS, q)), axis=1)
-    return roles[order], False
-
-
-@functools.lru_cache(maxsize=64)
-def _exact_weights(baseline: bytes, roles: bytes, statistic: str) -> np.ndarray:
-    """:func:`statistic_weights` of every exact relabelling of ``roles`` at ``baseline`` (float64 and int64 bytes):
-    the same for every vector measured with the same questions, so memoised (read-only)."""
-    x, r = np.frombuffer(baseline, float), np.frombuffer(roles, np.int64)
-    signs = r[r != 0]
-    out = statistic_weights(x, _all_relabelings(len(r), len(signs), int((signs < 0).sum())), statistic)
-    out.flags.writeable = False
-    return out
-
-
-def max_statistic(curves: QuestionCurves, roles: np.ndarray, statistic: str = "I", *, exact: bool = False
-                  ) -> np.ndarray:
-    """T = max over injected x of I (or S) for each labelling: ``roles [P, Q]`` → ``[P]``. ``exact``: ``roles`` are
-    :func:`relabelings`' full enumeration for ``curves.polarity`` (their weights are then reused across vectors)."""
-    if exact:
-        weights = _exact_weights(np.ascontiguousarray(curves.baseline, float).tobytes(),
-                                 np.ascontiguousarray(curves.polarity, np.int64).tobytes(), statistic)
-        return (weights @ curves.delta)[:, curves.injected].max(axis=1)
-    return curves.statistic(statistic, roles)[:, curves.injected].max(axis=1)
-
-
-def max_over_scales(curves: QuestionCurves, statistic: str = "I") -> float:
-    """T of one vector: the largest I (or S) over its injected x."""
-    return float(curves.statistic(statistic)[curves.injected].max())
-
-
-def shift_test(concept: QuestionCurves, randoms: Sequence[QuestionCurves] = (), *, rng: np.random.Generator | int = 0,
-               statistic: str = "I", random_statistics: np.ndarray | None = None) -> dict[str, float]:
-    """The calibrated test of one concept (see the module docstring): ``statistic`` T (max over injected scales of I,
-    or of S with ``statistic="S"``), ``peak_scale`` s*, ``p_questions``, ``p_random`` and ``random_rank`` (NaN with
-    fewer than :data:`MIN_RANDOM` random vectors: then ``p_value`` is 1 — no verdict without the random-vector null),
-    ``p_value`` (also 1 when I's fit is degenerate: ``fit_ok`` 0.0), ``n_relabelings``, ``exact`` (1.0 when every
-    relabeling was enumerated). ``random_statistics [R]``: the randoms' T (:func:`max_over_scales`) when already
-    computed (an atlas tests every concept against the same random vectors)."""
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    injected = concept.injected
-    if not injected.any():
-        raise ValueError("the test needs at least one injected scale (x ≠ 0)")
-    values = concept.statistic(statistic)
-    peak = int(np.flatnonzero(injected)[np.argmax(values[injected])])
-    t_obs = float(values[peak])
-    roles, exact = relabelings(concept.polarity, rng)
-    t_perm = max_statistic(concept, roles, statistic, exact=exact)
-    tol = 1e-9 * max(1.0, abs(t_obs))
-    hits = int((t_perm >= t_obs - tol).sum())
-    p_questions = hits / len(roles) if exact else (1 + hits) / (1 + len(roles))
-    p_random = rank = float("nan")
-    if len(randoms) >= MIN_RANDOM:
-        if (any(r.questions != concept.questions or r.x.shape != concept.x.shape for r in randoms)
-                or not (np.stack([r.x for r in randoms]) == concept.x).all()):
-            raise ValueError("the random vectors were measured at other scales or with other questions")
-        t_rand = (np.asarray(random_statistics, float) if random_statistics is not None else
-                  np.array([max_over_scales(r, statistic) for r in randoms]))
-        n = len(t_rand)
-        rank = float((1 + (t_rand >= t_obs - tol).sum()) / (1 + n))
-        spread = t_rand.std(ddof=1) * math.sqrt(1 + 1 / n)
-        p_random = float(special.stdtr(n - 1, -(t_obs - t_rand.mean()) / spread)) if spread > 0 else float(
-            t_obs <= t_rand.mean())
-    ok = statistic == "S" or concept.fit_ok
-    p_value = max(p_questions, p_random) if not math.isnan(p_random) and ok else 1.0
-    return {"statistic": t_obs, "peak_scale": float(concept.x[peak]), "p_questions": float(p_questions),
-            "p_random": p_random, "random_rank": rank, "p_value": float(p_value), "n_relabelings": float(len(roles)),
-            "exact": float(exact), "fit_ok": float(ok)}
-
-
-def _one_concept(df: pd.DataFrame, concept: str, layer: int | None) -> tuple[QuestionCurves, list[QuestionCurves]]:
-    sub = select(df, concept, layer=layer)
-    if sub["layer"].nunique() > 1:
-        raise ValueError(f"the table holds several layers ({sorted(sub['layer'].unique())}); pass layer=")
-    at = int(sub["layer"].iloc[0])
-    curves = question_curves(df[df["layer"] == at])
-    return curves[(concept, at, "concept", None)], [q for k, q in curves.items() if k[2] == "random"]
-
-
-def peak_index(curves: QuestionCurves, statistic: str = "I") -> int:
-    """Index of the injected x with the largest I (or S): the point the test's maximum picks."""
-    values, injected = curves.statistic(statistic), curves.injected
-    return int(np.flatnonzero(injected)[np.argmax(values[injected])])
-
-
-def peak_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None, statistic: str = "I") -> float:
-    """The peak scale s* of ``concept`` in a scale sweep: the injected scale with the largest introspection
-    residual I (the scale :func:`shift_test` picks; every notebook probes there)."""
-    concept_curves, _ = _one_concept(df, concept, layer)
-    return float(concept_curves.x[peak_index(concept_curves, statistic)])
-
-
-def concept_test(df: pd.DataFrame, concept: str, *, layer: int | None = None, seed: int = 0) -> dict[str, float]:
-    """:func:`shift_test` of one concept of a scale sweep, against the random vectors measured at its layer."""
-    concept_curves, randoms = _one_concept(df, concept, layer)
-    at = int(select(df, concept, layer=layer)["layer"].iloc[0])
-    return shift_test(concept_curves, randoms, rng=concept_rng(seed, concept, at))
-
-
-def _quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
-    a = (1 - level) / 2
-    lo, hi = np.quantile(values, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-def resample_counts(concept: QuestionCurves, *, rng: np.random.Generator, n_boot: int = N_BOOT) -> np.ndarray:
-    """``[n_boot, Q]``: how many times each question is drawn in each bootstrap resample — the controls, then the
-    wordings within each polarity (so the balance stays), each with replacement and as many as there are."""
-    pol = concept.polarity
-    controls = np.flatnonzero(~concept.is_intro)
-    drawn = [controls[rng.integers(0, len(controls), (n_boot, len(controls)))]]
-    drawn += [w[rng.integers(0, len(w), (n_boot, len(w)))]
-              for w in (np.flatnonzero(pol == 1), np.flatnonzero(pol == -1)) if len(w)]
-    counts = np.zeros((n_boot, len(pol)))
-    np.add.at(counts, (np.arange(n_boot)[:, None], np.concatenate(drawn, axis=1)), 1.0)
-    return counts
-
-
-def resampled(concept: QuestionCurves, index: int, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """I, S, the signed introspection Δ and the control Δ at x index ``index`` of each resample ``counts [B, Q]``
-    (:func:`resample_counts`) → each ``[B]``. I and S are :func:`introspection_residual.statistic_weights` with the
-    resample's
-    multiplicities (I refits the controls' line on each resample): all-ones counts give the table's I and S."""
-    d, pol = concept.delta[:, index], concept.polarity
-    roles = np.broadcast_to(pol, counts.shape)
-    wording, control = counts * concept.is_intro, counts * ~concept.is_intro
-    return {"I": statistic_weights(concept.baseline, roles, "I", counts) @ d,
-            "S": statistic_weights(concept.baseline, roles, "S", counts) @ d,
-            "introspection": (wording * pol) @ d / wording.sum(axis=1), "control": control @ d / control.sum(axis=1)}
-
-
-def bootstrap_interval(concept: QuestionCurves, index: int, *, rng: np.random.Generator, n_boot: int = N_BOOT,
-                       level: float = CONFIDENCE) -> dict[str, float]:
-    """Percentile intervals at x index ``index`` of S, I, the (signed) introspection Δ and the control Δ, resampling
-    the wordings (within each polarity, so the balance stays) and the controls, with replacement
-    (:func:`resample_counts`, :func:`resampled`); I refits the controls' line on each resample (a resample whose
-    baselines do not vary keeps b alone)."""
-    stats = resampled(concept, index, resample_counts(concept, rng=rng, n_boot=n_boot))
-    (s_lo, s_hi), (r_lo, r_hi) = _quantiles(stats["S"], level), _quantiles(stats["I"], level)
-    (i_lo, i_hi), (c_lo, c_hi) = _quantiles(stats["introspection"], level), _quantiles(stats["control"], level)
-    return {"shift_ci_low": s_lo, "shift_ci_high": s_hi, "I_ci_low": r_lo, "I_ci_high": r_hi,
-            "introspection_ci_low": i_lo, "introspection_ci_high": i_hi, "control_ci_low": c_lo,
-            "control_ci_high": c_hi}
-
 
 def movement(concept: QuestionCurves) -> dict[str, np.ndarray]:
     """What the injection does to the questions at each x ``[S]``, on the controls' line: ``b`` (shared push), ``c``
@@ -317,11 +118,6 @@ def classify(concept: QuestionCurves, q_value: float, *, I: float = 0.0, q_contr
     if b <= -t:
         return "shared suppression"
     return "compression"
-
-
-def concept_rng(seed: int, concept: str, layer: int) -> np.random.Generator:
-    """The Generator of one (concept, layer): its numbers do not depend on the other concepts in the table."""
-    return np.random.default_rng([int(seed), zlib.crc32(concept.encode()), int(layer)])
 
 
 ATLAS_COLUMNS = ["model", "concept", "layer", "n_wordings", "n_inverted", "n_controls", "n_random", "control_span",
