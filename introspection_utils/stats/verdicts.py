@@ -29,8 +29,8 @@ decided by, and :func:`describe_verdict` is the one place a row is put into word
 
 **The controls'-line test it replaced** — :func:`.line_test.shift_test`: T = max over scales of the line's residual
 (or of the contrast S), a relabelling null over which questions are wordings and a t-tail prediction test against the
-random vectors — is kept for the contrast S (the synthetic calibration shows why S does not decide) and as the comparison
-column of :mod:`.plasmode`'s table; it decides nothing.
+random vectors — is kept for the contrast S (the synthetic calibration shows why S does not decide) and as the
+comparison column of :mod:`.plasmode`'s table; it decides nothing.
 
 **Other contrasts that are not the verdict.** ``mechanisms``, ``patching`` and ``attribution`` decompose the
 difference-in-differences "introspection effect − mean control effect" at one scale: that is S at one scale (weights
