@@ -54,7 +54,6 @@ from introspection_utils.stats.introspection_residual import (
     MIN_ANSWER_MASS,
     QuestionCurves,
     flip_scale,
-    mass_note,
     question_curves,
 )
 from introspection_utils.stats.line_test import CONFIDENCE, N_BOOT, bootstrap_interval, concept_rng, peak_index
@@ -351,7 +350,9 @@ def describe_verdict(row: pd.Series | dict, *, alpha: float = ALPHA, brief: bool
     tested = not pd.isna(r.get("q_value", np.nan))
     interval = (f"I = {r['I']:+.2f} [{r['I_ci_low']:+.2f}, {r['I_ci_high']:+.2f}]" if tested else
                 f"no test: {int(r['n_random'])} random vectors (the test needs ≥ {MIN_RANDOM})")
-    mass = mass_note(r["answer_mass"]) or f"; answer mass {r['answer_mass']:.2f}"
+    low = not pd.isna(r["answer_mass"]) and r["answer_mass"] < MIN_ANSWER_MASS
+    mass = (f"; answer mass {r['answer_mass']:.2f} < {MIN_ANSWER_MASS:g}: yes over no, not the model's answer" if low
+            else f"; answer mass {r['answer_mass']:.2f}")
     q = f", q = {r['q_value']:.2g}" if tested else ""
     found = "" if r["class"] == "introspection-specific" or not tested else f"; {_mde_words(r)}"
     cover = ("" if r.get("covered", True) or not tested else
