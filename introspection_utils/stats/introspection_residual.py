@@ -1,8 +1,8 @@
 """The terms every reading, figure and verdict quotes, defined once: Δ, polarity, the introspection and control
-curves, the controls' line (b, c, R²), the introspection residual I and the contrast S as linear forms of the
-per-question Δ (:func:`statistic_weights`), the flip scale and the answer mass — on tidy sweep tables and as
-per-question arrays (:class:`QuestionCurves`). The calibrated test built on them, and the classes, are in
-:mod:`introspection_utils.stats.verdicts`.
+curves, the controls' line (b, c, R²), the line's residual and the contrast S as linear forms of the per-question Δ
+(:func:`statistic_weights`), the flip scale and the answer mass — on tidy sweep tables and as per-question arrays
+(:class:`QuestionCurves`). The verdict's statistic I is :mod:`introspection_utils.stats.null_model`'s; the test and
+the classes are in :mod:`introspection_utils.stats.verdicts`.
 
 Inputs are the tidy sweep tables of :mod:`introspection_utils.experiments.sweeps` (``sweeps.COLUMNS``). All quantities
 are in logits of the yes − no difference at the answer position. Tables saved before the question tags existed (no
@@ -23,27 +23,27 @@ are in logits of the yes − no difference at the answer position. Tables saved 
   **compression**, every answer drawn towards indifference; c = −1 erases the baseline). R² says how much of the
   controls' spread the line explains. The fit needs at least :data:`MIN_FIT_CONTROLS` controls whose baselines span at
   least :data:`MIN_CONTROL_SPAN` logits; otherwise it is **degenerate** (``fit_ok`` False): the slope is not
-  identified, so compression cannot be told from introspection, and no test is run (the readings say so).
+  identified: b and c then describe nothing, which the readings say (the verdict's test does not use the line).
 * **the controls' prediction** for wording w: b(s) + c(s)·x_w — the Δ a question that is not about injected thoughts
   would get at w's own baseline.
-* **I(s), the introspection residual** (the verdict's statistic): the mean over wordings of p_w·(Δ_w − b − c·x_w).
-  Both a shared yes-shift (in b) and compression (in c) cancel in it; a bias that pushes every introspection wording
-  towards "yes" more than the controls cancels between detect and inverted wordings (exactly when they are balanced).
-  I is linear in the Δ's — I(s) = Σ_q w_q·Δ_q(s) with the weights of :func:`statistic_weights` — which is how it is
-  computed, for every relabelling at once.
+* **the line's residual I_line(s)** (descriptive; the readings call it "the residual beyond the controls' line"):
+  the mean over wordings of p_w·(Δ_w − b − c·x_w). It assumes the wordings respond as a control at their own baseline
+  would, which a real model need not do (issue #30): the verdict's I is learned from the random vectors instead
+  (:mod:`.null_model`). It is linear in the Δ's — Σ_q w_q·Δ_q(s) with the weights of :func:`statistic_weights`.
 * **S(s), the introspection − control contrast** (the write-up's "introspection-specific shift", kept as its
   description, not the verdict): mean Δ over the wordings (unsigned) − mean Δ over the controls. Compression alone
-  makes it positive when the wordings start lower than the controls (on Qwen2.5-Coder-1.5B the random vectors'
-  median max-over-scales S is +0.56 logits, their I +0.02), which is why it no longer decides.
+  makes it positive when the wordings start lower than the controls (the synthetic calibration in
+  ``docs/verdicts.md`` measures it), which is why it does not decide.
 * **flip scale** of a curve: the smallest injected scale at which its yes − no difference is > 0 ("yes") while its
   no-injection value is ≤ 0 ("no"). NaN when it never flips — and when the no-injection answer already leans "yes":
   there is nothing to flip.
 * **answer mass**: P(yes) + P(no) at the answer position. Where it is below :data:`MIN_ANSWER_MASS` the model is
   mostly about to say something else ("I", "As an AI", …), so a positive yes − no difference is an ordering of two
   unlikely tokens, not an answer: readings then say "yes over no" instead of calling a flip.
-* **peak scale** s*: the injected scale with the largest I — the scale the test statistic picks (:mod:`.verdicts`).
-* **effect scale**: the injected scale where the injection does the most — the largest of |b|, |I| and the
-  compression's push on the controls, |c|·max|x_q| (``verdicts.movement``); the descriptive classes are read there.
+* **peak scale** s*: the injected scale with the largest line residual — where the readings probe
+  (:func:`.line_test.peak_scale`).
+* **effect scale**: the injected scale where the controls' line moves most — the larger of |b| and the compression's
+  push on the controls, |c|·max|x_q| (``verdicts.movement``); the descriptive classes are read there.
 """
 
 from __future__ import annotations
