@@ -552,3 +552,20 @@ def test_planted_compression_on_smollm_is_not_introspection(smollm):
     # shared shift — what must never happen is an introspection verdict
     assert "introspection-specific" not in set(table["class"])
     assert set(table["class"]) <= {"compression", "shared suppression", "shared yes-shift"}
+
+
+def test_the_default_atlas_on_the_embedded_model_runs_a_test(smollm, tmp_path, monkeypatch):
+    """The first run a newcomer makes: the default controls come from the embedded model's own battery (cached per
+    model), so they span its answers and the controls' line is identified; the verdict's test runs (q-values, an
+    MDE), and a second pick reads the cached battery instead of asking the model again."""
+    monkeypatch.setattr(metrics, "cache_dir", lambda: tmp_path)
+    picked = metrics.default_controls(smollm, 12)
+    assert len(picked) == 12 and len(set(picked)) == 12
+    monkeypatch.setattr(metrics, "control_battery", lambda *a, **k: pytest.fail("the battery was asked again"))
+    assert metrics.default_controls(smollm, 12) == picked
+    table, sweep = metrics.run_atlas(smollm, ["Sandwich", "Bomb"], [4.0, 8.0], n_random=2, n_boot=50,
+                                     progress=False)
+    assert set(sweep.df.loc[sweep.df["question_kind"] == "control", "question"]) == set(picked)
+    assert table["fit_ok"].all() and table["control_span"].min() >= introspection_residual.MIN_CONTROL_SPAN
+    assert table["q_value"].notna().all() and table["p_random"].notna().all()
+    assert "no test" not in verdicts.describe_verdict(table.iloc[0])
