@@ -28,6 +28,7 @@ from introspection_utils.engine.vectors import (
     default_layers,
     random_vector,
 )
+from introspection_utils.stats.accuracy import chance_sentence, compared_with_chance
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -365,15 +366,13 @@ def reading(result: SweepResult) -> str:
     inj = acc[acc["condition"] == "introspection"]
     best = inj.loc[inj["accuracy"].idxmax()]
     lines = [f"Chance is {chance:.0%} ({spec['n_sentences']} sentences). The introspection question localizes best at "
-             f"layer {int(best['layer'])}, scale {best['scale']:g}: {best['accuracy']:.0%} "
-             f"(95% CI {best['ci_low']:.0%}–{best['ci_high']:.0%}, n={int(best['n'])}), which is "
-             + ("above chance." if best["ci_low"] > chance else "not distinguishable from chance.")]
+             f"layer {int(best['layer'])}, scale {best['scale']:g}: {chance_sentence(best)}."]
     at = acc[(acc["layer"] == best["layer"]) & (acc["scale"] == best["scale"])].set_index("condition")
     for condition in ("abstract", "concrete", "random", "shuffled"):
         if condition in at.index:
             row = at.loc[condition]
-            rel = ("above" if row["ci_low"] > chance else "below" if row["ci_high"] < chance else "at")
-            lines.append(f"At the same point, the {condition} control scores {row['accuracy']:.0%} ({rel} chance).")
+            rel = compared_with_chance(row["ci_low"], row["ci_high"], chance)
+            lines.append(f"At the same point, the {condition} control scores {row['accuracy']:.0%} ({rel}).")
     if "abstract" in set(result.df["condition"]):
         agree = agreement(result.df)
         here = agree[(agree["layer"] == best["layer"]) & (agree["scale"] == best["scale"])]

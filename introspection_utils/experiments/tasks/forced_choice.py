@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 
 from introspection_utils.core.data import load_prompts
-from introspection_utils.core.intervals import wilson_interval, z_score
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.measure import Trial, answer_logits
 from introspection_utils.engine.prompts import Prompt, chat_prompt
@@ -39,6 +38,7 @@ from introspection_utils.experiments.tasks.common import (
     task_null_vectors,
     vector_columns,
 )
+from introspection_utils.stats.accuracy import accuracy_summary, chance_sentence
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -198,7 +198,8 @@ def mi_permutation_test(targets: Sequence, chosen: Sequence, labels: Sequence, *
 def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95, n_permutations: int = N_PERMUTATIONS,
                           seed: int = 0) -> pd.DataFrame:
     """Per (condition, null_kind, layer, scale): ``n, correct, accuracy, chance (1/N), ci_low, ci_high`` (Wilson),
-    ``mi_bits``, ``mi_p`` (permutation), ``mi_null_mean``. The no-injection rows form one group (scale 0)."""
+    ``p_binomial``, ``mde`` (:func:`stats.accuracy.accuracy_summary`), ``mi_bits``, ``mi_p`` (permutation),
+    ``mi_null_mean``. The no-injection rows form one group (scale 0)."""
     concepts = sorted(set(df["target"]))
     chance = 1.0 / len(concepts)
     rows = []
@@ -206,10 +207,10 @@ def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95, n_permutatio
     for key, group in df.groupby(keys, sort=True, dropna=False):
         mi, p, null_mean = mi_permutation_test(group["target"], group["chosen"], concepts,
                                                n_permutations=n_permutations, seed=seed)
-        n, k = len(group), int(group["correct"].sum())
-        low, high = wilson_interval(k, n, z=z_score(level))
-        rows.append({**dict(zip(keys, key, strict=True)), "n": n, "correct": k, "accuracy": k / n, "chance": chance,
-                     "ci_low": low, "ci_high": high, "mi_bits": mi, "mi_p": p, "mi_null_mean": null_mean})
+        acc = accuracy_summary(int(group["correct"].sum()), len(group), chance, level=level)
+        rows.append({**dict(zip(keys, key, strict=True)), "n": acc.n, "correct": acc.correct, "accuracy": acc.accuracy,
+                     "chance": chance, "ci_low": acc.ci_low, "ci_high": acc.ci_high, "p_binomial": acc.p_binomial,
+                     "mde": acc.mde, "mi_bits": mi, "mi_p": p, "mi_null_mean": null_mean})
     return pd.DataFrame(rows)
 
 
@@ -230,10 +231,8 @@ def describe_forced_choice(summary: pd.DataFrame) -> str:
     and what no injection and the null vectors do."""
     best = best_row(summary, "mi_bits")
     chance = float(best["chance"])
-    rel = "above" if best["ci_low"] > chance else "below" if best["ci_high"] < chance else "not distinguishable from"
     parts = [f"Forced choice among {round(1 / chance)} concepts (chance {chance:.0%}): the concept vectors are "
-             f"identified best at scale {best['scale']:g}, {best['accuracy']:.0%} correct (95% CI "
-             f"{best['ci_low']:.0%}–{best['ci_high']:.0%}, n={int(best['n'])}), {rel} chance; mutual information "
+             f"identified best at scale {best['scale']:g}, {chance_sentence(best)}; mutual information "
              f"{best['mi_bits']:.2f} bits (permutation p = {best['mi_p']:.3g}, permutation mean "
              f"{best['mi_null_mean']:.2f})."]
     none = summary[summary["condition"] == "none"]

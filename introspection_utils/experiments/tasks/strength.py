@@ -14,10 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from introspection_utils.core.data import load_list, load_prompts
-from introspection_utils.core.intervals import wilson_interval, z_score
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.measure import Trial, answer_logits
 from introspection_utils.engine.prompts import Prompt, chat_prompt
@@ -40,6 +38,7 @@ from introspection_utils.experiments.tasks.common import (
     task_null_vectors,
     vector_columns,
 )
+from introspection_utils.stats.accuracy import accuracy_summary, chance_sentence
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -174,16 +173,15 @@ def run_strength_comparison(handle: ModelHandle, concepts: Sequence[str] = DEFAU
 
 def strength_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """Accuracy against 50% per (condition, null_kind, layer), pairs and both orders pooled: ``n, correct,
-    accuracy, chance (0.5), ci_low, ci_high`` (Wilson), ``p_binomial`` (one-sided, above 50%) and ``first_bias``
+    accuracy, chance (0.5), ci_low, ci_high`` (Wilson), ``p_binomial`` (one-sided, above 50%), ``mde``
+    (:func:`stats.accuracy.accuracy_summary`) and ``first_bias``
     (the fraction of answers "1": 0.5 when the model follows the strength, not the position)."""
     rows = []
     for key, g in df.groupby(["condition", "null_kind", "layer"], sort=True, dropna=False):
-        n, k = len(g), int(g["correct"].sum())
-        low, high = wilson_interval(k, n, z=z_score(level))
-        rows.append({"condition": key[0], "null_kind": key[1], "layer": key[2], "n": n, "correct": k,
-                     "accuracy": k / n, "chance": 0.5, "ci_low": low, "ci_high": high,
-                     "p_binomial": float(stats.binomtest(k, n, 0.5, alternative="greater").pvalue),
-                     "first_bias": float((g["chosen"] == 1).mean())})
+        acc = accuracy_summary(int(g["correct"].sum()), len(g), 0.5, level=level)
+        rows.append({"condition": key[0], "null_kind": key[1], "layer": key[2], "n": acc.n, "correct": acc.correct,
+                     "accuracy": acc.accuracy, "chance": 0.5, "ci_low": acc.ci_low, "ci_high": acc.ci_high,
+                     "p_binomial": acc.p_binomial, "mde": acc.mde, "first_bias": float((g["chosen"] == 1).mean())})
     return pd.DataFrame(rows)
 
 
@@ -202,11 +200,9 @@ def describe_strength(summary: pd.DataFrame) -> str:
     """Sentences from :func:`strength_summary`: the best layer for the concept vectors against 50%, the null
     vectors at that layer, and the answer bias."""
     best = best_row(summary, "accuracy")
-    rel = "above" if best["ci_low"] > 0.5 else "below" if best["ci_high"] < 0.5 else "not distinguishable from"
     parts = [f"Strength comparison: the stronger of two injections is named best at layer {int(best['layer'])}, "
-             f"{best['accuracy']:.0%} correct (95% CI {best['ci_low']:.0%}–{best['ci_high']:.0%}, n={int(best['n'])}, "
-             f"binomial p = {best['p_binomial']:.3g}), {rel} 50%; it answers '1' in {best['first_bias']:.0%} of "
-             f"trials."]
+             f"{chance_sentence(best)}, binomial p = {best['p_binomial']:.3g}; it answers '1' in "
+             f"{best['first_bias']:.0%} of trials."]
     conc = summary[summary["condition"] == "concept"]
     others = conc[conc["layer"] != best["layer"]]
     if len(others):
