@@ -219,14 +219,14 @@ def test_atlas_figure_shows_I_its_interval_S_and_the_null():
 
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)
-    table = verdicts.verdicts(df, n_boot=100)
+    table = verdicts.verdicts(df, n_boot=100, mde=False)
     fig = plots.plot_atlas(table, verdicts.random_null(df))
     ax, ax_null = fig.axes
-    _check_axes(ax, title_has=("hand", "4 concepts", "introspection residual I"))
+    _check_axes(ax, title_has=("hand", "4 concepts", "I beyond the random vectors' prediction"))
     labels = plots.legend_labels(fig)
     assert "introspection-specific (1)" in labels and "compression (1)" in labels
     assert "S, the contrast (not the verdict)" in labels and "random vectors' I, central 95%" in labels
-    assert "I =" in ax.get_xlabel() and "largest I" in ax_null.get_xlabel()
+    assert "I =" in ax.get_xlabel() and "I (logits at the largest scale)" in ax_null.get_xlabel()
     ranked = table.sort_values("I", ignore_index=True)
     assert [t.get_text() for t in ax.get_yticklabels()] == list(ranked["concept"])
     plt.close(fig)

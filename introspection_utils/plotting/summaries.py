@@ -54,10 +54,11 @@ def plot_localization(result: Any) -> plt.Figure:
 
 
 def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Figure:
-    """The atlas: every concept's largest introspection residual I (at its peak scale: the wordings' Δ beyond what
-    the controls' line b + c·baseline predicts) with its bootstrap interval, ranked and coloured by its verdict
-    class, the q-value beside each, the contrast S as an open marker; and the concepts' I against the random
-    vectors' (the null). ``table``: :func:`verdicts.verdicts`; ``null``: :func:`verdicts.random_null`."""
+    """The atlas: every concept's I (the wordings' effect beyond what the random vectors predict from the controls,
+    logits at the largest scale: :mod:`stats.null_model`) with its interval (the rank test inverted), ranked and
+    coloured by its verdict class, the q-value beside each ("no test" without one), the contrast S as an open
+    marker; and the concepts' I against the random vectors' (the null, each out of sample). ``table``:
+    :func:`verdicts.verdicts`; ``null``: :func:`verdicts.random_null`."""
     ranked = table.sort_values("I", ascending=True, ignore_index=True)
     height = max(3.5, 0.32 * len(ranked) + 1.5)
     fig, (ax, ax_null) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [2.2, 1]})
@@ -72,9 +73,11 @@ def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Fig
     ax.scatter(ranked["shift"], ranked.index, marker="D", s=18, facecolors="none", edgecolors="#555555", lw=0.8,
                label="S, the contrast (not the verdict)")
     for i, r in ranked.iterrows():
-        ax.annotate(f"q={r['q_value']:.2g}", (max(r["I_ci_high"], r["shift"]), i), xytext=(4, -3),
+        label = "no test" if pd.isna(r["q_value"]) else f"q={r['q_value']:.2g}"
+        ax.annotate(label, (np.nanmax([r["I_ci_high"], r["I"], r["shift"]]), i), xytext=(4, -3),
                     textcoords="offset points", fontsize=6, color="#333333")
-    randoms = null[null["vector_kind"] == "random"] if null is not None else pd.DataFrame(columns=["statistic"])
+    randoms = (null[(null["vector_kind"] == "random") & null["statistic"].notna()] if null is not None
+               else pd.DataFrame(columns=["statistic"]))
     if len(randoms):
         lo, hi = np.quantile(randoms["statistic"], [0.025, 0.975])
         ax.axvspan(lo, hi, color=PALETTE["random"], alpha=0.15, label="random vectors' I, central 95%")
@@ -82,17 +85,18 @@ def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Fig
     ax.set_yticks(np.arange(len(ranked)), ranked["concept"], fontsize=8)
     layers = ", ".join(map(str, sorted(table["layer"].unique())))
     model = table["model"].iloc[0] if len(table) else ""
-    finish_axes(ax, f"{model} · {len(table)} concepts · layer {layers}\nintrospection residual I at its peak scale, "
-                    f"95% bootstrap interval (wordings × controls); colour = verdict",
-                "I = wordings' Δ − controls' prediction b + c·baseline (logits, signed by polarity)", ylabel="concept")
-    values = [table["I"].to_numpy(), randoms["statistic"].to_numpy(float)]
+    finish_axes(ax, f"{model} · {len(table)} concepts · layer {layers}\nI beyond the random vectors' prediction, "
+                    f"95% interval (rank test inverted); colour = verdict",
+                "I = wordings' Δ beyond the nulls' prediction from the controls (logits at the largest scale, signed "
+                "by polarity)", ylabel="concept")
+    values = [table["I"].dropna().to_numpy(), randoms["statistic"].to_numpy(float)]
     bins = np.histogram_bin_edges(np.concatenate(values), bins=15)
-    ax_null.hist(table["I"], bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
+    ax_null.hist(table["I"].dropna(), bins=bins, color=PALETTE["introspection"], alpha=0.7, label="concept vectors")
     if len(randoms):
         ax_null.hist(randoms["statistic"], bins=bins, color=PALETTE["random"], alpha=0.5,
                      label=f"random vectors ({len(randoms)})")
     ax_null.axvline(0, color="black", lw=0.7)
-    finish_axes(ax_null, "the null: random vectors of the same norm", "largest I over scales (logits)",
+    finish_axes(ax_null, "the null: random vectors of the same norm", "I (logits at the largest scale)",
                 ylabel="number of vectors")
     fig.tight_layout()
     return fig
