@@ -48,3 +48,10 @@ def test_the_chance_sentence_has_a_below_chance_case_and_states_the_mde():
     assert "below chance (20%)" in below and "would be found with 80% power" in below
     above = acc.chance_sentence(acc.accuracy_summary(12, 15, 0.2).as_row())
     assert "above chance" in above and "power" not in above  # a found effect needs no MDE
+
+
+def test_the_power_plan_says_the_sample_a_task_needs_and_what_a_run_can_find():
+    text = acc.power_plan("forced choice", 0.2, 15)
+    assert text.startswith(f"forced choice: chance 20%; {acc.sample_size(0.2)} trials find 40% correct with 80% power")
+    assert f"this run's 15 find {acc.detectable_accuracy(15, 0.2):.0%}" in text
+    assert "too few" in acc.power_plan("strength", 0.5, 2)

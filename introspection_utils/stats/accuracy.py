@@ -107,3 +107,16 @@ def chance_sentence(row, *, what: str = "correct") -> str:
         text += (f"; with n={int(row['n'])} an accuracy of {mde:.0%} would be found with {POWER:.0%} power"
                  if not np.isnan(mde) else f"; n={int(row['n'])} is too few for any accuracy to pass the test")
     return text
+
+
+def power_plan(task: str, chance: float, n: int | None = None, *, alpha: float = ALPHA, power: float = POWER) -> str:
+    """How many trials ``task`` needs, in words: the sample that finds the default target (:func:`sample_size`) with
+    ``power``, and — given the ``n`` a run uses — the accuracy that n finds (its MDE)."""
+    target = min(2 * chance, (1 + chance) / 2)
+    text = (f"{task}: chance {chance:.0%}; {sample_size(chance, alpha=alpha, power=power)} trials find {target:.0%} "
+            f"correct with {power:.0%} power (one-sided exact binomial test at α = {alpha:g})")
+    if n is not None:
+        mde = detectable_accuracy(n, chance, alpha=alpha, power=power)
+        text += (f"; this run's {n} find {mde:.0%}" if not np.isnan(mde) else
+                 f"; this run's {n} are too few for any accuracy to pass")
+    return text + "."
