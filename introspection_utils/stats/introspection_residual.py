@@ -113,15 +113,6 @@ def fit_ok(baseline: np.ndarray, is_control: np.ndarray) -> bool:
     return len(x) >= MIN_FIT_CONTROLS and float(x.max() - x.min()) >= MIN_CONTROL_SPAN
 
 
-def fit_note(n_controls: int, span: float) -> str:
-    """Why the controls' fit is degenerate, in words (empty when it is not)."""
-    if n_controls >= MIN_FIT_CONTROLS and span >= MIN_CONTROL_SPAN:
-        return ""
-    return (f"the controls' fit is degenerate ({n_controls} controls whose no-injection answers span {span:.2f} "
-            f"logits; the line b + c·x needs ≥ {MIN_FIT_CONTROLS} spanning ≥ {MIN_CONTROL_SPAN:g}): compression "
-            f"cannot be told from introspection, so no test was run")
-
-
 def statistic_weights(baseline: np.ndarray, roles: np.ndarray, statistic: str = "I",
                       counts: np.ndarray | None = None) -> np.ndarray:
     """The weights that make a statistic a linear form of the per-question Δ: stat = weights @ Δ.
@@ -366,19 +357,15 @@ class QuestionCurves:
 
 
 def _grid(order: pd.DataFrame, x: str) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]] | None:
-    """The rows of one vector (sorted by question kind, question, ``x``) as ``[Q, S]`` arrays without a pivot, when
-    every question was measured once at every ``x`` (the sweeps' own tables); None otherwise."""
+    """One vector's rows (sorted by question kind, question, ``x``; one per question and ``x``) as ``[Q, S]``
+    arrays; None when a question misses an ``x``."""
     xs = np.unique(order[x].to_numpy(float))
-    if len(order) % len(xs):
-        return None
     shape = (len(order) // len(xs), len(xs))
-    got = order[x].to_numpy(float).reshape(shape)
-    names = order["question"].to_numpy().reshape(shape)
-    if not (got == xs[None, :]).all() or not (names == names[:, :1]).all() or len(set(names[:, 0])) != shape[0]:
+    if len(order) % len(xs) or not (order[x].to_numpy(float).reshape(shape) == xs[None, :]).all():
         return None
-    columns = ["logit_diff", "delta", "baseline_logit_diff", "_polarity"] + (
-        ["answer_mass"] if "answer_mass" in order else [])
-    arrays = {c: order[c].to_numpy(float).reshape(shape) for c in columns}
+    names = order["question"].to_numpy().reshape(shape)
+    arrays = {c: order[c].to_numpy(float).reshape(shape) for c in ("logit_diff", "delta", "baseline_logit_diff",
+                                                                   "_polarity", "answer_mass") if c in order}
     arrays["is_intro"] = (order["question_kind"].to_numpy() == "introspection").reshape(shape)[:, 0]
     return xs, list(names[:, 0]), arrays
 
@@ -386,37 +373,26 @@ def _grid(order: pd.DataFrame, x: str) -> tuple[np.ndarray, list[str], dict[str,
 def question_curves(df: pd.DataFrame, *, x: str = "scale") -> dict[tuple[str, int, str, int | None], QuestionCurves]:
     """Split a sweep table into :class:`QuestionCurves`, keyed by ``(concept, layer, vector_kind, vector_seed)``
     (``x="layer"``: keyed by ``(concept, scale, …)`` instead). Questions are in a fixed (sorted) order within each
-    kind so a concept and its random vectors line up."""
+    kind so a concept and its random vectors line up; repeated rows of a question at one ``x`` are averaged."""
     _check_columns(df)
-    df = df.assign(_polarity=polarity(df))
     other = "layer" if x == "scale" else "scale"
-    df = df.sort_values(["question_kind", "question", x], ascending=[False, True, True], kind="stable")
+    df = df.assign(_polarity=polarity(df)).sort_values(["question_kind", "question", x], ascending=[False, True, True],
+                                                       kind="stable")
+    numeric = [c for c in ("logit_diff", "delta", "baseline_logit_diff", "answer_mass") if c in df]
     out = {}
     for key, order in df.groupby(["concept", other, "vector_kind", "vector_seed"], dropna=False, sort=True):
         concept, at, kind, seed = key
-        seed = None if pd.isna(seed) else int(seed)
+        if order.duplicated(["question", x]).any():  # average repeats, keeping the order
+            order = order.groupby(["question_kind", "question", x], sort=False, as_index=False).agg(
+                {**dict.fromkeys(numeric, "mean"), "_polarity": "first"})
         grid = _grid(order, x)
-        if grid is not None:  # one row per question and x: reshape, no pivot
-            xs, questions, a = grid
-            logit, delta, base = a["logit_diff"], a["delta"], a["baseline_logit_diff"].mean(axis=1)
-            mass = a.get("answer_mass", np.full(logit.shape, np.nan))
-            is_intro, pol = a["is_intro"], a["_polarity"][:, 0].astype(int)
-        else:  # repeated rows (averaged) or a question missing an x (an error)
-            questions = list(dict.fromkeys(order["question"]))
-            table = order.pivot_table(index="question", columns=x, values="logit_diff", sort=False)
-            if table.isna().any().any():
-                raise ValueError(f"{concept!r} {other} {at} ({kind}): the questions were measured at different "
-                                 f"{x}s")
-            xs, logit = table.columns.to_numpy(float), table.loc[questions].to_numpy(float)
-            first = order.drop_duplicates("question").set_index("question").loc[questions]
-            is_intro, pol = (first["question_kind"] == "introspection").to_numpy(), first["_polarity"].to_numpy(int)
-            base = order.groupby("question")["baseline_logit_diff"].mean().loc[questions].to_numpy(float)
-            delta = order.pivot_table(index="question", columns=x, values="delta", sort=False).loc[questions]
-            delta = delta.to_numpy(float)
-            mass = (order.pivot_table(index="question", columns=x, values="answer_mass", sort=False).loc[questions]
-                    .to_numpy(float) if "answer_mass" in order.columns else np.full(logit.shape, np.nan))
-        if not is_intro.any() or is_intro.all():
+        if grid is None:
+            raise ValueError(f"{concept!r} {other} {at} ({kind}): the questions were measured at different {x}s")
+        xs, questions, a = grid
+        if not a["is_intro"].any() or a["is_intro"].all():
             raise ValueError(f"{concept!r} {other} {at} ({kind}): needs introspection and control questions")
-        out[(concept, at.item() if hasattr(at, "item") else at, kind, seed)] = QuestionCurves(
-            xs, delta, logit, base, mass, is_intro, tuple(questions), pol)
+        out[(concept, at.item() if hasattr(at, "item") else at, kind, None if pd.isna(seed) else int(seed))] = (
+            QuestionCurves(xs, a["delta"], a["logit_diff"], a["baseline_logit_diff"].mean(axis=1),
+                           a.get("answer_mass", np.full(a["delta"].shape, np.nan)), a["is_intro"], tuple(questions),
+                           a["_polarity"][:, 0].astype(int)))
     return out
