@@ -15,10 +15,10 @@ from introspection_utils.stats.plasmode import panel
 
 
 def _design(m_detect: int = 2, m_inverted: int = 2, n_controls: int = 5, scales=(2.0, 4.0, 8.0), seed: int = 0
-            ) -> nm.Design:
+            ) -> nm.QuestionDesign:
     rng = np.random.default_rng(seed)
     m = m_detect + m_inverted
-    return nm.Design(wordings=np.arange(m), controls=np.arange(m, m + n_controls),
+    return nm.QuestionDesign(wordings=np.arange(m), controls=np.arange(m, m + n_controls),
                      polarity=np.r_[np.ones(m_detect), -np.ones(m_inverted)].astype(int),
                      baseline=rng.normal(0, 2, m + n_controls), scales=np.asarray(scales, float))
 
@@ -69,7 +69,7 @@ def test_a_hand_computed_score_with_one_detect_and_one_inverted_wording():
     δ̂ = (r_detect − r_inverted) / (2s) whatever the covariance; the nulls' wordings are an exact linear function of
     the controls, so the residual is what was planted."""
     s = 4.0
-    d = nm.Design(wordings=np.array([0, 1]), controls=np.array([2, 3, 4]), polarity=np.array([1, -1]),
+    d = nm.QuestionDesign(wordings=np.array([0, 1]), controls=np.array([2, 3, 4]), polarity=np.array([1, -1]),
                   baseline=np.array([-1.0, 1.0, 0.0, 2.0, 4.0]), scales=np.array([s]))
     rng = np.random.default_rng(3)
     loadings = np.array([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.6]])  # [controls, wordings]

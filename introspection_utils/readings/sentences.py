@@ -99,7 +99,7 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
 def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = None) -> str:
     """Sentences on one concept's scale sweep: baselines and answer mass, where each curve flips to yes, the largest
     residual beyond the controls' line beside the contrast S, the concept vector against the random ones, and the
-    verdict's test (:func:`test_words`)."""
+    verdict's test (:func:`verdicts.describe_test`)."""
     c = curves(df, concept, layer=layer)
     layer = int(introspection_residual.select(df, concept)["layer"].iloc[0]) if layer is None else layer
     ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
@@ -129,23 +129,8 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
         rel = "more" if mc > mr else "less"
         parts.append(f"At scale {_fmt(top)} the concept vector moves the introspection answer by {mc:.2f}, a random "
                      f"vector of the same norm by {mr:.2f} (the concept vector moves it {rel}).")
-    parts.append(test_words(df, concept, layer=layer))
+    parts.append(verdicts.describe_test(df, concept, layer=layer))
     return " ".join(parts)
-
-
-def test_words(df: pd.DataFrame, concept: str, *, layer: int) -> str:
-    """The verdict's test of ``concept`` in words (:func:`verdicts.verdicts` on the table's concepts and random
-    vectors at ``layer``, without the MDE): I beyond the nulls' prediction and its two rank p-values, or why no
-    test was run."""
-    at = df[df["layer"] == layer]
-    n_random = int(at.loc[at["vector_kind"] == "random", ["concept", "vector_seed"]].drop_duplicates().shape[0])
-    if n_random < verdicts.MIN_RANDOM:
-        return (f"No test: the table holds {n_random} random vectors at layer {layer} (the test needs "
-                f"≥ {verdicts.MIN_RANDOM}).")
-    row = verdicts.verdicts(at, n_boot=1, mde=False).set_index("concept").loc[concept]
-    return (f"The verdict's test: I = {row['I']:+.2f} [{row['I_ci_low']:+.2f}, {row['I_ci_high']:+.2f}] beyond the "
-            f"random vectors' prediction, p_random = {row['p_random']:.3g} and p_controls = {row['p_controls']:.3g} "
-            f"by rank against {n_random} random vectors (the smallest p they allow is {row['min_p']:.2g}).")
 
 
 def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None = None) -> str:

@@ -45,7 +45,7 @@ GRID = (0.0125, 0.025, 0.0375, 0.05, 0.0625, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 
 
 
 @dataclass(frozen=True)
-class Design:
+class QuestionDesign:
     """Which questions are what, at which injected scales: ``wordings [m]`` and ``controls [n]`` (indices into the
     question axis), ``polarity [m]`` (+1 detect, −1 inverted), ``baseline [Q]`` (no-injection yes − no),
     ``scales [S]`` (the injected scales, > 0)."""
@@ -70,11 +70,11 @@ class Prediction:
     intercept: np.ndarray
     loadings: np.ndarray
 
-    def controls_part(self, delta: np.ndarray, design: Design) -> np.ndarray:
+    def controls_part(self, delta: np.ndarray, design: QuestionDesign) -> np.ndarray:
         """``delta [V, Q, S]`` → ``[V, S, m]``: Σ_q L_wq·Δ_q."""
         return np.einsum("vqs,qm->vsm", delta[:, design.controls, :], self.loadings)
 
-    def residual(self, delta: np.ndarray, design: Design, *, controls_only: bool = False) -> np.ndarray:
+    def residual(self, delta: np.ndarray, design: QuestionDesign, *, controls_only: bool = False) -> np.ndarray:
         """``delta [V, Q, S]`` → ``[V, S, m]``: the wordings' Δ beyond the prediction (``controls_only``: beyond the
         controls' part alone, the intercept kept in)."""
         wordings = np.transpose(delta[:, design.wordings, :], (0, 2, 1))
@@ -82,7 +82,7 @@ class Prediction:
         return out if controls_only else out - self.intercept[None]
 
 
-def fit_prediction(null_delta: np.ndarray, design: Design, *, ridge: float = RIDGE) -> Prediction:
+def fit_prediction(null_delta: np.ndarray, design: QuestionDesign, *, ridge: float = RIDGE) -> Prediction:
     """Least squares of every wording's Δ on the controls' Δ over the null vectors ``null_delta [R, Q, S]`` and the
     injected scales, one intercept per scale, ridge ``ridge`` on the loadings (not the intercepts)."""
     r, _, s = null_delta.shape
@@ -96,7 +96,7 @@ def fit_prediction(null_delta: np.ndarray, design: Design, *, ridge: float = RID
     return Prediction(intercept=coef[n:], loadings=coef[:n])
 
 
-def constraints(design: Design, *, compression_proof: bool = False) -> np.ndarray:
+def constraints(design: QuestionDesign, *, compression_proof: bool = False) -> np.ndarray:
     """``[S·m, k]``: the directions the weights must be orthogonal to — at each scale the all-wordings vector (a
     push shared by every wording; only when both polarities are asked: with one polarity it is the signal itself,
     and nothing cancels such a push — the readings say so) and, with ``compression_proof``, the wordings' baselines
@@ -142,7 +142,7 @@ def choose_shrinkage(residuals: np.ndarray, groups: np.ndarray, grid: Sequence[f
     return best
 
 
-def score_weights(covariance: np.ndarray, design: Design, *, compression_proof: bool = False) -> np.ndarray:
+def score_weights(covariance: np.ndarray, design: QuestionDesign, *, compression_proof: bool = False) -> np.ndarray:
     """``[S·m]``: the least-variance weights a under ``covariance [S·m, S·m]`` with a·signal = 1, a ⟂
     :func:`constraints`, and every wording counted towards reporting detection (p_w·a_ws ≥ 0: a weight never turns a
     wording's move towards detection into evidence against it, so the score does not depend on the exact shape of an
@@ -165,7 +165,7 @@ def score_weights(covariance: np.ndarray, design: Design, *, compression_proof: 
     return a / scale
 
 
-def control_push(delta: np.ndarray, design: Design) -> np.ndarray:
+def control_push(delta: np.ndarray, design: QuestionDesign) -> np.ndarray:
     """``delta [V, Q, S]`` → ``[V]``: m(v), the root-mean-square Δ of the controls over the injected scales — how
     hard the vector pushes questions that are not about it."""
     return np.sqrt((delta[:, design.controls, :] ** 2).mean(axis=(1, 2)))
@@ -239,7 +239,7 @@ def rank_p(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (1 + above) / (1 + len(ref))
 
 
-def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design, *,
+def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, *,
                groups: Sequence | np.ndarray | None = None, ridge: float = RIDGE, shrinkage: float | None = None,
                compression_proof: bool = False) -> ScoreTest:
     """Test ``concept_delta [V, Q, S]`` against ``null_delta [R, Q, S]`` (``groups [R]``: which nulls belong
@@ -315,7 +315,7 @@ def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
     return out
 
 
-def plant(delta: np.ndarray, design: Design, size: float) -> np.ndarray:
+def plant(delta: np.ndarray, design: QuestionDesign, size: float) -> np.ndarray:
     """``delta [V, Q, S]`` with a wording effect of ``size`` logits per unit scale planted (every wording += size·s·p_w,
     towards reporting detection): the effect the score is built to find."""
     out = np.array(delta, float, copy=True)
@@ -323,7 +323,7 @@ def plant(delta: np.ndarray, design: Design, size: float) -> np.ndarray:
     return out
 
 
-def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: Design, *,
+def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, *,
               groups: Sequence | np.ndarray | None = None, alpha: float = 0.05, power: float = POWER,
               grid: Sequence[float] = GRID) -> float:
     """The atlas's minimum detectable effect, on its own noise: the smallest I (logits at the largest scale) that,

@@ -41,7 +41,7 @@ import pandas as pd
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.introspection_residual import QuestionCurves, question_curves
 from introspection_utils.stats.line_test import max_over_scales, shift_test
-from introspection_utils.stats.null_model import GRID, POWER, Design, fit_prediction, plant, score_test
+from introspection_utils.stats.null_model import GRID, POWER, QuestionDesign, fit_prediction, plant, score_test
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
@@ -51,12 +51,12 @@ SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 
 @dataclass(frozen=True)
 class Panel:
-    """One layer of a sweep as arrays: ``design`` (:class:`null_model.Design`), ``concept_delta [V, Q, S]``,
+    """One layer of a sweep as arrays: ``design`` (:class:`null_model.QuestionDesign`), ``concept_delta [V, Q, S]``,
     ``null_delta [R, Q, S]`` (injected scales only), ``groups [R]`` (each null's concept), ``concepts [V]``,
     ``about_self [Q]`` (bool: the question is about the model), ``questions [Q]``, ``layer``, ``model``,
     ``answer_format``."""
 
-    design: Design
+    design: QuestionDesign
     concept_delta: np.ndarray
     null_delta: np.ndarray
     groups: np.ndarray
@@ -91,9 +91,10 @@ def panel(df: pd.DataFrame, *, layer: int | None = None) -> Panel:
     about = df.drop_duplicates("question").set_index("question")
     about_self = (np.array([about.loc[q, "question_about"] == "self" for q in first.questions])
                   if "question_about" in about else first.is_intro.copy())
-    design = Design(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
-                    polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
-                    scales=first.x[injected].astype(float))
+    design = QuestionDesign(
+        wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
+        polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
+        scales=first.x[injected].astype(float))
     meta = df.iloc[0]
     return Panel(design=design, concept_delta=np.stack([c.delta[:, injected] for _, c in concepts]),
                  null_delta=np.stack([c.delta[:, injected] for _, c in nulls]),
@@ -288,7 +289,7 @@ def report(p: Panel, *, methods: dict[str, Method] = METHODS, grid: Sequence[flo
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
+def report_markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
     """The plasmode table as ``docs/verdicts.md`` shows it (``python -m introspection_utils.stats.plasmode``)."""
     lines = []
     for (model, fmt), group in table.groupby(["model", "answer_format"], sort=False):
@@ -321,7 +322,7 @@ def committed_panels(model: str = "qwen2.5-coder-1.5b-instruct", sweeps: Sequenc
 def main() -> None:
     """Rebuild the plasmode table from the committed sweeps and write it into :data:`DOC`'s ``plasmode`` block."""
     table = pd.concat([report(p) for p in committed_panels()], ignore_index=True)
-    text = markdown(table)
+    text = report_markdown(table)
     print(text)
     replace_block(project_root() / DOC, "plasmode", text)
 

@@ -50,8 +50,7 @@ from tqdm.auto import tqdm
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.introspection_residual import QuestionCurves
 from introspection_utils.stats.line_test import max_over_scales, shift_test
-from introspection_utils.stats.null_model import Design as ScoreDesign
-from introspection_utils.stats.null_model import benjamini_hochberg, score_test
+from introspection_utils.stats.null_model import QuestionDesign, benjamini_hochberg, score_test
 from introspection_utils.stats.verdicts import ALPHA, EFFECT_THRESHOLD, classify
 
 CALIBRATION_DOC = "docs/verdicts.md"  # the file whose calibration block this module writes
@@ -141,8 +140,8 @@ def score_atlas(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCu
     ``p`` (the larger of beyond random vectors and beyond the controls), ``q`` and the classes."""
     first = concepts[0]
     inj = first.injected
-    design = ScoreDesign(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
-                         polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline,
+    design = QuestionDesign(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
+                            polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline,
                          scales=first.x[inj])
     test = score_test(np.stack([c.delta[:, inj] for c in concepts]), np.stack([r.delta[:, inj] for r in randoms]),
                       design, groups=np.arange(len(randoms)) // n_random)

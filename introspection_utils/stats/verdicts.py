@@ -59,7 +59,7 @@ from introspection_utils.stats.introspection_residual import (
 from introspection_utils.stats.line_test import CONFIDENCE, N_BOOT, bootstrap_interval, concept_rng, peak_index
 from introspection_utils.stats.null_model import (
     MIN_NULLS,
-    Design,
+    QuestionDesign,
     atlas_mde,
     benjamini_hochberg,
     population_p,
@@ -139,9 +139,10 @@ def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCur
     if any(c.questions != first.questions or not np.array_equal(c.x, first.x) for c in [*concepts, *randoms]):
         raise ValueError("the random vectors were measured at other scales or with other questions")
     inj = first.injected
-    design = Design(wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
-                    polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
-                    scales=first.x[inj].astype(float))
+    design = QuestionDesign(
+        wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
+        polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
+        scales=first.x[inj].astype(float))
     concept_delta = np.stack([c.delta[:, inj] for c in concepts])
     null_delta = np.stack([r.delta[:, inj] for r in randoms])
     groups = None if groups is None else np.asarray(groups)
@@ -248,6 +249,21 @@ def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float 
                              effect_threshold=effect_threshold) for r in out.itertuples()]
     return out[ATLAS_COLUMNS].sort_values(["q_value", "I", "concept"], ascending=[True, False, True],
                                           ignore_index=True, na_position="last")
+
+
+def describe_test(df: pd.DataFrame, concept: str, *, layer: int) -> str:
+    """The verdict's test of ``concept`` in words (:func:`verdicts` on the table's concepts and random
+    vectors at ``layer``, without the MDE): I beyond the nulls' prediction and its two rank p-values, or why no
+    test was run."""
+    at = df[df["layer"] == layer]
+    n_random = int(at.loc[at["vector_kind"] == "random", ["concept", "vector_seed"]].drop_duplicates().shape[0])
+    if n_random < MIN_RANDOM:
+        return (f"No test: the table holds {n_random} random vectors at layer {layer} (the test needs "
+                f"≥ {MIN_RANDOM}).")
+    row = verdicts(at, n_boot=1, mde=False).set_index("concept").loc[concept]
+    return (f"The verdict's test: I = {row['I']:+.2f} [{row['I_ci_low']:+.2f}, {row['I_ci_high']:+.2f}] beyond the "
+            f"random vectors' prediction, p_random = {row['p_random']:.3g} and p_controls = {row['p_controls']:.3g} "
+            f"by rank against {n_random} random vectors (the smallest p they allow is {row['min_p']:.2g}).")
 
 
 def class_counts(table: pd.DataFrame) -> pd.Series:
