@@ -10,7 +10,7 @@ import pytest
 MOVED = {  # old module -> (a name it had, its new module)
     "engine.inject": ("measure", "engine.measure"),
     "engine.injection": ("traced_pass", "engine.traced_pass"),
-    "stats.terms": ("statistic_weights", "stats.introspection_residual"),
+    "stats.terms": ("statistic_weights", "stats.definitions"),
     "stats.calibration": ("SCENARIOS", "stats.synthetic_calibration"),
     "experiments.task_common": ("label_token_ids", "experiments.tasks.common"),
     "experiments.task_forced_choice": ("run_forced_choice", "experiments.tasks.forced_choice"),

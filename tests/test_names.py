@@ -116,7 +116,7 @@ def test_the_map_in_the_design_doc_points_at_real_modules_and_names():
     doc = (PACKAGE.parent / "docs" / "design.md").read_text(encoding="utf-8")
     table = doc.split("## Where things live: the map", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
-    assert len(rows) == 8
+    assert len(rows) >= 8  # the eight look-ups of issue #31, and the definitions beside I
     for row in rows:
         _, where, names = (cell.strip() for cell in row.strip("|").split(" | "))
         path = PACKAGE / where.strip("`")

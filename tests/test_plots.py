@@ -171,7 +171,7 @@ def test_flip_scale_is_where_introspection_turns_yes_while_the_control_stays_no(
 
 
 def test_flip_scale_is_per_curve_and_none_when_the_baseline_is_yes():
-    # One definition (introspection_residual.flip_scale): each curve flips on its own; whether the controls flip too
+    # One definition (definitions.flip_scale): each curve flips on its own; whether the controls flip too
     # is the
     # introspection-specific shift's business, not the flip's.
     both = _frame([-1, -0.5, 0.5, 2], [-2, -1, 0.5, 1], -1, -2)

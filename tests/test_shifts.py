@@ -8,19 +8,19 @@ import pandas as pd
 import pytest
 from test_verdicts import _scaled, _spread, _table
 
-from introspection_utils.stats import introspection_residual, shifts
+from introspection_utils.stats import definitions, shifts
 
 
 def test_s_is_one_number_in_the_curve_table_the_question_curves_and_the_contrast_table():
     deltas = _scaled([1.0, 0.5, -0.25, 0.0, 0.5, 1.5])  # 2 wordings of both polarities, 4 controls
     df = _table({"x": (deltas, 2)}, baseline=_spread(2, 4), polarity=[1, -1])
-    table = introspection_residual.curve_table(df, "x")
-    curves = introspection_residual.question_curves(df)[("x", 3, "concept", None)]
+    table = definitions.curve_table(df, "x")
+    curves = definitions.question_curves(df)[("x", 3, "concept", None)]
     np.testing.assert_allclose(table["shift"].to_numpy(), curves.shift(), atol=1e-12)
     contrast = shifts.question_contrast(df[df["vector_kind"] == "concept"], "delta", ["scale"])
     np.testing.assert_allclose(contrast["specific"].to_numpy(), curves.shift(), atol=1e-12)
     # the weights' form: 1/m on every wording (unsigned), −1/n on every control
-    weights = introspection_residual.statistic_weights(curves.baseline, curves.polarity, "S")
+    weights = definitions.statistic_weights(curves.baseline, curves.polarity, "S")
     assert weights.tolist() == pytest.approx([0.5, 0.5, -0.25, -0.25, -0.25, -0.25])
 
 

@@ -20,8 +20,8 @@ from introspection_utils.experiments import atlas as metrics
 from introspection_utils.experiments import sweeps
 from introspection_utils.experiments.sweeps import COLUMNS
 from introspection_utils.readings import sentences as readings
-from introspection_utils.stats import introspection_residual, line_test, synthetic_calibration, verdicts
-from introspection_utils.stats.introspection_residual import (
+from introspection_utils.stats import definitions, line_test, synthetic_calibration, verdicts
+from introspection_utils.stats.definitions import (
     QuestionCurves,
     flip_scale,
     question_curves,
@@ -98,7 +98,7 @@ def test_flip_scale_needs_a_no_baseline_and_a_yes_answer():
 
 def test_curve_table_means_and_shift_by_hand():
     deltas = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]  # 2 wordings, 2 controls
-    c = introspection_residual.curve_table(_table({"x": (deltas, 2)}), "x")
+    c = definitions.curve_table(_table({"x": (deltas, 2)}), "x")
     assert list(c["introspection"]) == pytest.approx([-2.0, 0.0, 1.0, 2.0])
     assert list(c["control_mean"]) == pytest.approx([-2.0, -2.0, -1.5, -1.0])
     assert list(c["shift"]) == pytest.approx([0.0, 2.0, 2.5, 3.0])
@@ -110,8 +110,8 @@ def test_curve_table_means_and_shift_by_hand():
 
 
 def test_answer_mass_below_the_threshold_is_said():
-    assert introspection_residual.mass_note(0.9) == ""
-    assert "yes over no, not the model's answer" in introspection_residual.mass_note(0.12)
+    assert definitions.mass_note(0.9) == ""
+    assert "yes over no, not the model's answer" in definitions.mass_note(0.12)
 
 
 def test_question_curves_order_and_labels():
@@ -169,7 +169,7 @@ def test_polarity_defaults_for_old_tables_and_is_read_from_new_ones():
     c = question_curves(new)[("x", 3, "concept", None)]
     assert c.polarity.tolist() == [1, -1, 0, 0, 0, 0]
     assert c.group_delta(True)[1:] == pytest.approx(np.array(SCALES[1:]))  # the inverted one fell: detection
-    table = introspection_residual.curve_table(new, "x")
+    table = definitions.curve_table(new, "x")
     assert list(table["residual"]) == pytest.approx(list(c.residual()))
     with pytest.raises(ValueError, match="polarity"):
         question_curves(new.assign(polarity=new["polarity"].replace(-1, 2)))
@@ -367,7 +367,7 @@ def test_bootstrap_interval_of_I_covers_it():
 
 def test_bootstrap_point_estimate_is_the_table_I_and_S():
     """A resample that draws every question once is the table: its I and S are the verdict table's (the bootstrap
-    computes them with the one definition, introspection_residual.statistic_weights, and no arithmetic of its own)."""
+    computes them with the one definition, definitions.statistic_weights, and no arithmetic of its own)."""
     concepts, randoms, base = _atlas_cases()
     df = _table(concepts, randoms=randoms, baseline=base)
     table = verdicts.verdicts(df, n_boot=50, mde=False).set_index("concept")
@@ -566,6 +566,6 @@ def test_the_default_atlas_on_the_embedded_model_runs_a_test(smollm, tmp_path, m
     table, sweep = metrics.run_atlas(smollm, ["Sandwich", "Bomb"], [4.0, 8.0], n_random=2, n_boot=50,
                                      progress=False)
     assert set(sweep.df.loc[sweep.df["question_kind"] == "control", "question"]) == set(picked)
-    assert table["fit_ok"].all() and table["control_span"].min() >= introspection_residual.MIN_CONTROL_SPAN
+    assert table["fit_ok"].all() and table["control_span"].min() >= definitions.MIN_CONTROL_SPAN
     assert table["q_value"].notna().all() and table["p_random"].notna().all()
     assert "no test" not in verdicts.describe_verdict(table.iloc[0])

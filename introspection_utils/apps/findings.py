@@ -19,7 +19,7 @@ from introspection_utils.engine.prompts import ANSWER_FORMATS
 from introspection_utils.experiments import localization
 from introspection_utils.experiments.atlas import atlas_name
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
-from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS
+from introspection_utils.stats.definitions import MIN_ANSWER_MASS
 from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.verdicts import (
     EFFECT_THRESHOLD,

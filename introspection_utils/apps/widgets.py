@@ -17,7 +17,7 @@ from introspection_utils.engine.prompts import control_questions, introspection_
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.sweeps import SweepSpec, scale_sweep
 from introspection_utils.plotting import series as plots
-from introspection_utils.stats import introspection_residual
+from introspection_utils.stats import definitions
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -31,7 +31,7 @@ class ExplorerState:
     ``values(concept, layer, scale, question, random)`` → a dict: ``value`` (the selected question's yes−no logit
     difference), ``baseline`` (that question without injection), ``introspection`` and ``control_mean`` (the current
     trial's introspection answer and control mean), ``predicted`` (what the controls' line b + c·baseline predicts
-    for the introspection answer at its own baseline: :meth:`introspection_residual.QuestionCurves.predicted`),
+    for the introspection answer at its own baseline: :meth:`definitions.QuestionCurves.predicted`),
     ``residual`` (I, the
     introspection answer's shift beyond that prediction), ``fit_ok``, ``vector_norm``. ``question`` is
     ``"introspection"`` or one of :attr:`controls`; ``random=True`` injects the norm-matched random vector (seed
@@ -87,7 +87,7 @@ class ExplorerState:
         intro = rows[rows["question_kind"] == INTROSPECTION].iloc[0]
         control = rows[rows["question_kind"] == "control"]
         chosen = intro if question == INTROSPECTION else control[control["question"] == question].iloc[0]
-        curves = introspection_residual.question_curves(df)[(concept, int(layer), "random" if random else "concept",
+        curves = definitions.question_curves(df)[(concept, int(layer), "random" if random else "concept",
                                                self.seed if random else None)]
         at = int(np.flatnonzero(curves.x == float(scale))[0])
         signed_base = float((curves.polarity * curves.baseline)[curves.is_intro].mean())
@@ -108,7 +108,7 @@ class ExplorerState:
                 f"controls' line predicts {v['predicted']:+.2f} for the introspection answer at its own baseline, so "
                 f"I = {v['residual']:+.2f}{fit}; "
                 f"selected question {v['value']:+.2f} (no injection {v['baseline']:+.2f}"
-                + (f"){note}." if (note := introspection_residual.mass_note(v["answer_mass"]))  # the mass, said once
+                + (f"){note}." if (note := definitions.mass_note(v["answer_mass"]))  # the mass, said once
                    else f"; answer mass P(yes)+P(no) {v['answer_mass']:.2f})."))
 
     def figure(self, concept: str, layer: int, scale: float, question: str = INTROSPECTION,

@@ -20,7 +20,7 @@ from introspection_utils.engine.prompts import ANSWER_FORMATS, control_questions
 from introspection_utils.engine.vectors import check_nulls, default_layer
 from introspection_utils.experiments.sweeps import control_battery, pick_controls, scale_sweep
 from introspection_utils.models.embedded import cache_dir
-from introspection_utils.stats.introspection_residual import MIN_ANSWER_MASS
+from introspection_utils.stats.definitions import MIN_ANSWER_MASS
 from introspection_utils.stats.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,
@@ -134,7 +134,7 @@ def recompute(results_dir: str | Path, answer_format: str = "open", *, n_boot: i
                      n_boot=int(n_boot if n_boot is not None else spec.get("n_boot", N_BOOT)), seed=seed)
     table = table.merge(null_p_values(sweep.df, nulls, seed=seed), on=["concept", "layer"], how="left")
     return SweepResult(table, {**meta, "recomputed_from": f"{name}_sweep.csv",
-                               "statistic": "null-learned I (stats.null_model)"}).save(folder / name)
+                               "statistic": "null-learned I (stats.introspection_score)"}).save(folder / name)
 
 
 def null_kinds(df: pd.DataFrame) -> pd.Series:

@@ -23,7 +23,7 @@ from introspection_utils.plotting.style import (
     plot_grid,
     scale_label,
 )
-from introspection_utils.stats import introspection_residual
+from introspection_utils.stats import definitions
 
 if TYPE_CHECKING:
     from introspection_utils.engine.vectors import VectorBank
@@ -33,11 +33,11 @@ if TYPE_CHECKING:
 def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: bool, show_random: bool,
                      show_baselines: bool, y: str = "logit_diff", baseline: str = "baseline_logit_diff") -> None:
     """Introspection, control questions (each + mean ± std), random vectors and baselines of one concept's rows
-    ``df`` against ``x`` (the curves of :func:`introspection_residual.curve_table`)."""
+    ``df`` against ``x`` (the curves of :func:`definitions.curve_table`)."""
     concept = str(df["concept"].iloc[0])
-    c = introspection_residual.curve_table(df, concept, x=x, y=y, baseline=baseline)
+    c = definitions.curve_table(df, concept, x=x, y=y, baseline=baseline)
     if show_random:
-        for k, r in enumerate(introspection_residual.random_curves(df, concept, x=x, y=y).values()):
+        for k, r in enumerate(definitions.random_curves(df, concept, x=x, y=y).values()):
             ax.plot(r.index, r["introspection"], color=PALETTE["random"], alpha=RANDOM_ALPHA, lw=1.6,
                     label="random vector: introspection" if k == 0 else None)
             if "control" in r:
@@ -45,7 +45,7 @@ def _draw_conditions(ax: plt.Axes, df: pd.DataFrame, x: str, *, show_controls: b
                         label="random vector: control mean" if k == 0 else None)
     n_controls = int(c["n_controls"].max()) if c["n_controls"].notna().any() else 0
     if show_controls and n_controls:
-        controls = introspection_residual.question_table(df, concept, x=x, y=y)
+        controls = definitions.question_table(df, concept, x=x, y=y)
         for k, question in enumerate(controls.columns):
             ax.plot(controls.index, controls[question].values, color=PALETTE["control"], lw=0.7, alpha=0.45,
                     label="control questions (each)" if k == 0 else None)
@@ -117,7 +117,7 @@ def plot_logit_lens(lens: pd.DataFrame, concept: str, *, ax: plt.Axes | None = N
     fig, ax = new_axes(ax)
     _draw_conditions(ax, sub, "lens_layer", show_controls=False, show_random=show_random, show_baselines=False,
                      y="lens_diff", baseline="baseline_lens_diff")
-    c = introspection_residual.curve_table(sub, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")
+    c = definitions.curve_table(sub, concept, x="lens_layer", y="lens_diff", baseline="baseline_lens_diff")
     for kind, ls in (("introspection", "--"), ("control", ":")):
         base = c[f"{kind}_baseline"].dropna()
         if len(base):

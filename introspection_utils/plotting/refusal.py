@@ -22,7 +22,7 @@ from introspection_utils.plotting.style import (
     plot_grid,
     scale_label,
 )
-from introspection_utils.stats import introspection_residual
+from introspection_utils.stats import definitions
 
 SCORE_PANELS = (("bypass", "harmful prompts, direction ablated", "baseline_harmful"),
                 ("induce", "harmless prompts, direction added at its layer", "baseline_harmless"),
@@ -113,9 +113,9 @@ def plot_refusal_layers(table: pd.DataFrame, best: int, model: Any, *, ax: plt.A
 
 def _ablation_lines(df: pd.DataFrame, concept: str, x: str) -> dict[str, pd.Series]:
     """Introspection, control mean and the introspection no-injection baseline of a scale sweep (``x="scale"``) or
-    of a logit-lens table (``x="lens_layer"``), concept vector only (:func:`introspection_residual.curve_table`)."""
+    of a logit-lens table (``x="lens_layer"``), concept vector only (:func:`definitions.curve_table`)."""
     y, base = ("logit_diff", "baseline_logit_diff") if x == "scale" else ("lens_diff", "baseline_lens_diff")
-    c = introspection_residual.curve_table(df, concept, x=x, y=y, baseline=base)
+    c = definitions.curve_table(df, concept, x=x, y=y, baseline=base)
     return {"introspection": c["introspection"], "control": c["control_mean"], "baseline": c["introspection_baseline"]}
 
 

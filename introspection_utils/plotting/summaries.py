@@ -55,7 +55,8 @@ def plot_localization(result: Any) -> plt.Figure:
 
 def plot_atlas(table: pd.DataFrame, null: pd.DataFrame | None = None) -> plt.Figure:
     """The atlas: every concept's I (the wordings' effect beyond what the random vectors predict from the controls,
-    logits at the largest scale: :mod:`stats.null_model`) with its interval (the rank test inverted), ranked and
+    logits at the largest scale: :mod:`stats.introspection_score`) with its interval (the rank test inverted), ranked
+    and
     coloured by its verdict class, the q-value beside each ("no test" without one), the contrast S as an open
     marker; and the concepts' I against the random vectors' (the null, each out of sample). ``table``:
     :func:`verdicts.verdicts`; ``null``: :func:`verdicts.random_null`."""

@@ -12,8 +12,8 @@ import pandas as pd
 from introspection_utils.core.deprecation import renamed
 from introspection_utils.engine.vectors import cosine_similarity_matrix
 from introspection_utils.experiments.attention import CONTROL_INJ, INTRO_INJ, INTRO_NOINJ
-from introspection_utils.stats import introspection_residual, line_test, verdicts
-from introspection_utils.stats.introspection_residual import curve_table, mass_note
+from introspection_utils.stats import definitions, line_test, verdicts
+from introspection_utils.stats.definitions import curve_table, mass_note
 from introspection_utils.stats.shifts import (
     COMOVEMENT_R,
     MOST_POINTS,
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def curves(df: pd.DataFrame, concept: str, **kwargs) -> pd.DataFrame:
-    """The introspection and control curves of one concept: :func:`introspection_residual.curve_table`."""
+    """The introspection and control curves of one concept: :func:`definitions.curve_table`."""
     return curve_table(df, concept, **kwargs)
 
 
@@ -45,18 +45,18 @@ def _none_if_nan(x: float) -> float | None:
 
 def sweep_flip_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None,
                question_kind: str = "introspection") -> float | None:
-    """The :func:`~introspection_residual.flip_scale`
+    """The :func:`~definitions.flip_scale`
     of the introspection curve (or ``question_kind="control"``: the control
     mean) of ``concept``; ``None`` when it never flips or already leans "yes" without injection."""
     c = curves(df, concept, layer=layer)
     column, base = (("introspection", "introspection_baseline") if question_kind == "introspection" else
                     ("control_mean", "control_baseline"))
-    return _none_if_nan(introspection_residual.flip_scale(c.index, c[column], float(c[base].iloc[0])))
+    return _none_if_nan(definitions.flip_scale(c.index, c[column], float(c[base].iloc[0])))
 
 
 def _flip_words(flip: str, at: float, mass: float) -> str:
     """``"<flip> at scale s"``, or, where the answer mass is low, that it is yes over no and not a flip."""
-    if np.isnan(mass) or mass >= introspection_residual.MIN_ANSWER_MASS:
+    if np.isnan(mass) or mass >= definitions.MIN_ANSWER_MASS:
         return f"{flip} at scale {_fmt(at)}"
     return (f"{flip.replace('flips to yes', 'puts yes over no').replace('crosses zero to yes', 'puts yes over no')} "
             f"at scale {_fmt(at)}, but its answer mass there is {mass:.2f}: not a flip of the model's answer")
@@ -64,7 +64,7 @@ def _flip_words(flip: str, at: float, mass: float) -> str:
 
 def _residual_words(row: pd.Series) -> str:
     """``line residual … (the wordings moved … where the controls' line predicts …)`` at one row of :func:`curves`
-    (descriptive: the verdict's I is the null-learned score, :mod:`introspection_utils.stats.null_model`)."""
+    (descriptive: the verdict's I is the null-learned score, :mod:`introspection_utils.stats.introspection_score`)."""
     moved = row["introspection"] - row["introspection_baseline"]
     predicted = row["predicted"] - row["introspection_baseline"]
     fit = (f"b = {row['push']:+.2f}, c = {row['slope']:+.2f}" if row["fit_ok"] else
@@ -83,7 +83,7 @@ def choose_scale(df: pd.DataFrame, concept: str, *, layer: int | None = None) ->
     flips = []
     for name, column, base in (("introspection answer", "introspection", "introspection_baseline"),
                                ("control mean", "control_mean", "control_baseline")):
-        at = introspection_residual.flip_scale(c.index, c[column], float(c[base].iloc[0]))
+        at = definitions.flip_scale(c.index, c[column], float(c[base].iloc[0]))
         if c[base].iloc[0] > 0:
             flips.append(f"the {name} already leans yes without injection ({c[base].iloc[0]:+.2f})")
         elif np.isnan(at):
@@ -101,12 +101,12 @@ def describe_scale_sweep(df: pd.DataFrame, concept: str, *, layer: int | None = 
     residual beyond the controls' line beside the contrast S, the concept vector against the random ones, and the
     verdict's test (:func:`verdicts.describe_test`)."""
     c = curves(df, concept, layer=layer)
-    layer = int(introspection_residual.select(df, concept)["layer"].iloc[0]) if layer is None else layer
+    layer = int(definitions.select(df, concept)["layer"].iloc[0]) if layer is None else layer
     ib, cb = c["introspection_baseline"].iloc[0], c["control_baseline"].iloc[0]
     parts = [f"{concept} (layer {layer}): without injection, introspection {ib:+.2f} and control mean {cb:+.2f}."]
 
     def crossing(name: str, column: str, base: float) -> str:
-        at = introspection_residual.flip_scale(c.index, c[column], base)
+        at = definitions.flip_scale(c.index, c[column], base)
         if base > 0:
             return f"the {name} already leans yes without injection"
         if np.isnan(at):
@@ -137,7 +137,7 @@ def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None 
     """Sentences on one concept's layer sweep: where each curve peaks, which layers give yes, and the layer with the
     largest residual beyond the controls' line (with S there)."""
     c = curves(df, concept, x="layer", scale=scale)
-    scale = float(introspection_residual.select(df, concept)["scale"].iloc[0]) if scale is None else scale
+    scale = float(definitions.select(df, concept)["scale"].iloc[0]) if scale is None else scale
     best = c["residual"].idxmax()
     intro_yes = [int(i) for i in c.index[c["introspection"] > 0]]
     control_yes = [int(i) for i in c.index[c["control_mean"] > 0]]
@@ -153,9 +153,9 @@ def describe_layer_sweep(df: pd.DataFrame, concept: str, *, scale: float | None 
 def describe_lens(lens: pd.DataFrame, concept: str) -> str:
     """Sentences on one concept's logit lens: the final-layer shift of introspection and control (concept vs random)
     and the read-out layer where the contrast S (introspection Δ − control-mean Δ,
-    :func:`introspection_residual.curve_table`) is
+    :func:`definitions.curve_table`) is
     largest — where in depth the two questions part, a description, not the verdict."""
-    sub = introspection_residual.select(lens, concept)
+    sub = definitions.select(lens, concept)
     sub = sub.assign(shift=sub["lens_diff"] - sub["baseline_lens_diff"])
     last = int(sub["lens_layer"].max())
     inj = int(sub["layer"].iloc[0])
@@ -348,7 +348,7 @@ def describe_lens_ablation(plain: pd.DataFrame, ablated: pd.DataFrame, concept: 
     concept: the last-layer read-outs and the read-out layer where the ablation changes the introspection answer
     most."""
     def lines(lens):
-        sub = introspection_residual.select(lens, concept)
+        sub = definitions.select(lens, concept)
         sub = sub[sub["vector_kind"] == "concept"]
         mean = sub.groupby(["question_kind", "lens_layer"])["lens_diff"].mean()
         return mean.loc["introspection"], mean.loc["control"], sub

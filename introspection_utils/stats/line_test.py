@@ -1,7 +1,7 @@
 """The controls'-line test the verdict used before issue #30, and the bootstrap of the line's quantities: kept for
 the contrast S (the synthetic calibration shows why S does not decide), as the comparison column of
 :mod:`.plasmode`'s table, and for the readings' descriptive intervals. It decides nothing: the verdict's test is
-:func:`introspection_utils.stats.null_model.score_test`.
+:func:`introspection_utils.stats.introspection_score.score_test`.
 
 **The test** (one concept at one layer; :func:`shift_test`). T = max over injected scales of the line's residual I
 (or of S) — scale selection is part of the statistic, each null takes the same maximum.
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from introspection_utils.stats.introspection_residual import (
+from introspection_utils.stats.definitions import (
     QuestionCurves,
     question_curves,
     select,
@@ -190,7 +190,7 @@ def resample_counts(concept: QuestionCurves, *, rng: np.random.Generator, n_boot
 
 def resampled(concept: QuestionCurves, index: int, counts: np.ndarray) -> dict[str, np.ndarray]:
     """I, S, the signed introspection Δ and the control Δ at x index ``index`` of each resample ``counts [B, Q]``
-    (:func:`resample_counts`) → each ``[B]``. I and S are :func:`introspection_residual.statistic_weights` with the
+    (:func:`resample_counts`) → each ``[B]``. I and S are :func:`definitions.statistic_weights` with the
     resample's
     multiplicities (I refits the controls' line on each resample): all-ones counts give the table's I and S."""
     d, pol = concept.delta[:, index], concept.polarity

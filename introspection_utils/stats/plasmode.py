@@ -26,7 +26,8 @@ tested as if it were a concept against the others — leave-one-out on the real 
 or not; the truth is "no introspection", so the rate of p ≤ α is the test's size there.
 
 A method maps ``(concept_delta [V, Q, S], null_delta [R, Q, S], panel)`` to p-values ``[V]``: :func:`score_method`
-(the verdict's statistic, :mod:`.null_model`) and :func:`residual_method` (the controls'-line residual I that it
+(the verdict's statistic, :mod:`.introspection_score`) and :func:`residual_method` (the controls'-line residual I that
+it
 replaced, with its two nulls) are compared on the same plantings.
 """
 
@@ -39,9 +40,9 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
-from introspection_utils.stats.introspection_residual import QuestionCurves, question_curves
+from introspection_utils.stats.definitions import QuestionCurves, question_curves
+from introspection_utils.stats.introspection_score import GRID, POWER, QuestionDesign, fit_prediction, plant, score_test
 from introspection_utils.stats.line_test import max_over_scales, shift_test
-from introspection_utils.stats.null_model import GRID, POWER, QuestionDesign, fit_prediction, plant, score_test
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
@@ -51,7 +52,8 @@ SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 
 @dataclass(frozen=True)
 class Panel:
-    """One layer of a sweep as arrays: ``design`` (:class:`null_model.QuestionDesign`), ``concept_delta [V, Q, S]``,
+    """One layer of a sweep as arrays: ``design`` (:class:`introspection_score.QuestionDesign`), ``concept_delta [V,
+    Q, S]``,
     ``null_delta [R, Q, S]`` (injected scales only), ``groups [R]`` (each null's concept), ``concepts [V]``,
     ``about_self [Q]`` (bool: the question is about the model), ``questions [Q]``, ``layer``, ``model``,
     ``answer_format``."""
@@ -144,7 +146,8 @@ Method = Callable[[np.ndarray, np.ndarray, Panel, np.ndarray], np.ndarray]
 
 
 def score_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray) -> np.ndarray:
-    """p-values of the verdict's test (:func:`null_model.score_test`): beyond random vectors and beyond the controls
+    """p-values of the verdict's test (:func:`introspection_score.score_test`): beyond random vectors and beyond the
+    controls
     (the larger of the two)."""
     test = score_test(concept_delta, null_delta, p.design, groups=groups)
     return np.maximum(test.p_random, test.p_controls)
@@ -162,7 +165,7 @@ def _curves(delta: np.ndarray, p: Panel) -> QuestionCurves:
 def residual_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray, *,
                     seed: int = 0) -> np.ndarray:
     """p-values of the controls'-line residual I with its question and norm-matched random-vector nulls (the
-    statistic the verdict used before :mod:`.null_model`; ``line_test.shift_test``)."""
+    statistic the verdict used before :mod:`.introspection_score`; ``line_test.shift_test``)."""
     randoms = [_curves(d, p) for d in null_delta]
     t_rand = np.array([max_over_scales(r) for r in randoms])
     rng = np.random.default_rng(seed)

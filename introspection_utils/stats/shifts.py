@@ -3,7 +3,7 @@ named constants: below-baseline, co-movement, the logit lens's layer-by-layer si
 switch-back scale, a direction's ablation effect, and the introspection − control contrast at one point (S's form
 for a single scale, site or head: what patching calls ``specific`` and attribution ``did``).
 
-Pure table code on the curves of :func:`introspection_utils.stats.introspection_residual.curve_table`; the sentences
+Pure table code on the curves of :func:`introspection_utils.stats.definitions.curve_table`; the sentences
 that word
 these numbers are in :mod:`introspection_utils.readings.sentences`.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from introspection_utils.stats.introspection_residual import curve_table, select
+from introspection_utils.stats.definitions import curve_table, select
 
 COMOVEMENT_R = 0.7  # introspection and control curves "move together": correlation above this, same direction
 SHARED_FRACTION = 0.5  # a control rise at least this fraction of the introspection rise counts as shared
@@ -25,7 +25,7 @@ MOST_POINTS = 0.5  # "below its baseline at most points": below at more than thi
 def specific(introspection, control):
     """The introspection − control contrast at one point (a scale, a site, a head): the introspection value minus
     the controls' mean — S's form (weights 1/m on the wordings, −1/n on the controls;
-    :func:`introspection_residual.statistic_weights`
+    :func:`definitions.statistic_weights`
     with ``"S"``) when both are Δ's or effects. Works elementwise on numbers, arrays and Series."""
     return introspection - control
 

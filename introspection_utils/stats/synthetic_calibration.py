@@ -1,7 +1,7 @@
 """Calibration of the verdicts on synthetic sweeps whose truth is known — including the two confounds a real model
 shows (Qwen2.5-Coder-1.5B's controls: Δ ≈ b + c·baseline with c ≈ −0.5 to −0.8): a shared push and compression.
 
-A synthetic concept is a set of per-question delta curves (:class:`introspection_residual.QuestionCurves`) with both
+A synthetic concept is a set of per-question delta curves (:class:`definitions.QuestionCurves`) with both
 polarities of
 introspection wordings (``n_detect`` +1, ``n_inverted`` −1) and controls whose no-injection answers x_q spread
 evenly over ``control_range`` (leaning "yes" on average, as Qwen's do); the wordings' baselines are drawn from
@@ -19,7 +19,8 @@ drawn the same way with their own β and half the compression (on Qwen random ve
 vectors: −0.59 vs −0.78 at scale 8 — the case where the random-vector null alone does not protect S).
 
 Scenarios (:data:`SCENARIOS`), each run as atlases of ``concepts_per_atlas`` concepts whose q-values are corrected
-together, exactly as :func:`verdicts.verdicts` does, once with the verdict's test (:func:`null_model.score_test`:
+together, exactly as :func:`verdicts.verdicts` does, once with the verdict's test
+(:func:`introspection_score.score_test`:
 the null-learned I, beyond random vectors and beyond the controls) and once with the contrast S (the controls'-line
 test of :func:`line_test.shift_test` on S). The real model's own noise is :mod:`.plasmode`'s; these synthetic tables
 keep what they were built for: confounds whose truth is known by construction.
@@ -48,9 +49,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from introspection_utils.core.paths import project_root, replace_block
-from introspection_utils.stats.introspection_residual import QuestionCurves
+from introspection_utils.stats.definitions import QuestionCurves
+from introspection_utils.stats.introspection_score import QuestionDesign, benjamini_hochberg, score_test
 from introspection_utils.stats.line_test import max_over_scales, shift_test
-from introspection_utils.stats.null_model import QuestionDesign, benjamini_hochberg, score_test
 from introspection_utils.stats.verdicts import ALPHA, EFFECT_THRESHOLD, classify
 
 CALIBRATION_DOC = "docs/verdicts.md"  # the file whose calibration block this module writes

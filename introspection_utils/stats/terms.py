@@ -1,5 +1,5 @@
-"""Deprecated path (one release): moved to :mod:`introspection_utils.stats.introspection_residual`."""
+"""Deprecated path (one release): moved to :mod:`introspection_utils.stats.definitions`."""
 
 from introspection_utils.core.deprecation import moved
 
-__getattr__ = moved(__name__, "introspection_utils.stats.introspection_residual")
+__getattr__ = moved(__name__, "introspection_utils.stats.definitions")

@@ -3,12 +3,13 @@ shared "yes", every answer drawn towards indifference, or a report of *any* inje
 per verdict.
 
 **The test** (all concepts of one layer at once; :func:`verdicts`, :func:`layer_test`) is
-:func:`introspection_utils.stats.null_model.score_test`: each wording's response to a generic perturbation is
+:func:`introspection_utils.stats.introspection_score.score_test`: each wording's response to a generic perturbation is
 learned from the random (null) vectors — its loadings on the controls' Δ — and I is what the wordings do beyond that
 prediction, signed by polarity (logits at the largest scale). ``p_random`` ranks a concept's score among the random
 vectors' out-of-sample scores (beyond random vectors); ``p_controls`` ranks its score beyond the controls' part alone
 (beyond the controls); ``p_value`` is the larger, and Benjamini–Hochberg across the table's concepts gives
-``q_value`` (and ``q_controls``). Every row carries the atlas's MDE (:func:`null_model.atlas_mde`: the smallest I
+``q_value`` (and ``q_controls``). Every row carries the atlas's MDE (:func:`introspection_score.atlas_mde`: the
+smallest I
 called for 80% of its concepts, on its own noise) and the smallest p its random vectors allow, so a "no" says what it
 could have found. Fewer than :data:`MIN_RANDOM` random vectors: no test (NaN p and q, and no sentence prints a q).
 
@@ -23,7 +24,7 @@ could have found. Fewer than :data:`MIN_RANDOM` random vectors: no test (NaN p a
 7. ``shared suppression``: b ≤ −t there (all pushed towards "no", e.g. "bomb").
 8. ``compression``: otherwise — the answers drawn towards indifference, the wordings with them.
 
-b and c are the controls' line Δ = b + c·x (:mod:`.introspection_residual`), read at the **effect scale** (where
+b and c are the controls' line Δ = b + c·x (:mod:`.definitions`), read at the **effect scale** (where
 |b| or |c|·max|x_q| is largest); they describe, the test decides. :func:`decided_by` words the values a class was
 decided by, and :func:`describe_verdict` is the one place a row is put into words.
 
@@ -50,14 +51,13 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from introspection_utils.stats.introspection_residual import (
+from introspection_utils.stats.definitions import (
     MIN_ANSWER_MASS,
     QuestionCurves,
     flip_scale,
     question_curves,
 )
-from introspection_utils.stats.line_test import CONFIDENCE, N_BOOT, bootstrap_interval, concept_rng, peak_index
-from introspection_utils.stats.null_model import (
+from introspection_utils.stats.introspection_score import (
     MIN_NULLS,
     QuestionDesign,
     atlas_mde,
@@ -65,6 +65,7 @@ from introspection_utils.stats.null_model import (
     population_p,
     score_test,
 )
+from introspection_utils.stats.line_test import CONFIDENCE, N_BOOT, bootstrap_interval, concept_rng, peak_index
 
 EFFECT_THRESHOLD = 1.0  # logits: a |delta| below this counts as "no change"
 ALPHA = 0.05
@@ -79,7 +80,7 @@ def movement(concept: QuestionCurves) -> dict[str, np.ndarray]:
     """What the injection does to the questions at each x ``[S]``, on the controls' line: ``b`` (shared push), ``c``
     (slope), ``r2``, ``compression`` (the line's push on the most extreme control, |c|·max|x_q|) and ``size`` (the
     larger of |b| and compression). The descriptive classes are read at the effect scale, where ``size`` is largest;
-    the verdict's I (:mod:`.null_model`) is not a per-scale quantity and enters the classes on its own."""
+    the verdict's I (:mod:`.introspection_score`) is not a per-scale quantity and enters the classes on its own."""
     fit = concept.fit()
     compression = np.abs(fit["c"]) * float(np.abs(concept.baseline[~concept.is_intro]).max())
     size = np.maximum(np.abs(fit["b"]), compression)
@@ -98,7 +99,7 @@ def classify(concept: QuestionCurves, q_value: float, *, I: float = 0.0, q_contr
     """The class of a concept (rules and order in the module docstring) — the one place the classes are decided.
     ``q_value``: beyond random vectors and the controls; ``q_controls``: beyond the controls; ``I`` and
     ``I_controls``: the score beyond the nulls' prediction and beyond the controls' part alone (logits at the largest
-    scale; :func:`null_model.score_test`). NaN q-values (no test) never decide a class."""
+    scale; :func:`introspection_score.score_test`). NaN q-values (no test) never decide a class."""
     t = effect_threshold
     if q_value <= alpha:
         return "introspection-specific"
@@ -130,7 +131,7 @@ ATLAS_COLUMNS = ["model", "concept", "layer", "n_wordings", "n_inverted", "n_con
 
 def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCurves], *,
                groups: Sequence[str] | None = None, alpha: float = ALPHA, mde: bool = True) -> dict[str, object] | None:
-    """:func:`null_model.score_test` of one layer's concepts against its random vectors (each vector's injected
+    """:func:`introspection_score.score_test` of one layer's concepts against its random vectors (each vector's injected
     scales; ``groups``: each random vector's concept — one concept's random vectors are left out together), with the
     atlas's MDE and the population test; None with fewer than :data:`MIN_RANDOM` random vectors (no test)."""
     if len(randoms) < MIN_RANDOM:
@@ -154,7 +155,7 @@ def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCur
 
 def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
              n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0, mde: bool = True) -> pd.DataFrame:
-    """One row per (concept, layer) of a scale-sweep table: the test (:func:`null_model.score_test`), its
+    """One row per (concept, layer) of a scale-sweep table: the test (:func:`introspection_score.score_test`), its
     corrections, the controls' line at the effect scale, S, flips, answer mass and class (columns
     :data:`ATLAS_COLUMNS`), sorted by q-value then I.
 
@@ -164,7 +165,8 @@ def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float 
     the controls), ``p_value`` (the larger), ``q_value`` and ``q_controls`` (Benjamini–Hochberg across the table's
     concepts), ``min_p`` (1 / (R + 1): the smallest p the layer's R random vectors allow), ``covered`` and ``noise``
     (the concept's residual noise within the nulls' range), ``mde`` (the atlas's smallest I called for 80% of its
-    concepts, on its own noise: :func:`null_model.atlas_mde`; ``mde=False`` skips it), ``population_p`` (are the
+    concepts, on its own noise: :func:`introspection_score.atlas_mde`; ``mde=False`` skips it), ``population_p`` (are
+    the
     concepts as a group beyond their nulls); ``shift_scale`` with ``shift`` (S, the write-up's contrast) and its
     interval; ``effect_scale`` (where the controls' line moves most: the descriptive classes are read there) with
     the (signed) introspection and control Δ, their intervals, ``effect_b``, ``effect_c``, ``effect_r2``;

@@ -10,7 +10,7 @@ from scipy.optimize import minimize
 from statsmodels.stats.multitest import multipletests
 
 from introspection_utils.core.paths import project_root
-from introspection_utils.stats import null_model as nm
+from introspection_utils.stats import introspection_score as nm
 from introspection_utils.stats.plasmode import panel
 
 

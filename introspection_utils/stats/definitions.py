@@ -1,7 +1,8 @@
 """The terms every reading, figure and verdict quotes, defined once: Δ, polarity, the introspection and control
 curves, the controls' line (b, c, R²), the line's residual and the contrast S as linear forms of the per-question Δ
 (:func:`statistic_weights`), the flip scale and the answer mass — on tidy sweep tables and as per-question arrays
-(:class:`QuestionCurves`). The verdict's statistic I is :mod:`introspection_utils.stats.null_model`'s; the test and
+(:class:`QuestionCurves`). The verdict's statistic I is :mod:`introspection_utils.stats.introspection_score`'s; the
+test and
 the classes are in :mod:`introspection_utils.stats.verdicts`.
 
 Inputs are the tidy sweep tables of :mod:`introspection_utils.experiments.sweeps` (``sweeps.COLUMNS``). All quantities
@@ -29,7 +30,7 @@ are in logits of the yes − no difference at the answer position. Tables saved 
 * **the line's residual I_line(s)** (descriptive; the readings call it "the residual beyond the controls' line"):
   the mean over wordings of p_w·(Δ_w − b − c·x_w). It assumes the wordings respond as a control at their own baseline
   would, which a real model need not do (issue #30): the verdict's I is learned from the random vectors instead
-  (:mod:`.null_model`). It is linear in the Δ's — Σ_q w_q·Δ_q(s) with the weights of :func:`statistic_weights`.
+  (:mod:`.introspection_score`). It is linear in the Δ's — Σ_q w_q·Δ_q(s) with the weights of :func:`statistic_weights`.
 * **S(s), the introspection − control contrast** (the write-up's "introspection-specific shift", kept as its
   description, not the verdict): mean Δ over the wordings (unsigned) − mean Δ over the controls. Compression alone
   makes it positive when the wordings start lower than the controls (the synthetic calibration in
