@@ -4,25 +4,26 @@
         [--readme docs/benchmark.md]
     python -m introspection_utils.bench --model qwen2.5-coder-1.5b-instruct --naive-trials 88
     python -m introspection_utils.bench --model random:gemma-2-9b-it --naive-trials 88   # GPU: Gemma-2-9B's shape
+    python -m introspection_utils.bench --agreement [--concepts 10] --readme docs/benchmark.md  # atlas, bf16 vs fp32
 
 Standard sweep: concepts sandwich, water, bomb, confusion, logic × scales 0,1,2,3,4,6,8,12 × (the introspection
 question + the first 10 control questions) × (concept vector + 1 random vector) at one middle layer = 880 trials
 (``--trials N``: its first N). Naive = one traced forward per trial over the whole prompt (what a first script does).
 Engine = ``measure.measure`` (prefix KV cache + layer skip + batching). For each dtype (``--dtypes``, default float32
 and bfloat16; the same trials and float32 concept vectors for both), in one run: trials/s both ways, the ratio, the
-largest engine − naive difference (they must agree), peak RSS, and the engine's useful GFLOP/s against a matmul
-peak measured in that dtype in the same run; then the bf16 engine against the fp32 engine (speed ratio, max and
-median |bf16 − fp32|, sign agreement). ``--readme FILE`` writes it all, dated, with the machine, its bf16 CPU flags
-and its load, into FILE's ``<!-- bench:start -->`` … ``<!-- bench:end -->`` block (never typed by hand).
+largest engine − naive difference (they must agree), peak RSS, and the engine's useful GFLOP/s against the peak of
+the kernel the model's linears use, timed in that dtype in the same run (``F.linear`` on the model's weight shapes:
+:func:`~introspection_utils.engine.throughput.linear_peak_gflops`); then the bf16 engine against the fp32 engine
+(speed ratio, max and median |bf16 − fp32|, sign agreement). ``--readme FILE`` writes it all, dated, with the
+machine, its bf16 CPU flags, what ``dtype="auto"`` picks there and its load, into FILE's ``<!-- bench:start -->`` …
+``<!-- bench:end -->`` block (never typed by hand). ``--agreement``: the atlas in both dtypes on Qwen
+(:mod:`~introspection_utils.apps.bench_agreement`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -33,7 +34,17 @@ from introspection_utils.core.paths import replace_block
 from introspection_utils.engine.measure import Trial, measure, readout_logits, trial_grid, yes_minus_no
 from introspection_utils.engine.prompts import answer_set, question_prompts
 from introspection_utils.engine.vectors import concept_vectors, with_random
-from introspection_utils.models.handle import BF16_CPU_FLAGS, DEFAULT_MODEL, ModelHandle, cpu_flags, load_model
+from introspection_utils.engine.throughput import (
+    auto_dtype,
+    bf16_flags,
+    device_name,
+    layer_linear_params,
+    linear_peak_gflops,
+    load_average,
+    load_words,
+    measured_line,
+)
+from introspection_utils.models.handle import DEFAULT_MODEL, ModelHandle, load_model
 
 BENCH_DOC = "docs/benchmark.md"  # where the measurement block lives (written with --readme)
 CONCEPTS = ("Sandwich", "Water", "Bomb", "Confusion", "Logic")
@@ -62,35 +73,11 @@ def naive_logit_diff(handle: ModelHandle, trial: Trial, answer_ids: torch.Tensor
     return float(yes_minus_no(logits, n_yes))
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds: float = 0.5) -> float:
-    """Best of 3 rounds of n×n matmuls in ``dtype`` (each round repeats for at least ``seconds``, at least once):
-    the machine's practical peak in that dtype."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(3):
-        _sync(device)
-        t, repeats = time.perf_counter(), 0
-        while repeats == 0 or time.perf_counter() - t < seconds:
-            a @ b
-            _sync(device)
-            repeats += 1
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def useful_flops(handle: ModelHandle, trials: list[Trial]) -> float:
     """FLOPs that must be computed: per trial, the suffix (from the injection start) through the layers from
-    the injection layer up (weights: 2 × params × tokens; attention: 4 × d_attn × query × key tokens), and the
-    two answer rows of the unembedding. Work shared across trials (prefix, layers below) counts once per prompt."""
+    the injection layer up (linears: 2 × their weights × tokens; attention: 4 × d_attn × query × key tokens). Work shared across trials (prefix, layers below) counts once per prompt."""
     cfg = handle.torch_model.config.get_text_config()
-    layer_params = sum(p.numel() for p in handle.torch_model.get_decoder().layers[0].parameters())
+    layer_params = layer_linear_params(handle)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     d_attn = cfg.num_attention_heads * head_dim
     total = 0.0
@@ -129,12 +116,14 @@ def _peak_rss_gb() -> float:
 
 
 def run_dtype(handle: ModelHandle, trials: list[Trial], naive_sample: list[int], batch_size: int | None,
-              peak_size: int | None = None) -> dict:
-    """One dtype's half of the benchmark: naive and engine timings on ``trials``, the matmul peak, peak RSS."""
+              peak_tokens: int | None = None) -> dict:
+    """One dtype's half of the benchmark: naive and engine timings on ``trials``, the linear peak (timed before and
+    after the engine, the better kept: a shared machine's load changes), peak RSS."""
     sets = answer_set(handle)
     answer_ids, n_yes = torch.tensor(sets.ids, device=handle.device), len(sets.yes)
     measure(handle, trials[:8])  # warm-up (allocations, lazy init) outside the timings
     naive_logit_diff(handle, trials[1], answer_ids, n_yes)
+    peak = linear_peak_gflops(handle, tokens=peak_tokens)
     _sync(handle.device)
     t = time.perf_counter()
     naive = torch.tensor([naive_logit_diff(handle, trials[i], answer_ids, n_yes) for i in naive_sample])
@@ -144,12 +133,16 @@ def run_dtype(handle: ModelHandle, trials: list[Trial], naive_sample: list[int],
     engine = measure(handle, trials, batch_size=batch_size).logit_diff
     _sync(handle.device)
     engine_s = time.perf_counter() - t
-    peak = matmul_peak_gflops(handle.dtype, handle.device,
-                              n=peak_size or (8192 if handle.device.type == "cuda" else 1024))
+    peak = max(peak, linear_peak_gflops(handle, tokens=peak_tokens))
     return {"dtype": str(handle.dtype).removeprefix("torch."), "naive_s": naive_s, "engine_s": engine_s,
             "max_diff": float((engine[naive_sample] - naive).abs().max()), "engine": engine,
             "gflops": useful_flops(handle, trials) / engine_s / 1e9, "peak": peak, "rss_gb": _peak_rss_gb(),
             "gpu_gib": torch.cuda.max_memory_allocated() / 1024**3 if handle.device.type == "cuda" else None}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def compare(runs: dict[str, dict]) -> dict | None:
@@ -163,7 +156,7 @@ def compare(runs: dict[str, dict]) -> dict | None:
             "median": float(diff.median()), "same_sign": int((a.sign() == b.sign()).sum()), "n": len(a)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--layer", type=int, default=None, help="injection layer (default: the middle one)")
@@ -174,18 +167,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: a GPU if one is visible, else the CPU)")
-    parser.add_argument("--peak-size", type=int, default=None,
-                        help="n of the n×n matmul peak (default 1024 on CPU, 8192 on CUDA)")
+    parser.add_argument("--peak-tokens", type=int, default=None,
+                        help="rows fed to the model's linears when timing the peak (default 1024 on CPU, 8192 on CUDA)")
     parser.add_argument("--readme", default=None, help="write the measurement into this file's bench block")
-    parser.add_argument("--block", default="bench",
-                        help="the block's name in that file (default bench; e.g. bench-qwen for a second model)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--block", default=None,
+                        help="the block's name in that file (default bench, agreement with --agreement)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="instead: the atlas's classes and I in bfloat16 vs float32 on the same concepts "
+                             "(apps/bench_agreement.py; default model Qwen, the findings file's atlas settings)")
+    parser.add_argument("--concepts", type=int, default=None,
+                        help="with --agreement: the first N of the atlas variants' concepts (default 10)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.agreement:
+        from introspection_utils.apps.bench_agreement import main as agreement_main
+
+        agreement_main(args)
+        return
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
         raise ValueError(f"--dtypes {args.dtypes!r}: use float32, bfloat16 and/or float16, comma-separated")
     if args.trials is not None and args.trials < 8:
         raise ValueError(f"--trials {args.trials} is too few; use at least 8")
-    load = os.getloadavg()[0]  # before anything of ours runs: a busy machine's numbers are not the engine's
+    load = load_average()  # before anything of ours runs: a busy machine's numbers are not the engine's
 
     if args.model.startswith("random:") and args.device is None and not torch.cuda.is_available():
         print(f"skipped: {args.model} is a full-size randomly initialised model for the GPU benchmark and needs a "
@@ -204,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
             trials = standard_trials(handle, layer)[:args.trials]
             step = max(1, len(trials) // args.naive_trials) if args.naive_trials else 1
             naive_sample = list(range(0, len(trials), step))
-            print(f"model {handle.name} on {handle.device} ({_device_name(handle.device)}, "
-                  f"{torch.get_num_threads()} threads); bf16 CPU flags: {_bf16_flags()}")
+            print(f"model {handle.name} on {handle.device} ({device_name(handle.device)}, "
+                  f"{torch.get_num_threads()} threads); bf16 CPU flags: {bf16_flags()}; "
+                  f"dtype=\"auto\" picks {auto_dtype(handle.device)}")
             print(f"standard sweep: {len(trials)} trials at layer {layer}, prompt lengths "
                   f"{sorted({len(t.prompt) for t in trials})}")
-        r = runs[dtype] = run_dtype(handle, trials, naive_sample, args.batch_size, args.peak_size)
+        r = runs[dtype] = run_dtype(handle, trials, naive_sample, args.batch_size, args.peak_tokens)
         device, name = handle.device, handle.name
         del handle
         extrapolated = f" (timed {len(naive_sample)}, extrapolated)" if step > 1 else ""
@@ -218,25 +226,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{dtype}] ratio : {r['naive_s'] / r['engine_s']:.1f}x")
         print(f"[{dtype}] max |engine - naive| over {len(naive_sample)} trials: {r['max_diff']:.2e}")
         print(f"[{dtype}] engine useful compute: {r['gflops']:.1f} GFLOP/s = {r['gflops'] / r['peak']:.0%} "
-              f"of the measured {dtype} matmul peak ({r['peak']:.1f} GFLOP/s)")
+              f"of the measured {dtype} linear peak ({r['peak']:.1f} GFLOP/s, F.linear on the model's shapes)")
         print(f"[{dtype}] peak RSS: {r['rss_gb']:.2f} GB" + (f"; peak GPU memory: {r['gpu_gib']:.2f} GiB"
                                                              if r["gpu_gib"] is not None else ""))
     both = compare(runs)
     if both:
         print(f"bf16 engine vs fp32 engine: {both['speed']:.2f}x the trials/s; |bf16 - fp32| max {both['max']:.3f}, "
               f"median {both['median']:.3f} logits; same sign on {both['same_sign']}/{both['n']} trials")
+    end = load_average()
+    print(load_words(load, end))
     if args.readme:
         meta = {"model": name, "layer": trials[0].injection_layer, "n": len(trials),
-                "n_naive": len(naive_sample), "extrapolated": step > 1, "load": load, "device": _device_name(device),
-                "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
-                "flags": _bf16_flags(), "command": _command(args)}
-        replace_block(Path(args.readme), args.block, readme_block(meta, runs, both))
+                "n_naive": len(naive_sample), "extrapolated": step > 1,
+                "line": measured_line(device, load_start=load, load_end=end, command=_command(args))}
+        replace_block(Path(args.readme), args.block or "bench", readme_block(meta, runs, both))
         print(f"written into {args.readme}")
-
-
-def _bf16_flags() -> str:
-    found = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
-    return ", ".join(found) if found else f"none ({' / '.join(BF16_CPU_FLAGS)} absent)"
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -244,30 +248,24 @@ def _command(args: argparse.Namespace) -> str:
     if args.model != DEFAULT_MODEL:
         parts.append(f"--model {args.model}")
     for flag, value in (("--layer", args.layer), ("--naive-trials", args.naive_trials), ("--trials", args.trials),
-                        ("--batch-size", args.batch_size), ("--peak-size", args.peak_size),
+                        ("--batch-size", args.batch_size), ("--peak-tokens", args.peak_tokens),
                         ("--device", args.device)):
         if value is not None:
             parts.append(f"{flag} {value}")
     if args.dtypes != "float32,bfloat16":
         parts.append(f"--dtypes {args.dtypes}")
-    if args.block != "bench":
+    if args.block not in (None, "bench"):
         parts.append(f"--block {args.block}")
     return " ".join([*parts, f"--readme {BENCH_DOC}"])
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
-
-
 def readme_block(meta: dict, runs: dict[str, dict], both: dict | None) -> str:
     """The benchmark table of ``docs/benchmark.md`` (one row per dtype and way) and its dated lines, from one run's
-    measurements."""
+    measurements (``meta["line"]``: :func:`~introspection_utils.engine.throughput.measured_line`)."""
     n = meta["n"]
     sample = f" ({meta['n_naive']} spread trials timed, extrapolated)" if meta["extrapolated"] else ""
     lines = [f"| {meta['model']}, layer {meta['layer']}, {n} trials | trials/s | wall | engine vs naive | "
-             f"max \\|engine − naive\\| | useful GFLOP/s (of its matmul peak) | peak RSS |",
+             f"max \\|engine − naive\\| | useful GFLOP/s (of its linear peak) | peak RSS |",
              "|---|---|---|---|---|---|---|"]
     for dtype, r in runs.items():
         gpu = f", GPU {r['gpu_gib']:.2f} GiB" if r["gpu_gib"] is not None else ""
@@ -280,9 +278,7 @@ def readme_block(meta: dict, runs: dict[str, dict], both: dict | None) -> str:
         lines.append(f"**bf16 engine vs fp32 engine: {both['speed']:.2f}× the trials/s**; on the same trials "
                      f"|bf16 − fp32| max {both['max']:.3f}, median {both['median']:.3f} logits (yes − no); same "
                      f"sign on {both['same_sign']}/{both['n']} trials. ")
-    lines.append(f"Measured {meta['date']} on {meta['device']}, {meta['threads']} threads, bf16 CPU flags: "
-                 f"{meta['flags']}, load average {meta['load']:.2f} at the start, torch {torch.__version__}; "
-                 f"written by `{meta['command']}`.")
+    lines.append(meta["line"])
     return "\n".join(lines)
 
 
