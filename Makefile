@@ -82,8 +82,16 @@ explore: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-bench: $(STAMP)
-	$(PY) -m introspection_utils.bench
+# The benchmark (docs/benchmark.md): the standard sweep on the embedded model, naive and engine, float32 and bfloat16,
+# each against the peak of F.linear on the model's shapes in its dtype; written into the doc's bench block.
+# make bench QWEN=1: also Qwen2.5-Coder-1.5B (its bench-qwen block) and the atlas in bf16 vs float32 on 10 concepts
+# (the agreement block; ~25 min of a shared 2-core CPU). BENCH_NAIVE: naive trials timed (spread, extrapolated).
+BENCH_NAIVE ?= 44
+bench: $(STAMP) $(if $(QWEN),$(QWEN_STAMP))
+	$(PY) -m introspection_utils.bench --naive-trials $(BENCH_NAIVE) --readme docs/benchmark.md
+	$(if $(QWEN),$(PY) -m introspection_utils.bench --model qwen2.5-coder-1.5b-instruct --naive-trials $(BENCH_NAIVE) \
+	  --block bench-qwen --readme docs/benchmark.md)
+	$(if $(QWEN),$(PY) -m introspection_utils.bench --agreement --readme docs/benchmark.md)
 
 clean-cache:
 	$(PY) -c "import introspection_utils.models.embedded as m, shutil; shutil.rmtree(m.cache_dir(), ignore_errors=True)"

@@ -255,6 +255,11 @@ def test_auto_dtype_follows_the_cpu_flags(monkeypatch, tmp_path):
     assert load_model("tiny-llama", dtype="auto", device="cpu").dtype == torch.bfloat16
     monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
     assert load_model("tiny-llama", dtype="auto", device="cpu").dtype == torch.float32
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512_bf16"})
+    assert models._resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch built without oneDNN
+    assert models._resolve_dtype("auto", "cpu") == torch.float32
+    assert models._resolve_dtype(None, "cpu") == torch.float32  # the explicit default on a CPU
 
 
 def test_auto_dtype_on_cuda_asks_for_native_bf16(monkeypatch):
@@ -294,3 +299,25 @@ def test_device_map_path_places_and_casts_on_cpu():
     trial = Trial(introspection_prompt(handle))
     readout = measure(handle, [trial])
     assert readout.logit_diff.dtype == torch.float32 and torch.isfinite(readout.logit_diff).all()
+
+
+def test_the_findings_run_loads_every_notebook_in_the_auto_dtype():
+    """``make findings`` passes ``dtype = "auto"`` to every notebook (bf16 on a CPU with AMX / AVX-512 BF16 or a
+    CUDA GPU with bf16, float32 elsewhere), no notebook's table overrides it, and every notebook loads its model
+    with that parameter (so sweeps, the atlas, the tasks and the SAE training all run in it)."""
+    import json
+
+    from introspection_utils.core.data import tomllib
+    from introspection_utils.core.paths import project_root
+
+    root = project_root()
+    findings = tomllib.loads((root / "data/findings/qwen2.5-coder-1.5b-instruct.toml").read_text(encoding="utf-8"))
+    assert findings["all"]["dtype"] == "auto"
+    assert not [name for name, table in findings.items() if isinstance(table, dict) and name != "all"
+                and "dtype" in table]
+    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        parameters = next("".join(c["source"]) for c in cells if "parameters" in c["metadata"].get("tags", []))
+        code = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert "\ndtype = " in f"\n{parameters}", f"{path.name} declares no dtype parameter"
+        assert "load_model(model, dtype=dtype)" in code, f"{path.name} does not load its model in its dtype"

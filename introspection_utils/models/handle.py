@@ -254,12 +254,14 @@ def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str]:
 
 def fast_bfloat16(device: str | torch.device, flags: set[str] | None = None) -> bool:
     """Whether bfloat16 is this device's fast path: a CUDA device with native bf16 (Ampere and later), or a CPU
-    with AMX / AVX-512 BF16 (``flags``: the CPU's feature flags, default :func:`cpu_flags`)."""
+    with AMX / AVX-512 BF16 (``flags``: the CPU's feature flags, default :func:`cpu_flags`) and a torch built with
+    oneDNN (the library whose kernels use them; without it bf16 matmuls take the slow generic kernel)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+        has = bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+        return has and torch.backends.mkldnn.is_available()
     return False
 
 
