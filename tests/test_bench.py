@@ -96,7 +96,8 @@ def test_a_training_throughput_table_has_the_benchmark_blocks_format():
     rows = [throughput.Throughput("train, bfloat16", seconds=4.0, examples=32, tokens=2560, flops=8e11, peak=400.0)]
     table = throughput.throughput_table("qwen, layers 18–27, LoRA r 8", rows)
     head, rule, row = table.splitlines()
-    assert head == "| qwen, layers 18–27, LoRA r 8 | examples/s | tokens/s | wall | useful GFLOP/s (of its linear peak) |"
+    assert head == ("| qwen, layers 18–27, LoRA r 8 | examples/s | tokens/s | wall | "
+                    "useful GFLOP/s (of its linear peak) |")
     assert rule.count("|") == head.count("|")
     assert row == "| train, bfloat16 | 8.00 | 640 | 4.0 s | 200 (50% of 400) |"
 
@@ -168,7 +169,8 @@ def test_the_benchmark_doc_holds_measurements_written_by_the_script():
         assert all(int(p) <= 100 for p in PERCENT.findall(measured))
     agreement = read_block(doc, "agreement")
     assert agreement.startswith("| qwen2.5-coder-1.5b-instruct, atlas at layer ")
-    assert "Classes agree on " in agreement and "written by `python -m introspection_utils.bench --agreement" in agreement
+    assert "Classes agree on " in agreement
+    assert "written by `python -m introspection_utils.bench --agreement" in agreement
 
 
 def test_the_gpu_block_holds_a_measurement_written_by_the_script():

@@ -33,7 +33,6 @@ import torch
 from introspection_utils.core.paths import replace_block
 from introspection_utils.engine.measure import Trial, measure, readout_logits, trial_grid, yes_minus_no
 from introspection_utils.engine.prompts import answer_set, question_prompts
-from introspection_utils.engine.vectors import concept_vectors, with_random
 from introspection_utils.engine.throughput import (
     auto_dtype,
     bf16_flags,
@@ -44,6 +43,7 @@ from introspection_utils.engine.throughput import (
     load_words,
     measured_line,
 )
+from introspection_utils.engine.vectors import concept_vectors, with_random
 from introspection_utils.models.handle import DEFAULT_MODEL, ModelHandle, load_model
 
 BENCH_DOC = "docs/benchmark.md"  # where the measurement block lives (written with --readme)
@@ -75,7 +75,8 @@ def naive_logit_diff(handle: ModelHandle, trial: Trial, answer_ids: torch.Tensor
 
 def useful_flops(handle: ModelHandle, trials: list[Trial]) -> float:
     """FLOPs that must be computed: per trial, the suffix (from the injection start) through the layers from
-    the injection layer up (linears: 2 × their weights × tokens; attention: 4 × d_attn × query × key tokens). Work shared across trials (prefix, layers below) counts once per prompt."""
+    the injection layer up (linears: 2 × their weights × tokens; attention: 4 × d_attn × query × key tokens).
+    Work shared across trials (prefix, layers below) counts once per prompt."""
     cfg = handle.torch_model.config.get_text_config()
     layer_params = layer_linear_params(handle)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -96,7 +96,8 @@ def agreement(a: dict, b: dict) -> dict:
 
 def agreement_block(settings: dict, runs: dict[str, dict], result: dict, line: str) -> str:
     """The ``agreement`` block of ``docs/benchmark.md``: one row per dtype (trials, wall times, the class counts),
-    the agreement in words, the settings, and ``line`` (:func:`~introspection_utils.engine.throughput.measured_line`)."""
+    the agreement in words, the settings, and ``line``
+    (:func:`~introspection_utils.engine.throughput.measured_line`)."""
     first = next(iter(runs.values()))
     lines = [f"| {first['model']}, atlas at layer {first['layer']}, {result['n']} concepts | trials | concept "
              f"vectors | sweep + verdicts | trials/s | classes |", "|---|---|---|---|---|---|"]

@@ -186,7 +186,8 @@ class Throughput:
 def throughput_table(title: str, rows: Sequence[Throughput]) -> str:
     """A markdown table of ``rows`` (examples/s, tokens/s, wall, useful GFLOP/s with its fraction of the peak), the
     first header cell ``title`` (model, layer, what was run): the format of the benchmark's blocks, for training."""
-    lines = [f"| {title} | examples/s | tokens/s | wall | useful GFLOP/s (of its linear peak) |", "|---|---|---|---|---|"]
+    lines = [f"| {title} | examples/s | tokens/s | wall | useful GFLOP/s (of its linear peak) |",
+             "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.label} | {r.examples / r.seconds:.2f} | {r.tokens / r.seconds:.0f} | {r.seconds:.1f} s | "
                      f"{r.flops / r.seconds / 1e9:.0f} ({r.fraction:.0%} of {r.peak:.0f}) |")
