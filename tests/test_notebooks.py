@@ -355,7 +355,7 @@ def test_timings_keep_the_notebooks_not_rerun(tmp_path):
                        run.RunRecord("11_atlas.ipynb", tmp_path, 600.0)], path, "m")
     run.write_timings([run.RunRecord("02_scale_sweep.ipynb", tmp_path, 7.0)], path, "m")
     lines = path.read_text().splitlines()
-    assert lines[0] == "model,notebook,seconds,cpus,omp_num_threads,load_avg,key" and len(lines) == 3
+    assert lines[0] == "model,notebook,seconds,dtype,cpus,omp_num_threads,load_start,load_avg,key" and len(lines) == 3
     assert lines[1].startswith("m,02_scale_sweep.ipynb,7.0,") and lines[2].startswith("m,11_atlas.ipynb,600.0,")
 
 

@@ -284,6 +284,12 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return dtype
 
 
+def resolve_dtype(dtype: str | torch.dtype | None = None, device: str | None = None) -> torch.dtype:
+    """The dtype ``load_model(..., dtype=dtype, device=device)`` loads in on this machine (``device`` default: a GPU
+    if one is visible, else the CPU, as ``load_model``'s): what a run records as its dtype before it loads anything."""
+    return _resolve_dtype(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
                attn: str = "eager", remote: bool | str = False, device_map: str | dict | None = None
                ) -> ModelHandle:

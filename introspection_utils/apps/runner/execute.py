@@ -3,6 +3,7 @@ each finishes, notebooks already done skipped; :mod:`.cli` and :mod:`.findings` 
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -10,7 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from introspection_utils.apps.runner.checks import (
     RUNNER_PLACED,
     NotebookError,
     code_hash,
+    declared_parameters,
     default_model,
     notebooks,
     placement,
@@ -26,10 +28,14 @@ from introspection_utils.apps.runner.checks import (
     resolve_model,
     run_key,
 )
+from introspection_utils.engine.throughput import load_average
+from introspection_utils.models.handle import resolve_dtype
 
 DEFAULT_CELL_TIMEOUT = 1800  # seconds; --cell-timeout 0 for none
 
-TIMINGS_HEADER = ["model", "notebook", "seconds", "cpus", "omp_num_threads", "load_avg", "key"]
+# load_start / load_avg: the 1-minute load average when the notebook started / finished (the machine is often shared;
+# with --jobs N the notebooks beside it count too); dtype: what its model loaded in (its dtype parameter, resolved).
+TIMINGS_HEADER = ["model", "notebook", "seconds", "dtype", "cpus", "omp_num_threads", "load_start", "load_avg", "key"]
 
 # Started in every kernel: the package's progress bars as text (streamed to the runner's terminal, kept readable in
 # the executed copies) instead of widgets nobody sees in a headless run.
@@ -54,11 +60,17 @@ class Interrupted(RuntimeError):
 
 @dataclass(frozen=True)
 class RunRecord:
+    """One notebook's run: its executed copy, wall time and run key; the 1-minute load average when it started and
+    finished (``None``: not read) and the dtype its model loaded in (``""``: it has no ``dtype`` parameter)."""
+
     notebook: str
     output: Path
     seconds: float
     key: str = ""
     skipped: bool = False
+    load_start: float | None = None
+    load_end: float | None = None
+    dtype: str = ""
 
 
 
@@ -126,7 +138,8 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
     output = output_dir / variant_name(path, variant)
     hooks = _Progress(path.name, _n_code_cells(path)) if progress else None
     extra = {"on_cell_start": hooks.on_cell_start, "stderr_file": hooks} if hooks else {}
-    start = time.perf_counter()
+    dtype = notebook_dtype(path, parameters)
+    load_start, start = load_average(), time.perf_counter()
     if warm is not None:
         if warm.used:
             warm.reset()
@@ -147,7 +160,20 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
         raise NotebookError(path.name, cell, f"{err.ename}: {err.evalue}", output) from err
     if hooks:
         hooks._end_line()
-    return RunRecord(output.name, output, time.perf_counter() - start)
+    return RunRecord(output.name, output, time.perf_counter() - start, load_start=load_start,
+                     load_end=load_average(), dtype=dtype)
+
+
+def notebook_dtype(path: Path, parameters: Mapping[str, Any]) -> str:
+    """The dtype ``path``'s model loads in with ``parameters``: its ``dtype`` parameter (the one passed, else the
+    notebook's default) as ``load_model`` resolves it on this machine ("auto": bfloat16 where the CPU or GPU runs it
+    fast); ``""`` for a notebook that declares no ``dtype``."""
+    declared = declared_parameters(path)
+    if "dtype" not in declared:
+        return ""
+    value = parameters["dtype"] if "dtype" in parameters else ast.literal_eval(declared["dtype"].get("default")
+                                                                                 or "None")
+    return str(resolve_dtype(value)).removeprefix("torch.")
 
 
 
@@ -211,7 +237,7 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
             raise
         if warm is not None:
             kernels.give_back(warm)
-        return RunRecord(record.notebook, record.output, record.seconds, key)
+        return replace(record, key=key)
 
     def finished(name: str, record: RunRecord) -> None:
         print(f"  {name} done in {record.seconds:.1f} s -> {record.output}", flush=True)
@@ -256,9 +282,10 @@ def _done_keys(path: Path, model: str | None) -> dict[str, str]:
 
 
 def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
-    """``path`` as a CSV, one row per notebook in series order (model, notebook, wall seconds, CPU count,
-    OMP_NUM_THREADS, 1-minute load average when it finished, run key); rows of notebooks not run this time are kept
-    from an earlier run of the same model. Skipped records leave their row as it was."""
+    """``path`` as a CSV, one row per notebook in series order (:data:`TIMINGS_HEADER`: model, notebook, wall
+    seconds, the dtype its model loaded in, CPU count, OMP_NUM_THREADS, the 1-minute load average when it started and
+    when it finished — now, for a record that did not read it —, run key); rows of notebooks not run this time are
+    kept from an earlier run of the same model. Skipped records leave their row as it was."""
     rows = {}
     if path.is_file():
         with open(path, newline="") as f:
@@ -270,9 +297,10 @@ def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
     for r in records:
         if r.skipped:
             continue
-        rows[r.notebook] = {"model": model, "notebook": r.notebook, "seconds": f"{r.seconds:.1f}",
+        rows[r.notebook] = {"model": model, "notebook": r.notebook, "seconds": f"{r.seconds:.1f}", "dtype": r.dtype,
                             "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
-                            "load_avg": load, "key": r.key}
+                            "load_start": "" if r.load_start is None else f"{r.load_start:.2f}",
+                            "load_avg": load if r.load_end is None else f"{r.load_end:.2f}", "key": r.key}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
