@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         del handle
         extrapolated = f" (timed {len(naive_sample)}, extrapolated)" if step > 1 else ""
         n = len(trials)
-        print(f"[{dtype}] naive : {n / r['naive_s']:8.1f} trials/s  {r['naive_s']:7.1f} s{extrapolated}")
-        print(f"[{dtype}] engine: {n / r['engine_s']:8.1f} trials/s  {r['engine_s']:7.1f} s")
+        print(f"[{dtype}] naive : {_rate(n / r['naive_s']):>8} trials/s  {r['naive_s']:7.1f} s{extrapolated}")
+        print(f"[{dtype}] engine: {_rate(n / r['engine_s']):>8} trials/s  {r['engine_s']:7.1f} s")
         print(f"[{dtype}] ratio : {r['naive_s'] / r['engine_s']:.1f}x")
         print(f"[{dtype}] max |engine - naive| over {len(naive_sample)} trials: {r['max_diff']:.2e}")
         print(f"[{dtype}] engine useful compute: {r['gflops']:.1f} GFLOP/s = {r['gflops'] / r['peak']:.0%} "
@@ -260,6 +260,11 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join([*parts, f"--readme {BENCH_DOC}"])
 
 
+def _rate(per_second: float) -> str:
+    """A rate with two significant digits below 10 (0.047, 1.1), one decimal above (23.4)."""
+    return f"{per_second:.1f}" if per_second >= 10 else f"{per_second:.2g}"
+
+
 def readme_block(meta: dict, runs: dict[str, dict], both: dict | None) -> str:
     """The benchmark table of ``docs/benchmark.md`` (one row per dtype and way) and its dated lines, from one run's
     measurements (``meta["line"]``: :func:`~introspection_utils.engine.throughput.measured_line`)."""
@@ -270,8 +275,8 @@ def readme_block(meta: dict, runs: dict[str, dict], both: dict | None) -> str:
              "|---|---|---|---|---|---|---|"]
     for dtype, r in runs.items():
         gpu = f", GPU {r['gpu_gib']:.2f} GiB" if r["gpu_gib"] is not None else ""
-        lines += [f"| naive, {dtype} | {n / r['naive_s']:.1f} | {r['naive_s']:.0f} s{sample} | | | | |",
-                  f"| **engine, {dtype}** | **{n / r['engine_s']:.1f}** | {r['engine_s']:.1f} s | "
+        lines += [f"| naive, {dtype} | {_rate(n / r['naive_s'])} | {r['naive_s']:.0f} s{sample} | | | | |",
+                  f"| **engine, {dtype}** | **{_rate(n / r['engine_s'])}** | {r['engine_s']:.1f} s | "
                   f"{r['naive_s'] / r['engine_s']:.1f}× | {r['max_diff']:.1e} | {r['gflops']:.0f} "
                   f"({r['gflops'] / r['peak']:.0%} of {r['peak']:.0f}) | {r['rss_gb']:.2f} GB{gpu} |"]
     lines.append("")
