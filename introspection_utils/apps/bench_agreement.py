@@ -7,7 +7,8 @@ The settings are the findings file's ``["11"]`` table (layer, scales, controls, 
 ``data/findings/qwen2.5-coder-1.5b-instruct.toml``), the concepts the first ``--concepts`` of its atlas variants'
 list (the write-up's seven and the paper's first three), then the rest of ``["11"]``'s. Each dtype's model is loaded
 alone (one model in memory at a time) and its concept vectors are extracted afresh (no cache), so each dtype's wall
-time is its whole atlas. Reported: class agreement (how many concepts get the same class), max and median |ΔI| (the
+time is its whole atlas; the control questions are picked once, from the float32 model's battery (the atlas's
+default), and asked in both. Reported: class agreement (how many concepts get the same class), max and median |ΔI| (the
 introspection residual, logits), the per-trial yes − no difference and sign agreement, each dtype's wall time;
 ``--readme FILE`` writes it into FILE's ``<!-- agreement:start -->`` block.
 """
@@ -24,7 +25,7 @@ from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.engine.prompts import select_wordings
 from introspection_utils.engine.throughput import load_average, load_words, measured_line
 from introspection_utils.engine.vectors import concept_vectors, default_layer
-from introspection_utils.experiments.atlas import run_atlas
+from introspection_utils.experiments.atlas import default_controls, run_atlas
 from introspection_utils.models.handle import DEFAULT_MODEL, load_model
 
 FINDINGS = "data/findings/qwen2.5-coder-1.5b-instruct.toml"
@@ -51,20 +52,25 @@ def atlas_settings(findings: str | Path = FINDINGS, n_concepts: int = N_CONCEPTS
             "wordings": atlas.get("wordings", "default"), "source": path.name}
 
 
-def atlas_in(model: str, dtype: str, settings: dict, *, device: str | None = None) -> dict:
-    """The atlas of ``settings`` on ``model`` loaded in ``dtype``: its verdict table, sweep table and wall times
-    (``vectors_s``: the concept vectors, extracted without the cache; ``atlas_s``: sweep and verdicts)."""
+def atlas_in(model: str, dtype: str, settings: dict, *, device: str | None = None,
+             controls: list[str] | None = None) -> dict:
+    """The atlas of ``settings`` on ``model`` loaded in ``dtype``: its verdict table, sweep table, control questions
+    and wall times (``vectors_s``: the concept vectors, extracted without the cache; ``atlas_s``: sweep and
+    verdicts). ``controls``: the questions to ask (default: the atlas's own pick from this model's battery,
+    :func:`~introspection_utils.experiments.atlas.default_controls`, not timed)."""
     handle = load_model(model, dtype=dtype, device=device)
     layer = default_layer(handle, settings["layer"])
+    controls = list(controls) if controls is not None else default_controls(handle, settings["n_controls"])
     start = time.perf_counter()
     bank = concept_vectors(handle, settings["concepts"], cache=False, progress=False)
     vectors_s = time.perf_counter() - start
     start = time.perf_counter()
     table, sweep = run_atlas(handle, settings["concepts"], settings["scales"], layer=layer,
                              n_controls=settings["n_controls"], wordings=select_wordings(settings["wordings"]),
-                             n_random=settings["n_random"], bank=bank, progress=False)
+                             n_random=settings["n_random"], bank=bank, progress=False, controls=controls)
     atlas_s = time.perf_counter() - start
     result = {"dtype": dtype, "model": handle.name, "layer": layer, "device": handle.device, "table": table,
+              "controls": controls,
               "sweep": sweep.df, "vectors_s": vectors_s, "atlas_s": atlas_s}
     del handle, bank
     gc.collect()
@@ -116,7 +122,8 @@ def agreement_block(settings: dict, runs: dict[str, dict], result: dict, line: s
                 f"the float32 one. Settings from {settings['source']} [\"11\"]: concepts "
                 f"{', '.join(settings['concepts'])}; scales {settings['scales']}; {settings['n_controls']} controls; "
                 f"wordings {settings['wordings']!r}; {settings['n_random']} random vectors per concept; seed 0; "
-                f"each dtype end to end (its own concept vectors and random vectors).", line]
+                f"each dtype end to end (its own concept vectors and random vectors), the same control questions "
+                f"(picked from the {next(iter(runs))} model's battery).", line]
     return "\n".join(lines)
 
 
@@ -127,8 +134,9 @@ def main(args: argparse.Namespace) -> None:
     settings = atlas_settings(n_concepts=args.concepts or N_CONCEPTS)
     load = load_average()
     runs = {}
-    for dtype in DTYPES:
-        runs[dtype] = atlas_in(model, dtype, settings, device=args.device)
+    for dtype in DTYPES:  # the controls picked once (by the first dtype's model), the same questions for both
+        runs[dtype] = atlas_in(model, dtype, settings, device=args.device,
+                               controls=next(iter(runs.values()))["controls"] if runs else None)
         run = runs[dtype]
         print(f"[{dtype}] {len(run['sweep'])} trials: vectors {run['vectors_s']:.1f} s, sweep + verdicts "
               f"{run['atlas_s']:.1f} s; classes {run['table']['class'].value_counts().to_dict()}", flush=True)
