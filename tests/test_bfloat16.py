@@ -256,10 +256,10 @@ def test_auto_dtype_follows_the_cpu_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
     assert load_model("tiny-llama", dtype="auto", device="cpu").dtype == torch.float32
     monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512_bf16"})
-    assert models._resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch built without oneDNN
-    assert models._resolve_dtype("auto", "cpu") == torch.float32
-    assert models._resolve_dtype(None, "cpu") == torch.float32  # the explicit default on a CPU
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype(None, "cpu") == torch.float32  # the explicit default on a CPU
 
 
 def test_auto_dtype_on_cuda_asks_for_native_bf16(monkeypatch):
@@ -267,11 +267,11 @@ def test_auto_dtype_on_cuda_asks_for_native_bf16(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: calls.append(
         including_emulation) or True)
-    assert models._resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert models.resolve_dtype("auto", "cuda") == torch.bfloat16
     assert calls == [False]  # emulated bf16 (pre-Ampere) is not the fast path
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert models._resolve_dtype("auto", "cuda:1") == torch.float32
-    assert models._resolve_dtype(None, "cuda") == torch.bfloat16  # the explicit default on a GPU
+    assert models.resolve_dtype("auto", "cuda:1") == torch.float32
+    assert models.resolve_dtype(None, "cuda") == torch.bfloat16  # the explicit default on a GPU
 
 
 @pytest.mark.parametrize("bad", ["float99", "int8", torch.int64])

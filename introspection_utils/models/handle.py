@@ -254,23 +254,21 @@ def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str]:
 
 def fast_bfloat16(device: str | torch.device, flags: set[str] | None = None) -> bool:
     """Whether bfloat16 is this device's fast path: a CUDA device with native bf16 (Ampere and later), or a CPU
-    with AMX / AVX-512 BF16 (``flags``: the CPU's feature flags, default :func:`cpu_flags`) and a torch built with
-    oneDNN (the library whose kernels use them; without it bf16 matmuls take the slow generic kernel)."""
+    with AMX / AVX-512 BF16 (``flags``: default :func:`cpu_flags`) and a torch with oneDNN (whose kernels use them)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        has = bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
-        return has and torch.backends.mkldnn.is_available()
-    return False
+    has = device.type == "cpu" and bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+    return has and torch.backends.mkldnn.is_available()
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``None``: float32 on CPU, bfloat16 on CUDA (the defaults); ``"auto"``: bfloat16 where it is the device's
-    fast path (:func:`fast_bfloat16`), else float32; a name or a ``torch.dtype``: that dtype."""
+def resolve_dtype(dtype: str | torch.dtype | None = None, device: str | None = None) -> torch.dtype:
+    """The dtype ``load_model(dtype=dtype, device=device)`` loads in: ``None``: float32 on CPU, bfloat16 on CUDA;
+    ``"auto"``: bfloat16 on a fast path (:func:`fast_bfloat16`), else float32; a name or a ``torch.dtype``: it."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype == "auto":
@@ -282,12 +280,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(map(repr, DTYPES))}")
     return dtype
-
-
-def resolve_dtype(dtype: str | torch.dtype | None = None, device: str | None = None) -> torch.dtype:
-    """The dtype ``load_model(..., dtype=dtype, device=device)`` loads in on this machine (``device`` default: a GPU
-    if one is visible, else the CPU, as ``load_model``'s): what a run records as its dtype before it loads anything."""
-    return _resolve_dtype(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, device: str | None = None,
@@ -314,7 +306,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     if device is not None:
         check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     base_model = False
     if name in EMBEDDED or is_gguf_path(name):
         stored = torch.bfloat16 if torch_dtype == torch.bfloat16 else torch.float32  # a bf16 folder: half the disk
