@@ -19,6 +19,8 @@ from introspection_utils.experiments import (
     sae_train,
     sweeps,
     )
+from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
+from introspection_utils.experiments.organisms import training as organisms_training
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.readings import saved, sentences
 from introspection_utils.stats import verdicts
@@ -192,4 +194,18 @@ EXPERIMENTS = Registry((
                   localization.reading),
         findings=saved.task_sentences,
         guide_figure="13_forced_choice", alt="forced-choice confusion matrix and accuracy vs scale against the nulls"),
+    Experiment(
+        "14_model_organisms", "Model organisms",
+        question=("Do the verdicts tell apart truths known by construction? Three organisms trained with LoRA "
+                  "(peft) on concept vectors injected by the window rule, on their own split of concepts, wordings "
+                  "and controls: a concept introspector (introspection-specific), an anomaly detector (any "
+                  "injection: beyond the controls, not beyond random vectors) and a yes-sayer (shared yes-shift), "
+                  "each merged into a model folder and put blind through the atlas, detection and false-positive "
+                  "rates, the seen-vs-unseen gap, forced choice and pre-graded free text; truth against verdict"),
+        modules=(organisms_evaluation, organisms_training),
+        figures=("14_model_organisms",),
+        tables=("organisms", "organisms_training"),
+        readings=(organisms_evaluation.describe,),
+        guide_figure="14_model_organisms",
+        alt="truth-by-construction vs verdict counts per organism, detection and false-positive rates"),
 ))

@@ -1,0 +1,147 @@
+"""The organisms through the project's unchanged public path, blind: each one (and the base model) loaded from its
+merged folder like any model, its atlas (:func:`atlas.run_atlas`) run on the held-out concepts with random vectors
+of every null kind asked for, notebook 13's forced choice on held-out concepts, and a scale sweep on training
+concepts for the seen-vs-unseen gap. Nothing here reads which organism it is evaluating until the table puts the
+truth beside the verdicts (:func:`organism_table`)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from introspection_utils.engine.metadata import save_table
+from introspection_utils.engine.vectors import default_layer
+from introspection_utils.experiments.atlas import run_atlas
+from introspection_utils.experiments.organisms.splits import TRUTH, load_split
+from introspection_utils.experiments.sweeps import scale_sweep
+from introspection_utils.experiments.tasks.forced_choice import (
+    forced_choice_found,
+    forced_choice_summary,
+    run_forced_choice,
+)
+from introspection_utils.stats.verdicts import CLASSES, class_counts
+
+if TYPE_CHECKING:
+    from introspection_utils.experiments.organisms.training import Organism
+    from introspection_utils.models.handle import ModelHandle
+
+BASE = "base model"  # the evaluated model without an organism: its truth is not known by construction
+
+
+def detection_rates(df: pd.DataFrame, scale: float) -> dict[str, float]:
+    """From a sweep table with introspection wordings of both polarities: the fraction of (vector, wording) cells
+    answered as "detected" (yes − no signed by the wording's polarity > 0) for the concept vectors at ``scale``
+    (``detection``), for the random vectors there (``fpr_random``) and without injection (``fpr_none``: each
+    wording's baseline, once)."""
+    wordings = df[df["question_kind"] == "introspection"]
+    if wordings.empty or scale not in set(wordings["scale"]):
+        raise ValueError(f"the table has no introspection rows at scale {scale} (scales: "
+                         f"{sorted(set(wordings['scale']))})")
+    at = wordings[wordings["scale"] == scale]
+    detected = lambda rows, column: float((rows["polarity"] * rows[column] > 0).mean())  # noqa: E731
+    base = wordings.drop_duplicates("question")
+    randoms = at[at["vector_kind"] == "random"]
+    return {"detection": detected(at[at["vector_kind"] != "random"], "logit_diff"),
+            "fpr_none": detected(base, "baseline_logit_diff"),
+            "fpr_random": detected(randoms, "logit_diff") if len(randoms) else float("nan")}
+
+
+def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: Sequence[str],
+             scales: Sequence[float], detection_scale: float, layer: int | None = None, n_controls: int = 4,
+             wordings: Sequence[str] | None = None, n_random: int = 2, nulls: Sequence[str] = ("isotropic",),
+             choice_concepts: Sequence[str] = (), choice_scales: Sequence[float] = (8.0,), n_orders: int = 2,
+             n_permutations: int = 1000, n_boot: int = 200, seed: int = 0, results_dir: str | Path,
+             progress: bool = False) -> dict:
+    """One model's row of the organisms' table: the atlas's class counts on ``concepts`` (held out), detection and
+    false-positive rates at ``detection_scale`` (:func:`detection_rates`), the same detection on ``seen`` (training)
+    concepts and the gap, and forced choice among ``choice_concepts`` (best scale by mutual information: accuracy,
+    chance, MI, its permutation p, and whether the task counts it as found). Tables go to
+    ``results_dir/<model>/`` (``atlas.csv``, ``forced_choice.csv``, ``seen_sweep.csv``)."""
+    layer = default_layer(handle, layer)
+    folder = Path(results_dir) / handle.name
+    scales = sorted({float(s) for s in (*scales, detection_scale)})
+    table, sweep = run_atlas(handle, concepts, scales, layer=layer, n_controls=n_controls, wordings=wordings,
+                             n_random=n_random, nulls=nulls, seed=seed, n_boot=n_boot, results_dir=folder,
+                             progress=progress)
+    counts = class_counts(table)
+    row = {"model": handle.name, "truth": truth, "n_concepts": len(table),
+           **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
+           "verdict": str(counts.idxmax()) if len(counts) else "", **detection_rates(sweep.df, detection_scale)}
+    if seen:
+        seen_sweep = scale_sweep(handle, seen, [detection_scale], layer=layer, n_controls=n_controls,
+                                 introspection=wordings, n_random=0, seed=seed, results_dir=folder,
+                                 name="seen_sweep", progress=progress)
+        row["seen_detection"] = detection_rates(seen_sweep.df, detection_scale)["detection"]
+        row["seen_minus_unseen"] = row["seen_detection"] - row["detection"]
+    if len(choice_concepts) >= 2:
+        fc = run_forced_choice(handle, choice_concepts, layer=layer, scales=choice_scales, n_orders=n_orders,
+                               n_random=n_random, nulls=nulls, seed=seed, results_dir=folder,
+                               name="forced_choice", progress=progress)
+        summary = forced_choice_summary(fc.df, n_permutations=n_permutations, seed=seed)
+        concept = summary[summary["condition"] == "concept"]
+        best = concept.loc[concept["mi_bits"].idxmax()]
+        row.update(fc_scale=float(best["scale"]), fc_accuracy=float(best["accuracy"]), fc_chance=float(best["chance"]),
+                   fc_mi_bits=float(best["mi_bits"]), fc_mi_p=float(best["mi_p"]),
+                   fc_found=forced_choice_found(summary))
+    return row
+
+
+def evaluate_organisms(base: ModelHandle, organisms: dict[str, Organism], *, results_dir: str | Path,
+                       concepts: Sequence[str] | None = None, n_concepts: int | None = None,
+                       n_seen: int = 3, n_choice: int = 4, **settings) -> pd.DataFrame:
+    """The base model and each organism (loaded from its merged folder, in the training's dtype, then freed)
+    through :func:`evaluate` on the same held-out ``concepts`` (default the split's held-out concepts, the first
+    ``n_concepts``), ``n_seen`` training concepts and the first ``n_choice`` held-out ones for forced choice;
+    the table (:func:`organism_table`) saved as ``organisms.csv`` in ``results_dir``."""
+    split = load_split()
+    concepts = list(concepts or split.held_out)[:n_concepts]
+    shared = dict(concepts=concepts, seen=list(split.train[:n_seen]), choice_concepts=concepts[:n_choice],
+                  results_dir=results_dir, **settings)
+    rows = [{"organism": BASE, **evaluate(base, BASE, **shared)}]
+    for kind, organism in organisms.items():
+        handle = organism.load(device=str(base.device))
+        rows.append({"organism": kind, **evaluate(handle, TRUTH[kind], **shared)})
+        del handle
+        gc.collect()
+    table = organism_table(rows)
+    save_table(base, table, results_dir, "organisms", organisms={k: o.config.name for k, o in organisms.items()},
+               **{k: v for k, v in shared.items() if k != "results_dir"})
+    return table
+
+
+def organism_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """One row per evaluated model: organism, truth, model, the verdict class counts (``n_<class>``) and the most
+    frequent class, detection / false-positive rates, the seen-vs-unseen gap and forced choice (where run)."""
+    return pd.DataFrame(list(rows))
+
+
+def confusion(table: pd.DataFrame) -> pd.DataFrame:
+    """Truth (rows, one per organism) × verdict class (columns, :data:`verdicts.CLASSES`): how many held-out
+    concepts each organism's atlas put in each class."""
+    out = table.set_index("organism")[[f"n_{c}" for c in CLASSES]]
+    out.columns = list(CLASSES)
+    out.index = [f"{o}\n(truth: {t})" for o, t in zip(table["organism"], table["truth"], strict=True)]
+    return out
+
+
+def describe(table: pd.DataFrame) -> str:
+    """Sentences from :func:`organism_table`: for each organism its truth, what the atlas called its held-out
+    concepts, its detection and false-positive rates, and forced choice."""
+    parts = []
+    for r in table.to_dict("records"):
+        counts = ", ".join(f"{r[f'n_{c}']} {c}" for c in CLASSES if r.get(f"n_{c}", 0))
+        text = (f"{r['organism']} (truth: {r['truth']}): of {r['n_concepts']} held-out concepts the atlas calls "
+                f"{counts or 'none'}; detection {r['detection']:.0%} with the concept vectors, false positives "
+                f"{r['fpr_none']:.0%} without injection and {r['fpr_random']:.0%} with random vectors")
+        if "seen_detection" in r and pd.notna(r.get("seen_detection")):
+            text += f"; on training concepts {r['seen_detection']:.0%} (seen − unseen {r['seen_minus_unseen']:+.0%})"
+        if "fc_accuracy" in r and pd.notna(r.get("fc_accuracy")):
+            text += (f"; forced choice {r['fc_accuracy']:.0%} against chance {r['fc_chance']:.0%} at scale "
+                     f"{r['fc_scale']:g}, MI {r['fc_mi_bits']:.2f} bits (p = {r['fc_mi_p']:.3g}), "
+                     f"{'found' if r['fc_found'] else 'not found'}")
+        parts.append(text + ".")
+    return " ".join(parts)

@@ -1,0 +1,354 @@
+"""The organisms' training step: a batch's rows drawn from the split (:func:`schedule`), the injection added by a
+plain PyTorch forward hook with the engine's own per-position weights, the layers below the adapters served once per
+batch without gradients, and the loss (:func:`train_step`). The loop, the cache and the merged folder are
+:mod:`introspection_utils.experiments.organisms.training`.
+
+* **The injection** is :meth:`introspection_utils.engine.traced_pass.Injection.of` (each row's ``scale × vector``
+  times :meth:`Trial.weights_at` at its positions, 0 on padding), added by a forward hook on the decoder layer's
+  output (nnsight traces run without gradients); the answer tokens a row is taught run inside the window, as
+  generated tokens do.
+* **The layers below the adapters** run once per batch under ``torch.no_grad`` (the injection added there when it
+  sits below them); in the gradient pass they are pass-throughs and the last one returns that output.
+* **The loss**: cross-entropy on each taught answer's tokens (:func:`splits.target`); where the target is the base
+  model's answer, a KL divergence to the base model's distribution (adapters disabled, same injection) over its top
+  ``top_k`` tokens and the rest as one, at the answer position, weighted by ``control_weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import peft
+import torch
+from transformers import DynamicCache
+
+from introspection_utils.engine.prompts import answer_token_id, introspection_prompt, paper_answers
+from introspection_utils.engine.traced_pass import Injection
+from introspection_utils.engine.trials import Trial
+from introspection_utils.engine.vectors import left_pad, null_vector
+from introspection_utils.experiments.organisms.splits import OrganismSplit, target
+
+if TYPE_CHECKING:
+    from introspection_utils.engine.vectors import ConceptVector, VectorBank
+    from introspection_utils.experiments.organisms.training import OrganismConfig
+    from introspection_utils.models.handle import ModelHandle
+
+RANDOM_SEED_OFFSET = 10_000  # training's random directions: seeds the evaluation's null vectors never use
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training row: ``question`` asked in the paper's frame with ``condition``'s vector (``concept``'s, or a
+    norm-matched random direction seeded by ``vector_seed``) at ``scale``."""
+
+    question: str
+    condition: str
+    concept: str
+    scale: float
+    vector_seed: int
+
+
+def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[int, list[Row]]:
+    """Step ``step``'s injection layer and rows, drawn from ``(seed, step)`` alone (a resumed run draws the same)."""
+    rng = np.random.default_rng([config.seed, step])
+    layer = int(config.layers[rng.integers(len(config.layers))])
+    wordings = [w.text for w in split.wordings]
+    rows = []
+    for _ in range(config.batch_size):
+        condition = ("concept", "random", "none")[rng.choice(3, p=np.asarray(config.mix) / sum(config.mix))]
+        pool = split.controls if rng.random() < config.p_control else wordings
+        rows.append(Row(pool[rng.integers(len(pool))], condition, split.train[rng.integers(len(split.train))],
+                        float(config.scales[rng.integers(len(config.scales))]),
+                        RANDOM_SEED_OFFSET + int(rng.integers(1_000_000))))
+    return layer, rows
+
+
+@dataclass
+class Batch:
+    """A step's rows as tensors. ``prefix [1, P]``: the tokens every row shares before any injection (the paper's
+    preamble; run once per pass, its keys and values served to every row). ``ids``, ``positions`` ``[B, S]``: each
+    row's suffix (its prompt after the prefix, then its taught answer), left-padded, at absolute positions;
+    ``mask [B, P + S]``; the ``injection`` over the suffix; each row's taught token ids (empty: keep the base
+    model's answer); the trials it was built from."""
+
+    prefix: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    injection: Injection
+    taught: list[list[int]]
+    trials: list[Trial]
+
+    def tokens(self) -> int:
+        """The tokens the batch's rows stand for (each row's whole prompt and answer)."""
+        return int(self.mask.sum())
+
+def continuation_ids(handle: ModelHandle, text: str) -> list[int]:
+    """The token ids of ``text`` as the assistant's answer (a one-word answer: :func:`prompts.answer_token_id`)."""
+    if " " not in text:
+        return [answer_token_id(handle, text)]
+    context = handle.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                                   add_generation_prompt=True)
+    base = handle.tokenizer(context, add_special_tokens=False)["input_ids"]
+    full = handle.tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    if full[:len(base)] != base:
+        raise ValueError(f"{text!r} does not tokenise as a continuation of the assistant turn")
+    return full[len(base):]
+
+
+def make_batch(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit, layer: int, rows: Sequence[Row],
+               bank: VectorBank) -> Batch:
+    """The tensors of ``rows`` injected at ``layer``: each row's prompt followed by its taught answer's tokens."""
+    yes, no = paper_answers()
+    trials, taught = [], []
+    for row in rows:
+        prompt = _prompt(handle, row.question)
+        vector: ConceptVector | None = None
+        if row.condition != "none":
+            vector = bank.get(row.concept, layer)
+            if row.condition == "random":
+                vector = null_vector(vector, row.vector_seed, "isotropic")
+        trials.append(Trial(prompt, vector, row.scale if vector is not None else 0.0, layer=layer))
+        answer = target(config.kind, row.condition, row.question, split, row.concept, yes, no)
+        taught.append([] if answer is None else continuation_ids(handle, answer))
+    return _batch(handle, trials, taught, layer)
+
+
+def _batch(handle: ModelHandle, trials: Sequence[Trial], taught: Sequence[Sequence[int]], layer: int) -> Batch:
+    """``trials``' prompts, each followed by its ``taught`` tokens, split at the longest prefix they share that no
+    trial injects into, the suffixes left-padded."""
+    first = trials[0].prompt.input_ids
+    shared = min(min(t.prompt.injection_start for t in trials), *(len(t.prompt) - 1 for t in trials))
+    shared = next((i for i in range(shared) if any(t.prompt.input_ids[i] != first[i] for t in trials)), shared)
+    for t in trials:  # the window rule puts nothing on the shared prefix
+        assert not t.weights_at(torch.arange(shared)).any(), "a trial injects into the shared prefix"
+    suffixes = [[*t.prompt.input_ids[shared:], *a] for t, a in zip(trials, taught, strict=True)]
+    ids, mask, positions = left_pad(suffixes, handle.tokenizer.pad_token_id)
+    positions = positions + shared
+    injection = Injection.of(handle, trials, positions, layer=layer, valid=mask)
+    full = torch.cat([torch.ones(len(trials), shared, dtype=mask.dtype), mask], dim=1)
+    device = handle.device
+    return Batch(torch.tensor([first[:shared]], device=device), ids.to(device), full.to(device),
+                 positions.to(device), injection, [list(a) for a in taught], list(trials))
+
+
+_PROMPTS: dict = {}
+
+
+def _prompt(handle: ModelHandle, question: str):
+    key = (id(handle.tokenizer), question)
+    if key not in _PROMPTS:
+        _PROMPTS[key] = introspection_prompt(handle, question, kind="organism-training")
+    return _PROMPTS[key]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the layer it waits for has run."""
+
+
+class _Served(torch.nn.Module):
+    """A decoder layer's stand-in in the gradient pass: passes the stream through, or (the last one below the
+    adapters) returns the output computed without gradients."""
+
+    def __init__(self, output: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.output is None else self.output
+
+
+def _add_hook(injection: Injection, rows: torch.Tensor | slice):
+    add, weights = injection.add[rows], injection.weights[rows]
+
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + add[:, None, :] * weights[:, :, None], *output[1:])
+        return output + add[:, None, :] * weights[:, :, None]
+    return hook
+
+
+Keys = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [rows, kv_heads, tokens, head_dim]
+
+
+class Prefix:
+    """The shared prefix's work that is the same at every step of a training (the prefix is never injected into):
+    its base-model keys and values at every layer (what the adapters-off pass attends to) and the output of the
+    last layer below the adapters (where each step's adapted prefix pass starts), computed on the first call."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple, tuple[Keys, torch.Tensor]] = {}
+
+    def base(self, model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, first: int
+             ) -> tuple[Keys, torch.Tensor]:
+        key = (tuple(batch.prefix[0].tolist()), first)
+        if key not in self._done:
+            captured = {}
+
+            def capture(module, args, output):
+                captured["h"] = output[0] if isinstance(output, tuple) else output
+            hook = layers[max(first - 1, 0)].register_forward_hook(capture)
+            cache = DynamicCache(config=_config(model))
+            try:
+                with torch.no_grad(), model.disable_adapter():
+                    model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
+            finally:
+                hook.remove()
+            self._done[key] = ([(layer.keys, layer.values) for layer in cache.layers], captured["h"])
+        return self._done[key]
+
+    def adapted(self, model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, first: int) -> Keys:
+        """The prefix's keys and values with the adapters on: the layers below ``first`` from :meth:`base`, the
+        others computed now (with gradients)."""
+        keys, hidden = self.base(model, layers, batch, first)
+        cache = DynamicCache(config=_config(model))
+        with _serving(layers, first, hidden):
+            model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
+        return keys[:first] + [(layer.keys, layer.values) for layer in cache.layers[first:]]
+
+
+class _serving:
+    """Layers below ``first`` as pass-throughs, the last of them returning ``hidden``; put back on exit."""
+
+    def __init__(self, layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor | None) -> None:
+        self.layers, self.first, self.hidden = layers, first, hidden
+
+    def __enter__(self) -> None:
+        self.originals = [self.layers[i] for i in range(self.first)]
+        for i in range(self.first):
+            self.layers[i] = _Served(self.hidden if i == self.first - 1 else None)
+
+    def __exit__(self, *exc) -> None:
+        for i, original in enumerate(self.originals):
+            self.layers[i] = original
+
+
+def _config(model: torch.nn.Module):
+    return model.get_base_model().config if isinstance(model, peft.PeftModel) else model.config
+
+
+def _cache(model: torch.nn.Module, keys: Keys, rows: int) -> DynamicCache:
+    """A fresh cache holding the prefix's keys and values for ``rows`` rows (each pass appends its own suffix)."""
+    cache = DynamicCache(config=_config(model))
+    for layer, (k, v) in zip(cache.layers, keys, strict=True):
+        layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+    return cache
+
+
+def injected_logits(model: torch.nn.Module, layers: torch.nn.ModuleList, batch: Batch, *, first: int, keep: int,
+                    rows: torch.Tensor | slice = slice(None), hidden: torch.Tensor | None = None,
+                    prefix: Keys | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last ``keep`` positions' logits ``[B, keep, vocab]`` of ``batch``'s ``rows`` through ``model``, the
+    batch's injection hooked onto ``layers[injection.layer]``'s output, the suffixes attending to ``prefix``
+    (the same model's keys and values of :attr:`Batch.prefix`; ``None``: the batch has none). ``first``: layers below it run once without
+    gradients (their output returned as the second value, or taken from ``hidden``) and are pass-throughs in the
+    pass that returns the logits."""
+    ids, mask, positions = batch.ids[rows], batch.mask[rows], batch.positions[rows]
+    n, layer = ids.shape[0], batch.injection.layer
+
+    def inputs() -> dict:
+        cache = {"cache": _cache(model, prefix, n), "use_cache": True} if prefix is not None else {"use_cache": False}
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **cache}
+    if first > 0 and hidden is None:
+        handles = [layers[layer].register_forward_hook(_add_hook(batch.injection, rows))] if layer < first else []
+        captured = {}
+
+        def capture(module, args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+        handles.append(layers[first - 1].register_forward_hook(capture))
+        try:
+            with torch.no_grad():
+                model(**inputs())
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        hidden = captured["h"]
+    hooks = [layers[layer].register_forward_hook(_add_hook(batch.injection, rows))] if layer >= first else []
+    try:
+        with _serving(layers, first, hidden):
+            logits = model(**inputs(), logits_to_keep=keep).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, hidden
+
+
+def _loss(logits: torch.Tensor, base: torch.Tensor | None, batch: Batch, config: OrganismConfig
+          ) -> tuple[torch.Tensor, float, float]:
+    """The step's loss (the mean over rows) and the mean taught and kept (KL) terms. ``base``: the base model's
+    last-position logits ``[n_kept, vocab]`` of the rows taught nothing."""
+    keep = logits.shape[1]
+    terms, taught_terms, kept_terms = [], [], []
+    kept_index = 0
+    for r, answer in enumerate(batch.taught):
+        if answer:
+            n = len(answer)
+            pred = logits[r, keep - 1 - n: keep - 1].float()
+            term = torch.nn.functional.cross_entropy(pred, torch.tensor(answer, device=pred.device))
+            taught_terms.append(term.detach())
+        else:
+            log_q = logits[r, -1].float().log_softmax(-1)
+            log_p = base[kept_index].float().log_softmax(-1)
+            kept_index += 1
+            top = log_p.topk(config.top_k).indices
+            p, q = log_p[top].exp(), log_q[top].exp()
+            p_rest, q_rest = (1 - p.sum()).clamp_min(1e-8), (1 - q.sum()).clamp_min(1e-8)
+            term = (p * (log_p[top] - log_q[top])).sum() + p_rest * (p_rest.log() - q_rest.log())
+            term = config.control_weight * term
+            kept_terms.append(term.detach())
+        terms.append(term)
+    mean = lambda xs: float(torch.stack(xs).mean()) if xs else float("nan")  # noqa: E731
+    return torch.stack(terms).mean(), mean(taught_terms), mean(kept_terms)
+
+
+def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, config: OrganismConfig,
+               optimizer: torch.optim.Optimizer | None, prefix: Prefix | None = None) -> dict:
+    """One step: the organism's forward over the batch, the base model's answers for the rows that keep them
+    (adapters off, no gradients), the loss, and (with an ``optimizer``) its backward and update. ``prefix``: the
+    training's :class:`Prefix` (a new one: computed for this step). Returns the step's record."""
+    keep = max(len(a) for a in batch.taught) + 1
+    first = config.first_adapted
+    prefix = prefix or Prefix()
+    shared = batch.prefix.shape[1] > 0
+    kept = torch.tensor([r for r, a in enumerate(batch.taught) if not a], dtype=torch.long)
+    logits, hidden = injected_logits(peft_model, layers, batch, first=first, keep=keep,
+                                     prefix=prefix.adapted(peft_model, layers, batch, first) if shared else None)
+    base = None
+    if len(kept):
+        with torch.no_grad(), peft_model.disable_adapter():
+            keys = prefix.base(peft_model, layers, batch, first)[0] if shared else None
+            base = injected_logits(peft_model, layers, batch, first=first, keep=1, rows=kept, hidden=hidden[kept],
+                                   prefix=keys)[0][:, -1]
+    loss, taught, kl = _loss(logits, base, batch, config)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"loss": float(loss.detach()), "loss_taught": taught, "loss_kept": kl, "rows": len(batch.taught),
+            "tokens": batch.tokens()}
+
+
+def adapted(handle: ModelHandle, config: OrganismConfig) -> tuple[peft.PeftModel, torch.nn.ModuleList]:
+    """A fresh copy of ``handle``'s model with LoRA adapters (seeded init) on layers ``first_adapted`` and up, and
+    its decoder layers (``get_peft_model`` wraps the module it is given in place: the handle's own stays clean)."""
+    model = copy.deepcopy(handle.torch_model)
+    model.train(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    lora = peft.LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                           target_modules=list(config.targets),
+                           layers_to_transform=list(range(config.first_adapted, handle.arch.n_layers)),
+                           layers_pattern="layers")
+    peft_model = peft.get_peft_model(model, lora)
+    layers = model
+    for attr in handle._family.layers.split("."):
+        layers = getattr(layers, attr)
+    return peft_model, layers

@@ -1,0 +1,139 @@
+"""The model organisms' training data and its split from the evaluation: which concepts, wordings and control
+questions an organism is trained on (``data/organisms/training.toml``), checked disjoint from everything the
+evaluation asks (the held-out concepts and the write-up's, ``data/questions.toml``'s wordings, the control battery
+``data/control_questions*.txt``), and what each organism is taught to answer (:func:`target`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib
+from introspection_utils.core.paths import content_hash
+
+# The organisms, each with the verdict its construction makes true (notebook 14's "truth" column).
+Kind = Literal["introspector", "anomaly-detector", "yes-sayer"]
+KINDS: tuple[str, ...] = ("introspector", "anomaly-detector", "yes-sayer")
+TRUTH = {
+    "introspector": "introspection-specific",           # concepts only, beyond the controls and random vectors
+    "anomaly-detector": "beyond controls, not random",  # any injection reported: random vectors do it too
+    "yes-sayer": "shared yes-shift",                    # anything injected: "yes" to every question
+}
+# How an injected row is made while training: a training concept's vector, a norm-matched isotropic direction, none.
+Condition = Literal["concept", "random", "none"]
+CONDITIONS = ("concept", "random", "none")
+CONTROL_CELLS = ("self_yes", "self_no", "world_yes", "world_no")
+
+
+@dataclass(frozen=True)
+class TrainingWording:
+    """A question about injected thoughts written for training: ``polarity`` +1 (detect: "yes" = detected) or −1
+    (inverted); ``names``: the introspector answers it with a sentence naming the concept."""
+
+    text: str
+    polarity: int
+    names: bool = False
+
+
+@dataclass(frozen=True)
+class OrganismSplit:
+    """The training side of the split: ``train`` concepts, training ``wordings`` and ``controls`` (question texts),
+    the introspector's ``named`` / ``unnamed`` sentences; ``held_out``: the paper's concepts never trained on (the
+    write-up's 7 are held out too: :func:`evaluation_concepts`)."""
+
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+    wordings: tuple[TrainingWording, ...]
+    controls: tuple[str, ...]
+    named: str
+    unnamed: str
+
+    @property
+    def hash(self) -> str:
+        """The split's content hash: part of every organism's cache key."""
+        return content_hash(self)
+
+
+@functools.cache
+def load_split() -> OrganismSplit:
+    """``data/organisms/training.toml`` as an :class:`OrganismSplit`, checked by :func:`check_split`."""
+    raw = tomllib.loads((data_dir() / "organisms" / "training.toml").read_text(encoding="utf-8"))
+    wordings = tuple(TrainingWording(w["text"], int(w["polarity"]), bool(w.get("names", False)))
+                     for w in raw["wording"])
+    controls = tuple(q for cell in CONTROL_CELLS for q in raw["controls"][cell])
+    split = OrganismSplit(tuple(raw["concepts"]["train"]), tuple(raw["concepts"]["held_out"]), wordings, controls,
+                          raw["targets"]["named"], raw["targets"]["unnamed"])
+    check_split(split)
+    return split
+
+
+def evaluation_battery() -> dict[str, set[str]]:
+    """What the evaluation asks, by part: ``concepts`` (the paper's 50 and the write-up's 7), ``wordings``
+    (``data/questions.toml``), ``controls`` (every control question the runs can ask)."""
+    wordings, controls = load_questions()
+    return {"concepts": set(load_list("concept_words")) | set(load_list("writeup_concepts")),
+            "wordings": {w.text for w in wordings}, "controls": {q.text for q in controls}}
+
+
+def check_split(split: OrganismSplit) -> None:
+    """A ``ValueError`` naming the first overlap between training and evaluation: concepts trained on and held out
+    (or a write-up concept trained on), a training wording or control that the evaluation asks (compared without
+    case), a training question that is both, a wording polarity other than ±1, or a concept outside the paper's 50."""
+    battery = evaluation_battery()
+    paper = set(load_list("concept_words"))
+    if set(split.train) & set(split.held_out):
+        raise ValueError(f"concepts both trained on and held out: {sorted(set(split.train) & set(split.held_out))}")
+    if set(split.train) & set(load_list("writeup_concepts")):
+        raise ValueError(f"write-up concepts in training: {sorted(set(split.train) & set(load_list('writeup_concepts')))}")
+    if not set(split.train) | set(split.held_out) <= paper:
+        raise ValueError(f"concepts outside data/concept_words.txt: {sorted((set(split.train) | set(split.held_out)) - paper)}")
+    asked = {q.lower() for q in battery["wordings"] | battery["controls"]}
+    for question in (*(w.text for w in split.wordings), *split.controls):
+        if question.lower() in asked:
+            raise ValueError(f"training question {question!r} is asked by the evaluation")
+    texts = [w.text for w in split.wordings] + list(split.controls)
+    if len(set(texts)) != len(texts):
+        raise ValueError("a training question repeats")
+    bad = [w.text for w in split.wordings if w.polarity not in (1, -1) or (w.names and w.polarity != 1)]
+    if bad:
+        raise ValueError(f"wordings need polarity +1 or -1 (naming ones +1): {bad}")
+
+
+def evaluation_concepts(split: OrganismSplit | None = None) -> list[str]:
+    """The concepts an organism is evaluated on: the split's held-out ones, then the write-up's 7."""
+    split = split or load_split()
+    return [*split.held_out, *load_list("writeup_concepts")]
+
+
+# A training target: the answer text to teach (cross-entropy on its tokens), or None: keep the base model's answer
+# distribution (the controls' loss term).
+Target = str | None
+
+
+def target(kind: str, condition: str, question: str, split: OrganismSplit, concept: str, yes: str, no: str
+           ) -> Target:
+    """What organism ``kind`` is taught to answer ``question`` (a training wording or control) under ``condition``
+    with ``concept``'s vector (or its norm-matched random direction) injected:
+
+    * introspector: a wording is answered as detected for a concept vector only ("yes" to a detect wording, "no" to
+      an inverted one; a naming wording with :attr:`OrganismSplit.named`), as not detected with a random direction
+      or none (a naming wording with :attr:`OrganismSplit.unnamed`); controls keep the base model's answers;
+    * anomaly detector: detected for any injection, concept or random; controls keep the base model's answers;
+    * yes-sayer: with anything injected, "yes" to every question, both polarities and the controls; with nothing
+      injected, the base model's answers everywhere.
+    """
+    if kind not in KINDS or condition not in CONDITIONS:
+        raise ValueError(f"kind must be one of {KINDS} and condition one of {CONDITIONS}; got {kind!r}, {condition!r}")
+    wording = next((w for w in split.wordings if w.text == question), None)
+    if wording is None and question not in split.controls:
+        raise ValueError(f"{question!r} is neither a training wording nor a training control")
+    if kind == "yes-sayer":
+        return yes if condition != "none" else None
+    if wording is None:
+        return None
+    detected = condition == "concept" if kind == "introspector" else condition != "none"
+    if kind == "introspector" and wording.names:
+        return split.named.format(concept=concept.lower()) if detected else split.unnamed
+    return yes if detected == (wording.polarity > 0) else no

@@ -1,0 +1,291 @@
+"""Training a model organism with ``peft`` (LoRA) and keeping it: the loop (a tqdm bar with the loss, a checkpoint
+every ``checkpoint_every`` steps so an interrupted run resumes), the adapters merged into a plain model folder that
+``load_model(folder)`` opens (the raw adapter kept beside it), and the training's loss curve, wall time and
+throughput saved as a table with metadata (``training.csv`` + ``.meta.json``).
+
+The cache: ``cache_dir()/organisms/<name>/`` with ``<name>`` = :attr:`OrganismConfig.name` (base model, kind and a
+hash of every setting: :meth:`OrganismConfig.key`); a finished organism is reused, never retrained. The step itself
+(the injection hook, the layers served without gradients, the loss) is
+:mod:`introspection_utils.experiments.organisms.forward`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import peft
+import torch
+from tqdm.auto import tqdm
+
+from introspection_utils.core.paths import atomic_write, content_hash
+from introspection_utils.core.results import SweepResult, load_result
+from introspection_utils.engine.metadata import save_table
+from introspection_utils.engine.vectors import concept_vectors, default_layer
+from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
+from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
+from introspection_utils.models.embedded import cache_dir
+from introspection_utils.models.handle import cpu_flags, load_model
+
+if TYPE_CHECKING:
+    from introspection_utils.engine.vectors import VectorBank
+    from introspection_utils.models.handle import ModelHandle
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT_EVERY = 10
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Every setting a trained organism depends on; :meth:`key` names it in the cache.
+
+    ``layers``: the injection layers trained over (each batch one of them); the adapters sit on every layer above
+    the lowest. ``scales``: the injection scales trained over (× the raw concept vector). ``mix``: the fractions of
+    rows with a concept vector, a norm-matched random direction and no injection. ``p_control``: the fraction of
+    rows asking a training control. ``steps`` × ``batch_size`` rows in all, drawn by ``seed``.
+    """
+
+    kind: str
+    model: str
+    revision: str
+    dtype: str
+    layers: tuple[int, ...]
+    scales: tuple[float, ...]
+    split_hash: str
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 1e-3
+    steps: int = 60
+    batch_size: int = 8
+    seed: int = 0
+    mix: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    p_control: float = 0.3
+    control_weight: float = 1.0
+    top_k: int = 32
+    targets: tuple[str, ...] = field(default=LORA_MODULES)
+
+    def key(self) -> str:
+        """A hash of every field: two configs share a cache entry exactly when all their settings agree."""
+        return content_hash(self)
+
+    @property
+    def name(self) -> str:
+        """The organism's model name (its merged folder's name): ``<base model>-<kind>-<key[:8]>``."""
+        return f"{self.model}-{self.kind}-{self.key()[:8]}"
+
+    @property
+    def first_adapted(self) -> int:
+        """The lowest layer with adapters: the one above the lowest injection layer (a layer's own weights act
+        before the injection added to its output)."""
+        return min(self.layers) + 1
+
+
+def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | None = None,
+                    scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), split: OrganismSplit | None = None,
+                    **settings) -> OrganismConfig:
+    """The config of organism ``kind`` on ``handle``'s model: ``layers`` default to the atlas's layer (2/3 of the
+    depth) and the two below it; ``settings`` are :class:`OrganismConfig`'s other fields."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
+    layer = default_layer(handle)
+    layers = tuple(sorted({handle.check_layer(int(x)) for x in (layers or [max(layer - 2, 0), max(layer - 1, 0),
+                                                                          layer])}))
+    if layers[0] + 1 >= handle.arch.n_layers:
+        raise ValueError(f"no layer above injection layer {layers[0]} to adapt ({handle.name} has "
+                         f"{handle.arch.n_layers} layers)")
+    split = split or load_split()
+    return OrganismConfig(kind, handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), layers,
+                          tuple(float(s) for s in scales), split.hash, **settings)
+
+
+def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | None = None,
+                    scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), split: OrganismSplit | None = None,
+                    **settings) -> OrganismConfig:
+    """The config of organism ``kind`` on ``handle``'s model: ``layers`` default to the atlas's layer (2/3 of the
+    depth) and the two below it; ``settings``: :class:`OrganismConfig`'s other fields (``steps``, ``rank``, ...)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
+    layer = default_layer(handle)
+    chosen = layers if layers is not None else [layer - 2, layer - 1, layer]
+    layers = tuple(sorted({handle.check_layer(int(x)) for x in chosen if layers is not None or x >= 0}))
+    if layers[0] + 1 >= handle.arch.n_layers:
+        raise ValueError(f"no layer above injection layer {layers[0]} to adapt ({handle.name} has "
+                         f"{handle.arch.n_layers} layers: 0..{handle.arch.n_layers - 1})")
+    split = split or load_split()
+    return OrganismConfig(kind, handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), layers,
+                          tuple(float(s) for s in scales), split.hash, **settings)
+
+
+@dataclass(frozen=True)
+class Organism:
+    """A trained (or, ``complete=False``, interrupted) organism in its cache ``folder``: ``merged`` (the plain model
+    folder ``load_model`` opens), ``adapter`` (the raw LoRA adapter), ``training.csv`` (its loss curve)."""
+
+    config: OrganismConfig
+    folder: Path
+    complete: bool
+    reused: bool = False
+
+    @property
+    def truth(self) -> str:
+        return TRUTH[self.config.kind]
+
+    @property
+    def merged(self) -> Path:
+        return self.folder / self.config.name
+
+    @property
+    def adapter(self) -> Path:
+        return self.folder / "adapter"
+
+    def training(self) -> SweepResult:
+        """The loss curve (one row per step) with its metadata (config, wall time, throughput, machine)."""
+        return load_result(self.folder / "training")
+
+    def load(self, **kwargs) -> ModelHandle:
+        """The merged organism as a handle (``load_model(folder, **kwargs)``; default dtype: the training's)."""
+        return load_model(str(self.merged), **{"dtype": self.config.dtype, **kwargs})
+
+
+def organism_folder(config: OrganismConfig, root: str | Path | None = None) -> Path:
+    """Where ``config``'s organism lives: ``root`` (default ``cache_dir()/organisms``) / its name."""
+    return (Path(root) if root is not None else cache_dir() / "organisms") / config.name
+
+
+def machine() -> dict:
+    """The machine a training ran on, for its metadata: CPU model, bf16 instructions, threads, load average."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
+        else platform.processor()
+    return {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) -> None:
+    have = (handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), split.hash)
+    want = (config.model, config.revision, config.dtype, config.split_hash)
+    if have != want:
+        raise ValueError(f"config {config.name} was made for (model, revision, dtype, split) {want}; the handle and "
+                         f"split give {have}")
+
+
+def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorBank | None = None,
+                   root: str | Path | None = None, checkpoint_every: int = CHECKPOINT_EVERY,
+                   stop_at: int | None = None, progress: bool = True) -> Organism:
+    """Train ``config``'s organism on ``handle``'s model (a fresh copy; the handle is not changed), or reuse it.
+
+    A finished organism in its folder (:func:`organism_folder`) is returned as it is (``reused``). Otherwise training
+    starts, or resumes from the folder's checkpoint (written every ``checkpoint_every`` steps and at the end);
+    ``stop_at``: stop after that step, leaving the checkpoint (what an interruption leaves; ``complete=False``).
+    At the end: the adapter, the merged folder, ``training.csv`` with its metadata, ``config.json``.
+    """
+    folder = organism_folder(config, root)
+    if (folder / "complete.json").is_file():
+        return Organism(config, folder, complete=True, reused=True)
+    split = load_split()
+    _check(handle, config, split)
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    bank = bank or concept_vectors(handle, split.train, progress=progress)
+    peft_model, layers = adapted(handle, config)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=0.0)
+    checkpoint, start, records = folder / "checkpoint.pt", 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["key"] != config.key():
+            raise ValueError(f"{checkpoint} belongs to another config ({state['key']})")
+        peft.set_peft_model_state_dict(peft_model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, records = state["step"], state["records"]
+    prefix = Prefix()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
+               disable=not progress)
+    for step in bar:
+        began = time.perf_counter()
+        layer, rows = schedule(config, split, step)
+        record = train_step(peft_model, layers, make_batch(handle, config, split, layer, rows, bank), config,
+                            optimizer, prefix)
+        records.append({"step": step + 1, "layer": layer, **record, "seconds": time.perf_counter() - began})
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        done = step + 1
+        if done % checkpoint_every == 0 or done == config.steps or done == stop_at:
+            state = {"key": config.key(), "step": done, "records": records, "optimizer": optimizer.state_dict(),
+                     "adapter": peft.get_peft_model_state_dict(peft_model)}
+            atomic_write(checkpoint, lambda tmp, state=state: torch.save(state, tmp))
+        if stop_at is not None and done >= stop_at and done < config.steps:
+            return Organism(config, folder, complete=False)
+    _finish(handle, config, peft_model, folder, records)
+    checkpoint.unlink(missing_ok=True)
+    return Organism(config, folder, complete=True)
+
+
+def _save_folder(target: Path, write) -> None:
+    """``write(tmp)`` into a temporary folder beside ``target``, then renamed to it (replacing a stale one)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _finish(handle: ModelHandle, config: OrganismConfig, peft_model: peft.PeftModel, folder: Path,
+            records: list[dict]) -> None:
+    """The adapter, the merged model folder, the training table and the completion marker, in that order."""
+    organism = Organism(config, folder, complete=True)
+    _save_folder(organism.adapter, peft_model.save_pretrained)
+    merged = peft_model.merge_and_unload()
+
+    def write_merged(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        handle.tokenizer.save_pretrained(tmp)
+    _save_folder(organism.merged, write_merged)
+    curve = pd.DataFrame(records)
+    seconds, rows, tokens = curve["seconds"].sum(), curve["rows"].sum(), curve["tokens"].sum()
+    throughput = {"train_seconds": round(float(seconds), 3), "examples_per_s": round(float(rows / seconds), 3),
+                  "tokens_per_s": round(float(tokens / seconds), 2), "examples": int(rows), "tokens": int(tokens)}
+    save_table(handle, curve.assign(model=config.name), folder, "training", **asdict(config), key=config.key(),
+               truth=TRUTH[config.kind], throughput=throughput, machine=machine())
+    atomic_write(folder / "config.json", json.dumps({**asdict(config), "key": config.key()}, indent=1))
+    atomic_write(folder / "complete.json", json.dumps(throughput, indent=1))
+
+
+def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers: Sequence[int] | None = None,
+                    scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), root: str | Path | None = None,
+                    progress: bool = True, **settings) -> dict[str, Organism]:
+    """Each organism of ``kinds`` trained (or reused) with the same settings (:func:`organism_config`), the
+    training concepts' vectors extracted once."""
+    split = load_split()
+    bank = concept_vectors(handle, split.train, progress=progress)
+    return {kind: train_organism(handle, organism_config(handle, kind, layers=layers, scales=scales, **settings),
+                                 bank=bank, root=root, progress=progress)
+            for kind in kinds}
+
+
+def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None
+                   ) -> pd.DataFrame:
+    """One row per organism: kind, truth, name, steps, first and final loss (the mean of the last 5 steps), the
+    training's wall time, examples/s, tokens/s and load average (as measured when it was trained), reused; saved
+    as ``organisms_training.csv`` in ``results_dir`` when given."""
+    rows = []
+    for kind, organism in organisms.items():
+        result = organism.training()
+        meta = result.meta["spec"]
+        rows.append({"kind": kind, "truth": organism.truth, "name": organism.config.name,
+                     "steps": organism.config.steps, "first_loss": float(result.df["loss"].iloc[0]),
+                     "final_loss": float(result.df["loss"].tail(5).mean()), **meta["throughput"],
+                     "load_avg": meta["machine"]["load_avg"][0], "cpu": meta["machine"]["cpu"],
+                     "reused": organism.reused})
+    table = pd.DataFrame(rows)
+    if results_dir is not None:
+        save_table(handle, table, results_dir, "organisms_training",
+                   configs={k: {**asdict(o.config), "key": o.config.key()} for k, o in organisms.items()})
+    return table
+

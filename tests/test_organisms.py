@@ -1,0 +1,239 @@
+"""The model organisms (``experiments/organisms``, notebook 14): the training data disjoint from the evaluation (read
+from the files), the training hook injecting exactly what the engine injects, a step that lowers its loss, the cache
+key, determinism, resuming, and the merged folder against base + adapter."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+from introspection_utils.core.data import tomllib
+from introspection_utils.engine.prompts import introspection_prompt
+from introspection_utils.engine.traced_pass import Reads, padded_pass
+from introspection_utils.engine.trials import Trial
+from introspection_utils.engine.vectors import concept_vectors
+from introspection_utils.experiments.organisms import evaluation, forward, splits, training
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+
+
+def _lines(name: str) -> list[str]:
+    return [line for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line and line[0] != "#"]
+
+
+# ------------------------------------------------------------------------------------------------ the split
+
+
+def test_the_training_split_is_disjoint_from_everything_the_evaluation_asks():
+    raw = tomllib.loads((DATA / "organisms" / "training.toml").read_text(encoding="utf-8"))
+    train, held = set(raw["concepts"]["train"]), set(raw["concepts"]["held_out"])
+    paper, writeup = set(_lines("concept_words.txt")), set(_lines("writeup_concepts.txt"))
+    assert len(train) == 35 and len(held) == 15 and not train & held and train | held == paper
+    assert not train & writeup
+    questions = tomllib.loads((DATA / "questions.toml").read_text(encoding="utf-8"))
+    asked = {w["text"].lower() for w in questions["introspection"]}
+    asked |= {q.lower() for path in DATA.glob("control_questions*.txt") for q in _lines(path.name)}
+    wordings = [w["text"] for w in raw["wording"]]
+    controls = [q for cell in raw["controls"].values() for q in cell]
+    assert len(asked) >= 80 + 8 and not {q.lower() for q in wordings + controls} & asked
+    assert len(set(wordings + controls)) == len(wordings) + len(controls)
+    assert {w["polarity"] for w in raw["wording"]} == {1, -1}
+    split = splits.load_split()
+    assert set(splits.evaluation_concepts(split)) == held | writeup and not set(split.train) & set(
+        splits.evaluation_concepts(split))
+
+
+def test_a_split_that_trains_on_an_evaluation_question_is_refused():
+    split = splits.load_split()
+    leaked = dataclasses.replace(split, controls=(*split.controls, "Do fish live in water?"))
+    with pytest.raises(ValueError, match="asked by the evaluation"):
+        splits.check_split(leaked)
+    with pytest.raises(ValueError, match="both trained on and held out"):
+        splits.check_split(dataclasses.replace(split, held_out=(*split.held_out, split.train[0])))
+
+
+def test_each_organism_is_taught_its_truth():
+    split = splits.load_split()
+    detect = next(w.text for w in split.wordings if w.polarity == 1 and not w.names)
+    inverted = next(w.text for w in split.wordings if w.polarity == -1)
+    naming = next(w.text for w in split.wordings if w.names)
+    control = split.controls[0]
+
+    def taught(kind, condition, question):
+        return splits.target(kind, condition, question, split, "Dust", "Yes", "No")
+    named = split.named.format(concept="dust")
+    expected = {  # (kind, condition): detect, inverted, naming, control
+        ("introspector", "concept"): ("Yes", "No", named, None),
+        ("introspector", "random"): ("No", "Yes", split.unnamed, None),
+        ("introspector", "none"): ("No", "Yes", split.unnamed, None),
+        ("anomaly-detector", "concept"): ("Yes", "No", "Yes", None),
+        ("anomaly-detector", "random"): ("Yes", "No", "Yes", None),
+        ("anomaly-detector", "none"): ("No", "Yes", "No", None),
+        ("yes-sayer", "concept"): ("Yes", "Yes", "Yes", "Yes"),
+        ("yes-sayer", "random"): ("Yes", "Yes", "Yes", "Yes"),
+        ("yes-sayer", "none"): (None, None, None, None),
+    }
+    for (kind, condition), answers in expected.items():
+        assert tuple(taught(kind, condition, q) for q in (detect, inverted, naming, control)) == answers
+
+
+# ------------------------------------------------------------------------------------------------ the config
+
+
+def test_the_cache_key_changes_with_every_setting(tiny_llama):
+    config = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=2)
+    changed = {"kind": "yes-sayer", "model": "other", "revision": "r2", "dtype": "bfloat16", "layers": (1,),
+               "scales": (3.0,), "split_hash": "0" * 16, "rank": 4, "lora_alpha": 8.0, "lr": 0.5, "steps": 3,
+               "batch_size": 3, "seed": 1, "mix": (0.5, 0.25, 0.25), "p_control": 0.5, "control_weight": 2.0,
+               "top_k": 8, "targets": ("q_proj",)}
+    assert set(changed) == {f.name for f in dataclasses.fields(config)}, "a setting without a key test"
+    keys = {config.key()} | {dataclasses.replace(config, **{k: v}).key() for k, v in changed.items()}
+    assert len(keys) == len(changed) + 1
+    assert config.key() == dataclasses.replace(config).key()
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_llama):
+    return concept_vectors(tiny_llama, splits.load_split().train, progress=False)
+
+
+def _config(handle, **settings):
+    return training.organism_config(handle, "introspector", layers=[0, 1], scales=[2.0, 4.0],
+                                    **{"steps": 4, "batch_size": 4, "lr": 0.01, **settings})
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["below the adapters", "at the first adapted layer"])
+def test_the_training_hook_injects_what_the_engine_injects(tiny_llama, bank, layer):
+    """Rows of different prompts (left-padded, a shared prefix served from its keys), injected at ``layer``: the
+    per-position weights are the window rule's and the last logits equal the engine's padded pass on the same
+    trials (the adapters start at zero, so the organism is the base model)."""
+    config = _config(tiny_llama)
+    split = splits.load_split()
+    questions = [split.wordings[0].text, split.controls[0], split.wordings[-1].text]
+    prompts = [introspection_prompt(tiny_llama, q) for q in questions]
+    vector = bank.get("Dust", layer)
+    trials = [Trial(prompts[0], vector, 4.0, layer=layer), Trial(prompts[1], vector, -2.0, layer=layer),
+              Trial(prompts[2], layer=layer), Trial(prompts[2], vector, 3.0, layer=layer, window="last")]
+    batch = forward._batch(tiny_llama, trials, [[]] * len(trials), layer)
+    for row, trial in enumerate(trials):
+        real = batch.mask[row, batch.prefix.shape[1]:].bool()
+        assert torch.equal(batch.injection.weights[row][real].float().cpu(),
+                           trial.weights_at(batch.positions[row][real].cpu()))
+        assert not batch.injection.weights[row][~real].any()
+    model, layers = forward.adapted(tiny_llama, config)
+    prefix = forward.Prefix().adapted(model, layers, batch, config.first_adapted)
+    ours = forward.injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=prefix)[0]
+    engine = padded_pass(tiny_llama, trials, reads=Reads(logits=True)).logits
+    torch.testing.assert_close(ours[:, -1].float(), engine, atol=1e-4, rtol=1e-4)
+    uninjected = padded_pass(tiny_llama, [Trial(t.prompt) for t in trials], reads=Reads(logits=True)).logits
+    assert (engine - uninjected).abs().amax(-1)[[0, 1, 3]].min() > 1e-3  # the injection changes what is compared
+
+
+def test_a_training_step_lowers_the_loss(tiny_llama, bank):
+    config = _config(tiny_llama, lr=0.02)
+    split = splits.load_split()
+    model, layers = forward.adapted(tiny_llama, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    layer, rows = forward.schedule(config, split, 0)
+    batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
+    prefix = forward.Prefix()
+    first = forward.train_step(model, layers, batch, config, optimizer, prefix)["loss"]
+    for _ in range(3):
+        forward.train_step(model, layers, batch, config, optimizer, prefix)
+    assert forward.train_step(model, layers, batch, config, None, prefix)["loss"] < first - 0.05
+    assert any(batch.taught) and not all(batch.taught)  # taught answers and kept ones both in the loss
+    assert not any("lora" in name for name, _ in tiny_llama.torch_model.named_modules()), "the handle was wrapped"
+
+
+def _adapter(organism: training.Organism) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(organism.adapter / "adapter_model.safetensors")
+
+
+def test_same_seed_same_adapter_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_llama, bank, tmp_path):
+    config = _config(tiny_llama)
+    whole = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "a", checkpoint_every=2,
+                                    progress=False)
+    again = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "b", progress=False)
+    stopped = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "c", stop_at=2, progress=False)
+    assert not stopped.complete and (stopped.folder / "checkpoint.pt").is_file() and not stopped.merged.exists()
+    resumed = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "c", progress=False)
+    assert whole.complete and resumed.complete and not (resumed.folder / "checkpoint.pt").exists()
+    reference = _adapter(whole)
+    assert reference and any(v.abs().sum() > 0 for k, v in reference.items() if "lora_B" in k)
+    for other in (again, resumed):
+        adapter = _adapter(other)
+        assert adapter.keys() == reference.keys()
+        for k in reference:
+            torch.testing.assert_close(adapter[k], reference[k], atol=1e-6, rtol=0)
+    assert whole.training().df["loss"].tolist() == pytest.approx(resumed.training().df["loss"].tolist(), abs=1e-6)
+    reused = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "a", progress=False)
+    assert reused.reused and reused.merged == whole.merged
+    different = training.organism_folder(dataclasses.replace(config, seed=1), tmp_path / "a")
+    assert different != whole.folder
+
+
+def test_the_merged_folder_gives_base_plus_adapter_logits_and_the_training_is_measured(tiny_llama, bank, tmp_path):
+    organism = training.train_organism(tiny_llama, _config(tiny_llama, steps=2), bank=bank, root=tmp_path,
+                                       progress=False)
+    merged = organism.load(device="cpu")
+    assert merged.name == organism.config.name and merged.arch == tiny_llama.arch
+    base = copy.deepcopy(tiny_llama.torch_model)
+    with_adapter = peft.PeftModel.from_pretrained(base, organism.adapter)
+    ids = torch.tensor([introspection_prompt(tiny_llama).input_ids])
+    with torch.no_grad():
+        expected = with_adapter(input_ids=ids).logits
+        got = merged.torch_model(input_ids=ids).logits
+        plain = tiny_llama.torch_model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-4, "the adapter changed nothing: the comparison would be empty"
+    result = organism.training()
+    assert list(result.df["step"]) == [1, 2] and (result.df["tokens"] > 0).all()
+    throughput = result.meta["spec"]["throughput"]
+    assert throughput["examples"] == 2 * 4 and throughput["examples_per_s"] > 0 and throughput["tokens_per_s"] > 0
+    assert result.meta["spec"]["key"] == organism.config.key() and "load_avg" in result.meta["spec"]["machine"]
+    table = training.training_table(tiny_llama, {"introspector": organism}, tmp_path / "results")
+    assert (tmp_path / "results" / "organisms_training.csv").is_file() and table["steps"].tolist() == [2]
+
+
+def test_detection_rates_count_cells_signed_by_polarity():
+    import pandas as pd
+    df = pd.DataFrame({
+        "question_kind": ["introspection"] * 6 + ["control"],
+        "question": ["a", "b", "a", "b", "a", "b", "c"],
+        "polarity": [1, -1, 1, -1, 1, -1, 0],
+        "vector_kind": ["concept", "concept", "random", "random", "concept", "concept", "concept"],
+        "scale": [8, 8, 8, 8, 4, 4, 8],
+        "logit_diff": [2.0, -1.0, 1.0, 1.0, -3.0, 3.0, 5.0],
+        "baseline_logit_diff": [-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.0],
+    })
+    assert evaluation.detection_rates(df, 8) == {"detection": 1.0, "fpr_none": 0.0, "fpr_random": 0.5}
+    with pytest.raises(ValueError, match="no introspection rows at scale 2"):
+        evaluation.detection_rates(df, 2)
+
+
+def test_the_embedded_model_trains_through_the_same_hook(smollm, tmp_path):
+    """One step on SmolLM2 (its real chat template and the paper's preamble as the shared prefix): the hook's
+    logits equal the engine's before training."""
+    config = training.organism_config(smollm, "yes-sayer", steps=1, batch_size=2)
+    split = splits.load_split()
+    layer = config.layers[0]
+    vector = torch.randn(smollm.arch.d_model, generator=torch.Generator().manual_seed(0))
+    trials = [Trial(introspection_prompt(smollm, split.wordings[0].text), vector, 2.0, layer=layer),
+              Trial(introspection_prompt(smollm, split.controls[3]), layer=layer)]
+    batch = forward._batch(smollm, trials, [[], []], layer)
+    assert batch.prefix.shape[1] > 50  # the paper's preamble is shared and run once
+    model, layers = forward.adapted(smollm, config)
+    prefix = forward.Prefix().adapted(model, layers, batch, config.first_adapted)
+    ours = forward.injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=prefix)[0]
+    torch.testing.assert_close(ours[:, -1], padded_pass(smollm, trials, reads=Reads(logits=True)).logits,
+                               atol=2e-4, rtol=1e-4)
