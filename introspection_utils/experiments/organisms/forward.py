@@ -243,10 +243,10 @@ def injected_logits(model: torch.nn.Module, layers: torch.nn.ModuleList, batch: 
                     rows: torch.Tensor | slice = slice(None), hidden: torch.Tensor | None = None,
                     prefix: Keys | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The last ``keep`` positions' logits ``[B, keep, vocab]`` of ``batch``'s ``rows`` through ``model``, the
-    batch's injection hooked onto ``layers[injection.layer]``'s output, the suffixes attending to ``prefix``
-    (the same model's keys and values of :attr:`Batch.prefix`; ``None``: the batch has none). ``first``: layers below it run once without
-    gradients (their output returned as the second value, or taken from ``hidden``) and are pass-throughs in the
-    pass that returns the logits."""
+    batch's injection hooked onto ``layers[injection.layer]``'s output, the suffixes attending to ``prefix`` (the
+    same model's keys and values of :attr:`Batch.prefix`; ``None``: the batch has none). ``first``: layers below it
+    run once without gradients (their output returned as the second value, or taken from ``hidden``) and are
+    pass-throughs in the pass that returns the logits."""
     ids, mask, positions = batch.ids[rows], batch.mask[rows], batch.positions[rows]
     n, layer = ids.shape[0], batch.injection.layer
 

@@ -85,10 +85,12 @@ def check_split(split: OrganismSplit) -> None:
     paper = set(load_list("concept_words"))
     if set(split.train) & set(split.held_out):
         raise ValueError(f"concepts both trained on and held out: {sorted(set(split.train) & set(split.held_out))}")
-    if set(split.train) & set(load_list("writeup_concepts")):
-        raise ValueError(f"write-up concepts in training: {sorted(set(split.train) & set(load_list('writeup_concepts')))}")
-    if not set(split.train) | set(split.held_out) <= paper:
-        raise ValueError(f"concepts outside data/concept_words.txt: {sorted((set(split.train) | set(split.held_out)) - paper)}")
+    writeup = set(split.train) & set(load_list("writeup_concepts"))
+    if writeup:
+        raise ValueError(f"write-up concepts in training: {sorted(writeup)}")
+    outside = (set(split.train) | set(split.held_out)) - paper
+    if outside:
+        raise ValueError(f"concepts outside data/concept_words.txt: {sorted(outside)}")
     asked = {q.lower() for q in battery["wordings"] | battery["controls"]}
     for question in (*(w.text for w in split.wordings), *split.controls):
         if question.lower() in asked:

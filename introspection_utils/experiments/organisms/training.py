@@ -90,24 +90,6 @@ def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | N
                     scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), split: OrganismSplit | None = None,
                     **settings) -> OrganismConfig:
     """The config of organism ``kind`` on ``handle``'s model: ``layers`` default to the atlas's layer (2/3 of the
-    depth) and the two below it; ``settings`` are :class:`OrganismConfig`'s other fields."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
-    layer = default_layer(handle)
-    layers = tuple(sorted({handle.check_layer(int(x)) for x in (layers or [max(layer - 2, 0), max(layer - 1, 0),
-                                                                          layer])}))
-    if layers[0] + 1 >= handle.arch.n_layers:
-        raise ValueError(f"no layer above injection layer {layers[0]} to adapt ({handle.name} has "
-                         f"{handle.arch.n_layers} layers)")
-    split = split or load_split()
-    return OrganismConfig(kind, handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), layers,
-                          tuple(float(s) for s in scales), split.hash, **settings)
-
-
-def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | None = None,
-                    scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), split: OrganismSplit | None = None,
-                    **settings) -> OrganismConfig:
-    """The config of organism ``kind`` on ``handle``'s model: ``layers`` default to the atlas's layer (2/3 of the
     depth) and the two below it; ``settings``: :class:`OrganismConfig`'s other fields (``steps``, ``rank``, ...)."""
     if kind not in KINDS:
         raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
