@@ -42,6 +42,6 @@ def plot_organisms(table: pd.DataFrame, *, model: str = "") -> plt.Figure:
     right.set_xlim(0, 1)
     right.invert_yaxis()
     _finish(right, "detection and false positives (wordings of both polarities)",
-            "fraction of cells (detected: yes − no signed by the wording's polarity > 0)", "", legend_loc="lower right")
+            "fraction of cells (detected: yes − no signed by the wording's polarity > 0)", "")
     fig.tight_layout()
     return fig
