@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from introspection_utils.engine.generation import response_table
 from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.vectors import default_layer
 from introspection_utils.experiments.atlas import run_atlas
+from introspection_utils.experiments.grading import pregrade
 from introspection_utils.experiments.organisms.splits import TRUTH, load_split
 from introspection_utils.experiments.sweeps import scale_sweep
 from introspection_utils.experiments.tasks.forced_choice import (
@@ -54,13 +56,17 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
              scales: Sequence[float], detection_scale: float, layer: int | None = None, n_controls: int = 4,
              wordings: Sequence[str] | None = None, n_random: int = 2, nulls: Sequence[str] = ("isotropic",),
              choice_concepts: Sequence[str] = (), choice_scales: Sequence[float] = (8.0,), n_orders: int = 2,
-             n_permutations: int = 1000, n_boot: int = 200, seed: int = 0, results_dir: str | Path,
-             progress: bool = False) -> dict:
+             n_permutations: int = 1000, n_boot: int = 200, max_new_tokens: int = 0, seed: int = 0,
+             results_dir: str | Path, progress: bool = False) -> dict:
     """One model's row of the organisms' table: the atlas's class counts on ``concepts`` (held out), detection and
     false-positive rates at ``detection_scale`` (:func:`detection_rates`), the same detection on ``seen`` (training)
     concepts and the gap, and forced choice among ``choice_concepts`` (best scale by mutual information: accuracy,
-    chance, MI, its permutation p, and whether the task counts it as found). Tables go to
-    ``results_dir/<model>/`` (``atlas.csv``, ``forced_choice.csv``, ``seen_sweep.csv``)."""
+    chance, MI, its permutation p, and whether the task counts it as found). ``max_new_tokens > 0``: the paper's
+    trial line answered in free text (greedy) for the same concepts at ``detection_scale`` and without injection,
+    pre-graded by :func:`grading.pregrade` (no judge): ``gen_names`` the fraction of injected answers that affirm
+    detection and name the concept (not as their first word), ``gen_fpr`` the fraction of uninjected ones that
+    affirm. Tables go to ``results_dir/<model>/`` (``atlas.csv``, ``forced_choice.csv``, ``seen_sweep.csv``,
+    ``generations.csv``)."""
     layer = default_layer(handle, layer)
     folder = Path(results_dir) / handle.name
     scales = sorted({float(s) for s in (*scales, detection_scale)})
@@ -87,6 +93,18 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
         row.update(fc_scale=float(best["scale"]), fc_accuracy=float(best["accuracy"]), fc_chance=float(best["chance"]),
                    fc_mi_bits=float(best["mi_bits"]), fc_mi_p=float(best["mi_p"]),
                    fc_found=forced_choice_found(summary))
+    if max_new_tokens > 0 and choice_concepts:
+        answers = response_table(handle, choice_concepts, [0.0, detection_scale], layer=layer,
+                                 max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+        graded = pd.concat([answers, pd.DataFrame([pregrade(r, w) for r, w in zip(answers["response"],
+                                                                                   answers["concept"], strict=True)])],
+                           axis=1)
+        injected, plain = graded[graded["injected"]], graded[~graded["injected"]]
+        row.update(gen_names=float((injected["affirms"] & injected["names_concept"]
+                                    & ~injected["starts_with_concept"]).mean()),
+                   gen_fpr=float(plain["affirms"].mean()))
+        save_table(handle, graded, folder, "generations", concepts=list(choice_concepts), layer=layer,
+                   scales=[0.0, detection_scale], max_new_tokens=max_new_tokens, seed=seed)
     return row
 
 
@@ -143,5 +161,8 @@ def describe(table: pd.DataFrame) -> str:
             text += (f"; forced choice {r['fc_accuracy']:.0%} against chance {r['fc_chance']:.0%} at scale "
                      f"{r['fc_scale']:g}, MI {r['fc_mi_bits']:.2f} bits (p = {r['fc_mi_p']:.3g}), "
                      f"{'found' if r['fc_found'] else 'not found'}")
+        if "gen_names" in r and pd.notna(r.get("gen_names")):
+            text += (f"; in free text it affirms and names the injected concept in {r['gen_names']:.0%} of answers "
+                     f"and affirms an injected thought in {r['gen_fpr']:.0%} without injection (pre-grade)")
         parts.append(text + ".")
     return " ".join(parts)
