@@ -1,8 +1,6 @@
-"""The organisms through the project's unchanged public path, blind: each one (and the base model) loaded from its
-merged folder like any model, its atlas (:func:`atlas.run_atlas`) run on the held-out concepts with random vectors
-of every null kind asked for, notebook 13's forced choice on held-out concepts, and a scale sweep on training
-concepts for the seen-vs-unseen gap. Nothing here reads which organism it is evaluating until the table puts the
-truth beside the verdicts (:func:`organism_table`)."""
+"""The organisms (and the base model) through the project's unchanged public path, blind: the atlas on held-out
+concepts, detection and false-positive rates, the seen-vs-unseen gap, forced choice and pre-graded free text, and
+one table per run with the truth beside the verdicts (:func:`organism_table`); called by notebook 14."""
 
 from __future__ import annotations
 

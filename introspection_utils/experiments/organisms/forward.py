@@ -1,18 +1,6 @@
-"""The organisms' training step: a batch's rows drawn from the split (:func:`schedule`), the injection added by a
-plain PyTorch forward hook with the engine's own per-position weights, the layers below the adapters served once per
-batch without gradients, and the loss (:func:`train_step`). The loop, the cache and the merged folder are
-:mod:`introspection_utils.experiments.organisms.training`.
-
-* **The injection** is :meth:`introspection_utils.engine.traced_pass.Injection.of` (each row's ``scale × vector``
-  times :meth:`Trial.weights_at` at its positions, 0 on padding), added by a forward hook on the decoder layer's
-  output (nnsight traces run without gradients); the answer tokens a row is taught run inside the window, as
-  generated tokens do.
-* **The layers below the adapters** run once per batch under ``torch.no_grad`` (the injection added there when it
-  sits below them); in the gradient pass they are pass-throughs and the last one returns that output.
-* **The loss**: cross-entropy on each taught answer's tokens (:func:`splits.target`); where the target is the base
-  model's answer, a KL divergence to the base model's distribution (adapters disabled, same injection) over its top
-  ``top_k`` tokens and the rest as one, at the answer position, weighted by ``control_weight``.
-"""
+"""The organisms' training step: rows drawn from the split, the injection added by a forward hook with the engine's
+per-position weights, the layers below the adapters served without gradients, and the loss (:func:`train_step`);
+called by :mod:`introspection_utils.experiments.organisms.training`."""
 
 from __future__ import annotations
 
@@ -312,7 +300,18 @@ def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: B
                optimizer: torch.optim.Optimizer | None, prefix: Prefix | None = None) -> dict:
     """One step: the organism's forward over the batch, the base model's answers for the rows that keep them
     (adapters off, no gradients), the loss, and (with an ``optimizer``) its backward and update. ``prefix``: the
-    training's :class:`Prefix` (a new one: computed for this step). Returns the step's record."""
+    training's :class:`Prefix` (a new one: computed for this step). Returns the step's record.
+
+    * **The injection** is :meth:`introspection_utils.engine.traced_pass.Injection.of` (each row's ``scale × vector``
+      times :meth:`Trial.weights_at` at its positions, 0 on padding), added by a forward hook on the decoder layer's
+      output (nnsight traces run without gradients); the answer tokens a row is taught run inside the window, as
+      generated tokens do.
+    * **The layers below the adapters** run once per batch under ``torch.no_grad`` (the injection added there when it
+      sits below them); in the gradient pass they are pass-throughs and the last one returns that output.
+    * **The loss**: cross-entropy on each taught answer's tokens (:func:`splits.target`); where the target is the base
+      model's answer, a KL divergence to the base model's distribution (adapters disabled, same injection) over its top
+      ``top_k`` tokens and the rest as one, at the answer position, weighted by ``control_weight``.
+    """
     keep = max(len(a) for a in batch.taught) + 1
     first = config.first_adapted
     prefix = prefix or Prefix()

@@ -1,8 +1,5 @@
-"""The model organisms' training data and its split from the evaluation: which concepts, wordings and control
-questions an organism is trained on (``data/organisms/training.toml``), checked disjoint from everything the
-evaluation asks (the held-out concepts and the write-up's, ``data/questions.toml``'s wordings, the control battery
-``data/control_questions*.txt``), and what each organism is taught to answer (:func:`target`).
-"""
+"""The organisms' training data (``data/organisms/training.toml``), checked disjoint from everything the evaluation
+asks, and what each organism is taught to answer (:func:`target`); read by the training and the tests."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Training a model organism with ``peft`` (LoRA) and keeping it: the loop (a tqdm bar with the loss, a checkpoint
-every ``checkpoint_every`` steps so an interrupted run resumes), the adapters merged into a plain model folder that
-``load_model(folder)`` opens (the raw adapter kept beside it), and the training's loss curve, wall time and
-throughput saved as a table with metadata (``training.csv`` + ``.meta.json``).
-
-The cache: ``cache_dir()/organisms/<name>/`` with ``<name>`` = :attr:`OrganismConfig.name` (base model, kind and a
-hash of every setting: :meth:`OrganismConfig.key`); a finished organism is reused, never retrained. The step itself
-(the injection hook, the layers served without gradients, the loss) is
-:mod:`introspection_utils.experiments.organisms.forward`.
-"""
+"""Training a model organism with ``peft`` (LoRA) and keeping it in the cache, keyed by every setting: the loop
+with its checkpoints, the merged model folder ``load_model`` opens, and the training's measured table; called by
+notebook 14."""
 
 from __future__ import annotations
 
