@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.experiments.organisms.evaluation import confusion
-from introspection_utils.plotting.style import PALETTE, _finish
+from introspection_utils.plotting.style import PALETTE, finish_axes
 
 RATE_COLUMNS = {"detection": ("concept vectors: detected", PALETTE["introspection"]),
                 "fpr_random": ("random vectors: detected", PALETTE["random"]),
@@ -41,7 +41,7 @@ def plot_organisms(table: pd.DataFrame, *, model: str = "") -> plt.Figure:
     right.set_yticks(y, table["organism"], fontsize=8)
     right.set_xlim(0, 1)
     right.invert_yaxis()
-    _finish(right, "detection and false positives (wordings of both polarities)",
+    finish_axes(right, "detection and false positives (wordings of both polarities)",
             "fraction of cells (detected: yes − no signed by the wording's polarity > 0)", "")
     fig.tight_layout()
     return fig
