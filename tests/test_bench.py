@@ -134,7 +134,7 @@ def test_agreement_counts_classes_and_differences_by_hand():
 
     a = run(["no effect", "shared yes-shift", "opposite"], [0.1, 1.0, -2.0], [1.0, -0.5, 0.2, 3.0])
     b = run(["no effect", "shared yes-shift", "no effect"], [0.3, 0.9, -1.2], [1.1, 0.1, 0.2, 2.0])
-    got = bench_agreement.agreement(a, b)
+    got = bench_agreement.dtype_agreement(a, b)
     assert got["n"] == 3 and got["same_class"] == 2 and got["differ"] == [("C", "opposite", "no effect")]
     assert got["max_dI"] == pytest.approx(0.8) and got["median_dI"] == pytest.approx(0.2)
     assert got["n_trials"] == 4 and got["same_sign"] == 3

@@ -231,7 +231,7 @@ def test_an_interrupted_run_says_how_to_resume_and_the_resume_finishes(tmp_path)
 
 def test_full_size_parameters_are_declared_and_differ_from_the_demo_defaults():
     full = run.read_full_size()
-    assert set(full) == {"00", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "13"}
+    assert set(full) == {"00", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "13", "14"}
     plans = {p.name[:2]: params for p, params in run.plan_runs(run.notebooks(list(full)), {}, full)}
     for prefix, params in full.items():
         defaults = run.declared_parameters(run.notebooks([prefix])[0])

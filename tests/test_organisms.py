@@ -216,9 +216,9 @@ def test_detection_rates_count_cells_signed_by_polarity():
         "logit_diff": [2.0, -1.0, 1.0, 1.0, -3.0, 3.0, 5.0],
         "baseline_logit_diff": [-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.0],
     })
-    assert evaluation.detection_rates(df, 8) == {"detection": 1.0, "fpr_none": 0.0, "fpr_random": 0.5}
+    assert evaluation.organism_detection_rates(df, 8) == {"detection": 1.0, "fpr_none": 0.0, "fpr_random": 0.5}
     with pytest.raises(ValueError, match="no introspection rows at scale 2"):
-        evaluation.detection_rates(df, 2)
+        evaluation.organism_detection_rates(df, 2)
 
 
 def test_the_embedded_model_trains_through_the_same_hook(smollm, tmp_path):

@@ -77,7 +77,7 @@ def atlas_in(model: str, dtype: str, settings: dict, *, device: str | None = Non
     return result
 
 
-def agreement(a: dict, b: dict) -> dict:
+def dtype_agreement(a: dict, b: dict) -> dict:
     """Two atlases of the same settings compared: concepts with the same class, |ΔI| max and median, the concepts
     whose class differs (``(concept, class in a, class in b)``), and on the sweeps' trials (same order in both)
     |Δ yes − no| max and median and how many have the same sign."""
@@ -140,7 +140,7 @@ def main(args: argparse.Namespace) -> None:
         run = runs[dtype]
         print(f"[{dtype}] {len(run['sweep'])} trials: vectors {run['vectors_s']:.1f} s, sweep + verdicts "
               f"{run['atlas_s']:.1f} s; classes {run['table']['class'].value_counts().to_dict()}", flush=True)
-    result = agreement(runs["float32"], runs["bfloat16"])
+    result = dtype_agreement(runs["float32"], runs["bfloat16"])
     end = load_average()
     print(f"classes agree on {result['same_class']}/{result['n']}; |dI| max {result['max_dI']:.3f}, median "
           f"{result['median_dI']:.3f}; differ: {result['differ']}")

@@ -205,7 +205,7 @@ EXPERIMENTS = Registry((
         modules=(organisms_evaluation, organisms_training),
         figures=("14_model_organisms",),
         tables=("organisms", "organisms_training"),
-        readings=(organisms_evaluation.describe,),
+        readings=(organisms_evaluation.describe_organisms,),
         guide_figure="14_model_organisms",
         alt="truth-by-construction vs verdict counts per organism, detection and false-positive rates"),
 ))

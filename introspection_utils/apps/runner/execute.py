@@ -28,8 +28,6 @@ from introspection_utils.apps.runner.checks import (
     resolve_model,
     run_key,
 )
-from introspection_utils.engine.throughput import load_average
-from introspection_utils.models.handle import resolve_dtype
 
 DEFAULT_CELL_TIMEOUT = 1800  # seconds; --cell-timeout 0 for none
 
@@ -139,6 +137,8 @@ def run_notebook(path: Path, output_dir: Path, parameters: dict[str, Any], *, ke
     hooks = _Progress(path.name, _n_code_cells(path)) if progress else None
     extra = {"on_cell_start": hooks.on_cell_start, "stderr_file": hooks} if hooks else {}
     dtype = notebook_dtype(path, parameters)
+    from introspection_utils.engine.throughput import load_average  # here: `run --help` must not import torch
+
     load_start, start = load_average(), time.perf_counter()
     if warm is not None:
         if warm.used:
@@ -173,6 +173,8 @@ def notebook_dtype(path: Path, parameters: Mapping[str, Any]) -> str:
         return ""
     value = parameters["dtype"] if "dtype" in parameters else ast.literal_eval(declared["dtype"].get("default")
                                                                                  or "None")
+    from introspection_utils.models.handle import resolve_dtype  # here: `run --help` must not import torch
+
     return str(resolve_dtype(value)).removeprefix("torch.")
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 BASE = "base model"  # the evaluated model without an organism: its truth is not known by construction
 
 
-def detection_rates(df: pd.DataFrame, scale: float) -> dict[str, float]:
+def organism_detection_rates(df: pd.DataFrame, scale: float) -> dict[str, float]:
     """From a sweep table with introspection wordings of both polarities: the fraction of (vector, wording) cells
     answered as "detected" (yes − no signed by the wording's polarity > 0) for the concept vectors at ``scale``
     (``detection``), for the random vectors there (``fpr_random``) and without injection (``fpr_none``: each
@@ -57,12 +57,12 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
              n_permutations: int = 1000, n_boot: int = 200, max_new_tokens: int = 0, seed: int = 0,
              results_dir: str | Path, progress: bool = False) -> dict:
     """One model's row of the organisms' table: the atlas's class counts on ``concepts`` (held out), detection and
-    false-positive rates at ``detection_scale`` (:func:`detection_rates`), the same detection on ``seen`` (training)
-    concepts and the gap, and forced choice among ``choice_concepts`` (best scale by mutual information: accuracy,
-    chance, MI, its permutation p, and whether the task counts it as found). ``max_new_tokens > 0``: the paper's
-    trial line answered in free text (greedy) for the same concepts at ``detection_scale`` and without injection,
-    pre-graded by :func:`grading.pregrade` (no judge): ``gen_names`` the fraction of injected answers that affirm
-    detection and name the concept (not as their first word), ``gen_fpr`` the fraction of uninjected ones that
+    false-positive rates at ``detection_scale`` (:func:`organism_detection_rates`), the same detection on ``seen``
+    (training) concepts and the gap, and forced choice among ``choice_concepts`` (best scale by mutual information:
+    accuracy, chance, MI, its permutation p, and whether the task counts it as found). ``max_new_tokens > 0``: the
+    paper's trial line answered in free text (greedy) for the same concepts at ``detection_scale`` and without
+    injection, pre-graded by :func:`grading.pregrade` (no judge): ``gen_names`` the fraction of injected answers that
+    affirm detection and name the concept (not as their first word), ``gen_fpr`` the fraction of uninjected ones that
     affirm. Tables go to ``results_dir/<model>/`` (``atlas.csv``, ``forced_choice.csv``, ``seen_sweep.csv``,
     ``generations.csv``)."""
     layer = default_layer(handle, layer)
@@ -74,12 +74,13 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
     counts = class_counts(table)
     row = {"model": handle.name, "truth": truth, "n_concepts": len(table),
            **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
-           "verdict": str(counts.idxmax()) if len(counts) else "", **detection_rates(sweep.df, detection_scale)}
+           "verdict": str(counts.idxmax()) if len(counts) else "",
+           **organism_detection_rates(sweep.df, detection_scale)}
     if seen:
         seen_sweep = scale_sweep(handle, seen, [detection_scale], layer=layer, n_controls=n_controls,
                                  introspection=wordings, n_random=0, seed=seed, results_dir=folder,
                                  name="seen_sweep", progress=progress)
-        row["seen_detection"] = detection_rates(seen_sweep.df, detection_scale)["detection"]
+        row["seen_detection"] = organism_detection_rates(seen_sweep.df, detection_scale)["detection"]
         row["seen_minus_unseen"] = row["seen_detection"] - row["detection"]
     if len(choice_concepts) >= 2:
         fc = run_forced_choice(handle, choice_concepts, layer=layer, scales=choice_scales, n_orders=n_orders,
@@ -144,7 +145,7 @@ def confusion(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def describe(table: pd.DataFrame) -> str:
+def describe_organisms(table: pd.DataFrame) -> str:
     """Sentences from :func:`organism_table`: for each organism its truth, what the atlas called its held-out
     concepts, its detection and false-positive rates, and forced choice."""
     parts = []
