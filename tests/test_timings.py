@@ -11,6 +11,7 @@ import pytest
 
 from introspection_utils.apps.runner import execute
 from introspection_utils.apps.runner.checks import notebooks
+from introspection_utils.engine import throughput
 from introspection_utils.models import handle as models
 
 
@@ -39,7 +40,7 @@ def test_a_run_records_the_load_at_start_and_end_and_its_dtype(scale_sweep, monk
     ran = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda source, output, **kwargs: ran.append(output))
     loads = iter([1.25, 3.5])
-    monkeypatch.setattr(execute, "load_average", lambda: next(loads))
+    monkeypatch.setattr(throughput, "load_average", lambda: next(loads))  # the runner imports it when it runs
     monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
     timings = tmp_path / "timings.csv"
