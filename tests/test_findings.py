@@ -147,3 +147,47 @@ def test_task_rows_are_the_notebooks_readings_and_rules(tmp_path):
                                         "evidence": forced_choice.describe_forced_choice(summary), "found": "yes"}]
     assert "| forced choice among concepts |" in findings.tasks_markdown(rows)
     assert findings.task_rows(tmp_path / "nothing").empty
+
+
+def _organisms_table(introspector_specific: int) -> pd.DataFrame:
+    from introspection_utils.experiments.organisms.evaluation import BASE, organism_table
+    from introspection_utils.experiments.organisms.splits import TRUTH
+
+    def row(organism, truth, counts, verdict, **extra):
+        return {"organism": organism, "truth": truth, "model": organism, "n_concepts": 10,
+                **{f"n_{c}": counts.get(c, 0) for c in verdicts.CLASSES}, "verdict": verdict, "detection": 0.9,
+                "fpr_none": 0.0, "fpr_random": 0.1, "seen_detection": 0.95, "seen_minus_unseen": 0.05,
+                "fc_scale": 8.0, "fc_accuracy": 0.6, "fc_chance": 0.2, "fc_mi_bits": 1.2, "fc_mi_p": 0.001,
+                "fc_found": True, **extra}
+    return organism_table([
+        row(BASE, BASE, {"shared yes-shift": 10}, "shared yes-shift", fc_found=False),
+        row("introspector", TRUTH["introspector"],
+            {"introspection-specific": introspector_specific, "one-sided": 10 - introspector_specific},
+            "introspection-specific" if introspector_specific >= 5 else "one-sided"),
+        row("anomaly-detector", TRUTH["anomaly-detector"], {"injection detector": 9, "introspection-specific": 1},
+            "injection detector"),
+        row("yes-sayer", TRUTH["yes-sayer"], {"shared yes-shift": 8, "introspection-specific": 2},
+            "shared yes-shift"),
+    ])
+
+
+def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
+    """Notebook 14's table read back: every model's target decided by the stated rule from the numbers shown — the
+    introspector needs ≥ 80% called, the look-alikes ≤ 1 and their own class, the base model none."""
+    SweepResult(_organisms_table(8), {}).save(tmp_path / "organisms")
+    rows = findings.organism_rows(tmp_path).set_index("organism")
+    assert rows["target"].to_dict() == {"base model": "met", "introspector": "met", "anomaly-detector": "met",
+                                        "yes-sayer": "missed"}  # two called where ≤ 1 is allowed
+    assert "2 of 10 introspection-specific" in rows.loc["yes-sayer", "rule"]
+    SweepResult(_organisms_table(7), {}).save(tmp_path / "organisms")
+    rows = findings.organism_rows(tmp_path)
+    assert rows.set_index("organism").loc["introspector", "target"] == "missed"  # 70% < 80%
+    text = findings.organisms_markdown(rows)
+    assert text.startswith("## Verdicts on known truths (notebook 14)") and text.count("\n| ") == 5
+    assert "| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% |" \
+        in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
+    assert findings.organism_rows(tmp_path / "nothing").empty
+    from introspection_utils.readings import saved
+    [sentence] = saved.organism_sentences(tmp_path)  # findings.md's notebook 14 section: the notebook's own reading
+    assert "introspector (truth: introspection-specific): of 10 held-out concepts the atlas calls 7 " \
+           "introspection-specific, 3 one-sided" in sentence and sentence.count("Target missed") == 2

@@ -206,6 +206,7 @@ EXPERIMENTS = Registry((
         figures=("14_model_organisms",),
         tables=("organisms", "organisms_training"),
         readings=(organisms_evaluation.describe_organisms,),
+        findings=saved.organism_sentences,
         guide_figure="14_model_organisms",
         alt="truth-by-construction vs verdict counts per organism, detection and false-positive rates"),
 ))

@@ -18,10 +18,12 @@ from introspection_utils.core.results import load_result
 from introspection_utils.engine.prompts import ANSWER_FORMATS
 from introspection_utils.experiments import localization
 from introspection_utils.experiments.atlas import atlas_name
+from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.stats.definitions import MIN_ANSWER_MASS
 from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.verdicts import (
+    CLASSES,
     EFFECT_THRESHOLD,
     class_counts,
     describe_verdict,
@@ -196,6 +198,39 @@ def tasks_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def organism_rows(results: Path) -> pd.DataFrame:
+    """Notebook 14's table (``organisms.csv`` in ``results``) with each model's target read by
+    :func:`organisms.evaluation.truth_recovered`: ``target`` ("met"/"missed") and ``rule`` (with its numbers)."""
+    path = results / "organisms.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    table = load_result(path).df
+    decided = [organisms_evaluation.truth_recovered(r) for r in table.to_dict("records")]
+    return table.assign(target=["met" if ok else "missed" for ok, _ in decided], rule=[rule for _, rule in decided])
+
+
+def organisms_markdown(rows: pd.DataFrame) -> str:
+    """:func:`organism_rows` as a Markdown section: truth by construction beside the verdicts, the rates, forced
+    choice and the target each model was held to."""
+    lines = ["## Verdicts on known truths (notebook 14)", "",
+             "Three LoRA organisms trained on this model with a truth known by construction (a concept introspector, "
+             "an anomaly detector that reports any injection, a yes-sayer), and the base model, each through the "
+             "unchanged atlas on held-out concepts (never trained on) with random vectors, blind to which is which. "
+             "Detection: the fraction of (vector, wording) cells answered \"detected\" at the detection scale "
+             "(yes − no signed by the wording's polarity > 0).", "",
+             "| model | truth | what the atlas called the held-out concepts | detected: concepts / random / none | "
+             "seen − unseen | forced choice | target |", "|---|---|---|---|---|---|---|"]
+    for r in rows.to_dict("records"):
+        counts = ", ".join(f"{r[f'n_{c}']} {c}" for c in CLASSES if r.get(f"n_{c}", 0))
+        gap = f"{r['seen_minus_unseen']:+.0%}" if pd.notna(r.get("seen_minus_unseen")) else "not run"
+        choice = (f"{r['fc_accuracy']:.0%} vs chance {r['fc_chance']:.0%}, MI p = {r['fc_mi_p']:.3g}: "
+                  f"{'found' if r['fc_found'] else 'not found'}" if pd.notna(r.get("fc_accuracy")) else "not run")
+        lines.append(f"| {r['organism']} | {r['truth']} | {counts or 'none'} (of {r['n_concepts']}) | "
+                     f"{r['detection']:.0%} / {r['fpr_random']:.0%} / {r['fpr_none']:.0%} | {gap} | {choice} | "
+                     f"{r['target']} ({r['rule']}) |")
+    return "\n".join(lines)
+
+
 def _series() -> dict[str, tuple[str, Callable[[Path], list[str]]]]:
     """notebook → (title, its readings from the tables it saved in a results folder): the registry's entries that
     have a findings reader, in series order."""
@@ -271,10 +306,11 @@ def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     sweep = load_result(results / "atlas_sweep.csv").df
     interference = results / "interference_scale_sweep.csv"
     inter = load_result(interference).df if interference.is_file() else None
-    formats, task_table = format_rows(results), task_rows(results)
+    formats, task_table, organisms = format_rows(results), task_rows(results), organism_rows(results)
     table = (claims_markdown(claims(atlas, sweep, inter), model, atlas)
              + ("\n\n" + formats_markdown(formats) if len(formats) else "")
-             + ("\n\n" + tasks_markdown(task_table) if len(task_table) else ""))
+             + ("\n\n" + tasks_markdown(task_table) if len(task_table) else "")
+             + ("\n\n" + organisms_markdown(organisms) if len(organisms) else ""))
     sections = series(model)
     document = table + ("\n\n" + notebooks_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from introspection_utils.core.results import load_result
 from introspection_utils.experiments import grading, localization, mechanisms, refusal, sae
+from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.readings import sentences as readings
 
@@ -122,3 +123,9 @@ def mechanism_sentences(results: Path) -> list[str]:
         return []
     maps = mechanisms.load_maps(results)
     return [mechanisms.describe(m) for m in maps] + [mechanisms.contrast(maps)]
+
+
+def organism_sentences(results: Path) -> list[str]:
+    """Notebook 14: the organisms' reading (``organisms``), each model's target and rule included."""
+    path = results / "organisms.csv"
+    return [organisms_evaluation.describe_organisms(load_result(path).df)] if path.is_file() else []

@@ -145,6 +145,31 @@ def confusion(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def truth_recovered(row: dict) -> tuple[bool, str]:
+    """Whether the verdicts on one evaluated model's held-out concepts say what its truth says — the targets of
+    issue #29 — and the rule with the numbers it was decided by. ``row``: a record of :func:`organism_table`.
+
+    * introspection-specific: ≥ 80% of the concepts called introspection-specific, and forced choice found (when run);
+    * beyond controls, not random (the anomaly detector): ≤ 1 concept introspection-specific, and "injection
+      detector" the most frequent class;
+    * shared yes-shift (the yes-sayer): ≤ 1 concept introspection-specific, and "shared yes-shift" the most frequent;
+    * the base model (truth not known by construction): no concept introspection-specific, as in every atlas of it.
+    """
+    n, specific, verdict = int(row["n_concepts"]), int(row["n_introspection-specific"]), str(row["verdict"])
+    called = f"{specific} of {n} introspection-specific, most frequent class {verdict}"
+    truth = row["truth"]
+    if truth == TRUTH["introspector"]:
+        found = row.get("fc_found")
+        choice = "" if found is None or pd.isna(found) else f", forced choice {'found' if found else 'not found'}"
+        ok = specific >= 0.8 * n and (found is None or pd.isna(found) or bool(found))
+        return ok, f"rule: ≥ 80% introspection-specific and forced choice found; {called}{choice}"
+    if truth in (TRUTH["anomaly-detector"], TRUTH["yes-sayer"]):
+        wanted = "injection detector" if truth == TRUTH["anomaly-detector"] else "shared yes-shift"
+        return specific <= 1 and verdict == wanted, (f"rule: ≤ 1 introspection-specific, most frequent class "
+                                                     f"{wanted}; {called}")
+    return specific == 0, f"rule: none introspection-specific; {called}"
+
+
 def describe_organisms(table: pd.DataFrame) -> str:
     """Sentences from :func:`organism_table`: for each organism its truth, what the atlas called its held-out
     concepts, its detection and false-positive rates, and forced choice."""
@@ -163,5 +188,6 @@ def describe_organisms(table: pd.DataFrame) -> str:
         if "gen_names" in r and pd.notna(r.get("gen_names")):
             text += (f"; in free text it affirms and names the injected concept in {r['gen_names']:.0%} of answers "
                      f"and affirms an injected thought in {r['gen_fpr']:.0%} without injection (pre-grade)")
-        parts.append(text + ".")
+        ok, rule = truth_recovered(r)
+        parts.append(text + f". Target {'met' if ok else 'missed'} ({rule}).")
     return " ".join(parts)
