@@ -187,6 +187,11 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert "| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% |" \
         in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
     assert findings.organism_rows(tmp_path / "nothing").empty
+    assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
+    training = pd.DataFrame([{"kind": "introspector", "steps": 80, "first_loss": 2.48, "final_loss": 0.1234,
+                              "train_seconds": 1500.0, "examples_per_s": 0.43, "tokens_per_s": 61.2, "load_avg": 2.1}])
+    assert "| introspector | 80 | 2.48 → 0.123 | 25.0 min | 0.43 | 61 | 2.1 |" in findings.organisms_markdown(
+        rows, training)
     from introspection_utils.readings import saved
     [sentence] = saved.organism_sentences(tmp_path)  # findings.md's notebook 14 section: the notebook's own reading
     assert "introspector (truth: introspection-specific): of 10 held-out concepts the atlas calls 7 " \

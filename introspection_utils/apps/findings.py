@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.apps.catalog import EXPERIMENTS
-from introspection_utils.core.data import load_list
+from introspection_utils.core.data import data_dir, load_list
 from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
 from introspection_utils.core.registry import pattern
 from introspection_utils.core.results import load_result
@@ -198,6 +198,10 @@ def tasks_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _table(path: Path) -> pd.DataFrame | None:
+    return load_result(path).df if path.is_file() else None
+
+
 def organism_rows(results: Path) -> pd.DataFrame:
     """Notebook 14's table (``organisms.csv`` in ``results``) with each model's target read by
     :func:`organisms.evaluation.truth_recovered`: ``target`` ("met"/"missed") and ``rule`` (with its numbers)."""
@@ -209,9 +213,13 @@ def organism_rows(results: Path) -> pd.DataFrame:
     return table.assign(target=["met" if ok else "missed" for ok, _ in decided], rule=[rule for _, rule in decided])
 
 
-def organisms_markdown(rows: pd.DataFrame) -> str:
+ORGANISM_ANCHOR = "2511.21399"  # data/anchor_numbers.csv's rows of the trained introspector (Fonseca Rivera)
+
+
+def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None) -> str:
     """:func:`organism_rows` as a Markdown section: truth by construction beside the verdicts, the rates, forced
-    choice and the target each model was held to."""
+    choice and the target each model was held to; then the anchor's numbers (``data/anchor_numbers.csv``) and, with
+    ``training`` (``organisms_training.csv``), each organism's training as measured when it was trained."""
     lines = ["## Verdicts on known truths (notebook 14)", "",
              "Three LoRA organisms trained on this model with a truth known by construction (a concept introspector, "
              "an anomaly detector that reports any injection, a yes-sayer), and the base model, each through the "
@@ -228,6 +236,15 @@ def organisms_markdown(rows: pd.DataFrame) -> str:
         lines.append(f"| {r['organism']} | {r['truth']} | {counts or 'none'} (of {r['n_concepts']}) | "
                      f"{r['detection']:.0%} / {r['fpr_random']:.0%} / {r['fpr_none']:.0%} | {gap} | {choice} | "
                      f"{r['target']} ({r['rule']}) |")
+    anchors = pd.read_csv(data_dir() / "anchor_numbers.csv", comment="#")
+    for a in anchors[anchors["source"].str.contains(ORGANISM_ANCHOR, regex=False)].itertuples():
+        lines += ["", f"The anchor ({a.source}, {a.model}, {a.setup}): {a.metric} {a.value}."]
+    if training is not None and len(training):
+        lines += ["", "Training (LoRA, measured by the run; `organisms_training.csv`):", "",
+                  "| organism | steps | loss first → last 5 | wall time | examples/s | tokens/s | load average |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t.kind} | {t.steps} | {t.first_loss:.2f} → {t.final_loss:.3f} | {t.train_seconds / 60:.1f} min | "
+                  f"{t.examples_per_s:.2f} | {t.tokens_per_s:.0f} | {t.load_avg:.1f} |" for t in training.itertuples()]
     return "\n".join(lines)
 
 
@@ -310,7 +327,8 @@ def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
     table = (claims_markdown(claims(atlas, sweep, inter), model, atlas)
              + ("\n\n" + formats_markdown(formats) if len(formats) else "")
              + ("\n\n" + tasks_markdown(task_table) if len(task_table) else "")
-             + ("\n\n" + organisms_markdown(organisms) if len(organisms) else ""))
+             + ("\n\n" + organisms_markdown(organisms, _table(results / "organisms_training.csv"))
+                if len(organisms) else ""))
     sections = series(model)
     document = table + ("\n\n" + notebooks_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)
