@@ -50,6 +50,13 @@ def test_the_chance_sentence_has_a_below_chance_case_and_states_the_mde():
     assert "above chance" in above and "power" not in above  # a found effect needs no MDE
 
 
+def test_the_chance_sentences_docstring_example_is_what_it_prints():
+    """The docstring's example is the function's output for the count it names, so it cannot go stale."""
+    printed = acc.chance_sentence(acc.accuracy_summary(3, 15, 0.2).as_row())
+    assert "3 of 15 against chance 20%" in acc.chance_sentence.__doc__
+    assert f'"{printed}"' in " ".join(acc.chance_sentence.__doc__.split())
+
+
 def test_the_power_plan_says_the_sample_a_task_needs_and_what_a_run_can_find():
     text = acc.power_plan("forced choice", 0.2, 15)
     assert text.startswith(f"forced choice: chance 20%; {acc.sample_size(0.2)} trials find 40% correct with 80% power")

@@ -4,10 +4,10 @@ dtype and with its weight shapes, and the fraction of it that a measured piece o
 The peak is timed with ``torch.nn.functional.linear`` on random weights of the shapes of one decoder layer's linear
 modules (q, k, v, o, gate, up, down, …), fed ``tokens`` rows at a time: the same kernel (oneDNN / cuBLAS GEMM) and
 the same shapes the engine's forward and a training step's forward and backward run. An ``n × n`` ``a @ b`` can take
-another kernel (on a CPU without bf16 instructions bfloat16 matmuls do, and it once read "781 % of peak").
+another kernel (on a CPU without bf16 instructions bfloat16 matmuls do, and it once read far above 100 % of peak).
 
     peak = linear_peak_gflops(handle)                          # GFLOP/s, the handle's dtype and device
-    fraction = peak_fraction(handle, flops, seconds)           # 0.42: 42 % of that peak
+    fraction = peak_fraction(handle, flops, seconds)           # the fraction of that peak reached (1.0: all)
     flops = linear_flops(handle, tokens, n_layers, passes=3)   # forward + full backward through n_layers
 """
 

@@ -104,9 +104,9 @@ def run_atlas(handle: ModelHandle, concepts: Sequence[str], scales: Sequence[flo
 def default_controls(handle: ModelHandle, n_controls: int, *, answer_format: str = "open") -> list[str]:
     """``n_controls`` controls picked from ``handle``'s own no-injection answers to the whole battery
     (:func:`sweeps.pick_controls` of :func:`sweeps.control_battery`), so that their baselines span the model's range:
-    the default 12 of the list span 1.73 logits on the embedded small model, where the controls' line cannot be
-    fitted. The battery's answers are cached per model (revision, dtype, answer format, questions) in the model
-    cache, so a second run asks nothing."""
+    on the embedded small model the first 12 of the list span too little for the controls' line to be fitted. The
+    battery's answers are cached per model (revision, dtype, answer format, questions) in the model cache, so a
+    second run asks nothing."""
     questions = list(control_questions())
     key = (handle.name, handle.revision, str(handle.dtype), answer_format, questions)
     battery = checkpoint(cache_dir() / "control_batteries", f"battery-{handle.name}", key,

@@ -152,7 +152,7 @@ class Corpus:
     n_words: int = 50
     n_sentences: int = 50
     n_controls: int = 4
-    max_new_tokens: int = 16  # generation dominates the cost (~60 ms per generated token on a busy 2-core CPU)
+    max_new_tokens: int = 16  # generation dominates the cost (one forward pass per generated token)
     temperature: float = 0.8
     seed: int = 0
 

@@ -260,18 +260,17 @@ def gguf_revision(folder: Path) -> str:
 @contextlib.contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     """While converting: one ``GGUFReader`` per file (over a plain array view of the map) and one tensor-name map
-    per (architecture, depth). transformers parses the GGUF three times (config, tokenizer, weights; ~6 s each for
-    SmolLM2's 49k-token vocabulary) and rebuilds the name map once per tensor (~8 s); both are read-only, so sharing
-    them changes no byte of the output (``tests/test_models.py``) and cuts a cold conversion from 40 s to ~13.5 s
-    here."""
+    per (architecture, depth). transformers parses the GGUF three times (config, tokenizer, weights; each pass walks
+    the whole vocabulary) and rebuilds the name map once per tensor; both are read-only, so sharing them changes no
+    byte of the output (``tests/test_models.py``) and removes most of a cold conversion's time."""
     import gguf as gguf_lib
 
     reader, name_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
     readers: dict[tuple[str, str], Any] = {}
 
     class PlainArrayReader(reader):
-        """The reader over a plain ``ndarray`` view of its memory map: the same bytes, but each of the ~250k slices
-        it cuts while parsing the vocabulary skips ``np.memmap``'s per-slice bookkeeping (6.7 s → 1.6 s here)."""
+        """The reader over a plain ``ndarray`` view of its memory map: the same bytes, but each of the many slices it
+        cuts while parsing the vocabulary skips ``np.memmap``'s per-slice bookkeeping, most of the parse's time."""
 
         def __setattr__(self, name: str, value: Any) -> None:
             if name == "data" and isinstance(value, np.memmap):

@@ -236,7 +236,7 @@ def architecture_of(hf_model: torch.nn.Module, tokenizer: Any) -> Architecture:
 
 # CPU flags (``/proc/cpuinfo``) of the instructions oneDNN uses for bfloat16 matmuls: AMX tiles (Sapphire Rapids on)
 # and AVX-512 BF16 (Cooper Lake, Zen 4). Without them torch computes bfloat16 matmuls by converting to float32 in a
-# generic kernel: measured 3-30x *slower* than float32 on an AVX2-only AMD EPYC (Zen 3).
+# generic kernel: measured several times *slower* than float32 on an AVX2-only AMD EPYC (Zen 3).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -102,7 +102,8 @@ def layer_count(name: str) -> int | None:
 
 def hub_offline_check(name: str) -> bool:
     """For a hub id: ``True`` when it must load from the local cache only (offline), after checking it is there;
-    raises one ``ValueError`` at once when it is neither cached nor reachable (instead of retrying for ~20 s)."""
+    raises one ``ValueError`` at once when it is neither cached nor reachable (instead of waiting out the hub
+    client's retries)."""
     if Path(name).expanduser().is_dir():
         return False
     from huggingface_hub import try_to_load_from_cache

@@ -35,7 +35,7 @@ def _quantum(low: float, high: float, steps: int = STABLE_STEPS) -> float:
 
 def stabilise(fig: plt.Figure, steps: int = STABLE_STEPS) -> plt.Figure:
     """Snap every plotted value and linear axis limit of ``fig`` to a decimal grid of about 1/``steps`` of its axis
-    (a fraction of a pixel): float noise in the results (thread counts, summation order; ~1e-5 logits) then no
+    (a fraction of a pixel): float noise in the results (thread counts, summation order) then no
     longer moves anti-aliased edges, so a figure redrawn from the same experiment is the same file. Lines, markers,
     filled bands, bars and images are covered; log axes and text are left as they are."""
     from matplotlib.collections import LineCollection, PolyCollection

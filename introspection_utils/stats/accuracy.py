@@ -98,8 +98,8 @@ def compared_with_chance(ci_low: float, ci_high: float, chance: float) -> str:
 
 def chance_sentence(row, *, what: str = "correct") -> str:
     """One accuracy against chance in words, from a row with ``accuracy, ci_low, ci_high, n, chance`` (and ``mde``
-    when it has one): "47% correct (95% CI 25%–70%, n=15), not distinguishable from chance (20%); with n=15 an
-    accuracy of 53% would be found with 80% power"."""
+    when it has one). 3 of 15 against chance 20%: "20% correct (95% CI 7%–45%, n=15), not distinguishable from chance
+    (20%); with n=15 an accuracy of 54% would be found with 80% power" (held by ``tests/test_accuracy.py``)."""
     text = (f"{row['accuracy']:.0%} {what} (95% CI {row['ci_low']:.0%}–{row['ci_high']:.0%}, n={int(row['n'])}), "
             f"{compared_with_chance(row['ci_low'], row['ci_high'], row['chance'])} ({row['chance']:.0%})")
     mde = row.get("mde", detectable_accuracy(int(row["n"]), float(row["chance"])))

@@ -1,5 +1,6 @@
 """Calibration of the verdicts on synthetic sweeps whose truth is known — including the two confounds a real model
-shows (Qwen2.5-Coder-1.5B's controls: Δ ≈ b + c·baseline with c ≈ −0.5 to −0.8): a shared push and compression.
+shows (Qwen2.5-Coder-1.5B's controls: Δ ≈ b + c·baseline with c < 0, the atlas table's ``b`` and ``c``): a shared
+push and compression.
 
 A synthetic concept is a set of per-question delta curves (:class:`definitions.QuestionCurves`) with both
 polarities of
@@ -16,7 +17,7 @@ pushes the self questions and the introspection wordings of both polarities towa
 questions, p_q the polarity (+1 detect, −1 inverted: a planted introspection effect δ moves the detect wordings
 towards "yes" and the inverted ones towards "no", both towards reporting detection), ε noise. Random vectors are
 drawn the same way with their own β and half the compression (on Qwen random vectors compress less than concept
-vectors: −0.59 vs −0.78 at scale 8 — the case where the random-vector null alone does not protect S).
+vectors — the case where the random-vector null alone does not protect S).
 
 Scenarios (:data:`SCENARIOS`), each run as atlases of ``concepts_per_atlas`` concepts whose q-values are corrected
 together, exactly as :func:`verdicts.verdicts` does, once with the verdict's test
