@@ -267,8 +267,9 @@ def test_attribution_and_patching_on_the_embedded_model(smollm, oracle):
 
 @pytest.mark.integration
 def test_attribution_patching_agrees_with_real_patching_over_every_head_on_the_embedded_model(smollm):
-    """The README's agreement number: Sandwich at layer 20, scale 4, the introspection question, every attention
-    output, MLP output and head above the injection layer, both directions."""
+    """The agreement docs/notebooks.md points to (printed with -s, not typed there): Sandwich at layer 20, scale 4,
+    the introspection question, every attention output, MLP output and head above the injection layer, both
+    directions."""
     trials = patching.concept_trials(smollm, "Sandwich", 4.0, layer=20, n_controls=0)
     real = patching.activation_patching(smollm, trials)
     estimated = patching.attribution_patching(smollm, trials)
