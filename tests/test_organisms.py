@@ -237,3 +237,15 @@ def test_the_embedded_model_trains_through_the_same_hook(smollm, tmp_path):
     ours = forward.injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=prefix)[0]
     torch.testing.assert_close(ours[:, -1], padded_pass(smollm, trials, reads=Reads(logits=True)).logits,
                                atol=2e-4, rtol=1e-4)
+
+
+def test_a_kind_can_train_for_its_own_number_of_steps(tiny_llama, tmp_path):
+    """``steps_by_kind`` sets one organism's steps (its config, so its cache key, says so); a kind not trained is
+    refused before anything is trained."""
+    organisms = training.train_organisms(tiny_llama, ["introspector", "yes-sayer"], steps=2, batch_size=2,
+                                         steps_by_kind={"yes-sayer": 1}, root=tmp_path, progress=False)
+    assert {k: o.config.steps for k, o in organisms.items()} == {"introspector": 2, "yes-sayer": 1}
+    assert len(organisms["yes-sayer"].training().df) == 1
+    with pytest.raises(ValueError, match="steps_by_kind names \\['anomaly-detector'\\]"):
+        training.train_organisms(tiny_llama, ["yes-sayer"], steps=1, steps_by_kind={"anomaly-detector": 1},
+                                 root=tmp_path, progress=False)

@@ -9,7 +9,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -234,14 +234,25 @@ def _finish(handle: ModelHandle, config: OrganismConfig, peft_model: peft.PeftMo
 
 def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers: Sequence[int] | None = None,
                     scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), root: str | Path | None = None,
-                    progress: bool = True, **settings) -> dict[str, Organism]:
+                    progress: bool = True, steps_by_kind: Mapping[str, int] | None = None,
+                    **settings) -> dict[str, Organism]:
     """Each organism of ``kinds`` trained (or reused) with the same settings (:func:`organism_config`), the
-    training concepts' vectors extracted once."""
+    training concepts' vectors extracted once. ``steps_by_kind``: a kind's own number of steps, overriding
+    ``settings["steps"]`` for it (the look-alikes learn a rule that ignores which vector was injected, and can take
+    fewer steps than the introspector)."""
+    unknown = sorted(set(steps_by_kind or {}) - set(kinds))
+    if unknown:
+        raise ValueError(f"steps_by_kind names {unknown}, not among the organisms trained ({', '.join(kinds)})")
     split = load_split()
     bank = concept_vectors(handle, split.train, progress=progress)
-    return {kind: train_organism(handle, organism_config(handle, kind, layers=layers, scales=scales, **settings),
+    return {kind: train_organism(handle, organism_config(handle, kind, layers=layers, scales=scales,
+                                                         **{**settings, **_steps(steps_by_kind, kind)}),
                                  bank=bank, root=root, progress=progress)
             for kind in kinds}
+
+
+def _steps(steps_by_kind: Mapping[str, int] | None, kind: str) -> dict:
+    return {"steps": int(steps_by_kind[kind])} if steps_by_kind and kind in steps_by_kind else {}
 
 
 def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None
