@@ -99,7 +99,9 @@ def test_a_training_throughput_table_has_the_benchmark_blocks_format():
     assert head == ("| qwen, layers 18–27, LoRA r 8 | examples/s | tokens/s | wall | "
                     "useful GFLOP/s (of its linear peak) |")
     assert rule.count("|") == head.count("|")
-    assert row == "| train, bfloat16 | 8.00 | 640 | 4.0 s | 200 (50% of 400) |"
+    assert row == "| train, bfloat16 | 8.0 | 640 | 4.0 s | 200 (50% of 400) |"
+    slow = throughput.Throughput("x", seconds=896.1, examples=32, tokens=5165, flops=1e13, peak=180.0)
+    assert throughput.throughput_table("t", [slow]).splitlines()[2].startswith("| x | 0.036 | 6 | 896.1 s | 11 (6% ")
 
 
 def test_the_machine_in_words():

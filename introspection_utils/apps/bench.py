@@ -5,6 +5,7 @@
     python -m introspection_utils.bench --model qwen2.5-coder-1.5b-instruct --naive-trials 88
     python -m introspection_utils.bench --model random:gemma-2-9b-it --naive-trials 88   # GPU: Gemma-2-9B's shape
     python -m introspection_utils.bench --agreement [--concepts 10] --readme docs/benchmark.md  # atlas, bf16 vs fp32
+    python -m introspection_utils.bench --training data/results/<model> --readme docs/benchmark.md  # organisms
 
 Standard sweep: concepts sandwich, water, bomb, confusion, logic × scales 0,1,2,3,4,6,8,12 × (the introspection
 question + the first 10 control questions) × (concept vector + 1 random vector) at one middle layer = 880 trials
@@ -17,7 +18,8 @@ the kernel the model's linears use, timed in that dtype in the same run (``F.lin
 (speed ratio, max and median |bf16 − fp32|, sign agreement). ``--readme FILE`` writes it all, dated, with the
 machine, its bf16 CPU flags, what ``dtype="auto"`` picks there and its load, into FILE's ``<!-- bench:start -->`` …
 ``<!-- bench:end -->`` block (never typed by hand). ``--agreement``: the atlas in both dtypes on Qwen
-(:mod:`~introspection_utils.apps.bench_agreement`).
+(:mod:`~introspection_utils.apps.bench_agreement`); ``--training``: the organisms' training
+(:mod:`~introspection_utils.apps.bench_training`).
 """
 
 from __future__ import annotations
@@ -178,6 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(apps/bench_agreement.py; default model Qwen, the findings file's atlas settings)")
     parser.add_argument("--concepts", type=int, default=None,
                         help="with --agreement: the first N of the atlas variants' concepts (default 10)")
+    parser.add_argument("--training", default=None, metavar="RESULTS_DIR",
+                        help="instead: the organisms' training of this results folder (its organisms_training.csv, "
+                             "written by notebook 14) in examples/s, tokens/s and the fraction of the dtype's linear "
+                             "peak (apps/bench_training.py; block training)")
+    parser.add_argument("--organisms-root", default=None,
+                        help="with --training: where the organisms' cache folders are (default <cache>/organisms)")
     return parser.parse_args(argv)
 
 
@@ -187,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         from introspection_utils.apps.bench_agreement import main as agreement_main
 
         agreement_main(args)
+        return
+    if args.training:
+        from introspection_utils.apps.bench_training import main as training_main
+
+        training_main(args)
         return
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):

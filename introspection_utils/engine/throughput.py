@@ -189,7 +189,9 @@ def throughput_table(title: str, rows: Sequence[Throughput]) -> str:
     lines = [f"| {title} | examples/s | tokens/s | wall | useful GFLOP/s (of its linear peak) |",
              "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.label} | {r.examples / r.seconds:.2f} | {r.tokens / r.seconds:.0f} | {r.seconds:.1f} s | "
+        per_s = r.examples / r.seconds
+        rate = f"{per_s:#.2g}" if per_s < 10 else f"{per_s:.1f}"  # 0.036, 8.0; 23.4
+        lines.append(f"| {r.label} | {rate} | {r.tokens / r.seconds:.0f} | {r.seconds:.1f} s | "
                      f"{r.flops / r.seconds / 1e9:.0f} ({r.fraction:.0%} of {r.peak:.0f}) |")
     return "\n".join(lines)
 

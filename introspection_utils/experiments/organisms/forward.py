@@ -21,6 +21,7 @@ from introspection_utils.engine.vectors import left_pad, null_vector
 from introspection_utils.experiments.organisms.splits import OrganismSplit, target
 
 if TYPE_CHECKING:
+    from introspection_utils.engine.prompts import Prompt
     from introspection_utils.engine.vectors import ConceptVector, VectorBank
     from introspection_utils.experiments.organisms.training import OrganismConfig
     from introspection_utils.models.handle import ModelHandle
@@ -88,30 +89,46 @@ def continuation_ids(handle: ModelHandle, text: str) -> list[int]:
     return full[len(base):]
 
 
+def row_tokens(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit, rows: Sequence[Row]
+               ) -> tuple[list[Prompt], list[list[int]]]:
+    """Each row's prompt and the token ids it is taught to answer (empty: it keeps the base model's answer)."""
+    yes, no = paper_answers()
+    prompts, taught = [], []
+    for row in rows:
+        prompts.append(_prompt(handle, row.question))
+        answer = target(config.kind, row.condition, row.question, split, row.concept, yes, no)
+        taught.append([] if answer is None else continuation_ids(handle, answer))
+    return prompts, taught
+
+
 def make_batch(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit, layer: int, rows: Sequence[Row],
                bank: VectorBank) -> Batch:
     """The tensors of ``rows`` injected at ``layer``: each row's prompt followed by its taught answer's tokens."""
-    yes, no = paper_answers()
-    trials, taught = [], []
-    for row in rows:
-        prompt = _prompt(handle, row.question)
+    prompts, taught = row_tokens(handle, config, split, rows)
+    trials = []
+    for row, prompt in zip(rows, prompts, strict=True):
         vector: ConceptVector | None = None
         if row.condition != "none":
             vector = bank.get(row.concept, layer)
             if row.condition == "random":
                 vector = null_vector(vector, row.vector_seed, "isotropic")
         trials.append(Trial(prompt, vector, row.scale if vector is not None else 0.0, layer=layer))
-        answer = target(config.kind, row.condition, row.question, split, row.concept, yes, no)
-        taught.append([] if answer is None else continuation_ids(handle, answer))
     return _batch(handle, trials, taught, layer)
+
+
+def shared_length(prompts: Sequence[Prompt]) -> int:
+    """How many tokens ``prompts`` share before any of them can be injected into (and before each one's last
+    token): the prefix a training step runs once and serves to every row."""
+    first = prompts[0].input_ids
+    shared = min(min(p.injection_start for p in prompts), *(len(p) - 1 for p in prompts))
+    return next((i for i in range(shared) if any(p.input_ids[i] != first[i] for p in prompts)), shared)
 
 
 def _batch(handle: ModelHandle, trials: Sequence[Trial], taught: Sequence[Sequence[int]], layer: int) -> Batch:
     """``trials``' prompts, each followed by its ``taught`` tokens, split at the longest prefix they share that no
     trial injects into, the suffixes left-padded."""
     first = trials[0].prompt.input_ids
-    shared = min(min(t.prompt.injection_start for t in trials), *(len(t.prompt) - 1 for t in trials))
-    shared = next((i for i in range(shared) if any(t.prompt.input_ids[i] != first[i] for t in trials)), shared)
+    shared = shared_length([t.prompt for t in trials])
     for t in trials:  # the window rule puts nothing on the shared prefix
         assert not t.weights_at(torch.arange(shared)).any(), "a trial injects into the shared prefix"
     suffixes = [[*t.prompt.input_ids[shared:], *a] for t, a in zip(trials, taught, strict=True)]

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from introspection_utils.core.paths import atomic_write, content_hash
 from introspection_utils.core.results import SweepResult, load_result
 from introspection_utils.engine.metadata import save_table
+from introspection_utils.engine.throughput import linear_peak_gflops, load_average
 from introspection_utils.engine.vectors import concept_vectors, default_layer
+from introspection_utils.experiments.organisms.flops import training_throughput
 from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
@@ -255,23 +257,30 @@ def _steps(steps_by_kind: Mapping[str, int] | None, kind: str) -> dict:
     return {"steps": int(steps_by_kind[kind])} if steps_by_kind and kind in steps_by_kind else {}
 
 
-def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None
-                   ) -> pd.DataFrame:
+def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None, *,
+                   peak: float | None = None) -> pd.DataFrame:
     """One row per organism: kind, truth, name, steps, first and final loss (the mean of the last 5 steps), the
-    training's wall time, examples/s, tokens/s and load average (as measured when it was trained), reused; saved
-    as ``organisms_training.csv`` in ``results_dir`` when given."""
+    training's wall time, examples/s, tokens/s and load average (as measured when it was trained), its dtype, useful
+    GFLOP (:func:`~introspection_utils.experiments.organisms.flops.training_flops`), GFLOP/s and their fraction of
+    ``peak`` (GFLOP/s; default: the dtype's linear peak, :func:`~introspection_utils.engine.throughput.
+    linear_peak_gflops`, timed now), reused; saved as ``organisms_training.csv`` in ``results_dir`` when given."""
+    load = load_average()
+    peak = peak if peak is not None else linear_peak_gflops(handle)
+    measured = training_throughput(handle, organisms, peak=peak)
     rows = []
     for kind, organism in organisms.items():
         result = organism.training()
-        meta = result.meta["spec"]
+        meta, work = result.meta["spec"], measured[kind]
         rows.append({"kind": kind, "truth": organism.truth, "name": organism.config.name,
                      "steps": organism.config.steps, "first_loss": float(result.df["loss"].iloc[0]),
                      "final_loss": float(result.df["loss"].tail(5).mean()), **meta["throughput"],
                      "load_avg": meta["machine"]["load_avg"][0], "cpu": meta["machine"]["cpu"],
-                     "reused": organism.reused})
+                     "dtype": organism.config.dtype, "gflop": work.flops / 1e9,
+                     "gflop_per_s": work.flops / work.seconds / 1e9, "peak_gflop_per_s": peak,
+                     "peak_fraction": work.fraction, "reused": organism.reused})
     table = pd.DataFrame(rows)
     if results_dir is not None:
         save_table(handle, table, results_dir, "organisms_training",
-                   configs={k: {**asdict(o.config), "key": o.config.key()} for k, o in organisms.items()})
+                   configs={k: {**asdict(o.config), "key": o.config.key()} for k, o in organisms.items()},
+                   peak={"gflop_per_s": peak, "torch_threads": torch.get_num_threads(), "load_avg": load})
     return table
-
