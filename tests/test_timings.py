@@ -9,7 +9,7 @@ import nbformat
 import papermill
 import pytest
 
-from introspection_utils.apps.runner import execute
+from introspection_utils.apps.runner import documents, execute
 from introspection_utils.apps.runner.checks import notebooks
 from introspection_utils.engine import throughput
 from introspection_utils.models import handle as models
@@ -67,3 +67,20 @@ def test_rows_written_before_the_new_columns_are_kept(tmp_path):
     assert rows["11_atlas.ipynb"]["dtype"] == "" and rows["11_atlas.ipynb"]["load_start"] == ""
     assert (rows["02_scale_sweep.ipynb"]["dtype"], rows["02_scale_sweep.ipynb"]["load_start"],
             rows["02_scale_sweep.ipynb"]["load_avg"]) == ("float32", "0.50", "0.75")
+
+
+def test_the_timings_table_shows_the_dtype_and_the_load_at_start_and_old_rows_as_unknown(tmp_path):
+    path = tmp_path / "timings.csv"
+    path.write_text("model,notebook,seconds,cpus,omp_num_threads,load_avg,key\nm,11_atlas.ipynb,600.0,2,1,1.60,k\n")
+    execute.write_timings([execute.RunRecord("02_scale_sweep.ipynb", tmp_path, 7.0, dtype="bfloat16", load_start=0.5,
+                                             load_end=0.75)], path, "m")
+    table = documents.timings_markdown(path)
+    head, rule, *rows = table.split("\n\n")[0].splitlines()
+    assert head == "| notebook | wall time | dtype | load average at its start | at its end |"
+    assert rule.count("|") == head.count("|")
+    assert rows == ["| `02_scale_sweep.ipynb` | 7 s | bfloat16 | 0.50 | 0.75 |",
+                    "| `11_atlas.ipynb` | 600 s | unknown | unknown | 1.60 |"]
+    assert "10.1 min for 2 notebooks of `m` in bfloat16, unknown on 2 CPU(s)" in table
+    old = tmp_path / "old.csv"  # a file written before the runner kept either column, never rewritten since
+    old.write_text("model,notebook,seconds,cpus,omp_num_threads,load_avg,key\nm,11_atlas.ipynb,600.0,2,1,1.60,k\n")
+    assert "| `11_atlas.ipynb` | 600 s | unknown | unknown | 1.60 |" in documents.timings_markdown(old)

@@ -29,9 +29,10 @@ def series_markdown(path: Path) -> str:
 
 
 def timings_markdown(path: Path) -> str:
-    """A ``timings.csv`` as the notebook guide's table (``docs/notebooks.md``): each notebook's wall time, the total,
-    the threads and the load average when each finished (so a reader can plan by it and see how busy the machine
-    was)."""
+    """A ``timings.csv`` as the notebook guide's table (``docs/notebooks.md``): each notebook's wall time, the dtype
+    its model loaded in, the load average when it started and when it finished, then the total, the threads and the
+    dtypes (so a reader can plan by it and see how busy the machine was). A row recorded before the runner kept the
+    dtype or the starting load shows them as unknown."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -40,13 +41,15 @@ def timings_markdown(path: Path) -> str:
     loads = [float(r["load_avg"]) for r in rows if r.get("load_avg")]
     threads = sorted({r.get("omp_num_threads") or "?" for r in rows})
     cpus = sorted({r.get("cpus") or "?" for r in rows})
-    lines = ["| notebook | wall time | load average at its end |", "|---|---|---|"]
-    lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('load_avg') or '?'} |" for r in rows]
+    dtypes = sorted({r.get("dtype") or "unknown" for r in rows})
+    lines = ["| notebook | wall time | dtype | load average at its start | at its end |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['notebook']}` | {float(r['seconds']):.0f} s | {r.get('dtype') or 'unknown'} | "
+              f"{r.get('load_start') or 'unknown'} | {r.get('load_avg') or 'unknown'} |" for r in rows]
     series = path.parent / "series.json"
     lines += ["", series_markdown(series)] if series.is_file() else []
-    lines += ["", f"Their times add up to {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` on "
-                  f"{', '.join(cpus)} CPU(s), {', '.join(threads)} thread(s) per kernel"
-              + (f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else "")
+    lines += ["", f"Their times add up to {total / 60:.1f} min for {len(rows)} notebooks of `{rows[0]['model']}` in "
+                  f"{', '.join(dtypes)} on {', '.join(cpus)} CPU(s), {', '.join(threads)} thread(s) per kernel"
+              + (f", load average {min(loads):.1f}–{max(loads):.1f} at their ends" if loads else "")
               + f"; written from `{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}` by "
                 f"`.venv/bin/python -m introspection_utils.run --write-times docs/notebooks.md README.md`."]
     return "\n".join(lines)
