@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from introspection_utils.engine.prompts import conversation_text  # noqa: E402
 from introspection_utils.experiments import grading
@@ -346,6 +347,22 @@ def test_make_judge_builds_each_kind_and_rejects_the_rest(tiny_llama):
         grading.make_judge("claude", tiny_llama)
     with pytest.raises(ValueError, match="pass one"):
         grading.make_judge("local")
+
+
+@pytest.mark.parametrize("flags, auto", [({"avx2", "avx512_bf16"}, torch.bfloat16), ({"avx2"}, torch.float32)],
+                         ids=["bf16 instructions", "none"])
+def test_a_local_judge_model_loads_in_the_dtype_auto_resolves_to_unless_told(flags, auto, monkeypatch):
+    from introspection_utils.models import handle as models
+
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.resolve_dtype("auto", "cpu") == auto
+    judge = grading.make_judge("local", model="tiny-llama", max_new_tokens=2)
+    assert judge.handle.dtype == auto and judge.handle.name == "tiny-llama"
+    assert len(judge(["Is fire cold?"])) == 1
+    told = grading.make_judge("local", model="tiny-llama", max_new_tokens=2, dtype="float32")
+    assert told.handle.dtype == torch.float32
+    assert grading.make_judge("local", model="tiny-llama", dtype=None).handle.dtype == torch.float32  # CPU default
 
 
 # ------------------------------------------------------------------------------- rates, table, figure, reading

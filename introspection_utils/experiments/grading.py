@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from introspection_utils.core.data import data_dir, tomllib
@@ -198,11 +199,15 @@ def rates(graded: pd.DataFrame, column: str, by: Sequence[str]) -> pd.DataFrame:
 # ------------------------------------------------------------------ the grading experiment (07_generation_and_grading)
 
 def make_judge(kind: str, handle: ModelHandle | None = None, *, model: str | None = None, url: str | None = None,
-               api_key_env: str = "OPENAI_API_KEY", max_new_tokens: int = 200) -> Judge:
-    """The judge a notebook names: ``"local"`` — ``model`` loaded with ``load_model`` (``None``: ``handle``, the
-    model that answered); ``"http"`` — :class:`HTTPJudge` at ``url`` (e.g. ``"https://api.openai.com/v1"``) serving
-    ``model``, the key read from the environment variable ``api_key_env``. ``max_new_tokens`` bounds the judge's
-    text (a judge that thinks out loud needs a few hundred tokens, or its last line is cut and unparseable)."""
+               api_key_env: str = "OPENAI_API_KEY", max_new_tokens: int = 200,
+               dtype: str | torch.dtype | None = "auto") -> Judge:
+    """The judge a notebook names: ``"local"`` — ``model`` loaded with ``load_model`` in ``dtype`` (default
+    ``"auto"``: bfloat16 where the device runs it fast, else float32, as
+    :func:`~introspection_utils.models.handle.resolve_dtype` reads it; ``None``: float32 on a CPU, bfloat16 on
+    CUDA), or ``None``: ``handle``, the model that answered, as it is; ``"http"`` — :class:`HTTPJudge` at ``url``
+    (e.g. ``"https://api.openai.com/v1"``) serving ``model``, the key read from the environment variable
+    ``api_key_env``. ``max_new_tokens`` bounds the judge's text (a judge that thinks out loud needs a few hundred
+    tokens, or its last line is cut and unparseable)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if kind == "local":
@@ -210,7 +215,7 @@ def make_judge(kind: str, handle: ModelHandle | None = None, *, model: str | Non
             if handle is None:
                 raise ValueError("judge 'local' with model=None judges with the handle given; pass one")
             return LocalJudge(handle, max_new_tokens=max_new_tokens)
-        return LocalJudge(load_model(model), max_new_tokens=max_new_tokens)
+        return LocalJudge(load_model(model, dtype=dtype), max_new_tokens=max_new_tokens)
     if kind == "http":
         if not url or not model:
             raise ValueError("judge 'http' needs url (an OpenAI-compatible base URL, e.g. "
