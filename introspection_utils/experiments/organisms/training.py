@@ -262,8 +262,8 @@ def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_
     """One row per organism: kind, truth, name, steps, first and final loss (the mean of the last 5 steps), the
     training's wall time, examples/s, tokens/s and load average (as measured when it was trained), its dtype, useful
     GFLOP (:func:`~introspection_utils.experiments.organisms.flops.training_flops`), GFLOP/s and their fraction of
-    ``peak`` (GFLOP/s; default: the dtype's linear peak, :func:`~introspection_utils.engine.throughput.
-    linear_peak_gflops`, timed now), reused; saved as ``organisms_training.csv`` in ``results_dir`` when given."""
+    ``peak`` (GFLOP/s; default: the dtype's linear peak timed now, :func:`linear_peak_gflops`), reused; saved as
+    ``organisms_training.csv`` in ``results_dir`` when given (the peak, its threads and load in the metadata)."""
     load = load_average()
     peak = peak if peak is not None else linear_peak_gflops(handle)
     measured = training_throughput(handle, organisms, peak=peak)
