@@ -84,14 +84,14 @@ def test_a_step_count_refuses_a_layer_it_does_not_know(tiny_llama):
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory):
-    """Two tiny organisms trained for 3 steps into a temporary cache, and their training table."""
+    """Two tiny organisms trained for 3 and 2 steps into a temporary cache, and their training table."""
     tmp = tmp_path_factory.mktemp("trained")
     split = splits.load_split()
     bank = concept_vectors(tiny_llama, split.train, progress=False)
     organisms = {kind: training.train_organism(
-        tiny_llama, training.organism_config(tiny_llama, kind, layers=[0, 1], scales=[2.0, 4.0], steps=3,
+        tiny_llama, training.organism_config(tiny_llama, kind, layers=[0, 1], scales=[2.0, 4.0], steps=steps,
                                              batch_size=4), bank=bank, root=tmp / "organisms", progress=False)
-        for kind in ("introspector", "yes-sayer")}
+        for kind, steps in (("introspector", 3), ("yes-sayer", 2))}  # a kind's own steps, as the findings train
     table = training.training_table(tiny_llama, organisms, tmp / "results", peak=7.5)
     return tmp, organisms, table
 
@@ -102,7 +102,7 @@ def test_the_training_table_shows_the_useful_flops_and_the_fraction_of_the_peak(
     for row in table.itertuples():
         organism = organisms[row.kind]
         curve = organism.training().df
-        steps = [flops.step_shape(tiny_llama, organism.config, split, s) for s in range(3)]
+        steps = [flops.step_shape(tiny_llama, organism.config, split, s) for s in range(organism.config.steps)]
         assert [s.tokens for s in steps] == curve["tokens"].tolist() and [s.layer for s in steps] == curve[
             "layer"].tolist()
         fresh = [s.prefix_ids not in {t.prefix_ids for t in steps[:i]} for i, s in enumerate(steps)]
@@ -135,9 +135,9 @@ def test_the_writer_puts_the_training_into_the_benchmark_block(trained, tmp_path
     bench.main(["--training", str(tmp / "results"), "--organisms-root", str(tmp / "organisms"), "--readme", str(doc)])
     block = read_block(doc, "training")
     head, rule, *rows = block.split("\n\n")[0].splitlines()
-    assert head.startswith("| tiny-llama, organisms' training in float32: 3 steps × 4 rows, injection layers 0, 1, "
+    assert head.startswith("| tiny-llama, organisms' training in float32: 4 rows a step, injection layers 0, 1, "
                            "LoRA r 8 on layers 1–1 | examples/s | tokens/s | wall |")
-    assert [r.split(" | ")[0] for r in rows] == ["| **introspector**", "| **yes-sayer**"]
+    assert [r.split(" | ")[0] for r in rows] == ["| **introspector** (3 steps)", "| **yes-sayer** (2 steps)"]
     for r, row in zip(rows, table.itertuples(), strict=True):  # the same seconds and counts as the notebook's table
         cells = r.strip("|").split(" | ")
         assert float(cells[1]) == pytest.approx(row.examples_per_s, rel=0.05)
