@@ -113,8 +113,7 @@ def step_flops(handle: ModelHandle, config: OrganismConfig, shape: StepShape, *,
     on ``config.targets``) adds ``2·r·(in + out)·T`` forward and in backward its two weight gradients, the gradient
     through B and, where its input carries one, through A. Attention: ``4·d_attn·q·k`` forward (scores and values;
     ``d_attn`` = heads × head dimension), ``8·d_attn·q·k`` backward; a sliding-window layer (Gemma's) reads only its
-window. Not counted: norms, activations, the rotary
-    embedding, softmax, the loss, the optimizer.
+    window. Not counted: norms, activations, the rotary embedding, softmax, the loss, the optimizer.
 
     ``executed=False`` (the useful work, as the benchmark counts it): each row's own tokens, attention causal (a
     query at position ``t`` reads ``t + 1`` keys). ``executed=True``: what the kernels run — every row at the padded
@@ -173,7 +172,8 @@ window. Not counted: norms, activations, the rotary
                  + backward(suffix_tokens, pairs(rows, p, windows[j]), j=j) for j in range(first, n))
     kept = sum(forward(sum(kept_rows), pairs(kept_rows, p, windows[j]), adapters=False) for j in range(first, n))
     keep = max(shape.taught) + 1
-    positions = 2 * len(rows) * keep + 1 + fresh_prefix + len(kept_rows)  # the rows' forward and input gradient
+    prefix_passes = (1 + fresh_prefix) if p else 0  # a batch with no shared prefix runs no prefix pass
+    positions = 2 * len(rows) * keep + prefix_passes + len(kept_rows)  # the rows' forward and input gradient
     return StepFlops(lower, prefix, suffix, kept, 2.0 * vocab * d_model * positions)
 
 
