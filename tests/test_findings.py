@@ -184,8 +184,8 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert rows.set_index("organism").loc["introspector", "target"] == "missed"  # 70% < 80%
     text = findings.organisms_markdown(rows)
     assert text.startswith("## Verdicts on known truths (notebook 14)") and text.count("\n| ") == 5
-    assert "| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% |" \
-        in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
+    row = "| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% |"
+    assert row in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
     assert findings.organism_rows(tmp_path / "nothing").empty
     assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
     training = pd.DataFrame([{"kind": "introspector", "steps": 80, "first_loss": 2.48, "final_loss": 0.1234,

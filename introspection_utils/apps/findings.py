@@ -243,8 +243,9 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
         lines += ["", "Training (LoRA, measured by the run; `organisms_training.csv`):", "",
                   "| organism | steps | loss first → last 5 | wall time | examples/s | tokens/s | load average |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t.kind} | {t.steps} | {t.first_loss:.2f} → {t.final_loss:.3f} | {t.train_seconds / 60:.1f} min | "
-                  f"{t.examples_per_s:.2f} | {t.tokens_per_s:.0f} | {t.load_avg:.1f} |" for t in training.itertuples()]
+        lines += [f"| {t.kind} | {t.steps} | {t.first_loss:.2f} → {t.final_loss:.3f} | "
+                  f"{t.train_seconds / 60:.1f} min | {t.examples_per_s:.2f} | {t.tokens_per_s:.0f} | {t.load_avg:.1f} |"
+                  for t in training.itertuples()]
     return "\n".join(lines)
 
 
