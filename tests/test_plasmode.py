@@ -13,6 +13,7 @@ import pytest
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.stats import plasmode as pm
 from introspection_utils.stats import verdicts
+from introspection_utils.stats.introspection_score import plant
 
 SWEEP = project_root() / "figures/qwen2.5-coder-1.5b-instruct/results/atlas_sweep.csv"
 
@@ -47,6 +48,9 @@ def test_effects_plant_what_they_say(qwen):
     squeezed = pm.Effect("compression", 0.8).apply(base, qwen) + d.baseline[None, :, None]
     assert (np.abs(squeezed) <= np.abs(base + d.baseline[None, :, None]) + 1e-12).all()  # towards indifference
     assert pm.Effect("stronger", 2.0).apply(base, qwen) == pytest.approx(2 * base)
+    assert pm.Effect("wording", 0.05).apply(base, qwen) == pytest.approx(plant(base, d, 0.05))
+    with pytest.raises(ValueError, match="arrays only"):  # a hook cannot plant it one answer at a time
+        pm.Effect("stronger", 2.0).answer(1.0, scale=8.0, polarity=0, about_self=False, top_scale=8.0)
     with pytest.raises(ValueError, match="unknown effect"):
         pm.Effect("louder", 1.0)
 

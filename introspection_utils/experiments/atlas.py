@@ -7,7 +7,8 @@ live in :mod:`introspection_utils.stats.verdicts`; this module runs the sweep th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,11 +17,19 @@ import pandas as pd
 from introspection_utils.core.paths import checkpoint
 from introspection_utils.core.results import SweepResult, load_result
 from introspection_utils.engine.metadata import save_table
-from introspection_utils.engine.prompts import ANSWER_FORMATS, control_questions, default_wordings
-from introspection_utils.engine.vectors import check_nulls, default_layer
-from introspection_utils.experiments.sweeps import control_battery, pick_controls, scale_sweep
+from introspection_utils.engine.planted import HookedRow, planted_answers
+from introspection_utils.engine.prompts import (
+    ANSWER_FORMATS,
+    control_questions,
+    default_wordings,
+    introspection_prompt,
+    question_tags,
+)
+from introspection_utils.engine.vectors import check_nulls, concept_vectors, default_layer
+from introspection_utils.experiments.sweeps import SweepSpec, control_battery, pick_controls, scale_sweep
 from introspection_utils.models.embedded import cache_dir
 from introspection_utils.stats.definitions import MIN_ANSWER_MASS
+from introspection_utils.stats.plasmode import ANSWER_KINDS, Effect
 from introspection_utils.stats.verdicts import (
     ALPHA,
     EFFECT_THRESHOLD,
@@ -112,6 +121,40 @@ def default_controls(handle: ModelHandle, n_controls: int, *, answer_format: str
     battery = checkpoint(cache_dir() / "control_batteries", f"battery-{handle.name}", key,
                          lambda: control_battery(handle, answer_format=answer_format, questions=questions))
     return pick_controls(battery, n_controls)
+
+
+@contextmanager
+def planted_effect(handle: ModelHandle, spec: SweepSpec, effect: Effect, *, bank: VectorBank | None = None
+                   ) -> Iterator[None]:
+    """While open, ``handle``'s forward pass plants ``effect`` (a :class:`plasmode.Effect` of one of
+    :data:`plasmode.ANSWER_KINDS`) into every answer to one of ``spec``'s questions injected with one of its concept
+    vectors, at the answer position — what :meth:`plasmode.Effect.apply` plants into a sweep's concept rows, now through
+    the real model (:func:`engine.planted.planted_answers`); random vectors and uninjected answers are left alone.
+    Measure ``spec`` (or the same questions, layer and scales with other random vectors) inside it to check on the
+    model the power the plasmode predicts from a plain sweep's numbers. ``spec``: one layer, raw scales."""
+    if effect.kind not in ANSWER_KINDS:
+        raise ValueError(f"{effect.kind!r} cannot be planted one answer at a time; choose one of "
+                         f"{', '.join(ANSWER_KINDS)}")
+    if len(spec.layers) != 1 or spec.strength != "raw":
+        raise ValueError(f"planted_effect takes a spec with one layer and raw scales (got layers "
+                         f"{list(spec.layers)}, strength {spec.strength!r})")
+    layer = spec.layers[0]
+    bank = bank or concept_vectors(handle, spec.concepts, progress=False)
+    questions = spec.questions()
+    prompts = [introspection_prompt(handle, q, frame=spec.frame, kind=kind, answer_format=spec.answer_format)
+               for kind, q in questions]
+    tags = [question_tags(p.question) for p in prompts]
+    top = float(max(spec.scales))
+
+    def rule(row: HookedRow) -> float:
+        if row.vector is None:
+            return row.answer
+        tag = tags[row.prompt]
+        return float(effect.answer(row.answer, scale=row.scale, polarity=tag["polarity"],
+                                   about_self=tag["about"] == "self", top_scale=top))
+    with planted_answers(handle, layer, prompts, [bank.get(c, layer) for c in spec.concepts], rule,
+                         answers=spec.answers):
+        yield
 
 
 def recompute(results_dir: str | Path, answer_format: str = "open", *, n_boot: int | None = None) -> Path:

@@ -41,11 +41,12 @@ import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.definitions import QuestionCurves, question_curves
-from introspection_utils.stats.introspection_score import GRID, POWER, QuestionDesign, fit_prediction, plant, score_test
+from introspection_utils.stats.introspection_score import GRID, POWER, QuestionDesign, fit_prediction, score_test
 from introspection_utils.stats.line_test import max_over_scales, shift_test
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
+ANSWER_KINDS = EFFECT_KINDS[:4]  # the kinds that move each answer on its own (a hook can plant them one at a time)
 DOC = "docs/verdicts.md"  # the file whose plasmode block :func:`main` writes
 SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 
@@ -117,21 +118,36 @@ class Effect:
         if self.kind not in EFFECT_KINDS:
             raise ValueError(f"unknown effect {self.kind!r}; choose one of {', '.join(EFFECT_KINDS)}")
 
+    def answer(self, y: np.ndarray | float, *, scale: np.ndarray | float, polarity: np.ndarray | float,
+               about_self: np.ndarray | bool, top_scale: float) -> np.ndarray | float:
+        """The injected answer ``y`` = x + Δ (yes − no, logits) of a question with ``polarity`` (+1 detect, −1
+        inverted, 0 a control), ``about_self`` (about the model) at injected ``scale``, with the effect planted
+        (numpy broadcasting; ``top_scale``: the sweep's largest, where compression reaches γ). The one definition of
+        the kinds in :data:`ANSWER_KINDS`: :meth:`apply` plants it into a sweep's arrays, a hook on a real model into
+        each answer (:func:`introspection_utils.engine.planted.planted_answers`)."""
+        if self.kind == "wording":
+            return y + self.size * scale * polarity
+        if self.kind == "self push":
+            return y + self.size * scale * about_self
+        if self.kind == "yes-shift":
+            return y + self.size * scale
+        if self.kind == "compression":
+            kappa = self.size * (1 - np.exp(-np.asarray(scale) / 4)) / (1 - np.exp(-top_scale / 4))
+            return (1 - kappa) * y + kappa * np.tanh(y)
+        raise ValueError(f"{self.kind!r} is planted into a sweep's arrays only (:meth:`apply`); one answer at a time "
+                         f"takes {', '.join(ANSWER_KINDS)}")
+
     def apply(self, delta: np.ndarray, p: Panel) -> np.ndarray:
         """``delta [V, Q, S]`` with the effect planted (a new array)."""
         d, s = p.design, p.design.scales
         out = np.array(delta, float, copy=True)
-        if self.kind == "wording":
-            out = plant(out, d, self.size)
-        elif self.kind == "self push":
-            out[:, p.about_self, :] += self.size * s[None, None, :]
-        elif self.kind == "yes-shift":
-            out += self.size * s[None, None, :]
-        elif self.kind == "compression":
-            kappa = self.size * (1 - np.exp(-s / 4)) / (1 - np.exp(-s.max() / 4))
-            y = out + d.baseline[None, :, None]
-            out = (1 - kappa) * y + kappa * np.tanh(y) - d.baseline[None, :, None]
-        elif self.kind == "stronger":
+        if self.kind in ANSWER_KINDS:
+            x = d.baseline[None, :, None]
+            polarity = np.zeros(len(d.baseline))
+            polarity[d.wordings] = d.polarity
+            return self.answer(out + x, scale=s[None, None, :], polarity=polarity[None, :, None],
+                               about_self=p.about_self[None, :, None], top_scale=float(s.max())) - x
+        if self.kind == "stronger":
             out *= self.size
         else:  # stronger as concepts are: the controls and the prediction's part × size, the residual × noise
             prediction = fit_prediction(p.null_delta, d)
