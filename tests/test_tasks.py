@@ -130,18 +130,79 @@ def test_forced_choice_summary_puts_chance_in_the_interval_and_the_planted_signa
                        "scale": [0.0] * n + [4.0] * n, "target": np.r_[targets, targets],
                        "chosen": np.r_[chance, planted]})
     df["correct"] = df["target"] == df["chosen"]
-    summary = forced_choice.forced_choice_summary(df, n_permutations=200).set_index("condition")
+    summary = forced_choice.forced_choice_summary(df).set_index("condition")
     assert summary.loc["none", "ci_low"] < 1 / 3 < summary.loc["none", "ci_high"]
     assert summary.loc["concept", "ci_low"] > 1 / 3 and summary.loc["concept", "mi_p"] < 0.01
     assert "above chance" in forced_choice.describe_forced_choice(summary.reset_index())
     assert forced_choice.forced_choice_found(summary.reset_index())
     # a null vector kind that names the concept as well as the concept vectors do: not found
     null = df[df["condition"] == "concept"].assign(condition="random", null_kind="isotropic")
-    both = forced_choice.forced_choice_summary(pd.concat([df, null]), n_permutations=200)
+    both = forced_choice.forced_choice_summary(pd.concat([df, null]))
     assert not forced_choice.forced_choice_found(both)
     chance_only = df.assign(chosen=np.r_[chance, chance])
     chance_only["correct"] = chance_only["target"] == chance_only["chosen"]
-    assert not forced_choice.forced_choice_found(forced_choice.forced_choice_summary(chance_only, n_permutations=200))
+    assert not forced_choice.forced_choice_found(forced_choice.forced_choice_summary(chance_only))
+
+
+def test_the_figure_the_notebook_table_and_the_findings_row_read_one_forced_choice_summary(tiny_llama, tmp_path):
+    """Notebook 13 on a tiny model: the summary it prints, the numbers in its figure's title and the findings' row
+    recomputed from the saved table (with another run seed) are one computation — the same scale, accuracy and
+    permutation p (the figure once said p = 0.562 where the README said 0.574: 1000 draws seeded by the run against
+    the findings' 2000 seeded by 0)."""
+    from introspection_utils.apps import findings
+    from introspection_utils.plotting.tasks import plot_forced_choice
+    from introspection_utils.readings import saved
+
+    result = forced_choice.run_forced_choice(tiny_llama, WORDS, layer=1, scales=[2.0, 6.0], n_orders=2, n_random=1,
+                                             nulls=["isotropic"], bank=random_bank(tiny_llama), seed=5,
+                                             results_dir=tmp_path, progress=False)
+    summary = forced_choice.forced_choice_summary(result.df)
+    best = common.best_row(summary)
+    fig = plot_forced_choice(result, summary)
+    title = fig.axes[0].get_title()
+    assert f"scale {best['scale']:g}" in title and f"p = {best['mi_p']:.3g}" in title
+    assert f"{best['accuracy']:.0%} correct" in title
+    reading = forced_choice.describe_forced_choice(summary)
+    assert f"at scale {best['scale']:g}" in reading and f"permutation p = {best['mi_p']:.3g}" in reading
+    pd.testing.assert_frame_equal(forced_choice.forced_choice_summary(result.df.sample(frac=1, random_state=0)),
+                                  summary)  # the table alone decides it, not the row order
+    assert findings.task_rows(tmp_path).iloc[0]["evidence"] == reading
+    assert saved.task_sentences(tmp_path)[0] == reading
+
+
+def test_best_is_the_highest_accuracy_in_every_reading_figure_and_rule():
+    """One definition of a task's best point (``common.best_row``): where the concept vectors are named most often.
+    Planted: at scale 2 the model names the injected concept 60% of the time; at scale 8 it answers one fixed
+    wrong concept for each target (MI high, accuracy 0). Every reader of the summary — the sentence, the figure's
+    confusion panel, the "found" rule and the organisms' row — speaks of scale 2."""
+    import matplotlib.pyplot as plt
+
+    from introspection_utils.core.results import SweepResult
+    from introspection_utils.plotting.tasks import plot_forced_choice
+
+    rng = np.random.default_rng(4)
+    labels, n = ["a", "b", "c"], 300
+    targets = rng.choice(labels, n)
+    right = np.where(rng.random(n) < 0.6, targets, rng.choice(labels, n))
+    shifted = np.array([labels[(labels.index(t) + 1) % 3] for t in targets])  # a perfect code, always wrong
+    df = pd.DataFrame({"condition": "concept", "null_kind": "", "layer": 1, "scale": [2.0] * n + [8.0] * n,
+                       "target": np.r_[targets, targets], "chosen": np.r_[right, shifted]})
+    df["correct"] = df["target"] == df["chosen"]
+    summary = forced_choice.forced_choice_summary(df)
+    by_scale = summary.set_index("scale")
+    assert by_scale.loc[8.0, "mi_bits"] > by_scale.loc[2.0, "mi_bits"]  # MI would have picked scale 8
+    assert common.best_row(summary)["scale"] == 2.0
+    assert "at scale 2," in forced_choice.describe_forced_choice(summary)
+    assert forced_choice.forced_choice_found(summary)
+    result = SweepResult(df, {"model": "planted", "spec": {"concepts": labels, "layer": 1, "n_orders": 1}})
+    fig = plot_forced_choice(result, summary)
+    assert "scale 2" in fig.axes[0].get_title()
+    plt.close(fig)
+    gaps = pd.DataFrame({"condition": "concept", "null_kind": "", "layer": 1, "scale": [2.0, 8.0],
+                         "mean_gap": [0.1, 0.7], "accuracy": np.nan}).drop(columns="accuracy")
+    assert common.best_row(gaps)["scale"] == 8.0  # congruence names nothing: its mean gap
+    with pytest.raises(ValueError, match="accuracy"):
+        common.best_row(gaps.drop(columns="mean_gap"))
 
 
 # ------------------------------------------------------------------------------------------------ congruence

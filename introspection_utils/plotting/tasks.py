@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.experiments.tasks import confusion_matrix, congruence_gaps
+from introspection_utils.experiments.tasks.common import best_row
 from introspection_utils.plotting.style import PALETTE, finish_axes
 
 NULL_COLORS: dict[str, str] = {
@@ -34,14 +35,14 @@ def _label(condition: str, null_kind: str) -> str:
 
 
 def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
-    """Left: the confusion matrix (rows injected, columns chosen, fractions per row) of the concept vectors at the
-    scale with the most mutual information; right: accuracy vs scale per condition with Wilson 95% intervals,
+    """Left: the confusion matrix (rows injected, columns chosen, fractions per row) of the concept vectors at their
+    best scale (:func:`tasks.common.best_row`, as the reading and the "found" rule), titled with ``summary``'s
+    numbers there; right: accuracy vs scale per condition with Wilson 95% intervals,
     chance dashed. ``result``: :func:`forced_choice.run_forced_choice`; ``summary``:
     :func:`forced_choice.forced_choice_summary`."""
     df, spec = result.df, result.meta["spec"]
     concepts = spec["concepts"]
-    conc = summary[summary["condition"] == "concept"]
-    best = conc.loc[conc["mi_bits"].idxmax()]
+    best = best_row(summary)
     rows = df[(df["condition"] == "concept") & (df["scale"] == best["scale"])]
     counts = confusion_matrix(rows["target"], rows["chosen"], concepts)
     frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -55,7 +56,8 @@ def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
                          color="white" if frac[i, j] > 0.6 else "black")
     fig.colorbar(im, ax=axes[0], label="fraction of the row's trials")
     axes[0].set_title(f"{result.meta['model']} · layer {spec['layer']} · scale {best['scale']:g}\n"
-                      f"confusion: MI {best['mi_bits']:.2f} bits (perm. p = {best['mi_p']:.3g})")
+                      f"confusion: {best['accuracy']:.0%} correct, MI {best['mi_bits']:.2f} bits "
+                      f"(perm. p = {best['mi_p']:.3g})")
     axes[0].set_xlabel("chosen concept (label mapped back)")
     axes[0].set_ylabel("injected concept")
     ax = axes[1]
@@ -78,11 +80,11 @@ def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
 
 def plot_congruence(result: Any, summary: pd.DataFrame) -> plt.Figure:
     """Left: per concept, Δ yes − no when the question names the injected concept (congruent) and its most
-    anti-aligned concept (incongruent), at the scale with the largest mean gap; right: the mean gap vs scale for the
-    concept vectors and each null, with the sign-flip p-value of the concept vectors'."""
+    anti-aligned concept (incongruent), at the best scale (:func:`tasks.common.best_row`: the largest mean gap);
+    right: the mean gap vs scale for the concept vectors and each null, with the sign-flip p-value of the concept
+    vectors'."""
     df, spec = result.df, result.meta["spec"]
-    conc = summary[summary["condition"] == "concept"]
-    best = conc.loc[conc["mean_gap"].idxmax()]
+    best = best_row(summary)
     gaps = congruence_gaps(df)
     at = gaps[(gaps["condition"] == "concept") & (gaps["scale"] == best["scale"])].set_index("concept")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))

@@ -18,6 +18,7 @@ from introspection_utils.experiments.atlas import run_atlas
 from introspection_utils.experiments.grading import pregrade
 from introspection_utils.experiments.organisms.splits import TRUTH, load_split
 from introspection_utils.experiments.sweeps import scale_sweep
+from introspection_utils.experiments.tasks.common import best_row
 from introspection_utils.experiments.tasks.forced_choice import (
     forced_choice_found,
     forced_choice_summary,
@@ -54,17 +55,17 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
              scales: Sequence[float], detection_scale: float, layer: int | None = None, n_controls: int = 4,
              wordings: Sequence[str] | None = None, n_random: int = 2, nulls: Sequence[str] = ("isotropic",),
              choice_concepts: Sequence[str] = (), choice_scales: Sequence[float] = (8.0,), n_orders: int = 2,
-             n_permutations: int = 1000, n_boot: int = 200, max_new_tokens: int = 0, seed: int = 0,
+             n_boot: int = 200, max_new_tokens: int = 0, seed: int = 0,
              results_dir: str | Path, progress: bool = False) -> dict:
     """One model's row of the organisms' table: the atlas's class counts on ``concepts`` (held out), detection and
     false-positive rates at ``detection_scale`` (:func:`organism_detection_rates`), the same detection on ``seen``
-    (training) concepts and the gap, and forced choice among ``choice_concepts`` (best scale by mutual information:
-    accuracy, chance, MI, its permutation p, and whether the task counts it as found). ``max_new_tokens > 0``: the
-    paper's trial line answered in free text (greedy) for the same concepts at ``detection_scale`` and without
-    injection, pre-graded by :func:`grading.pregrade` (no judge): ``gen_names`` the fraction of injected answers that
-    affirm detection and name the concept (not as their first word), ``gen_fpr`` the fraction of uninjected ones that
-    affirm. Tables go to ``results_dir/<model>/`` (``atlas.csv``, ``forced_choice.csv``, ``seen_sweep.csv``,
-    ``generations.csv``)."""
+    (training) concepts and the gap, and forced choice among ``choice_concepts`` (at its best scale,
+    :func:`tasks.common.best_row`: accuracy, chance, MI, its permutation p, and whether the task counts it as
+    found). ``max_new_tokens > 0``: the paper's trial line answered in free text (greedy) for the same concepts at
+    ``detection_scale`` and without injection, pre-graded by :func:`grading.pregrade` (no judge): ``gen_names`` the
+    fraction of injected answers that affirm detection and name the concept (not as their first word), ``gen_fpr``
+    the fraction of uninjected ones that affirm. Tables go to ``results_dir/<model>/`` (``atlas.csv``,
+    ``forced_choice.csv``, ``seen_sweep.csv``, ``generations.csv``)."""
     layer = default_layer(handle, layer)
     folder = Path(results_dir) / handle.name
     scales = sorted({float(s) for s in (*scales, detection_scale)})
@@ -86,9 +87,8 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
         fc = run_forced_choice(handle, choice_concepts, layer=layer, scales=choice_scales, n_orders=n_orders,
                                n_random=n_random, nulls=nulls, seed=seed, results_dir=folder,
                                name="forced_choice", progress=progress)
-        summary = forced_choice_summary(fc.df, n_permutations=n_permutations, seed=seed)
-        concept = summary[summary["condition"] == "concept"]
-        best = concept.loc[concept["mi_bits"].idxmax()]
+        summary = forced_choice_summary(fc.df)
+        best = best_row(summary)
         row.update(fc_scale=float(best["scale"]), fc_accuracy=float(best["accuracy"]), fc_chance=float(best["chance"]),
                    fc_mi_bits=float(best["mi_bits"]), fc_mi_p=float(best["mi_p"]),
                    fc_found=forced_choice_found(summary))

@@ -112,9 +112,22 @@ def save_task_table(handle: ModelHandle, df: pd.DataFrame, spec: dict, prompts: 
 
 
 
-def best_row(summary: pd.DataFrame, column: str) -> pd.Series:
+def best_column(summary: pd.DataFrame) -> str:
+    """The column a task summary's "best" is read by (:func:`best_row`): ``accuracy`` where the model names
+    something (forced choice, strength comparison), else ``mean_gap`` (congruence, which names nothing)."""
+    for column in ("accuracy", "mean_gap"):
+        if column in summary:
+            return column
+    raise ValueError(f"a task summary has an 'accuracy' or a 'mean_gap' column; this one has {list(summary.columns)}")
+
+
+def best_row(summary: pd.DataFrame) -> pd.Series:
+    """The concept vectors' best point (scale or layer) of a task summary — the one definition every reading, figure
+    and "found" rule of the tasks uses: the row with the highest accuracy (the fraction of trials the model gets
+    right, the number the "found" rules test against chance; congruence: the largest mean gap,
+    :func:`best_column`), ties to the first (the smallest scale or layer)."""
     conc = summary[summary["condition"] == "concept"]
     if conc.empty:
         raise ValueError("the summary has no concept-vector rows")
-    return conc.loc[conc[column].idxmax()]
+    return conc.loc[conc[best_column(summary)].idxmax()]
 

@@ -153,10 +153,11 @@ def sign_flip_test(values: Sequence[float], *, seed: int = 0) -> float:
 
 
 
-def congruence_summary(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+def congruence_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per (condition, null_kind, layer, scale), across concepts (null vectors: their seeds averaged per concept
     first): ``n_concepts, mean_congruent, mean_incongruent, mean_gap, n_positive, p_signflip`` (one-sided,
-    gap > 0) and ``p_wilcoxon`` (one-sided signed-rank; NaN when every gap is 0)."""
+    gap > 0; its random flips, beyond :data:`MAX_EXACT_FLIPS` concepts, seeded by a constant: the same table always
+    gives the same p) and ``p_wilcoxon`` (one-sided signed-rank; NaN when every gap is 0)."""
     gaps = congruence_gaps(df)
     per = gaps.groupby(["condition", "null_kind", "concept", "layer", "scale"], as_index=False)[
         ["congruent", "incongruent", "gap"]].mean()
@@ -170,17 +171,17 @@ def congruence_summary(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
         rows.append({"condition": key[0], "null_kind": key[1], "layer": key[2], "scale": key[3],
                      "n_concepts": len(g), "mean_congruent": float(g["congruent"].mean()),
                      "mean_incongruent": float(g["incongruent"].mean()), "mean_gap": float(gap.mean()),
-                     "n_positive": int((gap > 0).sum()), "p_signflip": sign_flip_test(gap, seed=seed),
+                     "n_positive": int((gap > 0).sum()), "p_signflip": sign_flip_test(gap),
                      "p_wilcoxon": p_w})
     return pd.DataFrame(rows)
 
 
 
 def congruence_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
-    """Whether naming the injected concept matters (:func:`congruence_summary`): at the concept vectors' largest
-    mean gap, the sign-flip test across concepts gives p < ``alpha`` and every null vector kind's gap at that scale is
-    smaller."""
-    best = best_row(summary, "mean_gap")
+    """Whether naming the injected concept matters (:func:`congruence_summary`): at the concept vectors' best scale
+    (:func:`common.best_row`: the largest mean gap), the sign-flip test across concepts gives p < ``alpha`` and every
+    null vector kind's gap at that scale is smaller."""
+    best = best_row(summary)
     nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
     return bool(best["mean_gap"] > 0 and best["p_signflip"] < alpha and (nulls["mean_gap"] < best["mean_gap"]).all())
 
@@ -189,7 +190,7 @@ def congruence_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> boo
 def describe_congruence(summary: pd.DataFrame) -> str:
     """Sentences from :func:`congruence_summary`: the concept vectors' largest mean gap, its paired tests, what the
     congruent and incongruent questions did, and the null vectors' gaps at that scale."""
-    best = best_row(summary, "mean_gap")
+    best = best_row(summary)
     shared = ("both questions moved alike (a shared shift)" if abs(best["mean_gap"]) < 0.25 * max(
         abs(best["mean_congruent"]), abs(best["mean_incongruent"]), 1e-9) else "the named concept matters")
     parts = [f"Congruence at scale {best['scale']:g}: naming the injected concept moves yes − no by "

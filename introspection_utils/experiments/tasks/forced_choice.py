@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
 
 N_PERMUTATIONS = 2000  # permutation draws of the mutual-information null
+# The null's draws are seeded by a constant, not by the run's seed: a summary is a function of its table alone, so the
+# notebook's figure, its printed table and the findings' row (each summarising the same saved table) read one number.
+PERMUTATION_SEED = 0
 
 
 
@@ -195,18 +198,20 @@ def mi_permutation_test(targets: Sequence, chosen: Sequence, labels: Sequence, *
 
 
 
-def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95, n_permutations: int = N_PERMUTATIONS,
-                          seed: int = 0) -> pd.DataFrame:
+def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """Per (condition, null_kind, layer, scale): ``n, correct, accuracy, chance (1/N), ci_low, ci_high`` (Wilson),
-    ``p_binomial``, ``mde`` (:func:`stats.accuracy.accuracy_summary`), ``mi_bits``, ``mi_p`` (permutation),
+    ``p_binomial``, ``mde`` (:func:`stats.accuracy.accuracy_summary`), ``mi_bits``, ``mi_p`` (permutation:
+    :data:`N_PERMUTATIONS` draws seeded by :data:`PERMUTATION_SEED` over the group's (target, chosen) pairs in sorted
+    order, so the same trials, in any row order, always give the same p),
     ``mi_null_mean``. The no-injection rows form one group (scale 0)."""
     concepts = sorted(set(df["target"]))
     chance = 1.0 / len(concepts)
     rows = []
     keys = ["condition", "null_kind", "layer", "scale"]
     for key, group in df.groupby(keys, sort=True, dropna=False):
+        group = group.sort_values(["target", "chosen"], kind="stable")  # the draws see the pairs, not the row order
         mi, p, null_mean = mi_permutation_test(group["target"], group["chosen"], concepts,
-                                               n_permutations=n_permutations, seed=seed)
+                                               n_permutations=N_PERMUTATIONS, seed=PERMUTATION_SEED)
         acc = accuracy_summary(int(group["correct"].sum()), len(group), chance, level=level)
         rows.append({**dict(zip(keys, key, strict=True)), "n": acc.n, "correct": acc.correct, "accuracy": acc.accuracy,
                      "chance": chance, "ci_low": acc.ci_low, "ci_high": acc.ci_high, "p_binomial": acc.p_binomial,
@@ -216,10 +221,10 @@ def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95, n_permutatio
 
 
 def forced_choice_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
-    """Whether the concept vectors are identified (:func:`forced_choice_summary`): at their best scale by MI the
-    accuracy's interval lies above chance, MI beats its permutation null (p < ``alpha``), and every null vector kind
-    at that scale scores below the interval's low end."""
-    best = best_row(summary, "mi_bits")
+    """Whether the concept vectors are identified (:func:`forced_choice_summary`): at their best scale
+    (:func:`common.best_row`) the accuracy's interval lies above chance, MI beats its permutation null (p <
+    ``alpha``), and every null vector kind at that scale scores below the interval's low end."""
+    best = best_row(summary)
     nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
     return bool(best["ci_low"] > best["chance"] and best["mi_p"] < alpha
                 and (nulls["accuracy"] < best["ci_low"]).all())
@@ -227,12 +232,12 @@ def forced_choice_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> 
 
 
 def describe_forced_choice(summary: pd.DataFrame) -> str:
-    """Sentences from :func:`forced_choice_summary`: the concept vectors' best scale against chance and MI's null,
-    and what no injection and the null vectors do."""
-    best = best_row(summary, "mi_bits")
+    """Sentences from :func:`forced_choice_summary`: the concept vectors' best scale (:func:`common.best_row`)
+    against chance and MI's null, and what no injection and the null vectors do."""
+    best = best_row(summary)
     chance = float(best["chance"])
     parts = [f"Forced choice among {round(1 / chance)} concepts (chance {chance:.0%}): the concept vectors are "
-             f"identified best at scale {best['scale']:g}, {chance_sentence(best)}; mutual information "
+             f"named most often at scale {best['scale']:g}, {chance_sentence(best)}; mutual information "
              f"{best['mi_bits']:.2f} bits (permutation p = {best['mi_p']:.3g}, permutation mean "
              f"{best['mi_null_mean']:.2f})."]
     none = summary[summary["condition"] == "none"]

@@ -190,7 +190,7 @@ def strength_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
     """Whether the stronger injection is named (:func:`strength_summary`): at the concept vectors' best layer the
     accuracy's interval lies above 50%, the binomial p < ``alpha``, and every null vector kind there scores below the
     interval's low end."""
-    best = best_row(summary, "accuracy")
+    best = best_row(summary)
     nulls = summary[(summary["condition"] == "random") & (summary["layer"] == best["layer"])]
     return bool(best["ci_low"] > 0.5 and best["p_binomial"] < alpha and (nulls["accuracy"] < best["ci_low"]).all())
 
@@ -199,8 +199,8 @@ def strength_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
 def describe_strength(summary: pd.DataFrame) -> str:
     """Sentences from :func:`strength_summary`: the best layer for the concept vectors against 50%, the null
     vectors at that layer, and the answer bias."""
-    best = best_row(summary, "accuracy")
-    parts = [f"Strength comparison: the stronger of two injections is named best at layer {int(best['layer'])}, "
+    best = best_row(summary)
+    parts = [f"Strength comparison: the stronger of two injections is named most often at layer {int(best['layer'])}, "
              f"{chance_sentence(best)}, binomial p = {best['p_binomial']:.3g}; it answers '1' in "
              f"{best['first_bias']:.0%} of trials."]
     conc = summary[summary["condition"] == "concept"]
