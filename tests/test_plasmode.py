@@ -13,7 +13,7 @@ import pytest
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.stats import plasmode as pm
 from introspection_utils.stats import verdicts
-from introspection_utils.stats.introspection_score import plant
+from introspection_utils.stats.introspection_score import plant, score_test
 
 SWEEP = project_root() / "figures/qwen2.5-coder-1.5b-instruct/results/atlas_sweep.csv"
 
@@ -102,6 +102,28 @@ def test_random_vectors_that_share_the_effect_make_injection_detectors(qwen_df):
     assert "beyond the controls" in verdicts.describe_verdict(row, brief=True)
 
 
+def test_a_wording_effect_planted_into_every_concept_moves_only_their_scores_by_exactly_itself(qwen):
+    """Why the population test's power can be computed on δ̂ + δ (``plasmode.population_power``): the weights see
+    each kind centred on its own mean, so a δ shared by every concept adds exactly δ to each concept's δ̂ and leaves
+    every null's out-of-sample δ̂ unchanged."""
+    plain = score_test(qwen.concept_delta, qwen.null_delta, qwen.design, groups=qwen.groups)
+    planted = score_test(plant(qwen.concept_delta, qwen.design, 0.05), qwen.null_delta, qwen.design,
+                         groups=qwen.groups)
+    assert planted.delta_hat - plain.delta_hat == pytest.approx(np.full(57, 0.05), abs=1e-9)
+    assert planted.null_delta_hat == pytest.approx(plain.null_delta_hat, abs=1e-12)
+
+
+def test_the_population_test_finds_a_small_shared_effect_and_rarely_rejects_with_nothing_planted(qwen):
+    """The population test (one-sided Mann–Whitney of the concepts' δ̂ against the nulls') on bootstrap atlases of
+    the committed sweep: with nothing planted it rejects in at most 2α of the resamples (the concepts as a group are
+    not beyond their nulls: p as measured 0.71), its power rises with δ, and its MDE lies below the per-concept
+    test's (it pools 57 concepts)."""
+    curve = pm.population_power(qwen, [0.0, 0.005, 0.01, 0.02], n_resamples=300)
+    assert curve["rejected"].iloc[0] <= 0.1
+    assert curve["rejected"].is_monotonic_increasing and curve["rejected"].iloc[-1] >= 0.8
+    assert pm.mde(curve, column="rejected") < 0.5
+
+
 def test_docs_table_is_this_modules(qwen):
     """docs/verdicts.md's plasmode block holds the rows this module computes (the open format's power at I = 0.5 and
     its false-positive rate on the nulls are recomputed here; ``python -m introspection_utils.stats.plasmode``
@@ -114,3 +136,7 @@ def test_docs_table_is_this_modules(qwen):
     assert rows["called at I = 0.50"][0] == f"{called:.1%}"
     assert rows["FPR: no effect"][0] == f"{pm.false_positive_rate(qwen):.1%}"
     assert float(rows["MDE (I, logits, 80% called)"][0]) <= 0.5
+    population = pm.population_power(qwen, pm.POPULATION_GRID, until=pm.POWER)
+    assert rows["population MDE (I, logits, 80% of resamples)"] == [f"{pm.mde(population, column='rejected'):.2f}",
+                                                                     "—"]
+    assert rows["population test: rejected, nothing planted"][0] == f"{population['rejected'].iloc[0]:.1%}"

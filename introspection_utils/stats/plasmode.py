@@ -27,8 +27,8 @@ or not; the truth is "no introspection", so the rate of p ≤ α is the test's s
 
 A method maps ``(concept_delta [V, Q, S], null_delta [R, Q, S], panel)`` to p-values ``[V]``: :func:`score_method`
 (the verdict's statistic, :mod:`.introspection_score`) and :func:`residual_method` (the controls'-line residual I that
-it
-replaced, with its two nulls) are compared on the same plantings.
+it replaced, with its two nulls) are compared on the same plantings; :func:`population_power` gives the population
+test's power.
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.definitions import QuestionCurves, question_curves
-from introspection_utils.stats.introspection_score import GRID, POWER, QuestionDesign, fit_prediction, score_test
+from introspection_utils.stats.introspection_score import (
+    GRID,
+    POWER,
+    QuestionDesign,
+    fit_prediction,
+    population_p,
+    score_test,
+)
 from introspection_utils.stats.line_test import max_over_scales, shift_test
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
@@ -163,8 +170,7 @@ Method = Callable[[np.ndarray, np.ndarray, Panel, np.ndarray], np.ndarray]
 
 def score_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray) -> np.ndarray:
     """p-values of the verdict's test (:func:`introspection_score.score_test`): beyond random vectors and beyond the
-    controls
-    (the larger of the two)."""
+    controls (the larger of the two)."""
     test = score_test(concept_delta, null_delta, p.design, groups=groups)
     return np.maximum(test.p_random, test.p_controls)
 
@@ -207,6 +213,37 @@ def power_curve(p: Panel, sizes: Sequence[float], *, method: Method = score_meth
         pv = method(Effect(kind, size).apply(p.concept_delta, p), p.null_delta, p, p.groups)
         rows.append({"delta": float(size), "I": float(size) * p.top_scale, "called": called_fraction(pv, alpha=alpha),
                      "p_below_alpha": float((pv <= alpha).mean())})
+    return pd.DataFrame(rows)
+
+
+N_RESAMPLES = 1000  # bootstrap resamples behind the population test's power
+# δ for the population test: it pools every concept, so its MDE sits below the per-concept grid's first point
+POPULATION_GRID = tuple(round(0.0025 * k, 4) for k in range(20)) + tuple(g for g in GRID if g >= 0.05)
+
+
+def population_power(p: Panel, sizes: Sequence[float], *, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
+                     seed: int = 0, until: float | None = None) -> pd.DataFrame:
+    """The population test's power (:func:`introspection_score.population_p`) with a wording effect δ of each of
+    ``sizes`` planted into every concept: ``delta``, ``I`` (logits at the largest scale), ``rejected`` (the fraction
+    of resamples with p ≤ ``alpha``). The score is computed once: a δ planted into every concept adds exactly δ to
+    each concept's δ̂ and leaves the nulls' unchanged (each kind is centred in the weights; test-held), so each size
+    is tested on δ̂ + δ. ``n_resamples`` seeded bootstrap atlases of the same size: the concepts, and the nulls' groups
+    (a concept's random vectors together), drawn with replacement, the weights held at the sweep's. ``until``: stop
+    after the first size whose rate reaches it (all an MDE needs)."""
+    test = score_test(p.concept_delta, p.null_delta, p.design, groups=p.groups)
+    rng = np.random.default_rng([int(seed), 30])
+    names = np.unique(p.groups)
+    members = [np.flatnonzero(p.groups == g) for g in names]
+    draws = [(rng.integers(len(test.delta_hat), size=len(test.delta_hat)),
+              np.concatenate([members[i] for i in rng.integers(len(names), size=len(names))]))
+             for _ in range(n_resamples)]
+    rows = []
+    for size in sizes:
+        shifted = test.delta_hat + float(size)
+        hits = sum(population_p(shifted[c], test.null_delta_hat[r]) <= alpha for c, r in draws)
+        rows.append({"delta": float(size), "I": float(size) * p.top_scale, "rejected": hits / n_resamples})
+        if until is not None and hits / n_resamples >= until:
+            break
     return pd.DataFrame(rows)
 
 
@@ -282,7 +319,9 @@ def report(p: Panel, *, methods: dict[str, Method] = METHODS, grid: Sequence[flo
     """Every method's power curve, MDE and false-positive rates on one panel: one row per (method, quantity) with
     ``model, answer_format, n_concepts, n_nulls, method, quantity, truth, effect, value`` — power rows (``called at
     I = …``, ``MDE``), and false-positive rates by leave-one-out on the real nulls (``no effect``, each of
-    :func:`fitted_scenarios`, and ``random vectors alike``: the wording effect at the MDE in every null)."""
+    :func:`fitted_scenarios`, and ``random vectors alike``: the wording effect at the MDE in every null); for the
+    verdict's statistic also the population test (:func:`population_power`): how often it rejects with nothing
+    planted, and its MDE (the smallest I planted into every concept that it rejects in 80% of resamples)."""
     rows = []
     head = {"model": p.model, "answer_format": p.answer_format, "n_concepts": len(p.concepts),
             "n_nulls": len(p.null_delta)}
@@ -305,6 +344,14 @@ def report(p: Panel, *, methods: dict[str, Method] = METHODS, grid: Sequence[flo
         rows.append({**head, "method": name, "quantity": "FPR: random vectors alike", "truth": "false positive",
                      "effect": "δ = 0.1 in every vector", "value": false_positive_rate(
                          p, alike, method=method, alpha=alpha, to_all_nulls=True)})
+    scored = [name for name, method in methods.items() if method is score_method]
+    if not scored:  # the population test reads the verdict's statistic: without it, no population rows
+        return pd.DataFrame(rows)
+    population, name = population_power(p, POPULATION_GRID, alpha=alpha, until=POWER), scored[0]
+    rows.append({**head, "method": name, "quantity": "population test: rejected, nothing planted",
+                 "truth": "as measured", "effect": "", "value": float(population["rejected"].iloc[0])})
+    rows.append({**head, "method": name, "quantity": f"population MDE (I, logits, {POWER:.0%} of resamples)",
+                 "truth": "power", "effect": "", "value": mde(population, column="rejected")})
     return pd.DataFrame(rows)
 
 
@@ -323,9 +370,10 @@ def report_markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
                   "| quantity | planted | truth | " + " | ".join(methods) + " |",
                   "|---|---|---|" + "---|" * len(methods)]
         for quantity, rows in group.groupby("quantity", sort=False):
-            values = [rows[rows["method"] == m]["value"].iloc[0] for m in methods]
-            cells = [(f"{v:.2f}" if quantity.startswith("MDE") else f"{v:.1%}") if np.isfinite(v) else "not reached"
-                     for v in values]
+            values = [rows[rows["method"] == m]["value"].iloc[0] if (rows["method"] == m).any() else None
+                      for m in methods]  # the population test reads the verdict's statistic only
+            cells = ["—" if v is None else (f"{v:.2f}" if "MDE" in quantity else f"{v:.1%}") if np.isfinite(v)
+                     else "not reached" for v in values]
             lines.append(f"| {quantity} | {rows['effect'].iloc[0]} | {rows['truth'].iloc[0]} | "
                          + " | ".join(cells) + " |")
         lines.append("")
