@@ -153,11 +153,12 @@ EXPERIMENTS = Registry((
         guide_figure="10_localization", alt="localization accuracy vs layer and scale against chance"),
     Experiment(
         "11_atlas", "Atlas",
-        question=("For every concept, a calibrated verdict: the largest introspection residual I over scales (the "
-                  "wordings' Δ beyond the controls' line b + c·baseline, signed by polarity) tested against "
-                  "question relabelling and norm-matched random vectors, Benjamini–Hochberg over concepts; classes "
-                  "introspection-specific / shared yes-shift / shared suppression / compression / opposite / "
-                  "one-sided / no effect, each with p, q, intervals and answer mass"),
+        question=("For every concept, a calibrated verdict: the introspection score I (what the wordings do beyond "
+                  "what random vectors with the same effect on the controls predict, signed by polarity) ranked "
+                  "among the random vectors' own, beyond random vectors and beyond the controls, Benjamini–Hochberg "
+                  "over concepts, with the atlas's MDE; classes introspection-specific / injection detector / shared "
+                  "yes-shift / shared suppression / compression / opposite / one-sided / no effect, each with p, q, "
+                  "intervals and answer mass"),
         modules=(atlas,),
         figures=("11_atlas{_format}",),
         tables=("atlas{_format}", "atlas{_format}_sweep"),

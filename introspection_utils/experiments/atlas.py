@@ -1,8 +1,9 @@
 """The atlas: every concept measured the same way and given a calibrated verdict — is its "yes" introspection, or a
 generic push of the logits that the control questions share?
 
-The definitions (the introspection residual I, the contrast S, flip scale, answer mass), the test and the classes
-live in :mod:`introspection_utils.stats.verdicts`; this module runs the sweep the test needs and words the result.
+The statistic (the introspection score I, ranked among the random vectors') lives in
+:mod:`introspection_utils.stats.introspection_score`, the classes in :mod:`introspection_utils.stats.verdicts`; this
+module runs the sweep the test needs and words the result.
 """
 
 from __future__ import annotations
