@@ -17,7 +17,7 @@ from introspection_utils.stats import plasmode, verdicts
 
 # four controls from the list span little on this model: the score needs no controls' line, so its warning is noise
 pytestmark = [pytest.mark.integration,
-              pytest.mark.filterwarnings("ignore:scale_sweep: the control questions:UserWarning")]
+              pytest.mark.filterwarnings("ignore:scale_sweep. the control questions:UserWarning")]
 
 # Sized to run in about two minutes on two busy CPU cores (1 min 55 s for this file at nice 19 on a 2-core Intel Xeon
 # with AMX, load average 3.2 from another job). With R random vectors the smallest rank p-value is
