@@ -19,11 +19,11 @@ from introspection_utils.stats import plasmode, verdicts
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:scale_sweep. the control questions:UserWarning")]
 
-# Sized to run in about two minutes on two busy CPU cores (1 min 55 s for this file at nice 19 on a 2-core Intel Xeon
-# with AMX, load average 3.2 from another job). With R random vectors the smallest rank p-value is
-# 1/(R + 1); Benjamini–Hochberg over n concepts calls k of them only if 1/(R + 1) ≤ α·k/n. R = 10 × 4 = 40 gives
-# 1/41 ≈ 0.024, so any k ≥ 5 of the 10 concepts can be called: power between 0 and 1 is visible (with 2 random
-# vectors per concept, R = 20 and 1/21 > α·9/10 — nothing but all 10 together could be called).
+# Sized to run in about two minutes on two busy CPU cores: this file took 1 min 55 s and, when another job held more
+# of the cores, 5 min 56 s at nice 19 on a 2-core Intel Xeon with AMX (load average 2.6-3.2). With R random vectors
+# the smallest rank p-value is 1/(R + 1); Benjamini–Hochberg over n concepts calls k of them only if 1/(R + 1) ≤ α·k/n.
+# R = 10 × 4 = 40 gives 1/41 ≈ 0.024, so any k ≥ 5 of the 10 concepts can be called: power between 0 and 1 is
+# visible (with 2 random vectors per concept, R = 20 and 1/21 > α·9/10 — nothing but all 10 together could be called).
 CONCEPTS = ["Dust", "Satellites", "Trumpets", "Origami", "Illusions", "Cameras", "Lightning", "Constellations",
             "Treasures", "Phones"]
 SCALES = (4.0, 8.0)
