@@ -184,7 +184,10 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert rows.set_index("organism").loc["introspector", "target"] == "missed"  # 70% < 80%
     text = findings.organisms_markdown(rows)
     assert text.startswith("## Verdicts on known truths (notebook 14)") and text.count("\n| ") == 5
-    row = "| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% |"
+    assert rows.set_index("organism")["learned"].to_dict() == {  # read from the rates alone, not from the verdict
+        "base model": "n/a", "introspector": "yes", "anomaly-detector": "no", "yes-sayer": "n/a"}
+    row = ("| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% | "
+           "yes |")
     assert row in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
     assert findings.organism_rows(tmp_path / "nothing").empty
     assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
@@ -196,3 +199,5 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     [sentence] = saved.organism_sentences(tmp_path)  # findings.md's notebook 14 section: the notebook's own reading
     assert "introspector (truth: introspection-specific): of 10 held-out concepts the atlas calls 7 " \
            "introspection-specific, 3 one-sided" in sentence and sentence.count("Target missed") == 2
+    assert "Behaviour NOT learned (rule: concept and random ≥ 80%, none ≤ 20%; detected 90% with concept vectors, " \
+           "10% with random vectors" in sentence and sentence.count("Behaviour") == 2

@@ -209,8 +209,12 @@ def organism_rows(results: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame()
     table = load_result(path).df
-    decided = [organisms_evaluation.truth_recovered(r) for r in table.to_dict("records")]
-    return table.assign(target=["met" if ok else "missed" for ok, _ in decided], rule=[rule for _, rule in decided])
+    records = table.to_dict("records")
+    decided = [organisms_evaluation.truth_recovered(r) for r in records]
+    learned = [organisms_evaluation.behaviour_learned(r) for r in records]
+    return table.assign(target=["met" if ok else "missed" for ok, _ in decided], rule=[rule for _, rule in decided],
+                        learned=["n/a" if ok is None else ("yes" if ok else "no") for ok, _ in learned],
+                        learned_rule=[rule for _, rule in learned])
 
 
 ORGANISM_ANCHOR = "2511.21399"  # data/anchor_numbers.csv's rows of the trained introspector (Fonseca Rivera)
@@ -225,16 +229,19 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
              "an anomaly detector that reports any injection, a yes-sayer), and the base model, each through the "
              "unchanged atlas on held-out concepts (never trained on) with random vectors, blind to which is which. "
              "Detection: the fraction of (vector, wording) cells answered \"detected\" at the detection scale "
-             "(yes − no signed by the wording's polarity > 0).", "",
+             "(yes − no signed by the wording's polarity > 0). *Behaviour learned* is read from those rates alone "
+             "(`evaluation.behaviour_learned`): a target missed by an organism that did not learn its behaviour is "
+             "the training's miss, not the verdict's.", "",
              "| model | truth | what the atlas called the held-out concepts | detected: concepts / random / none | "
-             "seen − unseen | forced choice | target |", "|---|---|---|---|---|---|---|"]
+             "behaviour learned | seen − unseen | forced choice | target |", "|---|---|---|---|---|---|---|---|"]
     for r in rows.to_dict("records"):
         counts = ", ".join(f"{r[f'n_{c}']} {c}" for c in CLASSES if r.get(f"n_{c}", 0))
         gap = f"{r['seen_minus_unseen']:+.0%}" if pd.notna(r.get("seen_minus_unseen")) else "not run"
         choice = (f"{r['fc_accuracy']:.0%} vs chance {r['fc_chance']:.0%}, MI p = {r['fc_mi_p']:.3g}: "
                   f"{'found' if r['fc_found'] else 'not found'}" if pd.notna(r.get("fc_accuracy")) else "not run")
         lines.append(f"| {r['organism']} | {r['truth']} | {counts or 'none'} (of {r['n_concepts']}) | "
-                     f"{r['detection']:.0%} / {r['fpr_random']:.0%} / {r['fpr_none']:.0%} | {gap} | {choice} | "
+                     f"{r['detection']:.0%} / {r['fpr_random']:.0%} / {r['fpr_none']:.0%} | {r['learned']} | {gap} | "
+                     f"{choice} | "
                      f"{r['target']} ({r['rule']}) |")
     anchors = pd.read_csv(data_dir() / "anchor_numbers.csv", comment="#")
     for a in anchors[anchors["source"].str.contains(ORGANISM_ANCHOR, regex=False)].itertuples():
