@@ -26,6 +26,7 @@ from introspection_utils.engine.vectors import (
 from introspection_utils.experiments import atlas as metrics
 from introspection_utils.experiments.sweeps import scale_sweep
 from introspection_utils.experiments.tasks import common, congruence, forced_choice, strength
+from introspection_utils.stats import accuracy as acc
 from tests import reference
 
 WORDS = ("Dust", "Satellites", "Trumpets")
@@ -65,7 +66,7 @@ def test_forced_choice_probabilities_match_the_reference_and_map_shuffled_labels
                                      nulls=["isotropic"], bank=bank, seed=3, progress=False)
     df = result.df
     assert set(df["condition"]) == {"concept", "random", "none"}
-    orders = forced_choice.shuffled_orders(3, 3, 3)
+    orders = forced_choice.balanced_orders(3, 3, 3)
     assert [o.split(",") for o in df["order"].unique()] == [[WORDS[i] for i in o] for o in orders]
     concept_rows = df[df["condition"] == "concept"]
     assert len(concept_rows) == 3 * 3
@@ -433,3 +434,125 @@ def test_atlas_reports_p_under_each_null_it_was_given(tiny_llama, isolated_cache
     assert set(sweep.df["null_kind"]) == {"", "isotropic", "shuffled", "covariance", "other-word"}
     with pytest.raises(ValueError, match="no random vectors of null kind 'shuffled'"):
         metrics.with_null(sweep.df[sweep.df["null_kind"] != "shuffled"], "shuffled")
+
+
+# ------------------------------------------------------------------------------------------------ position and power
+
+
+@pytest.mark.parametrize("n, n_orders, listings", [(3, 1, 3), (3, 3, 3), (3, 4, 6), (5, 7, 10), (4, 8, 8)])
+def test_balanced_orders_put_every_concept_at_every_position_equally_often(n, n_orders, listings):
+    orders = forced_choice.balanced_orders(n, n_orders, seed=2)
+    assert len(orders) == listings
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    counts = np.zeros((n, n), dtype=int)  # [concept, position]
+    for o in orders:
+        for position, concept in enumerate(o):
+            counts[concept, position] += 1
+    assert (counts == listings // n).all()
+    assert orders == forced_choice.balanced_orders(n, n_orders, seed=2)
+    with pytest.raises(ValueError, match="n_orders"):
+        forced_choice.balanced_orders(n, 0, seed=2)
+
+
+def test_position_matched_chance_is_exactly_one_over_n_on_a_balanced_design_and_not_on_an_unbalanced_one():
+    rng = np.random.default_rng(0)
+    answers = rng.choice(5, size=40, p=[0.6, 0.1, 0.1, 0.1, 0.1])  # a responder leaning on position 1
+    balanced = np.repeat(np.arange(5), 3)
+    assert acc.position_matched_chance(balanced, answers, 5) == 1 / 5
+    assert acc.positions_balanced(balanced, 5)
+    unbalanced = np.array([0, 0, 0, 1, 2])  # the target first in 3 of 5 trials
+    q = np.bincount(answers, minlength=5) / len(answers)  # independent reference: the mean of q at the targets
+    assert acc.position_matched_chance(unbalanced, answers, 5) == pytest.approx(q[unbalanced].mean(), abs=1e-12)
+    assert acc.position_matched_chance(unbalanced, answers, 5) > 1 / 5
+    assert not acc.positions_balanced(unbalanced, 5)
+
+
+def _position_only_table(orders, concepts, answer_position, condition="concept", scale=4.0):
+    """A forced-choice table whose every trial answers ``answer_position`` (0-based) whatever was injected."""
+    rows = [{"condition": condition, "null_kind": "", "layer": 1, "scale": scale, "order": ",".join(o),
+             "target": t, "chosen": o[answer_position], "chosen_label": str(answer_position + 1)}
+            for o in orders for t in concepts]
+    df = pd.DataFrame(rows)
+    df["correct"] = df["target"] == df["chosen"]
+    return df
+
+
+def test_forced_choice_position_only_responder_scores_exactly_chance_and_an_old_unbalanced_table_says_so():
+    concepts = ["A", "B", "C", "D", "E"]
+    orders = [[concepts[i] for i in o] for o in forced_choice.balanced_orders(5, 5, seed=1)]
+    df = pd.concat([_position_only_table(orders, concepts, 0),
+                    _position_only_table(orders, concepts, 0, condition="none", scale=0.0)])
+    summary = forced_choice.forced_choice_summary(df)
+    best = common.best_row(summary)
+    assert best["accuracy"] == 1 / 5 and best["position_chance"] == 1 / 5 and best["balanced"]
+    assert not forced_choice.forced_choice_found(summary)
+    assert "exactly chance (position-matched chance 20%)" in forced_choice.describe_forced_choice(summary)
+    # An old table: the concept trials of one listing only, where the targets sit at the positions the
+    # no-injection trials favour — the position-matched chance rises above 1/N, is said, and is the bar.
+    one = _position_only_table(orders[:1], concepts, 0)
+    one = one[one["target"].isin(orders[0][:2])]  # the targets shown first and second
+    none = _position_only_table(orders, concepts, 0, condition="none", scale=0.0)
+    summary = forced_choice.forced_choice_summary(pd.concat([one, none]))
+    row = summary[summary["condition"] == "concept"].iloc[0]
+    assert not row["balanced"] and row["position_chance"] > row["chance"]
+    text = forced_choice.describe_forced_choice(summary)
+    assert "not balanced" in text and f"would score {row['position_chance']:.0%}" in text
+
+
+def test_a_run_s_forced_choice_is_balanced_and_its_position_matched_chance_is_exactly_one_over_n(tiny_llama):
+    result = forced_choice.run_forced_choice(tiny_llama, WORDS, layer=1, scales=[6.0], n_orders=2, n_random=1,
+                                             nulls=["isotropic"], bank=random_bank(tiny_llama), progress=False)
+    assert result.meta["spec"]["n_orders"] == 3 and result.meta["spec"]["n_orders_asked"] == 2
+    summary = forced_choice.forced_choice_summary(result.df)
+    assert summary["balanced"].all()
+    assert (summary["position_chance"] == 1 / 3).all()
+
+
+def test_strength_reads_no_accuracy_where_the_injection_leaves_the_readout_alone():
+    none = pd.DataFrame({"condition": "none", "null_kind": "", "layer": pd.NA, "set_index": [0, 0, 1, 1],
+                         "stronger": [1, 2, 1, 2], "margin": [0.5, 0.5, -0.3, -0.3]})
+    still = none.assign(condition="concept", layer=0, margin=none["margin"] + [0.01, -0.01, 0.02, 0.0])
+    moving = none.assign(condition="concept", layer=1, margin=[3.0, -3.0, 2.5, -2.0])
+    df = pd.concat([none, still, moving] * 10, ignore_index=True)
+    df["chosen"] = np.where(df["margin"] > 0, 1, 2)
+    df["correct"] = df["chosen"] == df["stronger"]
+    summary = strength.strength_summary(df).set_index(["condition", "layer"])
+    assert summary.loc[("concept", 0), "margin_shift"] == pytest.approx(0.01)
+    assert not summary.loc[("concept", 0), "moved"] and summary.loc[("concept", 1), "moved"]
+    assert summary.loc[("concept", 1), "position_chance"] == 0.5 and summary["balanced"].all()
+    assert strength.strength_found(summary.reset_index())
+    unmoved = summary.reset_index()
+    unmoved = unmoved[unmoved["layer"] != 1].assign(accuracy=0.9, ci_low=0.8)  # however high, not read
+    unmoved.loc[unmoved["condition"] == "none", "accuracy"] = 0.5
+    assert not strength.strength_found(unmoved)
+    assert "does not move the readout" in strength.describe_strength(unmoved)
+
+
+def _sizes(table: dict, notebook: dict) -> dict[str, int]:
+    """Trials per point of notebook 13's three accuracy tasks under a parameter table (notebook defaults below)."""
+    p = {**notebook, **table}
+    n_concepts = len(p["concepts"])
+    listings = -(-p["n_orders"] // n_concepts) * n_concepts
+    return {"forced choice": n_concepts * listings,
+            "strength comparison": len(p["strength_concepts"]) * p["n_sets"] * len(p["pairs"]) * 2,
+            "localization": p["n_sets"] * 5}
+
+
+@pytest.mark.parametrize("path, key", [("data/findings/qwen2.5-coder-1.5b-instruct.toml", "13"),
+                                       ("data/full_size.toml", "13")])
+def test_the_findings_and_full_sizes_of_notebook_13_reach_80_percent_power_at_twice_chance(path, key):
+    import ast
+    import json
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    table = tomllib.loads((root / path).read_text())[key]
+    cell = json.loads((root / "notebooks/13_yes_bias_free_tasks.ipynb").read_text())["cells"][1]
+    defaults = {}
+    for node in ast.parse("".join(cell["source"])).body:
+        defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    p = {**defaults, **table}
+    chances = {"forced choice": 1 / len(p["concepts"]), "strength comparison": 0.5, "localization": 1 / 5}
+    for task, n in _sizes(table, defaults).items():
+        assert n >= acc.sample_size(chances[task]), (task, n)
+        assert acc.detection_power(n, chances[task], min(2 * chances[task], (1 + chances[task]) / 2)) >= 0.8

@@ -28,7 +28,16 @@ from introspection_utils.engine.vectors import (
     default_layers,
     random_vector,
 )
-from introspection_utils.stats.accuracy import chance_sentence, compared_with_chance
+from introspection_utils.stats.accuracy import (
+    chance_bar,
+    chance_sentence,
+    compared_with_chance,
+    position_matched_chance,
+    position_sentence,
+    positions_balanced,
+    readout_moved,
+    unmoved_sentence,
+)
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -309,19 +318,50 @@ def _table(handle: ModelHandle, rows: Sequence[_Row], logits: torch.Tensor, n_se
 
 
 def accuracy(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
-    """Accuracy per (condition, question kind, layer, scale), with chance (1/N) and a Wilson interval.
+    """Accuracy per (condition, question kind, layer, scale), with chance (1/N), a Wilson interval, and what a
+    position bias and a readout the injection leaves alone would score.
 
-    Columns: ``condition, question_kind, layer, scale, n, correct, accuracy, chance, ci_low, ci_high``
-    (``layer`` is <NA> for the no-injection rows).
+    Columns: ``condition, question_kind, layer, scale, n, correct, accuracy, chance, ci_low, ci_high,
+    position_chance`` (the accuracy of a responder answering sentence k as often as the same question without
+    injection does, or as the random vectors do at that point — the largest;
+    :func:`stats.accuracy.position_matched_chance`: 1/N exactly, as every sentence of a set is the target once),
+    ``balanced`` (every position the target equally often), ``margin_shift`` (the median |target margin − the same
+    set's and target's margin without injection|, logits; NaN without those rows and for the shuffled control, whose
+    prompt has none) and ``moved`` (:func:`stats.accuracy.readout_moved`). ``layer`` is <NA> for the no-injection
+    rows.
     """
+    df = df.reset_index(drop=True)  # positions below are row numbers
     keys = ["condition", "question_kind", "layer", "scale"]
-    grouped = df.groupby(keys, dropna=False, sort=True)
-    out = grouped.agg(n=("correct", "size"), correct=("correct", "sum"),
-                      chance=("n_sentences", lambda n: float(np.mean(1.0 / n)))).reset_index()
-    out["accuracy"] = out["correct"] / out["n"]
-    out["ci_low"], out["ci_high"] = wilson_interval(out["correct"].to_numpy(), out["n"].to_numpy(),
-                                                    z=z_score(level))
-    return out[[*keys, "n", "correct", "accuracy", "chance", "ci_low", "ci_high"]]
+    n_pos = int(df["n_sentences"].max())
+    target = df["target"].to_numpy(dtype=np.int64) - 1
+    answer = df["prediction"].to_numpy(dtype=np.int64) - 1
+    none = df[df["condition"] == "no injection"]
+    none_margin = none.set_index(["set_index", "question_kind", "target"])["target_margin"]
+    rows = []
+    for key, g in df.groupby(keys, dropna=False, sort=True):
+        at = df.index.get_indexer(g.index)
+        condition, question, layer, scale = key
+        refs = [answer[df.index.get_indexer(none.index[none["question_kind"] == question])]]
+        if condition != "no injection" and not pd.isna(layer):
+            rand = df[(df["condition"] == "random") & (df["layer"] == layer) & (df["scale"] == scale)]
+            refs.append(answer[df.index.get_indexer(rand.index)])
+        position_chance = max((position_matched_chance(target[at], r, n_pos) for r in refs if len(r)),
+                              default=float(np.mean(1.0 / g["n_sentences"])))
+        shift = float("nan")
+        if condition not in ("no injection", "shuffled") and len(none_margin):
+            base = none_margin.reindex(pd.MultiIndex.from_frame(g[["set_index", "question_kind", "target"]]))
+            diff = np.abs(g["target_margin"].to_numpy(dtype=float) - base.to_numpy(dtype=float))
+            shift = float(np.median(diff[~np.isnan(diff)])) if (~np.isnan(diff)).any() else float("nan")
+        correct = int(g["correct"].sum())
+        low, high = wilson_interval(correct, len(g), z=z_score(level))
+        rows.append({**dict(zip(keys, key, strict=True)), "n": len(g), "correct": correct,
+                     "accuracy": correct / len(g), "chance": float(np.mean(1.0 / g["n_sentences"])),
+                     "ci_low": low, "ci_high": high, "position_chance": position_chance,
+                     "balanced": positions_balanced(target[at], n_pos), "margin_shift": shift,
+                     "moved": condition != "no injection" and bool(np.isnan(shift) or readout_moved(shift))})
+    out = pd.DataFrame(rows)
+    out["layer"] = pd.array(out["layer"], dtype="Int64")
+    return out
 
 
 def accuracy_lines(result: SweepResult) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -349,13 +389,15 @@ def agreement(df: pd.DataFrame, condition: str = "introspection", with_question:
 
 
 def localized(result: SweepResult) -> bool:
-    """Whether the injected sentence is found: at the introspection question's best (layer, scale) the accuracy's
-    interval lies above chance and every control condition measured there scores below its low end."""
+    """Whether the injected sentence is found: at the introspection question's best (layer, scale) the injection
+    moves the readout (``moved``, :func:`accuracy`), the accuracy's interval lies above chance and above the
+    position-matched chance (:func:`stats.accuracy.chance_bar`), and every control condition measured there scores
+    below its low end."""
     acc = accuracy(result.df)
     inj = acc[acc["condition"] == "introspection"]
     best = inj.loc[inj["accuracy"].idxmax()]
     at = acc[(acc["layer"] == best["layer"]) & (acc["scale"] == best["scale"]) & (acc["condition"] != "introspection")]
-    return bool(best["ci_low"] > best["chance"] and (at["accuracy"] < best["ci_low"]).all())
+    return bool(best["moved"] and best["ci_low"] > chance_bar(best) and (at["accuracy"] < best["ci_low"]).all())
 
 
 def reading(result: SweepResult) -> str:
@@ -366,7 +408,10 @@ def reading(result: SweepResult) -> str:
     inj = acc[acc["condition"] == "introspection"]
     best = inj.loc[inj["accuracy"].idxmax()]
     lines = [f"Chance is {chance:.0%} ({spec['n_sentences']} sentences). The introspection question localizes best at "
-             f"layer {int(best['layer'])}, scale {best['scale']:g}: {chance_sentence(best)}."]
+             f"layer {int(best['layer'])}, scale {best['scale']:g}: {chance_sentence(best)}.",
+             position_sentence(best, "sentence sets", "the injected sentence at every position")]
+    if not best["moved"]:
+        lines.append(unmoved_sentence("that point", best["margin_shift"]).capitalize())
     at = acc[(acc["layer"] == best["layer"]) & (acc["scale"] == best["scale"])].set_index("condition")
     for condition in ("abstract", "concrete", "random", "shuffled"):
         if condition in at.index:

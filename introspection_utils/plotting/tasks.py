@@ -72,7 +72,8 @@ def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
                     lw=2.4 if condition == "concept" else 1.3, label=_label(condition, null_kind))
     ax.axhline(best["chance"], color="black", ls="--", lw=1, label=f"chance (1/{len(concepts)})")
     ax.set_ylim(-0.02, 1.02)
-    finish_axes(ax, f"forced choice among {len(concepts)} concepts ({spec['n_orders']} shuffled listings)",
+    listings = "Latin-square" if "n_orders_asked" in spec else "shuffled"  # tables from before the balanced design
+    finish_axes(ax, f"forced choice among {len(concepts)} concepts ({spec['n_orders']} {listings} listings)",
                 "scale (× raw concept vector of that layer)", ylabel=ACCURACY)
     fig.tight_layout()
     return fig

@@ -1,8 +1,9 @@
 """An accuracy against chance, said once: the Wilson interval and the one-sided binomial test of a count
 (:func:`accuracy_summary`), the sentence that compares it with chance — above, below, or not distinguishable
 (:func:`compared_with_chance`) — and its power: the smallest accuracy a sample of n finds with 80% power
-(:func:`detectable_accuracy`, the task's MDE) and the sample a target accuracy needs (:func:`sample_size`). The
-tasks of notebook 13 and the localization of notebook 10 word their numbers through these."""
+(:func:`detectable_accuracy`, the task's MDE), the sample a target accuracy needs (:func:`sample_size`) and the chance
+of a responder that answers by position alone (:func:`position_matched_chance`). The tasks of notebook 13 and the
+localization of notebook 10 word their numbers through these."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from introspection_utils.core.intervals import wilson_interval, z_score
 
 ALPHA = 0.05
 POWER = 0.8
+# The smallest median |Δ margin| (logits, against the same prompt without injection) at which an injection counts as
+# moving a task's readout: below it the answer's odds change by under 5%, and the answers are the no-injection ones,
+# so an accuracy there reads the design's balance, not the injection.
+MOVED_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,57 @@ def power_plan(task: str, chance: float, n: int | None = None, *, alpha: float =
         text += (f"; this run's {n} find {mde:.0%}" if not np.isnan(mde) else
                  f"; this run's {n} are too few for any accuracy to pass")
     return text + "."
+
+
+def position_matched_chance(target_positions, answer_positions, n_positions: int) -> float:
+    """The accuracy of a responder that ignores the injection and answers position k as often as the reference
+    answers (``answer_positions``, 0-based: e.g. the no-injection trials') do, on trials whose right answers stand
+    at ``target_positions``: Σ_trials q(target's position) / n, q the reference's answer frequencies. When every
+    position is the right answer equally often it is 1/``n_positions`` whatever q is; NaN without a reference."""
+    targets = np.asarray(target_positions, dtype=np.int64)
+    answers = np.asarray(answer_positions, dtype=np.int64)
+    if not len(targets) or not len(answers):
+        return float("nan")
+    # In integers, one division at the end: on a balanced design the result is 1/n exactly, not up to rounding.
+    shared = np.bincount(targets, minlength=n_positions) * np.bincount(answers, minlength=n_positions)
+    return int(shared.sum()) / (len(targets) * len(answers))
+
+
+def positions_balanced(target_positions, n_positions: int) -> bool:
+    """Whether the right answer stands at every one of ``n_positions`` positions equally often (then any
+    position-only responder scores exactly 1/``n_positions``)."""
+    counts = np.bincount(np.asarray(target_positions, dtype=np.int64), minlength=n_positions)
+    return bool(len(counts) == n_positions and (counts == counts[0]).all())
+
+
+def chance_bar(row) -> float:
+    """What a summary row's accuracy must beat: the larger of its ``chance`` and its ``position_chance``
+    (:func:`position_matched_chance`; a row without one, its chance)."""
+    position = row.get("position_chance", float("nan"))
+    return float(row["chance"] if np.isnan(position) else max(row["chance"], position))
+
+
+def position_sentence(row, design: str, balance: str) -> str:
+    """The position-matched chance of a summary row (``chance, position_chance, balanced``) in words: exactly
+    chance on a balanced ``design`` (``balance``: what stands everywhere equally often), else what a responder
+    answering by position alone would score and the bar the accuracy is judged against (:func:`chance_bar`)."""
+    if bool(row["balanced"]):
+        return (f"The {design} put {balance} equally often, so a responder answering by position alone scores "
+                f"exactly chance (position-matched chance {row['position_chance']:.0%}).")
+    return (f"The {design} are not balanced (not {balance} equally often: a table from before the balanced design): "
+            f"a responder answering positions as often as no injection and the null vectors do would score "
+            f"{row['position_chance']:.0%} against chance {row['chance']:.0%}, so the accuracy is judged against "
+            f"{chance_bar(row):.0%}.")
+
+
+def readout_moved(margin_shift: float) -> bool:
+    """Whether an injection measurably moves a task's readout: its median |margin − the no-injection margin| exceeds
+    :data:`MOVED_FLOOR`."""
+    return bool(margin_shift > MOVED_FLOOR)
+
+
+def unmoved_sentence(where: str, margin_shift: float) -> str:
+    """The reading where the injection does not move the readout (:func:`readout_moved`), in place of its accuracy."""
+    return (f"at {where} the injection does not move the readout: the answer margins stay within "
+            f"{margin_shift:.3f} logits (median) of no injection, under the {MOVED_FLOOR:g} that counts as moved, so "
+            f"its accuracy there is not a reading of the injection.")

@@ -1,9 +1,10 @@
 """Forced choice among concepts (acsresearch/latent-introspection-code, arXiv 2602.20031), one of the tasks a
 yes-bias cannot score (:mod:`introspection_utils.experiments.tasks`): one of N concepts is injected; the model picks its
 number from a list of the N, listed in a shuffled order per trial (seeded) and mapped back to the concept. The
-readout is the N label tokens' logits at the answer position (a prefilled stem); the outputs an N×N confusion
-matrix, accuracy against chance 1/N (Wilson interval) and the mutual information between injected and chosen
-concept in bits, with a permutation null. The same with no injection and with norm-matched null vectors."""
+readout is the N label tokens' logits at the answer position (a prefilled stem). The listings form Latin squares
+(every concept at every position equally often), so an answer by position alone scores exactly 1/N. The outputs: an
+N×N confusion matrix, accuracy against chance 1/N and against the position-matched chance (Wilson interval), and the
+mutual information between injected and chosen concept in bits, with a permutation null. The same with no injection and with norm-matched null vectors."""
 
 from __future__ import annotations
 
@@ -38,7 +39,14 @@ from introspection_utils.experiments.tasks.common import (
     task_null_vectors,
     vector_columns,
 )
-from introspection_utils.stats.accuracy import accuracy_summary, chance_sentence
+from introspection_utils.stats.accuracy import (
+    accuracy_summary,
+    chance_bar,
+    chance_sentence,
+    position_matched_chance,
+    position_sentence,
+    positions_balanced,
+)
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -73,12 +81,15 @@ def forced_choice_prompt(handle: ModelHandle, options: Sequence[str], *, labels:
 
 
 
-def shuffled_orders(n: int, n_orders: int, seed: int) -> list[list[int]]:
-    """``n_orders`` seeded permutations of ``range(n)``: ``order[i]`` is the concept shown at position ``i``."""
-    if n_orders < 1:
-        raise ValueError(f"n_orders must be >= 1, got {n_orders}")
+def balanced_orders(n: int, n_orders: int, seed: int) -> list[list[int]]:
+    """Listings of ``range(n)`` in which every item stands at every position equally often: ``n_orders`` rounded
+    up to a multiple of ``n`` — ⌈n_orders / n⌉ seeded base permutations, each with its ``n`` cyclic rotations (a
+    Latin square per base). ``order[i]`` is the concept shown at position ``i``."""
+    if isinstance(n_orders, bool) or not isinstance(n_orders, int) or n_orders < 1:
+        raise ValueError(f"n_orders must be an integer >= 1, got {n_orders!r}")
     rng = np.random.default_rng([int(seed), n, 13])
-    return [[int(i) for i in rng.permutation(n)] for _ in range(n_orders)]
+    bases = [[int(i) for i in rng.permutation(n)] for _ in range(-(-n_orders // n))]
+    return [[base[(i + r) % n] for i in range(n)] for base in bases for r in range(n)]
 
 
 
@@ -98,8 +109,9 @@ def run_forced_choice(handle: ModelHandle, concepts: Sequence[str] = DEFAULT_CON
                       nulls: Sequence[str] = ("isotropic",), seed: int = 0, bank: VectorBank | None = None,
                       results_dir: str | Path | None = None, name: str = "forced_choice",
                       batch_size: int | None = None, progress: bool = True) -> SweepResult:
-    """Forced choice among ``concepts`` (2..9): every concept injected at every scale under ``n_orders`` shuffled
-    listings, plus each listing without injection, plus ``n_random`` null vectors of each kind in ``nulls`` per
+    """Forced choice among ``concepts`` (2..9): every concept injected at every scale under ``n_orders`` listings
+    rounded up to a multiple of N (:func:`balanced_orders`: every concept at every position equally often, so a
+    position bias scores exactly chance; N concepts × the listings trials per point), plus each listing without injection, plus ``n_random`` null vectors of each kind in ``nulls`` per
     concept (norm-matched to it, its "target" being that concept).
 
     One row per trial: ``model, condition ("concept", "random", "none"), vector_kind, null_kind, vector_seed,
@@ -114,7 +126,7 @@ def run_forced_choice(handle: ModelHandle, concepts: Sequence[str] = DEFAULT_CON
     layer = default_layer(handle, layer)
     check_task_inputs(handle, scales, n_random)
     check_nulls(nulls)
-    orders = shuffled_orders(len(concepts), n_orders, seed)
+    orders = balanced_orders(len(concepts), n_orders, seed)
     bank = bank or concept_vectors(handle, concepts, progress=progress)
     vectors = [bank.get(c, layer) for c in concepts]
     randoms = task_null_vectors(handle, vectors, nulls, n_random, seed)
@@ -151,7 +163,8 @@ def run_forced_choice(handle: ModelHandle, concepts: Sequence[str] = DEFAULT_CON
     })
     df["correct"] = df["target"] == df["chosen"]
     spec = {"task": "forced_choice", "concepts": concepts, "layer": layer, "scales": [float(s) for s in scales],
-            "n_orders": n_orders, "n_random": n_random, "nulls": list(nulls), "seed": seed, "labels": labels}
+            "n_orders": len(orders), "n_orders_asked": n_orders, "n_random": n_random, "nulls": list(nulls),
+            "seed": seed, "labels": labels}
     return save_task_table(handle, df, spec, prompts, results_dir, name)
 
 
@@ -198,35 +211,62 @@ def mi_permutation_test(targets: Sequence, chosen: Sequence, labels: Sequence, *
 
 
 
+def target_and_answer_positions(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The 0-based position at which each row's listing showed its target, and the position the model answered."""
+    target = np.array([order.split(",").index(t) for order, t in zip(df["order"], df["target"], strict=True)],
+                      dtype=np.int64)
+    return target, df["chosen_label"].astype(int).to_numpy() - 1
+
+
 def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """Per (condition, null_kind, layer, scale): ``n, correct, accuracy, chance (1/N), ci_low, ci_high`` (Wilson),
-    ``p_binomial``, ``mde`` (:func:`stats.accuracy.accuracy_summary`), ``mi_bits``, ``mi_p`` (permutation:
-    :data:`N_PERMUTATIONS` draws seeded by :data:`PERMUTATION_SEED` over the group's (target, chosen) pairs in sorted
-    order, so the same trials, in any row order, always give the same p),
-    ``mi_null_mean``. The no-injection rows form one group (scale 0)."""
+    ``p_binomial``, ``mde`` (:func:`stats.accuracy.accuracy_summary`), ``position_chance`` (the accuracy a responder
+    answering by position alone would get on this group's listings, answering positions as often as the
+    no-injection trials do or as each null kind's trials at that scale do — the largest of these,
+    :func:`stats.accuracy.position_matched_chance`; 1/N exactly whenever every concept of the group is the target
+    under every listing, as in :func:`run_forced_choice`), ``balanced`` (each concept was the target at every
+    position equally often: the Latin-square listings; then a concept's own row of the confusion matrix is free of
+    position too), ``mi_bits``, ``mi_p`` (permutation: :data:`N_PERMUTATIONS`
+    draws seeded by :data:`PERMUTATION_SEED` over the group's (target, chosen) pairs in sorted order, so the same
+    trials, in any row order, always give the same p), ``mi_null_mean``. The no-injection rows form one group
+    (scale 0)."""
+    df = df.reset_index(drop=True)  # positions below are row numbers
     concepts = sorted(set(df["target"]))
-    chance = 1.0 / len(concepts)
+    n = len(concepts)
+    chance = 1.0 / n
+    target_pos, answer_pos = target_and_answer_positions(df)
+    target_idx = np.array([concepts.index(t) for t in df["target"]], dtype=np.int64)
+    none = (df["condition"] == "none").to_numpy()
     rows = []
     keys = ["condition", "null_kind", "layer", "scale"]
     for key, group in df.groupby(keys, sort=True, dropna=False):
+        at = df.index.get_indexer(group.index)
+        references = [answer_pos[none]] + [answer_pos[df.index.get_indexer(g.index)] for _, g in
+                                           df[(df["condition"] == "random") & (df["scale"] == key[3])]
+                                           .groupby("null_kind", sort=True)]
+        position_chance = max((position_matched_chance(target_pos[at], r, n) for r in references if len(r)),
+                              default=chance)
         group = group.sort_values(["target", "chosen"], kind="stable")  # the draws see the pairs, not the row order
         mi, p, null_mean = mi_permutation_test(group["target"], group["chosen"], concepts,
                                                n_permutations=N_PERMUTATIONS, seed=PERMUTATION_SEED)
         acc = accuracy_summary(int(group["correct"].sum()), len(group), chance, level=level)
         rows.append({**dict(zip(keys, key, strict=True)), "n": acc.n, "correct": acc.correct, "accuracy": acc.accuracy,
-                     "chance": chance, "ci_low": acc.ci_low, "ci_high": acc.ci_high, "p_binomial": acc.p_binomial,
-                     "mde": acc.mde, "mi_bits": mi, "mi_p": p, "mi_null_mean": null_mean})
+                     "chance": chance, "position_chance": position_chance,
+                     "balanced": positions_balanced(target_idx[at] * n + target_pos[at], n * n), "ci_low": acc.ci_low, "ci_high": acc.ci_high,
+                     "p_binomial": acc.p_binomial, "mde": acc.mde, "mi_bits": mi, "mi_p": p,
+                     "mi_null_mean": null_mean})
     return pd.DataFrame(rows)
 
 
 
 def forced_choice_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
     """Whether the concept vectors are identified (:func:`forced_choice_summary`): at their best scale
-    (:func:`common.best_row`) the accuracy's interval lies above chance, MI beats its permutation null (p <
-    ``alpha``), and every null vector kind at that scale scores below the interval's low end."""
+    (:func:`common.best_row`) the accuracy's interval lies above chance and above the position-matched chance
+    (:func:`stats.accuracy.chance_bar`), MI beats its permutation null (p < ``alpha``), and every null vector kind at that scale
+    scores below the interval's low end."""
     best = best_row(summary)
     nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
-    return bool(best["ci_low"] > best["chance"] and best["mi_p"] < alpha
+    return bool(best["ci_low"] > chance_bar(best) and best["mi_p"] < alpha
                 and (nulls["accuracy"] < best["ci_low"]).all())
 
 
@@ -240,6 +280,8 @@ def describe_forced_choice(summary: pd.DataFrame) -> str:
              f"named most often at scale {best['scale']:g}, {chance_sentence(best)}; mutual information "
              f"{best['mi_bits']:.2f} bits (permutation p = {best['mi_p']:.3g}, permutation mean "
              f"{best['mi_null_mean']:.2f})."]
+    if "position_chance" in best:
+        parts.append(position_sentence(best, "listings", "every concept at every position"))
     none = summary[summary["condition"] == "none"]
     if len(none):
         r = none.iloc[0]

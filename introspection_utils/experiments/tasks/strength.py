@@ -38,7 +38,16 @@ from introspection_utils.experiments.tasks.common import (
     task_null_vectors,
     vector_columns,
 )
-from introspection_utils.stats.accuracy import accuracy_summary, chance_sentence
+from introspection_utils.stats.accuracy import (
+    accuracy_summary,
+    chance_bar,
+    chance_sentence,
+    position_matched_chance,
+    position_sentence,
+    positions_balanced,
+    readout_moved,
+    unmoved_sentence,
+)
 
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
@@ -174,25 +183,47 @@ def run_strength_comparison(handle: ModelHandle, concepts: Sequence[str] = DEFAU
 def strength_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """Accuracy against 50% per (condition, null_kind, layer), pairs and both orders pooled: ``n, correct,
     accuracy, chance (0.5), ci_low, ci_high`` (Wilson), ``p_binomial`` (one-sided, above 50%), ``mde``
-    (:func:`stats.accuracy.accuracy_summary`) and ``first_bias``
-    (the fraction of answers "1": 0.5 when the model follows the strength, not the position)."""
+    (:func:`stats.accuracy.accuracy_summary`), ``first_bias`` (the fraction of answers "1": 0.5 when the model
+    follows the strength, not the position), ``position_chance`` (the accuracy of a responder answering "1" as often
+    as no injection does, or as each null kind does at that layer — the largest;
+    :func:`stats.accuracy.position_matched_chance`: 50% exactly when both orders are measured), ``balanced`` (the
+    stronger sentence first as often as second), ``margin_shift`` (the median |margin − the same sentence pair's
+    margin without injection|, logits) and ``moved`` (:func:`stats.accuracy.readout_moved`)."""
+    df = df.reset_index(drop=True)  # positions below are row numbers
+    target = (df["stronger"].astype(int) - 1).to_numpy()
+    answer = (df["chosen"].astype(int) - 1).to_numpy()
+    none_rows = df["condition"] == "none"
+    none_margin = (df[none_rows].groupby("set_index")["margin"].mean() if "margin" in df and none_rows.any()
+                   else pd.Series(dtype=float))
     rows = []
     for key, g in df.groupby(["condition", "null_kind", "layer"], sort=True, dropna=False):
+        at = df.index.get_indexer(g.index)
+        refs = [answer[none_rows.to_numpy()]] + [
+            answer[df.index.get_indexer(r.index)] for _, r in
+            df[(df["condition"] == "random") & (df["layer"] == key[2])].groupby("null_kind", sort=True)]
+        position_chance = max((position_matched_chance(target[at], r, 2) for r in refs if len(r)), default=0.5)
+        shift = (float((g["margin"] - g["set_index"].map(none_margin)).abs().median())
+                 if len(none_margin) and key[0] != "none" else float("nan"))
         acc = accuracy_summary(int(g["correct"].sum()), len(g), 0.5, level=level)
         rows.append({"condition": key[0], "null_kind": key[1], "layer": key[2], "n": acc.n, "correct": acc.correct,
-                     "accuracy": acc.accuracy, "chance": 0.5, "ci_low": acc.ci_low, "ci_high": acc.ci_high,
-                     "p_binomial": acc.p_binomial, "mde": acc.mde, "first_bias": float((g["chosen"] == 1).mean())})
+                     "accuracy": acc.accuracy, "chance": 0.5, "position_chance": position_chance,
+                     "balanced": positions_balanced(target[at], 2), "ci_low": acc.ci_low, "ci_high": acc.ci_high,
+                     "p_binomial": acc.p_binomial, "mde": acc.mde, "first_bias": float((g["chosen"] == 1).mean()),
+                     "margin_shift": shift,
+                     "moved": key[0] != "none" and bool(np.isnan(shift) or readout_moved(shift))})
     return pd.DataFrame(rows)
 
 
 
 def strength_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
     """Whether the stronger injection is named (:func:`strength_summary`): at the concept vectors' best layer the
-    accuracy's interval lies above 50%, the binomial p < ``alpha``, and every null vector kind there scores below the
-    interval's low end."""
+    injection moves the readout (``moved``), the accuracy's interval lies above 50% and above the position-matched
+    chance (:func:`stats.accuracy.chance_bar`), the binomial p < ``alpha``, and every null vector kind there scores
+    below the interval's low end."""
     best = best_row(summary)
     nulls = summary[(summary["condition"] == "random") & (summary["layer"] == best["layer"])]
-    return bool(best["ci_low"] > 0.5 and best["p_binomial"] < alpha and (nulls["accuracy"] < best["ci_low"]).all())
+    return bool(best.get("moved", True) and best["ci_low"] > chance_bar(best) and best["p_binomial"] < alpha
+                and (nulls["accuracy"] < best["ci_low"]).all())
 
 
 
@@ -203,11 +234,17 @@ def describe_strength(summary: pd.DataFrame) -> str:
     parts = [f"Strength comparison: the stronger of two injections is named most often at layer {int(best['layer'])}, "
              f"{chance_sentence(best)}, binomial p = {best['p_binomial']:.3g}; it answers '1' in "
              f"{best['first_bias']:.0%} of trials."]
+    if not best.get("moved", True):
+        parts = ["Strength comparison: " + unmoved_sentence(f"layer {int(best['layer'])} (the concept vectors' best "
+                                                            f"by accuracy)", best["margin_shift"])]
+    if "position_chance" in best:
+        parts.append(position_sentence(best, "trials", "the stronger injection in each sentence"))
     conc = summary[summary["condition"] == "concept"]
     others = conc[conc["layer"] != best["layer"]]
     if len(others):
-        parts.append("Other layers: " + ", ".join(f"{int(r.layer)}: {r.accuracy:.0%}" for r in others.itertuples())
-                     + ".")
+        parts.append("Other layers: " + ", ".join(
+            f"{int(r.layer)}: {r.accuracy:.0%}" + ("" if getattr(r, "moved", True) else " (readout not moved)")
+            for r in others.itertuples()) + ".")
     rand = summary[(summary["condition"] == "random") & (summary["layer"] == best["layer"])]
     for r in rand.itertuples():
         parts.append(f"{r.null_kind} null vectors there: {r.accuracy:.0%} (95% CI {r.ci_low:.0%}–{r.ci_high:.0%}).")
