@@ -4,11 +4,15 @@ statistics on synthetic truth, the null kinds' defining properties, the strength
 
 from __future__ import annotations
 
+import ast
+import json
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 import torch
 
 from introspection_utils.engine.generation import generate
@@ -541,10 +545,6 @@ def _sizes(table: dict, notebook: dict) -> dict[str, int]:
 @pytest.mark.parametrize("path, key", [("data/findings/qwen2.5-coder-1.5b-instruct.toml", "13"),
                                        ("data/full_size.toml", "13")])
 def test_the_findings_and_full_sizes_of_notebook_13_reach_80_percent_power_at_twice_chance(path, key):
-    import ast
-    import json
-    import tomllib
-    from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     table = tomllib.loads((root / path).read_text())[key]
     cell = json.loads((root / "notebooks/13_yes_bias_free_tasks.ipynb").read_text())["cells"][1]

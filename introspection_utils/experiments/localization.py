@@ -1,5 +1,6 @@
 """Localization (Godet): which of N sentences carried the injected vector, against chance and its confounds
-(notebooks 10 and 13)."""
+(notebooks 10 and 13). Over 400 lines because the run, its table and its reading (accuracy with the position-matched
+chance and the readout's movement, the found rule) share one row layout and are read together."""
 
 from __future__ import annotations
 
@@ -333,10 +334,12 @@ def accuracy(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     df = df.reset_index(drop=True)  # positions below are row numbers
     keys = ["condition", "question_kind", "layer", "scale"]
     n_pos = int(df["n_sentences"].max())
-    target = df["target"].to_numpy(dtype=np.int64) - 1
-    answer = df["prediction"].to_numpy(dtype=np.int64) - 1
+    has_positions = {"target", "prediction"} <= set(df.columns)  # a bare count table has no positions
+    target = df["target"].to_numpy(dtype=np.int64) - 1 if has_positions else np.zeros(len(df), dtype=np.int64)
+    answer = df["prediction"].to_numpy(dtype=np.int64) - 1 if has_positions else np.zeros(len(df), dtype=np.int64)
     none = df[df["condition"] == "no injection"]
-    none_margin = none.set_index(["set_index", "question_kind", "target"])["target_margin"]
+    none_margin = (none.set_index(["set_index", "question_kind", "target"])["target_margin"]
+                   if has_positions and {"set_index", "target_margin"} <= set(df.columns) else pd.Series(dtype=float))
     rows = []
     for key, g in df.groupby(keys, dropna=False, sort=True):
         at = df.index.get_indexer(g.index)
@@ -345,8 +348,8 @@ def accuracy(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
         if condition != "no injection" and not pd.isna(layer):
             rand = df[(df["condition"] == "random") & (df["layer"] == layer) & (df["scale"] == scale)]
             refs.append(answer[df.index.get_indexer(rand.index)])
-        position_chance = max((position_matched_chance(target[at], r, n_pos) for r in refs if len(r)),
-                              default=float(np.mean(1.0 / g["n_sentences"])))
+        position_chance = (max((position_matched_chance(target[at], r, n_pos) for r in refs if len(r)),
+                               default=float(np.mean(1.0 / g["n_sentences"]))) if has_positions else float("nan"))
         shift = float("nan")
         if condition not in ("no injection", "shuffled") and len(none_margin):
             base = none_margin.reindex(pd.MultiIndex.from_frame(g[["set_index", "question_kind", "target"]]))
@@ -357,7 +360,7 @@ def accuracy(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
         rows.append({**dict(zip(keys, key, strict=True)), "n": len(g), "correct": correct,
                      "accuracy": correct / len(g), "chance": float(np.mean(1.0 / g["n_sentences"])),
                      "ci_low": low, "ci_high": high, "position_chance": position_chance,
-                     "balanced": positions_balanced(target[at], n_pos), "margin_shift": shift,
+                     "balanced": has_positions and positions_balanced(target[at], n_pos), "margin_shift": shift,
                      "moved": condition != "no injection" and bool(np.isnan(shift) or readout_moved(shift))})
     out = pd.DataFrame(rows)
     out["layer"] = pd.array(out["layer"], dtype="Int64")

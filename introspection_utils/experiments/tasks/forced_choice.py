@@ -4,7 +4,8 @@ number from a list of the N, listed in a shuffled order per trial (seeded) and m
 readout is the N label tokens' logits at the answer position (a prefilled stem). The listings form Latin squares
 (every concept at every position equally often), so an answer by position alone scores exactly 1/N. The outputs: an
 N×N confusion matrix, accuracy against chance 1/N and against the position-matched chance (Wilson interval), and the
-mutual information between injected and chosen concept in bits, with a permutation null. The same with no injection and with norm-matched null vectors."""
+mutual information between injected and chosen concept in bits, with a permutation null. The same with no injection
+and with norm-matched null vectors."""
 
 from __future__ import annotations
 
@@ -111,8 +112,9 @@ def run_forced_choice(handle: ModelHandle, concepts: Sequence[str] = DEFAULT_CON
                       batch_size: int | None = None, progress: bool = True) -> SweepResult:
     """Forced choice among ``concepts`` (2..9): every concept injected at every scale under ``n_orders`` listings
     rounded up to a multiple of N (:func:`balanced_orders`: every concept at every position equally often, so a
-    position bias scores exactly chance; N concepts × the listings trials per point), plus each listing without injection, plus ``n_random`` null vectors of each kind in ``nulls`` per
-    concept (norm-matched to it, its "target" being that concept).
+    position bias scores exactly chance; N concepts × the listings trials per point), plus each listing without
+    injection, plus ``n_random`` null vectors of each kind in ``nulls`` per concept (norm-matched to it, its
+    "target" being that concept).
 
     One row per trial: ``model, condition ("concept", "random", "none"), vector_kind, null_kind, vector_seed,
     vector_norm, layer, scale, effective_strength, relative_strength, order_index, order, target, chosen,
@@ -226,15 +228,17 @@ def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFr
     :func:`stats.accuracy.position_matched_chance`; 1/N exactly whenever every concept of the group is the target
     under every listing, as in :func:`run_forced_choice`), ``balanced`` (each concept was the target at every
     position equally often: the Latin-square listings; then a concept's own row of the confusion matrix is free of
-    position too), ``mi_bits``, ``mi_p`` (permutation: :data:`N_PERMUTATIONS`
-    draws seeded by :data:`PERMUTATION_SEED` over the group's (target, chosen) pairs in sorted order, so the same
-    trials, in any row order, always give the same p), ``mi_null_mean``. The no-injection rows form one group
-    (scale 0)."""
+    position too; a table without ``order`` and ``chosen_label`` has neither: NaN and False), ``mi_bits``,
+    ``mi_p`` (permutation: :data:`N_PERMUTATIONS` draws seeded by :data:`PERMUTATION_SEED` over the group's (target,
+    chosen) pairs in sorted order, so the same trials, in any row order, always give the same p), ``mi_null_mean``.
+    The no-injection rows form one group (scale 0)."""
     df = df.reset_index(drop=True)  # positions below are row numbers
     concepts = sorted(set(df["target"]))
     n = len(concepts)
     chance = 1.0 / n
-    target_pos, answer_pos = target_and_answer_positions(df)
+    has_positions = {"order", "chosen_label"} <= set(df.columns)  # a table without its listings has no positions
+    target_pos, answer_pos = (target_and_answer_positions(df) if has_positions else
+                              (np.zeros(len(df), dtype=np.int64), np.zeros(len(df), dtype=np.int64)))
     target_idx = np.array([concepts.index(t) for t in df["target"]], dtype=np.int64)
     none = (df["condition"] == "none").to_numpy()
     rows = []
@@ -244,15 +248,16 @@ def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFr
         references = [answer_pos[none]] + [answer_pos[df.index.get_indexer(g.index)] for _, g in
                                            df[(df["condition"] == "random") & (df["scale"] == key[3])]
                                            .groupby("null_kind", sort=True)]
-        position_chance = max((position_matched_chance(target_pos[at], r, n) for r in references if len(r)),
-                              default=chance)
+        position_chance = (max((position_matched_chance(target_pos[at], r, n) for r in references if len(r)),
+                               default=chance) if has_positions else float("nan"))
         group = group.sort_values(["target", "chosen"], kind="stable")  # the draws see the pairs, not the row order
         mi, p, null_mean = mi_permutation_test(group["target"], group["chosen"], concepts,
                                                n_permutations=N_PERMUTATIONS, seed=PERMUTATION_SEED)
         acc = accuracy_summary(int(group["correct"].sum()), len(group), chance, level=level)
         rows.append({**dict(zip(keys, key, strict=True)), "n": acc.n, "correct": acc.correct, "accuracy": acc.accuracy,
                      "chance": chance, "position_chance": position_chance,
-                     "balanced": positions_balanced(target_idx[at] * n + target_pos[at], n * n), "ci_low": acc.ci_low, "ci_high": acc.ci_high,
+                     "balanced": has_positions and positions_balanced(target_idx[at] * n + target_pos[at], n * n),
+                     "ci_low": acc.ci_low, "ci_high": acc.ci_high,
                      "p_binomial": acc.p_binomial, "mde": acc.mde, "mi_bits": mi, "mi_p": p,
                      "mi_null_mean": null_mean})
     return pd.DataFrame(rows)
@@ -262,8 +267,8 @@ def forced_choice_summary(df: pd.DataFrame, *, level: float = 0.95) -> pd.DataFr
 def forced_choice_found(summary: pd.DataFrame, *, alpha: float = TASK_ALPHA) -> bool:
     """Whether the concept vectors are identified (:func:`forced_choice_summary`): at their best scale
     (:func:`common.best_row`) the accuracy's interval lies above chance and above the position-matched chance
-    (:func:`stats.accuracy.chance_bar`), MI beats its permutation null (p < ``alpha``), and every null vector kind at that scale
-    scores below the interval's low end."""
+    (:func:`stats.accuracy.chance_bar`), MI beats its permutation null (p < ``alpha``), and every null vector kind at
+    that scale scores below the interval's low end."""
     best = best_row(summary)
     nulls = summary[(summary["condition"] == "random") & (summary["scale"] == best["scale"])]
     return bool(best["ci_low"] > chance_bar(best) and best["mi_p"] < alpha
@@ -280,7 +285,7 @@ def describe_forced_choice(summary: pd.DataFrame) -> str:
              f"named most often at scale {best['scale']:g}, {chance_sentence(best)}; mutual information "
              f"{best['mi_bits']:.2f} bits (permutation p = {best['mi_p']:.3g}, permutation mean "
              f"{best['mi_null_mean']:.2f})."]
-    if "position_chance" in best:
+    if not pd.isna(best.get("position_chance", float("nan"))):
         parts.append(position_sentence(best, "listings", "every concept at every position"))
     none = summary[summary["condition"] == "none"]
     if len(none):

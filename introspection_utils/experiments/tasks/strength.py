@@ -237,7 +237,7 @@ def describe_strength(summary: pd.DataFrame) -> str:
     if not best.get("moved", True):
         parts = ["Strength comparison: " + unmoved_sentence(f"layer {int(best['layer'])} (the concept vectors' best "
                                                             f"by accuracy)", best["margin_shift"])]
-    if "position_chance" in best:
+    if not pd.isna(best.get("position_chance", float("nan"))):
         parts.append(position_sentence(best, "trials", "the stronger injection in each sentence"))
     conc = summary[summary["condition"] == "concept"]
     others = conc[conc["layer"] != best["layer"]]
