@@ -529,7 +529,8 @@ def test_strength_reads_no_accuracy_where_the_injection_leaves_the_readout_alone
     unmoved = unmoved[unmoved["layer"] != 1].assign(accuracy=0.9, ci_low=0.8)  # however high, not read
     unmoved.loc[unmoved["condition"] == "none", "accuracy"] = 0.5
     assert not strength.strength_found(unmoved)
-    assert "does not move the readout" in strength.describe_strength(unmoved)
+    text = strength.describe_strength(unmoved)
+    assert "does not move the readout" in text and "There: 90% correct (95% CI" in text  # its accuracy still stated
 
 
 def _sizes(table: dict, notebook: dict) -> dict[str, int]:

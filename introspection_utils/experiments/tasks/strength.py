@@ -235,8 +235,10 @@ def describe_strength(summary: pd.DataFrame) -> str:
              f"{chance_sentence(best)}, binomial p = {best['p_binomial']:.3g}; it answers '1' in "
              f"{best['first_bias']:.0%} of trials."]
     if not best.get("moved", True):
+        # the accuracy is still stated, with its MDE: every "not found" says what it could have found
         parts = ["Strength comparison: " + unmoved_sentence(f"layer {int(best['layer'])} (the concept vectors' best "
-                                                            f"by accuracy)", best["margin_shift"])]
+                                                            f"by accuracy)", best["margin_shift"])
+                 + f" There: {chance_sentence(best)}."]
     if not pd.isna(best.get("position_chance", float("nan"))):
         parts.append(position_sentence(best, "trials", "the stronger injection in each sentence"))
     conc = summary[summary["condition"] == "concept"]
