@@ -56,8 +56,8 @@ def plot_forced_choice(result: Any, summary: pd.DataFrame) -> plt.Figure:
                          color="white" if frac[i, j] > 0.6 else "black")
     fig.colorbar(im, ax=axes[0], label="fraction of the row's trials")
     axes[0].set_title(f"{result.meta['model']} · layer {spec['layer']} · scale {best['scale']:g}\n"
-                      f"confusion: {best['accuracy']:.0%} correct, MI {best['mi_bits']:.2f} bits "
-                      f"(perm. p = {best['mi_p']:.3g})")
+                      f"confusion: {best['accuracy']:.0%} correct\nMI {best['mi_bits']:.2f} bits "
+                      f"(perm. p = {best['mi_p']:.3g})", fontsize=10)  # three lines: one ran past the colour bar
     axes[0].set_xlabel("chosen concept (label mapped back)")
     axes[0].set_ylabel("injected concept")
     ax = axes[1]
