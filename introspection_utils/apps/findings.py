@@ -205,10 +205,9 @@ def _table(path: Path) -> pd.DataFrame | None:
 def organism_rows(results: Path) -> pd.DataFrame:
     """Notebook 14's table (``organisms.csv`` in ``results``) with each model's target read by
     :func:`organisms.evaluation.truth_recovered`: ``target`` ("met"/"missed") and ``rule`` (with its numbers)."""
-    path = results / "organisms.csv"
-    if not path.is_file():
+    table = _table(results / "organisms.csv")
+    if table is None:
         return pd.DataFrame()
-    table = load_result(path).df
     records = table.to_dict("records")
     decided = [organisms_evaluation.truth_recovered(r) for r in records]
     learned = [organisms_evaluation.behaviour_learned(r) for r in records]
@@ -329,8 +328,7 @@ def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
         raise FileNotFoundError(f"{results / 'atlas.csv'} is missing: run `make findings` first")
     atlas = pd.read_csv(results / "atlas.csv")
     sweep = load_result(results / "atlas_sweep.csv").df
-    interference = results / "interference_scale_sweep.csv"
-    inter = load_result(interference).df if interference.is_file() else None
+    inter = _table(results / "interference_scale_sweep.csv")
     formats, task_table, organisms = format_rows(results), task_rows(results), organism_rows(results)
     table = (claims_markdown(claims(atlas, sweep, inter), model, atlas)
              + ("\n\n" + formats_markdown(formats) if len(formats) else "")
