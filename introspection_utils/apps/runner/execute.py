@@ -260,6 +260,12 @@ def run_notebooks(paths: Sequence[Path], output_dir: Path, parameters: dict[str,
                 finished(name, run_one(path, params, key))
                 current = None
     except KeyboardInterrupt as err:
+        # nbclient's cell task is abandoned with the kernel it waited on; when it is collected asyncio would log its
+        # DeadKernelError as "Task exception was never retrieved", a traceback that says nothing the one
+        # "interrupted during …" line does not (and only sometimes: it depends on when the collection happens).
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         current = ", ".join(getattr(err, "running", ())) or current
         raise Interrupted(records, current, output_dir) from None
     finally:
