@@ -193,8 +193,10 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
     training = pd.DataFrame([{"kind": "introspector", "steps": 80, "first_loss": 2.48, "final_loss": 0.1234,
                               "train_seconds": 1500.0, "examples_per_s": 0.43, "tokens_per_s": 61.2, "load_avg": 2.1}])
-    assert "| introspector | 80 | 2.48 → 0.123 | 25.0 min | 0.43 | 61 | 2.1 |" in findings.organisms_markdown(
-        rows, training)
+    assert ("| introspector | 80 | 2.48 → 0.123 | not recorded (trained before the probe) | 25.0 min | 0.43 | 61 | "
+            "2.1 |") in findings.organisms_markdown(rows, training)
+    probed = training.assign(detected_concept=0.9, detected_random=0.25, detected_none=0.05)
+    assert "| 2.48 → 0.123 | 90% / 25% / 5% | 25.0 min |" in findings.organisms_markdown(rows, probed)
     from introspection_utils.readings import saved
     [sentence] = saved.organism_sentences(tmp_path)  # findings.md's notebook 14 section: the notebook's own reading
     assert "introspector (truth: introspection-specific): of 10 held-out concepts the atlas calls 7 " \

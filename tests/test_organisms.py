@@ -205,6 +205,53 @@ def test_the_merged_folder_gives_base_plus_adapter_logits_and_the_training_is_me
     assert (tmp_path / "results" / "organisms_training.csv").is_file() and table["steps"].tolist() == [2]
 
 
+def test_the_behaviour_probe_reads_what_the_engine_reads_and_the_curve_records_it(tiny_llama, bank, tmp_path):
+    """The probe's answers on a fresh organism (adapters at zero: the base model) are the engine's own padded pass
+    on the same rows (yes − no); its rates count them by condition (polarity × (yes − no) > 0; yes − no > 0); a
+    training records them at every ``probe_every`` step and at the last, and ``probe_every=0`` records none."""
+    import numpy as np
+
+    from introspection_utils.engine.prompts import answer_token_id, paper_answers
+    from introspection_utils.engine.vectors import null_vector
+
+    config = _config(tiny_llama, steps=3)
+    split = splits.load_split()
+    model, layers = forward.adapted(tiny_llama, config)
+    layer, rows = forward.probe_rows(config, split)
+    assert {r.condition for r in rows} == {"concept", "random", "none"} and len({r.concept for r in rows}) == 4
+    assert not any(w.names for w in split.wordings if w.text in {r.question for r in rows})
+    ours = forward.probe_answers(model, layers, tiny_llama, config, layer, rows, bank, batch_size=7)
+    trials = []
+    for r in rows:
+        vector = None if r.condition == "none" else bank.get(r.concept, layer)
+        if r.condition == "random":
+            vector = null_vector(vector, r.vector_seed, "isotropic")
+        prompt = introspection_prompt(tiny_llama, r.question, kind="organism-training")
+        trials.append(Trial(prompt, vector, r.scale if vector is not None else 0.0, layer=layer))
+    logits = padded_pass(tiny_llama, trials, reads=Reads(logits=True)).logits.float()
+    yes, no = (answer_token_id(tiny_llama, a) for a in paper_answers())
+    engine = (logits[:, yes] - logits[:, no]).numpy()
+    np.testing.assert_allclose(ours, engine, atol=1e-4)
+    assert np.ptp(engine) > 1e-3  # the rows differ: the comparison is not of constants
+
+    diffs = np.array([1.0, -2.0, 0.5, -1.0, 3.0, 2.0])  # rows: (detect, inverted) × (concept, random, none)
+    detect = next(w.text for w in split.wordings if w.polarity > 0 and not w.names)
+    inverted = next(w.text for w in split.wordings if w.polarity < 0)
+    made = [forward.Row(q, c, "Dust", 4.0, 0) for c in ("concept", "random", "none") for q in (detect, inverted)]
+    assert forward.probe_rates(made, diffs, split) == {
+        "detected_concept": 1.0, "yes_concept": 0.5, "detected_random": 1.0, "yes_random": 0.5,
+        "detected_none": 0.5, "yes_none": 1.0}
+
+    organism = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "a", probe_every=2,
+                                       progress=False)
+    curve = organism.training().df
+    assert curve["detected_concept"].notna().tolist() == [False, True, True]
+    assert (curve["probe_seconds"].dropna() > 0).all() and (curve["seconds"] > 0).all()
+    quiet = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "b", probe_every=0,
+                                    progress=False)
+    assert "detected_concept" not in quiet.training().df
+
+
 def test_detection_rates_count_cells_signed_by_polarity():
     import pandas as pd
     df = pd.DataFrame({

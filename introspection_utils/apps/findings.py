@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -247,12 +248,21 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
         lines += ["", f"The anchor ({a.source}, {a.model}, {a.setup}): {a.metric} {a.value}."]
     if training is not None and len(training):
         lines += ["", "Training (LoRA, measured by the run; `organisms_training.csv`):", "",
-                  "| organism | steps | loss first → last 5 | wall time | examples/s | tokens/s | load average |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t.kind} | {t.steps} | {t.first_loss:.2f} → {t.final_loss:.3f} | "
+                  "| organism | steps | loss first → last 5 | probe at the end: detected concept / random / none | "
+                  "wall time | examples/s | tokens/s | load average |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t.kind} | {t.steps} | {t.first_loss:.2f} → {t.final_loss:.3f} | {_probe_cell(t)} | "
                   f"{t.train_seconds / 60:.1f} min | {t.examples_per_s:.2f} | {t.tokens_per_s:.0f} | {t.load_avg:.1f} |"
                   for t in training.itertuples()]
     return "\n".join(lines)
+
+
+def _probe_cell(row: Any) -> str:
+    """The training's last behaviour probe (training concepts; ``organisms.forward.behaviour_probe``), or why none."""
+    rates = [getattr(row, f"detected_{c}", float("nan")) for c in ("concept", "random", "none")]
+    if any(pd.isna(r) for r in rates):
+        return "not recorded (trained before the probe)"
+    return " / ".join(f"{r:.0%}" for r in rates)
 
 
 def _series() -> dict[str, tuple[str, Callable[[Path], list[str]]]]:

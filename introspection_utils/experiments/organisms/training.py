@@ -25,7 +25,14 @@ from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.throughput import linear_peak_gflops, load_average
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms.flops import training_throughput
-from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
+from introspection_utils.experiments.organisms.forward import (
+    Prefix,
+    adapted,
+    behaviour_probe,
+    make_batch,
+    schedule,
+    train_step,
+)
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
 from introspection_utils.models.handle import cpu_flags, load_model
@@ -155,13 +162,20 @@ def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) ->
 
 def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorBank | None = None,
                    root: str | Path | None = None, checkpoint_every: int = CHECKPOINT_EVERY,
-                   stop_at: int | None = None, progress: bool = True) -> Organism:
+                   stop_at: int | None = None, progress: bool = True, probe_every: int | None = None) -> Organism:
     """Train ``config``'s organism on ``handle``'s model (a fresh copy; the handle is not changed), or reuse it.
 
     A finished organism in its folder (:func:`organism_folder`) is returned as it is (``reused``). Otherwise training
     starts, or resumes from the folder's checkpoint (written every ``checkpoint_every`` steps and at the end);
     ``stop_at``: stop after that step, leaving the checkpoint (what an interruption leaves; ``complete=False``).
     At the end: the adapter, the merged folder, ``training.csv`` with its metadata, ``config.json``.
+
+    Every ``probe_every`` steps (default: at each checkpoint; 0: never) and at the last step, the behaviour probe
+    (:func:`~introspection_utils.experiments.organisms.forward.behaviour_probe`: how often the organism reports an
+    injected thought with a training concept's vector, a random direction and none) is recorded in the curve beside
+    the loss (columns ``detected_*``, ``yes_*``, ``probe_seconds``; ``seconds`` is the step's own time) and shown on
+    the bar: a loss that falls while the three rates stay together is an organism answering alike whatever is
+    injected.
     """
     folder = organism_folder(config, root)
     if (folder / "complete.json").is_file():
@@ -170,6 +184,9 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     _check(handle, config, split)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    probe_every = checkpoint_every if probe_every is None else int(probe_every)
+    if probe_every < 0:
+        raise ValueError(f"probe_every must be >= 0 (0: no probe), got {probe_every}")
     bank = bank or concept_vectors(handle, split.train, progress=progress)
     peft_model, layers = adapted(handle, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
@@ -183,6 +200,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
     prefix = Prefix()
+    probed = next((r for r in reversed(records) if "detected_concept" in r), None)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress)
     for step in bar:
@@ -191,8 +209,13 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         record = train_step(peft_model, layers, make_batch(handle, config, split, layer, rows, bank), config,
                             optimizer, prefix)
         records.append({"step": step + 1, "layer": layer, **record, "seconds": time.perf_counter() - began})
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
         done = step + 1
+        if probe_every and (done % probe_every == 0 or done == config.steps):
+            began = time.perf_counter()
+            records[-1].update(behaviour_probe(peft_model, layers, handle, config, split, bank, prefix),
+                               probe_seconds=time.perf_counter() - began)
+            probed = records[-1]
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **_probe_postfix(probed))
         if done % checkpoint_every == 0 or done == config.steps or done == stop_at:
             state = {"key": config.key(), "step": done, "records": records, "optimizer": optimizer.state_dict(),
                      "adapter": peft.get_peft_model_state_dict(peft_model)}
@@ -202,6 +225,23 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     _finish(handle, config, peft_model, folder, records)
     checkpoint.unlink(missing_ok=True)
     return Organism(config, folder, complete=True)
+
+
+PROBE_COLUMNS = ("detected_concept", "detected_random", "detected_none")
+
+
+def _last_probe(curve: pd.DataFrame) -> dict[str, float]:
+    """The last behaviour probe of a training curve (NaN where it recorded none: ``probe_every=0``, or trained
+    before the probe existed)."""
+    probed = curve.dropna(subset=[PROBE_COLUMNS[0]]) if PROBE_COLUMNS[0] in curve else curve.iloc[:0]
+    return {c: float(probed[c].iloc[-1]) if len(probed) else float("nan") for c in PROBE_COLUMNS}
+
+
+def _probe_postfix(probed: dict | None) -> dict[str, str]:
+    """The bar's note of the last probe: the detected rates with a concept vector, a random direction, none."""
+    if probed is None:
+        return {}
+    return {"detected c/r/n": "/".join(f"{probed[f'detected_{c}']:.2f}" for c in ("concept", "random", "none"))}
 
 
 def _save_folder(target: Path, write) -> None:
@@ -260,6 +300,7 @@ def _steps(steps_by_kind: Mapping[str, int] | None, kind: str) -> dict:
 def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None, *,
                    peak: float | None = None) -> pd.DataFrame:
     """One row per organism: kind, truth, name, steps, first and final loss (the mean of the last 5 steps), the
+    last behaviour probe's detected rates (``detected_concept``, ``_random``, ``_none``: on training concepts), the
     training's wall time, examples/s, tokens/s and load average (as measured when it was trained), its dtype, useful
     GFLOP (:func:`~introspection_utils.experiments.organisms.flops.training_flops`), GFLOP/s and their fraction of
     ``peak`` (GFLOP/s; default: the dtype's linear peak timed now, :func:`linear_peak_gflops`), reused; saved as
@@ -273,7 +314,8 @@ def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_
         meta, work = result.meta["spec"], measured[kind]
         rows.append({"kind": kind, "truth": organism.truth, "name": organism.config.name,
                      "steps": organism.config.steps, "first_loss": float(result.df["loss"].iloc[0]),
-                     "final_loss": float(result.df["loss"].tail(5).mean()), **meta["throughput"],
+                     "final_loss": float(result.df["loss"].tail(5).mean()), **_last_probe(result.df),
+                     **meta["throughput"],
                      "load_avg": meta["machine"]["load_avg"][0], "cpu": meta["machine"]["cpu"],
                      "dtype": organism.config.dtype, "gflop": work.flops / 1e9,
                      "gflop_per_s": work.flops / work.seconds / 1e9, "peak_gflop_per_s": peak,
