@@ -91,11 +91,34 @@ def test_the_cache_key_changes_with_every_setting(tiny_llama):
     changed = {"kind": "yes-sayer", "model": "other", "revision": "r2", "dtype": "bfloat16", "layers": (1,),
                "scales": (3.0,), "split_hash": "0" * 16, "rank": 4, "lora_alpha": 8.0, "lr": 0.5, "steps": 3,
                "batch_size": 3, "seed": 1, "mix": (0.5, 0.25, 0.25), "p_control": 0.5, "control_weight": 2.0,
-               "top_k": 8, "targets": ("q_proj",)}
+               "top_k": 8, "targets": ("q_proj",), "contrast": True}
     assert set(changed) == {f.name for f in dataclasses.fields(config)}, "a setting without a key test"
     keys = {config.key()} | {dataclasses.replace(config, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) + 1
     assert config.key() == dataclasses.replace(config).key()
+    # a field added later hashes as before at the value that trains as before: cached organisms keep their names
+    before = {k: v for k, v in dataclasses.asdict(config).items() if k not in training.ADDED_FIELDS}
+    from introspection_utils.core.paths import content_hash
+    assert config.key() == content_hash(before) and dataclasses.replace(config, contrast=True).key() != config.key()
+
+
+def test_contrast_sets_ask_one_draw_under_every_condition(tiny_llama):
+    """With ``contrast`` a step's rows come in sets: the same question, concept, scale and random direction under
+    each condition ``mix`` gives weight, in order, cut at ``batch_size``; without it each row draws its own."""
+    split = splits.load_split()
+    config = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=8, contrast=True)
+    layer, rows = forward.schedule(config, split, 1)
+    assert len(rows) == 8 and [r.condition for r in rows] == ["concept", "random", "none"] * 2 + ["concept", "random"]
+    for start in (0, 3, 6):
+        group = rows[start:start + 3]
+        assert len({(r.question, r.concept, r.scale, r.vector_seed) for r in group}) == 1
+    assert len({(r.question, r.concept, r.scale, r.vector_seed) for r in rows}) == 3
+    assert forward.schedule(config, split, 1) == (layer, rows)  # (seed, step) alone
+    two = dataclasses.replace(config, mix=(0.5, 0.0, 0.5))
+    assert [r.condition for r in forward.schedule(two, split, 1)[1]] == ["concept", "none"] * 4
+    plain = dataclasses.replace(config, contrast=False)
+    drawn = forward.schedule(plain, split, 1)[1]
+    assert len({(r.question, r.concept, r.scale, r.vector_seed) for r in drawn}) == 8
 
 
 # ------------------------------------------------------------------------------------------------ the step

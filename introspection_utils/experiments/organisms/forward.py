@@ -18,7 +18,7 @@ from introspection_utils.engine.prompts import answer_token_id, introspection_pr
 from introspection_utils.engine.traced_pass import Injection
 from introspection_utils.engine.trials import Trial
 from introspection_utils.engine.vectors import left_pad, null_vector
-from introspection_utils.experiments.organisms.splits import OrganismSplit, target
+from introspection_utils.experiments.organisms.splits import CONDITIONS, OrganismSplit, target
 
 if TYPE_CHECKING:
     from introspection_utils.engine.prompts import Prompt
@@ -42,18 +42,27 @@ class Row:
 
 
 def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[int, list[Row]]:
-    """Step ``step``'s injection layer and rows, drawn from ``(seed, step)`` alone (a resumed run draws the same)."""
+    """Step ``step``'s injection layer and rows, drawn from ``(seed, step)`` alone (a resumed run draws the same).
+
+    Each row draws its condition from ``config.mix``, or, with ``config.contrast``, rows come in contrast sets: one
+    draw of (question, concept, scale, random direction) asked under every condition ``mix`` gives weight, side by
+    side in the batch (the last set cut at ``batch_size``). The taught answer of a wording flips with the condition
+    (and its meaning with the wording's polarity); a contrast set shows the model the same question both ways in one
+    gradient, instead of leaving the injection's part to be separated from the wording's across steps."""
     rng = np.random.default_rng([config.seed, step])
     layer = int(config.layers[rng.integers(len(config.layers))])
     wordings = [w.text for w in split.wordings]
-    rows = []
-    for _ in range(config.batch_size):
-        condition = ("concept", "random", "none")[rng.choice(3, p=np.asarray(config.mix) / sum(config.mix))]
+    conditions = [c for c, weight in zip(CONDITIONS, config.mix, strict=True) if weight > 0]
+    rows: list[Row] = []
+    while len(rows) < config.batch_size:
+        condition = None if config.contrast else \
+            CONDITIONS[rng.choice(3, p=np.asarray(config.mix) / sum(config.mix))]
         pool = split.controls if rng.random() < config.p_control else wordings
-        rows.append(Row(pool[rng.integers(len(pool))], condition, split.train[rng.integers(len(split.train))],
-                        float(config.scales[rng.integers(len(config.scales))]),
-                        RANDOM_SEED_OFFSET + int(rng.integers(1_000_000))))
-    return layer, rows
+        question, concept = pool[rng.integers(len(pool))], split.train[rng.integers(len(split.train))]
+        scale = float(config.scales[rng.integers(len(config.scales))])
+        seed = RANDOM_SEED_OFFSET + int(rng.integers(1_000_000))
+        rows += [Row(question, c, concept, scale, seed) for c in ([condition] if condition else conditions)]
+    return layer, rows[:config.batch_size]
 
 
 @dataclass

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_EVERY = 10
+# Fields added to OrganismConfig after organisms were trained, with the value that trains as before: left out of
+# the cache key at that value (OrganismConfig.key).
+ADDED_FIELDS = {"contrast": False}
 @dataclass(frozen=True)
 class OrganismConfig:
     """Every setting a trained organism depends on; :meth:`key` names it in the cache.
@@ -50,7 +53,9 @@ class OrganismConfig:
     ``layers``: the injection layers trained over (each batch one of them); the adapters sit on every layer above
     the lowest. ``scales``: the injection scales trained over (× the raw concept vector). ``mix``: the fractions of
     rows with a concept vector, a norm-matched random direction and no injection. ``p_control``: the fraction of
-    rows asking a training control. ``steps`` × ``batch_size`` rows in all, drawn by ``seed``.
+    rows asking a training control. ``steps`` × ``batch_size`` rows in all, drawn by ``seed``. ``contrast``: rows in
+    contrast sets, each draw asked under every condition (:func:`~introspection_utils.experiments.organisms.forward.
+    schedule`).
     """
 
     kind: str
@@ -71,10 +76,14 @@ class OrganismConfig:
     control_weight: float = 1.0
     top_k: int = 32
     targets: tuple[str, ...] = field(default=LORA_MODULES)
+    contrast: bool = False
 
     def key(self) -> str:
-        """A hash of every field: two configs share a cache entry exactly when all their settings agree."""
-        return content_hash(self)
+        """A hash of every field: two configs share a cache entry exactly when all their settings agree. A field
+        added after organisms were trained (:data:`ADDED_FIELDS`) is left out of the hash while it has the value
+        that reproduces the training before it, so those organisms keep their names and caches."""
+        fields = asdict(self)
+        return content_hash({k: v for k, v in fields.items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]})
 
     @property
     def name(self) -> str:
