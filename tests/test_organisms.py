@@ -316,6 +316,25 @@ def test_a_kind_can_train_for_its_own_number_of_steps(tiny_llama, tmp_path):
                                          steps_by_kind={"yes-sayer": 1}, root=tmp_path, progress=False)
     assert {k: o.config.steps for k, o in organisms.items()} == {"introspector": 2, "yes-sayer": 1}
     assert len(organisms["yes-sayer"].training().df) == 1
-    with pytest.raises(ValueError, match="steps_by_kind names \\['anomaly-detector'\\]"):
+    with pytest.raises(ValueError, match="name \\['anomaly-detector'\\], not among the organisms trained"):
         training.train_organisms(tiny_llama, ["yes-sayer"], steps=1, steps_by_kind={"anomaly-detector": 1},
                                  root=tmp_path, progress=False)
+
+
+def test_a_kind_can_have_its_own_settings_and_the_others_are_reused(tiny_llama, tmp_path):
+    """``settings_by_kind`` gives one organism its own recipe (its config, so its key, says so); the others keep
+    theirs, so a second call with a changed recipe for one kind reuses the others from the cache; a setting that
+    is not a training setting is refused before anything is trained."""
+    first = training.train_organisms(tiny_llama, ["introspector", "yes-sayer"], steps=1, batch_size=2,
+                                     root=tmp_path, progress=False)
+    second = training.train_organisms(tiny_llama, ["introspector", "yes-sayer"], steps=1, batch_size=2,
+                                      settings_by_kind={"introspector": {"batch_size": 3, "contrast": True}},
+                                      root=tmp_path, progress=False)
+    assert second["yes-sayer"].reused and second["yes-sayer"].config == first["yes-sayer"].config
+    own = second["introspector"]
+    assert not own.reused and (own.config.batch_size, own.config.contrast) == (3, True)
+    assert own.config.key() != first["introspector"].config.key()
+    assert [r["rows"] for r in own.training().df.to_dict("records")] == [3]
+    with pytest.raises(ValueError, match="sets \\['batch'\\]: not training settings"):
+        training.train_organisms(tiny_llama, ["introspector"], steps=1, settings_by_kind={"introspector": {
+            "batch": 3}}, root=tmp_path, progress=False)

@@ -4,6 +4,7 @@ notebook 14."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -12,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import peft
@@ -286,24 +287,31 @@ def _finish(handle: ModelHandle, config: OrganismConfig, peft_model: peft.PeftMo
 def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers: Sequence[int] | None = None,
                     scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), root: str | Path | None = None,
                     progress: bool = True, steps_by_kind: Mapping[str, int] | None = None,
+                    settings_by_kind: Mapping[str, Mapping[str, Any]] | None = None,
                     **settings) -> dict[str, Organism]:
     """Each organism of ``kinds`` trained (or reused) with the same settings (:func:`organism_config`), the
     training concepts' vectors extracted once. ``steps_by_kind``: a kind's own number of steps, overriding
     ``settings["steps"]`` for it (the look-alikes learn a rule that ignores which vector was injected, and can take
-    fewer steps than the introspector)."""
-    unknown = sorted(set(steps_by_kind or {}) - set(kinds))
+    fewer steps than the introspector). ``settings_by_kind``: a kind's own settings of any kind (``{"introspector":
+    {"batch_size": 12, "contrast": True}}``), applied last; each organism's config, so its cache key and its row of
+    the training table, says what it was trained with."""
+    by_kind = {kind: {**({"steps": int(n)} if n is not None else {}), **dict((settings_by_kind or {}).get(kind, {}))}
+               for kind in kinds for n in [(steps_by_kind or {}).get(kind)]}
+    unknown = sorted((set(steps_by_kind or {}) | set(settings_by_kind or {})) - set(kinds))
     if unknown:
-        raise ValueError(f"steps_by_kind names {unknown}, not among the organisms trained ({', '.join(kinds)})")
+        raise ValueError(f"steps_by_kind / settings_by_kind name {unknown}, not among the organisms trained "
+                         f"({', '.join(kinds)})")
+    fields = {f.name for f in dataclasses.fields(OrganismConfig)} - {"kind", "model", "revision", "dtype",
+                                                                       "split_hash"}
+    bad = sorted({k for own in by_kind.values() for k in own} - fields)
+    if bad:
+        raise ValueError(f"settings_by_kind sets {bad}: not training settings (those are {', '.join(sorted(fields))})")
     split = load_split()
     bank = concept_vectors(handle, split.train, progress=progress)
-    return {kind: train_organism(handle, organism_config(handle, kind, layers=layers, scales=scales,
-                                                         **{**settings, **_steps(steps_by_kind, kind)}),
+    return {kind: train_organism(handle, organism_config(handle, kind, **{"layers": layers, "scales": scales,
+                                                                         **settings, **by_kind[kind]}),
                                  bank=bank, root=root, progress=progress)
             for kind in kinds}
-
-
-def _steps(steps_by_kind: Mapping[str, int] | None, kind: str) -> dict:
-    return {"steps": int(steps_by_kind[kind])} if steps_by_kind and kind in steps_by_kind else {}
 
 
 def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None, *,
