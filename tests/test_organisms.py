@@ -205,6 +205,29 @@ def test_same_seed_same_adapter_and_a_resumed_run_ends_where_an_uninterrupted_on
     assert different != whole.folder
 
 
+def test_a_longer_training_continues_a_shorter_one_and_ends_where_training_from_the_start_does(tiny_llama, bank,
+                                                                                                tmp_path):
+    """A finished training keeps its last state; a config that differs only in more ``steps`` starts from it and
+    ends with the adapter and curve of a training run from step 0; a shorter training with another setting is not
+    used."""
+    config = _config(tiny_llama)  # 4 steps
+    short = training.train_organism(tiny_llama, dataclasses.replace(config, steps=2), bank=bank, root=tmp_path / "a",
+                                    progress=False)
+    assert (short.folder / training.FINAL_STATE).is_file() and not (short.folder / "checkpoint.pt").exists()
+    other = training.train_organism(tiny_llama, dataclasses.replace(config, steps=3, lr=0.02), bank=bank,
+                                    root=tmp_path / "a", progress=False)
+    assert training.shorter_training(config, tmp_path / "a") == short.folder  # 3 steps, but another lr
+    assert other.folder != short.folder
+    longer = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "a", progress=False)
+    fresh = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "b", progress=False)
+    assert training.shorter_training(config, tmp_path / "b") is None
+    reference = _adapter(fresh)
+    for k, v in _adapter(longer).items():
+        torch.testing.assert_close(v, reference[k], atol=1e-6, rtol=0)
+    assert longer.training().df["loss"].tolist() == pytest.approx(fresh.training().df["loss"].tolist(), abs=1e-6)
+    assert longer.training().df["step"].tolist() == [1, 2, 3, 4]
+
+
 def test_the_merged_folder_gives_base_plus_adapter_logits_and_the_training_is_measured(tiny_llama, bank, tmp_path):
     organism = training.train_organism(tiny_llama, _config(tiny_llama, steps=2), bank=bank, root=tmp_path,
                                        progress=False)

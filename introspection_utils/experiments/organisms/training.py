@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_EVERY = 10
+FINAL_STATE = "final_state.pt"  # a finished training's adapter, optimizer state and curve at its last step
 # Fields added to OrganismConfig after organisms were trained, with the value that trains as before: left out of
 # the cache key at that value (OrganismConfig.key).
 ADDED_FIELDS = {"contrast": False}
@@ -176,9 +177,11 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     """Train ``config``'s organism on ``handle``'s model (a fresh copy; the handle is not changed), or reuse it.
 
     A finished organism in its folder (:func:`organism_folder`) is returned as it is (``reused``). Otherwise training
-    starts, or resumes from the folder's checkpoint (written every ``checkpoint_every`` steps and at the end);
+    starts, or resumes from the folder's checkpoint (written every ``checkpoint_every`` steps and at the end), or
+    continues a finished shorter training of the same settings (:func:`shorter_training`);
     ``stop_at``: stop after that step, leaving the checkpoint (what an interruption leaves; ``complete=False``).
-    At the end: the adapter, the merged folder, ``training.csv`` with its metadata, ``config.json``.
+    At the end: the adapter, the merged folder, ``training.csv`` with its metadata, ``config.json``, and the last
+    step's state (:data:`FINAL_STATE`).
 
     Every ``probe_every`` steps (default: at each checkpoint; 0: never) and at the last step, the behaviour probe
     (:func:`~introspection_utils.experiments.organisms.forward.behaviour_probe`: how often the organism reports an
@@ -202,13 +205,19 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=0.0)
     checkpoint, start, records = folder / "checkpoint.pt", 0, []
+    state, source = None, None
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state, source = torch.load(checkpoint, weights_only=False), checkpoint
         if state["key"] != config.key():
             raise ValueError(f"{checkpoint} belongs to another config ({state['key']})")
+    elif (shorter := shorter_training(config, folder.parent)) is not None:
+        state, source = torch.load(shorter / FINAL_STATE, weights_only=False), shorter / FINAL_STATE
+    if state is not None:
         peft.set_peft_model_state_dict(peft_model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
+        if progress:
+            print(f"{config.name}: continuing from step {start} ({source})", flush=True)
     prefix = Prefix()
     probed = next((r for r in reversed(records) if "detected_concept" in r), None)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
@@ -233,7 +242,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         if stop_at is not None and done >= stop_at and done < config.steps:
             return Organism(config, folder, complete=False)
     _finish(handle, config, peft_model, folder, records)
-    checkpoint.unlink(missing_ok=True)
+    os.replace(checkpoint, folder / FINAL_STATE)  # kept: a longer training of the same settings continues from it
     return Organism(config, folder, complete=True)
 
 
@@ -245,6 +254,29 @@ def _last_probe(curve: pd.DataFrame) -> dict[str, float]:
     before the probe existed)."""
     probed = curve.dropna(subset=[PROBE_COLUMNS[0]]) if PROBE_COLUMNS[0] in curve else curve.iloc[:0]
     return {c: float(probed[c].iloc[-1]) if len(probed) else float("nan") for c in PROBE_COLUMNS}
+
+
+def shorter_training(config: OrganismConfig, root: Path) -> Path | None:
+    """The folder under ``root`` of the longest finished training whose settings are ``config``'s but for fewer
+    ``steps`` and that kept its final state (:data:`FINAL_STATE`), or ``None``. A step's rows depend on ``(seed,
+    step)`` alone and the learning rate is constant, so its first steps are this training's first steps: continuing
+    from its final state gives what training from the start would (the test holds the two equal)."""
+    found: list[tuple[int, Path]] = []
+    for other in root.glob(f"{config.model}-{config.kind}-*/config.json"):
+        fields = json.loads(other.read_text())
+        key = fields.pop("key", None)
+        steps = fields.get("steps")
+        if not isinstance(steps, int) or steps >= config.steps or not (other.parent / FINAL_STATE).is_file():
+            continue
+        names = {f.name for f in dataclasses.fields(OrganismConfig)}
+        try:
+            theirs = OrganismConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
+                                       if k in names})
+        except TypeError:
+            continue
+        if theirs.key() == key and dataclasses.replace(config, steps=steps) == theirs:
+            found.append((steps, other.parent))
+    return max(found)[1] if found else None
 
 
 def _probe_postfix(probed: dict | None) -> dict[str, str]:
