@@ -264,7 +264,8 @@ def test_the_behaviour_probe_reads_what_the_engine_reads_and_the_curve_records_i
     split = splits.load_split()
     model, layers = forward.adapted(tiny_llama, config)
     layer, rows = forward.probe_rows(config, split)
-    assert {r.condition for r in rows} == {"concept", "random", "none"} and len({r.concept for r in rows}) == 4
+    assert {r.condition for r in rows} == {"concept", "random", "none"}
+    assert len({r.concept for r in rows}) == forward.PROBE_CONCEPTS
     assert not any(w.names for w in split.wordings if w.text in {r.question for r in rows})
     ours = forward.probe_answers(model, layers, tiny_llama, config, layer, rows, bank, batch_size=7)
     trials = []

@@ -130,7 +130,9 @@ def _trials(rows: Sequence[Row], prompts: Sequence[Prompt], layer: int, bank: Ve
 
 
 PROBE_SEED_OFFSET = 2_000_000  # the probe's random directions: seeds training's draws (RANDOM_SEED_OFFSET + [0, 1e6))
-PROBE_CONCEPTS = 4             # and the evaluation's nulls never use
+#                                and the evaluation's nulls never use
+PROBE_CONCEPTS = 2  # 2 concepts × the 10 yes/no training wordings × 3 conditions: 20 rows a rate, a few seconds on
+#                     the embedded model (a learning signal, not a measurement: the evaluation measures)
 
 
 def probe_rows(config: OrganismConfig, split: OrganismSplit, n_concepts: int = PROBE_CONCEPTS
