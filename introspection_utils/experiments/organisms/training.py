@@ -319,14 +319,15 @@ def _finish(handle: ModelHandle, config: OrganismConfig, peft_model: peft.PeftMo
 def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers: Sequence[int] | None = None,
                     scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), root: str | Path | None = None,
                     progress: bool = True, steps_by_kind: Mapping[str, int] | None = None,
-                    settings_by_kind: Mapping[str, Mapping[str, Any]] | None = None,
+                    settings_by_kind: Mapping[str, Mapping[str, Any]] | None = None, probe_every: int | None = None,
                     **settings) -> dict[str, Organism]:
     """Each organism of ``kinds`` trained (or reused) with the same settings (:func:`organism_config`), the
     training concepts' vectors extracted once. ``steps_by_kind``: a kind's own number of steps, overriding
     ``settings["steps"]`` for it (the look-alikes learn a rule that ignores which vector was injected, and can take
     fewer steps than the introspector). ``settings_by_kind``: a kind's own settings of any kind (``{"introspector":
     {"batch_size": 12, "contrast": True}}``), applied last; each organism's config, so its cache key and its row of
-    the training table, says what it was trained with."""
+    the training table, says what it was trained with. ``probe_every``: :func:`train_organism`'s (not a training
+    setting: the probe reads the organism, it does not change it)."""
     by_kind = {kind: {**({"steps": int(n)} if n is not None else {}), **dict((settings_by_kind or {}).get(kind, {}))}
                for kind in kinds for n in [(steps_by_kind or {}).get(kind)]}
     unknown = sorted((set(steps_by_kind or {}) | set(settings_by_kind or {})) - set(kinds))
@@ -342,7 +343,7 @@ def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers
     bank = concept_vectors(handle, split.train, progress=progress)
     return {kind: train_organism(handle, organism_config(handle, kind, **{"layers": layers, "scales": scales,
                                                                          **settings, **by_kind[kind]}),
-                                 bank=bank, root=root, progress=progress)
+                                 bank=bank, root=root, progress=progress, probe_every=probe_every)
             for kind in kinds}
 
 
