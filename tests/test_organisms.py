@@ -17,7 +17,7 @@ from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.traced_pass import Reads, padded_pass
 from introspection_utils.engine.trials import Trial
 from introspection_utils.engine.vectors import concept_vectors
-from introspection_utils.experiments.organisms import evaluation, forward, splits, training
+from introspection_utils.experiments.organisms import evaluation, forward, probe, splits, training
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -263,11 +263,11 @@ def test_the_behaviour_probe_reads_what_the_engine_reads_and_the_curve_records_i
     config = _config(tiny_llama, steps=3)
     split = splits.load_split()
     model, layers = forward.adapted(tiny_llama, config)
-    layer, rows = forward.probe_rows(config, split)
+    layer, rows = probe.probe_rows(config, split)
     assert {r.condition for r in rows} == {"concept", "random", "none"}
-    assert len({r.concept for r in rows}) == forward.PROBE_CONCEPTS
+    assert len({r.concept for r in rows}) == probe.PROBE_CONCEPTS
     assert not any(w.names for w in split.wordings if w.text in {r.question for r in rows})
-    ours = forward.probe_answers(model, layers, tiny_llama, config, layer, rows, bank, batch_size=7)
+    ours = probe.probe_answers(model, layers, tiny_llama, config, layer, rows, bank, batch_size=7)
     trials = []
     for r in rows:
         vector = None if r.condition == "none" else bank.get(r.concept, layer)
@@ -285,7 +285,7 @@ def test_the_behaviour_probe_reads_what_the_engine_reads_and_the_curve_records_i
     detect = next(w.text for w in split.wordings if w.polarity > 0 and not w.names)
     inverted = next(w.text for w in split.wordings if w.polarity < 0)
     made = [forward.Row(q, c, "Dust", 4.0, 0) for c in ("concept", "random", "none") for q in (detect, inverted)]
-    assert forward.probe_rates(made, diffs, split) == {
+    assert probe.probe_rates(made, diffs, split) == {
         "detected_concept": 1.0, "yes_concept": 0.5, "detected_random": 1.0, "yes_random": 0.5,
         "detected_none": 0.5, "yes_none": 1.0}
 

@@ -258,7 +258,7 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
 
 
 def _probe_cell(row: Any) -> str:
-    """The training's last behaviour probe (training concepts; ``organisms.forward.behaviour_probe``), or why none."""
+    """The training's last behaviour probe (training concepts; ``organisms.probe.behaviour_probe``), or why none."""
     rates = [getattr(row, f"detected_{c}", float("nan")) for c in ("concept", "random", "none")]
     if any(pd.isna(r) for r in rates):
         return "not recorded (trained before the probe)"

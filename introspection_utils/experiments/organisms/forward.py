@@ -104,7 +104,7 @@ def row_tokens(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit
     yes, no = paper_answers()
     prompts, taught = [], []
     for row in rows:
-        prompts.append(_prompt(handle, row.question))
+        prompts.append(row_prompt(handle, row.question))
         answer = target(config.kind, row.condition, row.question, split, row.concept, yes, no)
         taught.append([] if answer is None else continuation_ids(handle, answer))
     return prompts, taught
@@ -114,10 +114,12 @@ def make_batch(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit
                bank: VectorBank) -> Batch:
     """The tensors of ``rows`` injected at ``layer``: each row's prompt followed by its taught answer's tokens."""
     prompts, taught = row_tokens(handle, config, split, rows)
-    return _batch(handle, _trials(rows, prompts, layer, bank), taught, layer)
+    return _batch(handle, row_trials(rows, prompts, layer, bank), taught, layer)
 
 
-def _trials(rows: Sequence[Row], prompts: Sequence[Prompt], layer: int, bank: VectorBank) -> list[Trial]:
+def row_trials(rows: Sequence[Row], prompts: Sequence[Prompt], layer: int, bank: VectorBank) -> list[Trial]:
+    """``rows``' trials injected at ``layer``: the concept's vector from ``bank``, its norm-matched isotropic direction
+    (seeded by the row), or nothing."""
     trials = []
     for row, prompt in zip(rows, prompts, strict=True):
         vector: ConceptVector | None = None
@@ -127,71 +129,6 @@ def _trials(rows: Sequence[Row], prompts: Sequence[Prompt], layer: int, bank: Ve
                 vector = null_vector(vector, row.vector_seed, "isotropic")
         trials.append(Trial(prompt, vector, row.scale if vector is not None else 0.0, layer=layer))
     return trials
-
-
-PROBE_SEED_OFFSET = 2_000_000  # the probe's random directions: seeds training's draws (RANDOM_SEED_OFFSET + [0, 1e6))
-#                                and the evaluation's nulls never use
-PROBE_CONCEPTS = 2  # 2 concepts × the 10 yes/no training wordings × 3 conditions: 20 rows a rate, a few seconds on
-#                     the embedded model (a learning signal, not a measurement: the evaluation measures)
-
-
-def probe_rows(config: OrganismConfig, split: OrganismSplit, n_concepts: int = PROBE_CONCEPTS
-               ) -> tuple[int, list[Row]]:
-    """The behaviour probe's layer and rows: the first ``n_concepts`` training concepts × the training wordings
-    answered yes or no (the naming ones left out) × each condition (the concept's vector, a norm-matched random
-    direction, none), at the config's middle scale and middle injection layer; the same rows at every step."""
-    layer, scale = config.layers[len(config.layers) // 2], config.scales[len(config.scales) // 2]
-    wordings = [w.text for w in split.wordings if not w.names]
-    rows = [Row(question, condition, concept, scale, PROBE_SEED_OFFSET + i)
-            for i, concept in enumerate(split.train[:n_concepts]) for question in wordings
-            for condition in ("concept", "random", "none")]
-    return layer, rows
-
-
-def behaviour_probe(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: ModelHandle, config: OrganismConfig,
-                    split: OrganismSplit, bank: VectorBank, prefix: Prefix | None = None, *,
-                    n_concepts: int = PROBE_CONCEPTS) -> dict[str, float]:
-    """What the organism does now (``model``: the peft model being trained) on :func:`probe_rows`: by condition, the
-    fraction of rows it answers as reporting an injected thought (``detected_<condition>``: the wording's polarity ×
-    (yes − no) > 0, the evaluation's rule in
-    :func:`~introspection_utils.experiments.organisms.evaluation.organism_detection_rates`) and the fraction it answers
-    "yes" (``yes_<condition>``); :func:`probe_answers` then :func:`probe_rates`.
-
-    The training records it at its checkpoints: whether the behaviour is being learned shows in the curve, before
-    an evaluation is spent on an organism that answers alike whatever is injected."""
-    layer, rows = probe_rows(config, split, n_concepts)
-    return probe_rates(rows, probe_answers(model, layers, handle, config, layer, rows, bank, prefix), split)
-
-
-def probe_answers(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: ModelHandle, config: OrganismConfig,
-                  layer: int, rows: Sequence[Row], bank: VectorBank, prefix: Prefix | None = None, *,
-                  batch_size: int = 24) -> np.ndarray:
-    """``rows``' yes − no logits ``[len(rows)]`` (the paper's one-token answers, at the answer position) through
-    ``model`` injected at ``layer``, without gradients."""
-    yes_id, no_id = (answer_token_id(handle, answer) for answer in paper_answers())
-    prefix = prefix or Prefix()
-    diffs: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            trials = _trials(chunk, [_prompt(handle, r.question) for r in chunk], layer, bank)
-            batch = _batch(handle, trials, [[] for _ in chunk], layer)
-            keys = prefix.adapted(model, layers, batch, config.first_adapted) if batch.prefix.shape[1] > 0 else None
-            logits = injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=keys)[0]
-            diffs += (logits[:, -1, yes_id].float() - logits[:, -1, no_id].float()).tolist()
-    return np.asarray(diffs)
-
-
-def probe_rates(rows: Sequence[Row], diffs: np.ndarray, split: OrganismSplit) -> dict[str, float]:
-    """By condition: ``detected_<condition>``, the fraction of ``rows`` whose wording's polarity × ``diffs`` (yes −
-    no) is > 0, and ``yes_<condition>``, the fraction with yes − no > 0."""
-    polarity = {w.text: w.polarity for w in split.wordings}
-    out = {}
-    for condition in ("concept", "random", "none"):
-        picked = [(polarity[r.question], d) for r, d in zip(rows, diffs, strict=True) if r.condition == condition]
-        out[f"detected_{condition}"] = float(np.mean([p * d > 0 for p, d in picked]))
-        out[f"yes_{condition}"] = float(np.mean([d > 0 for _, d in picked]))
-    return out
 
 
 def shared_length(prompts: Sequence[Prompt]) -> int:
@@ -222,7 +159,8 @@ def _batch(handle: ModelHandle, trials: Sequence[Trial], taught: Sequence[Sequen
 _PROMPTS: dict = {}
 
 
-def _prompt(handle: ModelHandle, question: str):
+def row_prompt(handle: ModelHandle, question: str) -> Prompt:
+    """``question`` in the organisms' training frame (the paper's preamble), made once per tokenizer."""
     key = (id(handle.tokenizer), question)
     if key not in _PROMPTS:
         _PROMPTS[key] = introspection_prompt(handle, question, kind="organism-training")

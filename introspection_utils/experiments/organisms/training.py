@@ -26,14 +26,8 @@ from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.throughput import linear_peak_gflops, load_average
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms.flops import training_throughput
-from introspection_utils.experiments.organisms.forward import (
-    Prefix,
-    adapted,
-    behaviour_probe,
-    make_batch,
-    schedule,
-    train_step,
-)
+from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
+from introspection_utils.experiments.organisms.probe import behaviour_probe
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
 from introspection_utils.models.handle import cpu_flags, load_model
@@ -184,7 +178,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     step's state (:data:`FINAL_STATE`).
 
     Every ``probe_every`` steps (default: at each checkpoint; 0: never) and at the last step, the behaviour probe
-    (:func:`~introspection_utils.experiments.organisms.forward.behaviour_probe`: how often the organism reports an
+    (:func:`~introspection_utils.experiments.organisms.probe.behaviour_probe`: how often the organism reports an
     injected thought with a training concept's vector, a random direction and none) is recorded in the curve beside
     the loss (columns ``detected_*``, ``yes_*``, ``probe_seconds``; ``seconds`` is the step's own time) and shown on
     the bar: a loss that falls while the three rates stay together is an organism answering alike whatever is
