@@ -43,8 +43,7 @@ def trained_organisms(results: str | Path, root: str | Path | None = None) -> di
     meta = load_result(Path(results) / "organisms_training").meta["spec"]
     organisms = {}
     for kind, fields in meta["configs"].items():
-        names = {f.name for f in dataclasses.fields(OrganismConfig)}
-        config = OrganismConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in names})
+        config = OrganismConfig.from_fields(fields)
         if config.key() != fields["key"]:
             raise ValueError(f"{kind}: its config no longer gives its key {fields['key']} (got {config.key()})")
         folder = organism_folder(config, root)

@@ -74,6 +74,13 @@ class OrganismConfig:
     targets: tuple[str, ...] = field(default=LORA_MODULES)
     contrast: bool = False
 
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> OrganismConfig:
+        """The config written as ``fields`` (a ``config.json`` or a table's metadata: lists for tuples, other keys
+        such as ``key`` ignored); a field added later takes its default (:data:`ADDED_FIELDS`)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in names})
+
     def key(self) -> str:
         """A hash of every field: two configs share a cache entry exactly when all their settings agree. A field
         added after organisms were trained (:data:`ADDED_FIELDS`) is left out of the hash while it has the value
@@ -262,10 +269,8 @@ def shorter_training(config: OrganismConfig, root: Path) -> Path | None:
         steps = fields.get("steps")
         if not isinstance(steps, int) or steps >= config.steps or not (other.parent / FINAL_STATE).is_file():
             continue
-        names = {f.name for f in dataclasses.fields(OrganismConfig)}
         try:
-            theirs = OrganismConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
-                                       if k in names})
+            theirs = OrganismConfig.from_fields(fields)
         except TypeError:
             continue
         if theirs.key() == key and dataclasses.replace(config, steps=steps) == theirs:
