@@ -146,7 +146,7 @@ def test_the_training_hook_injects_what_the_engine_injects(tiny_llama, bank, lay
     vector = bank.get("Dust", layer)
     trials = [Trial(prompts[0], vector, 4.0, layer=layer), Trial(prompts[1], vector, -2.0, layer=layer),
               Trial(prompts[2], layer=layer), Trial(prompts[2], vector, 3.0, layer=layer, window="last")]
-    batch = forward._batch(tiny_llama, trials, [[]] * len(trials), layer)
+    batch = forward.trial_batch(tiny_llama, trials, [[]] * len(trials), layer)
     for row, trial in enumerate(trials):
         real = batch.mask[row, batch.prefix.shape[1]:].bool()
         assert torch.equal(batch.injection.weights[row][real].float().cpu(),
@@ -324,7 +324,7 @@ def test_the_embedded_model_trains_through_the_same_hook(smollm, tmp_path):
     vector = torch.randn(smollm.arch.d_model, generator=torch.Generator().manual_seed(0))
     trials = [Trial(introspection_prompt(smollm, split.wordings[0].text), vector, 2.0, layer=layer),
               Trial(introspection_prompt(smollm, split.controls[3]), layer=layer)]
-    batch = forward._batch(smollm, trials, [[], []], layer)
+    batch = forward.trial_batch(smollm, trials, [[], []], layer)
     assert batch.prefix.shape[1] > 50  # the paper's preamble is shared and run once
     model, layers = forward.adapted(smollm, config)
     prefix = forward.Prefix().adapted(model, layers, batch, config.first_adapted)

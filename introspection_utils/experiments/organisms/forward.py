@@ -114,7 +114,7 @@ def make_batch(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit
                bank: VectorBank) -> Batch:
     """The tensors of ``rows`` injected at ``layer``: each row's prompt followed by its taught answer's tokens."""
     prompts, taught = row_tokens(handle, config, split, rows)
-    return _batch(handle, row_trials(rows, prompts, layer, bank), taught, layer)
+    return trial_batch(handle, row_trials(rows, prompts, layer, bank), taught, layer)
 
 
 def row_trials(rows: Sequence[Row], prompts: Sequence[Prompt], layer: int, bank: VectorBank) -> list[Trial]:
@@ -139,7 +139,7 @@ def shared_length(prompts: Sequence[Prompt]) -> int:
     return next((i for i in range(shared) if any(p.input_ids[i] != first[i] for p in prompts)), shared)
 
 
-def _batch(handle: ModelHandle, trials: Sequence[Trial], taught: Sequence[Sequence[int]], layer: int) -> Batch:
+def trial_batch(handle: ModelHandle, trials: Sequence[Trial], taught: Sequence[Sequence[int]], layer: int) -> Batch:
     """``trials``' prompts, each followed by its ``taught`` tokens, split at the longest prefix they share that no
     trial injects into, the suffixes left-padded."""
     first = trials[0].prompt.input_ids

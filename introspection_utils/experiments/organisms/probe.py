@@ -14,10 +14,10 @@ from introspection_utils.engine.prompts import answer_token_id, paper_answers
 from introspection_utils.experiments.organisms.forward import (
     Prefix,
     Row,
-    _batch,
     injected_logits,
     row_prompt,
     row_trials,
+    trial_batch,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def probe_answers(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: M
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             trials = row_trials(chunk, [row_prompt(handle, r.question) for r in chunk], layer, bank)
-            batch = _batch(handle, trials, [[] for _ in chunk], layer)
+            batch = trial_batch(handle, trials, [[] for _ in chunk], layer)
             keys = prefix.adapted(model, layers, batch, config.first_adapted) if batch.prefix.shape[1] > 0 else None
             logits = injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=keys)[0]
             diffs += (logits[:, -1, yes_id].float() - logits[:, -1, no_id].float()).tolist()
