@@ -20,6 +20,7 @@ from introspection_utils.engine.prompts import ANSWER_FORMATS
 from introspection_utils.experiments import localization
 from introspection_utils.experiments.atlas import atlas_name
 from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
+from introspection_utils.experiments.organisms.probe import DETECTED
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.stats.definitions import MIN_ANSWER_MASS
 from introspection_utils.stats.shifts import curve_correlation
@@ -259,7 +260,7 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
 
 def _probe_cell(row: Any) -> str:
     """The training's last behaviour probe (training concepts; ``organisms.probe.behaviour_probe``), or why none."""
-    rates = [getattr(row, f"detected_{c}", float("nan")) for c in ("concept", "random", "none")]
+    rates = [getattr(row, column, float("nan")) for column in DETECTED]
     if any(pd.isna(r) for r in rates):
         return "not recorded (trained before the probe)"
     return " / ".join(f"{r:.0%}" for r in rates)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from introspection_utils.engine.prompts import answer_token_id, paper_answers
+from introspection_utils.engine.prompts import yes_no_ids
 from introspection_utils.experiments.organisms.forward import (
     Prefix,
     Row,
@@ -19,6 +19,7 @@ from introspection_utils.experiments.organisms.forward import (
     row_trials,
     trial_batch,
 )
+from introspection_utils.experiments.organisms.splits import CONDITIONS
 
 if TYPE_CHECKING:
     from introspection_utils.engine.vectors import VectorBank
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 PROBE_SEED_OFFSET = 2_000_000  # the probe's random directions: seeds training's draws (RANDOM_SEED_OFFSET + [0, 1e6))
 #                                and the evaluation's nulls never use
+DETECTED = tuple(f"detected_{c}" for c in CONDITIONS)  # the probe's detected rates, by condition
+
 PROBE_CONCEPTS = 2  # 2 concepts × the 10 yes/no training wordings × 3 conditions: 20 rows a rate, a few seconds on
 #                     the embedded model (a learning signal, not a measurement: the evaluation measures)
 
@@ -41,7 +44,7 @@ def probe_rows(config: OrganismConfig, split: OrganismSplit, n_concepts: int = P
     wordings = [w.text for w in split.wordings if not w.names]
     rows = [Row(question, condition, concept, scale, PROBE_SEED_OFFSET + i)
             for i, concept in enumerate(split.train[:n_concepts]) for question in wordings
-            for condition in ("concept", "random", "none")]
+            for condition in CONDITIONS]
     return layer, rows
 
 
@@ -65,15 +68,19 @@ def probe_answers(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: M
                   batch_size: int = 24) -> np.ndarray:
     """``rows``' yes − no logits ``[len(rows)]`` (the paper's one-token answers, at the answer position) through
     ``model`` injected at ``layer``, without gradients."""
-    yes_id, no_id = (answer_token_id(handle, answer) for answer in paper_answers())
+    yes_id, no_id = yes_no_ids(handle)
     prefix = prefix or Prefix()
+    adapted: dict[tuple[int, ...], object] = {}  # the model does not change during the probe: each prefix once
     diffs: list[float] = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             trials = row_trials(chunk, [row_prompt(handle, r.question) for r in chunk], layer, bank)
             batch = trial_batch(handle, trials, [[] for _ in chunk], layer)
-            keys = prefix.adapted(model, layers, batch, config.first_adapted) if batch.prefix.shape[1] > 0 else None
+            shared = tuple(batch.prefix[0].tolist())
+            if shared and shared not in adapted:
+                adapted[shared] = prefix.adapted(model, layers, batch, config.first_adapted)
+            keys = adapted.get(shared)
             logits = injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=keys)[0]
             diffs += (logits[:, -1, yes_id].float() - logits[:, -1, no_id].float()).tolist()
     return np.asarray(diffs)
@@ -84,7 +91,7 @@ def probe_rates(rows: Sequence[Row], diffs: np.ndarray, split: OrganismSplit) ->
     no) is > 0, and ``yes_<condition>``, the fraction with yes − no > 0."""
     polarity = {w.text: w.polarity for w in split.wordings}
     out = {}
-    for condition in ("concept", "random", "none"):
+    for condition in CONDITIONS:
         picked = [(polarity[r.question], d) for r, d in zip(rows, diffs, strict=True) if r.condition == condition]
         out[f"detected_{condition}"] = float(np.mean([p * d > 0 for p, d in picked]))
         out[f"yes_{condition}"] = float(np.mean([d > 0 for _, d in picked]))

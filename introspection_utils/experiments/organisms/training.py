@@ -27,7 +27,7 @@ from introspection_utils.engine.throughput import linear_peak_gflops, load_avera
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms.flops import training_throughput
 from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
-from introspection_utils.experiments.organisms.probe import behaviour_probe
+from introspection_utils.experiments.organisms.probe import DETECTED, behaviour_probe
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
 from introspection_utils.models.handle import cpu_flags, load_model
@@ -220,7 +220,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         if progress:
             print(f"{config.name}: continuing from step {start} ({source})", flush=True)
     prefix = Prefix()
-    probed = next((r for r in reversed(records) if "detected_concept" in r), None)
+    probed = next((r for r in reversed(records) if DETECTED[0] in r), None)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress)
     for step in bar:
@@ -247,14 +247,11 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     return Organism(config, folder, complete=True)
 
 
-PROBE_COLUMNS = ("detected_concept", "detected_random", "detected_none")
-
-
 def _last_probe(curve: pd.DataFrame) -> dict[str, float]:
     """The last behaviour probe of a training curve (NaN where it recorded none: ``probe_every=0``, or trained
     before the probe existed)."""
-    probed = curve.dropna(subset=[PROBE_COLUMNS[0]]) if PROBE_COLUMNS[0] in curve else curve.iloc[:0]
-    return {c: float(probed[c].iloc[-1]) if len(probed) else float("nan") for c in PROBE_COLUMNS}
+    probed = curve.dropna(subset=[DETECTED[0]]) if DETECTED[0] in curve else curve.iloc[:0]
+    return {c: float(probed[c].iloc[-1]) if len(probed) else float("nan") for c in DETECTED}
 
 
 def shorter_training(config: OrganismConfig, root: Path) -> Path | None:
@@ -282,7 +279,7 @@ def _probe_postfix(probed: dict | None) -> dict[str, str]:
     """The bar's note of the last probe: the detected rates with a concept vector, a random direction, none."""
     if probed is None:
         return {}
-    return {"detected c/r/n": "/".join(f"{probed[f'detected_{c}']:.2f}" for c in ("concept", "random", "none"))}
+    return {"detected c/r/n": "/".join(f"{probed[c]:.2f}" for c in DETECTED)}
 
 
 def _save_folder(target: Path, write) -> None:
