@@ -177,6 +177,22 @@ def test_a_training_step_lowers_the_loss(tiny_llama, bank):
     assert not any("lora" in name for name, _ in tiny_llama.torch_model.named_modules()), "the handle was wrapped"
 
 
+def test_the_unembedding_reads_a_contiguous_input_in_every_training_pass(tiny_llama, bank):
+    """The last positions the training keeps are a strided slice of the stream; with the weights frozen,
+    ``torch.matmul`` would copy the unembedding once per row for it (measured: ~80% of a step on Qwen2.5-1.5B). The
+    organism's unembedding is handed them contiguous, in the gradient pass and the base model's pass alike."""
+    config = _config(tiny_llama)
+    split = splits.load_split()
+    model, layers = forward.adapted(tiny_llama, config)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    layer, rows = forward.schedule(config, split, 0)
+    batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
+    assert any(batch.taught) and not all(batch.taught)  # both passes run
+    forward.train_step(model, layers, batch, config, None, forward.Prefix())
+    assert len(seen) >= 3 and all(seen)  # prefix, gradient pass, base pass
+
+
 def _adapter(organism: training.Organism) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return load_file(organism.adapter / "adapter_model.safetensors")

@@ -367,6 +367,14 @@ def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: B
             "tokens": batch.tokens()}
 
 
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """The unembedding's input made contiguous. Its input is the last positions sliced from the stream
+    (``logits_to_keep``), a strided view; with the weight frozen, ``torch.matmul`` cannot fold such a view into one
+    matrix product and runs a batched one over the weight expanded to every row, copied: rows × vocab × d_model
+    elements (on Qwen2.5-1.5B, 5.6 GB for 12 rows), measured at ~80% of a training step's time."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def adapted(handle: ModelHandle, config: OrganismConfig) -> tuple[peft.PeftModel, torch.nn.ModuleList]:
     """A fresh copy of ``handle``'s model with LoRA adapters (seeded init) on layers ``first_adapted`` and up, and
     its decoder layers (``get_peft_model`` wraps the module it is given in place: the handle's own stays clean)."""
@@ -380,6 +388,7 @@ def adapted(handle: ModelHandle, config: OrganismConfig) -> tuple[peft.PeftModel
                            layers_to_transform=list(range(config.first_adapted, handle.arch.n_layers)),
                            layers_pattern="layers")
     peft_model = peft.get_peft_model(model, lora)
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     layers = model
     for attr in handle._family.layers.split("."):
         layers = getattr(layers, attr)
