@@ -84,14 +84,17 @@ def test_a_step_count_refuses_a_layer_it_does_not_know(tiny_llama):
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory):
-    """Two tiny organisms trained for 3 and 2 steps into a temporary cache, and their training table."""
+    """Two tiny organisms trained for 3 and 2 steps into a temporary cache, each with its own settings as the
+    findings train them (the introspector in contrast sets of 6 rows a step, the yes-sayer 4 rows drawn one by one),
+    and their training table."""
     tmp = tmp_path_factory.mktemp("trained")
     split = splits.load_split()
     bank = concept_vectors(tiny_llama, split.train, progress=False)
     organisms = {kind: training.train_organism(
-        tiny_llama, training.organism_config(tiny_llama, kind, layers=[0, 1], scales=[2.0, 4.0], steps=steps,
-                                             batch_size=4), bank=bank, root=tmp / "organisms", progress=False)
-        for kind, steps in (("introspector", 3), ("yes-sayer", 2))}  # a kind's own steps, as the findings train
+        tiny_llama, training.organism_config(tiny_llama, kind, layers=[0, 1], scales=[2.0, 4.0], **own),
+        bank=bank, root=tmp / "organisms", progress=False)
+        for kind, own in (("introspector", {"steps": 3, "batch_size": 6, "contrast": True}),
+                          ("yes-sayer", {"steps": 2, "batch_size": 4}))}
     table = training.training_table(tiny_llama, organisms, tmp / "results", peak=7.5)
     return tmp, organisms, table
 
@@ -135,9 +138,10 @@ def test_the_writer_puts_the_training_into_the_benchmark_block(trained, tmp_path
     bench.main(["--training", str(tmp / "results"), "--organisms-root", str(tmp / "organisms"), "--readme", str(doc)])
     block = read_block(doc, "training")
     head, rule, *rows = block.split("\n\n")[0].splitlines()
-    assert head.startswith("| tiny-llama, organisms' training in float32: 4 rows a step, injection layers 0, 1, "
+    assert head.startswith("| tiny-llama, organisms' training in float32: injection layers 0, 1, "
                            "LoRA r 8 on layers 1–1 | examples/s | tokens/s | wall |")
-    assert [r.split(" | ")[0] for r in rows] == ["| **introspector** (3 steps)", "| **yes-sayer** (2 steps)"]
+    assert [r.split(" | ")[0] for r in rows] == ["| **introspector** (3 steps × 6 rows)",
+                                                 "| **yes-sayer** (2 steps × 4 rows)"]
     for r, row in zip(rows, table.itertuples(), strict=True):  # the same seconds and counts as the notebook's table
         cells = r.strip("|").split(" | ")
         assert float(cells[1]) == pytest.approx(row.examples_per_s, rel=0.05)

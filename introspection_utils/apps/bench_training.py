@@ -34,7 +34,9 @@ from introspection_utils.experiments.organisms.flops import training_throughput
 from introspection_utils.experiments.organisms.training import Organism, OrganismConfig, machine, organism_folder
 from introspection_utils.models.handle import load_model
 
-SHARED = ("model", "revision", "dtype", "layers", "scales", "rank", "batch_size", "targets")  # steps: per kind
+# What one block's organisms share (its title); steps and rows a step are each organism's own (its row's label), so
+# a kind trained with its own batch (notebook 14's settings_by_kind) sits in the same block.
+SHARED = ("model", "revision", "dtype", "layers", "rank", "targets")
 
 
 def trained_organisms(results: str | Path, root: str | Path | None = None) -> dict[str, Organism]:
@@ -78,13 +80,14 @@ def training_block(organisms: dict[str, Organism], rows: dict[str, Throughput], 
     c = configs[0]
     if any(tuple(getattr(x, k) for k in SHARED) != tuple(getattr(c, k) for k in SHARED) for x in configs):
         raise ValueError(f"the organisms differ in {SHARED}: one block holds one training setting")
-    title = (f"{c.model}, organisms' training in {c.dtype}: {c.batch_size} rows a step, injection layers "
+    title = (f"{c.model}, organisms' training in {c.dtype}: injection layers "
              f"{', '.join(map(str, c.layers))}, LoRA r {c.rank} on layers {c.first_adapted}–{n_layers - 1}")
     when = "; ".join(f"{kind} at {o.training().meta['created'][:16].replace('T', ' ')} UTC "
                      f"({'/'.join(f'{x:.2f}' for x in o.training().meta['spec']['machine']['load_avg'])})"
                      for kind, o in organisms.items())
     return "\n".join([
-        throughput_table(title, [dataclasses.replace(r, label=f"**{kind}** ({organisms[kind].config.steps} steps)")
+        throughput_table(title, [dataclasses.replace(r, label=f"**{kind}** ({organisms[kind].config.steps} steps × "
+                                                              f"{organisms[kind].config.batch_size} rows)")
                                  for kind, r in rows.items()]), "",
         "Wall time: the training steps' own (not loading, concept vectors or saving); examples: rows; tokens: each "
         "row's whole prompt and answer. Useful FLOPs replayed from each config's schedule "
