@@ -371,7 +371,7 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     """The unembedding's input made contiguous. Its input is the last positions sliced from the stream
     (``logits_to_keep``), a strided view; with the weight frozen, ``torch.matmul`` cannot fold such a view into one
     matrix product and runs a batched one over the weight expanded to every row, copied: rows × vocab × d_model
-    elements (on Qwen2.5-1.5B, 5.6 GB for 12 rows), measured at ~80% of a training step's time."""
+    elements a pass, most of a step's time on a large vocabulary (``docs/benchmark.md``: the training's speed)."""
     return (args[0].contiguous(), *args[1:])
 
 
