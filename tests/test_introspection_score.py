@@ -49,7 +49,7 @@ def test_weights_are_unbiased_orthogonal_to_a_shared_push_and_count_every_wordin
     rng = np.random.default_rng(2)
     root = rng.normal(0, 1, (12, 12))
     sigma = root @ root.T + 0.1 * np.eye(12)
-    a = nm.score_weights(sigma, d)
+    a = nm.score_weights(sigma, d, heterogeneity=0.0)
     u = d.signal.ravel()
     sign = np.tile(d.polarity, 3)
     assert a @ u == pytest.approx(1.0, abs=1e-6)
@@ -62,6 +62,33 @@ def test_weights_are_unbiased_orthogonal_to_a_shared_push_and_count_every_wordin
     assert a @ sigma @ a <= best.fun * (1 + 1e-4)
     # one polarity only: a push on every wording is the signal itself, so no such constraint
     assert nm.constraints(_design(m_inverted=0)).shape == (6, 0)
+    # with the heterogeneity term: the least-variance weights under the residuals' covariance plus the effect's
+    # spread across wordings (the same independent solver)
+    total = sigma + nm.heterogeneity_covariance(sigma, d, 4.0)
+    h = nm.score_weights(sigma, d, heterogeneity=4.0)
+    assert h @ u == pytest.approx(1.0, abs=1e-6) and (sign * h >= -1e-9).all()
+    best = minimize(lambda w: w @ total @ w, sign / (sign @ u), constraints=cons, method="SLSQP",
+                    bounds=[(0, None) if s > 0 else (None, 0) for s in sign], options={"ftol": 1e-14, "maxiter": 1000})
+    assert h @ total @ h <= best.fun * (1 + 1e-4)
+
+
+def test_the_heterogeneity_term_is_the_spread_of_an_effect_across_wordings():
+    """heterogeneity_covariance is the covariance of u_w·s·p_w with the u_w independent, variance τ² = h × the mean
+    residual variance / the mean squared scale — checked by simulation; and it spreads the weights: with one quiet
+    twin pair and two noisy ones, the weights for one effect on every wording put nearly everything on the quiet
+    pair, the heterogeneity term much less."""
+    d = _design(m_detect=3, m_inverted=3, scales=(4.0, 8.0))  # wordings 0–2 detect, 3–5 inverted
+    sigma = np.diag(np.tile(np.array([0.04, 1.0, 1.0, 0.04, 1.0, 1.0]), 2))  # wordings 0 and 3 quiet, [S·m]
+    h = nm.heterogeneity_covariance(sigma, d, 4.0)
+    tau2 = 4.0 * float(np.trace(sigma)) / 12 / float(np.mean(d.scales ** 2))
+    rng = np.random.default_rng(0)
+    u = rng.normal(0, np.sqrt(tau2), (200_000, 6))
+    draws = (u[:, None, :] * np.outer(d.scales, d.polarity)[None]).reshape(len(u), -1)
+    assert np.cov(draws.T) == pytest.approx(h, abs=0.02 * float(np.abs(h).max()))
+    quiet = np.tile(np.array([1, 0, 0, 1, 0, 0], bool), 2)
+    share = lambda a: float(np.abs(a[quiet]).sum() / np.abs(a).sum())  # noqa: E731
+    assert share(nm.score_weights(sigma, d, heterogeneity=0.0)) > 0.9
+    assert share(nm.score_weights(sigma, d, heterogeneity=4.0)) < 0.6
 
 
 def test_a_hand_computed_score_with_one_detect_and_one_inverted_wording():

@@ -165,3 +165,36 @@ def test_a_hooked_compression_or_yes_shift_is_not_called(smollm, setup, effect):
     panel = plasmode.panel(plain)
     assert plasmode.called_fraction(plasmode.score_method(effect.apply(panel.concept_delta, panel), panel.null_delta,
                                                           panel, panel.groups)) == 0.0
+
+
+def test_the_planted_check_plants_exactly_calls_the_signal_as_predicted_and_no_confound(smollm, tmp_path):
+    """``planted_check`` (the command that runs this check on Qwen for docs/verdicts.md): on the embedded model, every
+    re-measured Δ is the plasmode's arithmetic to float rounding, the signal is called at exactly the predicted rate
+    (the plant is exact, so concept by concept), the fitted compression, yes-shift and self push are called for no
+    concept, and the table is saved with its metadata."""
+    from introspection_utils.apps.planted_check import CONFOUNDS, planted_check, planted_markdown
+
+    # 6 concepts × 4 random vectors: the smallest rank p 1/25 lets Benjamini–Hochberg call 5 or 6 of them
+    table = planted_check(smollm, CONCEPTS[:6], SCALES, n_controls=4, n_random=4, results_dir=tmp_path,
+                          progress=False)
+    print("\n" + table.to_string())
+    assert table["effect"].tolist() == ["wording", *CONFOUNDS]
+    assert (table["max_abs_error"] < 2e-4).all()
+    assert table.loc[0, "predicted_called"] > 0
+    assert table["called"].tolist() == table["predicted_called"].tolist()
+    assert (table.loc[table["effect"] != "wording", "called"] == 0).all()
+    assert (table["n_nulls"] == 24).all() and (tmp_path / "planted_check.csv").is_file()
+    assert (tmp_path / "planted_check.meta.json").is_file()
+    assert "| wording |" in planted_markdown(table, smollm.name)
+
+
+def test_the_hooks_refuse_a_model_below_float32():
+    """In bfloat16 a row's residual is rounded to 2^-8 of its size, more than the tolerance that names its vector:
+    no row would be planted, so the hooks refuse with one clear error instead."""
+    from introspection_utils.models.handle import load_model
+
+    half = load_model("tiny-llama", device="cpu", dtype="bfloat16")
+    prompt = introspection_prompt(half, default_wordings()[0], kind="introspection")
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        with planted_answers(half, 0, [prompt], [], lambda row: row.answer):
+            pass

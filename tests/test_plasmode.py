@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from introspection_utils.apps import verdict_tables
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.stats import plasmode as pm
 from introspection_utils.stats import verdicts
@@ -126,9 +127,9 @@ def test_the_population_test_finds_a_small_shared_effect_and_rarely_rejects_with
 
 def test_docs_table_is_this_modules(qwen):
     """docs/verdicts.md's plasmode block holds the rows this module computes (the open format's power at I = 0.5 and
-    its false-positive rate on the nulls are recomputed here; ``python -m introspection_utils.stats.plasmode``
-    rewrites the block)."""
-    block = read_block(project_root() / pm.DOC, "plasmode")
+    its false-positive rate on the nulls are recomputed here; ``python -m introspection_utils.apps.verdict_tables
+    plasmode`` rewrites the block)."""
+    block = read_block(project_root() / verdict_tables.DOC, "plasmode")
     open_part = block.split("**qwen2.5-coder-1.5b-instruct, binary format**")[0]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[4:-1]]
             for line in open_part.splitlines() if line.startswith("| ")}
@@ -138,5 +139,5 @@ def test_docs_table_is_this_modules(qwen):
     assert float(rows["MDE (I, logits, 80% called)"][0]) <= 0.5
     population = pm.population_power(qwen, pm.POPULATION_GRID, until=pm.POWER)
     assert rows["population MDE (I, logits, 80% of resamples)"] == [f"{pm.mde(population, column='rejected'):.2f}",
-                                                                     "—"]
+                                                                     "—", "—"]
     assert rows["population test: rejected, nothing planted"][0] == f"{population['rejected'].iloc[0]:.1%}"

@@ -15,7 +15,7 @@ from introspection_utils.engine.prompts import answer_set, control_questions, in
 from introspection_utils.engine.vectors import concept_vectors, random_vector
 from introspection_utils.experiments import sweeps
 from introspection_utils.experiments.sweeps import COLUMNS, SweepSpec, layer_sweep, scale_sweep, summarize
-from introspection_utils.models.handle import package_version
+from introspection_utils.models.handle import load_model, package_version
 
 CONCEPTS = ["Dust", "Satellites"]
 SCALES = [0.0, 2.0, -4.0]
@@ -158,6 +158,18 @@ def test_resume_recomputes_only_the_missing_question(tiny_llama, bank, tmp_path,
     count_measure.calls.clear()
     run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="resume")
     assert count_measure.calls == []  # everything on disk now
+
+
+def test_a_sweep_in_another_dtype_does_not_resume_from_the_first_ones_chunks(tiny_llama, bank, tmp_path,
+                                                                            count_measure):
+    """The chunks' folder is named by the model, its revision and dtype as well as the spec: the same spec measured
+    in bfloat16 into the same folder measures every question afresh (its answers differ from float32's)."""
+    first = run_scale_sweep(tiny_llama, bank, results_dir=tmp_path, name="dtypes")
+    half = load_model("tiny-llama", device="cpu", dtype="bfloat16")
+    count_measure.calls.clear()
+    second = run_scale_sweep(half, bank, results_dir=tmp_path, name="dtypes")
+    assert len(count_measure.calls) == 3 and len(list((tmp_path / ".chunks").glob("dtypes-*"))) == 2
+    assert not second.df["logit_diff"].equals(first.df["logit_diff"])
 
 
 def test_interrupted_sweep_keeps_finished_questions_and_the_rerun_completes(tiny_llama, bank, tmp_path,

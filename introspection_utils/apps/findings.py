@@ -300,6 +300,25 @@ def wall_times(model: str = FINDINGS_MODEL) -> dict[str, float]:
             if row.notebook.count(".") == 1}  # a variant's row (11_atlas.binary.ipynb) is not its notebook's time
 
 
+def series_time_markdown(model: str = FINDINGS_MODEL) -> str | None:
+    """One sentence on what the series costs to rerun, from the run's ``timings.csv``: the notebooks' (and variants')
+    last wall times added up, their dtypes and the load averages at their starts and ends (how busy the machine
+    was); None without the file."""
+    path = figures_dir(model) / "timings.csv"
+    if not path.is_file():
+        return None
+    rows = pd.read_csv(path, dtype={"notebook": str})
+    dtypes = rows["dtype"].fillna("unknown (recorded before the runner kept it)").astype(str)
+    by_dtype = ", ".join(f"{(rows.loc[dtypes == d, 'seconds'].sum() / 60):.0f} min in {d} ({int((dtypes == d).sum())})"
+                         for d in sorted(dtypes.unique()))
+    loads = lambda column: (f"{rows[column].min():.1f}–{rows[column].max():.1f}"  # noqa: E731
+                            if column in rows and rows[column].notna().any() else "unknown")
+    return (f"Rerunning the series on {model} (`make findings`, {len(rows)} notebooks and variants, each notebook's "
+            f"last run in `timings.csv`) took {rows['seconds'].sum() / 60:.0f} min: {by_dtype}; load average "
+            f"{loads('load_start')} at their starts, {loads('load_avg')} at their ends. The organisms' training is "
+            "not in it when they were loaded from the cache (their own times are in the training table).")
+
+
 def notebooks_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:
     """The readings as Markdown, one section per notebook with its figures (paths relative to the model folder)
     and its wall time in the last run (``seconds``, by notebook prefix)."""
@@ -345,7 +364,8 @@ def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
              + ("\n\n" + formats_markdown(formats) if len(formats) else "")
              + ("\n\n" + tasks_markdown(task_table) if len(task_table) else "")
              + ("\n\n" + organisms_markdown(organisms, _table(results / "organisms_training.csv"))
-                if len(organisms) else ""))
+                if len(organisms) else "")
+             + ("\n\n" + series_time_markdown(model) if series_time_markdown(model) else ""))
     sections = series(model)
     document = table + ("\n\n" + notebooks_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)

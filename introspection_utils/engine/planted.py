@@ -79,9 +79,14 @@ def planted_answers(handle: ModelHandle, layer: int, prompts: Sequence[Prompt], 
     trials) and its scale; the final norm's output at the last position then gets (rule(row) − yes − no) ×
     :func:`answer_direction` — the readout's own call of the norm and the model's (the answer mass) alike. A window
     that does not reach the last position reads as uninjected. ``answers``: the answer sets read (as
-    :func:`measure.measure`'s). Refused for a model with a final logit softcap (the shift would not be exact) and at
-    the last layer (no layer reads its output before the final norm). Rows of no given prompt are left alone."""
+    :func:`measure.measure`'s). Refused for a model with a final logit softcap (the shift would not be exact), at
+    the last layer (no layer reads its output before the final norm) and below float32. Rows of no given prompt are
+    left alone."""
     layer = handle.check_layer(layer)
+    if handle.dtype not in (torch.float32, torch.float64):
+        # its rounding (2^-8 of the residual in bfloat16) exceeds MATCH: no row would be named, nothing planted
+        raise ValueError(f"{handle.name} runs in {handle.dtype}: the hooks name each row's vector and plant its "
+                         f"answer to float32 rounding; load the model with dtype='float32'")
     if handle.arch.final_logit_softcap:
         raise ValueError(f"{handle.name} caps its logits: a planted shift before the cap is not exact")
     if layer >= handle.arch.n_layers - 1:

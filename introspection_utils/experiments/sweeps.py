@@ -202,9 +202,9 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
               executor: str | LocalExecutor | RayExecutor = "local", address: str | None = None) -> SweepResult:
     """Measure every (concept vector and random vectors) × scale × layer × question of ``spec``.
 
-    With ``results_dir``, each finished question is written to ``<results_dir>/.chunks/<name>-<spec hash>/`` and
-    reused on the next call with the same spec (resume), and the final table goes to ``<results_dir>/<name>.csv``
-    with ``<name>.meta.json``.
+    With ``results_dir``, each finished question is written to ``<results_dir>/.chunks/<name>-<hash>/`` (the hash of
+    the spec, the model, its revision and dtype) and reused on the next call with the same of each (resume), and the
+    final table goes to ``<results_dir>/<name>.csv`` with ``<name>.meta.json``.
 
     ``executor``: where the questions are measured — ``"local"`` (here, in order), ``"ray"`` (one Ray actor per GPU
     or CPU worker of the cluster at ``address``: ``"auto"``, ``"HOST:PORT"``, or ``None`` for the connected or a new
@@ -234,7 +234,11 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
                      for v in vectors}
     else:
         scales_of = {v: [float(s) for s in spec.scales] for v in vectors}
-    chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{spec.hash}" if results_dir is not None else None
+    # the chunks' folder names the model, its revision and dtype beside the spec: a rerun in another dtype (or a
+    # model writing into the same folder) measures afresh instead of resuming from another model's answers
+    made_by = content_hash({"spec": spec.hash, "model": handle.name, "revision": handle.revision,
+                            "dtype": str(handle.dtype)})
+    chunk_dir = Path(results_dir) / ".chunks" / f"{name}-{made_by}" if results_dir is not None else None
     if chunk_dir is not None:
         chunk_dir.mkdir(parents=True, exist_ok=True)
     frames: dict[int, pd.DataFrame] = {}

@@ -15,7 +15,9 @@ model's own, fitted on vectors that are not concepts:
   the controls. The **controls-only residual** r + α drops the intercept: beyond what the controls predict alone.
 * **the score** δ̂(v) = a·r(v) (logits per unit scale): a planted wording effect Δ_w += δ·s·p_w (p_w the polarity)
   gives E δ̂ = δ, because the weights a (:func:`score_weights`) are the least-variance unbiased ones under the nulls'
-  residual covariance (shrunk to its diagonal by ``shrinkage``), constrained so that at every scale they sum to zero
+  residual covariance (shrunk to its diagonal by ``shrinkage``) plus a **heterogeneity** term — a real effect is not
+  the same on every wording (each wording's effect is δ + u_w, u_w varying across wordings; :data:`HETEROGENEITY`) —
+  constrained so that at every scale they sum to zero
   over the wordings (a push shared by every wording, e.g. a "yes" on self questions, does not enter) and — with
   ``compression_proof`` — are orthogonal to the wordings' baselines (a push proportional to the baseline,
   i.e. linear compression, does not enter). **I** = δ̂·max(s): the same in logits at the largest scale.
@@ -39,6 +41,12 @@ from dataclasses import dataclass
 import numpy as np
 
 RIDGE = 1.0  # ridge on the loadings (logits², summed over null vectors × scales)
+# The variance of a concept's effect across wordings, in units of the residuals' mean variance (at the mean squared
+# scale). Why not 0: without it the weights pile onto the wordings the nulls barely move — the wordings the model
+# connects least to an injection — and an effect that differs between wordings is missed (issue #30: Qwen's trained
+# introspector, whose held-out concepts move five of six wordings, was called for none). docs/verdicts.md's plasmode
+# table and the organisms' table show the verdict with and without it.
+HETEROGENEITY = 4.0
 MIN_NULLS = 3  # null vectors a test needs (the ridge carries the loadings; the p-value cannot go below 1 / (R + 1))
 POWER = 0.8  # the power an MDE is stated at
 GRID = (0.0125, 0.025, 0.0375, 0.05, 0.0625, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5)  # δ, logits per unit scale
@@ -142,15 +150,34 @@ def choose_shrinkage(residuals: np.ndarray, groups: np.ndarray, grid: Sequence[f
     return best
 
 
-def score_weights(covariance: np.ndarray, design: QuestionDesign, *, compression_proof: bool = False) -> np.ndarray:
-    """``[S·m]``: the least-variance weights a under ``covariance [S·m, S·m]`` with a·signal = 1, a ⟂
-    :func:`constraints`, and every wording counted towards reporting detection (p_w·a_ws ≥ 0: a weight never turns a
-    wording's move towards detection into evidence against it, so the score does not depend on the exact shape of an
-    effect across scales). Solved as non-negative least squares with the equalities as heavy penalty rows."""
+def heterogeneity_covariance(covariance: np.ndarray, design: QuestionDesign, heterogeneity: float) -> np.ndarray:
+    """``[S·m, S·m]``: the covariance a wording effect that varies across wordings adds to the residuals — wording w's
+    effect δ + u_w at scale s is (δ + u_w)·s·p_w, the u_w independent with variance τ² = ``heterogeneity`` × the mean
+    diagonal of ``covariance [S·m, S·m]`` / the mean squared scale (so at the mean squared scale the spread of the
+    effect across wordings is ``heterogeneity`` times the mean residual variance)."""
+    s, m = len(design.scales), len(design.wordings)
+    tau2 = float(heterogeneity) * float(np.trace(covariance)) / len(covariance) / float((design.scales ** 2).mean())
+    out = np.zeros_like(covariance, dtype=float)
+    for w in range(m):
+        e = np.zeros((s, m))
+        e[:, w] = design.scales * design.polarity[w]
+        out += np.outer(e.ravel(), e.ravel())
+    return tau2 * out
+
+
+def score_weights(covariance: np.ndarray, design: QuestionDesign, *, compression_proof: bool = False,
+                  heterogeneity: float = HETEROGENEITY) -> np.ndarray:
+    """``[S·m]``: the least-variance weights a under ``covariance [S·m, S·m]`` plus the effect's spread across
+    wordings (:func:`heterogeneity_covariance`; ``heterogeneity=0``: the residuals' covariance alone), with
+    a·signal = 1, a ⟂ :func:`constraints`, and every wording counted towards reporting detection (p_w·a_ws ≥ 0: a
+    weight never turns a wording's move towards detection into evidence against it, so the score does not depend on
+    the exact shape of an effect across scales). Solved as non-negative least squares with the equalities as heavy
+    penalty rows."""
     from scipy.optimize import nnls
 
     sign = np.tile(design.polarity, len(design.scales)).astype(float)
-    sigma = covariance * np.outer(sign, sign)  # in b = sign·a ≥ 0
+    total = covariance + heterogeneity_covariance(covariance, design, heterogeneity) if heterogeneity else covariance
+    sigma = total * np.outer(sign, sign)  # in b = sign·a ≥ 0
     equal = np.vstack([design.signal.ravel() * sign, (constraints(design, compression_proof=compression_proof)
                                                       * sign[:, None]).T]).reshape(-1, len(sign))
     target = np.r_[1.0, np.zeros(len(equal) - 1)]
@@ -223,7 +250,8 @@ class ScoreTest:
 
 def noise_ratio(residuals: np.ndarray, weights: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """``residuals [V, k]`` → ``[V]``: how noisy each vector's residual is relative to ``sigma`` once the scored
-    direction is taken out — √((r'Σ⁻¹r − δ̂²/var δ̂) / (k − 1)), ≈ 1 for a vector as noisy as the nulls. A vector
+    direction is taken out — √((r'Σ⁻¹r − δ̂²/var δ̂) / (k − 1)) with δ̂ = r·``weights``, the least-variance weights
+    under ``sigma`` (for them it is the energy off that direction), ≈ 1 for a vector as noisy as the nulls. A vector
     k times noisier than the nulls (e.g. one that pushes everything k times harder, its noise with it) reads ≈ k."""
     est = residuals @ weights
     var = float(weights @ sigma @ weights)
@@ -241,7 +269,7 @@ def rank_p(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, *,
                groups: Sequence | np.ndarray | None = None, ridge: float = RIDGE, shrinkage: float | None = None,
-               compression_proof: bool = False) -> ScoreTest:
+               compression_proof: bool = False, heterogeneity: float = HETEROGENEITY) -> ScoreTest:
     """Test ``concept_delta [V, Q, S]`` against ``null_delta [R, Q, S]`` (``groups [R]``: which nulls belong
     together — a concept's own random vectors — left out together; default, or with fewer than :data:`MIN_NULLS`
     groups, each its own).
@@ -252,7 +280,8 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
     ``shrinkage``, default chosen by cross-validation on the nulls: :func:`choose_shrinkage`). Pooling the concepts'
     residuals into the covariance matches the weights to the concepts' own noise (they push the controls harder than
     norm-matched random vectors); because each kind is centred, a shift every concept shares (the effect sought) does
-    not enter the weights. ``compression_proof``: weights also orthogonal to the wordings' baselines."""
+    not enter the weights. ``compression_proof``: weights also orthogonal to the wordings' baselines;
+    ``heterogeneity``: the effect's assumed spread across wordings (:func:`score_weights`)."""
     if len(null_delta) < MIN_NULLS:
         raise ValueError(f"the null model needs at least {MIN_NULLS} null vectors, got {len(null_delta)}")
     if concept_delta.shape[1:] != null_delta.shape[1:]:
@@ -272,26 +301,31 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
     concept_controls = prediction.residual(concept_delta, design, controls_only=True).reshape(n_c, -1)
     lam = choose_shrinkage(null_res, groups) if shrinkage is None else float(shrinkage)
 
-    def weights(drop_null: np.ndarray, drop_concept: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def weights(drop_null: np.ndarray, drop_concept: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The score's weights, the residual covariance, and that covariance's own least-variance weights (the
+        direction :func:`noise_ratio` takes out: its formula holds for them)."""
         keep = np.ones(n_c, bool)
         if drop_concept is not None:
             keep[drop_concept] = False
         sigma = shrunk(pooled_covariance([null_res[~drop_null], concept_res[keep]]), lam)
-        return score_weights(sigma, design, compression_proof=compression_proof), sigma
+        own = score_weights(sigma, design, compression_proof=compression_proof, heterogeneity=0.0)
+        a = score_weights(sigma, design, compression_proof=compression_proof,
+                          heterogeneity=heterogeneity) if heterogeneity else own
+        return a, sigma, own
 
     none = np.zeros(n_r, bool)
     null_hat, null_noise = np.empty(n_r), np.empty(n_r)
     for g in np.unique(groups):
         out = groups == g
-        a, sigma = weights(out, None)
+        a, sigma, own = weights(out, None)
         null_hat[out] = null_res[out] @ a
-        null_noise[out] = noise_ratio(null_res[out], a, sigma)
+        null_noise[out] = noise_ratio(null_res[out], own, sigma)
     est, controls_only, noise = np.empty(n_c), np.empty(n_c), np.empty(n_c)
     for i in range(n_c):
-        a, sigma = weights(none, i)
+        a, sigma, own = weights(none, i)
         est[i], controls_only[i] = concept_res[i] @ a, concept_controls[i] @ a
-        noise[i] = noise_ratio(concept_res[i:i + 1], a, sigma)[0]
-    a_all, _ = weights(none, None)
+        noise[i] = noise_ratio(concept_res[i:i + 1], own, sigma)[0]
+    a_all, _, _ = weights(none, None)
     top = float(design.scales.max())
     return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, p_random=rank_p(est, null_hat),
                      p_controls=rank_p(controls_only, null_hat), covered=noise <= null_noise.max(),
@@ -325,7 +359,7 @@ def plant(delta: np.ndarray, design: QuestionDesign, size: float) -> np.ndarray:
 
 def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, *,
               groups: Sequence | np.ndarray | None = None, alpha: float = 0.05, power: float = POWER,
-              grid: Sequence[float] = GRID) -> float:
+              grid: Sequence[float] = GRID, heterogeneity: float = HETEROGENEITY) -> float:
     """The atlas's minimum detectable effect, on its own noise: the smallest I (logits at the largest scale) that,
     planted into every concept (:func:`plant`), is called (q ≤ ``alpha`` after Benjamini–Hochberg, beyond random
     vectors and the controls) for at least ``power`` of them — linear interpolation on ``grid`` (δ per unit scale);
@@ -333,7 +367,8 @@ def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questio
     top = float(design.scales.max())
     previous = (0.0, 0.0)
     for size in sorted(grid):
-        test = score_test(plant(concept_delta, design, size), null_delta, design, groups=groups)
+        test = score_test(plant(concept_delta, design, size), null_delta, design, groups=groups,
+                          heterogeneity=heterogeneity)
         called = float((benjamini_hochberg(np.maximum(test.p_random, test.p_controls)) <= alpha).mean())
         if called >= power:
             (s0, c0) = previous

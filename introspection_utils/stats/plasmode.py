@@ -26,9 +26,8 @@ tested as if it were a concept against the others — leave-one-out on the real 
 or not; the truth is "no introspection", so the rate of p ≤ α is the test's size there.
 
 A method maps ``(concept_delta [V, Q, S], null_delta [R, Q, S], panel)`` to p-values ``[V]``: :func:`score_method`
-(the verdict's statistic, :mod:`.introspection_score`) and :func:`residual_method` (the controls'-line residual I that
-it replaced, with its two nulls) are compared on the same plantings; :func:`population_power` gives the population
-test's power.
+(the verdict's statistic), :func:`uniform_effect_method` (the same with weights that assume one effect on every
+wording) and :func:`residual_method` (the controls'-line I it replaced) are compared on the same plantings.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.stats.definitions import QuestionCurves, question_curves
 from introspection_utils.stats.introspection_score import (
     GRID,
@@ -54,16 +52,13 @@ from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
 ANSWER_KINDS = EFFECT_KINDS[:4]  # the kinds that move each answer on its own (a hook can plant them one at a time)
-DOC = "docs/verdicts.md"  # the file whose plasmode block :func:`main` writes
-SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 
 
 @dataclass(frozen=True)
 class Panel:
-    """One layer of a sweep as arrays: ``design`` (:class:`introspection_score.QuestionDesign`), ``concept_delta [V,
-    Q, S]``,
-    ``null_delta [R, Q, S]`` (injected scales only), ``groups [R]`` (each null's concept), ``concepts [V]``,
-    ``about_self [Q]`` (bool: the question is about the model), ``questions [Q]``, ``layer``, ``model``,
+    """One layer of a sweep as arrays: ``design`` (:class:`introspection_score.QuestionDesign`), ``concept_delta
+    [V, Q, S]``, ``null_delta [R, Q, S]`` (injected scales only), ``groups [R]`` (each null's concept), ``concepts
+    [V]``, ``about_self [Q]`` (bool: the question is about the model), ``questions [Q]``, ``layer``, ``model``,
     ``answer_format``."""
 
     design: QuestionDesign
@@ -168,10 +163,11 @@ class Effect:
 Method = Callable[[np.ndarray, np.ndarray, Panel, np.ndarray], np.ndarray]
 
 
-def score_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray) -> np.ndarray:
-    """p-values of the verdict's test (:func:`introspection_score.score_test`): beyond random vectors and beyond the
-    controls (the larger of the two)."""
-    test = score_test(concept_delta, null_delta, p.design, groups=groups)
+def score_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray,
+                 **options: float) -> np.ndarray:
+    """p-values of the verdict's test (:func:`introspection_score.score_test`, ``options`` passed on): beyond random
+    vectors and beyond the controls (the larger of the two)."""
+    test = score_test(concept_delta, null_delta, p.design, groups=groups, **options)
     return np.maximum(test.p_random, test.p_controls)
 
 
@@ -195,7 +191,15 @@ def residual_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel,
                      for d in concept_delta])
 
 
-METHODS: dict[str, Method] = {"null-learned score": score_method, "controls' line I (before)": residual_method}
+def uniform_effect_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray
+                          ) -> np.ndarray:
+    """:func:`score_method` with weights that assume the same effect on every wording (``heterogeneity=0``)."""
+    return score_method(concept_delta, null_delta, p, groups, heterogeneity=0.0)
+
+
+METHODS: dict[str, Method] = {"null-learned score": score_method,
+                              "same effect on every wording (before)": uniform_effect_method,
+                              "controls' line I (before)": residual_method}
 
 
 def called_fraction(p_values: np.ndarray, *, alpha: float = ALPHA) -> float:
@@ -353,46 +357,3 @@ def report(p: Panel, *, methods: dict[str, Method] = METHODS, grid: Sequence[flo
     rows.append({**head, "method": name, "quantity": f"population MDE (I, logits, {POWER:.0%} of resamples)",
                  "truth": "power", "effect": "", "value": mde(population, column="rejected")})
     return pd.DataFrame(rows)
-
-
-def report_markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
-    """The plasmode table as ``docs/verdicts.md`` shows it (``python -m introspection_utils.stats.plasmode``)."""
-    lines = []
-    for (model, fmt), group in table.groupby(["model", "answer_format"], sort=False):
-        methods = list(dict.fromkeys(group["method"]))
-        first = group.iloc[0]
-        r = int(first["n_nulls"])
-        lines += [f"**{model}, {fmt} format** ({first['n_concepts']} concepts, {r} norm-matched random vectors; "
-                  f"α = {alpha:g}, Benjamini–Hochberg across concepts for \"called\"; the smallest rank p-value is "
-                  f"1/{r + 1} = {1 / (r + 1):.3f}, in the leave-one-out 1/{r - 1} = {1 / (r - 1):.3f}"
-                  + (" — above α, so no held-out null can be a false positive there" if 1 / (r - 1) > alpha else "")
-                  + "):", "",
-                  "| quantity | planted | truth | " + " | ".join(methods) + " |",
-                  "|---|---|---|" + "---|" * len(methods)]
-        for quantity, rows in group.groupby("quantity", sort=False):
-            values = [rows[rows["method"] == m]["value"].iloc[0] if (rows["method"] == m).any() else None
-                      for m in methods]  # the population test reads the verdict's statistic only
-            cells = ["—" if v is None else (f"{v:.2f}" if "MDE" in quantity else f"{v:.1%}") if np.isfinite(v)
-                     else "not reached" for v in values]
-            lines.append(f"| {quantity} | {rows['effect'].iloc[0]} | {rows['truth'].iloc[0]} | "
-                         + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines).strip()
-
-
-def committed_panels(model: str = "qwen2.5-coder-1.5b-instruct", sweeps: Sequence[str] = SWEEPS) -> list[Panel]:
-    """The panels of a model's committed atlas sweeps (``figures/<model>/results/<sweep>.csv``) that exist."""
-    folder = project_root() / "figures" / model / "results"
-    return [panel(pd.read_csv(folder / f"{name}.csv")) for name in sweeps if (folder / f"{name}.csv").exists()]
-
-
-def main() -> None:
-    """Rebuild the plasmode table from the committed sweeps and write it into :data:`DOC`'s ``plasmode`` block."""
-    table = pd.concat([report(p) for p in committed_panels()], ignore_index=True)
-    text = report_markdown(table)
-    print(text)
-    replace_block(project_root() / DOC, "plasmode", text)
-
-
-if __name__ == "__main__":
-    main()

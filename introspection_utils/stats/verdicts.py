@@ -9,9 +9,8 @@ prediction, signed by polarity (logits at the largest scale). ``p_random`` ranks
 vectors' out-of-sample scores (beyond random vectors); ``p_controls`` ranks its score beyond the controls' part alone
 (beyond the controls); ``p_value`` is the larger, and Benjamini–Hochberg across the table's concepts gives
 ``q_value`` (and ``q_controls``). Every row carries the atlas's MDE (:func:`introspection_score.atlas_mde`: the
-smallest I
-called for 80% of its concepts, on its own noise) and the smallest p its random vectors allow, so a "no" says what it
-could have found. Fewer than :data:`MIN_RANDOM` random vectors: no test (NaN p and q, and no sentence prints a q).
+smallest I called for 80% of its concepts, on its own noise) and the smallest p its random vectors allow, so a
+"no" says what it could have found. Under :data:`MIN_RANDOM` random vectors: no test (NaN p and q; no q printed).
 
 **Classes** (exclusive, decided in this order by :func:`classify`; t = ``effect_threshold`` logits, α = ``alpha``):
 
@@ -58,6 +57,7 @@ from introspection_utils.stats.definitions import (
     question_curves,
 )
 from introspection_utils.stats.introspection_score import (
+    HETEROGENEITY,
     MIN_NULLS,
     QuestionDesign,
     atlas_mde,
@@ -130,10 +130,12 @@ ATLAS_COLUMNS = ["model", "concept", "layer", "n_wordings", "n_inverted", "n_con
 
 
 def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCurves], *,
-               groups: Sequence[str] | None = None, alpha: float = ALPHA, mde: bool = True) -> dict[str, object] | None:
+               groups: Sequence[str] | None = None, alpha: float = ALPHA, mde: bool = True,
+               heterogeneity: float = HETEROGENEITY) -> dict[str, object] | None:
     """:func:`introspection_score.score_test` of one layer's concepts against its random vectors (each vector's injected
     scales; ``groups``: each random vector's concept — one concept's random vectors are left out together), with the
-    atlas's MDE and the population test; None with fewer than :data:`MIN_RANDOM` random vectors (no test)."""
+    atlas's MDE and the population test (``heterogeneity``: see :func:`verdicts`); None with fewer than
+    :data:`MIN_RANDOM` random vectors (no test)."""
     if len(randoms) < MIN_RANDOM:
         return None
     first = concepts[0]
@@ -144,17 +146,17 @@ def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCur
         wordings=np.flatnonzero(first.is_intro), controls=np.flatnonzero(~first.is_intro),
         polarity=first.polarity[first.is_intro].astype(int), baseline=first.baseline.astype(float),
         scales=first.x[inj].astype(float))
-    concept_delta = np.stack([c.delta[:, inj] for c in concepts])
-    null_delta = np.stack([r.delta[:, inj] for r in randoms])
+    concept_delta, null_delta = (np.stack([v.delta[:, inj] for v in vs]) for vs in (concepts, randoms))
     groups = None if groups is None else np.asarray(groups)
-    test = score_test(concept_delta, null_delta, design, groups=groups)
+    test = score_test(concept_delta, null_delta, design, groups=groups, heterogeneity=heterogeneity)
     return {"test": test, "design": design, "mde": atlas_mde(concept_delta, null_delta, design, groups=groups,
-                                                             alpha=alpha)
+                                                             alpha=alpha, heterogeneity=heterogeneity)
             if mde else float("nan"), "population_p": population_p(test.delta_hat, test.null_delta_hat)}
 
 
 def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
-             n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0, mde: bool = True) -> pd.DataFrame:
+             n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0, mde: bool = True,
+             heterogeneity: float = HETEROGENEITY) -> pd.DataFrame:
     """One row per (concept, layer) of a scale-sweep table: the test (:func:`introspection_score.score_test`), its
     corrections, the controls' line at the effect scale, S, flips, answer mass and class (columns
     :data:`ATLAS_COLUMNS`), sorted by q-value then I.
@@ -166,14 +168,14 @@ def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float 
     concepts), ``min_p`` (1 / (R + 1): the smallest p the layer's R random vectors allow), ``covered`` and ``noise``
     (the concept's residual noise within the nulls' range), ``mde`` (the atlas's smallest I called for 80% of its
     concepts, on its own noise: :func:`introspection_score.atlas_mde`; ``mde=False`` skips it), ``population_p`` (are
-    the
-    concepts as a group beyond their nulls); ``shift_scale`` with ``shift`` (S, the write-up's contrast) and its
+    the concepts as a group beyond their nulls); ``shift_scale`` with ``shift`` (S, the write-up's contrast) and its
     interval; ``effect_scale`` (where the controls' line moves most: the descriptive classes are read there) with
     the (signed) introspection and control Δ, their intervals, ``effect_b``, ``effect_c``, ``effect_r2``;
     ``control_span`` and ``fit_ok`` (the line's identification — descriptive only: the test does not need it);
     ``answer_mass`` (mean P(yes)+P(no) of the wordings at the largest scale, ``baseline_answer_mass`` without
     injection; ``low_mass`` below :data:`MIN_ANSWER_MASS`). Random vectors at a layer form that layer's null (pooled
     over concepts). With fewer than :data:`MIN_RANDOM` of them no test is run: the p- and q-values are NaN.
+    ``heterogeneity``: the effect's spread across wordings the weights allow for (0: the same on every wording).
     """
     if effect_threshold <= 0:
         raise ValueError("effect_threshold must be > 0 (logits)")
@@ -189,7 +191,8 @@ def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float 
         concepts = [curves[(name, layer, "concept", None)] for name in names]
         null_keys = [k for k in curves if k[2] == "random" and k[1] == layer]
         randoms = [curves[k] for k in null_keys]
-        tested = layer_test(concepts, randoms, groups=[k[0] for k in null_keys], alpha=alpha, mde=mde)
+        tested = layer_test(concepts, randoms, groups=[k[0] for k in null_keys], alpha=alpha, mde=mde,
+                            heterogeneity=heterogeneity)
         nan = np.full(len(concepts), np.nan)
         if tested is not None:
             test = tested["test"]

@@ -1,0 +1,110 @@
+"""The tables docs/verdicts.md shows, rebuilt from the committed sweeps (no model run): the plasmode table (power and
+false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`) and the verdicts on known
+truths (the model organisms' held-out atlases, with and without the heterogeneity term of the score's weights).
+
+    python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from introspection_utils.core.paths import project_root, replace_block
+from introspection_utils.experiments.organisms.evaluation import truth_recovered
+from introspection_utils.stats.introspection_score import HETEROGENEITY
+from introspection_utils.stats.plasmode import Panel, panel, report
+from introspection_utils.stats.verdicts import ALPHA, CLASSES, class_counts, verdicts
+
+DOC = "docs/verdicts.md"  # the file whose ``plasmode`` and ``known-truths`` blocks :func:`main` writes
+SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
+MODEL = "qwen2.5-coder-1.5b-instruct"
+SHOWN = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression")
+
+
+def report_markdown(table: pd.DataFrame, *, alpha: float = ALPHA) -> str:
+    """The plasmode table (:func:`plasmode.report` rows of one or more panels) as ``docs/verdicts.md`` shows it."""
+    lines = []
+    for (model, fmt), group in table.groupby(["model", "answer_format"], sort=False):
+        methods = list(dict.fromkeys(group["method"]))
+        first = group.iloc[0]
+        r = int(first["n_nulls"])
+        lines += [f"**{model}, {fmt} format** ({first['n_concepts']} concepts, {r} norm-matched random vectors; "
+                  f"α = {alpha:g}, Benjamini–Hochberg across concepts for \"called\"; the smallest rank p-value is "
+                  f"1/{r + 1} = {1 / (r + 1):.3f}, in the leave-one-out 1/{r - 1} = {1 / (r - 1):.3f}"
+                  + (" — above α, so no held-out null can be a false positive there" if 1 / (r - 1) > alpha else "")
+                  + "):", "",
+                  "| quantity | planted | truth | " + " | ".join(methods) + " |",
+                  "|---|---|---|" + "---|" * len(methods)]
+        for quantity, rows in group.groupby("quantity", sort=False):
+            values = [rows[rows["method"] == m]["value"].iloc[0] if (rows["method"] == m).any() else None
+                      for m in methods]  # the population test reads the verdict's statistic only
+            cells = ["—" if v is None else (f"{v:.2f}" if "MDE" in quantity else f"{v:.1%}") if np.isfinite(v)
+                     else "not reached" for v in values]
+            lines.append(f"| {quantity} | {rows['effect'].iloc[0]} | {rows['truth'].iloc[0]} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def committed_panels(model: str = MODEL, sweeps: Sequence[str] = SWEEPS) -> list[Panel]:
+    """The panels of a model's committed atlas sweeps (``figures/<model>/results/<sweep>.csv``) that exist."""
+    folder = project_root() / "figures" / model / "results"
+    return [panel(pd.read_csv(folder / f"{name}.csv")) for name in sweeps if (folder / f"{name}.csv").exists()]
+
+
+def known_truths(model: str = MODEL, heterogeneities: Sequence[float] = (HETEROGENEITY, 0.0)) -> pd.DataFrame:
+    """The verdicts on the committed organisms' held-out atlases (``figures/<model>/results/organisms.csv`` names
+    them; each one's ``atlas_sweep.csv`` beside it), recomputed for every ``heterogeneities`` value of the score's
+    weights: one row per (organism, heterogeneity) with ``organism, truth, heterogeneity, n_concepts``, the class
+    counts ``n_<class>``, ``verdict`` (the most frequent class) and ``as_truth`` / ``rule``
+    (:func:`organisms.evaluation.truth_recovered`, forced choice as the committed run found it)."""
+    results = project_root() / "figures" / model / "results"
+    organisms = pd.read_csv(results / "organisms.csv")
+    rows = []
+    for r in organisms.to_dict("records"):
+        sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
+        for h in heterogeneities:
+            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=h))
+            row = {"organism": r["organism"], "truth": r["truth"], "heterogeneity": float(h),
+                   "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
+                   "verdict": str(counts.idxmax()), "fc_found": r.get("fc_found")}
+            ok, rule = truth_recovered(row)
+            rows.append({**row, "as_truth": ok, "rule": rule})
+    return pd.DataFrame(rows)
+
+
+def known_truths_markdown(table: pd.DataFrame) -> str:
+    """:func:`known_truths` as the table ``docs/verdicts.md`` shows."""
+    head = ("| organism | truth | weights | " + " | ".join(SHOWN) + " | other | as its truth says |\n"
+            "|---|---|---|" + "---|" * (len(SHOWN) + 2))
+    lines = [head]
+    for r in table.to_dict("records"):
+        shown = [r[f"n_{c}"] for c in SHOWN]
+        weights = f"heterogeneity {r['heterogeneity']:g}" + (" (the verdict's)" if r["heterogeneity"] == HETEROGENEITY
+                                                             else "")
+        lines.append(f"| {r['organism']} | {r['truth']} | {weights} | " + " | ".join(map(str, shown))
+                     + f" | {r['n_concepts'] - sum(shown)} | {'yes' if r['as_truth'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Rebuild the named blocks of :data:`DOC` from the committed sweeps and print them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("blocks", nargs="*", choices=["plasmode", "known-truths"], default=[])
+    blocks = parser.parse_args(argv).blocks or ["plasmode", "known-truths"]
+    if "plasmode" in blocks:
+        text = report_markdown(pd.concat([report(p) for p in committed_panels()], ignore_index=True))
+        print(text)
+        replace_block(project_root() / DOC, "plasmode", text)
+    if "known-truths" in blocks:
+        text = known_truths_markdown(known_truths())
+        print(text)
+        replace_block(project_root() / DOC, "known-truths", text)
+
+
+if __name__ == "__main__":
+    main()
