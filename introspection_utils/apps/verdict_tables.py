@@ -94,8 +94,10 @@ def known_truths_markdown(table: pd.DataFrame) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Rebuild the named blocks of :data:`DOC` from the committed sweeps and print them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("blocks", nargs="*", choices=["plasmode", "known-truths"], default=[])
+    parser.add_argument("blocks", nargs="*", help="plasmode, known-truths (default: both)")
     blocks = parser.parse_args(argv).blocks or ["plasmode", "known-truths"]
+    if set(blocks) - {"plasmode", "known-truths"}:  # argparse's choices refuse an empty list with nargs="*"
+        parser.error(f"blocks are plasmode and known-truths, got {blocks}")
     if "plasmode" in blocks:
         text = report_markdown(pd.concat([report(p) for p in committed_panels()], ignore_index=True))
         print(text)
