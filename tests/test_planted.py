@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from introspection_utils.apps.planted_check import planted_arithmetically
 from introspection_utils.engine.measure import Trial, measure
 from introspection_utils.engine.planted import HookedRow, answer_direction, planted_answers
 from introspection_utils.engine.prompts import answer_set, control_questions, default_wordings, introspection_prompt
@@ -54,23 +55,10 @@ def _hooked(smollm, setup, effect: plasmode.Effect, n_random: int) -> tuple[pd.D
     return hooked, pd.concat([hooked, rest], ignore_index=True)
 
 
-def _planted_arithmetically(plain: pd.DataFrame, effect: plasmode.Effect) -> pd.DataFrame:
-    """The plain sweep with ``effect`` planted into its concept rows' numbers (plasmode's arithmetic, per row)."""
-    out = plain.copy()
-    concept = out["vector_kind"] == "concept"
-    y = out.loc[concept, "logit_diff"].to_numpy()
-    new = effect.answer(y, scale=out.loc[concept, "scale"].to_numpy(), polarity=out.loc[concept, "polarity"].to_numpy(),
-                        about_self=(out.loc[concept, "question_about"] == "self").to_numpy(),
-                        top_scale=max(SCALES))
-    out.loc[concept, "logit_diff"] = new
-    out["delta"] = out["logit_diff"] - out["baseline_logit_diff"]
-    return out
-
-
 def _check_exact(hooked: pd.DataFrame, plain: pd.DataFrame, effect: plasmode.Effect) -> None:
     """Every re-measured row: its Δ is the plain row's with the effect planted by arithmetic (concept rows) or the
     plain row's (random rows); baselines unchanged."""
-    expected = _planted_arithmetically(plain, effect).set_index(KEYS)
+    expected = planted_arithmetically(plain, effect).set_index(KEYS)
     got = hooked.set_index(KEYS)
     assert len(got) and got.index.isin(expected.index).all()
     ref = expected.loc[got.index]

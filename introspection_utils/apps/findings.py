@@ -365,7 +365,7 @@ def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
              + ("\n\n" + tasks_markdown(task_table) if len(task_table) else "")
              + ("\n\n" + organisms_markdown(organisms, _table(results / "organisms_training.csv"))
                 if len(organisms) else "")
-             + ("\n\n" + series_time_markdown(model) if series_time_markdown(model) else ""))
+             + ("\n\n" + took if (took := series_time_markdown(model)) else ""))
     sections = series(model)
     document = table + ("\n\n" + notebooks_markdown(sections, wall_times(model)) if sections else "") + "\n"
     return document, table, agreement_markdown(model)

@@ -89,8 +89,7 @@ def planted_check(handle: ModelHandle, concepts: Sequence[str], scales: Sequence
         rows.append({"effect": effect.kind, "size": effect.size,
                      "predicted_called": plasmode.called_fraction(predicted),
                      "called": float((measured["class"] == "introspection-specific").mean()),
-                     "max_abs_error": error, "n_concepts": len(concepts), "n_nulls": len(nulls.groupby(
-                         ["concept", "vector_seed"]))})
+                     "max_abs_error": error, "n_concepts": len(concepts), "n_nulls": len(panel.null_delta)})
     table = pd.DataFrame(rows)
     if results_dir is not None:
         save_table(handle, table, results_dir, "planted_check", concepts=list(concepts), scales=list(scales),
