@@ -44,6 +44,39 @@ def test_prediction_is_least_squares_of_the_wordings_on_the_controls():
         np.broadcast_to(pred.intercept, resid.shape))
 
 
+def test_the_prediction_error_in_a_score_has_the_variance_it_is_given_and_grows_with_the_push():
+    """prediction_variance against simulation: nulls drawn again and again from a known linear model (their controls'
+    Δ held fixed, each null's residuals over scales × wordings correlated), the prediction refitted each time, and a
+    vector pushing the controls three times harder scored with fixed weights: the spread of a·(its prediction's
+    error) matches the formula, and is larger than for a vector pushing as hard as the nulls."""
+    d = _design()
+    rng = np.random.default_rng(7)
+    r, n, s, m = 40, 5, 3, 4
+    controls = rng.normal(0, 1, (r, n, s))
+    loadings, intercept = rng.normal(0, 0.5, (n, m)), rng.normal(0, 1, (s, m))
+    root = rng.normal(0, 0.3, (s * m, s * m))
+    sigma = root @ root.T + 0.05 * np.eye(s * m)
+    weights = rng.normal(0, 1, s * m)
+    probes = np.zeros((2, 9, s))
+    probes[0, d.controls] = rng.normal(0, 1, (n, s))
+    probes[1, d.controls] = 3 * rng.normal(0, 1, (n, s))
+    truth = intercept[None] + np.einsum("vqs,qm->vsm", probes[:, d.controls], loadings)  # [2, S, m]
+    errors = []
+    for _ in range(2000):
+        nulls = np.zeros((r, 9, s))
+        nulls[:, d.controls] = controls
+        noise = (rng.normal(0, 1, (r, s * m)) @ root.T + np.sqrt(0.05) * rng.normal(0, 1, (r, s * m))).reshape(r, s, m)
+        wordings = intercept[None] + np.einsum("vqs,qm->vsm", controls, loadings) + noise
+        nulls[:, d.wordings] = np.transpose(wordings, (0, 2, 1))
+        fit = nm.fit_prediction(nulls, d, ridge=0.0)
+        predicted = fit.intercept[None] + fit.controls_part(probes, d)
+        errors.append((predicted - truth).reshape(2, -1) @ weights)
+    nulls[:, d.wordings] = 0.0  # the formula reads the controls only
+    formula = nm.prediction_variance(probes, nulls, d, weights, sigma, ridge=0.0)
+    assert np.var(np.array(errors), axis=0) == pytest.approx(formula, rel=0.1)
+    assert formula[1] > 2 * formula[0]
+
+
 def test_weights_are_unbiased_orthogonal_to_a_shared_push_and_count_every_wording_towards_detection():
     d = _design()
     rng = np.random.default_rng(2)

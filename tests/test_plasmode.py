@@ -87,6 +87,13 @@ def test_a_planted_compression_or_yes_shift_is_not_called(qwen):
     assert pm.false_positive_rate(qwen, scenarios["compression"]) <= 0.05
 
 
+def test_null_vectors_that_push_as_hard_as_the_concepts_are_called_at_most_alpha(qwen):
+    """The fitted "stronger as concepts are" scenario (held-out nulls made to push the controls as hard as the
+    concepts, their residuals as spread): each score compared in units of its own sd, which grows with the push
+    (null_prediction.prediction_variance), keeps p ≤ α at most α of the time; ranking the raw δ̂ did not."""
+    assert pm.false_positive_rate(qwen, pm.fitted_scenarios(qwen)["stronger as concepts are"]) <= 0.05
+
+
 def test_random_vectors_that_share_the_effect_make_injection_detectors(qwen_df):
     """The anomaly-detector organism in plasmode: every vector, concept or random, moves the wordings towards
     reporting detection (I = 1.6 logits at scale 8), the controls untouched. Beyond the controls, not beyond random
@@ -105,20 +112,21 @@ def test_random_vectors_that_share_the_effect_make_injection_detectors(qwen_df):
 
 
 def test_a_wording_effect_planted_into_every_concept_moves_only_their_scores_by_exactly_itself(qwen):
-    """Why the population test's power can be computed on δ̂ + δ (``plasmode.population_power``): the weights see
-    each kind centred on its own mean, so a δ shared by every concept adds exactly δ to each concept's δ̂ and leaves
-    every null's out-of-sample δ̂ unchanged."""
+    """Why the population test's power can be computed on (δ̂ + δ) / sd (``plasmode.population_power``): the weights
+    see each kind centred on its own mean, so a δ shared by every concept adds exactly δ to each concept's δ̂ and
+    leaves every null's out-of-sample δ̂, and every sd, unchanged."""
     plain = score_test(qwen.concept_delta, qwen.null_delta, qwen.design, groups=qwen.groups)
     planted = score_test(plant(qwen.concept_delta, qwen.design, 0.05), qwen.null_delta, qwen.design,
                          groups=qwen.groups)
     assert planted.delta_hat - plain.delta_hat == pytest.approx(np.full(57, 0.05), abs=1e-9)
     assert planted.null_delta_hat == pytest.approx(plain.null_delta_hat, abs=1e-12)
+    assert planted.sd == pytest.approx(plain.sd) and planted.null_score_sd == pytest.approx(plain.null_score_sd)
 
 
 def test_the_population_test_finds_a_small_shared_effect_and_rarely_rejects_with_nothing_planted(qwen):
-    """The population test (one-sided Mann–Whitney of the concepts' δ̂ against the nulls') on bootstrap atlases of
+    """The population test (one-sided Mann–Whitney of the concepts' z against the nulls') on bootstrap atlases of
     the committed sweep: with nothing planted it rejects in at most 2α of the resamples (the concepts as a group are
-    not beyond their nulls: p as measured 0.71), its power rises with δ, and its MDE lies below the per-concept
+    not beyond their nulls), its power rises with δ, and its MDE lies below the per-concept
     test's (it pools 57 concepts)."""
     curve = pm.population_power(qwen, [0.0, 0.005, 0.01, 0.02], n_resamples=300)
     assert curve["rejected"].iloc[0] <= 0.1

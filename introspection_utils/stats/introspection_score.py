@@ -21,16 +21,18 @@ model's own, fitted on vectors that are not concepts:
   over the wordings (a push shared by every wording, e.g. a "yes" on self questions, does not enter) and — with
   ``compression_proof`` — are orthogonal to the wordings' baselines (a push proportional to the baseline,
   i.e. linear compression, does not enter). **I** = δ̂·max(s): the same in logits at the largest scale.
-* **effect matching**: concept vectors push the controls harder than norm-matched random ones, and residuals grow
-  with the push. The score's variance is modelled on the nulls as σ0² + σ1²·m(v)², m(v) the root-mean-square Δ of
-  the controls over the injected scales; z(v) = δ̂ / √(σ0² + σ1²·m²).
+* **effect matching**: concept vectors push the controls harder than norm-matched random ones, and the further a
+  vector's push lies beyond the nulls', the more the prediction's error (fitted on finitely many nulls) enters its
+  residual: each score's sd is the residuals' part a'Σa plus that error at the vector's own push
+  (:func:`null_prediction.prediction_variance`), and z(v) = δ̂ / sd(v) is compared with the nulls' z — the nulls
+  matched to the vector's effect on the controls.
 * **p-values by rank** (no t-tail): ``p_random`` = (1 + #{z_null ≥ z}) / (1 + R) over the R null vectors, each
   null's z computed from a prediction fitted without its own group (its concept's random vectors: leave-one-group-out,
   so the reference is out of sample like the concept); ``p_controls`` = the same rank of the controls-only z
   (beyond the controls, the nulls' generic response included). A concept beyond random vectors is
   introspection-specific; beyond the controls only, an injection detector that is not concept-specific.
 
-Records are frozen dataclasses (:class:`Prediction`, :class:`NullModel`, :class:`ScoreTest`).
+Records are frozen dataclasses (:class:`null_prediction.Prediction`, :class:`ScoreTest`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RIDGE = 1.0  # ridge on the loadings (logits², summed over null vectors × scales)
+from introspection_utils.stats.null_prediction import (  # the prediction, re-exported: one import for callers
+    RIDGE,
+    Prediction,
+    QuestionDesign,
+    fit_prediction,
+    prediction_variance,
+)
+
 # The variance of a concept's effect across wordings, in units of the residuals' mean variance (at the mean squared
 # scale). Why not 0: without it the weights pile onto the wordings the nulls barely move — the wordings the model
 # connects least to an injection — and an effect that differs between wordings is missed (issue #30: Qwen's trained
@@ -50,58 +59,6 @@ HETEROGENEITY = 4.0
 MIN_NULLS = 3  # null vectors a test needs (the ridge carries the loadings; the p-value cannot go below 1 / (R + 1))
 POWER = 0.8  # the power an MDE is stated at
 GRID = (0.0125, 0.025, 0.0375, 0.05, 0.0625, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5)  # δ, logits per unit scale
-
-
-@dataclass(frozen=True)
-class QuestionDesign:
-    """Which questions are what, at which injected scales: ``wordings [m]`` and ``controls [n]`` (indices into the
-    question axis), ``polarity [m]`` (+1 detect, −1 inverted), ``baseline [Q]`` (no-injection yes − no),
-    ``scales [S]`` (the injected scales, > 0)."""
-
-    wordings: np.ndarray
-    controls: np.ndarray
-    polarity: np.ndarray
-    baseline: np.ndarray
-    scales: np.ndarray
-
-    @property
-    def signal(self) -> np.ndarray:
-        """``[S, m]``: a wording effect of 1 logit per unit scale, signed by polarity (s·p_w)."""
-        return np.outer(self.scales, self.polarity).astype(float)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The nulls' prediction for the wordings: ``intercept [S, m]`` (the generic response α) and ``loadings [n, m]``
-    on the controls' Δ."""
-
-    intercept: np.ndarray
-    loadings: np.ndarray
-
-    def controls_part(self, delta: np.ndarray, design: QuestionDesign) -> np.ndarray:
-        """``delta [V, Q, S]`` → ``[V, S, m]``: Σ_q L_wq·Δ_q."""
-        return np.einsum("vqs,qm->vsm", delta[:, design.controls, :], self.loadings)
-
-    def residual(self, delta: np.ndarray, design: QuestionDesign, *, controls_only: bool = False) -> np.ndarray:
-        """``delta [V, Q, S]`` → ``[V, S, m]``: the wordings' Δ beyond the prediction (``controls_only``: beyond the
-        controls' part alone, the intercept kept in)."""
-        wordings = np.transpose(delta[:, design.wordings, :], (0, 2, 1))
-        out = wordings - self.controls_part(delta, design)
-        return out if controls_only else out - self.intercept[None]
-
-
-def fit_prediction(null_delta: np.ndarray, design: QuestionDesign, *, ridge: float = RIDGE) -> Prediction:
-    """Least squares of every wording's Δ on the controls' Δ over the null vectors ``null_delta [R, Q, S]`` and the
-    injected scales, one intercept per scale, ridge ``ridge`` on the loadings (not the intercepts)."""
-    r, _, s = null_delta.shape
-    n = len(design.controls)
-    features = np.transpose(null_delta[:, design.controls, :], (0, 2, 1)).reshape(r * s, n)
-    onehot = np.tile(np.eye(s), (r, 1))
-    x = np.concatenate([features, onehot], axis=1)
-    y = np.transpose(null_delta[:, design.wordings, :], (0, 2, 1)).reshape(r * s, -1)
-    penalty = np.diag(np.r_[np.full(n, float(ridge)), np.zeros(s)])
-    coef = np.linalg.solve(x.T @ x + penalty, x.T @ y)
-    return Prediction(intercept=coef[n:], loadings=coef[:n])
 
 
 def constraints(design: QuestionDesign, *, compression_proof: bool = False) -> np.ndarray:
@@ -217,8 +174,10 @@ def shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
 class ScoreTest:
     """The test of every concept of one layer against the nulls (:func:`score_test`): ``delta_hat [V]`` (δ̂, logits
     per unit scale), ``I [V]`` (δ̂ at the largest scale, logits), ``controls_only [V]`` (the same beyond the controls'
-    part alone: δ̂ + the generic response), ``p_random [V]`` (beyond random vectors), ``p_controls [V]`` (beyond the
-    controls), ``covered [V]`` (the vector's ``noise`` lies within the nulls' ``null_noise`` — a diagnostic the
+    part alone: δ̂ + the generic response), ``sd [V]`` and ``null_score_sd [R]`` (each score's own sd: the residuals'
+    part plus the prediction's error at the vector's push, :func:`null_prediction.prediction_variance`), ``p_random
+    [V]`` (beyond random vectors: δ̂/sd ranked among the nulls'), ``p_controls [V]`` (beyond the controls),
+    ``covered [V]`` (the vector's ``noise`` lies within the nulls' ``null_noise`` — a diagnostic the
     readings state, not a gate: an effect whose shape across wordings and scales differs from s·p_w also raises
     it), ``noise [V]`` and ``null_noise [R]`` (:func:`noise_ratio`),
     ``null_delta_hat [R]`` (each null out of sample), ``generic`` (a·α, logits per unit scale),
@@ -228,6 +187,8 @@ class ScoreTest:
     delta_hat: np.ndarray
     I: np.ndarray  # noqa: E741 — the project's name for the score
     controls_only: np.ndarray
+    sd: np.ndarray
+    null_score_sd: np.ndarray
     p_random: np.ndarray
     p_controls: np.ndarray
     covered: np.ndarray
@@ -246,6 +207,16 @@ class ScoreTest:
     def null_sd(self) -> float:
         """The spread of the nulls' out-of-sample δ̂ (logits per unit scale)."""
         return float(np.std(self.null_delta_hat, ddof=1))
+
+    @property
+    def z(self) -> np.ndarray:
+        """``[V]``: δ̂ in units of its own sd — what ``p_random`` ranks."""
+        return self.delta_hat / self.sd
+
+    @property
+    def null_z(self) -> np.ndarray:
+        """``[R]``: the nulls' out-of-sample δ̂ in units of their own sd — the reference the concepts are ranked in."""
+        return self.null_delta_hat / self.null_score_sd
 
 
 def noise_ratio(residuals: np.ndarray, weights: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -313,23 +284,30 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
                           heterogeneity=heterogeneity) if heterogeneity else own
         return a, sigma, own
 
+    def sd(delta: np.ndarray, train: np.ndarray, a: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        """Each vector's score sd: the residuals' part plus the prediction's error at the vector's own push."""
+        return np.sqrt(float(a @ sigma @ a) + prediction_variance(delta, train, design, a, sigma, ridge=ridge))
+
     none = np.zeros(n_r, bool)
-    null_hat, null_noise = np.empty(n_r), np.empty(n_r)
+    null_hat, null_noise, null_sd = np.empty(n_r), np.empty(n_r), np.empty(n_r)
     for g in np.unique(groups):
         out = groups == g
         a, sigma, own = weights(out, None)
         null_hat[out] = null_res[out] @ a
         null_noise[out] = noise_ratio(null_res[out], own, sigma)
-    est, controls_only, noise = np.empty(n_c), np.empty(n_c), np.empty(n_c)
+        null_sd[out] = sd(null_delta[out], null_delta[~out], a, sigma)
+    est, controls_only, noise, concept_sd = np.empty(n_c), np.empty(n_c), np.empty(n_c), np.empty(n_c)
     for i in range(n_c):
         a, sigma, own = weights(none, i)
         est[i], controls_only[i] = concept_res[i] @ a, concept_controls[i] @ a
         noise[i] = noise_ratio(concept_res[i:i + 1], own, sigma)[0]
+        concept_sd[i] = sd(concept_delta[i:i + 1], null_delta, a, sigma)[0]
     a_all, _, _ = weights(none, None)
     top = float(design.scales.max())
-    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, p_random=rank_p(est, null_hat),
-                     p_controls=rank_p(controls_only, null_hat), covered=noise <= null_noise.max(),
-                     noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
+    null_z = null_hat / null_sd
+    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, sd=concept_sd, null_score_sd=null_sd,
+                     p_random=rank_p(est / concept_sd, null_z), p_controls=rank_p(controls_only / concept_sd, null_z),
+                     covered=noise <= null_noise.max(), noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
                      generic=float(prediction.intercept.ravel() @ a_all), weights=a_all, prediction=prediction,
                      shrinkage=lam, push=control_push(concept_delta, design),
                      null_push=control_push(null_delta, design), top_scale=top)
@@ -378,11 +356,12 @@ def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questio
     return float("nan")
 
 
-def population_p(delta_hat: np.ndarray, null_delta_hat: np.ndarray) -> float:
-    """Are the concepts, as a group, beyond their nulls? The one-sided Mann–Whitney p-value of the concepts' δ̂
-    against the nulls' out-of-sample δ̂ (ranks only)."""
+def population_p(z: np.ndarray, null_z: np.ndarray) -> float:
+    """Are the concepts, as a group, beyond their nulls? The one-sided Mann–Whitney p-value of the concepts' scores
+    ``z [V]`` against the nulls' out-of-sample ``null_z [R]`` (:attr:`ScoreTest.z`, :attr:`ScoreTest.null_z`;
+    ranks only)."""
     from scipy.stats import mannwhitneyu
 
-    if len(delta_hat) == 0 or len(null_delta_hat) == 0:
+    if len(z) == 0 or len(null_z) == 0:
         return float("nan")
-    return float(mannwhitneyu(delta_hat, null_delta_hat, alternative="greater").pvalue)
+    return float(mannwhitneyu(z, null_z, alternative="greater").pvalue)

@@ -230,10 +230,11 @@ def population_power(p: Panel, sizes: Sequence[float], *, alpha: float = ALPHA, 
     """The population test's power (:func:`introspection_score.population_p`) with a wording effect δ of each of
     ``sizes`` planted into every concept: ``delta``, ``I`` (logits at the largest scale), ``rejected`` (the fraction
     of resamples with p ≤ ``alpha``). The score is computed once: a δ planted into every concept adds exactly δ to
-    each concept's δ̂ and leaves the nulls' unchanged (each kind is centred in the weights; test-held), so each size
-    is tested on δ̂ + δ. ``n_resamples`` seeded bootstrap atlases of the same size: the concepts, and the nulls' groups
-    (a concept's random vectors together), drawn with replacement, the weights held at the sweep's. ``until``: stop
-    after the first size whose rate reaches it (all an MDE needs)."""
+    each concept's δ̂ and leaves the nulls' and every sd unchanged (each kind is centred in the weights, and the sd
+    reads the controls only; test-held), so each size is tested on (δ̂ + δ) / sd. ``n_resamples`` seeded bootstrap
+    atlases of the same size: the concepts, and the nulls' groups (a concept's random vectors together), drawn with
+    replacement, the weights held at the sweep's. ``until``: stop after the first size whose rate reaches it (all an
+    MDE needs)."""
     test = score_test(p.concept_delta, p.null_delta, p.design, groups=p.groups)
     rng = np.random.default_rng([int(seed), 30])
     names = np.unique(p.groups)
@@ -243,8 +244,8 @@ def population_power(p: Panel, sizes: Sequence[float], *, alpha: float = ALPHA, 
              for _ in range(n_resamples)]
     rows = []
     for size in sizes:
-        shifted = test.delta_hat + float(size)
-        hits = sum(population_p(shifted[c], test.null_delta_hat[r]) <= alpha for c, r in draws)
+        shifted = (test.delta_hat + float(size)) / test.sd
+        hits = sum(population_p(shifted[c], test.null_z[r]) <= alpha for c, r in draws)
         rows.append({"delta": float(size), "I": float(size) * p.top_scale, "rejected": hits / n_resamples})
         if until is not None and hits / n_resamples >= until:
             break

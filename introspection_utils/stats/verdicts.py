@@ -151,7 +151,7 @@ def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCur
     test = score_test(concept_delta, null_delta, design, groups=groups, heterogeneity=heterogeneity)
     return {"test": test, "design": design, "mde": atlas_mde(concept_delta, null_delta, design, groups=groups,
                                                              alpha=alpha, heterogeneity=heterogeneity)
-            if mde else float("nan"), "population_p": population_p(test.delta_hat, test.null_delta_hat)}
+            if mde else float("nan"), "population_p": population_p(test.z, test.null_z)}
 
 
 def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
@@ -197,8 +197,8 @@ def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float 
         if tested is not None:
             test = tested["test"]
             top = test.top_scale
-            lo, hi = np.quantile(test.null_delta_hat, [(1 + level) / 2, (1 - level) / 2])
-            I, I_lo, I_hi = test.I, (test.delta_hat - lo) * top, (test.delta_hat - hi) * top  # noqa: E741, N806
+            lo, hi = np.quantile(test.null_z, [(1 + level) / 2, (1 - level) / 2])  # in units of each score's sd
+            I, I_lo, I_hi = test.I, (test.delta_hat - lo * test.sd) * top, (test.delta_hat - hi * test.sd) * top  # noqa: E741, N806
             I_controls, p_random, p_controls = test.controls_only * top, test.p_random, test.p_controls  # noqa: N806
             covered, noise, generic = test.covered, test.noise, test.generic * top
             min_p, layer_mde, pop = 1 / (len(randoms) + 1), tested["mde"], tested["population_p"]
