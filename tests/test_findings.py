@@ -203,3 +203,15 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
            "introspection-specific, 3 one-sided" in sentence and sentence.count("Target missed") == 2
     assert "Behaviour NOT learned (rule: concept and random ≥ 80%, none ≤ 20%; detected 90% with concept vectors, " \
            "10% with random vectors" in sentence and sentence.count("Behaviour") == 2
+
+
+def test_a_notebook_that_resumed_its_sweeps_is_named_beside_the_series_time(tmp_path):
+    """The series-time sentence adds up each notebook's last wall time; a notebook whose output says a sweep resumed
+    every question from saved chunks (``sweeps.run_sweep``'s report) measured nothing new there, and is named."""
+    from introspection_utils.experiments.sweeps import LEFT_TO_MEASURE
+
+    (tmp_path / "11_atlas.ipynb").write_text(f'{{"text": "atlas_sweep: resumed from x: kept 18 of 18 questions '
+                                             f'(9 rows); 0 {LEFT_TO_MEASURE}"}}')
+    (tmp_path / "13_tasks.ipynb").write_text(f'{{"text": "kept 2 of 18 questions (9 rows); 16 {LEFT_TO_MEASURE}"}}')
+    (tmp_path / "00_quickstart.ipynb").write_text('{"text": "no sweep here"}')
+    assert findings.resumed_notebooks(tmp_path) == ["11_atlas.ipynb"]

@@ -21,6 +21,7 @@ from introspection_utils.experiments import localization
 from introspection_utils.experiments.atlas import atlas_name
 from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
 from introspection_utils.experiments.organisms.probe import DETECTED
+from introspection_utils.experiments.sweeps import LEFT_TO_MEASURE
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.stats.definitions import MIN_ANSWER_MASS
 from introspection_utils.stats.shifts import curve_correlation
@@ -300,6 +301,12 @@ def wall_times(model: str = FINDINGS_MODEL) -> dict[str, float]:
             if row.notebook.count(".") == 1}  # a variant's row (11_atlas.binary.ipynb) is not its notebook's time
 
 
+def resumed_notebooks(folder: Path) -> list[str]:
+    """The executed notebooks in ``folder`` whose output says a sweep resumed every question from saved chunks (it
+    measured nothing new there: its wall time is not a rerun's from scratch)."""
+    return sorted(p.name for p in folder.glob("*.ipynb") if f"; 0 {LEFT_TO_MEASURE}" in p.read_text())
+
+
 def series_time_markdown(model: str = FINDINGS_MODEL) -> str | None:
     """One sentence on what the series costs to rerun, from the run's ``timings.csv``: the notebooks' (and variants')
     last wall times added up, their dtypes and the load averages at their starts and ends (how busy the machine
@@ -308,6 +315,7 @@ def series_time_markdown(model: str = FINDINGS_MODEL) -> str | None:
     if not path.is_file():
         return None
     rows = pd.read_csv(path, dtype={"notebook": str})
+    resumed = [n for n in resumed_notebooks(path.parent / "notebooks") if n in set(rows["notebook"])]
     dtypes = rows["dtype"].fillna("unknown (recorded before the runner kept it)").astype(str)
     by_dtype = ", ".join(f"{(rows.loc[dtypes == d, 'seconds'].sum() / 60):.0f} min in {d} ({int((dtypes == d).sum())})"
                          for d in sorted(dtypes.unique()))
@@ -316,7 +324,9 @@ def series_time_markdown(model: str = FINDINGS_MODEL) -> str | None:
     return (f"Rerunning the series on {model} (`make findings`, {len(rows)} notebooks and variants, each notebook's "
             f"last run in `timings.csv`) took {rows['seconds'].sum() / 60:.0f} min: {by_dtype}; load average "
             f"{loads('load_start')} at their starts, {loads('load_avg')} at their ends. The organisms' training is "
-            "not in it when they were loaded from the cache (their own times are in the training table).")
+            "not in it when they were loaded from the cache (their own times are in the training table)."
+            + (f" In their last run {', '.join(resumed)} found a sweep already measured and resumed it, so their "
+               "times are not a rerun's from scratch." if resumed else ""))
 
 
 def notebooks_markdown(sections: list[tuple[str, str, list[str], list[str]]], seconds: dict[str, float]) -> str:

@@ -46,6 +46,7 @@ from introspection_utils.engine.vectors import (
 if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
 
+LEFT_TO_MEASURE = "left to measure"  # a resumed sweep's report ends "<n> left to measure" (read by apps.findings)
 COLUMNS = ["model", "concept", "vector_kind", "vector_seed", "vector_norm", "layer", "scale", "question_kind",
            "question", "question_about", "polarity", "expected", "answer_format", "logit_diff",
            "baseline_logit_diff", "delta", "answer_mass", "baseline_answer_mass", "null_kind", "effective_strength",
@@ -257,7 +258,7 @@ def run_sweep(handle: ModelHandle, spec: SweepSpec, *, bank: VectorBank | None =
     if frames and progress:  # a resumed run says what it kept and what is left
         kept = sum(len(f) for f in frames.values())
         tqdm.write(f"{name}: resumed from {chunk_dir}: kept {len(frames)} of {len(questions)} questions "
-                   f"({kept} rows); {len(todo)} left to measure")
+                   f"({kept} rows); {len(todo)} {LEFT_TO_MEASURE}")
     where = " (Ray)" if runner.name == "ray" else ""
     bar = tqdm(total=len(frames) + len(todo), initial=len(frames), desc=f"{name}: questions{where}",
                disable=not progress)
