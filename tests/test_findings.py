@@ -158,9 +158,10 @@ def _organisms_table(introspector_specific: int) -> pd.DataFrame:
                 **{f"n_{c}": counts.get(c, 0) for c in verdicts.CLASSES}, "verdict": verdict, "detection": 0.9,
                 "fpr_none": 0.0, "fpr_random": 0.1, "seen_detection": 0.95, "seen_minus_unseen": 0.05,
                 "fc_scale": 8.0, "fc_accuracy": 0.6, "fc_chance": 0.2, "fc_mi_bits": 1.2, "fc_mi_p": 0.001,
-                "fc_found": True, **extra}
+                "fc_found": True, "atlas_mde": 0.55, "fc_n": 50, "fc_mde": 0.37, **extra}
     return organism_table([
-        row(BASE, BASE, {"shared yes-shift": 10}, "shared yes-shift", fc_found=False),
+        row(BASE, BASE, {"shared yes-shift": 10}, "shared yes-shift", fc_found=False, atlas_mde=float("nan"),
+            fc_mde=float("nan")),  # a table written before the MDE columns: the cells say nothing of power
         row("introspector", TRUTH["introspector"],
             {"introspection-specific": introspector_specific, "one-sided": 10 - introspector_specific},
             "introspection-specific" if introspector_specific >= 5 else "one-sided"),
@@ -186,9 +187,11 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert text.startswith("## Verdicts on known truths (notebook 14)") and text.count("\n| ") == 5
     assert rows.set_index("organism")["learned"].to_dict() == {  # read from the rates alone, not from the verdict
         "base model": "n/a", "introspector": "yes", "anomaly-detector": "no", "yes-sayer": "n/a"}
-    row = ("| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10) | 90% / 10% / 0% | "
-           "yes |")
+    row = ("| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10; MDE I = 0.55 "
+           "logits) | 90% / 10% / 0% | yes | +5% | 60% against chance 20% (n = 50: 37% would be found with 80% power), "
+           "MI p = 0.001: found |")
     assert row in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
+    assert "| 10 shared yes-shift (of 10) |" in text and "60% against chance 20%, MI p = 0.001: not found" in text
     assert findings.organism_rows(tmp_path / "nothing").empty
     assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
     training = pd.DataFrame([{"kind": "introspector", "steps": 80, "first_loss": 2.48, "final_loss": 0.1234,
@@ -199,8 +202,10 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert "| 2.48 → 0.123 | 90% / 25% / 5% | 25.0 min |" in findings.organisms_markdown(rows, probed)
     from introspection_utils.readings import saved
     [sentence] = saved.organism_sentences(tmp_path)  # findings.md's notebook 14 section: the notebook's own reading
-    assert "introspector (truth: introspection-specific): of 10 held-out concepts the atlas calls 7 " \
-           "introspection-specific, 3 one-sided" in sentence and sentence.count("Target missed") == 2
+    assert "introspector (truth: introspection-specific): the atlas calls its held-out concepts 7 " \
+           "introspection-specific, 3 one-sided (of 10; MDE I = 0.55 logits)" in sentence
+    assert sentence.count("Target missed") == 2
+    assert "forced choice at scale 8: 60% against chance 20% (n = 50" in sentence
     assert "Behaviour NOT learned (rule: concept and random ≥ 80%, none ≤ 20%; detected 90% with concept vectors, " \
            "10% with random vectors" in sentence and sentence.count("Behaviour") == 2
 

@@ -26,7 +26,6 @@ from introspection_utils.experiments.tasks import congruence, forced_choice, str
 from introspection_utils.stats.definitions import MIN_ANSWER_MASS
 from introspection_utils.stats.shifts import curve_correlation
 from introspection_utils.stats.verdicts import (
-    CLASSES,
     EFFECT_THRESHOLD,
     class_counts,
     describe_verdict,
@@ -237,14 +236,10 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
              "| model | truth | what the atlas called the held-out concepts | detected: concepts / random / none | "
              "behaviour learned | seen − unseen | forced choice | target |", "|---|---|---|---|---|---|---|---|"]
     for r in rows.to_dict("records"):
-        counts = ", ".join(f"{r[f'n_{c}']} {c}" for c in CLASSES if r.get(f"n_{c}", 0))
         gap = f"{r['seen_minus_unseen']:+.0%}" if pd.notna(r.get("seen_minus_unseen")) else "not run"
-        choice = (f"{r['fc_accuracy']:.0%} vs chance {r['fc_chance']:.0%}, MI p = {r['fc_mi_p']:.3g}: "
-                  f"{'found' if r['fc_found'] else 'not found'}" if pd.notna(r.get("fc_accuracy")) else "not run")
-        lines.append(f"| {r['organism']} | {r['truth']} | {counts or 'none'} (of {r['n_concepts']}) | "
+        lines.append(f"| {r['organism']} | {r['truth']} | {organisms_evaluation.called_words(r)} | "
                      f"{r['detection']:.0%} / {r['fpr_random']:.0%} / {r['fpr_none']:.0%} | {r['learned']} | {gap} | "
-                     f"{choice} | "
-                     f"{r['target']} ({r['rule']}) |")
+                     f"{organisms_evaluation.choice_words(r)} | {r['target']} ({r['rule']}) |")
     anchors = pd.read_csv(data_dir() / "anchor_numbers.csv", comment="#")
     for a in anchors[anchors["source"].str.contains(ORGANISM_ANCHOR, regex=False)].itertuples():
         lines += ["", f"The anchor ({a.source}, {a.model}, {a.setup}): {a.metric} {a.value}."]

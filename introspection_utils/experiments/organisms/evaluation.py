@@ -59,13 +59,14 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
              results_dir: str | Path, progress: bool = False) -> dict:
     """One model's row of the organisms' table: the atlas's class counts on ``concepts`` (held out), detection and
     false-positive rates at ``detection_scale`` (:func:`organism_detection_rates`), the same detection on ``seen``
-    (training) concepts and the gap, and forced choice among ``choice_concepts`` (at its best scale,
-    :func:`tasks.common.best_row`: accuracy, chance, MI, its permutation p, and whether the task counts it as
-    found). ``max_new_tokens > 0``: the paper's trial line answered in free text (greedy) for the same concepts at
-    ``detection_scale`` and without injection, pre-graded by :func:`grading.pregrade` (no judge): ``gen_names`` the
-    fraction of injected answers that affirm detection and name the concept (not as their first word), ``gen_fpr``
-    the fraction of uninjected ones that affirm. Tables go to ``results_dir/<model>/`` (``atlas.csv``,
-    ``forced_choice.csv``, ``seen_sweep.csv``, ``generations.csv``)."""
+    (training) concepts and the gap, ``atlas_mde`` (the atlas's smallest I called for 80% of its concepts), and
+    forced choice among ``choice_concepts`` (at its best scale, :func:`tasks.common.best_row`: accuracy, chance, MI,
+    its permutation p, whether the task counts it as found, ``fc_n`` trials and ``fc_mde``, the accuracy they find
+    with 80% power). ``max_new_tokens > 0``: the paper's trial line answered in free text (greedy) for the same
+    concepts at ``detection_scale`` and without injection, pre-graded by :func:`grading.pregrade` (no judge):
+    ``gen_names`` the fraction of injected answers that affirm detection and name the concept (not as their first
+    word), ``gen_fpr`` the fraction of uninjected ones that affirm. Tables go to ``results_dir/<model>/``
+    (``atlas.csv``, ``forced_choice.csv``, ``seen_sweep.csv``, ``generations.csv``)."""
     layer = default_layer(handle, layer)
     folder = Path(results_dir) / handle.name
     scales = sorted({float(s) for s in (*scales, detection_scale)})
@@ -74,6 +75,7 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
                              progress=progress)
     counts = class_counts(table)
     row = {"model": handle.name, "truth": truth, "n_concepts": len(table),
+           "atlas_mde": float(table["mde"].iloc[0]) if "mde" in table and len(table) else float("nan"),
            **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
            "verdict": str(counts.idxmax()) if len(counts) else "",
            **organism_detection_rates(sweep.df, detection_scale)}
@@ -90,7 +92,8 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
         summary = forced_choice_summary(fc.df)
         best = best_row(summary)
         row.update(fc_scale=float(best["scale"]), fc_accuracy=float(best["accuracy"]), fc_chance=float(best["chance"]),
-                   fc_mi_bits=float(best["mi_bits"]), fc_mi_p=float(best["mi_p"]),
+                   fc_mi_bits=float(best["mi_bits"]), fc_mi_p=float(best["mi_p"]), fc_n=int(best["n"]),
+                   fc_mde=float(best["mde"]),
                    fc_found=forced_choice_found(summary))
     if max_new_tokens > 0 and choice_concepts:
         answers = response_table(handle, choice_concepts, [0.0, detection_scale], layer=layer,
@@ -197,21 +200,39 @@ def truth_recovered(row: dict) -> tuple[bool, str]:
     return specific == 0, f"rule: none introspection-specific; {called}"
 
 
+def called_words(row: dict) -> str:
+    """What the atlas called one model's held-out concepts, with the atlas's MDE (the smallest I it calls for 80% of
+    concepts on its own noise) where the row has it: "8 introspection-specific, 3 injection detector (of 15; MDE
+    I = 0.9 logits)"."""
+    counts = ", ".join(f"{row[f'n_{c}']} {c}" for c in CLASSES if row.get(f"n_{c}", 0))
+    mde = row.get("atlas_mde", float("nan"))
+    power = f"; MDE I = {mde:.2f} logits" if pd.notna(mde) else ""
+    return f"{counts or 'none'} (of {row['n_concepts']}{power})"
+
+
+def choice_words(row: dict) -> str:
+    """Forced choice at its best scale, with the accuracy the trials could have found (80% power) where the row has
+    it, or "not run"."""
+    if pd.isna(row.get("fc_accuracy", float("nan"))):
+        return "not run"
+    mde = row.get("fc_mde", float("nan"))
+    power = (f" (n = {int(row['fc_n'])}: {mde:.0%} would be found with 80% power)" if pd.notna(mde) else "")
+    return (f"{row['fc_accuracy']:.0%} against chance {row['fc_chance']:.0%}{power}, MI p = {row['fc_mi_p']:.3g}: "
+            f"{'found' if row['fc_found'] else 'not found'}")
+
+
 def describe_organisms(table: pd.DataFrame) -> str:
     """Sentences from :func:`organism_table`: for each organism its truth, what the atlas called its held-out
     concepts, its detection and false-positive rates, and forced choice."""
     parts = []
     for r in table.to_dict("records"):
-        counts = ", ".join(f"{r[f'n_{c}']} {c}" for c in CLASSES if r.get(f"n_{c}", 0))
-        text = (f"{r['organism']} (truth: {r['truth']}): of {r['n_concepts']} held-out concepts the atlas calls "
-                f"{counts or 'none'}; detection {r['detection']:.0%} with the concept vectors, false positives "
+        text = (f"{r['organism']} (truth: {r['truth']}): the atlas calls its held-out concepts {called_words(r)}; "
+                f"detection {r['detection']:.0%} with the concept vectors, false positives "
                 f"{r['fpr_none']:.0%} without injection and {r['fpr_random']:.0%} with random vectors")
         if "seen_detection" in r and pd.notna(r.get("seen_detection")):
             text += f"; on training concepts {r['seen_detection']:.0%} (seen − unseen {r['seen_minus_unseen']:+.0%})"
         if "fc_accuracy" in r and pd.notna(r.get("fc_accuracy")):
-            text += (f"; forced choice {r['fc_accuracy']:.0%} against chance {r['fc_chance']:.0%} at scale "
-                     f"{r['fc_scale']:g}, MI {r['fc_mi_bits']:.2f} bits (p = {r['fc_mi_p']:.3g}), "
-                     f"{'found' if r['fc_found'] else 'not found'}")
+            text += f"; forced choice at scale {r['fc_scale']:g}: {choice_words(r)}"
         if "gen_names" in r and pd.notna(r.get("gen_names")):
             text += (f"; in free text it affirms and names the injected concept in {r['gen_names']:.0%} of answers "
                      f"and affirms an injected thought in {r['gen_fpr']:.0%} without injection (pre-grade)")
