@@ -75,6 +75,10 @@ def test_the_prediction_error_in_a_score_has_the_variance_it_is_given_and_grows_
     formula = nm.prediction_variance(probes, nulls, d, weights, sigma, ridge=0.0)
     assert np.var(np.array(errors), axis=0) == pytest.approx(formula, rel=0.1)
     assert formula[1] > 2 * formula[0]
+    # one row of weights and one covariance per vector (how score_test asks for every concept at once)
+    batched = nm.prediction_variance(probes, nulls, d, np.stack([weights, weights]), np.stack([sigma, sigma]),
+                                     ridge=0.0)
+    assert batched == pytest.approx(formula, rel=1e-12)
 
 
 def test_weights_are_unbiased_orthogonal_to_a_shared_push_and_count_every_wording_towards_detection():

@@ -310,7 +310,7 @@ def series_time_markdown(model: str = FINDINGS_MODEL) -> str | None:
     if not path.is_file():
         return None
     rows = pd.read_csv(path, dtype={"notebook": str})
-    resumed = [n for n in resumed_notebooks(path.parent / "notebooks") if n in set(rows["notebook"])]
+    resumed = sorted(set(resumed_notebooks(path.parent / "notebooks")) & set(rows["notebook"]))
     dtypes = rows["dtype"].fillna("unknown (recorded before the runner kept it)").astype(str)
     by_dtype = ", ".join(f"{(rows.loc[dtypes == d, 'seconds'].sum() / 60):.0f} min in {d} ({int((dtypes == d).sum())})"
                          for d in sorted(dtypes.unique()))

@@ -285,29 +285,35 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
         return a, sigma, own
 
     def sd(delta: np.ndarray, train: np.ndarray, a: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-        """Each vector's score sd: the residuals' part plus the prediction's error at the vector's own push."""
-        return np.sqrt(float(a @ sigma @ a) + prediction_variance(delta, train, design, a, sigma, ridge=ridge))
+        """Each vector's score sd (``a`` and ``sigma`` shared, or one per vector): the residuals' part plus the
+        prediction's error at the vector's own push."""
+        return np.sqrt(np.einsum("...i,...ij,...j->...", a, sigma, a)
+                       + prediction_variance(delta, train, design, a, sigma, ridge=ridge))
 
     none = np.zeros(n_r, bool)
-    null_hat, null_noise, null_sd = np.empty(n_r), np.empty(n_r), np.empty(n_r)
+    null_hat, null_noise, null_score_sd = np.empty(n_r), np.empty(n_r), np.empty(n_r)
     for g in np.unique(groups):
         out = groups == g
         a, sigma, own = weights(out, None)
         null_hat[out] = null_res[out] @ a
         null_noise[out] = noise_ratio(null_res[out], own, sigma)
-        null_sd[out] = sd(null_delta[out], null_delta[~out], a, sigma)
-    est, controls_only, noise, concept_sd = np.empty(n_c), np.empty(n_c), np.empty(n_c), np.empty(n_c)
+        null_score_sd[out] = sd(null_delta[out], null_delta[~out], a, sigma)
+    est, controls_only, noise = np.empty(n_c), np.empty(n_c), np.empty(n_c)
+    concept_weights, concept_sigmas = [], []
     for i in range(n_c):
         a, sigma, own = weights(none, i)
         est[i], controls_only[i] = concept_res[i] @ a, concept_controls[i] @ a
         noise[i] = noise_ratio(concept_res[i:i + 1], own, sigma)[0]
-        concept_sd[i] = sd(concept_delta[i:i + 1], null_delta, a, sigma)[0]
+        concept_weights.append(a)
+        concept_sigmas.append(sigma)
+    concept_sd = sd(concept_delta, null_delta, np.stack(concept_weights), np.stack(concept_sigmas))  # one fit's error
     a_all, _, _ = weights(none, None)
     top = float(design.scales.max())
-    null_z = null_hat / null_sd
-    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, sd=concept_sd, null_score_sd=null_sd,
-                     p_random=rank_p(est / concept_sd, null_z), p_controls=rank_p(controls_only / concept_sd, null_z),
-                     covered=noise <= null_noise.max(), noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
+    null_z = null_hat / null_score_sd
+    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, sd=concept_sd,
+                     null_score_sd=null_score_sd, p_random=rank_p(est / concept_sd, null_z),
+                     p_controls=rank_p(controls_only / concept_sd, null_z), covered=noise <= null_noise.max(),
+                     noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
                      generic=float(prediction.intercept.ravel() @ a_all), weights=a_all, prediction=prediction,
                      shrinkage=lam, push=control_push(concept_delta, design),
                      null_push=control_push(null_delta, design), top_scale=top)

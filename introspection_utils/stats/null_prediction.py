@@ -87,19 +87,21 @@ def fit_prediction(null_delta: np.ndarray, design: QuestionDesign, *, ridge: flo
 def prediction_variance(delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, weights: np.ndarray,
                         covariance: np.ndarray, *, ridge: float = RIDGE) -> np.ndarray:
     """``[V]``: the variance that the error of the prediction fitted on ``null_delta [R, Q, S]`` adds to the score
-    a·r of each vector of ``delta [V, Q, S]`` (a vector not among those nulls), with ``weights`` a ``[S·m]`` and each
-    null's residuals ``[S·m]`` (scales × wordings, all of one vector together) of ``covariance [S·m, S·m]``.
+    a·r of each vector of ``delta [V, Q, S]`` (a vector not among those nulls), with ``weights`` a ``[S·m]`` (or one
+    row per vector, ``[V, S·m]``) and each null's residuals ``[S·m]`` (scales × wordings, all of one vector together)
+    of ``covariance [S·m, S·m]`` (or ``[V, S·m, S·m]``, one per vector's weights).
 
     The fitted coefficients' error is B̂ − B = M·Σ_r X_rᵀE_r with M = (XᵀX + ridge)⁻¹, X_r a null's rows and E_r its
     residuals (the ridge's bias left out), so the score's part is Σ_r Σ_t,w C_r[t, w]·E_r[t, w] with
     C_r = (X_v·M·X_rᵀ)ᵀ·A (A the weights as ``[S, m]``), of variance Σ_r vec(C_r)ᵀ·covariance·vec(C_r): it grows with
     the vector's leverage, i.e. with how far its push on the controls lies beyond the nulls'."""
-    s = len(design.scales)
+    v, s = len(delta), len(design.scales)
     train = regression_rows(null_delta, design)  # [R, S, p]
     flat = train.reshape(-1, train.shape[2])
     inverse = np.linalg.inv(flat.T @ flat + _penalty(design, ridge))
     rows = regression_rows(delta, design)  # [V, S, p]
     gram = np.einsum("vsp,pq,rtq->vrst", rows, inverse, train, optimize=True)  # [V, R, S, S]
-    coupling = np.einsum("vrst,sw->vrtw", gram, np.asarray(weights, float).reshape(s, -1), optimize=True)
-    coupling = coupling.reshape(len(delta), len(null_delta), -1)
-    return np.einsum("vri,ij,vrj->v", coupling, covariance, coupling, optimize=True)
+    a = np.broadcast_to(np.asarray(weights, float), (v, s * len(design.wordings))).reshape(v, s, -1)
+    coupling = np.einsum("vrst,vsw->vrtw", gram, a, optimize=True).reshape(v, len(null_delta), -1)
+    sigma = np.broadcast_to(np.asarray(covariance, float), (v, *np.shape(covariance)[-2:]))
+    return np.einsum("vri,vij,vrj->v", coupling, sigma, coupling, optimize=True)
