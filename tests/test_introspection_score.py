@@ -11,6 +11,7 @@ from statsmodels.stats.multitest import multipletests
 
 from introspection_utils.core.paths import project_root
 from introspection_utils.stats import introspection_score as nm
+from introspection_utils.stats import score_weights as sw
 from introspection_utils.stats.plasmode import panel
 
 
@@ -86,23 +87,23 @@ def test_weights_are_unbiased_orthogonal_to_a_shared_push_and_count_every_wordin
     rng = np.random.default_rng(2)
     root = rng.normal(0, 1, (12, 12))
     sigma = root @ root.T + 0.1 * np.eye(12)
-    a = nm.score_weights(sigma, d, heterogeneity=0.0)
+    a = sw.score_weights(sigma, d, heterogeneity=0.0)
     u = d.signal.ravel()
     sign = np.tile(d.polarity, 3)
     assert a @ u == pytest.approx(1.0, abs=1e-6)
-    assert nm.constraints(d).T @ a == pytest.approx(np.zeros(3), abs=1e-6)
+    assert sw.constraints(d).T @ a == pytest.approx(np.zeros(3), abs=1e-6)
     assert (sign * a >= -1e-9).all()
     # no other weights meeting the same constraints have a smaller variance (an independent solver)
-    cons = [{"type": "eq", "fun": lambda w: np.r_[w @ u - 1, nm.constraints(d).T @ w]}]
+    cons = [{"type": "eq", "fun": lambda w: np.r_[w @ u - 1, sw.constraints(d).T @ w]}]
     best = minimize(lambda w: w @ sigma @ w, sign / (sign @ u), constraints=cons, method="SLSQP",
                     bounds=[(0, None) if s > 0 else (None, 0) for s in sign], options={"ftol": 1e-14, "maxiter": 1000})
     assert a @ sigma @ a <= best.fun * (1 + 1e-4)
     # one polarity only: a push on every wording is the signal itself, so no such constraint
-    assert nm.constraints(_design(m_inverted=0)).shape == (6, 0)
+    assert sw.constraints(_design(m_inverted=0)).shape == (6, 0)
     # with the heterogeneity term: the least-variance weights under the residuals' covariance plus the effect's
     # spread across wordings (the same independent solver)
-    total = sigma + nm.heterogeneity_covariance(sigma, d, 4.0)
-    h = nm.score_weights(sigma, d, heterogeneity=4.0)
+    total = sigma + sw.heterogeneity_covariance(sigma, d, 4.0)
+    h = sw.score_weights(sigma, d, heterogeneity=4.0)
     assert h @ u == pytest.approx(1.0, abs=1e-6) and (sign * h >= -1e-9).all()
     best = minimize(lambda w: w @ total @ w, sign / (sign @ u), constraints=cons, method="SLSQP",
                     bounds=[(0, None) if s > 0 else (None, 0) for s in sign], options={"ftol": 1e-14, "maxiter": 1000})
@@ -116,7 +117,7 @@ def test_the_heterogeneity_term_is_the_spread_of_an_effect_across_wordings():
     pair, the heterogeneity term much less."""
     d = _design(m_detect=3, m_inverted=3, scales=(4.0, 8.0))  # wordings 0–2 detect, 3–5 inverted
     sigma = np.diag(np.tile(np.array([0.04, 1.0, 1.0, 0.04, 1.0, 1.0]), 2))  # wordings 0 and 3 quiet, [S·m]
-    h = nm.heterogeneity_covariance(sigma, d, 4.0)
+    h = sw.heterogeneity_covariance(sigma, d, 4.0)
     tau2 = 4.0 * float(np.trace(sigma)) / 12 / float(np.mean(d.scales ** 2))
     rng = np.random.default_rng(0)
     u = rng.normal(0, np.sqrt(tau2), (200_000, 6))
@@ -124,8 +125,8 @@ def test_the_heterogeneity_term_is_the_spread_of_an_effect_across_wordings():
     assert np.cov(draws.T) == pytest.approx(h, abs=0.02 * float(np.abs(h).max()))
     quiet = np.tile(np.array([1, 0, 0, 1, 0, 0], bool), 2)
     share = lambda a: float(np.abs(a[quiet]).sum() / np.abs(a).sum())  # noqa: E731
-    assert share(nm.score_weights(sigma, d, heterogeneity=0.0)) > 0.9
-    assert share(nm.score_weights(sigma, d, heterogeneity=4.0)) < 0.6
+    assert share(sw.score_weights(sigma, d, heterogeneity=0.0)) > 0.9
+    assert share(sw.score_weights(sigma, d, heterogeneity=4.0)) < 0.6
 
 
 def test_a_hand_computed_score_with_one_detect_and_one_inverted_wording():
@@ -149,8 +150,9 @@ def test_a_hand_computed_score_with_one_detect_and_one_inverted_wording():
     nulls[:, :2, 0] += rng.normal(0, 0.05, (12, 2))  # a little noise: the covariance is not singular
     concept = vectors(3, planted=(0.8, -0.4))
     test = nm.score_test(concept, nulls, d, ridge=0.0)
-    a = test.weights
-    assert a == pytest.approx(np.array([1.0, -1.0]) / (2 * s), abs=1e-6)
+    assert test.weights.shape == (2, 2)  # one row an alternative; with one twin pair both are the one direction
+    for a in test.weights:
+        assert a == pytest.approx(np.array([1.0, -1.0]) / (2 * s), abs=1e-6)
     # the prediction is fitted on noisy nulls, so its own error enters: the planted residual (0.8, −0.4) to 0.05
     assert test.delta_hat == pytest.approx(np.full(3, (0.8 + 0.4) / (2 * s)), abs=0.02)
     assert test.I == pytest.approx(test.delta_hat * s)

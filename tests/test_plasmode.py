@@ -63,11 +63,13 @@ def test_mde_interpolates_on_the_grid():
 
 
 def test_the_verdict_finds_I_half_a_logit_for_most_concepts_and_beats_the_line_it_replaced(qwen):
-    """Issue #30's target is ≥ 80% of the concepts called at I = +0.5 logits on the model's own noise: the committed
-    bfloat16 sweep reaches it by I = +0.6 (docs/verdicts.md's table says where it stands at +0.5), while the
-    controls'-line I it replaced stays below that at I = +0.8."""
-    new = pm.power_curve(qwen, [0.075])
+    """Issue #30's target: ≥ 80% of the concepts called at I = +0.5 logits on the model's own noise (the committed
+    bfloat16 sweep, largest scale 8: δ = 0.0625), which neither alternative of the weights reaches alone with an
+    effect the same on every wording and no wording left out (the varying-effect one alone stays below); the
+    controls'-line I it replaced stays below 80% at I = +0.8."""
+    new = pm.power_curve(qwen, [0.0625])
     assert new["called"].iloc[0] >= 0.8
+    assert pm.power_curve(qwen, [0.0625], method=pm.varying_effect_method)["called"].iloc[0] < 0.8
     old = pm.power_curve(qwen, [0.1], method=pm.residual_method)
     assert old["called"].iloc[0] < 0.8
 
@@ -112,15 +114,19 @@ def test_random_vectors_that_share_the_effect_make_injection_detectors(qwen_df):
 
 
 def test_a_wording_effect_planted_into_every_concept_moves_only_their_scores_by_exactly_itself(qwen):
-    """Why the population test's power can be computed on (δ̂ + δ) / sd (``plasmode.population_power``): the weights
-    see each kind centred on its own mean, so a δ shared by every concept adds exactly δ to each concept's δ̂ and
-    leaves every null's out-of-sample δ̂, and every sd, unchanged."""
+    """Why the population test's power can be computed without rescoring (``ScoreTest.shifted_z``, used by
+    ``plasmode.population_power``): the weights see each kind centred on its own mean, so a δ shared by every concept
+    adds exactly δ to each concept's δ̂ under every alternative, and leaves every null's out-of-sample δ̂, and every
+    sd, unchanged."""
     plain = score_test(qwen.concept_delta, qwen.null_delta, qwen.design, groups=qwen.groups)
     planted = score_test(plant(qwen.concept_delta, qwen.design, 0.05), qwen.null_delta, qwen.design,
                          groups=qwen.groups)
+    assert planted.delta_hats.shape == (2, 57)
+    assert planted.delta_hats - plain.delta_hats == pytest.approx(np.full((2, 57), 0.05), abs=1e-9)
     assert planted.delta_hat - plain.delta_hat == pytest.approx(np.full(57, 0.05), abs=1e-9)
-    assert planted.null_delta_hat == pytest.approx(plain.null_delta_hat, abs=1e-12)
-    assert planted.sd == pytest.approx(plain.sd) and planted.null_score_sd == pytest.approx(plain.null_score_sd)
+    assert planted.null_delta_hats == pytest.approx(plain.null_delta_hats, abs=1e-12)
+    assert planted.sds == pytest.approx(plain.sds) and planted.null_score_sds == pytest.approx(plain.null_score_sds)
+    assert planted.z == pytest.approx(plain.shifted_z(0.05))
 
 
 def test_the_population_test_finds_a_small_shared_effect_and_rarely_rejects_with_nothing_planted(qwen):
@@ -148,5 +154,5 @@ def test_docs_table_is_this_modules(qwen):
     assert float(rows["MDE (I, logits, 80% called)"][0]) <= 0.6
     population = pm.population_power(qwen, pm.POPULATION_GRID, until=pm.POWER)
     assert rows["population MDE (I, logits, 80% of resamples)"] == [f"{pm.mde(population, column='rejected'):.2f}",
-                                                                     "—", "—"]
+                                                                     *["—"] * (len(pm.METHODS) - 1)]
     assert rows["population test: rejected, nothing planted"][0] == f"{population['rejected'].iloc[0]:.1%}"

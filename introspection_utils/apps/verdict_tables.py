@@ -1,6 +1,6 @@
 """The tables docs/verdicts.md shows, rebuilt from the committed sweeps (no model run): the plasmode table (power and
 false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`) and the verdicts on known
-truths (the model organisms' held-out atlases, with and without the heterogeneity term of the score's weights).
+truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone).
 
     python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
 """
@@ -15,7 +15,7 @@ import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.experiments.organisms.evaluation import truth_recovered
-from introspection_utils.stats.introspection_score import HETEROGENEITY
+from introspection_utils.stats.introspection_score import HETEROGENEITIES
 from introspection_utils.stats.plasmode import Panel, panel, report
 from introspection_utils.stats.verdicts import ALPHA, CLASSES, class_counts, verdicts
 
@@ -56,10 +56,17 @@ def committed_panels(model: str = MODEL, sweeps: Sequence[str] = SWEEPS) -> list
     return [panel(pd.read_csv(folder / f"{name}.csv")) for name in sweeps if (folder / f"{name}.csv").exists()]
 
 
-def known_truths(model: str = MODEL, heterogeneities: Sequence[float] = (HETEROGENEITY, 0.0)) -> pd.DataFrame:
+def weights_label(alternatives: Sequence[float]) -> str:
+    """How the tables name a set of alternatives of the score's weights (their heterogeneities)."""
+    return "heterogeneity " + " and ".join(f"{h:g}" for h in alternatives)
+
+
+def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
+        HETEROGENEITIES, *((h,) for h in HETEROGENEITIES))) -> pd.DataFrame:
     """The verdicts on the committed organisms' held-out atlases (``figures/<model>/results/organisms.csv`` names
-    them; each one's ``atlas_sweep.csv`` beside it), recomputed for every ``heterogeneities`` value of the score's
-    weights: one row per (organism, heterogeneity) with ``organism, truth, heterogeneity, n_concepts``, the class
+    them; each one's ``atlas_sweep.csv`` beside it), recomputed for every set of ``alternatives`` of the score's
+    weights (default: the verdict's, then each alone): one row per (organism, alternatives) with ``organism, truth,
+    weights`` (:func:`weights_label`), ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class
     counts ``n_<class>``, ``verdict`` (the most frequent class) and ``as_truth`` / ``rule``
     (:func:`organisms.evaluation.truth_recovered`, forced choice as the committed run found it)."""
     results = project_root() / "figures" / model / "results"
@@ -67,9 +74,10 @@ def known_truths(model: str = MODEL, heterogeneities: Sequence[float] = (HETEROG
     rows = []
     for r in organisms.to_dict("records"):
         sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
-        for h in heterogeneities:
-            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=h))
-            row = {"organism": r["organism"], "truth": r["truth"], "heterogeneity": float(h),
+        for hs in alternatives:
+            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
+            row = {"organism": r["organism"], "truth": r["truth"], "weights": weights_label(hs),
+                   "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
                    "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
                    "verdict": str(counts.idxmax()), "fc_found": r.get("fc_found")}
             ok, rule = truth_recovered(row)
@@ -84,8 +92,7 @@ def known_truths_markdown(table: pd.DataFrame) -> str:
     lines = [head]
     for r in table.to_dict("records"):
         shown = [r[f"n_{c}"] for c in SHOWN]
-        weights = f"heterogeneity {r['heterogeneity']:g}" + (" (the verdict's)" if r["heterogeneity"] == HETEROGENEITY
-                                                             else "")
+        weights = r["weights"] + (" (the verdict's)" if r["verdicts_weights"] else " alone")
         lines.append(f"| {r['organism']} | {r['truth']} | {weights} | " + " | ".join(map(str, shown))
                      + f" | {r['n_concepts'] - sum(shown)} | {'yes' if r['as_truth'] else 'no'} |")
     return "\n".join(lines)

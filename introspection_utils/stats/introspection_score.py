@@ -15,17 +15,22 @@ model's own, fitted on vectors that are not concepts:
   the controls. The **controls-only residual** r + α drops the intercept: beyond what the controls predict alone.
 * **the score** δ̂(v) = a·r(v) (logits per unit scale): a planted wording effect Δ_w += δ·s·p_w (p_w the polarity)
   gives E δ̂ = δ, because the weights a (:func:`score_weights`) are the least-variance unbiased ones under the nulls'
-  residual covariance (shrunk to its diagonal by ``shrinkage``) plus a **heterogeneity** term — a real effect is not
-  the same on every wording (each wording's effect is δ + u_w, u_w varying across wordings; :data:`HETEROGENEITY`) —
-  constrained so that at every scale they sum to zero
-  over the wordings (a push shared by every wording, e.g. a "yes" on self questions, does not enter) and — with
-  ``compression_proof`` — are orthogonal to the wordings' baselines (a push proportional to the baseline,
-  i.e. linear compression, does not enter). **I** = δ̂·max(s): the same in logits at the largest scale.
+  residual covariance (shrunk to its diagonal by ``shrinkage``) plus a **heterogeneity** term — the effect's assumed
+  spread across wordings (each wording's effect δ + u_w) — constrained so that at every scale they sum to zero over
+  the wordings (a push shared by every wording, e.g. a "yes" on self questions, does not enter) and — with
+  ``compression_proof`` — are orthogonal to the wordings' baselines (a push proportional to the baseline, i.e.
+  linear compression, does not enter).
+* **two alternatives** (:data:`HETEROGENEITIES`): one set of weights for an effect the same on every wording, one
+  for an effect that differs between them; each gives a z (below), and the test takes the larger — for every null
+  as for every concept, so its rank p-value is as exact as either alone.
 * **effect matching**: concept vectors push the controls harder than norm-matched random ones, and the further a
   vector's push lies beyond the nulls', the more the prediction's error (fitted on finitely many nulls) enters its
   residual: each score's sd is the residuals' part a'Σa plus that error at the vector's own push
-  (:func:`null_prediction.prediction_variance`), and z(v) = δ̂ / sd(v) is compared with the nulls' z — the nulls
-  matched to the vector's effect on the controls.
+  (:func:`null_prediction.prediction_variance`), and z(v) = max over the alternatives of δ̂ / sd(v) is compared
+  with the nulls' z — the nulls matched to the vector's effect on the controls.
+* **I** (logits at the largest scale) and its interval come from inverting that test: the planted effect that would
+  leave the concept's z at the nulls' median (the estimate) or at their quantiles (the interval)
+  (:meth:`ScoreTest.effect_at`).
 * **p-values by rank** (no t-tail): ``p_random`` = (1 + #{z_null ≥ z}) / (1 + R) over the R null vectors, each
   null's z computed from a prediction fitted without its own group (its concept's random vectors: leave-one-group-out,
   so the reference is out of sample like the concept); ``p_controls`` = the same rank of the controls-only z
@@ -49,152 +54,57 @@ from introspection_utils.stats.null_prediction import (  # the prediction, re-ex
     fit_prediction,
     prediction_variance,
 )
+from introspection_utils.stats.score_weights import (
+    choose_shrinkage,
+    control_push,
+    pooled_covariance,
+    score_weights,
+    shrunk,
+)
 
-# The variance of a concept's effect across wordings, in units of the residuals' mean variance (at the mean squared
-# scale). Why not 0: without it the weights pile onto the wordings the nulls barely move — the wordings the model
-# connects least to an injection — and an effect that differs between wordings is missed (issue #30: Qwen's trained
-# introspector, whose held-out concepts move five of six wordings, was called for none). docs/verdicts.md's plasmode
-# table and the organisms' table show the verdict with and without it.
-HETEROGENEITY = 4.0
+# The alternatives the score is tested against, each one set of weights: the effect's variance across wordings, in
+# units of the residuals' mean variance (at the mean squared scale). 0: the same effect on every wording — the most
+# powerful weights for it, which pile onto the wordings the nulls barely move. 4: an effect that differs between
+# wordings — without it, an effect on the wordings the model connects most to an injection is missed (issue #30:
+# Qwen's trained introspector, whose held-out concepts move some wordings and not others, was called for none of
+# them with 0 alone). A vector's z is the larger of the two, ranked among the nulls' larger of the two (so the rank
+# p-value stays exact); docs/verdicts.md's plasmode table and the organisms' table show each alone beside it.
+HETEROGENEITIES = (0.0, 4.0)
 MIN_NULLS = 3  # null vectors a test needs (the ridge carries the loadings; the p-value cannot go below 1 / (R + 1))
 POWER = 0.8  # the power an MDE is stated at
 GRID = (0.0125, 0.025, 0.0375, 0.05, 0.0625, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5)  # δ, logits per unit scale
 
 
-def constraints(design: QuestionDesign, *, compression_proof: bool = False) -> np.ndarray:
-    """``[S·m, k]``: the directions the weights must be orthogonal to — at each scale the all-wordings vector (a
-    push shared by every wording; only when both polarities are asked: with one polarity it is the signal itself,
-    and nothing cancels such a push — the readings say so) and, with ``compression_proof``, the wordings' baselines
-    (a push proportional to x_w). ``[S·m, 0]`` when there is none."""
-    s, m = len(design.scales), len(design.wordings)
-    x = design.baseline[design.wordings]
-    patterns = ([np.ones(m)] if len(set(np.sign(design.polarity))) > 1 else []) + (
-        [x - x.mean()] if compression_proof else [])
-    cols = []
-    for i in range(s):
-        for pattern in patterns:
-            col = np.zeros((s, m))
-            col[i] = pattern
-            cols.append(col.ravel())
-    return np.stack(cols, axis=1) if cols else np.zeros((s * m, 0))
-
-
-SHRINKAGE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-def choose_shrinkage(residuals: np.ndarray, groups: np.ndarray, grid: Sequence[float] = SHRINKAGE_GRID) -> float:
-    """The shrinkage of the residual covariance towards its diagonal that best predicts held-out nulls: the largest
-    Gaussian log-likelihood of each group's ``residuals [R, k]`` under the covariance of the other groups', summed
-    over ``groups [R]`` (cross-validation; ties go to the larger shrinkage)."""
-    best, best_ll = 1.0, -np.inf
-    if len(np.unique(groups)) < 3:
-        return best
-    for lam in sorted(grid, reverse=True):
-        ll = 0.0
-        for g in np.unique(groups):
-            held = groups == g
-            train = residuals[~held]
-            cov = np.cov(train.T)
-            sigma = (1 - lam) * cov + lam * np.diag(np.diag(cov))
-            sign, logdet = np.linalg.slogdet(sigma)
-            if sign <= 0:
-                ll = -np.inf
-                break
-            d = residuals[held] - train.mean(axis=0)
-            ll -= 0.5 * (logdet * len(d) + float(np.einsum("ij,jk,ik->", d, np.linalg.inv(sigma), d)))
-        if ll > best_ll + 1e-9:
-            best, best_ll = lam, ll
-    return best
-
-
-def heterogeneity_covariance(covariance: np.ndarray, design: QuestionDesign, heterogeneity: float) -> np.ndarray:
-    """``[S·m, S·m]``: the covariance a wording effect that varies across wordings adds to the residuals — wording w's
-    effect δ + u_w at scale s is (δ + u_w)·s·p_w, the u_w independent with variance τ² = ``heterogeneity`` × the mean
-    diagonal of ``covariance [S·m, S·m]`` / the mean squared scale (so at the mean squared scale the spread of the
-    effect across wordings is ``heterogeneity`` times the mean residual variance)."""
-    s, m = len(design.scales), len(design.wordings)
-    tau2 = float(heterogeneity) * float(np.trace(covariance)) / len(covariance) / float((design.scales ** 2).mean())
-    out = np.zeros_like(covariance, dtype=float)
-    for w in range(m):
-        e = np.zeros((s, m))
-        e[:, w] = design.scales * design.polarity[w]
-        out += np.outer(e.ravel(), e.ravel())
-    return tau2 * out
-
-
-def score_weights(covariance: np.ndarray, design: QuestionDesign, *, compression_proof: bool = False,
-                  heterogeneity: float = HETEROGENEITY) -> np.ndarray:
-    """``[S·m]``: the least-variance weights a under ``covariance [S·m, S·m]`` plus the effect's spread across
-    wordings (:func:`heterogeneity_covariance`; ``heterogeneity=0``: the residuals' covariance alone), with
-    a·signal = 1, a ⟂ :func:`constraints`, and every wording counted towards reporting detection (p_w·a_ws ≥ 0: a
-    weight never turns a wording's move towards detection into evidence against it, so the score does not depend on
-    the exact shape of an effect across scales). Solved as non-negative least squares with the equalities as heavy
-    penalty rows."""
-    from scipy.optimize import nnls
-
-    sign = np.tile(design.polarity, len(design.scales)).astype(float)
-    total = covariance + heterogeneity_covariance(covariance, design, heterogeneity) if heterogeneity else covariance
-    sigma = total * np.outer(sign, sign)  # in b = sign·a ≥ 0
-    equal = np.vstack([design.signal.ravel() * sign, (constraints(design, compression_proof=compression_proof)
-                                                      * sign[:, None]).T]).reshape(-1, len(sign))
-    target = np.r_[1.0, np.zeros(len(equal) - 1)]
-    jitter = 1e-9 * float(np.trace(sigma)) / len(sigma)
-    root = np.linalg.cholesky(sigma + jitter * np.eye(len(sigma))).T
-    heavy = 1e4 * float(np.sqrt(np.trace(sigma) / len(sigma))) / max(1.0, float(np.abs(equal).max()))
-    b, _ = nnls(np.vstack([root, heavy * equal]), np.r_[np.zeros(len(root)), heavy * target], maxiter=2000)
-    a = sign * b
-    scale = float(a @ design.signal.ravel())
-    if not np.isfinite(scale) or abs(scale) < 1e-12:
-        raise ValueError("no weights score the polarity-signed signal under the constraints")
-    return a / scale
-
-
-def control_push(delta: np.ndarray, design: QuestionDesign) -> np.ndarray:
-    """``delta [V, Q, S]`` → ``[V]``: m(v), the root-mean-square Δ of the controls over the injected scales — how
-    hard the vector pushes questions that are not about it."""
-    return np.sqrt((delta[:, design.controls, :] ** 2).mean(axis=(1, 2)))
-
-
-def pooled_covariance(blocks: Sequence[np.ndarray]) -> np.ndarray:
-    """The covariance of residuals ``[n_i, k]`` pooled over ``blocks``, each centred on its own mean (so a shift
-    shared by one block — a planted effect on every concept — does not enter it)."""
-    blocks = [b for b in blocks if len(b) > 1]
-    centred = np.vstack([b - b.mean(axis=0) for b in blocks])
-    cov = centred.T @ centred / max(1, len(centred) - len(blocks))
-    floor = 1e-6 * max(float(np.diag(cov).mean()), 1e-12)  # a question that never moves keeps a finite weight
-    return cov + floor * np.eye(len(cov))
-
-
-def shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
-    """``covariance`` shrunk towards its diagonal by ``shrinkage`` ∈ [0, 1]."""
-    return (1 - shrinkage) * covariance + shrinkage * np.diag(np.diag(covariance))
-
-
 @dataclass(frozen=True)
 class ScoreTest:
-    """The test of every concept of one layer against the nulls (:func:`score_test`): ``delta_hat [V]`` (δ̂, logits
-    per unit scale), ``I [V]`` (δ̂ at the largest scale, logits), ``controls_only [V]`` (the same beyond the controls'
-    part alone: δ̂ + the generic response), ``sd [V]`` and ``null_score_sd [R]`` (each score's own sd: the residuals'
-    part plus the prediction's error at the vector's push, :func:`null_prediction.prediction_variance`), ``p_random
-    [V]`` (beyond random vectors: δ̂/sd ranked among the nulls'), ``p_controls [V]`` (beyond the controls),
-    ``covered [V]`` (the vector's ``noise`` lies within the nulls' ``null_noise`` — a diagnostic the
-    readings state, not a gate: an effect whose shape across wordings and scales differs from s·p_w also raises
-    it), ``noise [V]`` and ``null_noise [R]`` (:func:`noise_ratio`),
-    ``null_delta_hat [R]`` (each null out of sample), ``generic`` (a·α, logits per unit scale),
-    ``weights [S·m]`` (a, from every vector), ``prediction``, ``shrinkage``, ``push [V]`` and ``null_push [R]`` (m),
-    ``top_scale``."""
+    """The test of every concept of one layer against the nulls (:func:`score_test`), one row per alternative k of
+    ``heterogeneities [K]`` (the weights' assumed spread of an effect across wordings): ``delta_hats [K, V]`` (δ̂_k,
+    logits per unit scale), ``controls_only_hats [K, V]`` (beyond the controls' part alone: δ̂_k + the generic
+    response), ``sds [K, V]`` and ``null_score_sds [K, R]`` (each score's own sd: the residuals' part plus the
+    prediction's error at the vector's push, :func:`null_prediction.prediction_variance`), ``null_delta_hats [K, R]``
+    (each null out of sample); ``p_random [V]`` (beyond random vectors: :attr:`z` ranked among :attr:`null_z`),
+    ``p_controls [V]`` (beyond the controls: :attr:`controls_z` ranked the same way), ``covered [V]`` (the vector's
+    ``noise`` lies within the nulls' ``null_noise`` — a diagnostic the readings state, not a gate: an effect whose
+    shape across wordings and scales differs from s·p_w also raises it), ``noise [V]`` and ``null_noise [R]``
+    (:func:`noise_ratio`), ``generic`` (a·α at the first alternative, logits per unit scale), ``weights [K, S·m]``
+    (each alternative's a, from every vector), ``prediction``, ``shrinkage``, ``push [V]`` and ``null_push [R]`` (m),
+    ``top_scale``.
 
-    delta_hat: np.ndarray
-    I: np.ndarray  # noqa: E741 — the project's name for the score
-    controls_only: np.ndarray
-    sd: np.ndarray
-    null_score_sd: np.ndarray
+    Every effect in logits comes from inverting the one test: :meth:`effect_at` is the planted effect that would
+    leave a vector's z at a given value, so the interval is it at the nulls' quantiles and the estimate
+    (:attr:`delta_hat`, :attr:`I`) it at their median."""
+
+    heterogeneities: tuple[float, ...]
+    delta_hats: np.ndarray
+    controls_only_hats: np.ndarray
+    sds: np.ndarray
+    null_delta_hats: np.ndarray
+    null_score_sds: np.ndarray
     p_random: np.ndarray
     p_controls: np.ndarray
     covered: np.ndarray
     noise: np.ndarray
     null_noise: np.ndarray
-    null_delta_hat: np.ndarray
     generic: float
     weights: np.ndarray
     prediction: Prediction
@@ -204,19 +114,61 @@ class ScoreTest:
     top_scale: float
 
     @property
-    def null_sd(self) -> float:
-        """The spread of the nulls' out-of-sample δ̂ (logits per unit scale)."""
-        return float(np.std(self.null_delta_hat, ddof=1))
-
-    @property
     def z(self) -> np.ndarray:
-        """``[V]``: δ̂ in units of its own sd — what ``p_random`` ranks."""
-        return self.delta_hat / self.sd
+        """``[V]``: the largest over the alternatives of δ̂_k in units of its own sd — what ``p_random`` ranks."""
+        return (self.delta_hats / self.sds).max(axis=0)
 
     @property
     def null_z(self) -> np.ndarray:
-        """``[R]``: the nulls' out-of-sample δ̂ in units of their own sd — the reference the concepts are ranked in."""
-        return self.null_delta_hat / self.null_score_sd
+        """``[R]``: the nulls' out-of-sample :attr:`z` (the same largest) — the reference the concepts are ranked in."""
+        return (self.null_delta_hats / self.null_score_sds).max(axis=0)
+
+    @property
+    def controls_z(self) -> np.ndarray:
+        """``[V]``: :attr:`z` of the controls-only residual — what ``p_controls`` ranks."""
+        return (self.controls_only_hats / self.sds).max(axis=0)
+
+    def shifted_z(self, size: float) -> np.ndarray:
+        """``[V]``: :attr:`z` had a wording effect of ``size`` (logits per unit scale) been planted in every concept:
+        each δ̂_k moves by exactly ``size`` and no sd moves (:func:`plant`; test-held)."""
+        return ((self.delta_hats + float(size)) / self.sds).max(axis=0)
+
+    def effect_at(self, z: float, *, controls_only: bool = False) -> np.ndarray:
+        """``[V]``: the wording effect (logits per unit scale) whose removal leaves each concept's z at ``z`` —
+        max_k(δ̂_k − z·sd_k), the rank test inverted (``controls_only``: the same for :attr:`controls_z`)."""
+        hats = self.controls_only_hats if controls_only else self.delta_hats
+        return (hats - float(z) * self.sds).max(axis=0)
+
+    @property
+    def median_null_z(self) -> float:
+        """The nulls' median :attr:`null_z`: where the estimate puts a concept."""
+        return float(np.median(self.null_z))
+
+    @property
+    def delta_hat(self) -> np.ndarray:
+        """``[V]``: the estimate δ̂ (logits per unit scale): :meth:`effect_at` the nulls' median z — with one
+        alternative, that alternative's δ̂ less the median's few hundredths of an sd."""
+        return self.effect_at(self.median_null_z)
+
+    @property
+    def I(self) -> np.ndarray:  # noqa: E743, N802 — the project's name for the score
+        """``[V]``: :attr:`delta_hat` at the largest scale, logits."""
+        return self.delta_hat * self.top_scale
+
+    @property
+    def controls_only(self) -> np.ndarray:
+        """``[V]``: :attr:`delta_hat` beyond the controls' part alone."""
+        return self.effect_at(self.median_null_z, controls_only=True)
+
+    @property
+    def null_delta_hat(self) -> np.ndarray:
+        """``[R]``: each null's estimate, as :attr:`delta_hat` (logits per unit scale)."""
+        return (self.null_delta_hats - self.median_null_z * self.null_score_sds).max(axis=0)
+
+    @property
+    def null_sd(self) -> float:
+        """The spread of the nulls' out-of-sample estimates (logits per unit scale)."""
+        return float(np.std(self.null_delta_hat, ddof=1))
 
 
 def noise_ratio(residuals: np.ndarray, weights: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -240,7 +192,8 @@ def rank_p(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, *,
                groups: Sequence | np.ndarray | None = None, ridge: float = RIDGE, shrinkage: float | None = None,
-               compression_proof: bool = False, heterogeneity: float = HETEROGENEITY) -> ScoreTest:
+               compression_proof: bool = False,
+               heterogeneity: float | Sequence[float] = HETEROGENEITIES) -> ScoreTest:
     """Test ``concept_delta [V, Q, S]`` against ``null_delta [R, Q, S]`` (``groups [R]``: which nulls belong
     together — a concept's own random vectors — left out together; default, or with fewer than :data:`MIN_NULLS`
     groups, each its own).
@@ -252,7 +205,8 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
     residuals into the covariance matches the weights to the concepts' own noise (they push the controls harder than
     norm-matched random vectors); because each kind is centred, a shift every concept shares (the effect sought) does
     not enter the weights. ``compression_proof``: weights also orthogonal to the wordings' baselines;
-    ``heterogeneity``: the effect's assumed spread across wordings (:func:`score_weights`)."""
+    ``heterogeneity``: the effect's assumed spread across wordings (:func:`score_weights`), one value or the
+    alternatives the test takes the largest z over (:data:`HETEROGENEITIES`)."""
     if len(null_delta) < MIN_NULLS:
         raise ValueError(f"the null model needs at least {MIN_NULLS} null vectors, got {len(null_delta)}")
     if concept_delta.shape[1:] != null_delta.shape[1:]:
@@ -272,16 +226,19 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
     concept_controls = prediction.residual(concept_delta, design, controls_only=True).reshape(n_c, -1)
     lam = choose_shrinkage(null_res, groups) if shrinkage is None else float(shrinkage)
 
+    alternatives = tuple(float(h) for h in np.atleast_1d(heterogeneity))
+    n_k = len(alternatives)
+
     def weights(drop_null: np.ndarray, drop_concept: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The score's weights, the residual covariance, and that covariance's own least-variance weights (the
-        direction :func:`noise_ratio` takes out: its formula holds for them)."""
+        """Each alternative's weights ``[K, k]``, the residual covariance, and that covariance's own least-variance
+        weights (the direction :func:`noise_ratio` takes out: its formula holds for them)."""
         keep = np.ones(n_c, bool)
         if drop_concept is not None:
             keep[drop_concept] = False
         sigma = shrunk(pooled_covariance([null_res[~drop_null], concept_res[keep]]), lam)
         own = score_weights(sigma, design, compression_proof=compression_proof, heterogeneity=0.0)
-        a = score_weights(sigma, design, compression_proof=compression_proof,
-                          heterogeneity=heterogeneity) if heterogeneity else own
+        a = np.stack([score_weights(sigma, design, compression_proof=compression_proof, heterogeneity=h)
+                      if h else own for h in alternatives])
         return a, sigma, own
 
     def sd(delta: np.ndarray, train: np.ndarray, a: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -291,32 +248,35 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
                        + prediction_variance(delta, train, design, a, sigma, ridge=ridge))
 
     none = np.zeros(n_r, bool)
-    null_hat, null_noise, null_score_sd = np.empty(n_r), np.empty(n_r), np.empty(n_r)
+    null_hat, null_score_sd, null_noise = np.empty((n_k, n_r)), np.empty((n_k, n_r)), np.empty(n_r)
     for g in np.unique(groups):
         out = groups == g
         a, sigma, own = weights(out, None)
-        null_hat[out] = null_res[out] @ a
+        null_hat[:, out] = a @ null_res[out].T
         null_noise[out] = noise_ratio(null_res[out], own, sigma)
-        null_score_sd[out] = sd(null_delta[out], null_delta[~out], a, sigma)
-    est, controls_only, noise = np.empty(n_c), np.empty(n_c), np.empty(n_c)
-    concept_weights, concept_sigmas = [], []
+        for k in range(n_k):
+            null_score_sd[k, out] = sd(null_delta[out], null_delta[~out], a[k], sigma)
+    noise = np.empty(n_c)
+    concept_weights, concept_sigmas = np.empty((n_k, n_c, concept_res.shape[1])), []
     for i in range(n_c):
         a, sigma, own = weights(none, i)
-        est[i], controls_only[i] = concept_res[i] @ a, concept_controls[i] @ a
+        concept_weights[:, i] = a
         noise[i] = noise_ratio(concept_res[i:i + 1], own, sigma)[0]
-        concept_weights.append(a)
         concept_sigmas.append(sigma)
-    concept_sd = sd(concept_delta, null_delta, np.stack(concept_weights), np.stack(concept_sigmas))  # one fit's error
+    est = np.einsum("kvi,vi->kv", concept_weights, concept_res)
+    controls_only = np.einsum("kvi,vi->kv", concept_weights, concept_controls)
+    concept_sd = np.stack([sd(concept_delta, null_delta, concept_weights[k], np.stack(concept_sigmas))
+                           for k in range(n_k)])  # one fit's error
     a_all, _, _ = weights(none, None)
-    top = float(design.scales.max())
-    null_z = null_hat / null_score_sd
-    return ScoreTest(delta_hat=est, I=est * top, controls_only=controls_only, sd=concept_sd,
-                     null_score_sd=null_score_sd, p_random=rank_p(est / concept_sd, null_z),
-                     p_controls=rank_p(controls_only / concept_sd, null_z), covered=noise <= null_noise.max(),
-                     noise=noise, null_noise=null_noise, null_delta_hat=null_hat,
-                     generic=float(prediction.intercept.ravel() @ a_all), weights=a_all, prediction=prediction,
+    null_z = (null_hat / null_score_sd).max(axis=0)
+    return ScoreTest(heterogeneities=alternatives, delta_hats=est, controls_only_hats=controls_only, sds=concept_sd,
+                     null_delta_hats=null_hat, null_score_sds=null_score_sd,
+                     p_random=rank_p((est / concept_sd).max(axis=0), null_z),
+                     p_controls=rank_p((controls_only / concept_sd).max(axis=0), null_z),
+                     covered=noise <= null_noise.max(), noise=noise, null_noise=null_noise,
+                     generic=float(prediction.intercept.ravel() @ a_all[0]), weights=a_all, prediction=prediction,
                      shrinkage=lam, push=control_push(concept_delta, design),
-                     null_push=control_push(null_delta, design), top_scale=top)
+                     null_push=control_push(null_delta, design), top_scale=float(design.scales.max()))
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
@@ -343,7 +303,7 @@ def plant(delta: np.ndarray, design: QuestionDesign, size: float) -> np.ndarray:
 
 def atlas_mde(concept_delta: np.ndarray, null_delta: np.ndarray, design: QuestionDesign, *,
               groups: Sequence | np.ndarray | None = None, alpha: float = 0.05, power: float = POWER,
-              grid: Sequence[float] = GRID, heterogeneity: float = HETEROGENEITY) -> float:
+              grid: Sequence[float] = GRID, heterogeneity: float | Sequence[float] = HETEROGENEITIES) -> float:
     """The atlas's minimum detectable effect, on its own noise: the smallest I (logits at the largest scale) that,
     planted into every concept (:func:`plant`), is called (q ≤ ``alpha`` after Benjamini–Hochberg, beyond random
     vectors and the controls) for at least ``power`` of them — linear interpolation on ``grid`` (δ per unit scale);

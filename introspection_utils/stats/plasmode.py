@@ -26,8 +26,10 @@ tested as if it were a concept against the others — leave-one-out on the real 
 or not; the truth is "no introspection", so the rate of p ≤ α is the test's size there.
 
 A method maps ``(concept_delta [V, Q, S], null_delta [R, Q, S], panel)`` to p-values ``[V]``: :func:`score_method`
-(the verdict's statistic), :func:`uniform_effect_method` (the same with weights that assume one effect on every
-wording) and :func:`residual_method` (the controls'-line I it replaced) are compared on the same plantings.
+(the verdict's statistic: the larger z of its two alternatives), :func:`uniform_effect_method` and
+:func:`varying_effect_method` (each alternative alone: weights for one effect on every wording, or for an effect that
+differs between wordings) and :func:`residual_method` (the controls'-line I it replaced) are compared on the same
+plantings.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import pandas as pd
 from introspection_utils.stats.definitions import QuestionCurves, question_curves
 from introspection_utils.stats.introspection_score import (
     GRID,
+    HETEROGENEITIES,
     POWER,
     QuestionDesign,
     fit_prediction,
@@ -193,12 +196,20 @@ def residual_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel,
 
 def uniform_effect_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray
                           ) -> np.ndarray:
-    """:func:`score_method` with weights that assume the same effect on every wording (``heterogeneity=0``)."""
+    """:func:`score_method` with the one alternative of an effect the same on every wording (``heterogeneity=0``)."""
     return score_method(concept_delta, null_delta, p, groups, heterogeneity=0.0)
 
 
+def varying_effect_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray
+                          ) -> np.ndarray:
+    """:func:`score_method` with the one alternative of an effect that differs between wordings (the largest of
+    :data:`introspection_score.HETEROGENEITIES`: the verdict's weights before it took both)."""
+    return score_method(concept_delta, null_delta, p, groups, heterogeneity=max(HETEROGENEITIES))
+
+
 METHODS: dict[str, Method] = {"null-learned score": score_method,
-                              "same effect on every wording (before)": uniform_effect_method,
+                              "same effect on every wording alone": uniform_effect_method,
+                              "varying effect alone (before)": varying_effect_method,
                               "controls' line I (before)": residual_method}
 
 
@@ -244,7 +255,7 @@ def population_power(p: Panel, sizes: Sequence[float], *, alpha: float = ALPHA, 
              for _ in range(n_resamples)]
     rows = []
     for size in sizes:
-        shifted = (test.delta_hat + float(size)) / test.sd
+        shifted = test.shifted_z(size)
         hits = sum(population_p(shifted[c], test.null_z[r]) <= alpha for c, r in draws)
         rows.append({"delta": float(size), "I": float(size) * p.top_scale, "rejected": hits / n_resamples})
         if until is not None and hits / n_resamples >= until:

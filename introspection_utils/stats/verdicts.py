@@ -57,7 +57,7 @@ from introspection_utils.stats.definitions import (
     question_curves,
 )
 from introspection_utils.stats.introspection_score import (
-    HETEROGENEITY,
+    HETEROGENEITIES,
     MIN_NULLS,
     QuestionDesign,
     atlas_mde,
@@ -131,7 +131,7 @@ ATLAS_COLUMNS = ["model", "concept", "layer", "n_wordings", "n_inverted", "n_con
 
 def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCurves], *,
                groups: Sequence[str] | None = None, alpha: float = ALPHA, mde: bool = True,
-               heterogeneity: float = HETEROGENEITY) -> dict[str, object] | None:
+               heterogeneity: float | Sequence[float] = HETEROGENEITIES) -> dict[str, object] | None:
     """:func:`introspection_score.score_test` of one layer's concepts against its random vectors (each vector's injected
     scales; ``groups``: each random vector's concept — one concept's random vectors are left out together), with the
     atlas's MDE and the population test (``heterogeneity``: see :func:`verdicts`); None with fewer than
@@ -156,27 +156,27 @@ def layer_test(concepts: Sequence[QuestionCurves], randoms: Sequence[QuestionCur
 
 def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float = EFFECT_THRESHOLD,
              n_boot: int = N_BOOT, level: float = CONFIDENCE, seed: int = 0, mde: bool = True,
-             heterogeneity: float = HETEROGENEITY) -> pd.DataFrame:
+             heterogeneity: float | Sequence[float] = HETEROGENEITIES) -> pd.DataFrame:
     """One row per (concept, layer) of a scale-sweep table: the test (:func:`introspection_score.score_test`), its
     corrections, the controls' line at the effect scale, S, flips, answer mass and class (columns
     :data:`ATLAS_COLUMNS`), sorted by q-value then I.
 
-    ``I`` (logits at the largest scale) with ``I_ci_low``/``I_ci_high`` (the rank test inverted: I minus the nulls'
-    out-of-sample quantiles), ``I_controls`` (beyond the controls' part alone) and ``generic`` (the nulls' own
-    response beyond the controls, same units); ``p_random`` (beyond random vectors, by rank), ``p_controls`` (beyond
-    the controls), ``p_value`` (the larger), ``q_value`` and ``q_controls`` (Benjamini–Hochberg across the table's
-    concepts), ``min_p`` (1 / (R + 1): the smallest p the layer's R random vectors allow), ``covered`` and ``noise``
-    (the concept's residual noise within the nulls' range), ``mde`` (the atlas's smallest I called for 80% of its
-    concepts, on its own noise: :func:`introspection_score.atlas_mde`; ``mde=False`` skips it), ``population_p`` (are
-    the concepts as a group beyond their nulls); ``shift_scale`` with ``shift`` (S, the write-up's contrast) and its
-    interval; ``effect_scale`` (where the controls' line moves most: the descriptive classes are read there) with
-    the (signed) introspection and control Δ, their intervals, ``effect_b``, ``effect_c``, ``effect_r2``;
-    ``control_span`` and ``fit_ok`` (the line's identification — descriptive only: the test does not need it);
+    ``I`` (logits at the largest scale: the effect that would leave the concept at its nulls' median z) with
+    ``I_ci_low``/``I_ci_high`` (the same at the nulls' out-of-sample quantiles), ``I_controls`` (beyond the controls'
+    part alone), ``generic`` (the nulls' own response beyond the controls, same units); ``p_random`` (beyond random
+    vectors, by rank), ``p_controls`` (beyond the controls), ``p_value`` (the larger), ``q_value`` and ``q_controls``
+    (Benjamini–Hochberg across concepts), ``min_p`` (1 / (R + 1): the smallest p R random vectors allow), ``covered``,
+    ``noise`` (the concept's residual noise within the nulls' range), ``mde`` (the atlas's smallest I called for 80%
+    of its concepts, on its own noise: :func:`introspection_score.atlas_mde`; ``mde=False`` skips it),
+    ``population_p`` (are the concepts as a group beyond their nulls); ``shift_scale``, ``shift`` (S, the write-up's
+    contrast) and its interval; ``effect_scale`` (where the controls' line moves most: the descriptive classes are
+    read there) with the (signed) introspection and control Δ, their intervals, ``effect_b``, ``effect_c``,
+    ``effect_r2``; ``control_span`` and ``fit_ok`` (the line's identification — descriptive only);
     ``answer_mass`` (mean P(yes)+P(no) of the wordings at the largest scale, ``baseline_answer_mass`` without
     injection; ``low_mass`` below :data:`MIN_ANSWER_MASS`). Random vectors at a layer form that layer's null (pooled
     over concepts). With fewer than :data:`MIN_RANDOM` of them no test is run: the p- and q-values are NaN.
-    ``heterogeneity``: the effect's spread across wordings the weights allow for (0: the same on every wording).
-    """
+    ``heterogeneity``: the effect's spread across wordings the weights allow for (0: the same on every wording), or
+    the alternatives the test takes the largest z over (default :data:`introspection_score.HETEROGENEITIES`)."""
     if effect_threshold <= 0:
         raise ValueError("effect_threshold must be > 0 (logits)")
     if not 0 < alpha < 1 or not 0 < level < 1:
@@ -198,7 +198,7 @@ def verdicts(df: pd.DataFrame, *, alpha: float = ALPHA, effect_threshold: float 
             test = tested["test"]
             top = test.top_scale
             lo, hi = np.quantile(test.null_z, [(1 + level) / 2, (1 - level) / 2])  # in units of each score's sd
-            I, I_lo, I_hi = test.I, (test.delta_hat - lo * test.sd) * top, (test.delta_hat - hi * test.sd) * top  # noqa: E741, N806
+            I, I_lo, I_hi = test.I, test.effect_at(lo) * top, test.effect_at(hi) * top  # noqa: E741, N806
             I_controls, p_random, p_controls = test.controls_only * top, test.p_random, test.p_controls  # noqa: N806
             covered, noise, generic = test.covered, test.noise, test.generic * top
             min_p, layer_mde, pop = 1 / (len(randoms) + 1), tested["mde"], tested["population_p"]
