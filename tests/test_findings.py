@@ -189,9 +189,10 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
         "base model": "n/a", "introspector": "yes", "anomaly-detector": "no", "yes-sayer": "n/a"}
     row = ("| introspector | introspection-specific | 7 introspection-specific, 3 one-sided (of 10; MDE I = 0.55 "
            "logits) | 90% / 10% / 0% | yes | +5% | 60% against chance 20% (n = 50: 37% would be found with 80% power), "
-           "MI p = 0.001: found |")
+           "MI 1.20 bits, p = 0.001: found |")
     assert row in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
-    assert "| 10 shared yes-shift (of 10) |" in text and "60% against chance 20%, MI p = 0.001: not found" in text
+    assert "| 10 shared yes-shift (of 10) |" in text
+    assert "60% against chance 20%, MI 1.20 bits, p = 0.001: not found" in text
     assert findings.organism_rows(tmp_path / "nothing").empty
     assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
     training = pd.DataFrame([{"kind": "introspector", "steps": 80, "first_loss": 2.48, "final_loss": 0.1234,

@@ -40,3 +40,14 @@ def test_the_varying_effect_alternative_is_what_finds_the_trained_introspector(t
 def test_docs_table_is_this_modules(truths):
     assert read_block(project_root() / verdict_tables.DOC, "known-truths") == verdict_tables.known_truths_markdown(
         truths)
+
+
+def test_the_verdict_calls_no_concept_the_introspector_does_not_report():
+    """The introspector's held-out concepts one by one: none whose vector it reports no more often than that concept's
+    random vectors is called introspection-specific, and docs/verdicts.md's table is this module's."""
+    table = verdict_tables.introspector_concepts()
+    assert len(table) == 15 and table["detected_concept"].between(0, 1).all()
+    not_reported = table[table["detected_concept"] <= table["detected_random"]]
+    assert (not_reported["class"] != "introspection-specific").all(), not_reported
+    assert read_block(project_root() / verdict_tables.DOC, "introspector-concepts") == (
+        verdict_tables.introspector_concepts_markdown(table))

@@ -1,6 +1,7 @@
 """The tables docs/verdicts.md shows, rebuilt from the committed sweeps (no model run): the plasmode table (power and
-false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`) and the verdicts on known
-truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone).
+false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`), the verdicts on known
+truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone) and
+the trained introspector's held-out concepts one by one (its behaviour beside the verdict).
 
     python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
 """
@@ -14,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
-from introspection_utils.experiments.organisms.evaluation import truth_recovered
+from introspection_utils.core.results import load_result
+from introspection_utils.experiments.organisms.evaluation import organism_detection_rates, truth_recovered
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
 from introspection_utils.stats.plasmode import Panel, panel, report
 from introspection_utils.stats.verdicts import ALPHA, CLASSES, class_counts, verdicts
@@ -98,6 +100,36 @@ def known_truths_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def introspector_concepts(model: str = MODEL) -> pd.DataFrame:
+    """The trained introspector's held-out concepts one by one: what it does (the fraction of the evaluation's
+    wordings it answers as reporting an injected thought at the run's detection scale with the concept's vector,
+    ``detected_concept``, and with that concept's random vectors, ``detected_random``: the rule of
+    :func:`organisms.evaluation.organism_detection_rates`) beside what the verdict says (``class``, ``I``,
+    ``p_random``) — one row per concept, sorted by ``detected_concept``."""
+    results = project_root() / "figures" / model / "results"
+    organisms = load_result(results / "organisms")
+    scale = float(organisms.meta["spec"]["detection_scale"])
+    name = organisms.df.set_index("organism").loc["introspector", "model"]
+    sweep = pd.read_csv(results / name / "atlas_sweep.csv")
+    table = verdicts(sweep, n_boot=1, mde=False).set_index("concept")
+    rows = []
+    for concept, rows_of in sweep.groupby("concept"):
+        rates = organism_detection_rates(rows_of, scale)
+        rows.append({"concept": concept, "detected_concept": rates["detection"], "detected_random":
+                     rates["fpr_random"], "class": table.loc[concept, "class"], "I": table.loc[concept, "I"],
+                     "p_random": table.loc[concept, "p_random"]})
+    return pd.DataFrame(rows).sort_values(["detected_concept", "concept"], ignore_index=True)
+
+
+def introspector_concepts_markdown(table: pd.DataFrame) -> str:
+    """:func:`introspector_concepts` as ``docs/verdicts.md`` shows it."""
+    lines = ["| held-out concept | detected: its vector | detected: its random vectors | verdict | I | p_random |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['concept']} | {r['detected_concept']:.0%} | {r['detected_random']:.0%} | {r['class']} | "
+              f"{r['I']:+.2f} | {r['p_random']:.3f} |" for r in table.to_dict("records")]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Rebuild the named blocks of :data:`DOC` from the committed sweeps and print them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = known_truths_markdown(known_truths())
         print(text)
         replace_block(project_root() / DOC, "known-truths", text)
+        text = introspector_concepts_markdown(introspector_concepts())
+        print(text)
+        replace_block(project_root() / DOC, "introspector-concepts", text)
 
 
 if __name__ == "__main__":
