@@ -100,8 +100,6 @@ class ScoreTest:
     sds: np.ndarray
     null_delta_hats: np.ndarray
     null_score_sds: np.ndarray
-    p_random: np.ndarray
-    p_controls: np.ndarray
     covered: np.ndarray
     noise: np.ndarray
     null_noise: np.ndarray
@@ -127,6 +125,16 @@ class ScoreTest:
     def controls_z(self) -> np.ndarray:
         """``[V]``: :attr:`z` of the controls-only residual — what ``p_controls`` ranks."""
         return (self.controls_only_hats / self.sds).max(axis=0)
+
+    @property
+    def p_random(self) -> np.ndarray:
+        """``[V]``: beyond random vectors — :attr:`z` ranked among :attr:`null_z` (:func:`rank_p`)."""
+        return rank_p(self.z, self.null_z)
+
+    @property
+    def p_controls(self) -> np.ndarray:
+        """``[V]``: beyond the controls — :attr:`controls_z` ranked among :attr:`null_z`."""
+        return rank_p(self.controls_z, self.null_z)
 
     def shifted_z(self, size: float) -> np.ndarray:
         """``[V]``: :attr:`z` had a wording effect of ``size`` (logits per unit scale) been planted in every concept:
@@ -265,15 +273,12 @@ def score_test(concept_delta: np.ndarray, null_delta: np.ndarray, design: Questi
         concept_sigmas.append(sigma)
     est = np.einsum("kvi,vi->kv", concept_weights, concept_res)
     controls_only = np.einsum("kvi,vi->kv", concept_weights, concept_controls)
-    concept_sd = np.stack([sd(concept_delta, null_delta, concept_weights[k], np.stack(concept_sigmas))
-                           for k in range(n_k)])  # one fit's error
+    sigmas = np.stack(concept_sigmas)
+    concept_sd = np.stack([sd(concept_delta, null_delta, concept_weights[k], sigmas) for k in range(n_k)])
     a_all, _, _ = weights(none, None)
-    null_z = (null_hat / null_score_sd).max(axis=0)
     return ScoreTest(heterogeneities=alternatives, delta_hats=est, controls_only_hats=controls_only, sds=concept_sd,
-                     null_delta_hats=null_hat, null_score_sds=null_score_sd,
-                     p_random=rank_p((est / concept_sd).max(axis=0), null_z),
-                     p_controls=rank_p((controls_only / concept_sd).max(axis=0), null_z),
-                     covered=noise <= null_noise.max(), noise=noise, null_noise=null_noise,
+                     null_delta_hats=null_hat, null_score_sds=null_score_sd, covered=noise <= null_noise.max(),
+                     noise=noise, null_noise=null_noise,
                      generic=float(prediction.intercept.ravel() @ a_all[0]), weights=a_all, prediction=prediction,
                      shrinkage=lam, push=control_push(concept_delta, design),
                      null_push=control_push(null_delta, design), top_scale=float(design.scales.max()))

@@ -196,8 +196,9 @@ def residual_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel,
 
 def uniform_effect_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray
                           ) -> np.ndarray:
-    """:func:`score_method` with the one alternative of an effect the same on every wording (``heterogeneity=0``)."""
-    return score_method(concept_delta, null_delta, p, groups, heterogeneity=0.0)
+    """:func:`score_method` with the one alternative of an effect the same on every wording (the smallest of
+    :data:`introspection_score.HETEROGENEITIES`, 0)."""
+    return score_method(concept_delta, null_delta, p, groups, heterogeneity=min(HETEROGENEITIES))
 
 
 def varying_effect_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray

@@ -217,9 +217,8 @@ def choice_words(row: dict) -> str:
         return "not run"
     mde = row.get("fc_mde", float("nan"))
     power = (f" (n = {int(row['fc_n'])}: {mde:.0%} would be found with 80% power)" if pd.notna(mde) else "")
-    bits = f"MI {row['fc_mi_bits']:.2f} bits, p = " if pd.notna(row.get("fc_mi_bits", float("nan"))) else "MI p = "
-    return (f"{row['fc_accuracy']:.0%} against chance {row['fc_chance']:.0%}{power}, {bits}{row['fc_mi_p']:.3g}: "
-            f"{'found' if row['fc_found'] else 'not found'}")
+    return (f"{row['fc_accuracy']:.0%} against chance {row['fc_chance']:.0%}{power}, MI {row['fc_mi_bits']:.2f} bits, "
+            f"p = {row['fc_mi_p']:.3g}: {'found' if row['fc_found'] else 'not found'}")
 
 
 def describe_organisms(table: pd.DataFrame) -> str:
