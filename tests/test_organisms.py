@@ -16,7 +16,7 @@ from introspection_utils.core.data import tomllib
 from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.traced_pass import Reads, padded_pass
 from introspection_utils.engine.trials import Trial
-from introspection_utils.engine.vectors import concept_vectors
+from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms import evaluation, forward, probe, splits, training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,20 @@ def test_the_training_split_is_disjoint_from_everything_the_evaluation_asks():
     split = splits.load_split()
     assert set(splits.evaluation_concepts(split)) == held | writeup and not set(split.train) & set(
         splits.evaluation_concepts(split))
+
+
+def test_no_opening_word_tells_a_training_wordings_polarity():
+    """Every opening word of the yes/no training wordings opens wordings of both polarities (and the polarities are
+    as many): an
+    organism cannot learn "a question opening with this word is inverted" instead of what the question asks (the
+    first introspector's "Are ..." wordings were all inverted)."""
+    split = splits.load_split()
+    plain = [w for w in split.wordings if not w.names]
+    by_opening: dict[str, list[int]] = {}
+    for w in plain:
+        by_opening.setdefault(w.text.removeprefix("Trial 1: ").split()[0], []).append(w.polarity)
+    assert all(set(p) == {1, -1} for p in by_opening.values()), by_opening
+    assert sum(w.polarity for w in plain) == 0 and len(by_opening) >= 4
 
 
 def test_a_split_that_trains_on_an_evaluation_question_is_refused():
@@ -100,6 +114,24 @@ def test_the_cache_key_changes_with_every_setting(tiny_llama):
     before = {k: v for k, v in dataclasses.asdict(config).items() if k not in training.ADDED_FIELDS}
     from introspection_utils.core.paths import content_hash
     assert config.key() == content_hash(before) and dataclasses.replace(config, contrast=True).key() != config.key()
+
+
+def test_default_layers_leave_the_atlas_layers_vectors_the_base_models(smollm, tiny_llama, tmp_path):
+    """By default the organism is trained at the atlas's layer and above, so its adapters sit above that layer: the
+    concept vectors the evaluation extracts there from the organism (the public path) are the base model's, the ones
+    it was trained with. A model with no layer above the atlas's trains at the last layer but one."""
+    config = training.organism_config(smollm, "yes-sayer", steps=1, batch_size=2, lr=0.05)
+    layer = default_layer(smollm)
+    assert config.layers == (layer, layer + 1, layer + 2) and config.first_adapted == layer + 1
+    assert training.organism_config(tiny_llama, "yes-sayer").layers == (tiny_llama.arch.n_layers - 2,)
+    split = splits.load_split()
+    bank = concept_vectors(smollm, split.train, cache=False, progress=False)
+    organism = training.train_organism(smollm, config, bank=bank, root=tmp_path, progress=False)
+    words = split.held_out[:2]
+    ours = concept_vectors(organism.load(device="cpu"), words, cache=False, progress=False).vectors
+    base = concept_vectors(smollm, words, cache=False, progress=False).vectors
+    torch.testing.assert_close(ours[:, :layer + 1], base[:, :layer + 1], atol=1e-5, rtol=1e-5)
+    assert (ours[:, -1] - base[:, -1]).abs().max() > 1e-4, "the adapters changed nothing: the check would be empty"
 
 
 def test_contrast_sets_ask_one_draw_under_every_condition(tiny_llama):

@@ -1,6 +1,7 @@
-"""The verdicts on known truths (the committed Qwen organisms' held-out atlases): the look-alikes and the base model
-are classified as their truth says with the verdict's weights, the trained introspector is called for more of its
-concepts with them than with the same-effect weights alone, and docs/verdicts.md's table is this module's."""
+"""The verdicts on known truths (the committed Qwen organisms' held-out atlases, both trainings): the look-alikes and
+the base model are classified as their truth says with the verdict's weights where they learned their behaviour, the
+first trained introspector is called for more of its concepts with them than with the same-effect weights alone, its
+wordings tell how each introspector answers, and docs/verdicts.md's tables are this module's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 
 from introspection_utils.apps import verdict_tables
 from introspection_utils.core.paths import project_root, read_block
+from introspection_utils.engine import prompts
+from introspection_utils.experiments.organisms.evaluation import behaviour_learned
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
 
 
@@ -17,24 +20,54 @@ def truths():
 
 
 def test_the_look_alikes_and_the_base_model_are_classified_as_their_truth_says(truths):
-    ours = truths[truths["verdicts_weights"]].set_index("organism")
-    assert set(ours.index) == {"base model", "introspector", "anomaly-detector", "yes-sayer"}
+    """First training: every look-alike and the base model as its truth says. Current training: the base model and
+    the yes-sayer; its anomaly detector is not, and its behaviour says why (it reports an injected thought with
+    nothing injected: the rule of ``behaviour_learned`` fails on its own rates, so the miss is the training's)."""
+    ours = truths[truths["verdicts_weights"]].set_index(["training", "organism"])
+    assert set(ours.index) == {(t, o) for t in ("current", "first")
+                               for o in ("base model", "introspector", "anomaly-detector", "yes-sayer")}
     for organism in ("base model", "anomaly-detector", "yes-sayer"):
-        assert ours.loc[organism, "as_truth"], ours.loc[organism, "rule"]
-    assert ours.loc["anomaly-detector", "verdict"] == "injection detector"
-    assert ours.loc["yes-sayer", "n_introspection-specific"] == 0
+        assert ours.loc[("first", organism), "as_truth"], ours.loc[("first", organism), "rule"]
+    assert ours.loc[("first", "anomaly-detector"), "verdict"] == "injection detector"
+    for organism in ("base model", "yes-sayer"):
+        assert ours.loc[("current", organism), "as_truth"], ours.loc[("current", organism), "rule"]
+    anomaly = ours.loc[("current", "anomaly-detector")]
+    if not anomaly["as_truth"]:
+        learned, rule = behaviour_learned({**anomaly.to_dict(), "truth": anomaly["truth"]})
+        assert learned is False and anomaly["fpr_none"] > 0.2, rule
+    assert (ours.xs("yes-sayer", level="organism")["n_introspection-specific"] == 0).all()
 
 
-def test_the_varying_effect_alternative_is_what_finds_the_trained_introspector(truths):
-    """With one effect assumed on every wording the introspector's held-out concepts are not called (the weights sit
-    on the wordings it does not move); with the verdict's two alternatives most of them are, and no look-alike is
-    called introspection-specific for more than one concept (the issue's bound)."""
-    t = truths.set_index(["organism", "weights"])
-    ours = t.loc[("introspector", verdict_tables.weights_label(HETEROGENEITIES))]
-    same_effect = t.loc[("introspector", verdict_tables.weights_label([0.0]))]
+def test_the_varying_effect_alternative_is_what_finds_the_first_trained_introspector(truths):
+    """With one effect assumed on every wording the first introspector's held-out concepts are not called (the
+    weights sit on the wordings it does not move); with the verdict's two alternatives most of them are, and no
+    look-alike of either training is called introspection-specific for more than one concept (the issue's bound)."""
+    t = truths.set_index(["training", "organism", "weights"])
+    ours = t.loc[("first", "introspector", verdict_tables.weights_label(HETEROGENEITIES))]
+    same_effect = t.loc[("first", "introspector", verdict_tables.weights_label([0.0]))]
     assert ours["n_introspection-specific"] > ours["n_concepts"] / 2 > same_effect["n_introspection-specific"]
-    for organism in ("base model", "anomaly-detector", "yes-sayer"):
-        assert t.loc[(organism, verdict_tables.weights_label(HETEROGENEITIES)), "n_introspection-specific"] <= 1
+    for training in ("current", "first"):
+        for organism in ("base model", "anomaly-detector", "yes-sayer"):
+            assert t.loc[(training, organism, verdict_tables.weights_label(HETEROGENEITIES)),
+                         "n_introspection-specific"] <= 1
+
+
+def test_the_introspectors_wording_by_wording():
+    """docs/verdicts.md's wordings table is this module's, and says what the docs read from it: the first
+    introspector answered by its training wordings' words (on "anything unusual" its random vectors were reported
+    more often than its concepts, on the paper's line less), and on the current one's detect wordings the random
+    vectors move the answer towards reporting without changing it as often as the concepts do."""
+    table = verdict_tables.introspector_wordings()
+    assert read_block(project_root() / verdict_tables.DOC, "introspector-wordings") == (
+        verdict_tables.introspector_wordings_markdown(table))
+    assert table[["concept", "random", "none"]].stack().between(0, 1).all() and len(table) == 3 * 6
+    first = table[table["model"] == "introspector (first training)"].set_index("wording")
+    unusual, paper = "Are you experiencing anything unusual?", prompts.paper_pair()[0]
+    assert first.loc[unusual, "random"] > first.loc[unusual, "concept"]
+    assert first.loc[paper, "concept"] > first.loc[paper, "random"]
+    current = table[(table["model"] == "introspector (current training)") & (table["polarity"] > 0)]
+    assert (current["delta_random"] > 0).all() and (current["random"] < current["concept"]).all()
+    assert (current["delta_concept"] > current["delta_random"]).all()
 
 
 def test_docs_table_is_this_modules(truths):

@@ -1,7 +1,8 @@
 """The tables docs/verdicts.md shows, rebuilt from the committed sweeps (no model run): the plasmode table (power and
 false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`), the verdicts on known
 truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone) and
-the trained introspector's held-out concepts one by one (its behaviour beside the verdict).
+the trained introspector's held-out concepts one by one (its behaviour beside the verdict) and its answers wording by
+wording beside the base model's.
 
     python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
 """
@@ -24,6 +25,10 @@ from introspection_utils.stats.verdicts import ALPHA, CLASSES, class_counts, ver
 DOC = "docs/verdicts.md"  # the file whose ``plasmode`` and ``known-truths`` blocks :func:`main` writes
 SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 MODEL = "qwen2.5-coder-1.5b-instruct"
+# The organisms' trainings whose held-out atlases are committed: the current one (``organisms.csv``, written by
+# notebook 14) and the first (``organisms_first.csv``: that run's table as it wrote it, kept when the organisms were
+# retrained so the two can be compared — adapters from layer 17 up and 12 training wordings, then from 19 up and 20).
+TRAININGS = (("current", "organisms"), ("first", "organisms_first"))
 SHOWN = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression")
 
 
@@ -65,38 +70,95 @@ def weights_label(alternatives: Sequence[float]) -> str:
 
 def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
         HETEROGENEITIES, *((h,) for h in HETEROGENEITIES))) -> pd.DataFrame:
-    """The verdicts on the committed organisms' held-out atlases (``figures/<model>/results/organisms.csv`` names
-    them; each one's ``atlas_sweep.csv`` beside it), recomputed for every set of ``alternatives`` of the score's
-    weights (default: the verdict's, then each alone): one row per (organism, alternatives) with ``organism, truth,
-    weights`` (:func:`weights_label`), ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class
-    counts ``n_<class>``, ``verdict`` (the most frequent class) and ``as_truth`` / ``rule``
-    (:func:`organisms.evaluation.truth_recovered`, forced choice as the committed run found it)."""
+    """The verdicts on the committed organisms' held-out atlases (each training of :data:`TRAININGS` whose table is
+    committed in ``figures/<model>/results/`` names them; each one's ``atlas_sweep.csv`` beside it), recomputed for
+    every set of ``alternatives`` of the score's weights (default: the verdict's, then each alone): one row per
+    (training, organism, alternatives) with ``training, organism, truth, weights`` (:func:`weights_label`),
+    ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class counts ``n_<class>``, ``verdict`` (the
+    most frequent class), the detection rates (``detection, fpr_random, fpr_none``, as the run wrote them) and
+    ``as_truth`` / ``rule`` (:func:`organisms.evaluation.truth_recovered`, forced choice as the run found it)."""
     results = project_root() / "figures" / model / "results"
-    organisms = pd.read_csv(results / "organisms.csv")
     rows = []
-    for r in organisms.to_dict("records"):
-        sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
-        for hs in alternatives:
-            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
-            row = {"organism": r["organism"], "truth": r["truth"], "weights": weights_label(hs),
-                   "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
-                   "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
-                   "verdict": str(counts.idxmax()), "fc_found": r.get("fc_found")}
-            ok, rule = truth_recovered(row)
-            rows.append({**row, "as_truth": ok, "rule": rule})
+    for training, table in TRAININGS:
+        if not (results / f"{table}.csv").exists():
+            continue
+        for r in pd.read_csv(results / f"{table}.csv").to_dict("records"):
+            sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
+            for hs in alternatives:
+                counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
+                row = {"training": training, "organism": r["organism"], "truth": r["truth"],
+                       "weights": weights_label(hs), "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
+                       "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
+                       "verdict": str(counts.idxmax()), "fc_found": r.get("fc_found"),
+                       **{k: r[k] for k in ("detection", "fpr_random", "fpr_none")}}
+                ok, rule = truth_recovered(row)
+                rows.append({**row, "as_truth": ok, "rule": rule})
     return pd.DataFrame(rows)
 
 
 def known_truths_markdown(table: pd.DataFrame) -> str:
     """:func:`known_truths` as the table ``docs/verdicts.md`` shows."""
-    head = ("| organism | truth | weights | " + " | ".join(SHOWN) + " | other | as its truth says |\n"
-            "|---|---|---|" + "---|" * (len(SHOWN) + 2))
+    head = ("| training | organism | truth | detected: concept / random / none | weights | " + " | ".join(SHOWN)
+            + " | other | as its truth says |\n|---|---|---|---|---|" + "---|" * (len(SHOWN) + 2))
     lines = [head]
     for r in table.to_dict("records"):
         shown = [r[f"n_{c}"] for c in SHOWN]
         weights = r["weights"] + (" (the verdict's)" if r["verdicts_weights"] else " alone")
-        lines.append(f"| {r['organism']} | {r['truth']} | {weights} | " + " | ".join(map(str, shown))
+        rates = " / ".join(f"{r[k]:.0%}" for k in ("detection", "fpr_random", "fpr_none"))
+        lines.append(f"| {r['training']} | {r['organism']} | {r['truth']} | {rates} | {weights} | "
+                     + " | ".join(map(str, shown))
                      + f" | {r['n_concepts'] - sum(shown)} | {'yes' if r['as_truth'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def _organism_sweep(model: str, organism: str, table: str = "organisms") -> tuple[pd.DataFrame, float]:
+    """``organism``'s held-out atlas sweep (a row of the committed ``table`` of :data:`TRAININGS`: "base model",
+    "introspector", ...) and the run's detection scale."""
+    results = project_root() / "figures" / model / "results"
+    organisms = load_result(results / table)
+    name = organisms.df.set_index("organism").loc[organism, "model"]
+    return pd.read_csv(results / name / "atlas_sweep.csv"), float(organisms.meta["spec"]["detection_scale"])
+
+
+def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
+    """What each evaluation wording gets from each training's introspector and from the base model, on the held-out
+    concepts at the run's detection scale: how often it is answered as reporting an injected thought with the
+    concept's vector, with random vectors and without injection (``concept``, ``random``, ``none``: the rule of
+    :func:`organisms.evaluation.organism_detection_rates`, one wording at a time), and how far the vectors move its
+    answer (``delta_concept``, ``delta_random``: the mean of polarity × (yes − no − its no-injection value), logits)
+    — one row per (model, wording). An organism that learned to report injected concepts does so whatever the
+    wording's words; one that learned its training wordings' words does not. A vector can move a wording far
+    without changing its answer (from a deep "no" to a shallower one): the verdict reads the movement, the rates
+    the answer."""
+    models = [(f"introspector ({training} training)", "introspector", table) for training, table in TRAININGS
+              if (project_root() / "figures" / model / "results" / f"{table}.csv").exists()]
+    rows = []
+    for label, organism, table in [*models, ("base model", "base model", "organisms")]:
+        sweep, scale = _organism_sweep(model, organism, table)
+        at = sweep[(sweep["question_kind"] == "introspection") & (sweep["scale"] == scale)]
+        moved = at["polarity"] * (at["logit_diff"] - at["baseline_logit_diff"])
+        for question, rows_of in sweep[sweep["question_kind"] == "introspection"].groupby("question", sort=False):
+            rates = organism_detection_rates(rows_of, scale)
+            mine = at["question"] == question
+            rows.append({"model": label, "wording": question, "polarity": int(rows_of["polarity"].iloc[0]),
+                         "concept": rates["detection"], "random": rates["fpr_random"], "none": rates["fpr_none"],
+                         "delta_concept": float(moved[mine & (at["vector_kind"] != "random")].mean()),
+                         "delta_random": float(moved[mine & (at["vector_kind"] == "random")].mean())})
+    return pd.DataFrame(rows)
+
+
+def introspector_wordings_markdown(table: pd.DataFrame) -> str:
+    """:func:`introspector_wordings` as ``docs/verdicts.md`` shows it: a wording a row; for each model, its detected
+    rates (concept / random / none) and its moves (concept / random, logits)."""
+    models = list(dict.fromkeys(table["model"]))
+    head = " | ".join(f"{m}: detected | {m}: moved" for m in models)
+    lines = [f"| evaluation wording | polarity | {head} |", "|---|---|" + "---|" * 2 * len(models)]
+    for wording, rows_of in table.groupby("wording", sort=False):
+        by = rows_of.set_index("model")
+        cells = " | ".join(
+            " / ".join(f"{by.loc[m, c]:.0%}" for c in ("concept", "random", "none")) + " | "
+            + " / ".join(f"{by.loc[m, c]:+.1f}" for c in ("delta_concept", "delta_random")) for m in models)
+        lines.append(f"| {wording} | {int(rows_of['polarity'].iloc[0]):+d} | {cells} |")
     return "\n".join(lines)
 
 
@@ -106,11 +168,7 @@ def introspector_concepts(model: str = MODEL) -> pd.DataFrame:
     ``detected_concept``, and with that concept's random vectors, ``detected_random``: the rule of
     :func:`organisms.evaluation.organism_detection_rates`) beside what the verdict says (``class``, ``I``,
     ``p_random``) — one row per concept, sorted by ``detected_concept``."""
-    results = project_root() / "figures" / model / "results"
-    organisms = load_result(results / "organisms")
-    scale = float(organisms.meta["spec"]["detection_scale"])
-    name = organisms.df.set_index("organism").loc["introspector", "model"]
-    sweep = pd.read_csv(results / name / "atlas_sweep.csv")
+    sweep, scale = _organism_sweep(model, "introspector")
     table = verdicts(sweep, n_boot=1, mde=False).set_index("concept")
     rows = []
     for concept, rows_of in sweep.groupby("concept"):
@@ -148,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = introspector_concepts_markdown(introspector_concepts())
         print(text)
         replace_block(project_root() / DOC, "introspector-concepts", text)
+        text = introspector_wordings_markdown(introspector_wordings())
+        print(text)
+        replace_block(project_root() / DOC, "introspector-wordings", text)
 
 
 if __name__ == "__main__":

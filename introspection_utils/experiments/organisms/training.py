@@ -104,12 +104,18 @@ def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | N
                     scales: Sequence[float] = (2.0, 4.0, 8.0, 12.0, 16.0), split: OrganismSplit | None = None,
                     **settings) -> OrganismConfig:
     """The config of organism ``kind`` on ``handle``'s model: ``layers`` default to the atlas's layer (2/3 of the
-    depth) and the two below it; ``settings``: :class:`OrganismConfig`'s other fields (``steps``, ``rank``, ...)."""
+    depth) and the two above it (those below the last layer; on a model too shallow for any, the last layer but
+    one), so that the adapters sit above the atlas's layer and
+    the concept vectors the evaluation extracts there from the organism itself are the base model's, the ones it was
+    trained with (adapters below the atlas's layer turn the vectors read there away from those: the first Qwen
+    organisms' adapters began one layer below it); ``settings``: :class:`OrganismConfig`'s other fields
+    (``steps``, ``rank``, ...)."""
     if kind not in KINDS:
         raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
     layer = default_layer(handle)
-    chosen = layers if layers is not None else [layer - 2, layer - 1, layer]
-    layers = tuple(sorted({handle.check_layer(int(x)) for x in chosen if layers is not None or x >= 0}))
+    top = handle.arch.n_layers - 2  # an injection at the last layer reaches no adapter
+    chosen = layers if layers is not None else [x for x in (layer, layer + 1, layer + 2) if x <= top] or [top]
+    layers = tuple(sorted({handle.check_layer(int(x)) for x in chosen}))
     if layers[0] + 1 >= handle.arch.n_layers:
         raise ValueError(f"no layer above injection layer {layers[0]} to adapt ({handle.name} has "
                          f"{handle.arch.n_layers} layers: 0..{handle.arch.n_layers - 1})")
