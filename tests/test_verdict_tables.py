@@ -5,6 +5,7 @@ wordings tell how each introspector answers, and docs/verdicts.md's tables are t
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from introspection_utils.apps import verdict_tables
@@ -84,3 +85,22 @@ def test_the_verdict_calls_no_concept_the_introspector_does_not_report():
     assert (not_reported["class"] != "introspection-specific").all(), not_reported
     assert read_block(project_root() / verdict_tables.DOC, "introspector-concepts") == (
         verdict_tables.introspector_concepts_markdown(table))
+
+
+def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_look_alike_for_any():
+    """The answer-scale diagnostic: tanh(x/2) maps every yes − no difference monotonically into (−1, 1); read so, the
+    first introspector has more concepts beyond its random vectors and the controls than in logits, and the base
+    model and the look-alikes of both trainings none; docs/verdicts.md's table is this module's."""
+    sweep = pd.DataFrame({"logit_diff": [-30.0, 0.0, 4.0], "baseline_logit_diff": [-40.0, -2.0, 4.0],
+                          "delta": [10.0, 2.0, 0.0]})
+    read = verdict_tables.on_answer_scale(sweep)
+    assert read["logit_diff"].between(-1, 1).all() and read["delta"].iloc[0] < 1e-8 < read["delta"].iloc[1]
+    assert read["delta"].tolist() == pytest.approx((read["logit_diff"] - read["baseline_logit_diff"]).tolist())
+    table = verdict_tables.answer_scale().set_index(["training", "organism"])
+    first = table.loc[("first", "introspector")]
+    assert first["specific_answer"] > first["specific_logits"]
+    for training in ("current", "first"):
+        for organism in ("base model", "anomaly-detector", "yes-sayer"):
+            assert table.loc[(training, organism), "specific_answer"] == 0
+    assert read_block(project_root() / verdict_tables.DOC, "answer-scale") == (
+        verdict_tables.answer_scale_markdown(table.reset_index()))

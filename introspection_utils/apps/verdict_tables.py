@@ -20,7 +20,7 @@ from introspection_utils.core.results import load_result
 from introspection_utils.experiments.organisms.evaluation import organism_detection_rates, truth_recovered
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
 from introspection_utils.stats.plasmode import Panel, panel, report
-from introspection_utils.stats.verdicts import ALPHA, CLASSES, class_counts, verdicts
+from introspection_utils.stats.verdicts import ALPHA, CLASSES, benjamini_hochberg, class_counts, verdicts
 
 DOC = "docs/verdicts.md"  # the file whose ``plasmode`` and ``known-truths`` blocks :func:`main` writes
 SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
@@ -162,6 +162,48 @@ def introspector_wordings_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def on_answer_scale(sweep: pd.DataFrame) -> pd.DataFrame:
+    """``sweep`` with every yes − no logit difference x read on the answer's scale, tanh(x / 2) = P(yes) − P(no)
+    between the two answers (``logit_diff``, ``baseline_logit_diff`` and ``delta`` alike): a move deep inside one
+    answer counts for little there, a move across it for much. A diagnostic of :func:`answer_scale`, not the
+    verdict's readout."""
+    answer = np.tanh(sweep["logit_diff"] / 2)
+    baseline = np.tanh(sweep["baseline_logit_diff"] / 2)
+    return sweep.assign(logit_diff=answer, baseline_logit_diff=baseline, delta=answer - baseline)
+
+
+def answer_scale(model: str = MODEL) -> pd.DataFrame:
+    """The verdict's test on each committed organism's held-out atlas read in logits and on the answer's scale
+    (:func:`on_answer_scale`): how many concepts are beyond their random vectors and the controls (``q_value`` ≤
+    α, the condition of "introspection-specific") and beyond their random vectors alone (Benjamini–Hochberg over
+    ``p_random`` ≤ α) — one row per (training, organism). The classes' thresholds are in logits, so only these
+    counts are read on the other scale: a diagnostic for the statistic, not a verdict."""
+    results = project_root() / "figures" / model / "results"
+    rows = []
+    for training, table in TRAININGS:
+        if not (results / f"{table}.csv").exists():
+            continue
+        for r in pd.read_csv(results / f"{table}.csv").to_dict("records"):
+            sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
+            row = {"training": training, "organism": r["organism"], "truth": r["truth"]}
+            for scale, read in (("logits", sweep), ("answer", on_answer_scale(sweep))):
+                table_ = verdicts(read, n_boot=1, mde=False)
+                row[f"specific_{scale}"] = int((table_["q_value"] <= ALPHA).sum())
+                row[f"beyond_random_{scale}"] = int((benjamini_hochberg(table_["p_random"]) <= ALPHA).sum())
+            rows.append({**row, "n_concepts": len(table_)})
+    return pd.DataFrame(rows)
+
+
+def answer_scale_markdown(table: pd.DataFrame) -> str:
+    """:func:`answer_scale` as ``docs/verdicts.md`` shows it."""
+    lines = ["| training | organism | truth | beyond random vectors and controls: logits / answer scale | beyond "
+             "random vectors alone: logits / answer scale |", "|---|---|---|---|---|"]
+    lines += [f"| {r['training']} | {r['organism']} | {r['truth']} | {r['specific_logits']} / {r['specific_answer']} "
+              f"of {r['n_concepts']} | {r['beyond_random_logits']} / {r['beyond_random_answer']} of {r['n_concepts']} |"
+              for r in table.to_dict("records")]
+    return "\n".join(lines)
+
+
 def introspector_concepts(model: str = MODEL) -> pd.DataFrame:
     """The trained introspector's held-out concepts one by one: what it does (the fraction of the evaluation's
     wordings it answers as reporting an injected thought at the run's detection scale with the concept's vector,
@@ -209,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = introspector_wordings_markdown(introspector_wordings())
         print(text)
         replace_block(project_root() / DOC, "introspector-wordings", text)
+        text = answer_scale_markdown(answer_scale())
+        print(text)
+        replace_block(project_root() / DOC, "answer-scale", text)
 
 
 if __name__ == "__main__":
