@@ -1,8 +1,9 @@
 """The tables docs/verdicts.md shows, rebuilt from the committed sweeps (no model run): the plasmode table (power and
 false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`), the verdicts on known
 truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone) and
-the trained introspector's held-out concepts one by one (its behaviour beside the verdict) and its answers wording by
-wording beside the base model's.
+the trained introspector's held-out concepts one by one (its behaviour beside the verdict), both trainings'
+introspectors wording by wording beside the base model, and the known-truths test read on the answer's scale (a
+diagnostic).
 
     python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
 """
@@ -22,7 +23,7 @@ from introspection_utils.stats.introspection_score import HETEROGENEITIES
 from introspection_utils.stats.plasmode import Panel, panel, report
 from introspection_utils.stats.verdicts import ALPHA, CLASSES, benjamini_hochberg, class_counts, verdicts
 
-DOC = "docs/verdicts.md"  # the file whose ``plasmode`` and ``known-truths`` blocks :func:`main` writes
+DOC = "docs/verdicts.md"  # the file whose blocks :func:`main` writes (plasmode; known-truths and the organisms' tables)
 SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 MODEL = "qwen2.5-coder-1.5b-instruct"
 # The organisms' trainings whose held-out atlases are committed: the current one (``organisms.csv``, written by
@@ -68,6 +69,15 @@ def weights_label(alternatives: Sequence[float]) -> str:
     return "heterogeneity " + " and ".join(f"{h:g}" for h in alternatives)
 
 
+def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFrame]]:
+    """``(training, row, sweep)`` for every evaluated model of every training of :data:`TRAININGS` whose table is
+    committed: its row of that table (organism, truth, model name, rates) and its held-out ``atlas_sweep.csv``."""
+    results = project_root() / "figures" / model / "results"
+    return [(training, r, pd.read_csv(results / r["model"] / "atlas_sweep.csv"))
+            for training, table in TRAININGS if (results / f"{table}.csv").exists()
+            for r in pd.read_csv(results / f"{table}.csv").to_dict("records")]
+
+
 def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
         HETEROGENEITIES, *((h,) for h in HETEROGENEITIES))) -> pd.DataFrame:
     """The verdicts on the committed organisms' held-out atlases (each training of :data:`TRAININGS` whose table is
@@ -77,22 +87,17 @@ def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
     ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class counts ``n_<class>``, ``verdict`` (the
     most frequent class), the detection rates (``detection, fpr_random, fpr_none``, as the run wrote them) and
     ``as_truth`` / ``rule`` (:func:`organisms.evaluation.truth_recovered`, forced choice as the run found it)."""
-    results = project_root() / "figures" / model / "results"
     rows = []
-    for training, table in TRAININGS:
-        if not (results / f"{table}.csv").exists():
-            continue
-        for r in pd.read_csv(results / f"{table}.csv").to_dict("records"):
-            sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
-            for hs in alternatives:
-                counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
-                row = {"training": training, "organism": r["organism"], "truth": r["truth"],
-                       "weights": weights_label(hs), "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
-                       "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
-                       "verdict": str(counts.idxmax()), "fc_found": r.get("fc_found"),
-                       **{k: r[k] for k in ("detection", "fpr_random", "fpr_none")}}
-                ok, rule = truth_recovered(row)
-                rows.append({**row, "as_truth": ok, "rule": rule})
+    for training, r, sweep in committed_organisms(model):
+        for hs in alternatives:
+            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
+            row = {"training": training, "organism": r["organism"], "truth": r["truth"],
+                   "weights": weights_label(hs), "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
+                   "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
+                   "verdict": str(counts.idxmax()), "fc_found": r.get("fc_found"),
+                   **{k: r[k] for k in ("detection", "fpr_random", "fpr_none")}}
+            ok, rule = truth_recovered(row)
+            rows.append({**row, "as_truth": ok, "rule": rule})
     return pd.DataFrame(rows)
 
 
@@ -125,7 +130,8 @@ def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
     concepts at the run's detection scale: how often it is answered as reporting an injected thought with the
     concept's vector, with random vectors and without injection (``concept``, ``random``, ``none``: the rule of
     :func:`organisms.evaluation.organism_detection_rates`, one wording at a time), and how far the vectors move its
-    answer (``delta_concept``, ``delta_random``: the mean of polarity × (yes − no − its no-injection value), logits)
+    answer (``delta_concept``, ``delta_random``: the mean of polarity × ``delta``, the change of yes − no from its
+    no-injection value, logits)
     — one row per (model, wording). An organism that learned to report injected concepts does so whatever the
     wording's words; one that learned its training wordings' words does not. A vector can move a wording far
     without changing its answer (from a deep "no" to a shallower one): the verdict reads the movement, the rates
@@ -136,7 +142,7 @@ def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
     for label, organism, table in [*models, ("base model", "base model", "organisms")]:
         sweep, scale = _organism_sweep(model, organism, table)
         at = sweep[(sweep["question_kind"] == "introspection") & (sweep["scale"] == scale)]
-        moved = at["polarity"] * (at["logit_diff"] - at["baseline_logit_diff"])
+        moved = at["polarity"] * at["delta"]
         for question, rows_of in sweep[sweep["question_kind"] == "introspection"].groupby("question", sort=False):
             rates = organism_detection_rates(rows_of, scale)
             mine = at["question"] == question
@@ -178,19 +184,14 @@ def answer_scale(model: str = MODEL) -> pd.DataFrame:
     α, the condition of "introspection-specific") and beyond their random vectors alone (Benjamini–Hochberg over
     ``p_random`` ≤ α) — one row per (training, organism). The classes' thresholds are in logits, so only these
     counts are read on the other scale: a diagnostic for the statistic, not a verdict."""
-    results = project_root() / "figures" / model / "results"
     rows = []
-    for training, table in TRAININGS:
-        if not (results / f"{table}.csv").exists():
-            continue
-        for r in pd.read_csv(results / f"{table}.csv").to_dict("records"):
-            sweep = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
-            row = {"training": training, "organism": r["organism"], "truth": r["truth"]}
-            for scale, read in (("logits", sweep), ("answer", on_answer_scale(sweep))):
-                table_ = verdicts(read, n_boot=1, mde=False)
-                row[f"specific_{scale}"] = int((table_["q_value"] <= ALPHA).sum())
-                row[f"beyond_random_{scale}"] = int((benjamini_hochberg(table_["p_random"]) <= ALPHA).sum())
-            rows.append({**row, "n_concepts": len(table_)})
+    for training, r, sweep in committed_organisms(model):
+        row = {"training": training, "organism": r["organism"], "truth": r["truth"]}
+        for scale, read in (("logits", sweep), ("answer", on_answer_scale(sweep))):
+            table = verdicts(read, n_boot=1, mde=False)
+            row[f"specific_{scale}"] = int((table["q_value"] <= ALPHA).sum())
+            row[f"beyond_random_{scale}"] = int((benjamini_hochberg(table["p_random"]) <= ALPHA).sum())
+        rows.append({**row, "n_concepts": len(table)})
     return pd.DataFrame(rows)
 
 

@@ -105,11 +105,10 @@ def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | N
                     **settings) -> OrganismConfig:
     """The config of organism ``kind`` on ``handle``'s model: ``layers`` default to the atlas's layer (2/3 of the
     depth) and the two above it (those below the last layer; on a model too shallow for any, the last layer but
-    one), so that the adapters sit above the atlas's layer and
-    the concept vectors the evaluation extracts there from the organism itself are the base model's, the ones it was
-    trained with (adapters below the atlas's layer turn the vectors read there away from those: the first Qwen
-    organisms' adapters began one layer below it); ``settings``: :class:`OrganismConfig`'s other fields
-    (``steps``, ``rank``, ...)."""
+    one), so that the adapters sit above the atlas's layer and the concept vectors the evaluation extracts there from
+    the organism itself are the base model's, the ones it was trained with (adapters at or below the atlas's layer
+    turn the vectors read there away from those: the first Qwen organisms' adapters began one layer below it);
+    ``settings``: :class:`OrganismConfig`'s other fields (``steps``, ``rank``, ...)."""
     if kind not in KINDS:
         raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
     layer = default_layer(handle)
