@@ -232,7 +232,9 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
              "Detection: the fraction of (vector, wording) cells answered \"detected\" at the detection scale "
              "(yes − no signed by the wording's polarity > 0). *Behaviour learned* is read from those rates alone "
              "(`evaluation.behaviour_learned`): a target missed by an organism that did not learn its behaviour is "
-             "the training's miss, not the verdict's.", "",
+             "the training's miss, not the verdict's. Every training of the organisms whose evaluation is committed, "
+             "the verdicts recomputed on each, what changed between them, and why the verdict misses an introspector "
+             "whose answers are specific: [docs/verdicts.md](docs/verdicts.md#verdicts-on-known-truths).", "",
              "| model | truth | what the atlas called the held-out concepts | detected: concepts / random / none | "
              "behaviour learned | seen − unseen | forced choice | target |", "|---|---|---|---|---|---|---|---|"]
     for r in rows.to_dict("records"):
