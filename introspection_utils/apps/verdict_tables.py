@@ -69,13 +69,19 @@ def weights_label(alternatives: Sequence[float]) -> str:
     return "heterogeneity " + " and ".join(f"{h:g}" for h in alternatives)
 
 
-def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFrame]]:
-    """``(training, row, sweep)`` for every evaluated model of every training of :data:`TRAININGS` whose table is
-    committed: its row of that table (organism, truth, model name, rates) and its held-out ``atlas_sweep.csv``."""
+def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFrame, float]]:
+    """``(training, row, sweep, detection_scale)`` for every evaluated model of every training of :data:`TRAININGS`
+    whose table is committed: its row of that table (organism, truth, model name, rates), its held-out
+    ``atlas_sweep.csv`` and the scale that run read detection at."""
     results = project_root() / "figures" / model / "results"
-    return [(training, r, pd.read_csv(results / r["model"] / "atlas_sweep.csv"))
-            for training, table in TRAININGS if (results / f"{table}.csv").exists()
-            for r in pd.read_csv(results / f"{table}.csv").to_dict("records")]
+    out = []
+    for training, table in TRAININGS:
+        if (results / f"{table}.csv").exists():
+            organisms = load_result(results / table)
+            scale = float(organisms.meta["spec"]["detection_scale"])
+            out += [(training, r, pd.read_csv(results / r["model"] / "atlas_sweep.csv"), scale)
+                    for r in organisms.df.to_dict("records")]
+    return out
 
 
 def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
@@ -88,7 +94,7 @@ def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
     most frequent class), the detection rates (``detection, fpr_random, fpr_none``, as the run wrote them) and
     ``as_truth`` / ``rule`` (:func:`organisms.evaluation.truth_recovered`, forced choice as the run found it)."""
     rows = []
-    for training, r, sweep in committed_organisms(model):
+    for training, r, sweep, _ in committed_organisms(model):
         for hs in alternatives:
             counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
             row = {"training": training, "organism": r["organism"], "truth": r["truth"],
@@ -116,15 +122,6 @@ def known_truths_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _organism_sweep(model: str, organism: str, table: str = "organisms") -> tuple[pd.DataFrame, float]:
-    """``organism``'s held-out atlas sweep (a row of the committed ``table`` of :data:`TRAININGS`: "base model",
-    "introspector", ...) and the run's detection scale."""
-    results = project_root() / "figures" / model / "results"
-    organisms = load_result(results / table)
-    name = organisms.df.set_index("organism").loc[organism, "model"]
-    return pd.read_csv(results / name / "atlas_sweep.csv"), float(organisms.meta["spec"]["detection_scale"])
-
-
 def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
     """What each evaluation wording gets from each training's introspector and from the base model, on the held-out
     concepts at the run's detection scale: how often it is answered as reporting an injected thought with the
@@ -136,11 +133,13 @@ def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
     wording's words; one that learned its training wordings' words does not. A vector can move a wording far
     without changing its answer (from a deep "no" to a shallower one): the verdict reads the movement, the rates
     the answer."""
-    models = [(f"introspector ({training} training)", "introspector", table) for training, table in TRAININGS
-              if (project_root() / "figures" / model / "results" / f"{table}.csv").exists()]
+    committed = committed_organisms(model)
+    models = [(f"introspector ({training} training)", sweep, scale)
+              for training, r, sweep, scale in committed if r["organism"] == "introspector"]
+    models += [("base model", sweep, scale) for training, r, sweep, scale in committed
+               if training == TRAININGS[0][0] and r["organism"] == "base model"]
     rows = []
-    for label, organism, table in [*models, ("base model", "base model", "organisms")]:
-        sweep, scale = _organism_sweep(model, organism, table)
+    for label, sweep, scale in models:
         at = sweep[(sweep["question_kind"] == "introspection") & (sweep["scale"] == scale)]
         moved = at["polarity"] * at["delta"]
         for question, rows_of in sweep[sweep["question_kind"] == "introspection"].groupby("question", sort=False):
@@ -185,7 +184,7 @@ def answer_scale(model: str = MODEL) -> pd.DataFrame:
     ``p_random`` ≤ α) — one row per (training, organism). The classes' thresholds are in logits, so only these
     counts are read on the other scale: a diagnostic for the statistic, not a verdict."""
     rows = []
-    for training, r, sweep in committed_organisms(model):
+    for training, r, sweep, _ in committed_organisms(model):
         row = {"training": training, "organism": r["organism"], "truth": r["truth"]}
         for scale, read in (("logits", sweep), ("answer", on_answer_scale(sweep))):
             table = verdicts(read, n_boot=1, mde=False)
@@ -211,7 +210,8 @@ def introspector_concepts(model: str = MODEL) -> pd.DataFrame:
     ``detected_concept``, and with that concept's random vectors, ``detected_random``: the rule of
     :func:`organisms.evaluation.organism_detection_rates`) beside what the verdict says (``class``, ``I``,
     ``p_random``) — one row per concept, sorted by ``detected_concept``."""
-    sweep, scale = _organism_sweep(model, "introspector")
+    sweep, scale = next((sweep, scale) for training, r, sweep, scale in committed_organisms(model)
+                        if training == TRAININGS[0][0] and r["organism"] == "introspector")
     table = verdicts(sweep, n_boot=1, mde=False).set_index("concept")
     rows = []
     for concept, rows_of in sweep.groupby("concept"):
@@ -235,26 +235,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Rebuild the named blocks of :data:`DOC` from the committed sweeps and print them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("blocks", nargs="*", help="plasmode, known-truths (default: both)")
-    blocks = parser.parse_args(argv).blocks or ["plasmode", "known-truths"]
-    if set(blocks) - {"plasmode", "known-truths"}:  # argparse's choices refuse an empty list with nargs="*"
-        parser.error(f"blocks are plasmode and known-truths, got {blocks}")
-    if "plasmode" in blocks:
-        text = report_markdown(pd.concat([report(p) for p in committed_panels()], ignore_index=True))
-        print(text)
-        replace_block(project_root() / DOC, "plasmode", text)
-    if "known-truths" in blocks:
-        text = known_truths_markdown(known_truths())
-        print(text)
-        replace_block(project_root() / DOC, "known-truths", text)
-        text = introspector_concepts_markdown(introspector_concepts())
-        print(text)
-        replace_block(project_root() / DOC, "introspector-concepts", text)
-        text = introspector_wordings_markdown(introspector_wordings())
-        print(text)
-        replace_block(project_root() / DOC, "introspector-wordings", text)
-        text = answer_scale_markdown(answer_scale())
-        print(text)
-        replace_block(project_root() / DOC, "answer-scale", text)
+    written = {"plasmode": [("plasmode", lambda: report_markdown(
+                   pd.concat([report(p) for p in committed_panels()], ignore_index=True)))],
+               "known-truths": [("known-truths", lambda: known_truths_markdown(known_truths())),
+                                ("introspector-concepts", lambda: introspector_concepts_markdown(
+                                    introspector_concepts())),
+                                ("introspector-wordings", lambda: introspector_wordings_markdown(
+                                    introspector_wordings())),
+                                ("answer-scale", lambda: answer_scale_markdown(answer_scale()))]}
+    blocks = parser.parse_args(argv).blocks or list(written)
+    if set(blocks) - set(written):  # argparse's choices refuse an empty list with nargs="*"
+        parser.error(f"blocks are {' and '.join(written)}, got {blocks}")
+    for command in blocks:
+        for block, build in written[command]:
+            text = build()
+            print(text)
+            replace_block(project_root() / DOC, block, text)
 
 
 if __name__ == "__main__":
