@@ -8,6 +8,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_the_cache_key_changes_with_every_setting(tiny_llama):
     changed = {"kind": "yes-sayer", "model": "other", "revision": "r2", "dtype": "bfloat16", "layers": (1,),
                "scales": (3.0,), "split_hash": "0" * 16, "rank": 4, "lora_alpha": 8.0, "lr": 0.5, "steps": 3,
                "batch_size": 3, "seed": 1, "mix": (0.5, 0.25, 0.25), "p_control": 0.5, "control_weight": 2.0,
-               "top_k": 8, "targets": ("q_proj",), "contrast": True}
+               "top_k": 8, "targets": ("q_proj",), "contrast": True, "p_named": 0.5}
     assert set(changed) == {f.name for f in dataclasses.fields(config)}, "a setting without a key test"
     keys = {config.key()} | {dataclasses.replace(config, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) + 1
@@ -151,6 +152,25 @@ def test_contrast_sets_ask_one_draw_under_every_condition(tiny_llama):
     plain = dataclasses.replace(config, contrast=False)
     drawn = forward.schedule(plain, split, 1)[1]
     assert len({(r.question, r.concept, r.scale, r.vector_seed) for r in drawn}) == 8
+
+
+def test_p_named_sets_how_often_a_wording_draw_names(tiny_llama):
+    """``p_named``: the share of wording draws that ask a naming wording (1: every one, 0: none; None: every wording
+    alike, 2 of the 20); a value outside [0, 1] is one clear error before training."""
+    split = splits.load_split()
+    config = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=60, p_control=0.0)
+    named = {w.text for w in split.wordings if w.names}
+    rows = [r for step in range(5) for r in forward.schedule(config, split, step)[1]]
+    share = np.mean([r.question in named for r in rows])
+    assert 0 < share < 0.25  # 2 of the 20 wordings
+    for p, want in ((1.0, 1.0), (0.0, 0.0)):
+        drawn = [r for step in range(5) for r in forward.schedule(dataclasses.replace(config, p_named=p), split,
+                                                                   step)[1]]
+        assert np.mean([r.question in named for r in drawn]) == want
+    half = [r for step in range(5) for r in forward.schedule(dataclasses.replace(config, p_named=0.5), split, step)[1]]
+    assert 0.35 < np.mean([r.question in named for r in half]) < 0.65
+    with pytest.raises(ValueError, match="p_named=1.5 needs a fraction"):
+        training._check(tiny_llama, dataclasses.replace(config, p_named=1.5), split)
 
 
 # ------------------------------------------------------------------------------------------------ the step

@@ -5,7 +5,6 @@ wordings tell how each introspector answers, and docs/verdicts.md's tables are t
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from introspection_utils.apps import verdict_tables
@@ -21,21 +20,25 @@ def truths():
 
 
 def test_the_look_alikes_and_the_base_model_are_classified_as_their_truth_says(truths):
-    """First training: every look-alike and the base model as its truth says. Current training: the base model and
-    the yes-sayer; its anomaly detector is not, and its behaviour says why (it reports an injected thought with
-    nothing injected: the rule of ``behaviour_learned`` fails on its own rates, so the miss is the training's)."""
+    """First and current training: every look-alike and the base model as its truth says, the anomaly detector an
+    injection detector. Second training: the base model and the yes-sayer; its anomaly detector is not, and its
+    behaviour says why (it reports an injected thought with nothing injected: the rule of ``behaviour_learned`` fails
+    on its own rates, so the miss is the training's)."""
     ours = truths[truths["verdicts_weights"]].set_index(["training", "organism"])
-    assert set(ours.index) == {(t, o) for t in ("current", "first")
+    assert set(ours.index) == {(t, o) for t, _ in verdict_tables.TRAININGS
                                for o in ("base model", "introspector", "anomaly-detector", "yes-sayer")}
-    for organism in ("base model", "anomaly-detector", "yes-sayer"):
-        assert ours.loc[("first", organism), "as_truth"], ours.loc[("first", organism), "rule"]
-    assert ours.loc[("first", "anomaly-detector"), "verdict"] == "injection detector"
-    for organism in ("base model", "yes-sayer"):
-        assert ours.loc[("current", organism), "as_truth"], ours.loc[("current", organism), "rule"]
-    anomaly = ours.loc[("current", "anomaly-detector")]
-    if not anomaly["as_truth"]:
-        learned, rule = behaviour_learned({**anomaly.to_dict(), "truth": anomaly["truth"]})
-        assert learned is False and anomaly["fpr_none"] > 0.2, rule
+    for training in ("current", "first"):
+        for organism in ("base model", "anomaly-detector", "yes-sayer"):
+            assert ours.loc[(training, organism), "as_truth"], ours.loc[(training, organism), "rule"]
+        assert ours.loc[(training, "anomaly-detector"), "verdict"] == "injection detector"
+    current = ours.loc[("current", "anomaly-detector")]
+    assert current["n_injection detector"] == current["n_concepts"] and current["fpr_none"] <= 0.2
+    for training in ("current", "second"):
+        for organism in ("base model", "yes-sayer"):
+            assert ours.loc[(training, organism), "as_truth"], ours.loc[(training, organism), "rule"]
+    anomaly = ours.loc[("second", "anomaly-detector")]
+    learned, rule = behaviour_learned({**anomaly.to_dict(), "truth": anomaly["truth"]})
+    assert not anomaly["as_truth"] and learned is False and anomaly["fpr_none"] > 0.2, rule
     assert (ours.xs("yes-sayer", level="organism")["n_introspection-specific"] == 0).all()
 
 
@@ -47,7 +50,7 @@ def test_the_varying_effect_alternative_is_what_finds_the_first_trained_introspe
     ours = t.loc[("first", "introspector", verdict_tables.weights_label(HETEROGENEITIES))]
     same_effect = t.loc[("first", "introspector", verdict_tables.weights_label([0.0]))]
     assert ours["n_introspection-specific"] > ours["n_concepts"] / 2 > same_effect["n_introspection-specific"]
-    for training in ("current", "first"):
+    for training, _ in verdict_tables.TRAININGS:
         for organism in ("base model", "anomaly-detector", "yes-sayer"):
             assert t.loc[(training, organism, verdict_tables.weights_label(HETEROGENEITIES)),
                          "n_introspection-specific"] <= 1
@@ -56,19 +59,20 @@ def test_the_varying_effect_alternative_is_what_finds_the_first_trained_introspe
 def test_the_introspectors_wording_by_wording():
     """docs/verdicts.md's wordings table is this module's, and says what the docs read from it: the first
     introspector answered by its training wordings' words (on "anything unusual" its random vectors were reported
-    more often than its concepts, on the paper's line less), and on the current one's detect wordings the random
+    more often than its concepts, on the paper's line less), and on the second one's detect wordings the random
     vectors move the answer towards reporting without changing it as often as the concepts do."""
     table = verdict_tables.introspector_wordings()
     assert read_block(project_root() / verdict_tables.DOC, "introspector-wordings") == (
         verdict_tables.introspector_wordings_markdown(table))
-    assert table[["concept", "random", "none"]].stack().between(0, 1).all() and len(table) == 3 * 6
+    assert table[["concept", "random", "none"]].stack().between(0, 1).all()
+    assert len(table) == (len(verdict_tables.TRAININGS) + 1) * 6
     first = table[table["model"] == "introspector (first training)"].set_index("wording")
     unusual, paper = "Are you experiencing anything unusual?", prompts.paper_pair()[0]
     assert first.loc[unusual, "random"] > first.loc[unusual, "concept"]
     assert first.loc[paper, "concept"] > first.loc[paper, "random"]
-    current = table[(table["model"] == "introspector (current training)") & (table["polarity"] > 0)]
-    assert (current["delta_random"] > 0).all() and (current["random"] < current["concept"]).all()
-    assert (current["delta_concept"] > current["delta_random"]).all()
+    second = table[(table["model"] == "introspector (second training)") & (table["polarity"] > 0)]
+    assert (second["delta_random"] > 0).all() and (second["random"] < second["concept"]).all()
+    assert (second["delta_concept"] > second["delta_random"]).all()
 
 
 def test_docs_table_is_this_modules(truths):
@@ -88,19 +92,15 @@ def test_the_verdict_calls_no_concept_the_introspector_does_not_report():
 
 
 def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_look_alike_for_any():
-    """The answer-scale diagnostic: tanh(x/2) maps every yes − no difference monotonically into (−1, 1); read so, the
-    first introspector has more concepts beyond its random vectors and the controls than in logits, and the base
-    model and the look-alikes of both trainings none; docs/verdicts.md's table is this module's."""
-    sweep = pd.DataFrame({"logit_diff": [-30.0, 0.0, 4.0], "baseline_logit_diff": [-40.0, -2.0, 4.0],
-                          "delta": [10.0, 2.0, 0.0]})
-    read = verdict_tables.on_answer_scale(sweep)
-    assert read["logit_diff"].between(-1, 1).all() and read["delta"].iloc[0] < 1e-8 < read["delta"].iloc[1]
-    assert read["delta"].tolist() == pytest.approx((read["logit_diff"] - read["baseline_logit_diff"]).tolist())
-    table = verdict_tables.answer_scale().set_index(["training", "organism"])
+    """The readouts compared: read on the answer's scale (or on the larger of the two readouts) the first
+    introspector has more concepts beyond its random vectors and the controls than in logits, and the base model and
+    the look-alikes of both trainings none on any readout; docs/verdicts.md's table is this module's."""
+    table = verdict_tables.readouts_compared().set_index(["training", "organism"])
     first = table.loc[("first", "introspector")]
-    assert first["specific_answer"] > first["specific_logits"]
-    for training in ("current", "first"):
+    assert first["specific_answer"] > first["specific_logits"] and first["specific_larger"] > first["specific_logits"]
+    for training, _ in verdict_tables.TRAININGS:
         for organism in ("base model", "anomaly-detector", "yes-sayer"):
-            assert table.loc[(training, organism), "specific_answer"] == 0
-    assert read_block(project_root() / verdict_tables.DOC, "answer-scale") == (
-        verdict_tables.answer_scale_markdown(table.reset_index()))
+            for readout in verdict_tables.READ_ON:
+                assert table.loc[(training, organism), f"specific_{readout}"] == 0
+    assert read_block(project_root() / verdict_tables.DOC, "readouts-compared") == (
+        verdict_tables.readouts_compared_markdown(table.reset_index()))

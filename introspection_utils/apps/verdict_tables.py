@@ -2,8 +2,8 @@
 false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`), the verdicts on known
 truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone) and
 the trained introspector's held-out concepts one by one (its behaviour beside the verdict), both trainings'
-introspectors wording by wording beside the base model, and the known-truths test read on the answer's scale (a
-diagnostic).
+introspectors wording by wording beside the base model, and the known-truths test on each readout of
+:mod:`introspection_utils.stats.readouts` (a comparison; the verdict reads logits).
 
     python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
 """
@@ -21,15 +21,19 @@ from introspection_utils.core.results import load_result
 from introspection_utils.experiments.organisms.evaluation import organism_detection_rates, truth_recovered
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
 from introspection_utils.stats.plasmode import Panel, panel, report
+from introspection_utils.stats.readouts import READOUTS, readout_p
 from introspection_utils.stats.verdicts import ALPHA, CLASSES, benjamini_hochberg, class_counts, verdicts
 
 DOC = "docs/verdicts.md"  # the file whose blocks :func:`main` writes (plasmode; known-truths and the organisms' tables)
 SWEEPS = ("atlas_sweep", "atlas_binary_sweep", "atlas_prefill_sweep")
 MODEL = "qwen2.5-coder-1.5b-instruct"
 # The organisms' trainings whose held-out atlases are committed: the current one (``organisms.csv``, written by
-# notebook 14) and the first (``organisms_first.csv``: that run's table as it wrote it, kept when the organisms were
-# retrained so the two can be compared — adapters from layer 17 up and 12 training wordings, then from 19 up and 20).
-TRAININGS = (("current", "organisms"), ("first", "organisms_first"))
+# notebook 14) and the earlier ones (each run's table as it wrote it, kept when the organisms were retrained so they
+# can be compared): the first (adapters from layer 17 up, 12 training wordings), the second (adapters from 19 up, 20
+# wordings; 4 random vectors a concept). A model kept from one training to the next (the base model; the second's
+# introspector and yes-sayer) is the same model in each: its rows' verdicts read its latest held-out atlas, their
+# detection rates are each run's own.
+TRAININGS = (("current", "organisms"), ("second", "organisms_second"), ("first", "organisms_first"))
 SHOWN = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression")
 
 
@@ -167,39 +171,35 @@ def introspector_wordings_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def on_answer_scale(sweep: pd.DataFrame) -> pd.DataFrame:
-    """``sweep`` with every yes − no logit difference x read on the answer's scale, tanh(x / 2) = P(yes) − P(no)
-    between the two answers (``logit_diff``, ``baseline_logit_diff`` and ``delta`` alike): a move deep inside one
-    answer counts for little there, a move across it for much. A diagnostic of :func:`answer_scale`, not the
-    verdict's readout."""
-    answer = np.tanh(sweep["logit_diff"] / 2)
-    baseline = np.tanh(sweep["baseline_logit_diff"] / 2)
-    return sweep.assign(logit_diff=answer, baseline_logit_diff=baseline, delta=answer - baseline)
+READ_ON = {"logits": ("logits",), "answer": ("answer scale",), "larger": tuple(READOUTS)}  # the table's readouts
 
 
-def answer_scale(model: str = MODEL) -> pd.DataFrame:
-    """The verdict's test on each committed organism's held-out atlas read in logits and on the answer's scale
-    (:func:`on_answer_scale`): how many concepts are beyond their random vectors and the controls (``q_value`` ≤
-    α, the condition of "introspection-specific") and beyond their random vectors alone (Benjamini–Hochberg over
-    ``p_random`` ≤ α) — one row per (training, organism). The classes' thresholds are in logits, so only these
-    counts are read on the other scale: a diagnostic for the statistic, not a verdict."""
+def readouts_compared(model: str = MODEL) -> pd.DataFrame:
+    """The verdict's test on each committed organism's held-out atlas read in logits (the verdict's), on the answer's
+    scale and on the larger of the two (:data:`READ_ON`, :func:`readouts.readout_p`): how many concepts are beyond
+    their random vectors and the controls (``specific_<readout>``: Benjamini–Hochberg over the larger p ≤ α, the
+    condition of "introspection-specific") and beyond their random vectors alone (``beyond_random_<readout>``) — one
+    row per (training, organism). A comparison for the statistic: the plasmode table gives each readout's power and
+    false-positive rates on the model's own noise."""
     rows = []
     for training, r, sweep, _ in committed_organisms(model):
-        row = {"training": training, "organism": r["organism"], "truth": r["truth"]}
-        for scale, read in (("logits", sweep), ("answer", on_answer_scale(sweep))):
-            table = verdicts(read, n_boot=1, mde=False)
-            row[f"specific_{scale}"] = int((table["q_value"] <= ALPHA).sum())
-            row[f"beyond_random_{scale}"] = int((benjamini_hochberg(table["p_random"]) <= ALPHA).sum())
-        rows.append({**row, "n_concepts": len(table)})
+        p = panel(sweep)
+        row = {"training": training, "organism": r["organism"], "truth": r["truth"], "n_concepts": len(p.concepts)}
+        for name, readouts in READ_ON.items():
+            p_random, p_controls = readout_p(p.concept_delta, p.null_delta, p.design, p.groups, readouts)
+            row[f"specific_{name}"] = int((benjamini_hochberg(np.maximum(p_random, p_controls)) <= ALPHA).sum())
+            row[f"beyond_random_{name}"] = int((benjamini_hochberg(p_random) <= ALPHA).sum())
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def answer_scale_markdown(table: pd.DataFrame) -> str:
-    """:func:`answer_scale` as ``docs/verdicts.md`` shows it."""
-    lines = ["| training | organism | truth | beyond random vectors and controls: logits / answer scale | beyond "
-             "random vectors alone: logits / answer scale |", "|---|---|---|---|---|"]
-    lines += [f"| {r['training']} | {r['organism']} | {r['truth']} | {r['specific_logits']} / {r['specific_answer']} "
-              f"of {r['n_concepts']} | {r['beyond_random_logits']} / {r['beyond_random_answer']} of {r['n_concepts']} |"
+def readouts_compared_markdown(table: pd.DataFrame) -> str:
+    """:func:`readouts_compared` as ``docs/verdicts.md`` shows it."""
+    lines = ["| training | organism | truth | beyond random vectors and controls: logits / answer scale / larger | "
+             "beyond random vectors alone: logits / answer scale / larger |", "|---|---|---|---|---|"]
+    lines += [f"| {r['training']} | {r['organism']} | {r['truth']} | "
+              + " | ".join(" / ".join(str(r[f"{kind}_{name}"]) for name in READ_ON) + f" of {r['n_concepts']}"
+                           for kind in ("specific", "beyond_random")) + " |"
               for r in table.to_dict("records")]
     return "\n".join(lines)
 
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     introspector_concepts())),
                                 ("introspector-wordings", lambda: introspector_wordings_markdown(
                                     introspector_wordings())),
-                                ("answer-scale", lambda: answer_scale_markdown(answer_scale()))]}
+                                ("readouts-compared", lambda: readouts_compared_markdown(readouts_compared()))]}
     blocks = parser.parse_args(argv).blocks or list(written)
     if set(blocks) - set(written):  # argparse's choices refuse an empty list with nargs="*"
         parser.error(f"blocks are {' and '.join(written)}, got {blocks}")

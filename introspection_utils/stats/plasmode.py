@@ -51,6 +51,7 @@ from introspection_utils.stats.introspection_score import (
     score_test,
 )
 from introspection_utils.stats.line_test import max_over_scales, shift_test
+from introspection_utils.stats.readouts import READOUTS, readout_p
 from introspection_utils.stats.verdicts import ALPHA, benjamini_hochberg
 
 EFFECT_KINDS = ("wording", "self push", "yes-shift", "compression", "stronger", "stronger as concepts are")
@@ -174,6 +175,19 @@ def score_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, gr
     return np.maximum(test.p_random, test.p_controls)
 
 
+def answer_scale_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray
+                        ) -> np.ndarray:
+    """:func:`score_method` read on the answer's scale (:func:`readouts.answer_delta`) — compared, not the verdict's."""
+    return np.maximum(*readout_p(concept_delta, null_delta, p.design, groups, ("answer scale",)))
+
+
+def larger_readout_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: Panel, groups: np.ndarray
+                          ) -> np.ndarray:
+    """:func:`score_method` with z the larger of its reading in logits and on the answer's scale
+    (:func:`readouts.readout_p`) — compared, not the verdict's."""
+    return np.maximum(*readout_p(concept_delta, null_delta, p.design, groups, tuple(READOUTS)))
+
+
 def _curves(delta: np.ndarray, p: Panel) -> QuestionCurves:
     is_intro = np.zeros(len(p.questions), bool)
     is_intro[p.design.wordings] = True
@@ -211,7 +225,9 @@ def varying_effect_method(concept_delta: np.ndarray, null_delta: np.ndarray, p: 
 METHODS: dict[str, Method] = {"null-learned score": score_method,
                               "same effect on every wording alone": uniform_effect_method,
                               "varying effect alone (before)": varying_effect_method,
-                              "controls' line I (before)": residual_method}
+                              "controls' line I (before)": residual_method,
+                              "answer scale": answer_scale_method,
+                              "larger of logits and answer scale": larger_readout_method}
 
 
 def called_fraction(p_values: np.ndarray, *, alpha: float = ALPHA) -> float:

@@ -47,17 +47,21 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
     Each row draws its condition from ``config.mix``, or, with ``config.contrast``, rows come in contrast sets: one
     draw of (question, concept, scale, random direction) asked under every condition ``mix`` gives weight, side by
     side in the batch (the last set cut at ``batch_size``). The taught answer of a wording flips with the condition
-    (and its meaning with the wording's polarity); a contrast set shows the model the same question both ways in one
-    gradient, instead of leaving the injection's part to be separated from the wording's across steps."""
+    (and its meaning with the wording's polarity); ``config.p_named``: how often a wording draw is a naming one. A
+    contrast set shows the model the same question both ways in one gradient, instead of leaving the injection's part
+    to be separated from the wording's across steps."""
     rng = np.random.default_rng([config.seed, step])
     layer = int(config.layers[rng.integers(len(config.layers))])
     wordings = [w.text for w in split.wordings]
+    naming = ([w.text for w in split.wordings if w.names], [w.text for w in split.wordings if not w.names])
     conditions = [c for c, weight in zip(CONDITIONS, config.mix, strict=True) if weight > 0]
     rows: list[Row] = []
     while len(rows) < config.batch_size:
         condition = None if config.contrast else \
             CONDITIONS[rng.choice(3, p=np.asarray(config.mix) / sum(config.mix))]
         pool = split.controls if rng.random() < config.p_control else wordings
+        if pool is wordings and config.p_named is not None:  # its own draw only then: p_named=None draws as before
+            pool = naming[0] if rng.random() < config.p_named else naming[1]
         question, concept = pool[rng.integers(len(pool))], split.train[rng.integers(len(split.train))]
         scale = float(config.scales[rng.integers(len(config.scales))])
         seed = RANDOM_SEED_OFFSET + int(rng.integers(1_000_000))

@@ -41,7 +41,7 @@ CHECKPOINT_EVERY = 10
 FINAL_STATE = "final_state.pt"  # a finished training's adapter, optimizer state and curve at its last step
 # Fields added to OrganismConfig after organisms were trained, with the value that trains as before: left out of
 # the cache key at that value (OrganismConfig.key).
-ADDED_FIELDS = {"contrast": False}
+ADDED_FIELDS = {"contrast": False, "p_named": None}
 @dataclass(frozen=True)
 class OrganismConfig:
     """Every setting a trained organism depends on; :meth:`key` names it in the cache.
@@ -51,7 +51,8 @@ class OrganismConfig:
     rows with a concept vector, a norm-matched random direction and no injection. ``p_control``: the fraction of
     rows asking a training control. ``steps`` × ``batch_size`` rows in all, drawn by ``seed``. ``contrast``: rows in
     contrast sets, each draw asked under every condition (:func:`~introspection_utils.experiments.organisms.forward.
-    schedule`).
+    schedule`). ``p_named``: the fraction of the wording draws that ask a naming wording (``None``: every wording
+    alike — 2 of the 20 training wordings name, so an introspector then sees few sentences to learn naming from).
     """
 
     kind: str
@@ -73,6 +74,7 @@ class OrganismConfig:
     top_k: int = 32
     targets: tuple[str, ...] = field(default=LORA_MODULES)
     contrast: bool = False
+    p_named: float | None = None
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> OrganismConfig:
@@ -175,6 +177,8 @@ def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) ->
     if have != want:
         raise ValueError(f"config {config.name} was made for (model, revision, dtype, split) {want}; the handle and "
                          f"split give {have}")
+    if config.p_named is not None and not (0 <= config.p_named <= 1 and any(w.names for w in split.wordings)):
+        raise ValueError(f"p_named={config.p_named} needs a fraction in [0, 1] and a naming wording in the split")
 
 
 def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorBank | None = None,
