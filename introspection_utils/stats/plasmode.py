@@ -28,8 +28,9 @@ or not; the truth is "no introspection", so the rate of p ≤ α is the test's s
 A method maps ``(concept_delta [V, Q, S], null_delta [R, Q, S], panel)`` to p-values ``[V]``: :func:`score_method`
 (the verdict's statistic: the larger z of its two alternatives), :func:`uniform_effect_method` and
 :func:`varying_effect_method` (each alternative alone: weights for one effect on every wording, or for an effect that
-differs between wordings) and :func:`residual_method` (the controls'-line I it replaced) are compared on the same
-plantings.
+differs between wordings), :func:`residual_method` (the controls'-line I it replaced), :func:`answer_scale_method` and
+:func:`larger_readout_method` (the test read on the answer's scale, or on the larger of that and logits:
+:mod:`.readouts`) are compared on the same plantings, every effect planted in logits.
 """
 
 from __future__ import annotations

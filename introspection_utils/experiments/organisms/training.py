@@ -52,7 +52,7 @@ class OrganismConfig:
     rows asking a training control. ``steps`` × ``batch_size`` rows in all, drawn by ``seed``. ``contrast``: rows in
     contrast sets, each draw asked under every condition (:func:`~introspection_utils.experiments.organisms.forward.
     schedule`). ``p_named``: the fraction of the wording draws that ask a naming wording (``None``: every wording
-    alike — 2 of the 20 training wordings name, so an introspector then sees few sentences to learn naming from).
+    alike, so an introspector sees naming sentences only at the naming wordings' share of the training wordings).
     """
 
     kind: str
