@@ -52,9 +52,8 @@ def test_the_training_split_is_disjoint_from_everything_the_evaluation_asks():
 
 def test_no_opening_word_tells_a_training_wordings_polarity():
     """Every opening word of the yes/no training wordings opens wordings of both polarities (and the polarities are
-    as many): an
-    organism cannot learn "a question opening with this word is inverted" instead of what the question asks (the
-    first introspector's "Are ..." wordings were all inverted)."""
+    as many): an organism cannot learn "a question opening with this word is inverted" instead of what the question
+    asks (the first introspector's "Are ..." wordings were all inverted)."""
     split = splits.load_split()
     plain = [w for w in split.wordings if not w.names]
     by_opening: dict[str, list[int]] = {}
@@ -160,15 +159,15 @@ def test_p_named_sets_how_often_a_wording_draw_names(tiny_llama):
     split = splits.load_split()
     config = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=60, p_control=0.0)
     named = {w.text for w in split.wordings if w.names}
-    rows = [r for step in range(5) for r in forward.schedule(config, split, step)[1]]
-    share = np.mean([r.question in named for r in rows])
-    assert 0 < share < 0.25  # 2 of the 20 wordings
-    for p, want in ((1.0, 1.0), (0.0, 0.0)):
-        drawn = [r for step in range(5) for r in forward.schedule(dataclasses.replace(config, p_named=p), split,
-                                                                   step)[1]]
-        assert np.mean([r.question in named for r in drawn]) == want
-    half = [r for step in range(5) for r in forward.schedule(dataclasses.replace(config, p_named=0.5), split, step)[1]]
-    assert 0.35 < np.mean([r.question in named for r in half]) < 0.65
+
+    def named_share(p_named: float | None) -> float:  # over 5 steps of 60 rows
+        drawn = dataclasses.replace(config, p_named=p_named)
+        return float(np.mean([r.question in named for step in range(5) for r in forward.schedule(drawn, split,
+                                                                                                  step)[1]]))
+
+    assert 0 < named_share(None) < 0.25  # 2 of the 20 wordings
+    assert named_share(1.0) == 1.0 and named_share(0.0) == 0.0
+    assert 0.35 < named_share(0.5) < 0.65
     with pytest.raises(ValueError, match="p_named=1.5 needs a fraction"):
         training._check(tiny_llama, dataclasses.replace(config, p_named=1.5), split)
 

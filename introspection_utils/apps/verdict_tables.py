@@ -1,8 +1,8 @@
 """The tables docs/verdicts.md shows, rebuilt from the committed sweeps (no model run): the plasmode table (power and
 false-positive rates on the model's own noise, :mod:`introspection_utils.stats.plasmode`), the verdicts on known
 truths (the model organisms' held-out atlases, with the verdict's two alternative weights and with each alone) and
-the trained introspector's held-out concepts one by one (its behaviour beside the verdict), both trainings'
-introspectors wording by wording beside the base model, and the known-truths test on each readout of
+the trained introspector's held-out concepts one by one (its behaviour beside the verdict), every training's
+introspector wording by wording beside the base model, and the known-truths test on each readout of
 :mod:`introspection_utils.stats.readouts` (a comparison; the verdict reads logits).
 
     python -m introspection_utils.apps.verdict_tables [plasmode] [known-truths]   # default: both
@@ -76,15 +76,18 @@ def weights_label(alternatives: Sequence[float]) -> str:
 def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFrame, float]]:
     """``(training, row, sweep, detection_scale)`` for every evaluated model of every training of :data:`TRAININGS`
     whose table is committed: its row of that table (organism, truth, model name, rates), its held-out
-    ``atlas_sweep.csv`` and the scale that run read detection at."""
+    ``atlas_sweep.csv`` (one frame per model: a model kept between trainings shares it) and the scale that run read
+    detection at."""
     results = project_root() / "figures" / model / "results"
-    out = []
+    out, sweeps = [], {}
     for training, table in TRAININGS:
         if (results / f"{table}.csv").exists():
             organisms = load_result(results / table)
             scale = float(organisms.meta["spec"]["detection_scale"])
-            out += [(training, r, pd.read_csv(results / r["model"] / "atlas_sweep.csv"), scale)
-                    for r in organisms.df.to_dict("records")]
+            for r in organisms.df.to_dict("records"):
+                if r["model"] not in sweeps:
+                    sweeps[r["model"]] = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
+                out.append((training, r, sweeps[r["model"]], scale))
     return out
 
 
@@ -97,10 +100,13 @@ def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
     ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class counts ``n_<class>``, ``verdict`` (the
     most frequent class), the detection rates (``detection, fpr_random, fpr_none``, as the run wrote them) and
     ``as_truth`` / ``rule`` (:func:`organisms.evaluation.truth_recovered`, forced choice as the run found it)."""
-    rows = []
+    rows, counted = [], {}  # a model kept between trainings is tested once per set of alternatives
     for training, r, sweep, _ in committed_organisms(model):
         for hs in alternatives:
-            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
+            if (r["model"], tuple(hs)) not in counted:
+                counted[r["model"], tuple(hs)] = class_counts(verdicts(sweep, n_boot=1, mde=False,
+                                                                       heterogeneity=tuple(hs)))
+            counts = counted[r["model"], tuple(hs)]
             row = {"training": training, "organism": r["organism"], "truth": r["truth"],
                    "weights": weights_label(hs), "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
                    "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
@@ -181,15 +187,16 @@ def readouts_compared(model: str = MODEL) -> pd.DataFrame:
     condition of "introspection-specific") and beyond their random vectors alone (``beyond_random_<readout>``) — one
     row per (training, organism). A comparison for the statistic: the plasmode table gives each readout's power and
     false-positive rates on the model's own noise."""
-    rows = []
+    rows, counted = [], {}  # a model kept between trainings is tested once
     for training, r, sweep, _ in committed_organisms(model):
-        p = panel(sweep)
-        row = {"training": training, "organism": r["organism"], "truth": r["truth"], "n_concepts": len(p.concepts)}
-        for name, readouts in READ_ON.items():
-            p_random, p_controls = readout_p(p.concept_delta, p.null_delta, p.design, p.groups, readouts)
-            row[f"specific_{name}"] = int((benjamini_hochberg(np.maximum(p_random, p_controls)) <= ALPHA).sum())
-            row[f"beyond_random_{name}"] = int((benjamini_hochberg(p_random) <= ALPHA).sum())
-        rows.append(row)
+        if r["model"] not in counted:
+            p, counts = panel(sweep), {}
+            for name, readouts in READ_ON.items():
+                p_random, p_controls = readout_p(p.concept_delta, p.null_delta, p.design, p.groups, readouts)
+                counts[f"specific_{name}"] = int((benjamini_hochberg(np.maximum(p_random, p_controls)) <= ALPHA).sum())
+                counts[f"beyond_random_{name}"] = int((benjamini_hochberg(p_random) <= ALPHA).sum())
+            counted[r["model"]] = {"n_concepts": len(p.concepts), **counts}
+        rows.append({"training": training, "organism": r["organism"], "truth": r["truth"], **counted[r["model"]]})
     return pd.DataFrame(rows)
 
 
