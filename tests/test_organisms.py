@@ -72,6 +72,43 @@ def test_a_split_that_trains_on_an_evaluation_question_is_refused():
         splits.check_split(dataclasses.replace(split, held_out=(*split.held_out, split.train[0])))
 
 
+def test_the_extra_training_concepts_are_disjoint_from_the_evaluation_and_the_baseline():
+    """The training file's extra concepts (read here from the file): none is a concept of the split, of the
+    evaluation or a baseline word, compared without case and without a plural ending; a list that breaks one of
+    these rules is one clear error."""
+    raw = tomllib.loads((DATA / "organisms" / "training.toml").read_text(encoding="utf-8"))
+    extra = raw["concepts"]["extra"]
+    stem = lambda w: w.lower().removesuffix("s").removesuffix("e")  # noqa: E731 (a coarser stem than the check's)
+    taken = {*_lines("concept_words.txt"), *_lines("writeup_concepts.txt"), *_lines("baseline_words.txt")}
+    assert len(extra) >= 150 and len({stem(w) for w in extra}) == len(extra)
+    assert not {stem(w) for w in extra} & {stem(w) for w in taken}
+    assert splits.extra_concepts() == tuple(extra)
+    for bad, match in [("Volcano", "is 'Volcanoes'"), ("origami", "is 'Origami'"), ("Banana", "is 'Banana'"),
+                       ("Desk", "is 'Desks'"), (extra[0], "repeats"), (" Kites", "surrounding whitespace")]:
+        with pytest.raises(ValueError, match=match):
+            splits.check_extra_concepts([*extra, bad])
+
+
+def test_extra_concepts_are_drawn_only_by_a_config_that_names_them(tiny_llama, tmp_path):
+    """``extra_concepts=True`` takes the file's list into the config (so into its key); the schedule then draws
+    those concepts beside the split's, and without it never; a config naming an evaluation concept is refused before
+    training; the training extracts the vectors of every concept it draws."""
+    split = splits.load_split()
+    plain = training.organism_config(tiny_llama, "introspector", layers=[0, 1], steps=2, batch_size=60)
+    wide = training.organism_config(tiny_llama, "introspector", layers=[0, 1], steps=2, batch_size=60,
+                                    extra_concepts=True)
+    assert wide.extra_concepts == splits.extra_concepts() and wide.concepts[:35] == split.train
+    assert plain.key() == dataclasses.replace(wide, extra_concepts=()).key() != wide.key()
+    drawn = lambda config: {r.concept for step in range(5) for r in forward.schedule(config, split, step)[1]}  # noqa: E731
+    assert drawn(plain) <= set(split.train)
+    assert drawn(wide) & set(wide.extra_concepts) and drawn(wide) <= set(wide.concepts)
+    with pytest.raises(ValueError, match="is 'Origami'"):
+        training._check(tiny_llama, dataclasses.replace(wide, extra_concepts=("Origami",)), split)
+    organism = training.train_organism(tiny_llama, dataclasses.replace(wide, steps=1, batch_size=4), root=tmp_path,
+                                       progress=False)
+    assert organism.complete and organism.config.extra_concepts == wide.extra_concepts
+
+
 def test_each_organism_is_taught_its_truth():
     split = splits.load_split()
     detect = next(w.text for w in split.wordings if w.polarity == 1 and not w.names)
@@ -105,7 +142,8 @@ def test_the_cache_key_changes_with_every_setting(tiny_llama):
     changed = {"kind": "yes-sayer", "model": "other", "revision": "r2", "dtype": "bfloat16", "layers": (1,),
                "scales": (3.0,), "split_hash": "0" * 16, "rank": 4, "lora_alpha": 8.0, "lr": 0.5, "steps": 3,
                "batch_size": 3, "seed": 1, "mix": (0.5, 0.25, 0.25), "p_control": 0.5, "control_weight": 2.0,
-               "top_k": 8, "targets": ("q_proj",), "contrast": True, "p_named": 0.5}
+               "top_k": 8, "targets": ("q_proj",), "contrast": True, "p_named": 0.5,
+               "extra_concepts": ("Apples",)}
     assert set(changed) == {f.name for f in dataclasses.fields(config)}, "a setting without a key test"
     keys = {config.key()} | {dataclasses.replace(config, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) + 1

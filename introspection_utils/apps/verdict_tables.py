@@ -31,8 +31,8 @@ MODEL = "qwen2.5-coder-1.5b-instruct"
 # notebook 14) and the earlier ones (each run's table as it wrote it, kept when the organisms were retrained so they
 # can be compared): the first (adapters from layer 17 up, 12 training wordings), the second (adapters from 19 up, 20
 # wordings; 4 random vectors a concept). A model kept from one training to the next (the base model; the second's
-# introspector and yes-sayer) is the same model in each: its rows' verdicts read its latest held-out atlas, their
-# detection rates are each run's own.
+# introspector and yes-sayer) is the same model in each: the tables show it once, with the trainings that evaluated
+# it, its latest run's held-out atlas and detection rates (an earlier run's own rates stay in its committed table).
 TRAININGS = (("current", "organisms"), ("second", "organisms_second"), ("first", "organisms_first"))
 SHOWN = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression")
 
@@ -74,21 +74,28 @@ def weights_label(alternatives: Sequence[float]) -> str:
 
 
 def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFrame, float]]:
-    """``(training, row, sweep, detection_scale)`` for every evaluated model of every training of :data:`TRAININGS`
-    whose table is committed: its row of that table (organism, truth, model name, rates), its held-out
-    ``atlas_sweep.csv`` (one frame per model: a model kept between trainings shares it) and the scale that run read
+    """``(trainings, row, sweep, detection_scale)`` for every model evaluated by a training of :data:`TRAININGS` whose
+    table is committed, once: ``trainings`` names the trainings that evaluated it, latest first ("current, second":
+    a model kept from one training to the next), ``row`` its row of the latest one's table (organism, truth, model
+    name, rates as that run wrote them), ``sweep`` its held-out ``atlas_sweep.csv`` and the scale that run read
     detection at."""
     results = project_root() / "figures" / model / "results"
-    out, sweeps = [], {}
+    found: dict[str, list] = {}
     for training, table in TRAININGS:
         if (results / f"{table}.csv").exists():
             organisms = load_result(results / table)
             scale = float(organisms.meta["spec"]["detection_scale"])
             for r in organisms.df.to_dict("records"):
-                if r["model"] not in sweeps:
-                    sweeps[r["model"]] = pd.read_csv(results / r["model"] / "atlas_sweep.csv")
-                out.append((training, r, sweeps[r["model"]], scale))
-    return out
+                if r["model"] in found:
+                    found[r["model"]][0].append(training)
+                else:
+                    found[r["model"]] = [[training], r, pd.read_csv(results / r["model"] / "atlas_sweep.csv"), scale]
+    return [(", ".join(trainings), r, sweep, scale) for trainings, r, sweep, scale in found.values()]
+
+
+def evaluated_by(trainings: str, training: str) -> bool:
+    """Whether a row of :func:`committed_organisms` (its ``trainings``) was evaluated by ``training``."""
+    return training in trainings.split(", ")
 
 
 def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
@@ -96,17 +103,15 @@ def known_truths(model: str = MODEL, alternatives: Sequence[Sequence[float]] = (
     """The verdicts on the committed organisms' held-out atlases (each training of :data:`TRAININGS` whose table is
     committed in ``figures/<model>/results/`` names them; each one's ``atlas_sweep.csv`` beside it), recomputed for
     every set of ``alternatives`` of the score's weights (default: the verdict's, then each alone): one row per
-    (training, organism, alternatives) with ``training, organism, truth, weights`` (:func:`weights_label`),
-    ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class counts ``n_<class>``, ``verdict`` (the
-    most frequent class), the detection rates (``detection, fpr_random, fpr_none``, as the run wrote them) and
-    ``as_truth`` / ``rule`` (:func:`organisms.evaluation.truth_recovered`, forced choice as the run found it)."""
-    rows, counted = [], {}  # a model kept between trainings is tested once per set of alternatives
+    (model, alternatives) with ``training`` (the trainings that evaluated it), ``organism, truth, weights``
+    (:func:`weights_label`), ``verdicts_weights`` (True for the verdict's), ``n_concepts``, the class counts
+    ``n_<class>``, ``verdict`` (the most frequent class), the detection rates (``detection, fpr_random, fpr_none``, as
+    the latest run wrote them) and ``as_truth`` / ``rule`` (:func:`organisms.evaluation.truth_recovered`, forced
+    choice as that run found it)."""
+    rows = []
     for training, r, sweep, _ in committed_organisms(model):
         for hs in alternatives:
-            if (r["model"], tuple(hs)) not in counted:
-                counted[r["model"], tuple(hs)] = class_counts(verdicts(sweep, n_boot=1, mde=False,
-                                                                       heterogeneity=tuple(hs)))
-            counts = counted[r["model"], tuple(hs)]
+            counts = class_counts(verdicts(sweep, n_boot=1, mde=False, heterogeneity=tuple(hs)))
             row = {"training": training, "organism": r["organism"], "truth": r["truth"],
                    "weights": weights_label(hs), "verdicts_weights": tuple(hs) == tuple(HETEROGENEITIES),
                    "n_concepts": int(counts.sum()), **{f"n_{c}": int(counts.get(c, 0)) for c in CLASSES},
@@ -144,10 +149,10 @@ def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
     without changing its answer (from a deep "no" to a shallower one): the verdict reads the movement, the rates
     the answer."""
     committed = committed_organisms(model)
-    models = [(f"introspector ({training} training)", sweep, scale)
+    models = [(f"introspector ({training} training{'s' * (',' in training)})", sweep, scale)
               for training, r, sweep, scale in committed if r["organism"] == "introspector"]
     models += [("base model", sweep, scale) for training, r, sweep, scale in committed
-               if training == TRAININGS[0][0] and r["organism"] == "base model"]
+               if evaluated_by(training, TRAININGS[0][0]) and r["organism"] == "base model"]
     rows = []
     for label, sweep, scale in models:
         at = sweep[(sweep["question_kind"] == "introspection") & (sweep["scale"] == scale)]
@@ -185,18 +190,17 @@ def readouts_compared(model: str = MODEL) -> pd.DataFrame:
     scale and on the larger of the two (:data:`READ_ON`, :func:`readouts.readout_p`): how many concepts are beyond
     their random vectors and the controls (``specific_<readout>``: Benjamini–Hochberg over the larger p ≤ α, the
     condition of "introspection-specific") and beyond their random vectors alone (``beyond_random_<readout>``) — one
-    row per (training, organism). A comparison for the statistic: the plasmode table gives each readout's power and
-    false-positive rates on the model's own noise."""
-    rows, counted = [], {}  # a model kept between trainings is tested once
+    row per evaluated model (``training``: the trainings that evaluated it). A comparison for the statistic: the
+    plasmode table gives each readout's power and false-positive rates on the model's own noise."""
+    rows = []
     for training, r, sweep, _ in committed_organisms(model):
-        if r["model"] not in counted:
-            p, counts = panel(sweep), {}
-            for name, readouts in READ_ON.items():
-                p_random, p_controls = readout_p(p.concept_delta, p.null_delta, p.design, p.groups, readouts)
-                counts[f"specific_{name}"] = int((benjamini_hochberg(np.maximum(p_random, p_controls)) <= ALPHA).sum())
-                counts[f"beyond_random_{name}"] = int((benjamini_hochberg(p_random) <= ALPHA).sum())
-            counted[r["model"]] = {"n_concepts": len(p.concepts), **counts}
-        rows.append({"training": training, "organism": r["organism"], "truth": r["truth"], **counted[r["model"]]})
+        p, counts = panel(sweep), {}
+        for name, readouts in READ_ON.items():
+            p_random, p_controls = readout_p(p.concept_delta, p.null_delta, p.design, p.groups, readouts)
+            counts[f"specific_{name}"] = int((benjamini_hochberg(np.maximum(p_random, p_controls)) <= ALPHA).sum())
+            counts[f"beyond_random_{name}"] = int((benjamini_hochberg(p_random) <= ALPHA).sum())
+        rows.append({"training": training, "organism": r["organism"], "truth": r["truth"], "n_concepts":
+                     len(p.concepts), **counts})
     return pd.DataFrame(rows)
 
 
@@ -218,7 +222,7 @@ def introspector_concepts(model: str = MODEL) -> pd.DataFrame:
     :func:`organisms.evaluation.organism_detection_rates`) beside what the verdict says (``class``, ``I``,
     ``p_random``) — one row per concept, sorted by ``detected_concept``."""
     sweep, scale = next((sweep, scale) for training, r, sweep, scale in committed_organisms(model)
-                        if training == TRAININGS[0][0] and r["organism"] == "introspector")
+                        if evaluated_by(training, TRAININGS[0][0]) and r["organism"] == "introspector")
     table = verdicts(sweep, n_boot=1, mde=False).set_index("concept")
     rows = []
     for concept, rows_of in sweep.groupby("concept"):

@@ -55,6 +55,7 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
     wordings = [w.text for w in split.wordings]
     naming = ([w.text for w in split.wordings if w.names], [w.text for w in split.wordings if not w.names])
     conditions = [c for c, weight in zip(CONDITIONS, config.mix, strict=True) if weight > 0]
+    concepts = config.concepts
     rows: list[Row] = []
     while len(rows) < config.batch_size:
         condition = None if config.contrast else \
@@ -62,7 +63,7 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
         pool = split.controls if rng.random() < config.p_control else wordings
         if pool is wordings and config.p_named is not None:  # its own draw only then: p_named=None draws as before
             pool = naming[0] if rng.random() < config.p_named else naming[1]
-        question, concept = pool[rng.integers(len(pool))], split.train[rng.integers(len(split.train))]
+        question, concept = pool[rng.integers(len(pool))], concepts[rng.integers(len(concepts))]
         scale = float(config.scales[rng.integers(len(config.scales))])
         seed = RANDOM_SEED_OFFSET + int(rng.integers(1_000_000))
         rows += [Row(question, c, concept, scale, seed) for c in ([condition] if condition else conditions)]

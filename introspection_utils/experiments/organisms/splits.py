@@ -4,6 +4,8 @@ asks, and what each organism is taught to answer (:func:`target`); read by the t
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,9 +56,14 @@ class OrganismSplit:
 
 
 @functools.cache
+def _training_file() -> dict:
+    return tomllib.loads((data_dir() / "organisms" / "training.toml").read_text(encoding="utf-8"))
+
+
+@functools.cache
 def load_split() -> OrganismSplit:
     """``data/organisms/training.toml`` as an :class:`OrganismSplit`, checked by :func:`check_split`."""
-    raw = tomllib.loads((data_dir() / "organisms" / "training.toml").read_text(encoding="utf-8"))
+    raw = _training_file()
     wordings = tuple(TrainingWording(w["text"], int(w["polarity"]), bool(w.get("names", False)))
                      for w in raw["wording"])
     controls = tuple(q for cell in CONTROL_CELLS for q in raw["controls"][cell])
@@ -98,6 +105,40 @@ def check_split(split: OrganismSplit) -> None:
     bad = [w.text for w in split.wordings if w.polarity not in (1, -1) or (w.names and w.polarity != 1)]
     if bad:
         raise ValueError(f"wordings need polarity +1 or -1 (naming ones +1): {bad}")
+
+
+@functools.cache
+def extra_concepts() -> tuple[str, ...]:
+    """``data/organisms/training.toml``'s ``[concepts] extra``: concepts an organism may train on besides the split's
+    (:attr:`~introspection_utils.experiments.organisms.training.OrganismConfig.extra_concepts`), checked by
+    :func:`check_extra_concepts`."""
+    words = tuple(_training_file()["concepts"].get("extra", ()))
+    check_extra_concepts(words)
+    return words
+
+
+def _stem(word: str) -> str:
+    """``word`` without case and without a plural ending ("Volcanoes", "volcano" → "volcano")."""
+    return re.sub(r"(es|s)$", "", word.lower())
+
+
+def check_extra_concepts(words: Sequence[str], split: OrganismSplit | None = None) -> None:
+    """A ``ValueError`` naming the first of ``words`` (concepts to train on besides ``split``'s) that repeats, or that
+    is — without case, with its plural or singular ending changed — a concept of the split (trained or held out), of
+    the evaluation (the paper's 50, the write-up's 7) or a baseline word (the concept vectors' reference)."""
+    split = split or load_split()
+    taken = {_stem(w): w for w in (*load_list("baseline_words"), *evaluation_battery()["concepts"], *split.train,
+                                   *split.held_out)}
+    seen: set[str] = set()
+    for word in words:
+        if not word.strip() or word != word.strip():
+            raise ValueError(f"extra training concept {word!r}: empty or with surrounding whitespace")
+        if _stem(word) in seen:
+            raise ValueError(f"extra training concept {word!r} repeats")
+        if _stem(word) in taken:
+            raise ValueError(f"extra training concept {word!r} is {taken[_stem(word)]!r}, a concept of the split, "
+                             f"the evaluation or the baseline words")
+        seen.add(_stem(word))
 
 
 def evaluation_concepts(split: OrganismSplit | None = None) -> list[str]:

@@ -25,6 +25,7 @@ from introspection_utils.core.results import SweepResult, load_result
 from introspection_utils.engine.metadata import save_table
 from introspection_utils.engine.throughput import linear_peak_gflops, load_average
 from introspection_utils.engine.vectors import concept_vectors, default_layer
+from introspection_utils.experiments.organisms import splits
 from introspection_utils.experiments.organisms.flops import training_throughput
 from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
 from introspection_utils.experiments.organisms.probe import DETECTED, behaviour_probe
@@ -41,7 +42,7 @@ CHECKPOINT_EVERY = 10
 FINAL_STATE = "final_state.pt"  # a finished training's adapter, optimizer state and curve at its last step
 # Fields added to OrganismConfig after organisms were trained, with the value that trains as before: left out of
 # the cache key at that value (OrganismConfig.key).
-ADDED_FIELDS = {"contrast": False, "p_named": None}
+ADDED_FIELDS = {"contrast": False, "p_named": None, "extra_concepts": ()}
 @dataclass(frozen=True)
 class OrganismConfig:
     """Every setting a trained organism depends on; :meth:`key` names it in the cache.
@@ -53,6 +54,8 @@ class OrganismConfig:
     contrast sets, each draw asked under every condition (:func:`~introspection_utils.experiments.organisms.forward.
     schedule`). ``p_named``: the fraction of the wording draws that ask a naming wording (``None``: every wording
     alike, so an introspector sees naming sentences only at the naming wordings' share of the training wordings).
+    ``extra_concepts``: concepts trained on besides the split's (:func:`~introspection_utils.experiments.organisms.
+    splits.extra_concepts`; ``organism_config(..., extra_concepts=True)`` takes that list), drawn alike with them.
     """
 
     kind: str
@@ -75,6 +78,12 @@ class OrganismConfig:
     targets: tuple[str, ...] = field(default=LORA_MODULES)
     contrast: bool = False
     p_named: float | None = None
+    extra_concepts: tuple[str, ...] = ()
+
+    @property
+    def concepts(self) -> tuple[str, ...]:
+        """The concepts trained on: the split's (``split_hash`` names it), then :attr:`extra_concepts`."""
+        return (*load_split().train, *self.extra_concepts)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> OrganismConfig:
@@ -110,7 +119,8 @@ def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | N
     one), so that the adapters sit above the atlas's layer and the concept vectors the evaluation extracts there from
     the organism itself are the base model's, the ones it was trained with (adapters at or below the atlas's layer
     turn the vectors read there away from those: the first Qwen organisms' adapters began one layer below it);
-    ``settings``: :class:`OrganismConfig`'s other fields (``steps``, ``rank``, ...)."""
+    ``settings``: :class:`OrganismConfig`'s other fields (``steps``, ``rank``, ...; ``extra_concepts=True``: the
+    training file's list, :func:`~introspection_utils.experiments.organisms.splits.extra_concepts`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown organism kind {kind!r}; use one of {', '.join(KINDS)}")
     layer = default_layer(handle)
@@ -121,6 +131,8 @@ def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | N
         raise ValueError(f"no layer above injection layer {layers[0]} to adapt ({handle.name} has "
                          f"{handle.arch.n_layers} layers: 0..{handle.arch.n_layers - 1})")
     split = split or load_split()
+    if settings.get("extra_concepts") is True:
+        settings["extra_concepts"] = splits.extra_concepts()
     return OrganismConfig(kind, handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), layers,
                           tuple(float(s) for s in scales), split.hash, **settings)
 
@@ -179,6 +191,7 @@ def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) ->
                          f"split give {have}")
     if config.p_named is not None and not (0 <= config.p_named <= 1 and any(w.names for w in split.wordings)):
         raise ValueError(f"p_named={config.p_named} needs a fraction in [0, 1] and a naming wording in the split")
+    splits.check_extra_concepts(config.extra_concepts, split)
 
 
 def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorBank | None = None,
@@ -210,7 +223,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     probe_every = checkpoint_every if probe_every is None else int(probe_every)
     if probe_every < 0:
         raise ValueError(f"probe_every must be >= 0 (0: no probe), got {probe_every}")
-    bank = bank or concept_vectors(handle, split.train, progress=progress)
+    bank = bank or concept_vectors(handle, config.concepts, progress=progress)
     peft_model, layers = adapted(handle, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=0.0)
@@ -344,12 +357,12 @@ def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers
     bad = sorted({k for own in by_kind.values() for k in own} - fields)
     if bad:
         raise ValueError(f"settings_by_kind sets {bad}: not training settings (those are {', '.join(sorted(fields))})")
-    split = load_split()
-    bank = concept_vectors(handle, split.train, progress=progress)
-    return {kind: train_organism(handle, organism_config(handle, kind, **{"layers": layers, "scales": scales,
-                                                                         **settings, **by_kind[kind]}),
-                                 bank=bank, root=root, progress=progress, probe_every=probe_every)
-            for kind in kinds}
+    configs = {kind: organism_config(handle, kind, **{"layers": layers, "scales": scales, **settings, **by_kind[kind]})
+               for kind in kinds}
+    bank = concept_vectors(handle, dict.fromkeys(c for config in configs.values() for c in config.concepts),
+                           progress=progress)
+    return {kind: train_organism(handle, config, bank=bank, root=root, progress=progress, probe_every=probe_every)
+            for kind, config in configs.items()}
 
 
 def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None, *,
