@@ -97,11 +97,12 @@ def test_extra_concepts_are_drawn_only_by_a_config_that_names_them(tiny_llama, t
     plain = training.organism_config(tiny_llama, "introspector", layers=[0, 1], steps=2, batch_size=60)
     wide = training.organism_config(tiny_llama, "introspector", layers=[0, 1], steps=2, batch_size=60,
                                     extra_concepts=True)
-    assert wide.extra_concepts == splits.extra_concepts() and wide.concepts[:35] == split.train
+    assert wide.extra_concepts == splits.extra_concepts()
+    assert splits.trained_concepts(split, wide) == (*split.train, *wide.extra_concepts)
     assert plain.key() == dataclasses.replace(wide, extra_concepts=()).key() != wide.key()
     drawn = lambda config: {r.concept for step in range(5) for r in forward.schedule(config, split, step)[1]}  # noqa: E731
     assert drawn(plain) <= set(split.train)
-    assert drawn(wide) & set(wide.extra_concepts) and drawn(wide) <= set(wide.concepts)
+    assert drawn(wide) & set(wide.extra_concepts) and drawn(wide) <= set(splits.trained_concepts(split, wide))
     with pytest.raises(ValueError, match="is 'Origami'"):
         training._check(tiny_llama, dataclasses.replace(wide, extra_concepts=("Origami",)), split)
     organism = training.train_organism(tiny_llama, dataclasses.replace(wide, steps=1, batch_size=4), root=tmp_path,

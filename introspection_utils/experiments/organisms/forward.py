@@ -18,7 +18,7 @@ from introspection_utils.engine.prompts import answer_token_id, introspection_pr
 from introspection_utils.engine.traced_pass import Injection
 from introspection_utils.engine.trials import Trial
 from introspection_utils.engine.vectors import left_pad, null_vector
-from introspection_utils.experiments.organisms.splits import CONDITIONS, OrganismSplit, target
+from introspection_utils.experiments.organisms.splits import CONDITIONS, OrganismSplit, target, trained_concepts
 
 if TYPE_CHECKING:
     from introspection_utils.engine.prompts import Prompt
@@ -55,7 +55,7 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
     wordings = [w.text for w in split.wordings]
     naming = ([w.text for w in split.wordings if w.names], [w.text for w in split.wordings if not w.names])
     conditions = [c for c, weight in zip(CONDITIONS, config.mix, strict=True) if weight > 0]
-    concepts = config.concepts
+    concepts = trained_concepts(split, config)
     rows: list[Row] = []
     while len(rows) < config.batch_size:
         condition = None if config.contrast else \

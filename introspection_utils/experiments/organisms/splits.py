@@ -7,10 +7,13 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib
 from introspection_utils.core.paths import content_hash
+
+if TYPE_CHECKING:
+    from introspection_utils.experiments.organisms.training import OrganismConfig
 
 # The organisms, each with the verdict its construction makes true (notebook 14's "truth" column).
 Kind = Literal["introspector", "anomaly-detector", "yes-sayer"]
@@ -139,6 +142,11 @@ def check_extra_concepts(words: Sequence[str], split: OrganismSplit | None = Non
             raise ValueError(f"extra training concept {word!r} is {taken[_stem(word)]!r}, a concept of the split, "
                              f"the evaluation or the baseline words")
         seen.add(_stem(word))
+
+
+def trained_concepts(split: OrganismSplit, config: OrganismConfig) -> tuple[str, ...]:
+    """The concepts a training of ``config`` draws: ``split``'s, then the config's ``extra_concepts``."""
+    return (*split.train, *config.extra_concepts)
 
 
 def evaluation_concepts(split: OrganismSplit | None = None) -> list[str]:

@@ -80,11 +80,6 @@ class OrganismConfig:
     p_named: float | None = None
     extra_concepts: tuple[str, ...] = ()
 
-    @property
-    def concepts(self) -> tuple[str, ...]:
-        """The concepts trained on: the split's (``split_hash`` names it), then :attr:`extra_concepts`."""
-        return (*load_split().train, *self.extra_concepts)
-
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> OrganismConfig:
         """The config written as ``fields`` (a ``config.json`` or a table's metadata: lists for tuples, other keys
@@ -223,7 +218,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     probe_every = checkpoint_every if probe_every is None else int(probe_every)
     if probe_every < 0:
         raise ValueError(f"probe_every must be >= 0 (0: no probe), got {probe_every}")
-    bank = bank or concept_vectors(handle, config.concepts, progress=progress)
+    bank = bank or concept_vectors(handle, splits.trained_concepts(split, config), progress=progress)
     peft_model, layers = adapted(handle, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=0.0)
@@ -359,8 +354,9 @@ def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers
         raise ValueError(f"settings_by_kind sets {bad}: not training settings (those are {', '.join(sorted(fields))})")
     configs = {kind: organism_config(handle, kind, **{"layers": layers, "scales": scales, **settings, **by_kind[kind]})
                for kind in kinds}
-    bank = concept_vectors(handle, dict.fromkeys(c for config in configs.values() for c in config.concepts),
-                           progress=progress)
+    split = load_split()
+    bank = concept_vectors(handle, dict.fromkeys(c for config in configs.values()
+                                                 for c in splits.trained_concepts(split, config)), progress=progress)
     return {kind: train_organism(handle, config, bank=bank, root=root, progress=progress, probe_every=probe_every)
             for kind, config in configs.items()}
 
