@@ -84,7 +84,7 @@ def test_the_extra_training_concepts_are_disjoint_from_the_evaluation_and_the_ba
     assert not {stem(w) for w in extra} & {stem(w) for w in taken}
     assert splits.extra_concepts() == tuple(extra)
     for bad, match in [("Volcano", "is 'Volcanoes'"), ("origami", "is 'Origami'"), ("Banana", "is 'Banana'"),
-                       ("Desk", "is 'Desks'"), (extra[0], "repeats"), (" Kites", "surrounding whitespace")]:
+                       ("Desk", "is 'Desks'"), (extra[0], "repeats"), (" Kites", "no surrounding spaces")]:
         with pytest.raises(ValueError, match=match):
             splits.check_extra_concepts([*extra, bad])
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib
+from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib, validate_concept
 from introspection_utils.core.paths import content_hash
 
 if TYPE_CHECKING:
@@ -126,16 +126,15 @@ def _stem(word: str) -> str:
 
 
 def check_extra_concepts(words: Sequence[str], split: OrganismSplit | None = None) -> None:
-    """A ``ValueError`` naming the first of ``words`` (concepts to train on besides ``split``'s) that repeats, or that
-    is — without case, with its plural or singular ending changed — a concept of the split (trained or held out), of
-    the evaluation (the paper's 50, the write-up's 7) or a baseline word (the concept vectors' reference)."""
+    """A ``ValueError`` naming the first of ``words`` (concepts to train on besides ``split``'s) that is not a concept
+    (:func:`~introspection_utils.core.data.validate_concept`), repeats, or is — without case, with its plural or
+    singular ending changed — a concept of the split (trained or held out), of the evaluation (the paper's 50, the
+    write-up's 7) or a baseline word (the concept vectors' reference)."""
     split = split or load_split()
     taken = {_stem(w): w for w in (*load_list("baseline_words"), *evaluation_battery()["concepts"], *split.train,
                                    *split.held_out)}
     seen: set[str] = set()
-    for word in words:
-        if not word.strip() or word != word.strip():
-            raise ValueError(f"extra training concept {word!r}: empty or with surrounding whitespace")
+    for word in map(validate_concept, words):
         if _stem(word) in seen:
             raise ValueError(f"extra training concept {word!r} repeats")
         if _stem(word) in taken:
