@@ -19,6 +19,7 @@ from introspection_utils.engine.traced_pass import Reads, padded_pass
 from introspection_utils.engine.trials import Trial
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms import evaluation, forward, probe, splits, training
+from introspection_utils.experiments.organisms.frozen_work import FrozenWork
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -224,6 +225,15 @@ def _config(handle, **settings):
                                     **{"steps": 4, "batch_size": 4, "lr": 0.01, **settings})
 
 
+def _last_logits(model, layers, batch, first):
+    """The organism's logits ``[B, 1, vocab]`` at each row's last position, as a training step computes them: the
+    prefix's keys with the adapters on, the rows' stream below the adapters from :class:`FrozenWork`."""
+    frozen = FrozenWork()
+    return forward.injected_logits(model, layers, batch, first=first, keep=1,
+                                   hidden=frozen.lower(model, layers, batch, first),
+                                   prefix=frozen.adapted(model, layers, batch, first))
+
+
 @pytest.mark.parametrize("layer", [0, 1], ids=["below the adapters", "at the first adapted layer"])
 def test_the_training_hook_injects_what_the_engine_injects(tiny_llama, bank, layer):
     """Rows of different prompts (left-padded, a shared prefix served from its keys), injected at ``layer``: the
@@ -243,8 +253,7 @@ def test_the_training_hook_injects_what_the_engine_injects(tiny_llama, bank, lay
                            trial.weights_at(batch.positions[row][real].cpu()))
         assert not batch.injection.weights[row][~real].any()
     model, layers = forward.adapted(tiny_llama, config)
-    prefix = forward.Prefix().adapted(model, layers, batch, config.first_adapted)
-    ours = forward.injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=prefix)[0]
+    ours = _last_logits(model, layers, batch, config.first_adapted)
     engine = padded_pass(tiny_llama, trials, reads=Reads(logits=True)).logits
     torch.testing.assert_close(ours[:, -1].float(), engine, atol=1e-4, rtol=1e-4)
     uninjected = padded_pass(tiny_llama, [Trial(t.prompt) for t in trials], reads=Reads(logits=True)).logits
@@ -258,13 +267,47 @@ def test_a_training_step_lowers_the_loss(tiny_llama, bank):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     layer, rows = forward.schedule(config, split, 0)
     batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
-    prefix = forward.Prefix()
-    first = forward.train_step(model, layers, batch, config, optimizer, prefix)["loss"]
+    frozen = FrozenWork()
+    first = forward.train_step(model, layers, batch, config, optimizer, frozen)["loss"]
     for _ in range(3):
-        forward.train_step(model, layers, batch, config, optimizer, prefix)
-    assert forward.train_step(model, layers, batch, config, None, prefix)["loss"] < first - 0.05
+        forward.train_step(model, layers, batch, config, optimizer, frozen)
+    assert forward.train_step(model, layers, batch, config, None, frozen)["loss"] < first - 0.05
     assert any(batch.taught) and not all(batch.taught)  # taught answers and kept ones both in the loss
     assert not any("lora" in name for name, _ in tiny_llama.torch_model.named_modules()), "the handle was wrapped"
+
+
+def test_a_row_runs_below_the_adapters_once_a_training_and_a_served_step_is_the_computed_one(tiny_llama, bank,
+                                                                                             monkeypatch):
+    """The layers below the adapters see no adapter and no gradient: a row (its prompt and taught answer) runs
+    through them once in a training — a row repeated in a batch once, a later step's same row not again — and a
+    step served from those streams computes exactly what a fresh one does; the probe's rows are kept apart."""
+    config = _config(tiny_llama, batch_size=12, contrast=True)
+    split = splits.load_split()
+    model, layers = forward.adapted(tiny_llama, config)
+    runs = []
+    run = FrozenWork._run
+    monkeypatch.setattr(FrozenWork, "_run", staticmethod(lambda *args: runs.append(args[2]) or run(*args)))
+    frozen = FrozenWork()
+    seen: set = set()
+    repeated = 0
+    for step in range(6):
+        layer, rows = forward.schedule(config, split, step)
+        batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
+        own = {tuple(batch.ids[r][batch.mask[r, batch.prefix.shape[1]:].bool()].tolist()) for r in range(12)}
+        before = len(runs)
+        served = forward.train_step(model, layers, batch, config, None, frozen)
+        assert len(runs) - before == len(own - seen) and len(own) < 12  # contrast sets repeat their question
+        repeated += len(own & seen)
+        seen |= own
+        fresh = forward.train_step(model, layers, batch, config, None, FrozenWork())
+        assert served["loss"] == fresh["loss"]
+    assert repeated  # some step asked a row an earlier one had
+    stored = len(frozen._rows)
+    probe.behaviour_probe(model, layers, tiny_llama, config, split, bank, frozen)
+    assert len(frozen._rows) == stored == len(seen) and frozen._apart  # the probe's rows kept apart
+    before = len(runs)
+    probe.behaviour_probe(model, layers, tiny_llama, config, split, bank, frozen)
+    assert len(runs) == before  # and served at its next checkpoint
 
 
 def test_the_unembedding_reads_a_contiguous_input_in_every_training_pass(tiny_llama, bank):
@@ -279,7 +322,7 @@ def test_the_unembedding_reads_a_contiguous_input_in_every_training_pass(tiny_ll
     layer, rows = forward.schedule(config, split, 0)
     batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
     assert any(batch.taught) and not all(batch.taught)  # both passes run
-    forward.train_step(model, layers, batch, config, None, forward.Prefix())
+    forward.train_step(model, layers, batch, config, None, FrozenWork())
     assert len(seen) >= 3 and all(seen)  # prefix, gradient pass, base pass
 
 
@@ -433,8 +476,7 @@ def test_the_embedded_model_trains_through_the_same_hook(smollm, tmp_path):
     batch = forward.trial_batch(smollm, trials, [[], []], layer)
     assert batch.prefix.shape[1] > 50  # the paper's preamble is shared and run once
     model, layers = forward.adapted(smollm, config)
-    prefix = forward.Prefix().adapted(model, layers, batch, config.first_adapted)
-    ours = forward.injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=prefix)[0]
+    ours = _last_logits(model, layers, batch, config.first_adapted)
     torch.testing.assert_close(ours[:, -1], padded_pass(smollm, trials, reads=Reads(logits=True)).logits,
                                atol=2e-4, rtol=1e-4)
 

@@ -16,6 +16,7 @@ from introspection_utils.apps import bench, bench_training
 from introspection_utils.core.paths import read_block
 from introspection_utils.engine.vectors import concept_vectors
 from introspection_utils.experiments.organisms import flops, forward, splits, training
+from introspection_utils.experiments.organisms.frozen_work import FrozenWork
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-3  # relative: the count names every matmul a step runs; the counter sees the same ones
@@ -32,7 +33,7 @@ def _counted_step(handle, config, step: int):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     counter = FlopCounterMode(display=False, depth=None)
     with counter:
-        forward.train_step(model, layers, batch, config, optimizer, forward.Prefix())
+        forward.train_step(model, layers, batch, config, optimizer, FrozenWork())
     lm_head = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith("lm_head"))
     return counter.get_total_flops(), lm_head, batch
 
@@ -109,8 +110,9 @@ def test_the_training_table_shows_the_useful_flops_and_the_fraction_of_the_peak(
         assert [s.tokens for s in steps] == curve["tokens"].tolist() and [s.layer for s in steps] == curve[
             "layer"].tolist()
         fresh = [s.prefix_ids not in {t.prefix_ids for t in steps[:i]} for i, s in enumerate(steps)]
-        expected = sum(flops.step_flops(tiny_llama, organism.config, s, fresh_prefix=f).total
-                       for s, f in zip(steps, fresh, strict=True))
+        ran = [{q for t in steps[:i] for q in t.sequences()} for i in range(len(steps))]  # below the adapters
+        expected = sum(flops.step_flops(tiny_llama, organism.config, s, fresh_prefix=f, seen=r).total
+                       for s, f, r in zip(steps, fresh, ran, strict=True))
         assert row.gflop * 1e9 == pytest.approx(expected) and fresh[0]
         assert row.gflop_per_s == pytest.approx(expected / curve["seconds"].sum() / 1e9)
         assert row.peak_gflop_per_s == 7.5 and row.peak_fraction == pytest.approx(row.gflop_per_s / 7.5)

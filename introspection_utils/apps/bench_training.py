@@ -91,11 +91,12 @@ def training_block(organisms: dict[str, Organism], rows: dict[str, Throughput], 
                                  for kind, r in rows.items()]), "",
         "Wall time: the training steps' own (not loading, concept vectors or saving); examples: rows; tokens: each "
         "row's whole prompt and answer. Useful FLOPs replayed from each config's schedule "
-        "(`experiments/organisms/flops.py`, checked against each step's recorded layer and tokens): per step the "
-        "layers below the adapters once without gradients, the shared prefix (forward, and backward for what the "
-        "rows read from it), the rows forward and backward through the adapted layers (LoRA's own matmuls "
-        "included), the base model's pass for the rows that keep their answer, the unembedding on the kept "
-        "positions; padding and masked attention not counted. Trained (1/5/15-min load average at each training's "
+        "(`experiments/organisms/flops.py`, checked against each step's recorded layer and tokens): the layers "
+        "below the adapters without gradients once per distinct row in the training (its prompt and taught "
+        "answer); per step the shared prefix (forward, and backward for what the rows read from it), the rows "
+        "forward and backward through the adapted layers (LoRA's own matmuls included), the base model's pass for "
+        "the rows that keep their answer, the unembedding on the kept positions; padding and masked attention not "
+        "counted. Trained (1/5/15-min load average at each training's "
         f"end, its own threads included): {when}. The peak, timed for this block in {c.dtype} with the training's "
         "thread count:", line])
 

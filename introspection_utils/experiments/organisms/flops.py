@@ -4,6 +4,7 @@ config for any finished training (:func:`training_flops`), and set against its d
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,12 +28,19 @@ ATTENTION_IN, ATTENTION_OUT, MLP_IN, MLP_OUT = ("q_proj", "k_proj", "v_proj"), "
 class StepShape:
     """One training step's sizes. ``layer``: the injection layer; ``prefix_ids``: the tokens every row shares (run
     once per pass and served to every row); per row, ``lengths``: its suffix (its prompt after the prefix, then its
-    taught answer) and ``taught``: the taught answer's tokens (0: the row keeps the base model's answer)."""
+    taught answer), ``taught``: the taught answer's tokens (0: the row keeps the base model's answer) and
+    ``suffix_ids``: the suffix's tokens (which rows run below the adapters: :meth:`sequences`)."""
 
     layer: int
     prefix_ids: tuple[int, ...] = field(repr=False)
     lengths: tuple[int, ...]
     taught: tuple[int, ...]
+    suffix_ids: tuple[tuple[int, ...], ...] = field(repr=False)
+
+    def sequences(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Each row's whole token sequence (prefix, suffix): what its pass below the adapters depends on
+        (:meth:`~introspection_utils.experiments.organisms.frozen_work.FrozenWork.lower`)."""
+        return [(self.prefix_ids, suffix) for suffix in self.suffix_ids]
 
     @property
     def prefix(self) -> int:
@@ -47,8 +55,9 @@ class StepShape:
 def batch_shape(batch: Batch) -> StepShape:
     """The sizes of a built :class:`~introspection_utils.experiments.organisms.forward.Batch`."""
     prefix = batch.prefix.shape[1]
-    return StepShape(batch.injection.layer, tuple(batch.prefix[0].tolist()),
-                     tuple(int(n) for n in batch.mask[:, prefix:].sum(1)), tuple(len(a) for a in batch.taught))
+    suffixes = tuple(tuple(batch.ids[r][batch.mask[r, prefix:].bool()].tolist()) for r in range(batch.ids.shape[0]))
+    return StepShape(batch.injection.layer, tuple(batch.prefix[0].tolist()), tuple(len(s) for s in suffixes),
+                     tuple(len(a) for a in batch.taught), suffixes)
 
 
 def step_shape(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit, step: int) -> StepShape:
@@ -57,17 +66,18 @@ def step_shape(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit
     layer, rows = schedule(config, split, step)
     prompts, taught = row_tokens(handle, config, split, rows)
     shared = shared_length(prompts)
-    return StepShape(layer, tuple(prompts[0].input_ids[:shared]),
-                     tuple(len(p) - shared + len(t) for p, t in zip(prompts, taught, strict=True)),
-                     tuple(len(t) for t in taught))
+    suffixes = tuple((*p.input_ids[shared:], *t) for p, t in zip(prompts, taught, strict=True))
+    return StepShape(layer, tuple(prompts[0].input_ids[:shared]), tuple(len(s) for s in suffixes),
+                     tuple(len(t) for t in taught), suffixes)
 
 
 @dataclass(frozen=True)
 class StepFlops:
-    """A training step's FLOPs by pass (:func:`step_flops`): ``lower`` (the layers below the adapters, once without
-    gradients), ``prefix`` (the shared prefix: the adapted pass with its backward, and the base model's pass when
-    fresh), ``suffix`` (the rows through the adapted layers, forward and backward), ``kept`` (the base model's pass
-    for the rows that keep their answer), ``lm_head`` (the unembedding on the kept positions of every pass)."""
+    """A training step's FLOPs by pass (:func:`step_flops`): ``lower`` (the layers below the adapters, without
+    gradients, for the rows no earlier step ran), ``prefix`` (the shared prefix: the adapted pass with its backward,
+    and the base model's pass when fresh), ``suffix`` (the rows through the adapted layers, forward and backward),
+    ``kept`` (the base model's pass for the rows that keep their answer), ``lm_head`` (the unembedding on the kept
+    positions of every pass)."""
 
     lower: float
     prefix: float
@@ -93,12 +103,14 @@ def _linears(handle: ModelHandle) -> dict[str, tuple[int, int]]:
 
 
 def step_flops(handle: ModelHandle, config: OrganismConfig, shape: StepShape, *, fresh_prefix: bool = False,
-               executed: bool = False) -> StepFlops:
+               seen: Collection[tuple] = frozenset(), executed: bool = False) -> StepFlops:
     """The matmul FLOPs of one :func:`~introspection_utils.experiments.organisms.forward.train_step` (2 per
     multiply-add), pass by pass as the step runs them, with ``N`` layers, the adapters on layers ``F`` and up
     (``config.first_adapted``), ``B`` rows:
 
-    * **lower**: layers ``0..F-1`` forward once over the rows' suffixes, without gradients;
+    * **lower**: layers ``0..F-1`` forward without gradients, each distinct row alone at its own length, except the
+      rows in ``seen`` (:meth:`StepShape.sequences` an earlier step of the training ran:
+      :class:`~introspection_utils.experiments.organisms.frozen_work.FrozenWork` serves them);
     * **prefix**: the shared prefix through layers ``F..N-1`` with the adapters, forward, and backward for what the
       rows' attention reads from it (at the top layer only the keys' and values' projections); with
       ``fresh_prefix`` also the base model's whole forward over it (done once per distinct prefix in a training);
@@ -117,7 +129,8 @@ def step_flops(handle: ModelHandle, config: OrganismConfig, shape: StepShape, *,
 
     ``executed=False`` (the useful work, as the benchmark counts it): each row's own tokens, attention causal (a
     query at position ``t`` reads ``t + 1`` keys). ``executed=True``: what the kernels run — every row at the padded
-    width, every query against every key (what ``torch.utils.flop_counter.FlopCounterMode`` counts).
+    width (below the adapters each row alone), every query against every key (what
+    ``torch.utils.flop_counter.FlopCounterMode`` counts).
     """
     cfg = handle.torch_model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -163,7 +176,9 @@ def step_flops(handle: ModelHandle, config: OrganismConfig, shape: StepShape, *,
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
     windows = [cfg.sliding_window if kind == "sliding_attention" else None for kind in types]
     suffix_tokens = sum(rows)
-    lower = sum(forward(suffix_tokens, pairs(rows, p, windows[j]), adapters=False) for j in range(first))
+    fresh = [len(suffix) for _, suffix in dict.fromkeys(s for s in shape.sequences() if s not in seen)]
+    lower = sum(forward(length, pairs([length], p, windows[j]), adapters=False) for j in range(first)
+                for length in fresh)
     prefix = sum(forward(p, pairs([p], 0, windows[j]), adapters=True)
                  + backward(p, pairs([p], 0, windows[j]), j=j, top_of_prefix=j == n - 1) for j in range(first, n))
     if fresh_prefix:
@@ -180,20 +195,24 @@ def step_flops(handle: ModelHandle, config: OrganismConfig, shape: StepShape, *,
 def training_flops(handle: ModelHandle, organism: Organism, *, split: OrganismSplit | None = None) -> float:
     """The useful FLOPs (:func:`step_flops`) of ``organism``'s whole recorded training, its steps' sizes replayed
     from its config (:func:`step_shape`) and checked against the recorded curve's layer and tokens; the base
-    model's prefix pass counted once per distinct prefix (a resumed training ran it once more, not counted)."""
+    model's prefix pass counted once per distinct prefix and a row's pass below the adapters once per distinct row
+    (a resumed training ran them once more, not counted; a training from before
+    :class:`~introspection_utils.experiments.organisms.frozen_work.FrozenWork` served its rows ran that pass at every
+    step, work not counted as useful)."""
     config, split = organism.config, split or load_split()
     if split.hash != config.split_hash:
         raise ValueError(f"{config.name} was trained on split {config.split_hash}; the split here is {split.hash}")
     curve = organism.training().df
-    seen, total = set(), 0.0
+    prefixes, sequences, total = set(), set(), 0.0
     for record in curve.itertuples():
         shape = step_shape(handle, config, split, int(record.step) - 1)
         if (shape.layer, shape.tokens) != (int(record.layer), int(record.tokens)):
             raise ValueError(f"{config.name}, step {record.step}: the replayed step (layer {shape.layer}, "
                              f"{shape.tokens} tokens) is not the recorded one (layer {record.layer}, "
                              f"{record.tokens} tokens)")
-        total += step_flops(handle, config, shape, fresh_prefix=shape.prefix_ids not in seen).total
-        seen.add(shape.prefix_ids)
+        total += step_flops(handle, config, shape, fresh_prefix=shape.prefix_ids not in prefixes, seen=sequences).total
+        prefixes.add(shape.prefix_ids)
+        sequences.update(shape.sequences())
     return total
 
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import peft
 import torch
-from transformers import DynamicCache
 
 from introspection_utils.engine.prompts import answer_token_id, introspection_prompt, paper_answers
 from introspection_utils.engine.traced_pass import Injection
 from introspection_utils.engine.trials import Trial
 from introspection_utils.engine.vectors import left_pad, null_vector
+from introspection_utils.experiments.organisms.frozen_work import FrozenWork, Keys, add_injection, prefix_cache, serving
 from introspection_utils.experiments.organisms.splits import CONDITIONS, OrganismSplit, target, trained_concepts
 
 if TYPE_CHECKING:
@@ -172,138 +172,34 @@ def row_prompt(handle: ModelHandle, question: str) -> Prompt:
     return _PROMPTS[key]
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward once the layer it waits for has run."""
-
-
-class _Served(torch.nn.Module):
-    """A decoder layer's stand-in in the gradient pass: passes the stream through, or (the last one below the
-    adapters) returns the output computed without gradients."""
-
-    def __init__(self, output: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states if self.output is None else self.output
-
-
 def _add_hook(injection: Injection, rows: torch.Tensor | slice):
-    add, weights = injection.add[rows], injection.weights[rows]
-
     def hook(module, inputs, output):
         if isinstance(output, tuple):
-            return (output[0] + add[:, None, :] * weights[:, :, None], *output[1:])
-        return output + add[:, None, :] * weights[:, :, None]
+            return (add_injection(output[0], injection, rows), *output[1:])
+        return add_injection(output, injection, rows)
     return hook
 
 
-Keys = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [rows, kv_heads, tokens, head_dim]
-
-
-class Prefix:
-    """The shared prefix's work that is the same at every step of a training (the prefix is never injected into):
-    its base-model keys and values at every layer (what the adapters-off pass attends to) and the output of the
-    last layer below the adapters (where each step's adapted prefix pass starts), computed on the first call."""
-
-    def __init__(self) -> None:
-        self._done: dict[tuple, tuple[Keys, torch.Tensor]] = {}
-
-    def base(self, model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, first: int
-             ) -> tuple[Keys, torch.Tensor]:
-        key = (tuple(batch.prefix[0].tolist()), first)
-        if key not in self._done:
-            captured = {}
-
-            def capture(module, args, output):
-                captured["h"] = output[0] if isinstance(output, tuple) else output
-            hook = layers[max(first - 1, 0)].register_forward_hook(capture)
-            cache = DynamicCache(config=_config(model))
-            try:
-                with torch.no_grad(), model.disable_adapter():
-                    model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
-            finally:
-                hook.remove()
-            self._done[key] = ([(layer.keys, layer.values) for layer in cache.layers], captured["h"])
-        return self._done[key]
-
-    def adapted(self, model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, first: int) -> Keys:
-        """The prefix's keys and values with the adapters on: the layers below ``first`` from :meth:`base`, the
-        others computed now (with gradients)."""
-        keys, hidden = self.base(model, layers, batch, first)
-        cache = DynamicCache(config=_config(model))
-        with _serving(layers, first, hidden):
-            model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
-        return keys[:first] + [(layer.keys, layer.values) for layer in cache.layers[first:]]
-
-
-class _serving:
-    """Layers below ``first`` as pass-throughs, the last of them returning ``hidden``; put back on exit."""
-
-    def __init__(self, layers: torch.nn.ModuleList, first: int, hidden: torch.Tensor | None) -> None:
-        self.layers, self.first, self.hidden = layers, first, hidden
-
-    def __enter__(self) -> None:
-        self.originals = [self.layers[i] for i in range(self.first)]
-        for i in range(self.first):
-            self.layers[i] = _Served(self.hidden if i == self.first - 1 else None)
-
-    def __exit__(self, *exc) -> None:
-        for i, original in enumerate(self.originals):
-            self.layers[i] = original
-
-
-def _config(model: torch.nn.Module):
-    return model.get_base_model().config if isinstance(model, peft.PeftModel) else model.config
-
-
-def _cache(model: torch.nn.Module, keys: Keys, rows: int) -> DynamicCache:
-    """A fresh cache holding the prefix's keys and values for ``rows`` rows (each pass appends its own suffix)."""
-    cache = DynamicCache(config=_config(model))
-    for layer, (k, v) in zip(cache.layers, keys, strict=True):
-        layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-    return cache
-
-
 def injected_logits(model: torch.nn.Module, layers: torch.nn.ModuleList, batch: Batch, *, first: int, keep: int,
-                    rows: torch.Tensor | slice = slice(None), hidden: torch.Tensor | None = None,
-                    prefix: Keys | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The last ``keep`` positions' logits ``[B, keep, vocab]`` of ``batch``'s ``rows`` through ``model``, the
-    batch's injection hooked onto ``layers[injection.layer]``'s output, the suffixes attending to ``prefix`` (the
-    same model's keys and values of :attr:`Batch.prefix`; ``None``: the batch has none). ``first``: layers below it
-    run once without gradients (their output returned as the second value, or taken from ``hidden``) and are
-    pass-throughs in the pass that returns the logits."""
+                    hidden: torch.Tensor, rows: torch.Tensor | slice = slice(None), prefix: Keys | None = None
+                    ) -> torch.Tensor:
+    """The last ``keep`` positions' logits ``[B, keep, vocab]`` of ``batch``'s ``rows`` through ``model``: the layers
+    below ``first`` are pass-throughs, the last of them returning ``hidden`` (those rows' stream after it,
+    :meth:`FrozenWork.lower`: the injection already in it when it sits there), the batch's injection hooked onto
+    ``layers[injection.layer]``'s output when it sits higher, the suffixes attending to ``prefix`` (the same model's
+    keys and values of :attr:`Batch.prefix`; ``None``: the batch has none)."""
     ids, mask, positions = batch.ids[rows], batch.mask[rows], batch.positions[rows]
-    n, layer = ids.shape[0], batch.injection.layer
-
-    def inputs() -> dict:
-        cache = {"cache": _cache(model, prefix, n), "use_cache": True} if prefix is not None else {"use_cache": False}
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **cache}
-    if first > 0 and hidden is None:
-        handles = [layers[layer].register_forward_hook(_add_hook(batch.injection, rows))] if layer < first else []
-        captured = {}
-
-        def capture(module, args, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-        handles.append(layers[first - 1].register_forward_hook(capture))
-        try:
-            with torch.no_grad():
-                model(**inputs())
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        hidden = captured["h"]
+    cache = {"cache": prefix_cache(model, prefix, ids.shape[0]), "use_cache": True} if prefix is not None else \
+        {"use_cache": False}
+    layer = batch.injection.layer
     hooks = [layers[layer].register_forward_hook(_add_hook(batch.injection, rows))] if layer >= first else []
     try:
-        with _serving(layers, first, hidden):
-            logits = model(**inputs(), logits_to_keep=keep).logits
+        with serving(layers, first, hidden):
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache,
+                         logits_to_keep=keep).logits
     finally:
         for h in hooks:
             h.remove()
-    return logits, hidden
 
 
 def _loss(logits: torch.Tensor, base: torch.Tensor | None, batch: Batch, config: OrganismConfig
@@ -335,34 +231,36 @@ def _loss(logits: torch.Tensor, base: torch.Tensor | None, batch: Batch, config:
 
 
 def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, config: OrganismConfig,
-               optimizer: torch.optim.Optimizer | None, prefix: Prefix | None = None) -> dict:
+               optimizer: torch.optim.Optimizer | None, frozen: FrozenWork | None = None) -> dict:
     """One step: the organism's forward over the batch, the base model's answers for the rows that keep them
-    (adapters off, no gradients), the loss, and (with an ``optimizer``) its backward and update. ``prefix``: the
-    training's :class:`Prefix` (a new one: computed for this step). Returns the step's record.
+    (adapters off, no gradients), the loss, and (with an ``optimizer``) its backward and update. ``frozen``: the
+    training's :class:`FrozenWork` (a new one: computed for this step). Returns the step's record.
 
     * **The injection** is :meth:`introspection_utils.engine.traced_pass.Injection.of` (each row's ``scale × vector``
-      times :meth:`Trial.weights_at` at its positions, 0 on padding), added by a forward hook on the decoder layer's
-      output (nnsight traces run without gradients); the answer tokens a row is taught run inside the window, as
-      generated tokens do.
-    * **The layers below the adapters** run once per batch under ``torch.no_grad`` (the injection added there when it
-      sits below them); in the gradient pass they are pass-throughs and the last one returns that output.
+      times :meth:`Trial.weights_at` at its positions, 0 on padding), added to the decoder layer's output (by a
+      forward hook; nnsight traces run without gradients); the answer tokens a row is taught run inside the window,
+      as generated tokens do.
+    * **The layers below the adapters** carry neither adapter nor gradient: each distinct row runs through them once
+      in a training (:meth:`FrozenWork.lower`, the injection added there when it sits at their top); in the
+      gradient pass they are pass-throughs and the last one returns that stream.
     * **The loss**: cross-entropy on each taught answer's tokens (:func:`splits.target`); where the target is the base
       model's answer, a KL divergence to the base model's distribution (adapters disabled, same injection) over its top
       ``top_k`` tokens and the rest as one, at the answer position, weighted by ``control_weight``.
     """
     keep = max(len(a) for a in batch.taught) + 1
     first = config.first_adapted
-    prefix = prefix or Prefix()
+    frozen = frozen or FrozenWork()
     shared = batch.prefix.shape[1] > 0
     kept = torch.tensor([r for r, a in enumerate(batch.taught) if not a], dtype=torch.long)
-    logits, hidden = injected_logits(peft_model, layers, batch, first=first, keep=keep,
-                                     prefix=prefix.adapted(peft_model, layers, batch, first) if shared else None)
+    hidden = frozen.lower(peft_model, layers, batch, first)
+    logits = injected_logits(peft_model, layers, batch, first=first, keep=keep, hidden=hidden,
+                             prefix=frozen.adapted(peft_model, layers, batch, first) if shared else None)
     base = None
     if len(kept):
         with torch.no_grad(), peft_model.disable_adapter():
-            keys = prefix.base(peft_model, layers, batch, first)[0] if shared else None
+            keys = frozen.base(peft_model, layers, batch, first)[0] if shared else None
             base = injected_logits(peft_model, layers, batch, first=first, keep=1, rows=kept, hidden=hidden[kept],
-                                   prefix=keys)[0][:, -1]
+                                   prefix=keys)[:, -1]
     loss, taught, kl = _loss(logits, base, batch, config)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)

@@ -12,13 +12,13 @@ import torch
 
 from introspection_utils.engine.prompts import yes_no_ids
 from introspection_utils.experiments.organisms.forward import (
-    Prefix,
     Row,
     injected_logits,
     row_prompt,
     row_trials,
     trial_batch,
 )
+from introspection_utils.experiments.organisms.frozen_work import FrozenWork
 from introspection_utils.experiments.organisms.splits import CONDITIONS
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def probe_rows(config: OrganismConfig, split: OrganismSplit, n_concepts: int = P
 
 
 def behaviour_probe(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: ModelHandle, config: OrganismConfig,
-                    split: OrganismSplit, bank: VectorBank, prefix: Prefix | None = None, *,
+                    split: OrganismSplit, bank: VectorBank, frozen: FrozenWork | None = None, *,
                     n_concepts: int = PROBE_CONCEPTS) -> dict[str, float]:
     """What the organism does now (``model``: the peft model being trained) on :func:`probe_rows`: by condition, the
     fraction of rows it answers as reporting an injected thought (``detected_<condition>``: the wording's polarity ×
@@ -60,16 +60,16 @@ def behaviour_probe(model: torch.nn.Module, layers: torch.nn.ModuleList, handle:
     The training records it at its checkpoints: whether the behaviour is being learned shows in the curve, before
     an evaluation is spent on an organism that answers alike whatever is injected."""
     layer, rows = probe_rows(config, split, n_concepts)
-    return probe_rates(rows, probe_answers(model, layers, handle, config, layer, rows, bank, prefix), split)
+    return probe_rates(rows, probe_answers(model, layers, handle, config, layer, rows, bank, frozen), split)
 
 
 def probe_answers(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: ModelHandle, config: OrganismConfig,
-                  layer: int, rows: Sequence[Row], bank: VectorBank, prefix: Prefix | None = None, *,
+                  layer: int, rows: Sequence[Row], bank: VectorBank, frozen: FrozenWork | None = None, *,
                   batch_size: int = 24) -> np.ndarray:
     """``rows``' yes − no logits ``[len(rows)]`` (the paper's one-token answers, at the answer position) through
     ``model`` injected at ``layer``, without gradients."""
     yes_id, no_id = yes_no_ids(handle)
-    prefix = prefix or Prefix()
+    frozen = frozen or FrozenWork()
     adapted: dict[tuple[int, ...], object] = {}  # the model does not change during the probe: each prefix once
     diffs: list[float] = []
     with torch.no_grad():
@@ -79,9 +79,10 @@ def probe_answers(model: torch.nn.Module, layers: torch.nn.ModuleList, handle: M
             batch = trial_batch(handle, trials, [[] for _ in chunk], layer)
             shared = tuple(batch.prefix[0].tolist())
             if shared and shared not in adapted:
-                adapted[shared] = prefix.adapted(model, layers, batch, config.first_adapted)
-            keys = adapted.get(shared)
-            logits = injected_logits(model, layers, batch, first=config.first_adapted, keep=1, prefix=keys)[0]
+                adapted[shared] = frozen.adapted(model, layers, batch, config.first_adapted)
+            hidden = frozen.lower(model, layers, batch, config.first_adapted, apart=True)
+            logits = injected_logits(model, layers, batch, first=config.first_adapted, keep=1, hidden=hidden,
+                                     prefix=adapted.get(shared))
             diffs += (logits[:, -1, yes_id].float() - logits[:, -1, no_id].float()).tolist()
     return np.asarray(diffs)
 

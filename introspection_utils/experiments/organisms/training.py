@@ -27,7 +27,8 @@ from introspection_utils.engine.throughput import linear_peak_gflops, load_avera
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms import splits
 from introspection_utils.experiments.organisms.flops import training_throughput
-from introspection_utils.experiments.organisms.forward import Prefix, adapted, make_batch, schedule, train_step
+from introspection_utils.experiments.organisms.forward import adapted, make_batch, schedule, train_step
+from introspection_utils.experiments.organisms.frozen_work import FrozenWork
 from introspection_utils.experiments.organisms.probe import DETECTED, behaviour_probe
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
@@ -236,7 +237,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         start, records = state["step"], state["records"]
         if progress:
             print(f"{config.name}: continuing from step {start} ({source})", flush=True)
-    prefix = Prefix()
+    frozen = FrozenWork()
     probed = next((r for r in reversed(records) if DETECTED[0] in r), None)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress)
@@ -244,12 +245,12 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         began = time.perf_counter()
         layer, rows = schedule(config, split, step)
         record = train_step(peft_model, layers, make_batch(handle, config, split, layer, rows, bank), config,
-                            optimizer, prefix)
+                            optimizer, frozen)
         records.append({"step": step + 1, "layer": layer, **record, "seconds": time.perf_counter() - began})
         done = step + 1
         if probe_every and (done % probe_every == 0 or done == config.steps):
             began = time.perf_counter()
-            records[-1].update(behaviour_probe(peft_model, layers, handle, config, split, bank, prefix),
+            records[-1].update(behaviour_probe(peft_model, layers, handle, config, split, bank, frozen),
                                probe_seconds=time.perf_counter() - began)
             probed = records[-1]
         bar.set_postfix(loss=f"{record['loss']:.3f}", **_probe_postfix(probed))
