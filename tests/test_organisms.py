@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 
-from introspection_utils.core.data import tomllib
+from introspection_utils.core.data import tomllib, word_forms
 from introspection_utils.engine.prompts import introspection_prompt
 from introspection_utils.engine.traced_pass import Reads, padded_pass
 from introspection_utils.engine.trials import Trial
@@ -88,6 +88,10 @@ def test_the_extra_training_concepts_are_disjoint_from_the_evaluation_and_the_ba
                        ("Desk", "is 'Desks'"), (extra[0], "repeats"), (" Kites", "no surrounding spaces")]:
         with pytest.raises(ValueError, match=match):
             splits.check_extra_concepts([*extra, bad])
+    # the rule is the project's one (core.data.word_forms, grading's too): a singular ending in s meets its plural
+    same = lambda a, b: bool(word_forms(a) & word_forms(b))  # noqa: E731
+    assert same("Bus", "Buses") and same("Volcano", "Volcanoes") and same("Glass", "glasses")
+    assert not same("Bus", "Bush") and not same("Tea", "Team")
 
 
 def test_extra_concepts_are_drawn_only_by_a_config_that_names_them(tiny_llama, tmp_path):

@@ -194,6 +194,14 @@ def chat_template(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def word_forms(word: str) -> frozenset[str]:
+    """``word`` in lower case with its plural or singular ending changed ("Volcanoes" → volcanoes, volcanoe,
+    volcano, ...): the project's one rule for when two words name the same concept (their forms meet) and for
+    where a text mentions a concept (``experiments.grading``)."""
+    stem = word.lower()
+    return frozenset(f for f in (stem, stem.removesuffix("es"), stem.removesuffix("s"), stem + "s", stem + "es") if f)
+
+
 MAX_CONCEPT_WORDS = 4
 
 

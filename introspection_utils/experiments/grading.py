@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from introspection_utils.core.data import data_dir, tomllib
+from introspection_utils.core.data import data_dir, tomllib, word_forms
 from introspection_utils.core.intervals import wilson_interval
 from introspection_utils.core.paths import checkpoint
 from introspection_utils.core.results import SweepResult
@@ -121,9 +121,7 @@ class HTTPJudge:
 
 def _mentions(text: str, word: str) -> list[int]:
     """Character offsets where ``word`` (or its singular/plural) appears as a whole word."""
-    stem = word.lower()
-    forms = {stem, stem.removesuffix("es"), stem.removesuffix("s"), stem + "s", stem + "es"}
-    pattern = r"\b(" + "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True) if f) + r")\b"
+    pattern = r"\b(" + "|".join(re.escape(f) for f in sorted(word_forms(word), key=len, reverse=True)) + r")\b"
     return [m.start() for m in re.finditer(pattern, text.lower())]
 
 

@@ -4,12 +4,11 @@ asks, and what each organism is taught to answer (:func:`target`); read by the t
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib, validate_concept
+from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib, validate_concept, word_forms
 from introspection_utils.core.paths import content_hash
 
 if TYPE_CHECKING:
@@ -120,27 +119,23 @@ def extra_concepts() -> tuple[str, ...]:
     return words
 
 
-def _stem(word: str) -> str:
-    """``word`` without case and without a plural ending ("Volcanoes", "volcano" → "volcano")."""
-    return re.sub(r"(es|s)$", "", word.lower())
-
-
 def check_extra_concepts(words: Sequence[str], split: OrganismSplit | None = None) -> None:
     """A ``ValueError`` naming the first of ``words`` (concepts to train on besides ``split``'s) that is not a concept
     (:func:`~introspection_utils.core.data.validate_concept`), repeats, or is — without case, with its plural or
     singular ending changed — a concept of the split (trained or held out), of the evaluation (the paper's 50, the
     write-up's 7) or a baseline word (the concept vectors' reference)."""
     split = split or load_split()
-    taken = {_stem(w): w for w in (*load_list("baseline_words"), *evaluation_battery()["concepts"], *split.train,
-                                   *split.held_out)}
+    taken = {form: w for w in (*load_list("baseline_words"), *evaluation_battery()["concepts"], *split.train,
+                               *split.held_out) for form in word_forms(w)}
     seen: set[str] = set()
     for word in map(validate_concept, words):
-        if _stem(word) in seen:
+        forms = word_forms(word)
+        if forms & seen:
             raise ValueError(f"extra training concept {word!r} repeats")
-        if _stem(word) in taken:
-            raise ValueError(f"extra training concept {word!r} is {taken[_stem(word)]!r}, a concept of the split, "
-                             f"the evaluation or the baseline words")
-        seen.add(_stem(word))
+        if forms & taken.keys():
+            raise ValueError(f"extra training concept {word!r} is {taken[min(forms & taken.keys())]!r}, a concept "
+                             f"of the split, the evaluation or the baseline words")
+        seen |= forms
 
 
 def trained_concepts(split: OrganismSplit, config: OrganismConfig) -> tuple[str, ...]:
