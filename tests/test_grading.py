@@ -10,6 +10,7 @@ import math
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -333,7 +334,9 @@ def test_local_judge_returns_one_text_per_prompt(tiny_llama):
     judge = LocalJudge(tiny_llama, max_new_tokens=3)
     texts = judge(["Is the sky blue? Answer YES or NO.", "Is fire cold?", "Is fire cold?"])
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    assert texts[1] == texts[2] and judge.name == "local:tiny-llama"
+    assert texts[1] == texts[2] and judge.name == "local:tiny-llama:float32"
+    # the name keys the grades' checkpoints: the same model in another dtype is another judge
+    assert LocalJudge(SimpleNamespace(name="tiny-llama", dtype=torch.bfloat16)).name == "local:tiny-llama:bfloat16"
 
 
 def test_make_judge_builds_each_kind_and_rejects_the_rest(tiny_llama):

@@ -77,10 +77,13 @@ class Judge(Protocol):
 
 
 class LocalJudge:
-    """A chat model loaded here as the judge (greedy, ``max_new_tokens`` per verdict)."""
+    """A chat model loaded here as the judge (greedy, ``max_new_tokens`` per verdict). Its ``name`` (in the
+    grades' checkpoint key and tables) carries the dtype: the same model in bfloat16 and float32 can grade an answer
+    differently, so a resumed grading never takes the other dtype's verdicts."""
 
     def __init__(self, handle: ModelHandle, *, max_new_tokens: int = 200) -> None:
-        self.handle, self.max_new_tokens, self.name = handle, max_new_tokens, f"local:{handle.name}"
+        dtype = str(handle.dtype).removeprefix("torch.")
+        self.handle, self.max_new_tokens, self.name = handle, max_new_tokens, f"local:{handle.name}:{dtype}"
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
         trials = [Trial(chat_prompt(self.handle, [{"role": "user", "content": p}], kind="grader")) for p in prompts]
