@@ -5,8 +5,9 @@ behaviour probe.
 
 Why: the layers below the adapters carry no adapter and no gradient, and what a row feeds them (the prefix and the
 row's own tokens: its prompt and its taught answer) repeats — a training asks its few dozen questions with a few
-answers thousands of times. Run at every step, that pass was about 40% of a Qwen2.5-Coder-1.5B training step's
-matmuls (19 of its 28 layers, forward only); served from here it runs once per distinct row in a training.
+answers thousands of times. Run at every step, that pass is most of a step's forward (19 of Qwen2.5-Coder-1.5B's 28
+layers with the findings' layers); served from here it runs once per distinct row in a training
+(``docs/benchmark.md``: the training's speed).
 """
 
 from __future__ import annotations
