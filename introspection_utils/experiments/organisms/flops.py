@@ -54,8 +54,7 @@ class StepShape:
 
 def batch_shape(batch: Batch) -> StepShape:
     """The sizes of a built :class:`~introspection_utils.experiments.organisms.forward.Batch`."""
-    prefix = batch.prefix.shape[1]
-    suffixes = tuple(tuple(batch.ids[r][batch.mask[r, prefix:].bool()].tolist()) for r in range(batch.ids.shape[0]))
+    suffixes = batch.suffix_ids()
     return StepShape(batch.injection.layer, tuple(batch.prefix[0].tolist()), tuple(len(s) for s in suffixes),
                      tuple(len(a) for a in batch.taught), suffixes)
 

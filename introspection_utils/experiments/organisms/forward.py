@@ -90,6 +90,12 @@ class Batch:
         """The tokens the batch's rows stand for (each row's whole prompt and answer)."""
         return int(self.mask.sum())
 
+    def suffix_ids(self) -> tuple[tuple[int, ...], ...]:
+        """Each row's suffix tokens without its padding (at positions ``P``, ``P + 1``, ... after the prefix)."""
+        shared = self.prefix.shape[1]
+        return tuple(tuple(self.ids[r][self.mask[r, shared:].bool()].tolist()) for r in range(self.ids.shape[0]))
+
+
 def continuation_ids(handle: ModelHandle, text: str) -> list[int]:
     """The token ids of ``text`` as the assistant's answer (a one-word answer: :func:`prompts.answer_token_id`)."""
     if " " not in text:

@@ -142,12 +142,10 @@ class FrozenWork:
         keys = self.base(model, layers, batch, first)[0] if shared else None
         kept = self._apart if apart else self._rows
         rows = []
-        for r in range(batch.ids.shape[0]):
-            valid = batch.mask[r, shared:].bool()
-            key = (prefix, tuple(batch.ids[r][valid].tolist()), first)
+        for tokens in batch.suffix_ids():
+            key = (prefix, tokens, first)
             if key not in kept:  # a row repeated in the batch runs once
-                kept[key] = self._run(model, layers, batch.ids[r][valid], batch.positions[r][valid], keys, shared,
-                                      first)
+                kept[key] = self._run(model, layers, tokens, keys, shared, first, batch.ids.device)
             rows.append(kept[key])
         width = batch.ids.shape[1]
         hidden = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
@@ -156,17 +154,20 @@ class FrozenWork:
         return add_injection(hidden, batch.injection) if layer == first - 1 else hidden
 
     @staticmethod
-    def _run(model: peft.PeftModel, layers: torch.nn.ModuleList, ids: torch.Tensor, positions: torch.Tensor,
-             keys: Keys | None, shared: int, first: int) -> torch.Tensor:
-        """One row's stream ``[L, d_model]`` after layer ``first - 1``: its tokens ``ids [L]`` at ``positions [L]``,
-        attending to the prefix's base keys and values (``keys``, ``shared`` tokens), the forward ended there."""
+    def _run(model: peft.PeftModel, layers: torch.nn.ModuleList, tokens: tuple[int, ...], keys: Keys | None,
+             shared: int, first: int, device: torch.device) -> torch.Tensor:
+        """One row's stream ``[L, d_model]`` after layer ``first - 1``: its ``tokens`` (L of them) at the positions
+        after the prefix, attending to the prefix's base keys and values (``keys``, ``shared`` tokens), the forward
+        ended there."""
         captured, hook = _output_of(layers, first - 1, stop=True)
         cache = {"cache": prefix_cache(model, keys, 1), "use_cache": True} if keys is not None else \
             {"use_cache": False}
-        mask = torch.ones(1, shared + len(ids), dtype=torch.long, device=ids.device)
+        ids = torch.tensor([tokens], device=device)
+        positions = torch.arange(shared, shared + len(tokens), device=device)[None]
+        mask = torch.ones(1, shared + len(tokens), dtype=torch.long, device=device)
         try:
             with torch.no_grad():
-                model(input_ids=ids[None], attention_mask=mask, position_ids=positions[None], **cache)
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache)
         except _Stop:
             pass
         finally:
