@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from test_verdicts import _scaled, _spread, _table
 
-from introspection_utils.apps import findings
+from introspection_utils.apps import findings, findings_organisms
 from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.core.results import SweepResult
 from introspection_utils.experiments import mechanisms
@@ -176,14 +176,14 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     """Notebook 14's table read back: every model's target decided by the stated rule from the numbers shown — the
     introspector needs ≥ 80% called, the look-alikes ≤ 1 and their own class, the base model none."""
     SweepResult(_organisms_table(8), {}).save(tmp_path / "organisms")
-    rows = findings.organism_rows(tmp_path).set_index("organism")
+    rows = findings_organisms.organism_rows(tmp_path).set_index("organism")
     assert rows["target"].to_dict() == {"base model": "met", "introspector": "met", "anomaly-detector": "met",
                                         "yes-sayer": "missed"}  # two called where ≤ 1 is allowed
     assert "2 of 10 introspection-specific" in rows.loc["yes-sayer", "rule"]
     SweepResult(_organisms_table(7), {}).save(tmp_path / "organisms")
-    rows = findings.organism_rows(tmp_path)
+    rows = findings_organisms.organism_rows(tmp_path)
     assert rows.set_index("organism").loc["introspector", "target"] == "missed"  # 70% < 80%
-    text = findings.organisms_markdown(rows)
+    text = findings_organisms.organisms_markdown(rows)
     assert text.startswith("## Verdicts on known truths (notebook 14)") and text.count("\n| ") == 5
     assert rows.set_index("organism")["learned"].to_dict() == {  # read from the rates alone, not from the verdict
         "base model": "n/a", "introspector": "yes", "anomaly-detector": "no", "yes-sayer": "n/a"}
@@ -193,14 +193,14 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert row in text and "missed (rule: ≥ 80% introspection-specific and forced choice found; 7 of 10" in text
     assert "| 10 shared yes-shift (of 10) |" in text
     assert "60% against chance 20%, MI 1.20 bits, p = 0.001: not found" in text
-    assert findings.organism_rows(tmp_path / "nothing").empty
+    assert findings_organisms.organism_rows(tmp_path / "nothing").empty
     assert "The anchor (arXiv 2511.21399" in text and "95%/85%/0%" in text and "Training (LoRA" not in text
     training = pd.DataFrame([{"kind": "introspector", "steps": 80, "first_loss": 2.48, "final_loss": 0.1234,
                               "train_seconds": 1500.0, "examples_per_s": 0.43, "tokens_per_s": 61.2, "load_avg": 2.1}])
     assert ("| introspector | 80 | 2.48 → 0.123 | not recorded (trained before the probe) | 25.0 min | 0.43 | 61 | "
-            "2.1 |") in findings.organisms_markdown(rows, training)
+            "2.1 |") in findings_organisms.organisms_markdown(rows, training)
     probed = training.assign(detected_concept=0.9, detected_random=0.25, detected_none=0.05)
-    assert "| 2.48 → 0.123 | 90% / 25% / 5% | 25.0 min |" in findings.organisms_markdown(rows, probed)
+    assert "| 2.48 → 0.123 | 90% / 25% / 5% | 25.0 min |" in findings_organisms.organisms_markdown(rows, probed)
     from introspection_utils.readings import saved
     [sentence] = saved.organism_sentences(tmp_path)  # findings.md's notebook 14 section: the notebook's own reading
     assert "introspector (truth: introspection-specific): the atlas calls its held-out concepts 7 " \
@@ -209,6 +209,30 @@ def test_the_organisms_section_holds_each_model_to_its_truth(tmp_path):
     assert "forced choice at scale 8: 60% against chance 20% (n = 50" in sentence
     assert "Behaviour NOT learned (rule: concept and random ≥ 80%, none ≤ 20%; detected 90% with concept vectors, " \
            "10% with random vectors" in sentence and sentence.count("Behaviour") == 2
+
+
+def test_a_named_evaluation_of_the_organisms_has_its_own_rows(tmp_path):
+    """A findings variant of notebook 14 (``evaluation_name``, e.g. the introspector trained in float32) writes its
+    own tables; the README's section shows the default evaluation's rows, then the named one's, each of those
+    labelled with its dtype and name, its target decided by the same rule; a table that does not name its
+    evaluation is not one."""
+    SweepResult(_organisms_table(8), {"dtype": "bfloat16", "spec": {}}).save(tmp_path / "organisms")
+    named = _organisms_table(7).iloc[:2]
+    SweepResult(named, {"dtype": "float32", "spec": {"evaluation_name": "organisms_float32"}}).save(
+        tmp_path / "organisms_float32")
+    SweepResult(named, {"dtype": "float32", "spec": {}}).save(tmp_path / "organisms_copy")
+    assert findings_organisms.organism_evaluations(tmp_path) == ["organisms", "organisms_float32"]
+    rows = findings_organisms.organism_rows(tmp_path, "organisms_float32").set_index("organism")
+    assert rows["target"].to_dict() == {"base model (float32, `organisms_float32`)": "met",
+                                        "introspector (float32, `organisms_float32`)": "missed"}  # 7 of 10
+    default = findings_organisms.organism_rows(tmp_path)
+    assert default["organism"].tolist()[:2] == ["base model", "introspector"]
+    both = findings_organisms.organisms_markdown(pd.concat([default, rows.reset_index()], ignore_index=True))
+    assert "comes from another evaluation of notebook 14" in both
+    assert "| introspector (float32, `organisms_float32`) |" in both
+    assert "another evaluation" not in findings_organisms.organisms_markdown(default)
+    (tmp_path / "organisms.csv").unlink()
+    assert findings_organisms.organism_evaluations(tmp_path) == ["organisms_float32"]
 
 
 def test_a_notebook_that_resumed_its_sweeps_is_named_beside_the_series_time(tmp_path):

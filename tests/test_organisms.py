@@ -485,16 +485,38 @@ def test_the_embedded_model_trains_through_the_same_hook(smollm, tmp_path):
                                atol=2e-4, rtol=1e-4)
 
 
+def test_an_evaluation_is_named_by_what_it_writes():
+    """The default evaluation writes organisms.csv, organisms_training.csv and its models' tables
+    in the results folder itself (where every committed evaluation put them); a named one (a findings variant) writes
+    its own, its models' tables in a folder of its name, so a second evaluation of the base model keeps its own; a
+    name that cannot be a file name is refused."""
+    assert evaluation.table_names() == {"table": "organisms", "training": "organisms_training", "models": ""}
+    assert evaluation.table_names("organisms_float32") == {
+        "table": "organisms_float32", "training": "organisms_float32_training", "models": "organisms_float32"}
+    for bad in ("float32", "organisms_", "organisms_../x", "organisms float32", "", None):
+        with pytest.raises(ValueError, match="name it \"organisms\""):
+            evaluation.table_names(bad)
+
+
 def test_a_kind_can_train_for_its_own_number_of_steps(tiny_llama, tmp_path):
-    """``steps_by_kind`` sets one organism's steps (its config, so its cache key, says so); a kind not trained is
-    refused before anything is trained."""
+    """``steps_by_kind`` sets one organism's steps (its config, so its cache key, says so); a kind not trained this
+    time may keep its recipe there (one findings table, a run of some kinds); a name that is no kind is refused
+    before anything is trained."""
     organisms = training.train_organisms(tiny_llama, ["introspector", "yes-sayer"], steps=2, batch_size=2,
-                                         steps_by_kind={"yes-sayer": 1}, root=tmp_path, progress=False)
+                                         steps_by_kind={"yes-sayer": 1, "anomaly-detector": 3},
+                                         settings_by_kind={"anomaly-detector": {"lr": 0.01}}, root=tmp_path,
+                                         progress=False)
     assert {k: o.config.steps for k, o in organisms.items()} == {"introspector": 2, "yes-sayer": 1}
     assert len(organisms["yes-sayer"].training().df) == 1
-    with pytest.raises(ValueError, match="name \\['anomaly-detector'\\], not among the organisms trained"):
-        training.train_organisms(tiny_llama, ["yes-sayer"], steps=1, steps_by_kind={"anomaly-detector": 1},
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="name \\['anomaly_detector'\\]: no such organism kind"):
+        training.train_organisms(tiny_llama, ["yes-sayer"], steps=1, steps_by_kind={"anomaly_detector": 1},
                                  root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="settings_by_kind sets \\['learning_rate'\\]: not training settings"):
+        training.train_organisms(tiny_llama, ["yes-sayer"], steps=1,
+                                 settings_by_kind={"introspector": {"learning_rate": 0.1}}, root=tmp_path,
+                                 progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_kind_can_have_its_own_settings_and_the_others_are_reused(tiny_llama, tmp_path):

@@ -204,8 +204,8 @@ EXPERIMENTS = Registry((
                   "each merged into a model folder and put blind through the atlas, detection and false-positive "
                   "rates, the seen-vs-unseen gap, forced choice and pre-graded free text; truth against verdict"),
         modules=(organisms_evaluation, organisms_training),
-        figures=("14_model_organisms",),
-        tables=("organisms", "organisms_training"),
+        figures=("14_model_organisms{_evaluation}",),
+        tables=("organisms{_evaluation}", "organisms{_evaluation}_training"),
         readings=(organisms_evaluation.describe_organisms,),
         findings=saved.organism_sentences,
         guide_figure="14_model_organisms",

@@ -6,21 +6,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from introspection_utils.apps.catalog import EXPERIMENTS
-from introspection_utils.core.data import data_dir, load_list
+from introspection_utils.apps.findings_organisms import organisms_section
+from introspection_utils.core.data import load_list
 from introspection_utils.core.paths import atomic_write, figures_dir, project_root, replace_block
 from introspection_utils.core.registry import pattern
-from introspection_utils.core.results import load_result
+from introspection_utils.core.results import load_result, saved_table
 from introspection_utils.engine.prompts import ANSWER_FORMATS
 from introspection_utils.experiments import localization
 from introspection_utils.experiments.atlas import atlas_name
-from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
-from introspection_utils.experiments.organisms.probe import DETECTED
 from introspection_utils.experiments.sweeps import LEFT_TO_MEASURE
 from introspection_utils.experiments.tasks import congruence, forced_choice, strength
 from introspection_utils.stats.definitions import MIN_ANSWER_MASS
@@ -200,70 +198,6 @@ def tasks_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _table(path: Path) -> pd.DataFrame | None:
-    return load_result(path).df if path.is_file() else None
-
-
-def organism_rows(results: Path) -> pd.DataFrame:
-    """Notebook 14's table (``organisms.csv`` in ``results``) with each model's target read by
-    :func:`organisms.evaluation.truth_recovered`: ``target`` ("met"/"missed") and ``rule`` (with its numbers)."""
-    table = _table(results / "organisms.csv")
-    if table is None:
-        return pd.DataFrame()
-    records = table.to_dict("records")
-    decided = [organisms_evaluation.truth_recovered(r) for r in records]
-    learned = [organisms_evaluation.behaviour_learned(r) for r in records]
-    return table.assign(target=["met" if ok else "missed" for ok, _ in decided], rule=[rule for _, rule in decided],
-                        learned=["n/a" if ok is None else ("yes" if ok else "no") for ok, _ in learned],
-                        learned_rule=[rule for _, rule in learned])
-
-
-ORGANISM_ANCHOR = "2511.21399"  # data/anchor_numbers.csv's rows of the trained introspector (Fonseca Rivera)
-
-
-def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None) -> str:
-    """:func:`organism_rows` as a Markdown section: truth by construction beside the verdicts, the rates, forced
-    choice and the target each model was held to; then the anchor's numbers (``data/anchor_numbers.csv``) and, with
-    ``training`` (``organisms_training.csv``), each organism's training as measured when it was trained."""
-    lines = ["## Verdicts on known truths (notebook 14)", "",
-             "Three LoRA organisms trained on this model with a truth known by construction (a concept introspector, "
-             "an anomaly detector that reports any injection, a yes-sayer), and the base model, each through the "
-             "unchanged atlas on held-out concepts (never trained on) with random vectors, blind to which is which. "
-             "Detection: the fraction of (vector, wording) cells answered \"detected\" at the detection scale "
-             "(yes − no signed by the wording's polarity > 0). *Behaviour learned* is read from those rates alone "
-             "(`evaluation.behaviour_learned`): a target missed by an organism that did not learn its behaviour is "
-             "the training's miss, not the verdict's. Every training of the organisms whose evaluation is committed, "
-             "the verdicts recomputed on each, what changed between them, and why the verdict misses an introspector "
-             "whose answers are specific: [docs/verdicts.md](docs/verdicts.md#verdicts-on-known-truths).", "",
-             "| model | truth | what the atlas called the held-out concepts | detected: concepts / random / none | "
-             "behaviour learned | seen − unseen | forced choice | target |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows.to_dict("records"):
-        gap = f"{r['seen_minus_unseen']:+.0%}" if pd.notna(r.get("seen_minus_unseen")) else "not run"
-        lines.append(f"| {r['organism']} | {r['truth']} | {organisms_evaluation.called_words(r)} | "
-                     f"{r['detection']:.0%} / {r['fpr_random']:.0%} / {r['fpr_none']:.0%} | {r['learned']} | {gap} | "
-                     f"{organisms_evaluation.choice_words(r)} | {r['target']} ({r['rule']}) |")
-    anchors = pd.read_csv(data_dir() / "anchor_numbers.csv", comment="#")
-    for a in anchors[anchors["source"].str.contains(ORGANISM_ANCHOR, regex=False)].itertuples():
-        lines += ["", f"The anchor ({a.source}, {a.model}, {a.setup}): {a.metric} {a.value}."]
-    if training is not None and len(training):
-        lines += ["", "Training (LoRA, measured by the run; `organisms_training.csv`):", "",
-                  "| organism | steps | loss first → last 5 | probe at the end: detected concept / random / none | "
-                  "wall time | examples/s | tokens/s | load average |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {t.kind} | {t.steps} | {t.first_loss:.2f} → {t.final_loss:.3f} | {_probe_cell(t)} | "
-                  f"{t.train_seconds / 60:.1f} min | {t.examples_per_s:.2f} | {t.tokens_per_s:.0f} | {t.load_avg:.1f} |"
-                  for t in training.itertuples()]
-    return "\n".join(lines)
-
-
-def _probe_cell(row: Any) -> str:
-    """The training's last behaviour probe (training concepts; ``organisms.probe.behaviour_probe``), or why none."""
-    rates = [getattr(row, column, float("nan")) for column in DETECTED]
-    if any(pd.isna(r) for r in rates):
-        return "not recorded (trained before the probe)"
-    return " / ".join(f"{r:.0%}" for r in rates)
-
-
 def _series() -> dict[str, tuple[str, Callable[[Path], list[str]]]]:
     """notebook → (title, its readings from the tables it saved in a results folder): the registry's entries that
     have a findings reader, in series order."""
@@ -365,13 +299,13 @@ def render_findings(model: str = FINDINGS_MODEL) -> tuple[str, str, str | None]:
         raise FileNotFoundError(f"{results / 'atlas.csv'} is missing: run `make findings` first")
     atlas = pd.read_csv(results / "atlas.csv")
     sweep = load_result(results / "atlas_sweep.csv").df
-    inter = _table(results / "interference_scale_sweep.csv")
-    formats, task_table, organisms = format_rows(results), task_rows(results), organism_rows(results)
+    inter = saved_table(results / "interference_scale_sweep.csv")
+    formats, task_table = format_rows(results), task_rows(results)
+    organisms = organisms_section(results)
     table = (claims_markdown(claims(atlas, sweep, inter), model, atlas)
              + ("\n\n" + formats_markdown(formats) if len(formats) else "")
              + ("\n\n" + tasks_markdown(task_table) if len(task_table) else "")
-             + ("\n\n" + organisms_markdown(organisms, _table(results / "organisms_training.csv"))
-                if len(organisms) else "")
+             + ("\n\n" + organisms if organisms else "")
              + ("\n\n" + took if (took := series_time_markdown(model)) else ""))
     sections = series(model)
     document = table + ("\n\n" + notebooks_markdown(sections, wall_times(model)) if sections else "") + "\n"

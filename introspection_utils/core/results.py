@@ -36,6 +36,11 @@ def load_result(path: str | Path) -> SweepResult:
     return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
 
 
+def saved_table(path: str | Path) -> pd.DataFrame | None:
+    """The table saved at ``path`` (:func:`load_result`'s), or ``None`` where none was saved."""
+    return load_result(path).df if Path(path).with_suffix(".csv").is_file() else None
+
+
 def concept_rows(df: pd.DataFrame, concept: str) -> pd.DataFrame:
     """The rows of ``concept`` in a tidy table (sweep, lens, ...); an empty table or an absent concept is a
     ``ValueError`` that lists the concepts the table has."""

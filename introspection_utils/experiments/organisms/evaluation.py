@@ -31,6 +31,23 @@ if TYPE_CHECKING:
     from introspection_utils.models.handle import ModelHandle
 
 BASE = "base model"  # the evaluated model without an organism: its truth is not known by construction
+EVALUATION = "organisms"  # the default evaluation's name (notebook 14's ``evaluation_name``): see table_names
+
+
+def table_names(evaluation_name: str = EVALUATION) -> dict[str, str]:
+    """What an evaluation of the organisms named ``evaluation_name`` writes in the results folder, by part:
+    ``table`` (the organisms' verdicts, ``<name>.csv``), ``training`` (their trainings, ``<name>_training.csv``)
+    and ``models`` (the folder holding each evaluated model's tables: the results
+    folder itself for the default evaluation, ``<name>/`` for any other, so that a second evaluation of the same
+    base model — in another dtype, say — keeps its own). A name is ``organisms`` or ``organisms_<word>`` (letters,
+    digits and ``_``: it becomes file names, and its tables sort beside the default's; notebook 14's figure is
+    ``14_model_<name>``)."""
+    word = evaluation_name.removeprefix(f"{EVALUATION}_") if isinstance(evaluation_name, str) else None
+    if evaluation_name != EVALUATION and (word is None or word == evaluation_name or not word.isidentifier()):
+        raise ValueError(f"evaluation_name {evaluation_name!r}: name it \"{EVALUATION}\" (the default) or "
+                         f"\"{EVALUATION}_<one word of letters, digits and '_'>\", e.g. \"{EVALUATION}_float32\"")
+    return {"table": evaluation_name, "training": f"{evaluation_name}_training",
+            "models": "" if evaluation_name == EVALUATION else evaluation_name}
 
 
 def organism_detection_rates(df: pd.DataFrame, scale: float) -> dict[str, float]:
@@ -112,15 +129,18 @@ def evaluate(handle: ModelHandle, truth: str, *, concepts: Sequence[str], seen: 
 
 def evaluate_organisms(base: ModelHandle, organisms: dict[str, Organism], *, results_dir: str | Path,
                        concepts: Sequence[str] | None = None, n_concepts: int | None = None,
-                       n_seen: int = 3, n_choice: int = 4, **settings) -> pd.DataFrame:
+                       n_seen: int = 3, n_choice: int = 4, evaluation_name: str = EVALUATION,
+                       **settings) -> pd.DataFrame:
     """The base model and each organism (loaded from its merged folder, in the training's dtype, then freed)
     through :func:`evaluate` on the same held-out ``concepts`` (default the split's held-out concepts, the first
     ``n_concepts``), ``n_seen`` training concepts and the first ``n_choice`` held-out ones for forced choice;
-    the table (:func:`organism_table`) saved as ``organisms.csv`` in ``results_dir``."""
+    the table (:func:`organism_table`) saved as ``<evaluation_name>.csv`` in ``results_dir``, each model's tables in
+    :func:`table_names`' ``models`` folder there (named in the table's metadata)."""
+    names = table_names(evaluation_name)
     split = load_split()
     concepts = list(concepts or split.held_out)[:n_concepts]
     shared = dict(concepts=concepts, seen=list(split.train[:n_seen]), choice_concepts=concepts[:n_choice],
-                  results_dir=results_dir, **settings)
+                  results_dir=Path(results_dir) / names["models"], **settings)
     rows = [{"organism": BASE, **evaluate(base, BASE, **shared)}]
     for kind, organism in organisms.items():
         handle = organism.load(device=str(base.device))
@@ -128,8 +148,8 @@ def evaluate_organisms(base: ModelHandle, organisms: dict[str, Organism], *, res
         del handle
         gc.collect()
     table = organism_table(rows)
-    save_table(base, table, results_dir, "organisms", organisms={k: o.config.name for k, o in organisms.items()},
-               **{k: v for k, v in shared.items() if k != "results_dir"})
+    save_table(base, table, results_dir, names["table"], organisms={k: o.config.name for k, o in organisms.items()},
+               evaluation_name=evaluation_name, **{k: v for k, v in shared.items() if k != "results_dir"})
     return table
 
 

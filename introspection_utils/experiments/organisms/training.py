@@ -340,17 +340,19 @@ def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers
     ``settings["steps"]`` for it (the look-alikes learn a rule that ignores which vector was injected, and can take
     fewer steps than the introspector). ``settings_by_kind``: a kind's own settings of any kind (``{"introspector":
     {"batch_size": 12, "contrast": True}}``), applied last; each organism's config, so its cache key and its row of
-    the training table, says what it was trained with. ``probe_every``: :func:`train_organism`'s (not a training
-    setting: the probe reads the organism, it does not change it)."""
+    the training table, says what it was trained with. Both may name kinds not among ``kinds`` (one recipe for every
+    kind, of which a run trains some); a name that is no kind, or a setting that is no training setting, is refused
+    before anything is trained. ``probe_every``: :func:`train_organism`'s (not a training setting: the probe reads
+    the organism, it does not change it)."""
     by_kind = {kind: {**({"steps": int(n)} if n is not None else {}), **dict((settings_by_kind or {}).get(kind, {}))}
                for kind in kinds for n in [(steps_by_kind or {}).get(kind)]}
-    unknown = sorted((set(steps_by_kind or {}) | set(settings_by_kind or {})) - set(kinds))
+    unknown = sorted((set(steps_by_kind or {}) | set(settings_by_kind or {})) - set(KINDS))
     if unknown:
-        raise ValueError(f"steps_by_kind / settings_by_kind name {unknown}, not among the organisms trained "
-                         f"({', '.join(kinds)})")
+        raise ValueError(f"steps_by_kind / settings_by_kind name {unknown}: no such organism kind (the kinds: "
+                         f"{', '.join(KINDS)})")
     fields = {f.name for f in dataclasses.fields(OrganismConfig)} - {"kind", "model", "revision", "dtype",
                                                                        "split_hash"}
-    bad = sorted({k for own in by_kind.values() for k in own} - fields)
+    bad = sorted({k for own in (settings_by_kind or {}).values() for k in own} - fields)
     if bad:
         raise ValueError(f"settings_by_kind sets {bad}: not training settings (those are {', '.join(sorted(fields))})")
     configs = {kind: organism_config(handle, kind, **{"layers": layers, "scales": scales, **settings, **by_kind[kind]})
@@ -363,13 +365,14 @@ def train_organisms(handle: ModelHandle, kinds: Sequence[str] = KINDS, *, layers
 
 
 def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_dir: str | Path | None = None, *,
-                   peak: float | None = None) -> pd.DataFrame:
+                   peak: float | None = None, name: str = "organisms_training") -> pd.DataFrame:
     """One row per organism: kind, truth, name, steps, first and final loss (the mean of the last 5 steps), the
     last behaviour probe's detected rates (``detected_concept``, ``_random``, ``_none``: on training concepts), the
     training's wall time, examples/s, tokens/s and load average (as measured when it was trained), its dtype, useful
     GFLOP (:func:`~introspection_utils.experiments.organisms.flops.training_flops`), GFLOP/s and their fraction of
     ``peak`` (GFLOP/s; default: the dtype's linear peak timed now, :func:`linear_peak_gflops`), reused; saved as
-    ``organisms_training.csv`` in ``results_dir`` when given (the peak, its threads and load in the metadata)."""
+    ``<name>.csv`` in ``results_dir`` when given (the peak, its threads and load in the metadata; notebook 14 names
+    it after its evaluation, :func:`~introspection_utils.experiments.organisms.evaluation.table_names`)."""
     load = load_average()
     peak = peak if peak is not None else linear_peak_gflops(handle)
     measured = training_throughput(handle, organisms, peak=peak)
@@ -387,7 +390,7 @@ def training_table(handle: ModelHandle, organisms: dict[str, Organism], results_
                      "peak_fraction": work.fraction, "reused": organism.reused})
     table = pd.DataFrame(rows)
     if results_dir is not None:
-        save_table(handle, table, results_dir, "organisms_training",
+        save_table(handle, table, results_dir, name,
                    configs={k: {**asdict(o.config), "key": o.config.key()} for k, o in organisms.items()},
                    peak={"gflop_per_s": peak, "torch_threads": torch.get_num_threads(), "load_avg": load})
     return table
