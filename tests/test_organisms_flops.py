@@ -154,6 +154,24 @@ def test_the_writer_puts_the_training_into_the_benchmark_block(trained, tmp_path
     assert doc.read_text().startswith("before\n") and doc.read_text().endswith("after\n")
 
 
+def test_the_writer_reads_a_named_evaluations_trainings(tiny_llama, trained, tmp_path):
+    """``--evaluation organisms_<word>`` reads that evaluation's training table (notebook 14's ``evaluation_name``),
+    says so in the block's command, and refuses a name no table has."""
+    tmp, organisms, _ = trained
+    results = tmp_path / "results"
+    training.training_table(tiny_llama, {"yes-sayer": organisms["yes-sayer"]}, results, peak=7.5,
+                            name="organisms_float32_training")
+    doc = tmp_path / "benchmark.md"
+    doc.write_text("<!-- training-float32:start -->\n<!-- training-float32:end -->\n")
+    bench.main(["--training", str(results), "--organisms-root", str(tmp / "organisms"), "--evaluation",
+                "organisms_float32", "--block", "training-float32", "--readme", str(doc)])
+    block = read_block(doc, "training-float32")
+    assert "| **yes-sayer** (2 steps × 4 rows)" in block and "**introspector**" not in block
+    assert "--evaluation organisms_float32 --block training-float32 --readme" in block
+    with pytest.raises(FileNotFoundError):
+        bench_training.trained_organisms(results, tmp / "organisms", "organisms_other")
+
+
 def test_the_writer_refuses_a_training_from_another_machine(trained, monkeypatch):
     tmp, _, _ = trained
     organisms = bench_training.trained_organisms(tmp / "results", tmp / "organisms")

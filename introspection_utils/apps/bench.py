@@ -186,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "peak (apps/bench_training.py; block training)")
     parser.add_argument("--organisms-root", default=None,
                         help="with --training: where the organisms' cache folders are (default <cache>/organisms)")
+    parser.add_argument("--evaluation", default="organisms", metavar="NAME",
+                        help="with --training: the evaluation whose trainings to read (notebook 14's evaluation_name: "
+                             "its <NAME>_training.csv; default organisms)")
     return parser.parse_args(argv)
 
 

@@ -2,9 +2,10 @@
 training dtype's linear peak, read from a finished training's tables and written into ``docs/benchmark.md``.
 
     python -m introspection_utils.bench --training data/results/<model> [--organisms-root DIR]
-        --readme docs/benchmark.md
+        [--evaluation organisms_<word>] --readme docs/benchmark.md
 
-It reads ``organisms_training.csv``'s ``.meta.json`` in that results folder (written by notebook 14 through
+It reads ``organisms_training.csv``'s ``.meta.json`` in that results folder (``--evaluation``: a named evaluation's,
+``<name>_training.csv``; written by notebook 14 through
 :func:`~introspection_utils.experiments.organisms.training.training_table`: each organism's config) and each
 organism's ``training.csv`` in its cache folder (its steps' wall times, rows, tokens and the machine it ran on), loads
 the base model in the training's dtype, replays each step's sizes to count its FLOPs
@@ -30,6 +31,7 @@ from introspection_utils.engine.throughput import (
     measured_line,
     throughput_table,
 )
+from introspection_utils.experiments.organisms.evaluation import EVALUATION, table_names
 from introspection_utils.experiments.organisms.flops import training_throughput
 from introspection_utils.experiments.organisms.training import Organism, OrganismConfig, machine, organism_folder
 from introspection_utils.models.handle import load_model
@@ -39,10 +41,12 @@ from introspection_utils.models.handle import load_model
 SHARED = ("model", "revision", "dtype", "layers", "rank", "targets")
 
 
-def trained_organisms(results: str | Path, root: str | Path | None = None) -> dict[str, Organism]:
-    """The organisms named by ``results``/``organisms_training.meta.json`` (their configs), each from its cache
-    folder under ``root`` (default ``cache_dir()/organisms``); a missing or unfinished one is an error."""
-    meta = load_result(Path(results) / "organisms_training").meta["spec"]
+def trained_organisms(results: str | Path, root: str | Path | None = None,
+                      evaluation_name: str = EVALUATION) -> dict[str, Organism]:
+    """The organisms named by the training table of evaluation ``evaluation_name`` in ``results``
+    (``organisms_training.meta.json`` for the default one: their configs), each from its cache folder under ``root``
+    (default ``cache_dir()/organisms``); a missing or unfinished one is an error."""
+    meta = load_result(Path(results) / table_names(evaluation_name)["training"]).meta["spec"]
     organisms = {}
     for kind, fields in meta["configs"].items():
         config = OrganismConfig.from_fields(fields)
@@ -104,7 +108,7 @@ def training_block(organisms: dict[str, Organism], rows: dict[str, Throughput], 
 def main(args: argparse.Namespace) -> None:
     """``python -m introspection_utils.bench --training DIR`` (its arguments: ``--organisms-root``, ``--device``,
     ``--peak-tokens``, ``--readme``, ``--block``)."""
-    organisms = trained_organisms(args.training, args.organisms_root)
+    organisms = trained_organisms(args.training, args.organisms_root, args.evaluation)
     trained = training_machine(organisms)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(trained["torch_threads"]))  # the peak at the thread count the training had
@@ -130,6 +134,7 @@ def _measure_and_write(args: argparse.Namespace, organisms: dict[str, Organism])
     if args.readme:
         command = ("python -m introspection_utils.bench --training " + str(args.training)
                    + (f" --organisms-root {args.organisms_root}" if args.organisms_root else "")
+                   + (f" --evaluation {args.evaluation}" if args.evaluation != EVALUATION else "")
                    + (f" --peak-tokens {args.peak_tokens}" if args.peak_tokens else "")
                    + (f" --block {args.block}" if args.block not in (None, "training") else "")
                    + " --readme docs/benchmark.md")
