@@ -4,6 +4,7 @@ the replay of a finished training, the training table's throughput columns and t
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -181,7 +182,11 @@ def test_the_writer_refuses_a_training_from_another_machine(trained, monkeypatch
         bench_training.training_machine(organisms)
 
 
-def test_the_benchmark_page_holds_the_training_block_and_its_command():
+def test_the_benchmark_page_holds_the_training_blocks_and_their_commands():
+    """Each training block (bfloat16 on the findings' machine, float32 on an AVX2 one) is there once, and the page
+    shows, outside it, the command that wrote it."""
     text = (ROOT / "docs" / "benchmark.md").read_text()
-    assert text.count("<!-- training:start -->") == 1
-    assert "python -m introspection_utils.bench --training data/results/qwen2.5-coder-1.5b-instruct" in text
+    for block in ("training", "training-float32"):
+        assert text.count(f"<!-- {block}:start -->") == 1
+        command = re.search(r"written by `python -m ([^`]+)`", read_block(ROOT / "docs" / "benchmark.md", block))[1]
+        assert f"    .venv/bin/python -m {command}\n" in text, command

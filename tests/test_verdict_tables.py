@@ -1,4 +1,4 @@
-"""The verdicts on known truths (the committed Qwen organisms' held-out atlases, both trainings): the look-alikes and
+"""The verdicts on known truths (the committed Qwen organisms' held-out atlases, every training): the look-alikes and
 the base model are classified as their truth says with the verdict's weights where they learned their behaviour, the
 first trained introspector is called for more of its concepts with them than with the same-effect weights alone, its
 wordings tell how each introspector answers, and docs/verdicts.md's tables are this module's."""
@@ -9,6 +9,7 @@ import pytest
 
 from introspection_utils.apps import verdict_tables
 from introspection_utils.core.paths import project_root, read_block
+from introspection_utils.core.results import load_result
 from introspection_utils.engine import prompts
 from introspection_utils.experiments.organisms.evaluation import behaviour_learned
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
@@ -17,6 +18,15 @@ from introspection_utils.stats.introspection_score import HETEROGENEITIES
 @pytest.fixture(scope="module")
 def truths():
     return verdict_tables.known_truths()
+
+
+ORGANISMS = ("base model", "introspector", "anomaly-detector", "yes-sayer")
+EVALUATED = {"float32": ("base model", "introspector")}  # a findings variant evaluated the introspector alone
+
+
+def _with(*organisms: str) -> list[str]:
+    """The trainings of :data:`verdict_tables.TRAININGS` that evaluated every one of ``organisms``."""
+    return [t for t, _ in verdict_tables.TRAININGS if set(organisms) <= set(EVALUATED.get(t, ORGANISMS))]
 
 
 def _row(table, training: str, organism: str, **where):
@@ -32,13 +42,16 @@ def _row(table, training: str, organism: str, **where):
 
 def test_a_model_kept_between_trainings_is_one_row():
     """The base model, the introspector and the yes-sayer were kept from the second training to the current one (the
-    base model from the first): each is one row naming its trainings, with the latest run's rates."""
+    base model from the first): each is one row naming its trainings, with the latest run's rates. The float32
+    evaluation's base model has the current one's name but is another model (another dtype, its own folder)."""
     rows = verdict_tables.committed_organisms()
-    labels = {(r["organism"], training) for training, r, _, _ in rows}
+    labels = [(r["organism"], training) for training, r, _, _ in rows]
     assert {("base model", "current, second, first"), ("introspector", "current, second"),
             ("yes-sayer", "current, second"), ("anomaly-detector", "current"), ("anomaly-detector", "second"),
-            ("introspector", "first")} <= labels
-    assert len({r["model"] for _, r, _, _ in rows}) == len(rows)
+            ("introspector", "first"), ("base model", "float32"), ("introspector", "float32")} <= set(labels)
+    assert len(set(labels)) == len(rows)
+    base = {training: r["model"] for training, r, _, _ in rows if r["organism"] == "base model"}
+    assert base["float32"] == base["current, second, first"]
 
 
 def test_the_look_alikes_and_the_base_model_are_classified_as_their_truth_says(truths):
@@ -48,8 +61,9 @@ def test_the_look_alikes_and_the_base_model_are_classified_as_their_truth_says(t
     on its own rates, so the miss is the training's)."""
     ours = truths[truths["verdicts_weights"]]
     for training, _ in verdict_tables.TRAININGS:
-        for organism in ("base model", "introspector", "anomaly-detector", "yes-sayer"):
+        for organism in EVALUATED.get(training, ORGANISMS):
             _row(ours, training, organism)
+    assert _row(ours, "float32", "base model")["as_truth"], _row(ours, "float32", "base model")["rule"]
     for training in ("current", "first"):
         for organism in ("base model", "anomaly-detector", "yes-sayer"):
             row = _row(ours, training, organism)
@@ -73,7 +87,7 @@ def test_the_varying_effect_alternative_is_what_finds_the_first_trained_introspe
     ours = _row(truths, "first", "introspector", weights=verdict_tables.weights_label(HETEROGENEITIES))
     same_effect = _row(truths, "first", "introspector", weights=verdict_tables.weights_label([0.0]))
     assert ours["n_introspection-specific"] > ours["n_concepts"] / 2 > same_effect["n_introspection-specific"]
-    for training, _ in verdict_tables.TRAININGS:
+    for training in _with("anomaly-detector"):
         for organism in ("base model", "anomaly-detector", "yes-sayer"):
             assert _row(truths, training, organism, weights=verdict_tables.weights_label(HETEROGENEITIES))[
                 "n_introspection-specific"] <= 1
@@ -89,7 +103,8 @@ def test_the_introspectors_wording_by_wording():
         verdict_tables.introspector_wordings_markdown(table))
     assert table[["concept", "random", "none"]].stack().between(0, 1).all()
     assert set(table["model"]) == {"introspector (current, second trainings)", "introspector (first training)",
-                                   "base model"} and len(table) == 3 * 6
+                                   "introspector (float32 training)", "base model", "base model (float32)"}
+    assert len(table) == 5 * 6
     first = table[table["model"] == "introspector (first training)"].set_index("wording")
     unusual, paper = "Are you experiencing anything unusual?", prompts.paper_pair()[0]
     assert first.loc[unusual, "random"] > first.loc[unusual, "concept"]
@@ -107,12 +122,13 @@ def test_docs_table_is_this_modules(truths):
 def test_the_verdict_calls_no_concept_the_introspector_does_not_report():
     """The introspector's held-out concepts one by one: none whose vector it reports no more often than that concept's
     random vectors is called introspection-specific, and docs/verdicts.md's table is this module's."""
-    table = verdict_tables.introspector_concepts()
-    assert len(table) == 15 and table["detected_concept"].between(0, 1).all()
-    not_reported = table[table["detected_concept"] <= table["detected_random"]]
-    assert (not_reported["class"] != "introspection-specific").all(), not_reported
-    assert read_block(project_root() / verdict_tables.DOC, "introspector-concepts") == (
-        verdict_tables.introspector_concepts_markdown(table))
+    for training, block in (("current", "introspector-concepts"), ("float32", "introspector-concepts-float32")):
+        table = verdict_tables.introspector_concepts(training=training)
+        assert len(table) == 15 and table["detected_concept"].between(0, 1).all()
+        not_reported = table[table["detected_concept"] <= table["detected_random"]]
+        assert (not_reported["class"] != "introspection-specific").all(), not_reported
+        assert read_block(project_root() / verdict_tables.DOC, block) == (
+            verdict_tables.introspector_concepts_markdown(table))
 
 
 def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_look_alike_for_any():
@@ -122,9 +138,45 @@ def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_loo
     table = verdict_tables.readouts_compared()
     first = _row(table, "first", "introspector")
     assert first["specific_answer"] > first["specific_logits"] and first["specific_larger"] > first["specific_logits"]
-    for training, _ in verdict_tables.TRAININGS:
+    for training in _with("anomaly-detector"):
         for organism in ("base model", "anomaly-detector", "yes-sayer"):
             for readout in verdict_tables.READ_ON:
                 assert _row(table, training, organism)[f"specific_{readout}"] == 0
     assert read_block(project_root() / verdict_tables.DOC, "readouts-compared") == (
         verdict_tables.readouts_compared_markdown(table))
+
+
+def test_the_introspector_trained_in_float32_differs_from_the_current_one_in_its_dtype_alone():
+    """docs/verdicts.md's float32 paragraph: the two introspectors' configs differ in dtype alone (an absent
+    ``extra_concepts`` is the empty list: the key does not change with it); the bfloat16 one answers the paper's line
+    with nothing injected far deeper in "no" than the float32 one; the float32 one is called introspection-specific
+    for more than half of its held-out concepts and the bfloat16 one for none; the base model gets the same classes
+    in float32 as in bfloat16; the bfloat16 one's random vectors move its detect wordings by tens of logits, the
+    float32 one's by less than one; the bfloat16 training ended at the lower loss; on the answer's scale the float32
+    introspector reaches the 80% target that logits miss."""
+    results = project_root() / "figures" / verdict_tables.MODEL / "results"
+    configs = {training: load_result(results / f"{table}_training").meta["spec"]["configs"]["introspector"]
+               for training, table in (("current", "organisms"), ("float32", "organisms_float32"))}
+    differ = {k for k in configs["current"].keys() | configs["float32"].keys()
+              if configs["current"].get(k) != configs["float32"].get(k) and k != "extra_concepts"}
+    assert differ == {"dtype", "key"} and not configs["current"].get("extra_concepts")
+    assert (configs["current"]["dtype"], configs["float32"]["dtype"]) == ("bfloat16", "float32")
+    rows = {(r["organism"], training): sweep for training, r, sweep, _ in verdict_tables.committed_organisms()}
+    paper = prompts.paper_pair()[0]
+    depth = {training: float(sweep[sweep["question"] == paper]["baseline_logit_diff"].iloc[0])
+             for training in ("current, second", "float32") for sweep in [rows[("introspector", training)]]}
+    assert depth["current, second"] < 5 * depth["float32"] < 0, depth
+    truths = verdict_tables.known_truths()
+    ours = truths[truths["verdicts_weights"]]
+    float32, current = _row(ours, "float32", "introspector"), _row(ours, "current", "introspector")
+    assert float32["n_introspection-specific"] > float32["n_concepts"] / 2 and current["n_introspection-specific"] == 0
+    classes = [f"n_{c}" for c in verdict_tables.CLASSES]
+    assert (_row(ours, "float32", "base model")[classes] == _row(ours, "current", "base model")[classes]).all()
+    wordings = verdict_tables.introspector_wordings()
+    moved = wordings[wordings["polarity"] > 0].groupby("model")["delta_random"].mean()  # the detect wordings
+    assert moved["introspector (current, second trainings)"] > 10 > 1 > moved["introspector (float32 training)"]
+    losses = {training: load_result(results / f"{table}_training").df.set_index("kind").loc["introspector"]
+              ["final_loss"] for training, table in (("current", "organisms"), ("float32", "organisms_float32"))}
+    assert losses["current"] < losses["float32"]  # the same rows at the last steps: one schedule, one seed
+    readouts = _row(verdict_tables.readouts_compared(), "float32", "introspector")
+    assert readouts["specific_answer"] >= 0.8 * readouts["n_concepts"] > readouts["specific_logits"]

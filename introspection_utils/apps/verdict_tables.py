@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from introspection_utils.core.paths import project_root, replace_block
 from introspection_utils.core.results import load_result
-from introspection_utils.experiments.organisms.evaluation import organism_detection_rates, truth_recovered
+from introspection_utils.experiments.organisms.evaluation import (
+    EVALUATION,
+    organism_detection_rates,
+    table_names,
+    truth_recovered,
+)
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
 from introspection_utils.stats.plasmode import Panel, panel, report
 from introspection_utils.stats.readouts import READOUTS, readout_p
@@ -33,7 +39,11 @@ MODEL = "qwen2.5-coder-1.5b-instruct"
 # wordings; 4 random vectors a concept). A model kept from one training to the next (the base model; the second's
 # introspector and yes-sayer) is the same model in each: the tables show it once, with the trainings that evaluated
 # it, its latest run's held-out atlas and detection rates (an earlier run's own rates stay in its committed table).
-TRAININGS = (("current", "organisms"), ("second", "organisms_second"), ("first", "organisms_first"))
+# "float32": the current training's introspector recipe trained and evaluated in float32 (notebook 14's findings
+# variant ["14.float32"], its own evaluation name), beside the current ones trained in bfloat16; its base model is
+# evaluated in float32 too, so it is a model of its own here.
+TRAININGS = (("current", "organisms"), ("float32", "organisms_float32"), ("second", "organisms_second"),
+             ("first", "organisms_first"))
 SHOWN = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression")
 
 
@@ -78,18 +88,23 @@ def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFram
     table is committed, once: ``trainings`` names the trainings that evaluated it, latest first ("current, second":
     a model kept from one training to the next), ``row`` its row of the latest one's table (organism, truth, model
     name, rates as that run wrote them), ``sweep`` its held-out ``atlas_sweep.csv`` and the scale that run read
-    detection at."""
+    detection at. A model is its tables' folder (the evaluation's models folder, named by the table's metadata,
+    :func:`organisms.evaluation.table_names`; a table written before evaluations had names: the results folder): the
+    base model evaluated in another dtype is another model."""
     results = project_root() / "figures" / model / "results"
-    found: dict[str, list] = {}
+    found: dict[Path, list] = {}
     for training, table in TRAININGS:
         if (results / f"{table}.csv").exists():
             organisms = load_result(results / table)
-            scale = float(organisms.meta["spec"]["detection_scale"])
+            spec = organisms.meta["spec"]
+            models = results / table_names(spec.get("evaluation_name", EVALUATION))["models"]
             for r in organisms.df.to_dict("records"):
-                if r["model"] in found:
-                    found[r["model"]][0].append(training)
+                folder = models / r["model"]
+                if folder in found:
+                    found[folder][0].append(training)
                 else:
-                    found[r["model"]] = [[training], r, pd.read_csv(results / r["model"] / "atlas_sweep.csv"), scale]
+                    found[folder] = [[training], r, pd.read_csv(folder / "atlas_sweep.csv"),
+                                     float(spec["detection_scale"])]
     return [(", ".join(trainings), r, sweep, scale) for trainings, r, sweep, scale in found.values()]
 
 
@@ -151,8 +166,8 @@ def introspector_wordings(model: str = MODEL) -> pd.DataFrame:
     committed = committed_organisms(model)
     models = [(f"introspector ({training} training{'s' * (',' in training)})", sweep, scale)
               for training, r, sweep, scale in committed if r["organism"] == "introspector"]
-    models += [("base model", sweep, scale) for training, r, sweep, scale in committed
-               if evaluated_by(training, TRAININGS[0][0]) and r["organism"] == "base model"]
+    models += [("base model" + ("" if evaluated_by(training, TRAININGS[0][0]) else f" ({training})"), sweep, scale)
+               for training, r, sweep, scale in committed if r["organism"] == "base model"]
     rows = []
     for label, sweep, scale in models:
         at = sweep[(sweep["question_kind"] == "introspection") & (sweep["scale"] == scale)]
@@ -215,14 +230,14 @@ def readouts_compared_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def introspector_concepts(model: str = MODEL) -> pd.DataFrame:
-    """The trained introspector's held-out concepts one by one: what it does (the fraction of the evaluation's
-    wordings it answers as reporting an injected thought at the run's detection scale with the concept's vector,
-    ``detected_concept``, and with that concept's random vectors, ``detected_random``: the rule of
-    :func:`organisms.evaluation.organism_detection_rates`) beside what the verdict says (``class``, ``I``,
+def introspector_concepts(model: str = MODEL, training: str = TRAININGS[0][0]) -> pd.DataFrame:
+    """The introspector of ``training`` (:data:`TRAININGS`), its held-out concepts one by one: what it does (the
+    fraction of the evaluation's wordings it answers as reporting an injected thought at the run's detection scale
+    with the concept's vector, ``detected_concept``, and with that concept's random vectors, ``detected_random``: the
+    rule of :func:`organisms.evaluation.organism_detection_rates`) beside what the verdict says (``class``, ``I``,
     ``p_random``) — one row per concept, sorted by ``detected_concept``."""
-    sweep, scale = next((sweep, scale) for training, r, sweep, scale in committed_organisms(model)
-                        if evaluated_by(training, TRAININGS[0][0]) and r["organism"] == "introspector")
+    sweep, scale = next((sweep, scale) for trainings, r, sweep, scale in committed_organisms(model)
+                        if evaluated_by(trainings, training) and r["organism"] == "introspector")
     table = verdicts(sweep, n_boot=1, mde=False).set_index("concept")
     rows = []
     for concept, rows_of in sweep.groupby("concept"):
@@ -251,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                "known-truths": [("known-truths", lambda: known_truths_markdown(known_truths())),
                                 ("introspector-concepts", lambda: introspector_concepts_markdown(
                                     introspector_concepts())),
+                                ("introspector-concepts-float32", lambda: introspector_concepts_markdown(
+                                    introspector_concepts(training="float32"))),
                                 ("introspector-wordings", lambda: introspector_wordings_markdown(
                                     introspector_wordings())),
                                 ("readouts-compared", lambda: readouts_compared_markdown(readouts_compared()))]}
