@@ -4,6 +4,7 @@ with each model's target read by its rule, the anchor's numbers and the training
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ def organism_evaluations(results: Path) -> list[str]:
     one (``organisms.csv``) where it is there, then every named one (a findings variant's ``evaluation_name``: a
     table whose metadata names it), in name order."""
     default = organisms_evaluation.EVALUATION
-    named = [meta.name.removesuffix(".meta.json") for meta in sorted(results.glob(f"{default}_*.meta.json"))]
-    named = [name for name in named if load_result(results / name).meta.get("spec", {}).get("evaluation_name")
-             == name]
+    named = [name for meta in sorted(results.glob(f"{default}_*.meta.json"))
+             if json.loads(meta.read_text(encoding="utf-8")).get("spec", {}).get("evaluation_name")
+             == (name := meta.name.removesuffix(".meta.json"))]
     return [default] * (results / f"{default}.csv").is_file() + named
 
 
@@ -58,7 +59,8 @@ ORGANISM_ANCHOR = "2511.21399"  # data/anchor_numbers.csv's rows of the trained 
 def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None) -> str:
     """:func:`organism_rows` as a Markdown section: truth by construction beside the verdicts, the rates, forced
     choice and the target each model was held to; then the anchor's numbers (``data/anchor_numbers.csv``) and, with
-    ``training`` (``organisms_training.csv``), each organism's training as measured when it was trained."""
+    ``training`` (``organisms_training.csv`` and each named evaluation's), each organism's training as measured when
+    it was trained."""
     lines = ["## Verdicts on known truths (notebook 14)", "",
              "Three LoRA organisms trained on this model with a truth known by construction (a concept introspector, "
              "an anomaly detector that reports any injection, a yes-sayer), and the base model, each through the "
@@ -83,7 +85,8 @@ def organisms_markdown(rows: pd.DataFrame, training: pd.DataFrame | None = None)
     for a in anchors[anchors["source"].str.contains(ORGANISM_ANCHOR, regex=False)].itertuples():
         lines += ["", f"The anchor ({a.source}, {a.model}, {a.setup}): {a.metric} {a.value}."]
     if training is not None and len(training):
-        lines += ["", "Training (LoRA, measured by the run; `organisms_training.csv`):", "",
+        lines += ["", "Training (LoRA, measured by the run; `organisms_training.csv`, and a named evaluation's "
+                  "`<name>_training.csv`):", "",
                   "| organism | steps | loss first → last 5 | probe at the end: detected concept / random / none | "
                   "wall time | examples/s | tokens/s | load average |",
                   "|---|---|---|---|---|---|---|---|"]
