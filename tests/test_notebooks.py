@@ -259,12 +259,19 @@ def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_conce
     assert set(load_list("concept_words")) <= set(atlas["concepts"]) and len(load_list("concept_words")) == 50
     assert set(base) == {p.name[:2] for p in run.notebooks()}
     # the atlas in every answer format: the open turn's design on a subset of its concepts (the write-up's cases in it)
-    assert [(prefix, name, params["answer_format"]) for prefix, name, params in variants] == [
+    atlases = [(prefix, name, params) for prefix, name, params in variants if prefix == "11"]
+    assert [(prefix, name, params["answer_format"]) for prefix, name, params in atlases] == [
         ("11", "binary", "binary"), ("11", "prefill", "prefill")]
-    for _, _, params in variants:
+    for _, _, params in atlases:
         assert {k: v for k, v in params.items() if k not in ("answer_format", "concepts")} == {
             k: v for k, v in base["11"].items() if k != "concepts"}
         assert {"Sandwich", "Water", "Bomb"} <= set(params["concepts"]) <= set(base["11"]["concepts"])
+    # the organisms' introspector in float32: notebook 14's design but its dtype, its kinds and its evaluation's name
+    [(_, name, organisms)] = [(prefix, name, params) for prefix, name, params in variants if prefix == "14"]
+    changed = {k for k in organisms.keys() | base["14"].keys() if organisms.get(k) != base["14"].get(k)}
+    assert name == "float32" and changed == {"dtype", "kinds", "evaluation_name"}
+    assert (organisms["dtype"], organisms["kinds"], organisms["evaluation_name"]) == (
+        "float32", ["introspector"], "organisms_float32")
     for prefix, _, params in variants:
         run.plan_runs(run.notebooks([prefix]), {"model": model, **common}, {prefix: params})
 
