@@ -20,6 +20,11 @@ def truths():
     return verdict_tables.known_truths()
 
 
+@pytest.fixture(scope="module")
+def readouts():
+    return verdict_tables.readouts_compared()
+
+
 ORGANISMS = ("base model", "introspector", "anomaly-detector", "yes-sayer")
 EVALUATED = {"float32": ("base model", "introspector")}  # a findings variant evaluated the introspector alone
 
@@ -131,11 +136,11 @@ def test_the_verdict_calls_no_concept_the_introspector_does_not_report():
             verdict_tables.introspector_concepts_markdown(table))
 
 
-def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_look_alike_for_any():
+def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_look_alike_for_any(readouts):
     """The readouts compared: read on the answer's scale (or on the larger of the two readouts) the first
     introspector has more concepts beyond its random vectors and the controls than in logits, and the base model and
     the look-alikes of both trainings none on any readout; docs/verdicts.md's table is this module's."""
-    table = verdict_tables.readouts_compared()
+    table = readouts
     first = _row(table, "first", "introspector")
     assert first["specific_answer"] > first["specific_logits"] and first["specific_larger"] > first["specific_logits"]
     for training in _with("anomaly-detector"):
@@ -146,7 +151,7 @@ def test_on_the_answer_scale_the_first_introspector_is_found_for_more_and_no_loo
         verdict_tables.readouts_compared_markdown(table))
 
 
-def test_the_introspector_trained_in_float32_differs_from_the_current_one_in_its_dtype_alone():
+def test_the_introspector_trained_in_float32_differs_from_the_current_one_in_its_dtype_alone(truths, readouts):
     """docs/verdicts.md's float32 paragraph: the two introspectors' configs differ in dtype alone (an absent
     ``extra_concepts`` is the empty list: the key does not change with it); the bfloat16 one answers the paper's line
     with nothing injected far deeper in "no" than the float32 one; the float32 one is called introspection-specific
@@ -166,7 +171,6 @@ def test_the_introspector_trained_in_float32_differs_from_the_current_one_in_its
     depth = {training: float(sweep[sweep["question"] == paper]["baseline_logit_diff"].iloc[0])
              for training in ("current, second", "float32") for sweep in [rows[("introspector", training)]]}
     assert depth["current, second"] < 5 * depth["float32"] < 0, depth
-    truths = verdict_tables.known_truths()
     ours = truths[truths["verdicts_weights"]]
     float32, current = _row(ours, "float32", "introspector"), _row(ours, "current", "introspector")
     assert float32["n_introspection-specific"] > float32["n_concepts"] / 2 and current["n_introspection-specific"] == 0
@@ -178,5 +182,5 @@ def test_the_introspector_trained_in_float32_differs_from_the_current_one_in_its
     losses = {training: load_result(results / f"{table}_training").df.set_index("kind").loc["introspector"]
               ["final_loss"] for training, table in (("current", "organisms"), ("float32", "organisms_float32"))}
     assert losses["current"] < losses["float32"]  # the same rows at the last steps: one schedule, one seed
-    readouts = _row(verdict_tables.readouts_compared(), "float32", "introspector")
-    assert readouts["specific_answer"] >= 0.8 * readouts["n_concepts"] > readouts["specific_logits"]
+    answer = _row(readouts, "float32", "introspector")
+    assert answer["specific_answer"] >= 0.8 * answer["n_concepts"] > answer["specific_logits"]
