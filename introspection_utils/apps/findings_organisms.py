@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from introspection_utils.core.data import data_dir
-from introspection_utils.core.results import load_result, saved_table
+from introspection_utils.core.results import saved_table
 from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
 from introspection_utils.experiments.organisms.probe import DETECTED
 
@@ -32,7 +32,8 @@ def _evaluation_label(results: Path, evaluation_name: str) -> str:
     default evaluation)."""
     if evaluation_name == organisms_evaluation.EVALUATION:
         return ""
-    return f" ({load_result(results / evaluation_name).meta['dtype']}, `{evaluation_name}`)"
+    meta = json.loads((results / f"{evaluation_name}.meta.json").read_text(encoding="utf-8"))
+    return f" ({meta['dtype']}, `{evaluation_name}`)"
 
 
 def organism_rows(results: Path, evaluation_name: str = organisms_evaluation.EVALUATION) -> pd.DataFrame:
