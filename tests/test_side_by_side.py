@@ -126,6 +126,9 @@ def test_the_series_time_is_recorded_cold_and_warm_and_written_into_the_docs(tmp
     line = run.series_markdown(folder / "series.json")
     assert line.startswith("`make demo` took 3.3 min cold") and "1.5 min warm" in line
     assert "2 notebooks 2 at a time with 1 thread(s) each" in line
+    # the CPU's kind says how far the time carries to another machine (bf16 instructions or not: several times)
+    from introspection_utils.engine.throughput import bf16_flags, device_name
+    assert line.count(f"({device_name('cpu')}; bf16 instructions: {bf16_flags()})") == 2
     docs, readme = tmp_path / "notebooks.md", tmp_path / "README.md"
     docs.write_text("a\n<!-- timings:start -->\nold\n<!-- timings:end -->\nb\n")
     readme.write_text("c\n<!-- demo_time:start -->\nold\n<!-- demo_time:end -->\nd\n")

@@ -13,15 +13,17 @@ from introspection_utils.core.paths import model_name
 
 
 def series_markdown(path: Path) -> str:
-    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm."""
+    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm, and the CPU it
+    ran on with its bfloat16 instructions (where the record has them)."""
     record = json.loads(Path(path).read_text())
     parts = []
     for kind, what in (("cold", "cold (empty cache: the model converted, every vector computed)"),
                        ("warm", "warm (cache filled, `FORCE=1`)")):
         if kind in record:
             r = record[kind]
+            cpu = f" ({r['device']}; bf16 instructions: {r['bf16']})" if r.get("device") else ""
             parts.append(f"{r['seconds'] / 60:.1f} min {what}, {r['notebooks']} notebooks {r['jobs']} at a time with "
-                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s), load average {r['load_avg']} at "
+                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s){cpu}, load average {r['load_avg']} at "
                          "the end")
     if not parts:
         raise ValueError(f"{path} has no series time: run `make demo` first")

@@ -322,8 +322,10 @@ def write_timings(records: Sequence[RunRecord], path: Path, model: str) -> Path:
 def write_series_time(path: Path, *, cold: bool, seconds: float, jobs: int, notebooks: int) -> Path:
     """Record a whole series' wall time in ``path`` (``runs/<model>/series.json``) under ``"cold"`` (the model's
     converted weights were not in the cache when it started: a fresh clone's first ``make demo``) or ``"warm"``,
-    with how it ran: notebooks side by side, threads per kernel, CPUs and the load average at its end."""
+    with how it ran: notebooks side by side, threads per kernel, CPUs, the CPU's name and its bfloat16 instructions
+    (the same series takes several times longer on a CPU of another kind) and the load average at its end."""
     from introspection_utils.core.paths import atomic_write
+    from introspection_utils.engine.throughput import bf16_flags, device_name
 
     record = json.loads(path.read_text()) if path.is_file() else {}
     try:
@@ -332,7 +334,7 @@ def write_series_time(path: Path, *, cold: bool, seconds: float, jobs: int, note
         load = None
     record["cold" if cold else "warm"] = {"seconds": round(seconds, 1), "notebooks": notebooks, "jobs": jobs,
                                           "threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
-                                          "load_avg": load}
+                                          "device": device_name("cpu"), "bf16": bf16_flags(), "load_avg": load}
     return atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
