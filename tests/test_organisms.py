@@ -149,7 +149,7 @@ def test_the_cache_key_changes_with_every_setting(tiny_llama):
                "scales": (3.0,), "split_hash": "0" * 16, "rank": 4, "lora_alpha": 8.0, "lr": 0.5, "steps": 3,
                "batch_size": 3, "seed": 1, "mix": (0.5, 0.25, 0.25), "p_control": 0.5, "control_weight": 2.0,
                "top_k": 8, "targets": ("q_proj",), "contrast": True, "p_named": 0.5,
-               "extra_concepts": ("Apples",)}
+               "extra_concepts": ("Apples",), "p_choice": 0.5, "choice_hash": "1" * 16}
     assert set(changed) == {f.name for f in dataclasses.fields(config)}, "a setting without a key test"
     keys = {config.key()} | {dataclasses.replace(config, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) + 1
@@ -216,6 +216,68 @@ def test_p_named_sets_how_often_a_wording_draw_names(tiny_llama):
         training._check(tiny_llama, dataclasses.replace(config, p_named=1.5), split)
 
 
+def _listing(question: str) -> list[str]:
+    """The concepts a forced-choice training question lists, in their numbered order."""
+    lines = [line for line in question.splitlines() if line[:1].isdigit() and ". " in line]
+    assert [line.split(". ", 1)[0] for line in lines] == [str(i + 1) for i in range(len(lines))]
+    return [line.split(". ", 1)[1] for line in lines]
+
+
+def test_forced_choice_rows_list_training_concepts_and_teach_the_injected_ones_number(tiny_llama, bank):
+    """``p_choice``: that share of the introspector's wording draws is a forced-choice row — a listing of training
+    concepts (never a held-out one), the injected concept in it once, at a drawn position (every position drawn),
+    of a listed size; its contrast set asks the same listing under every condition. The concept row is taught its
+    number as notebook 13 reads it (the label's token after the answer stem); the random and uninjected rows keep the
+    base model's answer. A config without ``p_choice`` draws no such row."""
+    split, choice = splits.load_split(), splits.load_choice()
+    config = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=60, p_control=0.0,
+                                      contrast=True, p_choice=1.0)
+    assert config.choice_hash == choice.hash
+    rows = [r for step in range(4) for r in forward.schedule(config, split, step)[1]]
+    assert all(r.label is not None for r in rows)
+    positions, sizes = set(), set()
+    for r in rows:
+        options = _listing(r.question)
+        assert set(options) <= set(split.train) and options.count(r.concept) == 1
+        assert options[int(r.label) - 1] == r.concept
+        positions.add(int(r.label)), sizes.add(len(options))
+        assert any(r.question == choice.question(i, options) for i in range(len(choice.questions)))
+    assert sizes == set(choice.sizes) and positions == set(range(1, max(choice.sizes) + 1))
+    assert len({r.question for r in rows[:3]}) == 1 and [r.condition for r in rows[:3]] == list(splits.CONDITIONS)
+    half = dataclasses.replace(config, p_choice=0.5)
+    share = np.mean([r.label is not None for step in range(4) for r in forward.schedule(half, split, step)[1]])
+    assert 0.3 < share < 0.7
+    plain = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=60, contrast=True)
+    assert plain.choice_hash == "" and not any(r.label for r in forward.schedule(plain, split, 0)[1])
+    layer, step_rows = forward.schedule(config, split, 0)
+    batch = forward.make_batch(tiny_llama, config, split, layer, step_rows[:3], bank)
+    prompts, _ = forward.row_tokens(tiny_llama, config, split, step_rows[:3])
+    assert prompts[0].text.endswith(choice.prefill)
+    label_id = tiny_llama.tokenizer(prompts[0].text + step_rows[0].label, add_special_tokens=False)["input_ids"][-1]
+    assert batch.taught == [[label_id], [], []]
+
+
+def test_forced_choice_rows_are_the_introspectors_and_written_for_training(tiny_llama):
+    """A forced-choice training question is not notebook 13's trial and has its listing slot; only the introspector
+    draws the rows, at a fraction in (0, 1], with the rows its config was made for — each one clear error."""
+    split = splits.load_split()
+    choice = splits.load_choice()
+    trial = tomllib.loads((DATA / "prompts.toml").read_text(encoding="utf-8"))["forced_choice"]["trial"]
+    assert trial.lower() not in {q.lower() for q in choice.questions}
+    for bad, match in ((dataclasses.replace(choice, questions=(trial,)), "is notebook 13's trial"),
+                       (dataclasses.replace(choice, questions=("Which one?",)), "has no {options} slot"),
+                       (dataclasses.replace(choice, sizes=(12,)), "sizes must be 2..9")):
+        with pytest.raises(ValueError, match=match):
+            splits.check_choice(bad)
+    config = training.organism_config(tiny_llama, "introspector", steps=2, batch_size=4, p_choice=0.5)
+    training._check(tiny_llama, config, split)
+    for bad, match in ((dataclasses.replace(config, kind="yes-sayer"), "needs a fraction"),
+                       (dataclasses.replace(config, p_choice=1.5), "needs a fraction"),
+                       (dataclasses.replace(config, choice_hash="0" * 16), "was made for forced-choice rows")):
+        with pytest.raises(ValueError, match=match):
+            training._check(tiny_llama, bad, split)
+
+
 # ------------------------------------------------------------------------------------------------ the step
 
 
@@ -264,12 +326,16 @@ def test_the_training_hook_injects_what_the_engine_injects(tiny_llama, bank, lay
     assert (engine - uninjected).abs().amax(-1)[[0, 1, 3]].min() > 1e-3  # the injection changes what is compared
 
 
-def test_a_training_step_lowers_the_loss(tiny_llama, bank):
-    config = _config(tiny_llama, lr=0.02)
+@pytest.mark.parametrize("p_choice", [0.0, 0.5], ids=["wordings", "with forced-choice rows"])
+def test_a_training_step_lowers_the_loss(tiny_llama, bank, p_choice):
+    config = _config(tiny_llama, lr=0.02, p_choice=p_choice)
     split = splits.load_split()
     model, layers = forward.adapted(tiny_llama, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    layer, rows = forward.schedule(config, split, 0)
+    # with forced-choice rows, the first step that teaches a concept's number
+    step = next(s for s in range(50) if not p_choice or any(
+        r.label and r.condition == "concept" for r in forward.schedule(config, split, s)[1]))
+    layer, rows = forward.schedule(config, split, step)
     batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
     frozen = FrozenWork()
     first = forward.train_step(model, layers, batch, config, optimizer, frozen)["loss"]

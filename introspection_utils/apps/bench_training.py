@@ -28,12 +28,13 @@ from introspection_utils.engine.throughput import (
     Throughput,
     linear_peak_gflops,
     load_average,
+    machine,
     measured_line,
     throughput_table,
 )
 from introspection_utils.experiments.organisms.evaluation import EVALUATION, table_names
 from introspection_utils.experiments.organisms.flops import training_throughput
-from introspection_utils.experiments.organisms.training import Organism, OrganismConfig, machine, organism_folder
+from introspection_utils.experiments.organisms.training import Organism, OrganismConfig, organism_folder
 from introspection_utils.models.handle import load_model
 
 # What one block's organisms share (its title); steps and rows a step are each organism's own (its row's label), so

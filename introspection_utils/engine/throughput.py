@@ -144,6 +144,17 @@ def device_name(device: torch.device | str, cpuinfo: str | Path = "/proc/cpuinfo
     return f"{os.cpu_count()}-core {model or 'CPU'} ({platform.machine()})"
 
 
+def machine() -> dict:
+    """The machine a measurement (an organism's training) ran on, for its metadata: CPU model, bf16 instructions,
+    threads, load average."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
+        else platform.processor()
+    return {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
 def load_words(start: float | None, end: float | None) -> str:
     """The load averages of a measurement in words, saying whether the machine was shared: ``start`` is read before
     the run's own work (others' load), ``end`` after it (the run's own threads included)."""

@@ -18,7 +18,14 @@ from introspection_utils.engine.traced_pass import Injection
 from introspection_utils.engine.trials import Trial
 from introspection_utils.engine.vectors import left_pad, null_vector
 from introspection_utils.experiments.organisms.frozen_work import FrozenWork, Keys, add_injection, prefix_cache, serving
-from introspection_utils.experiments.organisms.splits import CONDITIONS, OrganismSplit, target, trained_concepts
+from introspection_utils.experiments.organisms.splits import (
+    CONDITIONS,
+    OrganismSplit,
+    load_choice,
+    target,
+    trained_concepts,
+)
+from introspection_utils.experiments.tasks.common import label_token_ids
 
 if TYPE_CHECKING:
     from introspection_utils.engine.prompts import Prompt
@@ -32,13 +39,16 @@ RANDOM_SEED_OFFSET = 10_000  # training's random directions: seeds the evaluatio
 @dataclass(frozen=True)
 class Row:
     """One training row: ``question`` asked in the paper's frame with ``condition``'s vector (``concept``'s, or a
-    norm-matched random direction seeded by ``vector_seed``) at ``scale``."""
+    norm-matched random direction seeded by ``vector_seed``) at ``scale``. ``label``: a forced-choice row's number
+    of ``concept`` in its listing (its question a :class:`~introspection_utils.experiments.organisms.splits.
+    ChoiceRows` question); ``None`` for a wording or control."""
 
     question: str
     condition: str
     concept: str
     scale: float
     vector_seed: int
+    label: str | None = None
 
 
 def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[int, list[Row]]:
@@ -47,9 +57,10 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
     Each row draws its condition from ``config.mix``, or, with ``config.contrast``, rows come in contrast sets: one
     draw of (question, concept, scale, random direction) asked under every condition ``mix`` gives weight, side by
     side in the batch (the last set cut at ``batch_size``). The taught answer of a wording flips with the condition
-    (and its meaning with the wording's polarity); ``config.p_named``: how often a wording draw is a naming one. A
-    contrast set shows the model the same question both ways in one gradient, instead of leaving the injection's part
-    to be separated from the wording's across steps."""
+    (and its meaning with the wording's polarity); ``config.p_named``: how often a wording draw is a naming one;
+    ``config.p_choice``: how often it is a forced-choice row instead (:func:`choice_draw`). A contrast set shows the
+    model the same question both ways in one gradient, instead of leaving the injection's part to be separated from
+    the wording's across steps."""
     rng = np.random.default_rng([config.seed, step])
     layer = int(config.layers[rng.integers(len(config.layers))])
     wordings = [w.text for w in split.wordings]
@@ -61,13 +72,31 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
         condition = None if config.contrast else \
             CONDITIONS[rng.choice(3, p=np.asarray(config.mix) / sum(config.mix))]
         pool = split.controls if rng.random() < config.p_control else wordings
-        if pool is wordings and config.p_named is not None:  # its own draw only then: p_named=None draws as before
-            pool = naming[0] if rng.random() < config.p_named else naming[1]
-        question, concept = pool[rng.integers(len(pool))], concepts[rng.integers(len(concepts))]
+        # each of these is its own draw only when set: a config without it draws as before
+        label = None
+        if pool is wordings and config.p_choice and rng.random() < config.p_choice:
+            question, concept, label = choice_draw(rng, concepts)
+        else:
+            if pool is wordings and config.p_named is not None:
+                pool = naming[0] if rng.random() < config.p_named else naming[1]
+            question, concept = pool[rng.integers(len(pool))], concepts[rng.integers(len(concepts))]
         scale = float(config.scales[rng.integers(len(config.scales))])
         seed = RANDOM_SEED_OFFSET + int(rng.integers(1_000_000))
-        rows += [Row(question, c, concept, scale, seed) for c in ([condition] if condition else conditions)]
+        rows += [Row(question, c, concept, scale, seed, label) for c in ([condition] if condition else conditions)]
     return layer, rows[:config.batch_size]
+
+
+def choice_draw(rng: np.random.Generator, concepts: Sequence[str]) -> tuple[str, str, str]:
+    """A forced-choice row's ``(question, concept, label)``: a question of :func:`~introspection_utils.experiments.
+    organisms.splits.load_choice`, a listing of one of its sizes drawn from ``concepts`` (the injected ``concept``
+    among them) in a drawn order, and ``concept``'s number in it."""
+    choice = load_choice()
+    concept = concepts[rng.integers(len(concepts))]
+    size = int(choice.sizes[rng.integers(len(choice.sizes))])
+    others = [c for c in concepts if c != concept]
+    options = [concept, *(others[i] for i in rng.choice(len(others), size - 1, replace=False))]
+    options = [options[i] for i in rng.permutation(size)]
+    return choice.question(int(rng.integers(len(choice.questions))), options), concept, str(options.index(concept) + 1)
 
 
 @dataclass
@@ -115,6 +144,11 @@ def row_tokens(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit
     yes, no = paper_answers()
     prompts, taught = [], []
     for row in rows:
+        if row.label is not None:  # a forced-choice row: the concept's number after the stem, as notebook 13 reads it
+            prompt = row_prompt(handle, row.question, prefill=load_choice().prefill)
+            prompts.append(prompt)
+            taught.append(label_token_ids(handle, prompt, [row.label]) if row.condition == "concept" else [])
+            continue
         prompts.append(row_prompt(handle, row.question))
         answer = target(config.kind, row.condition, row.question, split, row.concept, yes, no)
         taught.append([] if answer is None else continuation_ids(handle, answer))
@@ -170,11 +204,12 @@ def trial_batch(handle: ModelHandle, trials: Sequence[Trial], taught: Sequence[S
 _PROMPTS: dict = {}
 
 
-def row_prompt(handle: ModelHandle, question: str) -> Prompt:
-    """``question`` in the organisms' training frame (the paper's preamble), made once per tokenizer."""
-    key = (id(handle.tokenizer), question)
+def row_prompt(handle: ModelHandle, question: str, *, prefill: str = "") -> Prompt:
+    """``question`` in the organisms' training frame (the paper's preamble; the answer opened with ``prefill``),
+    made once per tokenizer."""
+    key = (id(handle.tokenizer), question, prefill)
     if key not in _PROMPTS:
-        _PROMPTS[key] = introspection_prompt(handle, question, kind="organism-training")
+        _PROMPTS[key] = introspection_prompt(handle, question, kind="organism-training", prefill=prefill)
     return _PROMPTS[key]
 
 

@@ -8,7 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from introspection_utils.core.data import data_dir, load_list, load_questions, tomllib, validate_concept, word_forms
+from introspection_utils.core.data import (
+    data_dir,
+    load_list,
+    load_prompts,
+    load_questions,
+    tomllib,
+    validate_concept,
+    word_forms,
+)
 from introspection_utils.core.paths import content_hash
 
 if TYPE_CHECKING:
@@ -107,6 +115,69 @@ def check_split(split: OrganismSplit) -> None:
     bad = [w.text for w in split.wordings if w.polarity not in (1, -1) or (w.names and w.polarity != 1)]
     if bad:
         raise ValueError(f"wordings need polarity +1 or -1 (naming ones +1): {bad}")
+
+
+@dataclass(frozen=True)
+class ChoiceRows:
+    """The introspector's forced-choice training rows (``data/organisms/training.toml`` ``[choice]``; drawn at
+    :attr:`~introspection_utils.experiments.organisms.training.OrganismConfig.p_choice`): ``questions``, each with an
+    ``{options}`` slot for a listing of ``sizes`` training concepts (the injected one among them) numbered by
+    ``option_format``; the answer stem ``prefill``; the taught answer is the injected concept's number. Not part of
+    :class:`OrganismSplit` (its hash names every organism trained before these rows existed): a config that draws
+    them carries :attr:`hash` instead."""
+
+    questions: tuple[str, ...]
+    option_format: str
+    prefill: str
+    sizes: tuple[int, ...]
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self)
+
+    def question(self, index: int, options: Sequence[str]) -> str:
+        """Question ``index`` listing ``options`` in the order given, numbered 1..N."""
+        listing = "\n".join(self.option_format.format(label=str(i + 1), concept=c) for i, c in enumerate(options))
+        return self.questions[index].format(options=listing)
+
+
+@functools.cache
+def load_choice() -> ChoiceRows:
+    """``data/organisms/training.toml``'s ``[choice]`` as :class:`ChoiceRows`, checked by :func:`check_choice`."""
+    raw = _training_file()["choice"]
+    rows = ChoiceRows(tuple(raw["questions"]), raw["option_format"], raw["prefill"], tuple(int(n) for n in
+                                                                                           raw["sizes"]))
+    check_choice(rows)
+    return rows
+
+
+def check_choice(rows: ChoiceRows) -> None:
+    """A ``ValueError`` naming the first forced-choice training question that lacks its ``{options}`` slot or is
+    notebook 13's forced-choice trial (``data/prompts.toml`` ``[forced_choice]``, compared without case), or a
+    listing size outside 2..9 (single-digit numbers) or larger than the concepts trained on."""
+    asked = load_prompts()["forced_choice"]["trial"].lower()
+    for question in rows.questions:
+        if "{options}" not in question:
+            raise ValueError(f"forced-choice training question {question!r} has no {{options}} slot")
+        if question.lower() == asked:
+            raise ValueError(f"forced-choice training question {question!r} is notebook 13's trial")
+    if len(set(rows.questions)) != len(rows.questions):
+        raise ValueError("a forced-choice training question repeats")
+    if not rows.sizes or not all(2 <= n <= min(9, len(load_split().train)) for n in rows.sizes):
+        raise ValueError(f"forced-choice listing sizes must be 2..9, got {list(rows.sizes)}")
+
+
+def check_choice_config(config: OrganismConfig) -> None:
+    """A ``ValueError`` where ``config`` draws forced-choice rows (``p_choice``) but is not the introspector's, its
+    fraction is outside (0, 1], or it was made for other rows than the training file's (``choice_hash``)."""
+    if not config.p_choice:
+        return
+    if config.kind != "introspector" or not 0 < config.p_choice <= 1:
+        raise ValueError(f"p_choice={config.p_choice} needs a fraction in (0, 1] and the introspector "
+                         f"(got {config.kind!r})")
+    if config.choice_hash != load_choice().hash:
+        raise ValueError(f"config {config.name} was made for forced-choice rows {config.choice_hash!r}; "
+                         f"data/organisms/training.toml's [choice] gives {load_choice().hash!r}")
 
 
 @functools.cache

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from introspection_utils.core.paths import atomic_write, content_hash
 from introspection_utils.core.results import SweepResult, load_result
 from introspection_utils.engine.metadata import save_table
-from introspection_utils.engine.throughput import linear_peak_gflops, load_average
+from introspection_utils.engine.throughput import linear_peak_gflops, load_average, machine
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms import splits
 from introspection_utils.experiments.organisms.flops import training_throughput
@@ -32,7 +31,7 @@ from introspection_utils.experiments.organisms.frozen_work import FrozenWork
 from introspection_utils.experiments.organisms.probe import DETECTED, behaviour_probe
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
-from introspection_utils.models.handle import cpu_flags, load_model
+from introspection_utils.models.handle import load_model
 
 if TYPE_CHECKING:
     from introspection_utils.engine.vectors import VectorBank
@@ -43,7 +42,7 @@ CHECKPOINT_EVERY = 10
 FINAL_STATE = "final_state.pt"  # a finished training's adapter, optimizer state and curve at its last step
 # Fields added to OrganismConfig after organisms were trained, with the value that trains as before: left out of
 # the cache key at that value (OrganismConfig.key).
-ADDED_FIELDS = {"contrast": False, "p_named": None, "extra_concepts": ()}
+ADDED_FIELDS = {"contrast": False, "p_named": None, "extra_concepts": (), "p_choice": 0.0, "choice_hash": ""}
 @dataclass(frozen=True)
 class OrganismConfig:
     """Every setting a trained organism depends on; :meth:`key` names it in the cache.
@@ -57,7 +56,8 @@ class OrganismConfig:
     alike, so an introspector sees naming sentences only at the naming wordings' share of the training wordings).
     ``extra_concepts``: concepts trained on besides the split's (:func:`~introspection_utils.experiments.organisms.
     splits.extra_concepts`; ``organism_config(..., extra_concepts=True)`` takes that list), drawn alike with them.
-    """
+    ``p_choice``: the share of an introspector's wording draws that are forced-choice rows (``splits.ChoiceRows``,
+    hashed as ``choice_hash`` by :func:`organism_config`): the injected concept's number taught."""
 
     kind: str
     model: str
@@ -80,6 +80,8 @@ class OrganismConfig:
     contrast: bool = False
     p_named: float | None = None
     extra_concepts: tuple[str, ...] = ()
+    p_choice: float = 0.0
+    choice_hash: str = ""
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> OrganismConfig:
@@ -129,6 +131,8 @@ def organism_config(handle: ModelHandle, kind: str, *, layers: Sequence[int] | N
     split = split or load_split()
     if settings.get("extra_concepts") is True:
         settings["extra_concepts"] = splits.extra_concepts()
+    if settings.get("p_choice"):
+        settings.setdefault("choice_hash", splits.load_choice().hash)
     return OrganismConfig(kind, handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), layers,
                           tuple(float(s) for s in scales), split.hash, **settings)
 
@@ -169,16 +173,6 @@ def organism_folder(config: OrganismConfig, root: str | Path | None = None) -> P
     return (Path(root) if root is not None else cache_dir() / "organisms") / config.name
 
 
-def machine() -> dict:
-    """The machine a training ran on, for its metadata: CPU model, bf16 instructions, threads, load average."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-        else platform.processor()
-    return {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
-            "load_avg": [round(x, 2) for x in os.getloadavg()]}
-
-
 def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) -> None:
     have = (handle.name, handle.revision, str(handle.dtype).removeprefix("torch."), split.hash)
     want = (config.model, config.revision, config.dtype, config.split_hash)
@@ -188,6 +182,7 @@ def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) ->
     if config.p_named is not None and not (0 <= config.p_named <= 1 and any(w.names for w in split.wordings)):
         raise ValueError(f"p_named={config.p_named} needs a fraction in [0, 1] and a naming wording in the split")
     splits.check_extra_concepts(config.extra_concepts, split)
+    splits.check_choice_config(config)
 
 
 def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorBank | None = None,
