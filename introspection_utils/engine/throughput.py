@@ -135,23 +135,23 @@ def device_name(device: torch.device | str, cpuinfo: str | Path = "/proc/cpuinfo
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = ""
+    return f"{os.cpu_count()}-core {cpu_model(cpuinfo) or 'CPU'} ({platform.machine()})"
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name as ``cpuinfo`` gives it, or ``""`` where it gives none."""
     try:
-        model = next((line.partition(":")[2].strip() for line in Path(cpuinfo).read_text().splitlines()
-                      if line.startswith("model name")), "")
+        return next((line.partition(":")[2].strip() for line in Path(cpuinfo).read_text().splitlines()
+                     if line.startswith("model name")), "")
     except OSError:
-        pass
-    return f"{os.cpu_count()}-core {model or 'CPU'} ({platform.machine()})"
+        return ""
 
 
 def machine() -> dict:
     """The machine a measurement (an organism's training) ran on, for its metadata: CPU model, bf16 instructions,
     threads, load average."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-        else platform.processor()
-    return {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+    return {"cpu": cpu_model() or platform.processor(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "bf16_flags": sorted(set(BF16_CPU_FLAGS) & cpu_flags()),
             "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
