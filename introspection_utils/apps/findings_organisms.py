@@ -4,14 +4,13 @@ with each model's target read by its rule, the anchor's numbers and the training
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from introspection_utils.core.data import data_dir
-from introspection_utils.core.results import saved_table
+from introspection_utils.core.results import saved_meta, saved_table
 from introspection_utils.experiments.organisms import evaluation as organisms_evaluation
 from introspection_utils.experiments.organisms.probe import DETECTED
 
@@ -22,8 +21,8 @@ def organism_evaluations(results: Path) -> list[str]:
     table whose metadata names it), in name order."""
     default = organisms_evaluation.EVALUATION
     named = [name for meta in sorted(results.glob(f"{default}_*.meta.json"))
-             if json.loads(meta.read_text(encoding="utf-8")).get("spec", {}).get("evaluation_name")
-             == (name := meta.name.removesuffix(".meta.json"))]
+             if saved_meta(results / (name := meta.name.removesuffix(".meta.json"))).get("spec", {}).get(
+                 "evaluation_name") == name]
     return [default] * (results / f"{default}.csv").is_file() + named
 
 
@@ -32,8 +31,7 @@ def _evaluation_label(results: Path, evaluation_name: str) -> str:
     default evaluation)."""
     if evaluation_name == organisms_evaluation.EVALUATION:
         return ""
-    meta = json.loads((results / f"{evaluation_name}.meta.json").read_text(encoding="utf-8"))
-    return f" ({meta['dtype']}, `{evaluation_name}`)"
+    return f" ({saved_meta(results / evaluation_name)['dtype']}, `{evaluation_name}`)"
 
 
 def organism_rows(results: Path, evaluation_name: str = organisms_evaluation.EVALUATION) -> pd.DataFrame:

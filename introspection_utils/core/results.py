@@ -33,7 +33,12 @@ def load_result(path: str | Path) -> SweepResult:
     df = pd.read_csv(path, dtype={"vector_seed": "Int64", "null_kind": str})
     if "null_kind" in df:
         df["null_kind"] = df["null_kind"].fillna("")
-    return SweepResult(df, json.loads(path.with_suffix(".meta.json").read_text()))
+    return SweepResult(df, saved_meta(path))
+
+
+def saved_meta(path: str | Path) -> dict:
+    """The metadata of the table saved at ``path`` (``<path>.meta.json``), read without the table."""
+    return json.loads(Path(path).with_suffix(".meta.json").read_text(encoding="utf-8"))
 
 
 def saved_table(path: str | Path) -> pd.DataFrame | None:
