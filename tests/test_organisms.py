@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -338,11 +339,20 @@ def test_a_training_step_lowers_the_loss(tiny_llama, bank, p_choice):
     layer, rows = forward.schedule(config, split, step)
     batch = forward.make_batch(tiny_llama, config, split, layer, rows, bank)
     frozen = FrozenWork()
-    first = forward.train_step(model, layers, batch, config, optimizer, frozen)["loss"]
+    record = forward.train_step(model, layers, batch, config, optimizer, frozen)
     for _ in range(3):
         forward.train_step(model, layers, batch, config, optimizer, frozen)
-    assert forward.train_step(model, layers, batch, config, None, frozen)["loss"] < first - 0.05
+    last = forward.train_step(model, layers, batch, config, None, frozen)
+    assert last["loss"] < record["loss"] - 0.05
     assert any(batch.taught) and not all(batch.taught)  # taught answers and kept ones both in the loss
+    # the forced-choice rows' own taught term, apart from the wordings' (NaN in a batch without them)
+    assert batch.choice == [r.label is not None for r in rows]
+    if p_choice:
+        assert last["loss_choice"] < record["loss_choice"]
+        if any(a for a, c in zip(batch.taught, batch.choice, strict=True) if not c):  # wordings taught beside them
+            assert record["loss_choice"] != record["loss_taught"]
+    else:
+        assert math.isnan(record["loss_choice"])
     assert not any("lora" in name for name, _ in tiny_llama.torch_model.named_modules()), "the handle was wrapped"
 
 

@@ -4,6 +4,7 @@ starting nothing new, and the same records and timings as one at a time (no kern
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -128,7 +129,13 @@ def test_the_series_time_is_recorded_cold_and_warm_and_written_into_the_docs(tmp
     assert "2 notebooks 2 at a time with 1 thread(s) each" in line
     # the CPU's kind says how far the time carries to another machine (bf16 instructions or not: several times)
     from introspection_utils.engine.throughput import bf16_flags, device_name
-    assert line.count(f"({device_name('cpu')}; bf16 instructions: {bf16_flags()})") == 2
+    assert line.count(f"({device_name('cpu')}; bf16 instructions: {bf16_flags()})") == 1  # both runs' CPU, once
+    assert line.endswith(f"; both 2 notebooks 2 at a time with 1 thread(s) each on {os.cpu_count()} CPU(s) "
+                         f"({device_name('cpu')}; bf16 instructions: {bf16_flags()}).")
+    record = json.loads((folder / "series.json").read_text())
+    record["warm"]["jobs"] = 1  # runs that differ: each says its own
+    (tmp_path / "differing.json").write_text(json.dumps(record))
+    assert run.series_markdown(tmp_path / "differing.json").count("bf16 instructions") == 2
     docs, readme = tmp_path / "notebooks.md", tmp_path / "README.md"
     docs.write_text("a\n<!-- timings:start -->\nold\n<!-- timings:end -->\nb\n")
     readme.write_text("c\n<!-- demo_time:start -->\nold\n<!-- demo_time:end -->\nd\n")

@@ -13,21 +13,25 @@ from introspection_utils.core.paths import model_name
 
 
 def series_markdown(path: Path) -> str:
-    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm, and the CPU it
-    ran on with its bfloat16 instructions (where the record has them)."""
+    """``series.json`` (:func:`write_series_time`) as one line: the series' wall time cold and warm, and how it ran
+    (notebooks, jobs, threads, CPUs, the CPU with its bfloat16 instructions where the record has them) — said once
+    when both runs share it, after each run when they differ."""
     record = json.loads(Path(path).read_text())
-    parts = []
-    for kind, what in (("cold", "cold (empty cache: the model converted, every vector computed)"),
-                       ("warm", "warm (cache filled, `FORCE=1`)")):
-        if kind in record:
-            r = record[kind]
-            cpu = f" ({r['device']}; bf16 instructions: {r['bf16']})" if r.get("device") else ""
-            parts.append(f"{r['seconds'] / 60:.1f} min {what}, {r['notebooks']} notebooks {r['jobs']} at a time with "
-                         f"{r['threads']} thread(s) each on {r['cpus']} CPU(s){cpu}, load average {r['load_avg']} at "
-                         "the end")
-    if not parts:
+    runs = [(kind, what, record[kind]) for kind, what in (
+        ("cold", "cold (empty cache: the model converted, every vector computed)"),
+        ("warm", "warm (cache filled, `FORCE=1`)")) if kind in record]
+    if not runs:
         raise ValueError(f"{path} has no series time: run `make demo` first")
-    return "`make demo` took " + "; ".join(parts) + "."
+
+    def setup(r: dict) -> str:
+        cpu = f" ({r['device']}; bf16 instructions: {r['bf16']})" if r.get("device") else ""
+        return (f"{r['notebooks']} notebooks {r['jobs']} at a time with {r['threads']} thread(s) each on "
+                f"{r['cpus']} CPU(s){cpu}")
+    shared = len({setup(r) for _, _, r in runs}) == 1
+    parts = [f"{r['seconds'] / 60:.1f} min {what}" + ("" if shared else f", {setup(r)}")
+             + f", load average {r['load_avg']} at the end" for _, what, r in runs]
+    return "`make demo` took " + "; ".join(parts) + (f"; both {setup(runs[0][2])}" if shared and len(runs) > 1
+                                                     else f"; {setup(runs[0][2])}" if shared else "") + "."
 
 
 def timings_markdown(path: Path) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,6 +114,7 @@ class Batch:
     injection: Injection
     taught: list[list[int]]
     trials: list[Trial]
+    choice: list[bool] = field(default_factory=list)  # which rows are forced-choice rows (their loss apart)
 
     def tokens(self) -> int:
         """The tokens the batch's rows stand for (each row's whole prompt and answer)."""
@@ -159,7 +160,9 @@ def make_batch(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit
                bank: VectorBank) -> Batch:
     """The tensors of ``rows`` injected at ``layer``: each row's prompt followed by its taught answer's tokens."""
     prompts, taught = row_tokens(handle, config, split, rows)
-    return trial_batch(handle, row_trials(rows, prompts, layer, bank), taught, layer)
+    batch = trial_batch(handle, row_trials(rows, prompts, layer, bank), taught, layer)
+    batch.choice = [row.label is not None for row in rows]
+    return batch
 
 
 def row_trials(rows: Sequence[Row], prompts: Sequence[Prompt], layer: int, bank: VectorBank) -> list[Trial]:
@@ -244,11 +247,13 @@ def injected_logits(model: torch.nn.Module, layers: torch.nn.ModuleList, batch: 
 
 
 def _loss(logits: torch.Tensor, base: torch.Tensor | None, batch: Batch, config: OrganismConfig
-          ) -> tuple[torch.Tensor, float, float]:
-    """The step's loss (the mean over rows) and the mean taught and kept (KL) terms. ``base``: the base model's
-    last-position logits ``[n_kept, vocab]`` of the rows taught nothing."""
+          ) -> tuple[torch.Tensor, float, float, float]:
+    """The step's loss (the mean over rows) and the mean taught and kept (KL) terms, and the mean taught term of the
+    forced-choice rows alone (NaN without any: whether the task's own form is being learned shows there, not in the
+    taught mean the wordings dominate). ``base``: the base model's last-position logits ``[n_kept, vocab]`` of the
+    rows taught nothing."""
     keep = logits.shape[1]
-    terms, taught_terms, kept_terms = [], [], []
+    terms, taught_terms, kept_terms, choice_terms = [], [], [], []
     kept_index = 0
     for r, answer in enumerate(batch.taught):
         if answer:
@@ -256,6 +261,8 @@ def _loss(logits: torch.Tensor, base: torch.Tensor | None, batch: Batch, config:
             pred = logits[r, keep - 1 - n: keep - 1].float()
             term = torch.nn.functional.cross_entropy(pred, torch.tensor(answer, device=pred.device))
             taught_terms.append(term.detach())
+            if batch.choice and batch.choice[r]:
+                choice_terms.append(term.detach())
         else:
             log_q = logits[r, -1].float().log_softmax(-1)
             log_p = base[kept_index].float().log_softmax(-1)
@@ -268,7 +275,7 @@ def _loss(logits: torch.Tensor, base: torch.Tensor | None, batch: Batch, config:
             kept_terms.append(term.detach())
         terms.append(term)
     mean = lambda xs: float(torch.stack(xs).mean()) if xs else float("nan")  # noqa: E731
-    return torch.stack(terms).mean(), mean(taught_terms), mean(kept_terms)
+    return torch.stack(terms).mean(), mean(taught_terms), mean(kept_terms), mean(choice_terms)
 
 
 def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: Batch, config: OrganismConfig,
@@ -302,12 +309,13 @@ def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: B
             keys = frozen.base(peft_model, layers, batch, first)[0] if shared else None
             base = injected_logits(peft_model, layers, batch, first=first, keep=1, rows=kept, hidden=hidden[kept],
                                    prefix=keys)[:, -1]
-    loss, taught, kl = _loss(logits, base, batch, config)
+    loss, taught, kl, choice = _loss(logits, base, batch, config)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return {"loss": float(loss.detach()), "loss_taught": taught, "loss_kept": kl, "rows": len(batch.taught),
+    return {"loss": float(loss.detach()), "loss_taught": taught, "loss_kept": kl, "loss_choice": choice,
+            "rows": len(batch.taught),
             "tokens": batch.tokens()}
 
 

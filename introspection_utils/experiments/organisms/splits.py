@@ -18,6 +18,7 @@ from introspection_utils.core.data import (
     word_forms,
 )
 from introspection_utils.core.paths import content_hash
+from introspection_utils.experiments.tasks.forced_choice import numbered_listing
 
 if TYPE_CHECKING:
     from introspection_utils.experiments.organisms.training import OrganismConfig
@@ -137,8 +138,7 @@ class ChoiceRows:
 
     def question(self, index: int, options: Sequence[str]) -> str:
         """Question ``index`` listing ``options`` in the order given, numbered 1..N."""
-        listing = "\n".join(self.option_format.format(label=str(i + 1), concept=c) for i, c in enumerate(options))
-        return self.questions[index].format(options=listing)
+        return self.questions[index].format(options=numbered_listing(self.option_format, options))
 
 
 @functools.cache

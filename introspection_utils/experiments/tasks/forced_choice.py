@@ -71,14 +71,21 @@ def forced_choice_prompt(handle: ModelHandle, options: Sequence[str], *, labels:
     if len(labels) != len(options):
         raise ValueError(f"{len(labels)} labels for {len(options)} options")
     p, frame = load_prompts()["forced_choice"], load_prompts()["injected_thought"]
-    listing = "\n".join(p["option_format"].format(label=lab, concept=c) for lab, c in zip(labels, options,
-                                                                                          strict=True))
-    trial = p["trial"].format(options=listing)
+    trial = p["trial"].format(options=numbered_listing(p["option_format"], options, labels))
     last = frame["trial_lead"] + frame["separator"] + trial
     messages = [{"role": "user", "content": frame["preamble"]},
                 {"role": "assistant", "content": frame["assistant_ack"]}, {"role": "user", "content": last}]
     return chat_prompt(handle, messages, injection_from=len(frame["trial_lead"]), prefill=p["prefill"],
                        kind="forced-choice", question=trial, system=system)
+
+
+
+def numbered_listing(option_format: str, options: Sequence[str], labels: Sequence[str] | None = None) -> str:
+    """``options`` one to a line in the order given, each by ``option_format`` (``{label}``, ``{concept}``) with its
+    label from ``labels`` (default "1".."N"): the listing of notebook 13's trial and of the organisms' forced-choice
+    training rows."""
+    labels = list(labels) if labels is not None else [str(i + 1) for i in range(len(options))]
+    return "\n".join(option_format.format(label=lab, concept=c) for lab, c in zip(labels, options, strict=True))
 
 
 
