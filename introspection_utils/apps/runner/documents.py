@@ -30,8 +30,8 @@ def series_markdown(path: Path) -> str:
     shared = len({setup(r) for _, _, r in runs}) == 1
     parts = [f"{r['seconds'] / 60:.1f} min {what}" + ("" if shared else f", {setup(r)}")
              + f", load average {r['load_avg']} at the end" for _, what, r in runs]
-    return "`make demo` took " + "; ".join(parts) + (f"; both {setup(runs[0][2])}" if shared and len(runs) > 1
-                                                     else f"; {setup(runs[0][2])}" if shared else "") + "."
+    said_once = f"; {'both ' if len(runs) > 1 else ''}{setup(runs[0][2])}" if shared else ""
+    return "`make demo` took " + "; ".join(parts) + said_once + "."
 
 
 def timings_markdown(path: Path) -> str:

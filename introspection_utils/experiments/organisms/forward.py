@@ -315,8 +315,7 @@ def train_step(peft_model: peft.PeftModel, layers: torch.nn.ModuleList, batch: B
         loss.backward()
         optimizer.step()
     return {"loss": float(loss.detach()), "loss_taught": taught, "loss_kept": kl, "loss_choice": choice,
-            "rows": len(batch.taught),
-            "tokens": batch.tokens()}
+            "rows": len(batch.taught), "tokens": batch.tokens()}
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
