@@ -266,12 +266,20 @@ def test_qwen_findings_parameters_are_declared_and_the_atlas_covers_all_50_conce
         assert {k: v for k, v in params.items() if k not in ("answer_format", "concepts")} == {
             k: v for k, v in base["11"].items() if k != "concepts"}
         assert {"Sandwich", "Water", "Bomb"} <= set(params["concepts"]) <= set(base["11"]["concepts"])
-    # the organisms' introspector in float32: notebook 14's design but its dtype, its kinds and its evaluation's name
-    [(_, name, organisms)] = [(prefix, name, params) for prefix, name, params in variants if prefix == "14"]
-    changed = {k for k in organisms.keys() | base["14"].keys() if organisms.get(k) != base["14"].get(k)}
-    assert name == "float32" and changed == {"dtype", "kinds", "evaluation_name"}
-    assert (organisms["dtype"], organisms["kinds"], organisms["evaluation_name"]) == (
-        "float32", ["introspector"], "organisms_float32")
+    # the organisms' introspector in float32: notebook 14's design but its dtype, its kinds and its evaluation's name;
+    # trained on 235 concepts with a decaying learning rate: its recipe too (its steps and settings)
+    organisms = {name: params for prefix, name, params in variants if prefix == "14"}
+    assert list(organisms) == ["float32", "float32_extra_concepts"]
+    for name, params in organisms.items():
+        changed = {k for k in params.keys() | base["14"].keys() if params.get(k) != base["14"].get(k)}
+        recipe = {"steps_by_kind", "settings_by_kind"} if name == "float32_extra_concepts" else set()
+        assert changed == {"dtype", "kinds", "evaluation_name"} | recipe
+        assert (params["dtype"], params["kinds"], params["evaluation_name"]) == (
+            "float32", ["introspector"], f"organisms_{name}")
+    introspector = organisms["float32_extra_concepts"]["settings_by_kind"]["introspector"]
+    assert introspector == {**base["14"]["settings_by_kind"]["introspector"], "extra_concepts": True,
+                            "decay_steps": 100}
+    assert organisms["float32_extra_concepts"]["steps_by_kind"] == {"introspector": 400}
     for prefix, _, params in variants:
         run.plan_runs(run.notebooks([prefix]), {"model": model, **common}, {prefix: params})
 
@@ -290,6 +298,17 @@ def test_findings_variants_are_checked_and_named(tmp_path):
     with pytest.raises(run.NotebookError, match="answer_format"):
         run.run_findings(bad, root=tmp_path)
     assert not (tmp_path / "tiny-llama" / "notebooks").exists()  # refused before any kernel started
+
+
+def test_a_findings_run_bounds_no_cell_unless_told_to():
+    """A series' cells are bounded by the default timeout; a findings run's are not (its full-size cells can run
+    for hours on a CPU, and a cell stopped there loses what it had not saved); ``--cell-timeout`` decides either way
+    (0: no bound)."""
+    parse = run._parser().parse_args
+    assert run.cell_timeout(parse(["--all"])) == run.DEFAULT_CELL_TIMEOUT
+    assert run.cell_timeout(parse(["--findings", "findings.toml"])) is None
+    assert run.cell_timeout(parse(["--findings", "findings.toml", "--cell-timeout", "60"])) == 60
+    assert run.cell_timeout(parse(["--all", "--cell-timeout", "0"])) is None
 
 
 def test_findings_parameters_for_an_unknown_notebook_or_parameter_are_refused(tmp_path):

@@ -150,7 +150,8 @@ def test_the_cache_key_changes_with_every_setting(tiny_llama):
                "scales": (3.0,), "split_hash": "0" * 16, "rank": 4, "lora_alpha": 8.0, "lr": 0.5, "steps": 3,
                "batch_size": 3, "seed": 1, "mix": (0.5, 0.25, 0.25), "p_control": 0.5, "control_weight": 2.0,
                "top_k": 8, "targets": ("q_proj",), "contrast": True, "p_named": 0.5,
-               "extra_concepts": ("Apples",), "p_choice": 0.5, "choice_hash": "1" * 16}
+               "extra_concepts": ("Apples",), "p_choice": 0.5, "choice_hash": "1" * 16,
+               "decay_steps": 1}
     assert set(changed) == {f.name for f in dataclasses.fields(config)}, "a setting without a key test"
     keys = {config.key()} | {dataclasses.replace(config, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) + 1
@@ -455,6 +456,36 @@ def test_a_longer_training_continues_a_shorter_one_and_ends_where_training_from_
         torch.testing.assert_close(v, reference[k], atol=1e-6, rtol=0)
     assert longer.training().df["loss"].tolist() == pytest.approx(fresh.training().df["loss"].tolist(), abs=1e-6)
     assert longer.training().df["step"].tolist() == [1, 2, 3, 4]
+
+
+def test_a_decaying_training_continues_a_constant_one_up_to_where_its_decay_begins(tiny_llama, bank, tmp_path):
+    """``decay_steps``: the last steps' learning rate falls linearly (recorded per step); a finished constant-rate
+    training of the same settings continues into it when it stops before the decay begins (and ends where training
+    from the start does), not when it ran into the decay's steps; a decay longer than the training is refused."""
+    config = dataclasses.replace(_config(tiny_llama), decay_steps=2)  # 4 steps, lr 0.01, the last 2 decaying
+    assert [forward.learning_rate(config, s) for s in range(4)] == pytest.approx([0.01, 0.01, 0.01 * 2 / 3, 0.01 / 3])
+    constant = dataclasses.replace(config, decay_steps=0)
+    assert [forward.learning_rate(constant, s) for s in range(4)] == [0.01] * 4
+    training.train_organism(tiny_llama, dataclasses.replace(constant, steps=3), bank=bank, root=tmp_path / "a",
+                            progress=False)
+    assert training.shorter_training(config, tmp_path / "a") is None  # its third step ran at the full rate
+    short = training.train_organism(tiny_llama, dataclasses.replace(constant, steps=2), bank=bank,
+                                    root=tmp_path / "a", progress=False)
+    assert training.shorter_training(config, tmp_path / "a") == short.folder
+    assert training.shorter_training(constant, tmp_path / "a") is not None  # constant: the 3-step one
+    longer = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "a", progress=False)
+    fresh = training.train_organism(tiny_llama, config, bank=bank, root=tmp_path / "b", progress=False)
+    reference = _adapter(fresh)
+    for k, v in _adapter(longer).items():
+        torch.testing.assert_close(v, reference[k], atol=1e-6, rtol=0)
+    for organism in (longer, fresh):
+        curve = organism.training().df
+        assert curve["lr"].tolist() == pytest.approx([0.01, 0.01, 0.01 * 2 / 3, 0.01 / 3])
+    assert longer.training().df["loss"].tolist() == pytest.approx(fresh.training().df["loss"].tolist(), abs=1e-6)
+    assert longer.folder != training.organism_folder(constant, tmp_path / "a")
+    with pytest.raises(ValueError, match="decay_steps=5"):
+        training.train_organism(tiny_llama, dataclasses.replace(config, decay_steps=5), bank=bank,
+                                root=tmp_path / "c", progress=False)
 
 
 def test_the_merged_folder_gives_base_plus_adapter_logits_and_the_training_is_measured(tiny_llama, bank, tmp_path):

@@ -57,7 +57,8 @@ from introspection_utils.core.paths import model_name
 # The runner's names, wherever they are defined (``run_checks``, ``run_execute``, ``run_findings``, here).
 __all__ = [
     "DEFAULT_CELL_TIMEOUT", "EXECUTION", "FIGURES_DIR", "FULL_SIZE", "KERNEL_STARTUP", "NOTEBOOKS_DIR", "PACKAGE_DIR",
-    "ROOT", "RUNNER_PLACED", "TIMINGS_HEADER", "Interrupted", "NotebookError", "Placement", "RunRecord", "check_tag",
+    "ROOT", "RUNNER_PLACED", "TIMINGS_HEADER", "Interrupted", "NotebookError", "Placement", "RunRecord", "cell_timeout",
+    "check_tag",
     "declared_parameters", "default_threads", "guide_markdown", "listing", "main", "notebooks", "parse_value",
     "placement", "plan_runs", "read_findings", "read_full_size", "resolve_model", "run_findings", "run_key",
     "run_notebook", "run_notebooks", "run_series", "series_markdown", "split_variants", "strip_outputs",
@@ -132,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="notebooks run at once, each in its own kernel (with 1 thread each unless --threads); "
                              "default: for --all on an embedded model the CPUs free now, else 1")
-    parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, metavar="SECONDS",
-                        help=f"the longest one cell may run (default {DEFAULT_CELL_TIMEOUT}; 0: no limit)")
+    parser.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                        help=f"the longest one cell may run (default {DEFAULT_CELL_TIMEOUT}, none with --findings: "
+                             "its full-size cells can run for hours on a CPU; 0: no limit)")
     parser.add_argument("--executor", choices=("local", "ray"), default=None,
                         help="where the sweeps of the notebooks that declare `executor` (02, 03, 11) run: here "
                              "(local) or on the actors of a Ray cluster (ray; the `ray` extra)")
@@ -280,6 +282,15 @@ def plan_execution(args: argparse.Namespace) -> ExecutionPlan:
     return ExecutionPlan(model, series_model, params, jobs, small_series, cold, whole, pool, prepare)
 
 
+def cell_timeout(args: argparse.Namespace) -> int | None:
+    """The seconds one cell may run (``None``: no limit): ``--cell-timeout`` as given (0: none), else
+    :data:`DEFAULT_CELL_TIMEOUT` for a series and no limit for a findings run, whose full-size cells (notebook 14's
+    evaluation in float32 runs for hours on a small CPU) would otherwise be stopped with their work half done."""
+    if args.cell_timeout is not None:
+        return args.cell_timeout or None
+    return None if args.findings else DEFAULT_CELL_TIMEOUT
+
+
 def _execute(args: argparse.Namespace, plan: ExecutionPlan) -> list[RunRecord]:
     print(f"{plan.jobs} notebook(s) at a time, {os.environ.get('OMP_NUM_THREADS')} thread(s) per kernel (CPUs "
           f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; --jobs N / --threads N to choose)", flush=True)
@@ -287,12 +298,12 @@ def _execute(args: argparse.Namespace, plan: ExecutionPlan) -> list[RunRecord]:
     if args.findings:
         return run_findings(args.findings, args.notebooks_only, model=plan.model, parameters=plan.parameters,
                             root=args.output or FIGURES_DIR, kernel=args.kernel, force=args.force,
-                            timeout=args.cell_timeout, jobs=plan.jobs)
+                            timeout=cell_timeout(args), jobs=plan.jobs)
     return run_series(None if args.all else args.notebooks, model=plan.model, parameters=plan.parameters,
                       output=args.output or Path("runs"), kernel=args.kernel,
                       tag=args.tag or ("full" if args.full else None),
                       per_notebook=read_full_size() if args.full else None, force=args.force,
-                      timeout=args.cell_timeout, jobs=plan.jobs, reuse_kernels=plan.pool or plan.small_series,
+                      timeout=cell_timeout(args), jobs=plan.jobs, reuse_kernels=plan.pool or plan.small_series,
                       prepare=plan.prepare)
 
 

@@ -86,6 +86,17 @@ def schedule(config: OrganismConfig, split: OrganismSplit, step: int) -> tuple[i
     return layer, rows[:config.batch_size]
 
 
+def learning_rate(config: OrganismConfig, step: int) -> float:
+    """Step ``step``'s (0-based) learning rate: ``config.lr``, then over the last ``config.decay_steps`` (d) steps
+    down linearly towards 0, d/(d+1) of it at the first of them and 1/(d+1) at the last (warmup-stable-decay without
+    the warmup: the constant part is the same in a training of any length, so a longer one can continue a shorter
+    one's final state and decay from there)."""
+    left = config.steps - step
+    if left > config.decay_steps:
+        return config.lr
+    return config.lr * left / (config.decay_steps + 1)
+
+
 def choice_draw(rng: np.random.Generator, concepts: Sequence[str]) -> tuple[str, str, str]:
     """A forced-choice row's ``(question, concept, label)``: a question of :func:`~introspection_utils.experiments.
     organisms.splits.load_choice`, a listing of one of its sizes drawn from ``concepts`` (the injected ``concept``

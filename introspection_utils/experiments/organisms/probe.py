@@ -97,3 +97,11 @@ def probe_rates(rows: Sequence[Row], diffs: np.ndarray, split: OrganismSplit) ->
         out[f"detected_{condition}"] = float(np.mean([p * d > 0 for p, d in picked]))
         out[f"yes_{condition}"] = float(np.mean([d > 0 for _, d in picked]))
     return out
+
+
+def probe_postfix(probed: dict | None) -> dict[str, str]:
+    """A progress bar's note of the last probe (a training's record, or ``None``): the detected rates with a
+    concept vector, a random direction, none."""
+    if probed is None:
+        return {}
+    return {"detected c/r/n": "/".join(f"{probed[c]:.2f}" for c in DETECTED)}

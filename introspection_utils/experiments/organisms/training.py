@@ -26,9 +26,9 @@ from introspection_utils.engine.throughput import linear_peak_gflops, load_avera
 from introspection_utils.engine.vectors import concept_vectors, default_layer
 from introspection_utils.experiments.organisms import splits
 from introspection_utils.experiments.organisms.flops import training_throughput
-from introspection_utils.experiments.organisms.forward import adapted, make_batch, schedule, train_step
+from introspection_utils.experiments.organisms.forward import adapted, learning_rate, make_batch, schedule, train_step
 from introspection_utils.experiments.organisms.frozen_work import FrozenWork
-from introspection_utils.experiments.organisms.probe import DETECTED, behaviour_probe
+from introspection_utils.experiments.organisms.probe import DETECTED, behaviour_probe, probe_postfix
 from introspection_utils.experiments.organisms.splits import KINDS, TRUTH, OrganismSplit, load_split
 from introspection_utils.models.embedded import cache_dir
 from introspection_utils.models.handle import load_model
@@ -42,7 +42,8 @@ CHECKPOINT_EVERY = 10
 FINAL_STATE = "final_state.pt"  # a finished training's adapter, optimizer state and curve at its last step
 # Fields added to OrganismConfig after organisms were trained, with the value that trains as before: left out of
 # the cache key at that value (OrganismConfig.key).
-ADDED_FIELDS = {"contrast": False, "p_named": None, "extra_concepts": (), "p_choice": 0.0, "choice_hash": ""}
+ADDED_FIELDS = {"contrast": False, "p_named": None, "extra_concepts": (), "p_choice": 0.0, "choice_hash": "",
+                "decay_steps": 0}
 @dataclass(frozen=True)
 class OrganismConfig:
     """Every setting a trained organism depends on; :meth:`key` names it in the cache.
@@ -57,7 +58,9 @@ class OrganismConfig:
     ``extra_concepts``: concepts trained on besides the split's (:func:`~introspection_utils.experiments.organisms.
     splits.extra_concepts`; ``organism_config(..., extra_concepts=True)`` takes that list), drawn alike with them.
     ``p_choice``: the share of an introspector's wording draws that are forced-choice rows (``splits.ChoiceRows``,
-    hashed as ``choice_hash`` by :func:`organism_config`): the injected concept's number taught."""
+    hashed as ``choice_hash`` by :func:`organism_config`): the injected concept's number taught. ``decay_steps``:
+    the last that many steps take the learning rate linearly down to 0 (:func:`~introspection_utils.experiments.
+    organisms.forward.learning_rate`; 0: constant throughout)."""
 
     kind: str
     model: str
@@ -82,6 +85,7 @@ class OrganismConfig:
     extra_concepts: tuple[str, ...] = ()
     p_choice: float = 0.0
     choice_hash: str = ""
+    decay_steps: int = 0
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> OrganismConfig:
@@ -181,6 +185,8 @@ def _check(handle: ModelHandle, config: OrganismConfig, split: OrganismSplit) ->
                          f"split give {have}")
     if config.p_named is not None and not (0 <= config.p_named <= 1 and any(w.names for w in split.wordings)):
         raise ValueError(f"p_named={config.p_named} needs a fraction in [0, 1] and a naming wording in the split")
+    if not 0 <= config.decay_steps <= config.steps:
+        raise ValueError(f"decay_steps={config.decay_steps}: the decay needs 0..steps ({config.steps}) steps")
     splits.check_extra_concepts(config.extra_concepts, split)
     splits.check_choice_config(config)
 
@@ -230,6 +236,7 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
         peft.set_peft_model_state_dict(peft_model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
+        records = [{"lr": learning_rate(config, r["step"] - 1), **r} for r in records]  # curves from before "lr"
         if progress:
             print(f"{config.name}: continuing from step {start} ({source})", flush=True)
     frozen = FrozenWork()
@@ -238,17 +245,20 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
                disable=not progress)
     for step in bar:
         began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         layer, rows = schedule(config, split, step)
         record = train_step(peft_model, layers, make_batch(handle, config, split, layer, rows, bank), config,
                             optimizer, frozen)
-        records.append({"step": step + 1, "layer": layer, **record, "seconds": time.perf_counter() - began})
+        records.append({"step": step + 1, "layer": layer, "lr": learning_rate(config, step), **record,
+                        "seconds": time.perf_counter() - began})
         done = step + 1
         if probe_every and (done % probe_every == 0 or done == config.steps):
             began = time.perf_counter()
             records[-1].update(behaviour_probe(peft_model, layers, handle, config, split, bank, frozen),
                                probe_seconds=time.perf_counter() - began)
             probed = records[-1]
-        bar.set_postfix(loss=f"{record['loss']:.3f}", **_probe_postfix(probed))
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **probe_postfix(probed))
         if done % checkpoint_every == 0 or done == config.steps or done == stop_at:
             state = {"key": config.key(), "step": done, "records": records, "optimizer": optimizer.state_dict(),
                      "adapter": peft.get_peft_model_state_dict(peft_model)}
@@ -269,9 +279,10 @@ def _last_probe(curve: pd.DataFrame) -> dict[str, float]:
 
 def shorter_training(config: OrganismConfig, root: Path) -> Path | None:
     """The folder under ``root`` of the longest finished training whose settings are ``config``'s but for fewer
-    ``steps`` and that kept its final state (:data:`FINAL_STATE`), or ``None``. A step's rows depend on ``(seed,
-    step)`` alone and the learning rate is constant, so its first steps are this training's first steps: continuing
-    from its final state gives what training from the start would (the test holds the two equal)."""
+    ``steps``, run at a constant learning rate up to where ``config``'s decay begins (``decay_steps``), that kept
+    its final state (:data:`FINAL_STATE`), or ``None``. A step's rows depend on ``(seed, step)`` alone and so,
+    there, does its learning rate, so its steps are this training's first steps: continuing from its final state
+    gives what training from the start would (the test holds the two equal)."""
     found: list[tuple[int, Path]] = []
     for other in root.glob(f"{config.model}-{config.kind}-*/config.json"):
         fields = json.loads(other.read_text())
@@ -283,16 +294,10 @@ def shorter_training(config: OrganismConfig, root: Path) -> Path | None:
             theirs = OrganismConfig.from_fields(fields)
         except TypeError:
             continue
-        if theirs.key() == key and dataclasses.replace(config, steps=steps) == theirs:
+        if (theirs.key() == key and steps <= config.steps - config.decay_steps
+                and dataclasses.replace(config, steps=steps, decay_steps=0) == theirs):
             found.append((steps, other.parent))
     return max(found)[1] if found else None
-
-
-def _probe_postfix(probed: dict | None) -> dict[str, str]:
-    """The bar's note of the last probe: the detected rates with a concept vector, a random direction, none."""
-    if probed is None:
-        return {}
-    return {"detected c/r/n": "/".join(f"{probed[c]:.2f}" for c in DETECTED)}
 
 
 def _save_folder(target: Path, write) -> None:
