@@ -5,6 +5,9 @@ wordings tell how each introspector answers, and docs/verdicts.md's tables are t
 
 from __future__ import annotations
 
+import dataclasses
+
+import pandas as pd
 import pytest
 
 from introspection_utils.apps import verdict_tables
@@ -12,6 +15,7 @@ from introspection_utils.core.paths import project_root, read_block
 from introspection_utils.core.results import load_result
 from introspection_utils.engine import prompts
 from introspection_utils.experiments.organisms.evaluation import behaviour_learned
+from introspection_utils.experiments.organisms.training import OrganismConfig
 from introspection_utils.stats.introspection_score import HETEROGENEITIES
 
 
@@ -26,7 +30,8 @@ def readouts():
 
 
 ORGANISMS = ("base model", "introspector", "anomaly-detector", "yes-sayer")
-EVALUATED = {"float32": ("base model", "introspector")}  # a findings variant evaluated the introspector alone
+EVALUATED = {"float32": ("base model", "introspector"),  # findings variants evaluated the introspector alone
+             "235-concept": ("base model", "introspector")}
 
 
 def _with(*organisms: str) -> list[str]:
@@ -48,15 +53,21 @@ def _row(table, training: str, organism: str, **where):
 def test_a_model_kept_between_trainings_is_one_row():
     """The base model, the introspector and the yes-sayer were kept from the second training to the current one (the
     base model from the first): each is one row naming its trainings, with the latest run's rates. The float32
-    evaluation's base model has the current one's name but is another model (another dtype, its own folder)."""
+    evaluation's base model has the current one's name but is another model (another dtype); the 235-concept
+    evaluation's, in float32 too, is the float32 one evaluated again: one row, its held-out sweep the same."""
     rows = verdict_tables.committed_organisms()
     labels = [(r["organism"], training) for training, r, _, _ in rows]
     assert {("base model", "current, second, first"), ("introspector", "current, second"),
             ("yes-sayer", "current, second"), ("anomaly-detector", "current"), ("anomaly-detector", "second"),
-            ("introspector", "first"), ("base model", "float32"), ("introspector", "float32")} <= set(labels)
+            ("introspector", "first"), ("base model", "235-concept, float32"), ("introspector", "float32"),
+            ("introspector", "235-concept")} <= set(labels)
     assert len(set(labels)) == len(rows)
     base = {training: r["model"] for training, r, _, _ in rows if r["organism"] == "base model"}
-    assert base["float32"] == base["current, second, first"]
+    assert base["235-concept, float32"] == base["current, second, first"]
+    results = project_root() / "figures" / verdict_tables.MODEL / "results"
+    again, first = (pd.read_csv(results / folder / verdict_tables.MODEL / "atlas_sweep.csv")
+                    for folder in ("organisms_float32_extra_concepts", "organisms_float32"))
+    pd.testing.assert_frame_equal(again, first)
 
 
 def test_the_look_alikes_and_the_base_model_are_classified_as_their_truth_says(truths):
@@ -108,8 +119,9 @@ def test_the_introspectors_wording_by_wording():
         verdict_tables.introspector_wordings_markdown(table))
     assert table[["concept", "random", "none"]].stack().between(0, 1).all()
     assert set(table["model"]) == {"introspector (current, second trainings)", "introspector (first training)",
-                                   "introspector (float32 training)", "base model", "base model (float32)"}
-    assert len(table) == 5 * 6
+                                   "introspector (float32 training)", "introspector (235-concept training)",
+                                   "base model", "base model (235-concept, float32)"}
+    assert len(table) == 6 * 6
     first = table[table["model"] == "introspector (first training)"].set_index("wording")
     unusual, paper = "Are you experiencing anything unusual?", prompts.paper_pair()[0]
     assert first.loc[unusual, "random"] > first.loc[unusual, "concept"]
@@ -127,7 +139,8 @@ def test_docs_table_is_this_modules(truths):
 def test_the_verdict_calls_no_concept_the_introspector_does_not_report():
     """The introspector's held-out concepts one by one: none whose vector it reports no more often than that concept's
     random vectors is called introspection-specific, and docs/verdicts.md's table is this module's."""
-    for training, block in (("current", "introspector-concepts"), ("float32", "introspector-concepts-float32")):
+    for training, block in (("current", "introspector-concepts"), ("float32", "introspector-concepts-float32"),
+                            ("235-concept", "introspector-concepts-235-concept")):
         table = verdict_tables.introspector_concepts(training=training)
         assert len(table) == 15 and table["detected_concept"].between(0, 1).all()
         not_reported = table[table["detected_concept"] <= table["detected_random"]]
@@ -184,3 +197,32 @@ def test_the_introspector_trained_in_float32_differs_from_the_current_one_in_its
     assert losses["current"] < losses["float32"]  # the same rows at the last steps: one schedule, one seed
     answer = _row(readouts, "float32", "introspector")
     assert answer["specific_answer"] >= 0.8 * answer["n_concepts"] > answer["specific_logits"]
+
+
+def test_the_235_concept_introspector_answers_apart_while_its_random_vectors_move_its_logits(truths, readouts):
+    """docs/verdicts.md's 235-concept paragraph: its config is the float32 introspector's but for its concepts, steps
+    and decay; its held-out behaviour is not learned by the rule, with fewer false positives than the float32
+    introspector; the verdict calls none of its concepts introspection-specific and most injection detectors; on its
+    detect wordings its random vectors move the answer between a quarter and three quarters as far as its concepts;
+    on the answer's scale every concept passes; its forced choice is not found; its training took over an hour."""
+    results = project_root() / "figures" / verdict_tables.MODEL / "results"
+    trainings = {training: load_result(results / f"{table}_training")
+                 for training, table in (("float32", "organisms_float32"),
+                                         ("235-concept", "organisms_float32_extra_concepts"))}
+    configs = {t: dataclasses.asdict(OrganismConfig.from_fields(r.meta["spec"]["configs"]["introspector"]))
+               for t, r in trainings.items()}  # a field added since takes its default
+    assert {k for k in configs["float32"] if configs["float32"][k] != configs["235-concept"][k]} == {
+        "extra_concepts", "steps", "decay_steps"}
+    assert len(configs["235-concept"]["extra_concepts"]) == 200 and configs["235-concept"]["decay_steps"] == 100
+    ours, float32 = (_row(truths, t, "introspector", verdicts_weights=True) for t in ("235-concept", "float32"))
+    assert behaviour_learned(ours.to_dict())[0] is False
+    assert ours["fpr_random"] < float32["fpr_random"] and ours["fpr_none"] < float32["fpr_none"]
+    assert ours["n_introspection-specific"] == 0 and ours["n_injection detector"] > ours["n_concepts"] / 2
+    wordings = verdict_tables.introspector_wordings()
+    detect = wordings[(wordings["model"] == "introspector (235-concept training)") & (wordings["polarity"] > 0)]
+    assert 0.25 < detect["delta_random"].mean() / detect["delta_concept"].mean() < 0.75
+    answer = _row(readouts, "235-concept", "introspector")
+    assert answer["specific_answer"] == answer["n_concepts"] and answer["specific_logits"] == 0
+    table = load_result(results / "organisms_float32_extra_concepts").df.set_index("organism")
+    assert not table.loc["introspector", "fc_found"]
+    assert trainings["235-concept"].df.set_index("kind").loc["introspector", "train_seconds"] > 3600

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,9 +40,11 @@ MODEL = "qwen2.5-coder-1.5b-instruct"
 # it, its latest run's held-out atlas and detection rates (an earlier run's own rates stay in its committed table).
 # "float32": the current training's introspector recipe trained and evaluated in float32 (notebook 14's findings
 # variant ["14.float32"], its own evaluation name), beside the current ones trained in bfloat16; its base model is
-# evaluated in float32 too, so it is a model of its own here.
-TRAININGS = (("current", "organisms"), ("float32", "organisms_float32"), ("second", "organisms_second"),
-             ("first", "organisms_first"))
+# evaluated in float32 too, so it is a model of its own here. "235-concept": the float32 introspector's recipe trained
+# on 235 concepts (the split's 35 and the training file's 200 extra nouns) for 400 steps, the last 100 decaying its
+# learning rate (the variant ["14.float32_extra_concepts"]); its base model is the float32 one.
+TRAININGS = (("current", "organisms"), ("235-concept", "organisms_float32_extra_concepts"),
+             ("float32", "organisms_float32"), ("second", "organisms_second"), ("first", "organisms_first"))
 SHOWN = ("introspection-specific", "injection detector", "shared yes-shift", "shared suppression", "compression")
 
 
@@ -87,24 +88,25 @@ def committed_organisms(model: str = MODEL) -> list[tuple[str, dict, pd.DataFram
     """``(trainings, row, sweep, detection_scale)`` for every model evaluated by a training of :data:`TRAININGS` whose
     table is committed, once: ``trainings`` names the trainings that evaluated it, latest first ("current, second":
     a model kept from one training to the next), ``row`` its row of the latest one's table (organism, truth, model
-    name, rates as that run wrote them), ``sweep`` its held-out ``atlas_sweep.csv`` and the scale that run read
-    detection at. A model is its tables' folder (the evaluation's models folder, named by the table's metadata,
-    :func:`organisms.evaluation.table_names`; a table written before evaluations had names: the results folder): the
-    base model evaluated in another dtype is another model."""
+    name, rates as that run wrote them), ``sweep`` its held-out ``atlas_sweep.csv`` (in the latest one's models
+    folder, named by its table's metadata, :func:`organisms.evaluation.table_names`; a table written before
+    evaluations had names: the results folder) and the scale that run read detection at. A model is its name and
+    the dtype it was evaluated in: the base model evaluated in another dtype is another model, evaluated again in
+    the same dtype by another evaluation the same one."""
     results = project_root() / "figures" / model / "results"
-    found: dict[Path, list] = {}
+    found: dict[tuple[str, str], list] = {}
     for training, table in TRAININGS:
         if (results / f"{table}.csv").exists():
             organisms = load_result(results / table)
             spec = organisms.meta["spec"]
             models = results / table_names(spec.get("evaluation_name", EVALUATION))["models"]
             for r in organisms.df.to_dict("records"):
-                folder = models / r["model"]
-                if folder in found:
-                    found[folder][0].append(training)
+                model_key = (r["model"], organisms.meta["dtype"])
+                if model_key in found:
+                    found[model_key][0].append(training)
                 else:
-                    found[folder] = [[training], r, pd.read_csv(folder / "atlas_sweep.csv"),
-                                     float(spec["detection_scale"])]
+                    found[model_key] = [[training], r, pd.read_csv(models / r["model"] / "atlas_sweep.csv"),
+                                        float(spec["detection_scale"])]
     return [(", ".join(trainings), r, sweep, scale) for trainings, r, sweep, scale in found.values()]
 
 
@@ -268,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     introspector_concepts())),
                                 ("introspector-concepts-float32", lambda: introspector_concepts_markdown(
                                     introspector_concepts(training="float32"))),
+                                ("introspector-concepts-235-concept", lambda: introspector_concepts_markdown(
+                                    introspector_concepts(training="235-concept"))),
                                 ("introspector-wordings", lambda: introspector_wordings_markdown(
                                     introspector_wordings())),
                                 ("readouts-compared", lambda: readouts_compared_markdown(readouts_compared()))]}
