@@ -186,7 +186,7 @@ def test_the_benchmark_page_holds_the_training_blocks_and_their_commands():
     """Each training block (bfloat16 on the findings' machine, float32 on an AVX2 one) is there once, and the page
     shows, outside it, the command that wrote it."""
     text = (ROOT / "docs" / "benchmark.md").read_text()
-    for block in ("training", "training-float32"):
+    for block in ("training", "training-float32", "training-float32-extra-concepts"):
         assert text.count(f"<!-- {block}:start -->") == 1
         command = re.search(r"written by `python -m ([^`]+)`", read_block(ROOT / "docs" / "benchmark.md", block))[1]
         assert f"    .venv/bin/python -m {command}\n" in text, command
