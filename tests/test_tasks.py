@@ -481,6 +481,35 @@ def _position_only_table(orders, concepts, answer_position, condition="concept",
     return df
 
 
+def test_an_interrupted_forced_choice_resumes_at_the_listing_it_stopped_in(tiny_llama, tmp_path, monkeypatch):
+    """Each listing's answers are kept under the results folder as they finish: a run stopped in its second listing
+    keeps the first, the rerun computes only the rest and writes the table a run without interruption writes; other
+    vectors are not served from those chunks."""
+    settings = dict(layer=1, scales=[6.0], n_orders=2, n_random=1, nulls=["isotropic"], bank=random_bank(tiny_llama),
+                    progress=False)
+    whole = forced_choice.run_forced_choice(tiny_llama, WORDS, **settings, results_dir=tmp_path / "whole")
+    real, calls = forced_choice.answer_logits, []
+
+    def stops_in_the_second_listing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(forced_choice, "answer_logits", stops_in_the_second_listing)
+    with pytest.raises(KeyboardInterrupt):
+        forced_choice.run_forced_choice(tiny_llama, WORDS, **settings, results_dir=tmp_path / "cut")
+    calls.clear()
+    monkeypatch.setattr(forced_choice, "answer_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = forced_choice.run_forced_choice(tiny_llama, WORDS, **settings, results_dir=tmp_path / "cut")
+    n_listings = whole.df["order_index"].nunique()
+    assert len(calls) == n_listings - 1
+    pd.testing.assert_frame_equal(resumed.df, whole.df)
+    calls.clear()
+    other = {**settings, "bank": random_bank(tiny_llama, seed=1)}
+    forced_choice.run_forced_choice(tiny_llama, WORDS, **other, results_dir=tmp_path / "cut")
+    assert len(calls) == n_listings
+
+
 def test_forced_choice_position_only_responder_scores_exactly_chance_and_an_old_unbalanced_table_says_so():
     concepts = ["A", "B", "C", "D", "E"]
     orders = [[concepts[i] for i in o] for o in forced_choice.balanced_orders(5, 5, seed=1)]

@@ -9,6 +9,7 @@ and with norm-matched null vectors."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 
 from introspection_utils.core.data import load_prompts
+from introspection_utils.core.paths import checkpoint
 from introspection_utils.core.results import SweepResult
 from introspection_utils.engine.measure import Trial, answer_logits
 from introspection_utils.engine.prompts import Prompt, chat_prompt
@@ -140,13 +142,19 @@ def run_forced_choice(handle: ModelHandle, concepts: Sequence[str] = DEFAULT_CON
     vectors = [bank.get(c, layer) for c in concepts]
     randoms = task_null_vectors(handle, vectors, nulls, n_random, seed)
     labels = [str(i + 1) for i in range(len(concepts))]
+    # each listing's answers kept under <results_dir>/.chunks/: an interrupted run resumes at the next listing
+    key = {"model": handle.name, "revision": handle.revision, "dtype": str(handle.dtype), "layer": layer,
+           "scales": [float(s) for s in scales], "vectors": hashlib.sha256(torch.stack(
+               [v.vector.float() for v in (*vectors, *randoms)]).numpy().tobytes()).hexdigest()[:16]}
     rows, prompts = [], []
     for k, order in enumerate(orders):
         prompt = forced_choice_prompt(handle, [concepts[i] for i in order], labels=labels)
         prompts.append(prompt)
         ids = label_token_ids(handle, prompt, labels)
         trials = [Trial(prompt, v, float(s)) for v in (*vectors, *randoms) for s in scales] + [Trial(prompt)]
-        logits = answer_logits(handle, trials, ids, batch_size=batch_size)  # [n, N], positions as shown
+        listing = {**key, "prompt": [prompt.text, list(prompt.input_ids), prompt.injection_start], "ids": list(ids)}
+        logits = checkpoint(results_dir, f"{name}-listing{k:03d}", listing,  # [n, N], positions as shown
+                            lambda trials=trials, ids=ids: answer_logits(handle, trials, ids, batch_size=batch_size))
         chosen, probs = choices_from_logits(logits, order)
         h_norm = residual_norms(handle, prompt)
         eff, rel = strength_columns(trials, h_norm)
