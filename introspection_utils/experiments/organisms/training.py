@@ -244,13 +244,13 @@ def train_organism(handle: ModelHandle, config: OrganismConfig, *, bank: VectorB
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.name,
                disable=not progress)
     for step in bar:
-        began = time.perf_counter()
+        began, lr = time.perf_counter(), learning_rate(config, step)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = lr
         layer, rows = schedule(config, split, step)
         record = train_step(peft_model, layers, make_batch(handle, config, split, layer, rows, bank), config,
                             optimizer, frozen)
-        records.append({"step": step + 1, "layer": layer, "lr": learning_rate(config, step), **record,
+        records.append({"step": step + 1, "layer": layer, "lr": lr, **record,
                         "seconds": time.perf_counter() - began})
         done = step + 1
         if probe_every and (done % probe_every == 0 or done == config.steps):
